@@ -1,0 +1,156 @@
+//! Command-line definitions (clap). Parsing only: behaviour lives in the library modules.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "shadow-alter", version, about = "Online ALTER TABLE for PostgreSQL, and a proxy that makes the swap invisible")]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply an ALTER TABLE to a live table through a shadow copy and an atomic swap.
+    Run(RunArgs),
+    /// Forward PostgreSQL connections, holding them at transaction boundaries during a swap.
+    Proxy(ProxyArgs),
+}
+
+/// Where the database is. Falls back to DATABASE_URL, then to the libpq PG* variables.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// Connection string: a postgres:// URL or libpq `key=value` pairs.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// The table to alter, optionally schema-qualified (public.orders).
+    #[arg(long)]
+    pub table: String,
+    /// The ALTER: either its subcommands ("ALTER COLUMN qty TYPE bigint, ADD COLUMN note text")
+    /// or a whole `ALTER TABLE <table> ...` statement.
+    #[arg(long)]
+    pub alter: String,
+    /// Rows per copy chunk.
+    #[arg(long, default_value_t = 20_000)]
+    pub chunk_size: u64,
+    /// Pause between copy chunks (e.g. 0ms, 50ms), to leave room for production traffic.
+    #[arg(long, value_parser = parse_duration, default_value = "0ms")]
+    pub chunk_pause: Duration,
+    /// lock_timeout for each attempt to take the swap lock.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub lock_timeout: Duration,
+    /// How many times to try the swap before giving up (the original table keeps serving).
+    #[arg(long, default_value_t = 10)]
+    pub swap_attempts: u32,
+    /// Drop the old table after a successful swap (by default it is kept, renamed).
+    #[arg(long)]
+    pub drop_old: bool,
+    /// Progress display on stderr.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// A bar on a terminal, log lines otherwise.
+    Auto,
+    Bar,
+    Log,
+    Json,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum UpstreamTls {
+    /// Plain TCP to the server.
+    #[default]
+    Disable,
+    /// TLS if the server offers it, plain otherwise.
+    Prefer,
+    /// TLS or fail.
+    Require,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// Address to accept client connections on.
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    pub listen: String,
+    /// PostgreSQL server to forward to (host:port).
+    #[arg(long, default_value = "127.0.0.1:5432")]
+    pub upstream: String,
+    /// User name for the admin console (database `shadow_alter`); without it the console is off.
+    #[arg(long)]
+    pub admin_user: Option<String>,
+    /// Password for the admin console.
+    #[arg(long, env = "SHADOW_ALTER_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+    /// PEM certificate chain to offer clients that ask for TLS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS towards the upstream server.
+    #[arg(long, value_enum, default_value_t = UpstreamTls::Disable)]
+    pub upstream_tls: UpstreamTls,
+    /// Longest a hold may keep a client's request waiting before the proxy releases by itself.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub max_hold: Duration,
+}
+
+/// Parse "250ms", "2s", "1.5s", "3m", "1h" or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&s[..i], s[i..].trim()),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration (try 500ms, 2s, 5m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "sec" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit '{unit}' in '{s}' (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("'{s}' is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}

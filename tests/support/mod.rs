@@ -1,0 +1,114 @@
+//! Test harness: one throwaway PostgreSQL per test binary, started with `scripts/pg-throwaway`
+//! (initdb in a temp dir, wal_level=logical, a free loopback port) and stopped when the binary
+//! exits (atexit, plus the script's watchdog if the process is killed). Each test gets its own
+//! database, so tests run in parallel without seeing each other.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub bin_dir: PathBuf,
+    pub port: u16,
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+static DATA_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn stop_server() {
+    if let Some(dir) = DATA_DIR.get() {
+        let _ = Command::new(script()).arg("stop").arg(dir).status();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn script() -> PathBuf {
+    repo_root().join("scripts/pg-throwaway")
+}
+
+/// The server for this test binary, started on first use.
+pub fn server() -> &'static Server {
+    SERVER.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!(
+            "shadow-alter-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+        ));
+        let out = Command::new(script())
+            .arg("start")
+            .arg(&dir)
+            .arg("--watch")
+            .arg(std::process::id().to_string())
+            .output()
+            .expect("run scripts/pg-throwaway");
+        assert!(
+            out.status.success(),
+            "scripts/pg-throwaway failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = DATA_DIR.set(dir.clone());
+        unsafe {
+            libc::atexit(stop_server);
+        }
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")).map(str::to_string))
+                .unwrap_or_else(|| panic!("pg-throwaway printed no {k}: {text}"))
+        };
+        let url = get("DATABASE_URL");
+        let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).and_then(|p| p.parse().ok()).expect("port");
+        Server { url, data_dir: dir, bin_dir: PathBuf::from(get("PG_BIN")), port }
+    })
+}
+
+static DB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh database on the shared server; returns its URL.
+pub async fn fresh_db(hint: &str) -> String {
+    let s = server();
+    let name = format!(
+        "t_{}_{}",
+        hint.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>(),
+        DB_SEQ.fetch_add(1, Ordering::SeqCst)
+    );
+    let c = connect(&s.url).await;
+    c.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+    s.url.replace("/postgres", &format!("/{name}"))
+}
+
+/// A plain tokio-postgres client whose connection task runs in the background.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    c
+}
+
+/// Wait until `f` returns true, polling; panics with `what` after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Path of the built `shadow-alter` binary (for end-to-end tests through the CLI).
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_shadow-alter"))
+}
