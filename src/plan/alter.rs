@@ -1,0 +1,310 @@
+//! Parse the user's `--alter` with pg_query: one ALTER TABLE (or RENAME COLUMN) on the right
+//! table, split into subcommands, with each `USING` expression and the columns it reads.
+//!
+//! We keep the user's own text (only the table name is replaced) instead of deparsing, so the
+//! statement the server runs on the shadow table is exactly what the DBA wrote.
+
+use std::collections::{BTreeSet, HashMap};
+
+use pg_query::protobuf::{AlterTableType, ObjectType, Token};
+use pg_query::{NodeEnum, NodeRef};
+
+use crate::sql::quote_ident;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("the ALTER does not parse: {0}")]
+    Syntax(String),
+    #[error("--alter must be exactly one ALTER TABLE statement or its subcommands; got {0} statements")]
+    StatementCount(usize),
+    #[error("--alter must be an ALTER TABLE (or its subcommands); got {0}")]
+    NotAlterTable(String),
+    #[error("the ALTER names table {named}, but --table is {table}")]
+    OtherTable { named: String, table: String },
+    #[error("{0} is not supported by an online migration yet")]
+    Unsupported(String),
+}
+
+/// A parsed, checked ALTER.
+#[derive(Debug, Clone)]
+pub struct AlterSpec {
+    /// Everything after the table name, e.g. `ALTER COLUMN qty TYPE bigint, ADD COLUMN note text`.
+    body: String,
+    /// One readable name per subcommand, for logs and plans (`AT_AlterColumnType qty`).
+    pub subcommands: Vec<String>,
+    /// `USING` expressions of `ALTER COLUMN ... TYPE`, by column name (as PostgreSQL folds it).
+    pub using: HashMap<String, UsingExpr>,
+    /// Whether this is `RENAME COLUMN`.
+    pub is_rename: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsingExpr {
+    /// The expression as the user wrote it.
+    pub sql: String,
+    /// The column names it reads.
+    pub columns: BTreeSet<String>,
+}
+
+impl AlterSpec {
+    /// The statement to run against `target` (an already-quoted, qualified name).
+    pub fn statement_for(&self, target: &str) -> String {
+        format!("ALTER TABLE {target} {}", self.body)
+    }
+}
+
+/// Parse `input` (subcommands, or a whole `ALTER TABLE t ...`) for the table `schema.name`.
+pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, PlanError> {
+    let trimmed = input.trim().trim_end_matches(';').trim();
+    if trimmed.is_empty() {
+        return Err(PlanError::Syntax("--alter is empty".into()));
+    }
+    let full = starts_with_words(trimmed, &["alter", "table"]);
+    let stmt = if full {
+        trimmed.to_string()
+    } else {
+        format!("ALTER TABLE {}.{} {}", quote_ident(schema), quote_ident(name), trimmed)
+    };
+    let parsed = pg_query::parse(&stmt, pg_query::ParserOptions::DEFAULT).map_err(|e| PlanError::Syntax(strip_pg_query(e)))?;
+    let stmts = &parsed.protobuf.stmts;
+    if stmts.len() != 1 {
+        return Err(PlanError::StatementCount(stmts.len()));
+    }
+    let node = stmts[0].stmt.as_ref().and_then(|s| s.node.as_ref()).ok_or_else(|| PlanError::Syntax("empty statement".into()))?;
+    let tokens = pg_query::scan(&stmt).map_err(|e| PlanError::Syntax(strip_pg_query(e)))?.tokens;
+
+    let (relation, cmds, is_rename) = match node {
+        NodeEnum::AlterTableStmt(a) => {
+            if a.objtype != ObjectType::ObjectTable as i32 {
+                return Err(PlanError::NotAlterTable(object_type_name(a.objtype)));
+            }
+            (a.relation.clone(), Some(&a.cmds), false)
+        }
+        NodeEnum::RenameStmt(r) => {
+            if r.rename_type == ObjectType::ObjectTable as i32 {
+                return Err(PlanError::Unsupported(
+                    "renaming the table (RENAME TO is instant and needs no migration: run it directly)".into(),
+                ));
+            }
+            if r.rename_type != ObjectType::ObjectColumn as i32 && r.rename_type != ObjectType::ObjectTabconstraint as i32 {
+                return Err(PlanError::NotAlterTable(object_type_name(r.rename_type)));
+            }
+            (r.relation.clone(), None, true)
+        }
+        other => {
+            let kind = format!("{other:?}");
+            return Err(PlanError::NotAlterTable(kind.split('(').next().unwrap_or("another statement").to_string()));
+        }
+    };
+    let relation = relation.ok_or_else(|| PlanError::Syntax("no table named".into()))?;
+    if relation.relname != name || !(relation.schemaname.is_empty() || relation.schemaname == schema) {
+        let named = if relation.schemaname.is_empty() {
+            relation.relname.clone()
+        } else {
+            format!("{}.{}", relation.schemaname, relation.relname)
+        };
+        return Err(PlanError::OtherTable { named, table: format!("{schema}.{name}") });
+    }
+
+    // The body starts after the (possibly qualified) table name.
+    let name_end = end_of_qualified_name(&tokens, relation.location)
+        .ok_or_else(|| PlanError::Syntax("cannot find the table name in the statement".into()))?;
+    let body = stmt[name_end..].trim().to_string();
+
+    let mut spec = AlterSpec { body, subcommands: Vec::new(), using: HashMap::new(), is_rename };
+    let Some(cmds) = cmds else {
+        spec.subcommands.push("RENAME".into());
+        return Ok(spec);
+    };
+    let segments = split_top_level(&stmt, &tokens, name_end);
+    if segments.len() != cmds.len() {
+        return Err(PlanError::Syntax(format!(
+            "could not split the ALTER into its {} subcommands (found {})",
+            cmds.len(),
+            segments.len()
+        )));
+    }
+    for (cmd, seg) in cmds.iter().zip(&segments) {
+        let Some(NodeEnum::AlterTableCmd(cmd)) = cmd.node.as_ref() else {
+            return Err(PlanError::Syntax("unexpected node in ALTER TABLE".into()));
+        };
+        let subtype = AlterTableType::try_from(cmd.subtype).unwrap_or(AlterTableType::Undefined);
+        check_supported(subtype, &cmd.name)?;
+        spec.subcommands.push(format!("{} {}", subtype.as_str_name(), cmd.name).trim().to_string());
+        if subtype == AlterTableType::AtAlterColumnType {
+            let has_using = matches!(cmd.def.as_ref().and_then(|d| d.node.as_ref()),
+                Some(NodeEnum::ColumnDef(cd)) if cd.raw_default.is_some());
+            if has_using {
+                let sql = using_text(&stmt, &tokens, seg.clone())
+                    .ok_or_else(|| PlanError::Syntax(format!("cannot find the USING expression of column {}", cmd.name)))?;
+                let columns = expression_columns(&sql)?;
+                spec.using.insert(cmd.name.clone(), UsingExpr { sql, columns });
+            }
+        }
+    }
+    Ok(spec)
+}
+
+fn check_supported(t: AlterTableType, name: &str) -> Result<(), PlanError> {
+    use AlterTableType as A;
+    let why = match t {
+        A::AtAttachPartition | A::AtDetachPartition | A::AtDetachPartitionFinalize => "ATTACH/DETACH PARTITION",
+        A::AtAddInherit | A::AtDropInherit => "INHERIT / NO INHERIT",
+        A::AtAddOf | A::AtDropOf => "OF type / NOT OF",
+        A::AtSetUnLogged => "SET UNLOGGED (logical replication cannot follow an unlogged table)",
+        A::AtDropExpression => "DROP EXPRESSION (generated columns are not in the change stream before PostgreSQL 18)",
+        A::AtChangeOwner => "OWNER TO (it is instant: run it directly)",
+        A::AtEnableTrig
+        | A::AtEnableAlwaysTrig
+        | A::AtEnableReplicaTrig
+        | A::AtDisableTrig
+        | A::AtEnableTrigAll
+        | A::AtDisableTrigAll
+        | A::AtEnableTrigUser
+        | A::AtDisableTrigUser
+        | A::AtEnableRule
+        | A::AtEnableAlwaysRule
+        | A::AtEnableReplicaRule
+        | A::AtDisableRule => "ENABLE/DISABLE TRIGGER or RULE (it is instant: run it directly)",
+        A::AtEnableRowSecurity | A::AtDisableRowSecurity | A::AtForceRowSecurity | A::AtNoForceRowSecurity => {
+            "ROW LEVEL SECURITY settings (instant: run them directly)"
+        }
+        A::AtReplicaIdentity => "REPLICA IDENTITY (instant: run it directly)",
+        _ => return Ok(()),
+    };
+    let _ = name;
+    Err(PlanError::Unsupported(why.to_string()))
+}
+
+fn object_type_name(t: i32) -> String {
+    ObjectType::try_from(t).map(|o| o.as_str_name().trim_start_matches("OBJECT_").to_string()).unwrap_or_else(|_| "another object".into())
+}
+
+fn strip_pg_query(e: pg_query::Error) -> String {
+    match e {
+        pg_query::Error::Parse(m) => m,
+        other => other.to_string(),
+    }
+}
+
+fn starts_with_words(s: &str, words: &[&str]) -> bool {
+    let mut it = s.split_whitespace();
+    words.iter().all(|w| it.next().is_some_and(|x| x.eq_ignore_ascii_case(w)))
+}
+
+fn token_is(t: &pg_query::protobuf::ScanToken, tok: Token) -> bool {
+    t.token == tok as i32
+}
+
+/// End offset of `name` or `schema.name` starting at byte `loc`.
+fn end_of_qualified_name(tokens: &[pg_query::protobuf::ScanToken], loc: i32) -> Option<usize> {
+    let mut i = tokens.iter().position(|t| t.start >= loc)?;
+    let mut end = tokens[i].end;
+    while i + 2 < tokens.len() && token_is(&tokens[i + 1], Token::Ascii46) {
+        i += 2;
+        end = tokens[i].end;
+    }
+    Some(end as usize)
+}
+
+/// Split the text after `from` at top-level commas into token index ranges.
+fn split_top_level(stmt: &str, tokens: &[pg_query::protobuf::ScanToken], from: usize) -> Vec<std::ops::Range<usize>> {
+    let _ = stmt;
+    let mut out = Vec::new();
+    let mut depth = 0i32;
+    let first = tokens.iter().position(|t| t.start as usize >= from).unwrap_or(tokens.len());
+    let mut start = first;
+    for (i, t) in tokens.iter().enumerate().skip(first) {
+        match t.token {
+            x if x == Token::Ascii40 as i32 || x == '[' as i32 => depth += 1,
+            x if x == ')' as i32 || x == ']' as i32 => depth -= 1,
+            x if x == Token::Ascii44 as i32 && depth == 0 => {
+                out.push(start..i);
+                start = i + 1;
+            }
+            x if x == Token::Ascii59 as i32 => break,
+            _ => {}
+        }
+    }
+    if start < tokens.len() {
+        out.push(start..tokens.len());
+    }
+    out
+}
+
+/// The text of the USING expression inside one subcommand's tokens.
+fn using_text(stmt: &str, tokens: &[pg_query::protobuf::ScanToken], seg: std::ops::Range<usize>) -> Option<String> {
+    let toks = &tokens[seg];
+    let u = toks.iter().position(|t| token_is(t, Token::Using))?;
+    let first = toks.get(u + 1)?;
+    let last = toks.iter().rev().find(|t| !token_is(t, Token::Ascii59))?;
+    Some(stmt[first.start as usize..last.end as usize].trim().to_string())
+}
+
+/// The column names an expression reads (parsed, not guessed).
+pub fn expression_columns(expr: &str) -> Result<BTreeSet<String>, PlanError> {
+    let parsed = pg_query::parse(&format!("SELECT {expr}"), pg_query::ParserOptions::DEFAULT)
+        .map_err(|e| PlanError::Syntax(format!("USING expression: {}", strip_pg_query(e))))?;
+    let mut cols = BTreeSet::new();
+    for (node, ..) in parsed.protobuf.nodes() {
+        if let NodeRef::ColumnRef(c) = node {
+            if let Some(Some(NodeEnum::String(s))) = c.fields.last().map(|f| f.node.as_ref()) {
+                cols.insert(s.sval.clone());
+            }
+        }
+    }
+    Ok(cols)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subcommands_with_using() {
+        let s = parse_alter(
+            "ALTER COLUMN qty TYPE bigint, ALTER COLUMN code TYPE integer USING code::integer, ADD COLUMN note text DEFAULT 'n/a', DROP COLUMN legacy",
+            "public",
+            "orders",
+        )
+        .unwrap();
+        assert_eq!(s.subcommands.len(), 4);
+        let u = &s.using["code"];
+        assert_eq!(u.sql, "code::integer");
+        assert_eq!(u.columns.iter().collect::<Vec<_>>(), vec!["code"]);
+        assert!(s.statement_for("x.y").starts_with("ALTER TABLE x.y ALTER COLUMN qty TYPE bigint,"));
+    }
+
+    #[test]
+    fn full_statement_and_using_with_commas() {
+        let s = parse_alter(
+            "alter table public.orders alter column c type text using coalesce(a, b::text, 'x,y'), add column z int;",
+            "public",
+            "orders",
+        )
+        .unwrap();
+        assert_eq!(s.using["c"].sql, "coalesce(a, b::text, 'x,y')");
+        assert_eq!(s.using["c"].columns.iter().cloned().collect::<Vec<_>>(), vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(s.statement_for("s.t"), "ALTER TABLE s.t alter column c type text using coalesce(a, b::text, 'x,y'), add column z int");
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(matches!(parse_alter("ALTER COLUMN", "public", "t"), Err(PlanError::Syntax(_))));
+        assert!(matches!(parse_alter("ALTER TABLE other ADD COLUMN x int", "public", "t"), Err(PlanError::OtherTable { .. })));
+        assert!(matches!(
+            parse_alter("ALTER TABLE t ADD COLUMN x int; DROP TABLE t", "public", "t"),
+            Err(PlanError::StatementCount(2))
+        ));
+        assert!(matches!(parse_alter("SET UNLOGGED", "public", "t"), Err(PlanError::Unsupported(_))));
+        assert!(matches!(parse_alter("ALTER TABLE t RENAME TO u", "public", "t"), Err(PlanError::Unsupported(_))));
+        assert!(matches!(parse_alter("", "public", "t"), Err(PlanError::Syntax(_))));
+    }
+
+    #[test]
+    fn rename_column() {
+        let s = parse_alter("RENAME COLUMN a TO b", "public", "t").unwrap();
+        assert!(s.is_rename);
+        assert_eq!(s.statement_for("x"), "ALTER TABLE x RENAME COLUMN a TO b");
+    }
+}
