@@ -8,3 +8,8 @@ use crate::cli::RunArgs;
 pub async fn run(_args: RunArgs) -> Result<(), MigrateError> {
     Err(MigrateError::Internal("not built yet".into()))
 }
+pub mod stream;
+pub mod shadow;
+pub mod copy;
+pub mod apply;
+pub mod follow;

@@ -1,0 +1,321 @@
+//! The bulk copy: keyset-paginated chunks by key, every chunk in its own transaction that imports
+//! the replication slot's exported snapshot, so the copy sees the table exactly as of the slot's
+//! consistent point and the stream carries everything after it (no lost, no resurrected rows).
+//!
+//! Each chunk is one server-side `INSERT INTO shadow SELECT <mapped expressions> FROM src`:
+//! values never travel through the client, and the server applies the same assignment casts and
+//! USING expressions as a plain ALTER would. A chunk that fails is bisected to name the row.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_postgres::{Client, NoTls};
+
+use super::error::{describe_db_error, Ctx, MigrateError};
+use super::shadow::{Mapping, Names};
+use crate::catalog::Table;
+use crate::sql::{quote_ident, quote_literal};
+
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    pub chunk_size: u64,
+    pub chunk_pause: Duration,
+    pub workers: usize,
+}
+
+/// A key range: lower bound exclusive, upper bound inclusive; None means unbounded.
+#[derive(Debug, Clone)]
+struct Chunk {
+    lower: Option<Vec<String>>,
+    upper: Option<Vec<String>>,
+}
+
+/// SQL pieces shared by every chunk.
+struct CopySql {
+    source: String,
+    insert_select: String,
+    key_list: String,
+    key_types: Vec<String>,
+    key_cols: Vec<String>,
+}
+
+impl CopySql {
+    fn new(table: &Table, mapping: &Mapping, names: &Names) -> Result<CopySql, MigrateError> {
+        let key_types = mapping
+            .source_key
+            .iter()
+            .map(|k| table.column(k).map(|c| c.type_sql.clone()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| MigrateError::Internal("key column missing from the catalog".into()))?;
+        Ok(CopySql {
+            source: table.qualified(),
+            insert_select: format!(
+                "INSERT INTO {} ({}){} SELECT {} FROM ONLY {} AS s",
+                names.shadow_qualified(),
+                mapping.column_list(),
+                mapping.overriding_clause(),
+                mapping.expr_list(),
+                table.qualified()
+            ),
+            key_list: mapping.source_key.iter().map(|k| format!("s.{}", quote_ident(k))).collect::<Vec<_>>().join(", "),
+            key_types,
+            key_cols: mapping.source_key.clone(),
+        })
+    }
+
+    /// `(s.k1, s.k2) > ($n::text::t1, ...)`, parameters numbered from `first`.
+    fn bound(&self, op: &str, first: usize) -> String {
+        let params = self
+            .key_types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("${}::text::{t}", first + i))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("({}) {op} ({params})", self.key_list)
+    }
+
+    /// WHERE clause and parameters for a chunk (`lower_op` is `>` normally, `>=` when bisecting).
+    fn range(&self, lower: Option<&Vec<String>>, lower_op: &str, upper: Option<&Vec<String>>) -> (String, Vec<String>) {
+        let mut conds = Vec::new();
+        let mut params = Vec::new();
+        if let Some(l) = lower {
+            conds.push(self.bound(lower_op, params.len() + 1));
+            params.extend(l.iter().cloned());
+        }
+        if let Some(u) = upper {
+            conds.push(self.bound("<=", params.len() + 1));
+            params.extend(u.iter().cloned());
+        }
+        if conds.is_empty() {
+            (String::new(), params)
+        } else {
+            (format!(" WHERE {}", conds.join(" AND ")), params)
+        }
+    }
+
+    fn key_text_list(&self) -> String {
+        self.key_cols.iter().map(|k| format!("s.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", ")
+    }
+}
+
+async fn connect(config: &tokio_postgres::Config, what: &str) -> Result<Client, MigrateError> {
+    let (client, conn) = config.connect(NoTls).await.ctx(format!("connecting for {what}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("copy connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+async fn begin_snapshot(client: &Client, snapshot: &str, read_only: bool) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ{}; SET TRANSACTION SNAPSHOT {}",
+            if read_only { " READ ONLY" } else { "" },
+            quote_literal(snapshot)
+        ))
+        .await
+}
+
+fn params_ref(p: &[String]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    p.iter().map(|s| s as &(dyn tokio_postgres::types::ToSql + Sync)).collect()
+}
+
+/// Copy every row visible in `snapshot`. `copied` counts rows as chunks commit.
+pub async fn copy_table(
+    config: &tokio_postgres::Config,
+    table: &Table,
+    mapping: &Mapping,
+    names: &Names,
+    snapshot: &str,
+    opts: &CopyOptions,
+    copied: Arc<AtomicU64>,
+) -> Result<u64, MigrateError> {
+    let sql = Arc::new(CopySql::new(table, mapping, names)?);
+    let (tx, rx) = mpsc::channel::<Chunk>(opts.workers * 2);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..opts.workers.max(1) {
+        let client = connect(config, "a copy worker").await?;
+        let rx = rx.clone();
+        let sql = sql.clone();
+        let snapshot = snapshot.to_string();
+        let copied = copied.clone();
+        let pause = opts.chunk_pause;
+        workers.spawn(async move {
+            let mut total = 0u64;
+            loop {
+                let chunk = { rx.lock().await.recv().await };
+                let Some(chunk) = chunk else { break };
+                let n = copy_chunk(&client, &sql, &snapshot, &chunk).await?;
+                total += n;
+                copied.fetch_add(n, Ordering::Relaxed);
+                tracing::trace!(worker = w, rows = n, "chunk copied");
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            Ok::<u64, MigrateError>(total)
+        });
+    }
+
+    // The splitter walks the key index once under the same snapshot and hands out ranges.
+    let splitter = {
+        let client = connect(config, "the copy splitter").await?;
+        let sql = sql.clone();
+        let snapshot = snapshot.to_string();
+        let chunk_size = opts.chunk_size.max(1);
+        let table_name = table.qualified();
+        async move {
+            begin_snapshot(&client, &snapshot, true).await.ctx("importing the snapshot for the copy")?;
+            client
+                .batch_execute(&format!(
+                    "DECLARE sa_keys NO SCROLL CURSOR FOR SELECT {} FROM ONLY {table_name} AS s ORDER BY {}",
+                    sql.key_text_list(),
+                    sql.key_list
+                ))
+                .await
+                .ctx("opening the key cursor")?;
+            let mut lower: Option<Vec<String>> = None;
+            loop {
+                if chunk_size > 1 {
+                    client
+                        .batch_execute(&format!("MOVE FORWARD {} IN sa_keys", chunk_size - 1))
+                        .await
+                        .ctx("walking the key index")?;
+                }
+                let rows = client.simple_query("FETCH NEXT FROM sa_keys").await.ctx("walking the key index")?;
+                let upper = rows.iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => {
+                        Some((0..r.len()).map(|i| r.get(i).unwrap_or_default().to_string()).collect::<Vec<_>>())
+                    }
+                    _ => None,
+                });
+                let done = upper.is_none();
+                if tx.send(Chunk { lower: lower.clone(), upper: upper.clone() }).await.is_err() {
+                    break; // workers stopped (an error is reported by them)
+                }
+                if done {
+                    break;
+                }
+                lower = upper;
+            }
+            drop(tx);
+            let _ = client.batch_execute("COMMIT").await;
+            Ok::<(), MigrateError>(())
+        }
+    };
+
+    let split_result = splitter.await;
+    let mut total = 0;
+    let mut first_err = split_result.err();
+    while let Some(r) = workers.join_next().await {
+        match r {
+            Ok(Ok(n)) => total += n,
+            Ok(Err(e)) => {
+                if first_err.is_none() {
+                    first_err = Some(e);
+                }
+                workers.abort_all();
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => first_err = first_err.or(Some(MigrateError::Internal(format!("copy worker panicked: {e}")))),
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
+}
+
+async fn copy_chunk(client: &Client, sql: &CopySql, snapshot: &str, chunk: &Chunk) -> Result<u64, MigrateError> {
+    let (cond, params) = sql.range(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
+    begin_snapshot(client, snapshot, false).await.ctx("importing the snapshot in a copy worker")?;
+    match client.execute(&format!("{}{cond}", sql.insert_select), &params_ref(&params)).await {
+        Ok(n) => {
+            client.batch_execute("COMMIT").await.ctx("committing a copy chunk")?;
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            if is_data_error(&e) {
+                Err(find_bad_row(client, sql, snapshot, chunk).await.unwrap_or_else(|| MigrateError::Data(describe_db_error(&e))))
+            } else {
+                Err(MigrateError::Db { context: "copying a chunk".into(), source: e })
+            }
+        }
+    }
+}
+
+/// Errors caused by the data (a cast, a constraint), as opposed to the connection or the server.
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("22") || c.starts_with("23") || c.starts_with("42") || c.starts_with("P0")
+        }
+        None => false,
+    }
+}
+
+/// Bisect a failing chunk (inside a transaction that is rolled back) to find the first row whose
+/// insertion fails, and name its key.
+async fn find_bad_row(client: &Client, sql: &CopySql, snapshot: &str, chunk: &Chunk) -> Option<MigrateError> {
+    let result = async {
+        begin_snapshot(client, snapshot, false).await?;
+        let (cond, params) = sql.range(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
+        let keys: Vec<Vec<String>> = client
+            .query(
+                &format!("SELECT {} FROM ONLY {} AS s{cond} ORDER BY {}", sql.key_text_list(), sql.source, sql.key_list),
+                &params_ref(&params),
+            )
+            .await?
+            .iter()
+            .map(|r| (0..r.len()).map(|i| r.get::<_, String>(i)).collect())
+            .collect();
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        // smallest prefix keys[0..=n] whose insertion fails
+        let (mut lo, mut hi) = (0usize, keys.len() - 1);
+        let try_prefix = |n: usize| {
+            let (cond, params) = sql.range(Some(&keys[0]), ">=", Some(&keys[n]));
+            let stmt = format!("{}{cond}", sql.insert_select);
+            async move {
+                client.batch_execute("SAVEPOINT sa_probe").await?;
+                let r = client.execute(&stmt, &params_ref(&params)).await;
+                client.batch_execute("ROLLBACK TO SAVEPOINT sa_probe").await?;
+                Ok::<Option<tokio_postgres::Error>, tokio_postgres::Error>(r.err())
+            }
+        };
+        let mut last_err = match try_prefix(hi).await? {
+            Some(e) => Some(e),
+            None => return Ok(None),
+        };
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match try_prefix(mid).await? {
+                Some(e) => {
+                    hi = mid;
+                    last_err = Some(e);
+                }
+                None => lo = mid + 1,
+            }
+        }
+        Ok::<_, tokio_postgres::Error>(Some((keys[hi].clone(), last_err)))
+    }
+    .await;
+    let _ = client.batch_execute("ROLLBACK").await;
+    match result {
+        Ok(Some((key, err))) => {
+            let why = err.map(|e| describe_db_error(&e)).unwrap_or_default();
+            Some(MigrateError::Data(format!("row with key ({})=({}) fails: {why}", sql.key_cols.join(", "), key.join(", "))))
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,228 @@
+//! The follower: one task that reads the replication stream, applies each change to the shadow
+//! table in order, and reports progress (applied position, markers) to the rest of the run.
+//!
+//! Reading and applying happen in the same task, so the server's WAL is the only buffer: memory
+//! stays bounded however far behind we are. Target transactions end at source commit boundaries
+//! once a batch is large or old enough, or the stream has nothing more to give right now; only
+//! then does the applied position (and the flush position reported to the server) advance.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::apply::{Applier, Change};
+use super::error::{Ctx, MigrateError};
+use super::shadow::Names;
+use super::stream::{decode, LogicalMessage, Lsn, ReplicationConn, XLogMessage};
+use crate::catalog::Table;
+
+/// Largest number of changes in one target transaction.
+const BATCH_CHANGES: usize = 5_000;
+/// Longest a target transaction stays open.
+const BATCH_AGE: Duration = Duration::from_millis(200);
+/// How often we tell the server where we are.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// Silence from the server longer than this is an error (it sends keepalives far more often).
+const SILENCE_LIMIT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Default)]
+pub struct FollowStats {
+    pub changes_applied: AtomicU64,
+    pub transactions_applied: AtomicU64,
+    /// End of WAL as last reported by the server.
+    pub server_end: AtomicU64,
+}
+
+pub struct Follower {
+    /// Everything up to this position is durably applied.
+    pub applied: watch::Receiver<Lsn>,
+    /// The last marker whose preceding changes are durably applied.
+    pub marker: watch::Receiver<u64>,
+    pub stats: Arc<FollowStats>,
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<Result<(), MigrateError>>,
+}
+
+impl Follower {
+    pub fn start(repl: ReplicationConn, applier: Applier, table: Table, names: Names, from: Lsn) -> Follower {
+        let (applied_tx, applied) = watch::channel(from);
+        let (marker_tx, marker) = watch::channel(0u64);
+        let (stop, stop_rx) = watch::channel(false);
+        let stats = Arc::new(FollowStats::default());
+        let task = Task { repl, applier, table, names, applied: applied_tx, marker: marker_tx, stats: stats.clone() };
+        let handle = tokio::spawn(task.run(stop_rx));
+        Follower { applied, marker, stats, stop, handle }
+    }
+
+    /// Wait until the change stream has been applied up to marker `id`, or fail after `limit`.
+    pub async fn wait_marker(&mut self, id: u64, limit: Duration) -> Result<bool, MigrateError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if *self.marker.borrow_and_update() >= id {
+                return Ok(true);
+            }
+            if self.handle.is_finished() {
+                return Err(self.failure().await);
+            }
+            match tokio::time::timeout_at(deadline, self.marker.changed()).await {
+                Err(_) => return Ok(false),
+                Ok(Err(_)) => return Err(self.failure().await),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    /// The follower's own error once it has stopped.
+    async fn failure(&mut self) -> MigrateError {
+        match (&mut self.handle).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) => MigrateError::Internal("the change stream stopped".into()),
+            Err(e) => MigrateError::Internal(format!("the change stream task failed: {e}")),
+        }
+    }
+
+    /// Whether the task has stopped (with an error, since it only ends when asked).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Stop following: commit what is applied and close the replication connection (which drops
+    /// the temporary slot).
+    pub async fn stop(self) -> Result<(), MigrateError> {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(Duration::from_secs(30), self.handle).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(MigrateError::Internal(format!("the change stream task failed: {e}"))),
+            Err(_) => Err(MigrateError::Internal("the change stream did not stop within 30s".into())),
+        }
+    }
+}
+
+struct Task {
+    repl: ReplicationConn,
+    applier: Applier,
+    table: Table,
+    names: Names,
+    applied: watch::Sender<Lsn>,
+    marker: watch::Sender<u64>,
+    stats: Arc<FollowStats>,
+}
+
+impl Task {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), MigrateError> {
+        let result = self.follow(&mut stop).await;
+        if result.is_ok() {
+            self.applier.commit().await?;
+        }
+        self.repl.close().await;
+        result
+    }
+
+    async fn follow(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), MigrateError> {
+        let mut received = *self.applied.borrow();
+        let mut in_source_tx = false;
+        let mut last_commit_end = received;
+        let mut batch_started = Instant::now();
+        let mut lookahead: Option<XLogMessage> = None;
+        let mut status = tokio::time::interval(STATUS_EVERY);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let msg = match lookahead.take() {
+                Some(m) => m,
+                None => {
+                    tokio::select! {
+                        biased;
+                        _ = stop.changed() => return Ok(()),
+                        _ = status.tick() => {
+                            let applied = *self.applied.borrow();
+                            self.repl.send_status(received, applied, false).await.ctx("sending a standby status update")?;
+                            continue;
+                        }
+                        r = tokio::time::timeout(SILENCE_LIMIT, self.repl.recv()) => match r {
+                            Ok(r) => r.ctx("reading the replication stream")?,
+                            Err(_) => return Err(MigrateError::Internal(format!("no message from the walsender in {SILENCE_LIMIT:?}"))),
+                        },
+                    }
+                }
+            };
+            match msg {
+                XLogMessage::Keepalive { end, reply_requested } => {
+                    received = received.max(end);
+                    self.stats.server_end.fetch_max(end.0, Ordering::Relaxed);
+                    if !in_source_tx && !self.applier.in_transaction() {
+                        self.applied.send_if_modified(|a| {
+                            let newer = end > *a;
+                            if newer {
+                                *a = end;
+                            }
+                            newer
+                        });
+                    }
+                    if reply_requested {
+                        let applied = *self.applied.borrow();
+                        self.repl.send_status(received, applied, false).await.ctx("answering a keepalive")?;
+                    }
+                }
+                XLogMessage::Data { end, data, .. } => {
+                    received = received.max(end);
+                    match decode(&data).ctx("decoding a pgoutput message")? {
+                        LogicalMessage::Begin { .. } => {
+                            in_source_tx = true;
+                            if !self.applier.in_transaction() {
+                                batch_started = Instant::now();
+                            }
+                        }
+                        LogicalMessage::Commit { end_lsn, .. } => {
+                            in_source_tx = false;
+                            last_commit_end = end_lsn;
+                            self.stats.transactions_applied.fetch_add(1, Ordering::Relaxed);
+                            let full = self.applier.pending() >= BATCH_CHANGES || batch_started.elapsed() >= BATCH_AGE;
+                            // more already waiting? keep the batch open unless it is full
+                            if !full {
+                                if let Some(next) = self.repl.recv().now_or_never() {
+                                    lookahead = Some(next.ctx("reading the replication stream")?);
+                                    continue;
+                                }
+                            }
+                            self.applier.commit().await?;
+                            self.applied.send_replace(last_commit_end);
+                        }
+                        LogicalMessage::Relation { id, columns, .. } => {
+                            if id == self.table.oid {
+                                self.applier.set_relation(&self.table, &columns)?;
+                            }
+                        }
+                        LogicalMessage::Insert { relation, new } if relation == self.table.oid => {
+                            self.applier.apply(&Change::Insert(new)).await?;
+                            self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
+                        }
+                        LogicalMessage::Update { relation, old, new } if relation == self.table.oid => {
+                            self.applier.apply(&Change::Update { old, new }).await?;
+                            self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
+                        }
+                        LogicalMessage::Delete { relation, old } if relation == self.table.oid => {
+                            self.applier.apply(&Change::Delete(old)).await?;
+                            self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
+                        }
+                        LogicalMessage::Truncate { relations, .. } if relations.contains(&self.table.oid) => {
+                            self.applier.apply(&Change::Truncate).await?;
+                            self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
+                        }
+                        LogicalMessage::Message { prefix, content, .. } if prefix == self.names.marker_prefix => {
+                            let id: u64 = std::str::from_utf8(&content).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+                            // everything committed before the marker is in the stream before it
+                            self.applier.commit().await?;
+                            self.applied.send_replace(last_commit_end);
+                            self.marker.send_replace(id);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}

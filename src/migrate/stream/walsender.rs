@@ -1,0 +1,122 @@
+//! Our walsender client: a `replication=database` connection that creates a temporary logical
+//! slot with an exported snapshot, streams pgoutput changes, and sends standby status updates.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::Lsn;
+use crate::sql::quote_literal;
+use crate::wire::client::ClientConn;
+use crate::wire::frame::Reader;
+use crate::wire::{ServerError, WireError};
+
+/// What `CREATE_REPLICATION_SLOT` returned.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub name: String,
+    /// Changes committed after this point are streamed; the snapshot sees everything before it.
+    pub consistent_point: Lsn,
+    /// Importable with `SET TRANSACTION SNAPSHOT` until this connection runs another command.
+    pub snapshot: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum XLogMessage {
+    Data { start: Lsn, end: Lsn, data: Bytes },
+    Keepalive { end: Lsn, reply_requested: bool },
+}
+
+pub struct ReplicationConn {
+    conn: ClientConn,
+}
+
+/// Microseconds since 2000-01-01, the protocol's clock.
+fn pg_now() -> i64 {
+    const PG_EPOCH_OFFSET_SECS: u64 = 946_684_800;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    (now.as_micros() as i64) - (PG_EPOCH_OFFSET_SECS as i64) * 1_000_000
+}
+
+impl ReplicationConn {
+    pub async fn connect(config: &tokio_postgres::Config) -> Result<ReplicationConn, WireError> {
+        let conn = ClientConn::connect(config, &[("replication", "database")]).await?;
+        Ok(ReplicationConn { conn })
+    }
+
+    /// Create a TEMPORARY logical slot (dropped by the server when this connection ends, even if
+    /// we are killed) and export its snapshot. Waits for transactions running at this moment.
+    pub async fn create_temporary_slot(&mut self, name: &str) -> Result<SlotInfo, WireError> {
+        let rows = self
+            .conn
+            .simple_query(&format!("CREATE_REPLICATION_SLOT \"{name}\" TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"))
+            .await?;
+        let row = rows.first().ok_or_else(|| WireError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        let consistent_point = Lsn::parse(&get(1))
+            .ok_or_else(|| WireError::Protocol(format!("bad consistent point {:?}", get(1))))?;
+        Ok(SlotInfo { name: get(0), consistent_point, snapshot: get(2) })
+    }
+
+    /// Start streaming from `from` for `publication`, with logical messages enabled.
+    pub async fn start(&mut self, slot: &str, from: Lsn, publication: &str) -> Result<(), WireError> {
+        let pubs = quote_literal(&format!("\"{publication}\""));
+        let sql = format!(
+            "START_REPLICATION SLOT \"{slot}\" LOGICAL {from} (proto_version '1', publication_names {pubs}, messages 'true')"
+        );
+        self.conn.start_copy_both(&sql).await
+    }
+
+    /// The next message from the server. Cancel-safe (partial input stays buffered).
+    pub async fn recv(&mut self) -> Result<XLogMessage, WireError> {
+        loop {
+            let f = self.conn.read().await?;
+            match f.tag {
+                b'd' => {
+                    let body = f.raw.slice(5..);
+                    let mut r = Reader::new(&body, "CopyData");
+                    match r.u8()? {
+                        b'w' => {
+                            let start = Lsn(r.u64()?);
+                            let end = Lsn(r.u64()?);
+                            let _time = r.i64()?;
+                            let data = body.slice(25..);
+                            return Ok(XLogMessage::Data { start, end, data });
+                        }
+                        b'k' => {
+                            let end = Lsn(r.u64()?);
+                            let _time = r.i64()?;
+                            let reply_requested = r.u8()? == 1;
+                            return Ok(XLogMessage::Keepalive { end, reply_requested });
+                        }
+                        other => {
+                            return Err(WireError::Protocol(format!("unknown replication message {:?}", other as char)))
+                        }
+                    }
+                }
+                b'E' => return Err(WireError::Server(ServerError::parse(f.body()))),
+                b'c' => return Err(WireError::Protocol("the server ended the replication stream".into())),
+                b'N' | b'S' => {}
+                other => {
+                    return Err(WireError::Protocol(format!("unexpected message {:?} in the replication stream", other as char)))
+                }
+            }
+        }
+    }
+
+    /// Standby status update: `flush` must only cover what is durably applied.
+    pub async fn send_status(&mut self, write: Lsn, flush: Lsn, reply: bool) -> Result<(), WireError> {
+        let mut b = BytesMut::with_capacity(34);
+        b.put_u8(b'r');
+        b.put_u64(write.0);
+        b.put_u64(flush.0);
+        b.put_u64(flush.0);
+        b.put_i64(pg_now());
+        b.put_u8(reply as u8);
+        self.conn.send_copy_data(b.freeze()).await
+    }
+
+    pub async fn close(self) {
+        self.conn.terminate().await;
+    }
+}
