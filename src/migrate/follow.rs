@@ -44,7 +44,17 @@ pub struct Follower {
     pub marker: watch::Receiver<u64>,
     pub stats: Arc<FollowStats>,
     stop: watch::Sender<bool>,
-    handle: JoinHandle<Result<(), MigrateError>>,
+    /// None once `stop` took it; dropping a running Follower aborts its task, which closes the
+    /// replication connection (and with it the temporary slot).
+    handle: Option<JoinHandle<Result<(), MigrateError>>>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        if let Some(h) = &self.handle {
+            h.abort();
+        }
+    }
 }
 
 impl Follower {
@@ -55,7 +65,7 @@ impl Follower {
         let stats = Arc::new(FollowStats::default());
         let task = Task { repl, applier, table, names, applied: applied_tx, marker: marker_tx, stats: stats.clone() };
         let handle = tokio::spawn(task.run(stop_rx));
-        Follower { applied, marker, stats, stop, handle }
+        Follower { applied, marker, stats, stop, handle: Some(handle) }
     }
 
     /// Wait until the change stream has been applied up to marker `id`, or fail after `limit`.
@@ -65,7 +75,7 @@ impl Follower {
             if *self.marker.borrow_and_update() >= id {
                 return Ok(true);
             }
-            if self.handle.is_finished() {
+            if self.is_finished() {
                 return Err(self.failure().await);
             }
             match tokio::time::timeout_at(deadline, self.marker.changed()).await {
@@ -78,7 +88,10 @@ impl Follower {
 
     /// The follower's own error once it has stopped.
     async fn failure(&mut self) -> MigrateError {
-        match (&mut self.handle).await {
+        let Some(handle) = self.handle.take() else {
+            return MigrateError::Internal("the change stream stopped".into());
+        };
+        match handle.await {
             Ok(Err(e)) => e,
             Ok(Ok(())) => MigrateError::Internal("the change stream stopped".into()),
             Err(e) => MigrateError::Internal(format!("the change stream task failed: {e}")),
@@ -87,14 +100,15 @@ impl Follower {
 
     /// Whether the task has stopped (with an error, since it only ends when asked).
     pub fn is_finished(&self) -> bool {
-        self.handle.is_finished()
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
     }
 
     /// Stop following: commit what is applied and close the replication connection (which drops
     /// the temporary slot).
-    pub async fn stop(self) -> Result<(), MigrateError> {
+    pub async fn stop(mut self) -> Result<(), MigrateError> {
         let _ = self.stop.send(true);
-        match tokio::time::timeout(Duration::from_secs(30), self.handle).await {
+        let Some(handle) = self.handle.take() else { return Ok(()) };
+        match tokio::time::timeout(Duration::from_secs(30), handle).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => Err(MigrateError::Internal(format!("the change stream task failed: {e}"))),
             Err(_) => Err(MigrateError::Internal("the change stream did not stop within 30s".into())),

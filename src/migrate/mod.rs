@@ -1,15 +1,18 @@
-//! The migration engine (being written).
+//! The migration engine: shadow table, snapshot-consistent copy, change stream, swap.
+//!
+//! `run` drives one migration through its phases; each phase has its own module. The invariant
+//! every failure path keeps: until the swap commits, the original table is untouched and serving,
+//! and whatever the run created (shadow table, publication, slot) is removed on the way out.
 
-pub mod error;
-pub use error::MigrateError;
-
-use crate::cli::RunArgs;
-
-pub async fn run(_args: RunArgs) -> Result<(), MigrateError> {
-    Err(MigrateError::Internal("not built yet".into()))
-}
-pub mod stream;
-pub mod shadow;
-pub mod copy;
 pub mod apply;
+pub mod copy;
+pub mod cutover;
+pub mod error;
 pub mod follow;
+pub mod preflight;
+pub mod run;
+pub mod shadow;
+pub mod stream;
+
+pub use error::MigrateError;
+pub use run::run;

@@ -62,6 +62,8 @@ impl Names {
 pub struct Target {
     /// Column name in the shadow table.
     pub column: String,
+    /// The source column at the same attribute position (before any rename).
+    pub source: String,
     /// SQL over source column names giving its value (`"qty"` or a USING expression).
     pub expr: String,
     /// Source columns the expression reads.
@@ -95,6 +97,10 @@ impl Mapping {
     }
     pub fn expr_list(&self) -> String {
         self.targets.iter().map(|t| format!("({})", t.expr)).collect::<Vec<_>>().join(", ")
+    }
+    /// The shadow column that a source column became, if it was kept.
+    pub fn shadow_column_of(&self, source: &str) -> Option<&str> {
+        self.targets.iter().find(|t| t.source == source).map(|t| t.column.as_str())
     }
     pub fn overriding_clause(&self) -> &'static str {
         if self.overriding {
@@ -174,7 +180,7 @@ pub async fn create(
     // attnum -> source column name, before the ALTER (LIKE copies live columns by name)
     let before: HashMap<i16, String> = tx
         .query(
-            "SELECT attnum, attname FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+            "SELECT attnum, attname FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
             &[&shadow],
         )
         .await
@@ -193,7 +199,7 @@ pub async fn create(
     let after = tx
         .query(
             "SELECT attnum, attname, attgenerated <> '', attidentity::text
-             FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+             FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[&shadow],
         )
         .await
@@ -231,7 +237,7 @@ pub async fn create(
             overriding = true;
         }
         shadow_of_source.insert(src.clone(), (name.clone(), targets.len()));
-        targets.push(Target { column: name, expr, reads, plain });
+        targets.push(Target { column: name, source: src.clone(), expr, reads, plain });
     }
 
     let key = table.key.as_ref().ok_or_else(|| MigrateError::Internal("no key".into()))?;
@@ -255,7 +261,7 @@ pub async fn create(
     let idx = tx
         .query_opt(
             "SELECT i.indexrelid::regclass::text FROM pg_index i
-             WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+             WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
                AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a
                     WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey))
                  = (SELECT array_agg(x ORDER BY x) FROM unnest($2::text[]) x)

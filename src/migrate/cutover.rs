@@ -1,0 +1,227 @@
+//! The swap: take `ACCESS EXCLUSIVE` on the source under a short `lock_timeout` (retried with
+//! backoff, never an unbounded wait in the lock queue), drain the change stream to a marker
+//! written after the lock was granted, then rename source -> old and shadow -> source, carry over
+//! sequences, owner, comment and replica identity, and commit. Any failure rolls back, and the
+//! original table keeps serving.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio_postgres::Client;
+
+use super::error::{describe_db_error, Ctx, MigrateError};
+use super::follow::Follower;
+use super::shadow::{Mapping, Names};
+use crate::catalog::Table;
+use crate::sql::{qualified, quote_ident, quote_literal};
+
+#[derive(Debug, Clone)]
+pub struct SwapOptions {
+    pub lock_timeout: Duration,
+    pub attempts: u32,
+    /// Longest the drain under the lock may take before we give the lock back and retry.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SwapOutcome {
+    pub old_name: String,
+    pub lock_held: Duration,
+    pub attempts: u32,
+}
+
+/// Emits markers into the WAL and waits for the follower to apply up to them.
+pub struct Markers {
+    prefix: String,
+    next: u64,
+}
+
+impl Markers {
+    pub fn new(names: &Names) -> Markers {
+        Markers { prefix: names.marker_prefix.clone(), next: 0 }
+    }
+
+    /// Write a marker (a transactional logical message that commits now) and return its id.
+    /// Every transaction committed before this call comes before it in the stream.
+    pub async fn emit(&mut self, client: &Client) -> Result<u64, MigrateError> {
+        self.next += 1;
+        let id = self.next;
+        client
+            .execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&self.prefix, &id.to_string()])
+            .await
+            .ctx("writing a position marker into the WAL")?;
+        Ok(id)
+    }
+
+    /// Emit a marker and wait until it is applied; returns how long that took, or None on timeout.
+    pub async fn round_trip(
+        &mut self,
+        client: &Client,
+        follower: &mut Follower,
+        limit: Duration,
+    ) -> Result<Option<Duration>, MigrateError> {
+        let start = Instant::now();
+        let id = self.emit(client).await?;
+        Ok(follower.wait_marker(id, limit).await?.then(|| start.elapsed()))
+    }
+}
+
+/// Try the swap up to `opts.attempts` times.
+#[allow(clippy::too_many_arguments)]
+pub async fn swap(
+    control: &Client,
+    swapper: &mut Client,
+    follower: &mut Follower,
+    markers: &mut Markers,
+    table: &Table,
+    mapping: &Mapping,
+    names: &Names,
+    opts: &SwapOptions,
+) -> Result<SwapOutcome, MigrateError> {
+    let stamp: String = control
+        .query_one("SELECT to_char(clock_timestamp(), 'YYYYMMDD\"_\"HH24MISS')", &[])
+        .await
+        .ctx("reading the clock")?
+        .get(0);
+    let old_name = Names::old_name(&table.name, &stamp);
+    let mut last_reason = String::new();
+    for attempt in 1..=opts.attempts {
+        // get close first, so the drain under the lock is short
+        if markers.round_trip(control, follower, Duration::from_secs(60)).await?.is_none() {
+            last_reason = "the change stream did not catch up within 60s".into();
+            continue;
+        }
+        match try_swap(control, swapper, follower, markers, table, mapping, names, opts, &old_name).await {
+            Ok(lock_held) => return Ok(SwapOutcome { old_name, lock_held, attempts: attempt }),
+            Err(SwapAttemptError::Retry(reason)) => last_reason = reason,
+            Err(SwapAttemptError::Fatal(e)) => return Err(e),
+        }
+        if attempt == opts.attempts {
+            break;
+        }
+        let backoff = backoff(attempt);
+        tracing::warn!(
+            "swap attempt {attempt}/{} did not go through ({last_reason}); the original table keeps serving; retrying in {backoff:?}",
+            opts.attempts
+        );
+        tokio::time::sleep(backoff).await;
+    }
+    Err(MigrateError::CutoverGaveUp { attempts: opts.attempts, reason: last_reason })
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(250) * 2u32.saturating_pow(attempt.min(6));
+    let base = base.min(Duration::from_secs(10));
+    let jitter = rand::thread_rng().gen_range(0..=base.as_millis() as u64 / 2);
+    base + Duration::from_millis(jitter)
+}
+
+enum SwapAttemptError {
+    Retry(String),
+    Fatal(MigrateError),
+}
+
+impl From<MigrateError> for SwapAttemptError {
+    fn from(e: MigrateError) -> Self {
+        SwapAttemptError::Fatal(e)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn try_swap(
+    control: &Client,
+    swapper: &mut Client,
+    follower: &mut Follower,
+    markers: &mut Markers,
+    table: &Table,
+    mapping: &Mapping,
+    names: &Names,
+    opts: &SwapOptions,
+    old_name: &str,
+) -> Result<Duration, SwapAttemptError> {
+    let src = table.qualified();
+    let tx = swapper.transaction().await.ctx("starting the swap transaction")?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{}ms'", opts.lock_timeout.as_millis()))
+        .await
+        .ctx("setting lock_timeout")?;
+    if let Err(e) = tx.batch_execute(&format!("LOCK TABLE {src} IN ACCESS EXCLUSIVE MODE")).await {
+        let blockers = blockers(control, table.oid).await;
+        let _ = tx.rollback().await;
+        return if e.code().map(|c| c.code()) == Some("55P03") {
+            Err(SwapAttemptError::Retry(format!(
+                "the lock on {src} was not granted within {:?}{blockers}",
+                opts.lock_timeout
+            )))
+        } else {
+            Err(SwapAttemptError::Fatal(MigrateError::Db { context: "locking the table for the swap".into(), source: e }))
+        };
+    }
+    let locked_at = Instant::now();
+    // No transaction can write the source now; drain everything committed before this point.
+    let id = markers.emit(control).await?;
+    if !follower.wait_marker(id, opts.drain_timeout).await? {
+        let _ = tx.rollback().await;
+        return Err(SwapAttemptError::Retry(format!("draining the change stream took longer than {:?}", opts.drain_timeout)));
+    }
+    let shadow = names.shadow_qualified();
+    let mut sql = Vec::new();
+    for (src_seq, col) in &mapping.identity_sync {
+        sql.push(format!(
+            "SELECT setval(pg_get_serial_sequence({}, {}), s.last_value, s.is_called) FROM {src_seq} AS s",
+            quote_literal(&shadow),
+            quote_literal(col)
+        ));
+    }
+    sql.push(format!("ALTER TABLE {src} RENAME TO {}", quote_ident(old_name)));
+    sql.push(format!("ALTER TABLE {shadow} RENAME TO {}", quote_ident(&table.name)));
+    let new = qualified(&table.schema, &table.name);
+    sql.push(format!("ALTER TABLE {new} OWNER TO {}", quote_ident(&table.owner)));
+    for seq in table.sequences.iter().filter(|s| !s.identity) {
+        if let Some(col) = mapping.shadow_column_of(&seq.column) {
+            sql.push(format!("ALTER SEQUENCE {} OWNED BY {new}.{}", seq.sequence, quote_ident(col)));
+        }
+    }
+    sql.push(match &table.comment {
+        Some(c) => format!("COMMENT ON TABLE {new} IS {}", quote_literal(c)),
+        None => format!("COMMENT ON TABLE {new} IS NULL"),
+    });
+    match table.replica_identity {
+        'f' => sql.push(format!("ALTER TABLE {new} REPLICA IDENTITY FULL")),
+        'i' => sql.push(format!("ALTER TABLE {new} REPLICA IDENTITY USING INDEX {}", mapping.shadow_key_index)),
+        _ => {}
+    }
+    for s in &sql {
+        if let Err(e) = tx.batch_execute(s).await {
+            let _ = tx.rollback().await;
+            return Err(SwapAttemptError::Fatal(MigrateError::Internal(format!(
+                "the swap failed and was rolled back (the original table is untouched): {s}: {}",
+                describe_db_error(&e)
+            ))));
+        }
+    }
+    tx.commit().await.ctx("committing the swap")?;
+    Ok(locked_at.elapsed())
+}
+
+/// Who holds or waits for a lock on the table, for the retry message.
+async fn blockers(control: &Client, oid: u32) -> String {
+    let rows = control
+        .query(
+            "SELECT a.pid, a.state, left(a.query, 80), now() - a.xact_start
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.relation = $1::oid AND l.granted AND a.pid <> pg_backend_pid()
+             ORDER BY a.xact_start LIMIT 3",
+            &[&oid],
+        )
+        .await;
+    match rows {
+        Ok(rows) if !rows.is_empty() => {
+            let list: Vec<String> = rows
+                .iter()
+                .map(|r| format!("pid {} ({}): {}", r.get::<_, i32>(0), r.get::<_, Option<String>>(1).unwrap_or_default(), r.get::<_, Option<String>>(2).unwrap_or_default()))
+                .collect();
+            format!("; held by {}", list.join("; "))
+        }
+        _ => String::new(),
+    }
+}

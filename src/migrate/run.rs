@@ -1,0 +1,322 @@
+//! One migration from start to finish: preflight, shadow, slot + snapshot, copy, catch-up, swap,
+//! cleanup. Ctrl-C / SIGTERM abort at any point before the swap starts and clean up.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_postgres::{Client, NoTls};
+
+use super::apply::Applier;
+use super::copy::{copy_table, CopyOptions};
+use super::cutover::{swap, Markers, SwapOptions};
+use super::error::{describe_db_error, Ctx, MigrateError};
+use super::follow::Follower;
+use super::preflight;
+use super::shadow::{self, Names};
+use super::stream::{Lsn, ReplicationConn};
+use crate::cli::RunArgs;
+use crate::conninfo;
+use crate::plan::parse_alter;
+use crate::progress::{fmt_bytes, Progress};
+use crate::sql::quote_ident;
+
+/// How close (marker round trip) the stream must be before we try to swap.
+const CAUGHT_UP: Duration = Duration::from_millis(500);
+/// Longest we wait for CREATE_REPLICATION_SLOT (it waits for running transactions).
+const SLOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub async fn connect(config: &tokio_postgres::Config, what: &str) -> Result<Client, MigrateError> {
+    let (client, conn) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| MigrateError::Db { context: format!("connecting to {} for {what}", conninfo::describe(config)), source: e })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// What the run has created so far, for cleanup.
+#[derive(Default)]
+struct Created {
+    shadow: bool,
+    publication: bool,
+    swapped: bool,
+}
+
+pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
+    if args.chunk_size == 0 {
+        return Err(MigrateError::BadInput("--chunk-size must be at least 1".into()));
+    }
+    if args.swap_attempts == 0 {
+        return Err(MigrateError::BadInput("--swap-attempts must be at least 1".into()));
+    }
+    let config = conninfo::resolve(args.conn.database_url.as_deref()).map_err(|e| MigrateError::BadInput(e.to_string()))?;
+    let started = Instant::now();
+    let control = connect(&config, "the control session").await?;
+    control.batch_execute("SET synchronous_commit = local; SET application_name = 'shadow-alter'").await.ctx("setting up the control session")?;
+
+    preflight::check_server(&control).await?;
+    let table = preflight::load_table(&control, &args.table).await?;
+    let spec = parse_alter(&args.alter, &table.schema, &table.name).map_err(|e| MigrateError::BadInput(e.to_string()))?;
+    preflight::lock_table(&control, &table).await?;
+    let names = Names::for_table(&table);
+    for what in shadow::clear_leftovers(&control, &names, &table).await? {
+        tracing::warn!("removed {what} left behind by an earlier run that did not finish");
+    }
+    tracing::info!(
+        "migrating {} (~{} rows, {}) with: {}",
+        table.qualified(),
+        table.row_estimate,
+        fmt_bytes(table.size_bytes),
+        spec.subcommands.join("; ")
+    );
+
+    let (abort_tx, abort) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::warn!("interrupt received: stopping and cleaning up");
+        let _ = abort_tx.send(true);
+    });
+
+    let mut created = Created::default();
+    let mut ctx = Ctx2 { args: &args, config: &config, control: &control, table: &table, names: &names, started };
+    let result = ctx.migrate(&spec, &mut created, abort).await;
+    if result.is_err() && !created.swapped {
+        cleanup(&config, &names, &created).await;
+    }
+    result
+}
+
+struct Ctx2<'a> {
+    args: &'a RunArgs,
+    config: &'a tokio_postgres::Config,
+    control: &'a Client,
+    table: &'a crate::catalog::Table,
+    names: &'a Names,
+    started: Instant,
+}
+
+impl Ctx2<'_> {
+    async fn migrate(
+        &mut self,
+        spec: &crate::plan::AlterSpec,
+        created: &mut Created,
+        mut abort: watch::Receiver<bool>,
+    ) -> Result<(), MigrateError> {
+        let (table, names, args) = (self.table, self.names, self.args);
+        let mut progress = Progress::new(args.progress);
+
+        // 1. shadow table with the new schema (all or nothing)
+        let mut ddl = connect(self.config, "creating the shadow table").await?;
+        created.shadow = true;
+        let mapping = shadow::create(&mut ddl, table, spec, names, args.lock_timeout).await?;
+        tracing::info!(
+            "shadow table {} created; {} columns copied, {} added by the ALTER",
+            names.shadow_qualified(),
+            mapping.targets.len(),
+            mapping.added.len()
+        );
+
+        // 2. publication for the source, before the slot so the slot sees it from the start
+        created.publication = true;
+        retry_lock(self.control, &format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(&names.publication),
+            table.qualified()
+        ), args.lock_timeout, "creating the publication").await?;
+
+        // 3. temporary slot + exported snapshot
+        let mut repl = ReplicationConn::connect(self.config).await.ctx("opening the replication connection")?;
+        let slot = tokio::select! {
+            r = tokio::time::timeout(SLOT_TIMEOUT, repl.create_temporary_slot(&names.slot)) => match r {
+                Ok(r) => r.ctx("creating the replication slot")?,
+                Err(_) => return Err(MigrateError::Preflight(format!(
+                    "creating the replication slot waited {SLOT_TIMEOUT:?} for running transactions to finish; \
+                     look for long transactions in pg_stat_activity and retry"))),
+            },
+            _ = abort.changed() => return Err(MigrateError::Aborted),
+        };
+        tracing::info!("replication slot {} created at {}", slot.name, slot.consistent_point);
+
+        // 4. copy under the snapshot
+        let copied = Arc::new(AtomicU64::new(0));
+        let opts = CopyOptions { chunk_size: args.chunk_size, chunk_pause: args.chunk_pause, workers: 2 };
+        progress.start_phase("copy", Some(table.row_estimate.max(0) as u64));
+        let copy_started = Instant::now();
+        let copy = copy_table(self.config, table, &mapping, names, &slot.snapshot, &opts, copied.clone());
+        tokio::pin!(copy);
+        let mut tick = tokio::time::interval(progress.interval());
+        let rows = loop {
+            tokio::select! {
+                r = &mut copy => break r?,
+                _ = tick.tick() => progress.update(copied.load(Ordering::Relaxed), Some(table.row_estimate.max(0) as u64), ""),
+                _ = abort.changed() => return Err(MigrateError::Aborted),
+            }
+        };
+        progress.update(rows, Some(rows), "");
+        progress.finish_phase();
+        let copy_secs = copy_started.elapsed().as_secs_f64();
+        tracing::info!("copied {rows} rows in {copy_secs:.1}s ({:.0} rows/s)", rows as f64 / copy_secs.max(0.001));
+
+        // 5. follow the stream from the consistent point
+        repl.start(&slot.name, slot.consistent_point, &names.publication).await.ctx("starting replication")?;
+        let apply_client = connect(self.config, "applying changes").await?;
+        apply_client.batch_execute("SET synchronous_commit = local").await.ctx("setting up the apply session")?;
+        let applier = Applier::new(apply_client, table, &mapping, names);
+        let mut follower = Follower::start(repl, applier, table.clone(), names.clone(), slot.consistent_point);
+        let mut markers = Markers::new(names);
+
+        // 6. catch up
+        progress.start_phase("catch-up", None);
+        loop {
+            if *abort.borrow() {
+                return Err(MigrateError::Aborted);
+            }
+            let lag = self.lag(&follower).await?;
+            let applied = follower.stats.changes_applied.load(Ordering::Relaxed);
+            progress.update(applied, None, &format!("changes applied, lag {}", fmt_bytes(lag)));
+            let rt = tokio::select! {
+                r = markers.round_trip(self.control, &mut follower, Duration::from_secs(30)) => r?,
+                _ = abort.changed() => return Err(MigrateError::Aborted),
+            };
+            if let Some(rt) = rt {
+                if rt <= CAUGHT_UP {
+                    break;
+                }
+            }
+        }
+        progress.finish_phase();
+        tracing::info!("caught up: {} changes applied", follower.stats.changes_applied.load(Ordering::Relaxed));
+
+        // 7. swap
+        if *abort.borrow() {
+            return Err(MigrateError::Aborted);
+        }
+        let mut swapper = connect(self.config, "the swap").await?;
+        let swap_opts = SwapOptions {
+            lock_timeout: args.lock_timeout,
+            attempts: args.swap_attempts,
+            drain_timeout: Duration::from_secs(5).max(args.lock_timeout),
+        };
+        let outcome = swap(self.control, &mut swapper, &mut follower, &mut markers, table, &mapping, names, &swap_opts).await?;
+        created.swapped = true;
+        let changes = follower.stats.changes_applied.load(Ordering::Relaxed);
+        progress.println(&format!(
+            "swapped: {} has the new schema; the old table is {}.{} (lock held {} ms, attempt {})",
+            table.qualified(),
+            quote_ident(&table.schema),
+            quote_ident(&outcome.old_name),
+            outcome.lock_held.as_millis(),
+            outcome.attempts
+        ));
+
+        // 8. cleanup of helpers (the swap is committed: failures here are reported, not fatal)
+        if let Err(e) = follower.stop().await {
+            tracing::warn!("stopping the change stream after the swap: {e}");
+        }
+        if let Err(e) = self.control.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&names.publication))).await {
+            tracing::warn!("dropping publication {}: {}; drop it by hand", names.publication, describe_db_error(&e));
+        }
+        if args.drop_old {
+            let old = crate::sql::qualified(&table.schema, &outcome.old_name);
+            match retry_lock(self.control, &format!("DROP TABLE {old}"), args.lock_timeout, "dropping the old table").await {
+                Ok(()) => tracing::info!("dropped the old table {old}"),
+                Err(e) => tracing::warn!("the old table {old} could not be dropped: {e}"),
+            }
+        }
+        progress.println(&format!(
+            "done in {:.1}s: {rows} rows copied, {changes} changes followed, write lock held {} ms, errors: 0",
+            self.started.elapsed().as_secs_f64(),
+            outcome.lock_held.as_millis()
+        ));
+        Ok(())
+    }
+
+    /// Bytes of WAL between the server's current position and what is applied.
+    async fn lag(&self, follower: &Follower) -> Result<i64, MigrateError> {
+        let current: String = self
+            .control
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .ctx("reading the current WAL position")?
+            .get(0);
+        let current = Lsn::parse(&current).unwrap_or_default();
+        let applied = *follower.applied.borrow();
+        Ok(current.0.saturating_sub(applied.0) as i64)
+    }
+}
+
+/// Run a statement that needs a lock on a live table: short lock_timeout, retried with backoff.
+async fn retry_lock(client: &Client, sql: &str, lock_timeout: Duration, what: &str) -> Result<(), MigrateError> {
+    let mut last = None;
+    for attempt in 0..5u32 {
+        let r = client
+            .batch_execute(&format!("SET lock_timeout = '{}ms'; {sql}; RESET lock_timeout", lock_timeout.as_millis()))
+            .await;
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
+                let _ = client.batch_execute("RESET lock_timeout").await;
+                tracing::warn!("{what}: lock not granted within {lock_timeout:?}, retrying");
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)).await;
+            }
+            Err(e) => {
+                let _ = client.batch_execute("RESET lock_timeout").await;
+                return Err(MigrateError::Db { context: what.into(), source: e });
+            }
+        }
+    }
+    Err(MigrateError::Preflight(format!(
+        "{what}: the table stayed locked by other sessions ({}); retry when it is less busy",
+        last.map(|e| describe_db_error(&e)).unwrap_or_default()
+    )))
+}
+
+/// Remove what a failed run created; the original table was never touched.
+async fn cleanup(config: &tokio_postgres::Config, names: &Names, created: &Created) {
+    let client = match connect(config, "cleanup").await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("cannot connect to clean up ({e}); the next run removes the leftovers");
+            return;
+        }
+    };
+    if created.shadow {
+        match shadow::drop_shadow(&client, names).await {
+            Ok(()) => tracing::info!("removed the shadow table {}", names.shadow_qualified()),
+            Err(e) => tracing::error!("could not drop {}: {}; the next run removes it", names.shadow_qualified(), describe_db_error(&e)),
+        }
+    }
+    if created.publication {
+        if let Err(e) = client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&names.publication))).await {
+            tracing::error!("could not drop publication {}: {}", names.publication, describe_db_error(&e));
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
