@@ -37,7 +37,14 @@ impl Progress {
             ProgressMode::None => Out::None,
         };
         let now = Instant::now();
-        Progress { out, bar: None, phase: "", phase_start: now, last_emit: now, window: (now, 0) }
+        Progress {
+            out,
+            bar: None,
+            phase: "",
+            phase_start: now,
+            last_emit: now,
+            window: (now, 0),
+        }
     }
 
     /// How often the caller should call `update`.
@@ -58,7 +65,8 @@ impl Progress {
         if self.out == Out::Bar {
             let bar = match total {
                 Some(t) => {
-                    let b = ProgressBar::with_draw_target(Some(t.max(1)), ProgressDrawTarget::stderr());
+                    let b =
+                        ProgressBar::with_draw_target(Some(t.max(1)), ProgressDrawTarget::stderr());
                     b.set_style(
                         ProgressStyle::with_template(
                             "{prefix:>9} [{bar:30}] {human_pos}/{human_len} rows  {per_sec}  ETA {eta}  {msg}",
@@ -71,7 +79,8 @@ impl Progress {
                 None => {
                     let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
                     b.set_style(
-                        ProgressStyle::with_template("{prefix:>9} {spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                        ProgressStyle::with_template("{prefix:>9} {spinner} {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                     );
                     b
                 }
@@ -86,7 +95,11 @@ impl Progress {
     pub fn update(&mut self, done: u64, total: Option<u64>, note: &str) {
         let now = Instant::now();
         let elapsed = now.duration_since(self.window.0).as_secs_f64();
-        let rate = if elapsed > 0.0 { (done.saturating_sub(self.window.1)) as f64 / elapsed } else { 0.0 };
+        let rate = if elapsed > 0.0 {
+            (done.saturating_sub(self.window.1)) as f64 / elapsed
+        } else {
+            0.0
+        };
         if now.duration_since(self.window.0) > Duration::from_secs(10) {
             self.window = (now, done);
         }
@@ -109,8 +122,13 @@ impl Progress {
                 if now.duration_since(self.last_emit) >= Duration::from_secs(5) {
                     self.last_emit = now;
                     let total_s = total.map(|t| format!("/{t}")).unwrap_or_default();
-                    let eta_s = eta.map(|e| format!(", ETA {}", fmt_secs(e))).unwrap_or_default();
-                    tracing::info!("{}: {done}{total_s} rows, {rate:.0} rows/s{eta_s} {note}", self.phase);
+                    let eta_s = eta
+                        .map(|e| format!(", ETA {}", fmt_secs(e)))
+                        .unwrap_or_default();
+                    tracing::info!(
+                        "{}: {done}{total_s} rows, {rate:.0} rows/s{eta_s} {note}",
+                        self.phase
+                    );
                 }
             }
             Out::Json => {

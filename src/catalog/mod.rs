@@ -198,7 +198,11 @@ pub async fn load(client: &Client, oid: u32) -> Result<Table, MigrateError> {
         .await
         .ctx("reading sequences owned by the table")?
         .iter()
-        .map(|r| ColumnSequence { sequence: r.get(0), column: r.get(1), identity: r.get(2) })
+        .map(|r| ColumnSequence {
+            sequence: r.get(0),
+            column: r.get(1),
+            identity: r.get(2),
+        })
         .collect();
 
     t.dependents = dependents(client, oid).await?;
@@ -210,7 +214,10 @@ fn first_char(s: String) -> char {
 }
 
 /// Indexes that can identify a row: unique, valid, not partial, no expressions, NOT NULL columns.
-async fn choose_key(client: &Client, t: &Table) -> Result<(Option<Key>, Option<String>), MigrateError> {
+async fn choose_key(
+    client: &Client,
+    t: &Table,
+) -> Result<(Option<Key>, Option<String>), MigrateError> {
     let rows = client
         .query(
             "SELECT i.indexrelid::regclass::text, i.indisprimary, i.indisreplident,
@@ -228,11 +235,17 @@ async fn choose_key(client: &Client, t: &Table) -> Result<(Option<Key>, Option<S
         )
         .await
         .ctx("reading unique indexes")?;
-    let candidates: Vec<(String, bool, bool, Vec<String>, bool)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
+    let candidates: Vec<(String, bool, bool, Vec<String>, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
     let pk = candidates.iter().find(|c| c.1);
     let usable = candidates.iter().find(|c| c.4);
-    let key = |c: &(String, bool, bool, Vec<String>, bool), source| Key { index_name: c.0.clone(), columns: c.3.clone(), source };
+    let key = |c: &(String, bool, bool, Vec<String>, bool), source| Key {
+        index_name: c.0.clone(),
+        columns: c.3.clone(),
+        source,
+    };
     let table = t.qualified();
     Ok(match t.replica_identity {
         'd' => match pk {
@@ -267,7 +280,10 @@ async fn choose_key(client: &Client, t: &Table) -> Result<(Option<Key>, Option<S
 
 async fn dependents(client: &Client, oid: u32) -> Result<Dependents, MigrateError> {
     let list = |sql: &'static str, what: &'static str| async move {
-        let rows = client.query(sql, &[&oid]).await.ctx(format!("reading {what}"))?;
+        let rows = client
+            .query(sql, &[&oid])
+            .await
+            .ctx(format!("reading {what}"))?;
         Ok::<Vec<String>, MigrateError>(rows.iter().map(|r| r.get::<_, String>(0)).collect())
     };
     Ok(Dependents {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::error::{describe_db_error, Ctx, MigrateError};
 use super::shadow::{Mapping, Names};
@@ -23,6 +23,8 @@ pub struct CopyOptions {
     pub chunk_size: u64,
     pub chunk_pause: Duration,
     pub workers: usize,
+    /// lock_timeout for each chunk; a chunk that times out is retried after a pause.
+    pub lock_timeout: Duration,
 }
 
 /// A key range: lower bound exclusive, upper bound inclusive; None means unbounded.
@@ -59,7 +61,12 @@ impl CopySql {
                 mapping.expr_list(),
                 table.qualified()
             ),
-            key_list: mapping.source_key.iter().map(|k| format!("s.{}", quote_ident(k))).collect::<Vec<_>>().join(", "),
+            key_list: mapping
+                .source_key
+                .iter()
+                .map(|k| format!("s.{}", quote_ident(k)))
+                .collect::<Vec<_>>()
+                .join(", "),
             key_types,
             key_cols: mapping.source_key.clone(),
         })
@@ -78,7 +85,12 @@ impl CopySql {
     }
 
     /// WHERE clause and parameters for a chunk (`lower_op` is `>` normally, `>=` when bisecting).
-    fn range(&self, lower: Option<&Vec<String>>, lower_op: &str, upper: Option<&Vec<String>>) -> (String, Vec<String>) {
+    fn range(
+        &self,
+        lower: Option<&Vec<String>>,
+        lower_op: &str,
+        upper: Option<&Vec<String>>,
+    ) -> (String, Vec<String>) {
         let mut conds = Vec::new();
         let mut params = Vec::new();
         if let Some(l) = lower {
@@ -97,21 +109,35 @@ impl CopySql {
     }
 
     fn key_text_list(&self) -> String {
-        self.key_cols.iter().map(|k| format!("s.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", ")
+        self.key_cols
+            .iter()
+            .map(|k| format!("s.{}::text", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
-async fn connect(config: &tokio_postgres::Config, what: &str) -> Result<Client, MigrateError> {
-    let (client, conn) = config.connect(NoTls).await.ctx(format!("connecting for {what}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("copy connection ended: {e}");
-        }
-    });
+async fn connect(
+    config: &tokio_postgres::Config,
+    what: &str,
+    lock_timeout: Duration,
+) -> Result<Client, MigrateError> {
+    let client = super::run::connect(config, what).await?;
+    client
+        .batch_execute(&format!(
+            "SET lock_timeout = '{}ms'",
+            lock_timeout.as_millis().max(1)
+        ))
+        .await
+        .ctx(format!("setting up {what}"))?;
     Ok(client)
 }
 
-async fn begin_snapshot(client: &Client, snapshot: &str, read_only: bool) -> Result<(), tokio_postgres::Error> {
+async fn begin_snapshot(
+    client: &Client,
+    snapshot: &str,
+    read_only: bool,
+) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ{}; SET TRANSACTION SNAPSHOT {}",
@@ -122,7 +148,9 @@ async fn begin_snapshot(client: &Client, snapshot: &str, read_only: bool) -> Res
 }
 
 fn params_ref(p: &[String]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
-    p.iter().map(|s| s as &(dyn tokio_postgres::types::ToSql + Sync)).collect()
+    p.iter()
+        .map(|s| s as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect()
 }
 
 /// Copy every row visible in `snapshot`. `copied` counts rows as chunks commit.
@@ -141,7 +169,7 @@ pub async fn copy_table(
 
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..opts.workers.max(1) {
-        let client = connect(config, "a copy worker").await?;
+        let client = connect(config, "a copy worker", opts.lock_timeout).await?;
         let rx = rx.clone();
         let sql = sql.clone();
         let snapshot = snapshot.to_string();
@@ -164,40 +192,46 @@ pub async fn copy_table(
         });
     }
 
-    // The splitter walks the key index once under the same snapshot and hands out ranges.
+    // The splitter finds chunk boundaries under the same snapshot, one short transaction per
+    // boundary: holding a lock on the source for the whole copy would queue any DDL (and then
+    // every query) behind it.
     let splitter = {
-        let client = connect(config, "the copy splitter").await?;
+        let client = connect(config, "the copy splitter", opts.lock_timeout).await?;
         let sql = sql.clone();
         let snapshot = snapshot.to_string();
         let chunk_size = opts.chunk_size.max(1);
-        let table_name = table.qualified();
         async move {
-            begin_snapshot(&client, &snapshot, true).await.ctx("importing the snapshot for the copy")?;
-            client
-                .batch_execute(&format!(
-                    "DECLARE sa_keys NO SCROLL CURSOR FOR SELECT {} FROM ONLY {table_name} AS s ORDER BY {}",
-                    sql.key_text_list(),
-                    sql.key_list
-                ))
-                .await
-                .ctx("opening the key cursor")?;
             let mut lower: Option<Vec<String>> = None;
             loop {
-                if chunk_size > 1 {
-                    client
-                        .batch_execute(&format!("MOVE FORWARD {} IN sa_keys", chunk_size - 1))
-                        .await
-                        .ctx("walking the key index")?;
-                }
-                let rows = client.simple_query("FETCH NEXT FROM sa_keys").await.ctx("walking the key index")?;
-                let upper = rows.iter().find_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(r) => {
-                        Some((0..r.len()).map(|i| r.get(i).unwrap_or_default().to_string()).collect::<Vec<_>>())
-                    }
-                    _ => None,
+                let (cond, params) = sql.range(lower.as_ref(), ">", None);
+                let q = format!(
+                    "SELECT {} FROM ONLY {} AS s{cond} ORDER BY {} OFFSET {} LIMIT 1",
+                    sql.key_text_list(),
+                    sql.source,
+                    sql.key_list,
+                    chunk_size - 1
+                );
+                let upper = with_lock_retry("finding the next chunk boundary", || async {
+                    begin_snapshot(&client, &snapshot, true).await?;
+                    let r = client.query_opt(&q, &params_ref(&params)).await;
+                    let _ = client.batch_execute("COMMIT").await;
+                    r
+                })
+                .await?
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| r.get::<_, String>(i))
+                        .collect::<Vec<_>>()
                 });
                 let done = upper.is_none();
-                if tx.send(Chunk { lower: lower.clone(), upper: upper.clone() }).await.is_err() {
+                if tx
+                    .send(Chunk {
+                        lower: lower.clone(),
+                        upper: upper.clone(),
+                    })
+                    .await
+                    .is_err()
+                {
                     break; // workers stopped (an error is reported by them)
                 }
                 if done {
@@ -205,8 +239,6 @@ pub async fn copy_table(
                 }
                 lower = upper;
             }
-            drop(tx);
-            let _ = client.batch_execute("COMMIT").await;
             Ok::<(), MigrateError>(())
         }
     };
@@ -224,7 +256,11 @@ pub async fn copy_table(
                 workers.abort_all();
             }
             Err(e) if e.is_cancelled() => {}
-            Err(e) => first_err = first_err.or(Some(MigrateError::Internal(format!("copy worker panicked: {e}")))),
+            Err(e) => {
+                first_err = first_err.or(Some(MigrateError::Internal(format!(
+                    "copy worker panicked: {e}"
+                ))))
+            }
         }
     }
     match first_err {
@@ -233,20 +269,65 @@ pub async fn copy_table(
     }
 }
 
-async fn copy_chunk(client: &Client, sql: &CopySql, snapshot: &str, chunk: &Chunk) -> Result<u64, MigrateError> {
-    let (cond, params) = sql.range(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
-    begin_snapshot(client, snapshot, false).await.ctx("importing the snapshot in a copy worker")?;
-    match client.execute(&format!("{}{cond}", sql.insert_select), &params_ref(&params)).await {
-        Ok(n) => {
-            client.batch_execute("COMMIT").await.ctx("committing a copy chunk")?;
-            Ok(n)
+/// Run `f` (one short transaction); when it fails on `lock_timeout` (another session holds or
+/// waits for a strong lock on the table), back off and retry rather than queue behind it.
+async fn with_lock_retry<T, F, Fut>(what: &str, mut f: F) -> Result<T, MigrateError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    const ATTEMPTS: u32 = 30;
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Err(e) if e.code().map(|c| c.code()) == Some("55P03") && attempt < ATTEMPTS => {
+                attempt += 1;
+                let wait = Duration::from_millis(100 * u64::from(attempt.min(20)));
+                tracing::warn!(
+                    "{what}: the source table is locked by another session; retrying in {wait:?}"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            r => return r.ctx(what.to_string()),
         }
+    }
+}
+
+async fn copy_chunk(
+    client: &Client,
+    sql: &CopySql,
+    snapshot: &str,
+    chunk: &Chunk,
+) -> Result<u64, MigrateError> {
+    let (cond, params) = sql.range(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
+    let stmt = format!("{}{cond}", sql.insert_select);
+    let result = with_lock_retry("copying a chunk", || async {
+        begin_snapshot(client, snapshot, false).await?;
+        match client.execute(&stmt, &params_ref(&params)).await {
+            Ok(n) => client.batch_execute("COMMIT").await.map(|_| Ok(n)),
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                if e.code().map(|c| c.code()) == Some("55P03") {
+                    Err(e)
+                } else {
+                    Ok(Err(e))
+                }
+            }
+        }
+    })
+    .await?;
+    match result {
+        Ok(n) => Ok(n),
         Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
             if is_data_error(&e) {
-                Err(find_bad_row(client, sql, snapshot, chunk).await.unwrap_or_else(|| MigrateError::Data(describe_db_error(&e))))
+                Err(find_bad_row(client, sql, snapshot, chunk)
+                    .await
+                    .unwrap_or_else(|| MigrateError::Data(describe_db_error(&e))))
             } else {
-                Err(MigrateError::Db { context: "copying a chunk".into(), source: e })
+                Err(MigrateError::Db {
+                    context: "copying a chunk".into(),
+                    source: e,
+                })
             }
         }
     }
@@ -265,13 +346,23 @@ fn is_data_error(e: &tokio_postgres::Error) -> bool {
 
 /// Bisect a failing chunk (inside a transaction that is rolled back) to find the first row whose
 /// insertion fails, and name its key.
-async fn find_bad_row(client: &Client, sql: &CopySql, snapshot: &str, chunk: &Chunk) -> Option<MigrateError> {
+async fn find_bad_row(
+    client: &Client,
+    sql: &CopySql,
+    snapshot: &str,
+    chunk: &Chunk,
+) -> Option<MigrateError> {
     let result = async {
         begin_snapshot(client, snapshot, false).await?;
         let (cond, params) = sql.range(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
         let keys: Vec<Vec<String>> = client
             .query(
-                &format!("SELECT {} FROM ONLY {} AS s{cond} ORDER BY {}", sql.key_text_list(), sql.source, sql.key_list),
+                &format!(
+                    "SELECT {} FROM ONLY {} AS s{cond} ORDER BY {}",
+                    sql.key_text_list(),
+                    sql.source,
+                    sql.key_list
+                ),
                 &params_ref(&params),
             )
             .await?
@@ -289,7 +380,9 @@ async fn find_bad_row(client: &Client, sql: &CopySql, snapshot: &str, chunk: &Ch
             async move {
                 client.batch_execute("SAVEPOINT sa_probe").await?;
                 let r = client.execute(&stmt, &params_ref(&params)).await;
-                client.batch_execute("ROLLBACK TO SAVEPOINT sa_probe").await?;
+                client
+                    .batch_execute("ROLLBACK TO SAVEPOINT sa_probe")
+                    .await?;
                 Ok::<Option<tokio_postgres::Error>, tokio_postgres::Error>(r.err())
             }
         };
@@ -314,7 +407,11 @@ async fn find_bad_row(client: &Client, sql: &CopySql, snapshot: &str, chunk: &Ch
     match result {
         Ok(Some((key, err))) => {
             let why = err.map(|e| describe_db_error(&e)).unwrap_or_default();
-            Some(MigrateError::Data(format!("row with key ({})=({}) fails: {why}", sql.key_cols.join(", "), key.join(", "))))
+            Some(MigrateError::Data(format!(
+                "row with key ({})=({}) fails: {why}",
+                sql.key_cols.join(", "),
+                key.join(", ")
+            )))
         }
         _ => None,
     }

@@ -38,7 +38,10 @@ pub struct Markers {
 
 impl Markers {
     pub fn new(names: &Names) -> Markers {
-        Markers { prefix: names.marker_prefix.clone(), next: 0 }
+        Markers {
+            prefix: names.marker_prefix.clone(),
+            next: 0,
+        }
     }
 
     /// Write a marker (a transactional logical message that commits now) and return its id.
@@ -47,7 +50,10 @@ impl Markers {
         self.next += 1;
         let id = self.next;
         client
-            .execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&self.prefix, &id.to_string()])
+            .execute(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&self.prefix, &id.to_string()],
+            )
             .await
             .ctx("writing a position marker into the WAL")?;
         Ok(id)
@@ -62,7 +68,10 @@ impl Markers {
     ) -> Result<Option<Duration>, MigrateError> {
         let start = Instant::now();
         let id = self.emit(client).await?;
-        Ok(follower.wait_marker(id, limit).await?.then(|| start.elapsed()))
+        Ok(follower
+            .wait_marker(id, limit)
+            .await?
+            .then(|| start.elapsed()))
     }
 }
 
@@ -79,7 +88,10 @@ pub async fn swap(
     opts: &SwapOptions,
 ) -> Result<SwapOutcome, MigrateError> {
     let stamp: String = control
-        .query_one("SELECT to_char(clock_timestamp(), 'YYYYMMDD\"_\"HH24MISS')", &[])
+        .query_one(
+            "SELECT to_char(clock_timestamp(), 'YYYYMMDD\"_\"HH24MISS')",
+            &[],
+        )
         .await
         .ctx("reading the clock")?
         .get(0);
@@ -87,12 +99,26 @@ pub async fn swap(
     let mut last_reason = String::new();
     for attempt in 1..=opts.attempts {
         // get close first, so the drain under the lock is short
-        if markers.round_trip(control, follower, Duration::from_secs(60)).await?.is_none() {
+        if markers
+            .round_trip(control, follower, Duration::from_secs(60))
+            .await?
+            .is_none()
+        {
             last_reason = "the change stream did not catch up within 60s".into();
             continue;
         }
-        match try_swap(control, swapper, follower, markers, table, mapping, names, opts, &old_name).await {
-            Ok(lock_held) => return Ok(SwapOutcome { old_name, lock_held, attempts: attempt }),
+        match try_swap(
+            control, swapper, follower, markers, table, mapping, names, opts, &old_name,
+        )
+        .await
+        {
+            Ok(lock_held) => {
+                return Ok(SwapOutcome {
+                    old_name,
+                    lock_held,
+                    attempts: attempt,
+                })
+            }
             Err(SwapAttemptError::Retry(reason)) => last_reason = reason,
             Err(SwapAttemptError::Fatal(e)) => return Err(e),
         }
@@ -106,7 +132,10 @@ pub async fn swap(
         );
         tokio::time::sleep(backoff).await;
     }
-    Err(MigrateError::CutoverGaveUp { attempts: opts.attempts, reason: last_reason })
+    Err(MigrateError::CutoverGaveUp {
+        attempts: opts.attempts,
+        reason: last_reason,
+    })
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -140,11 +169,20 @@ async fn try_swap(
     old_name: &str,
 ) -> Result<Duration, SwapAttemptError> {
     let src = table.qualified();
-    let tx = swapper.transaction().await.ctx("starting the swap transaction")?;
-    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{}ms'", opts.lock_timeout.as_millis()))
+    let tx = swapper
+        .transaction()
         .await
-        .ctx("setting lock_timeout")?;
-    if let Err(e) = tx.batch_execute(&format!("LOCK TABLE {src} IN ACCESS EXCLUSIVE MODE")).await {
+        .ctx("starting the swap transaction")?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        opts.lock_timeout.as_millis()
+    ))
+    .await
+    .ctx("setting lock_timeout")?;
+    if let Err(e) = tx
+        .batch_execute(&format!("LOCK TABLE {src} IN ACCESS EXCLUSIVE MODE"))
+        .await
+    {
         let blockers = blockers(control, table.oid).await;
         let _ = tx.rollback().await;
         return if e.code().map(|c| c.code()) == Some("55P03") {
@@ -153,7 +191,10 @@ async fn try_swap(
                 opts.lock_timeout
             )))
         } else {
-            Err(SwapAttemptError::Fatal(MigrateError::Db { context: "locking the table for the swap".into(), source: e }))
+            Err(SwapAttemptError::Fatal(MigrateError::Db {
+                context: "locking the table for the swap".into(),
+                source: e,
+            }))
         };
     }
     let locked_at = Instant::now();
@@ -161,7 +202,10 @@ async fn try_swap(
     let id = markers.emit(control).await?;
     if !follower.wait_marker(id, opts.drain_timeout).await? {
         let _ = tx.rollback().await;
-        return Err(SwapAttemptError::Retry(format!("draining the change stream took longer than {:?}", opts.drain_timeout)));
+        return Err(SwapAttemptError::Retry(format!(
+            "draining the change stream took longer than {:?}",
+            opts.drain_timeout
+        )));
     }
     let shadow = names.shadow_qualified();
     let mut sql = Vec::new();
@@ -172,13 +216,26 @@ async fn try_swap(
             quote_literal(col)
         ));
     }
-    sql.push(format!("ALTER TABLE {src} RENAME TO {}", quote_ident(old_name)));
-    sql.push(format!("ALTER TABLE {shadow} RENAME TO {}", quote_ident(&table.name)));
+    sql.push(format!(
+        "ALTER TABLE {src} RENAME TO {}",
+        quote_ident(old_name)
+    ));
+    sql.push(format!(
+        "ALTER TABLE {shadow} RENAME TO {}",
+        quote_ident(&table.name)
+    ));
     let new = qualified(&table.schema, &table.name);
-    sql.push(format!("ALTER TABLE {new} OWNER TO {}", quote_ident(&table.owner)));
+    sql.push(format!(
+        "ALTER TABLE {new} OWNER TO {}",
+        quote_ident(&table.owner)
+    ));
     for seq in table.sequences.iter().filter(|s| !s.identity) {
         if let Some(col) = mapping.shadow_column_of(&seq.column) {
-            sql.push(format!("ALTER SEQUENCE {} OWNED BY {new}.{}", seq.sequence, quote_ident(col)));
+            sql.push(format!(
+                "ALTER SEQUENCE {} OWNED BY {new}.{}",
+                seq.sequence,
+                quote_ident(col)
+            ));
         }
     }
     sql.push(match &table.comment {
@@ -187,7 +244,10 @@ async fn try_swap(
     });
     match table.replica_identity {
         'f' => sql.push(format!("ALTER TABLE {new} REPLICA IDENTITY FULL")),
-        'i' => sql.push(format!("ALTER TABLE {new} REPLICA IDENTITY USING INDEX {}", mapping.shadow_key_index)),
+        'i' => sql.push(format!(
+            "ALTER TABLE {new} REPLICA IDENTITY USING INDEX {}",
+            mapping.shadow_key_index
+        )),
         _ => {}
     }
     for s in &sql {
@@ -218,7 +278,14 @@ async fn blockers(control: &Client, oid: u32) -> String {
         Ok(rows) if !rows.is_empty() => {
             let list: Vec<String> = rows
                 .iter()
-                .map(|r| format!("pid {} ({}): {}", r.get::<_, i32>(0), r.get::<_, Option<String>>(1).unwrap_or_default(), r.get::<_, Option<String>>(2).unwrap_or_default()))
+                .map(|r| {
+                    format!(
+                        "pid {} ({}): {}",
+                        r.get::<_, i32>(0),
+                        r.get::<_, Option<String>>(1).unwrap_or_default(),
+                        r.get::<_, Option<String>>(2).unwrap_or_default()
+                    )
+                })
                 .collect();
             format!("; held by {}", list.join("; "))
         }

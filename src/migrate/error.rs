@@ -28,7 +28,9 @@ pub enum MigrateError {
     Data(String),
     #[error("aborted by the operator; the original table is untouched and everything this run created was removed")]
     Aborted,
-    #[error("cutover gave up after {attempts} attempts: {reason}; the original table keeps serving")]
+    #[error(
+        "cutover gave up after {attempts} attempts: {reason}; the original table keeps serving"
+    )]
     CutoverGaveUp { attempts: u32, reason: String },
     #[error("{context}: {source}")]
     Db {
@@ -40,7 +42,7 @@ pub enum MigrateError {
     Wire {
         context: String,
         #[source]
-        source: WireError,
+        source: Box<WireError>,
     },
     #[error("internal error: {0}")]
     Internal(String),
@@ -75,13 +77,19 @@ pub trait Ctx<T> {
 
 impl<T> Ctx<T> for Result<T, tokio_postgres::Error> {
     fn ctx(self, context: impl Into<String>) -> Result<T, MigrateError> {
-        self.map_err(|source| MigrateError::Db { context: context.into(), source })
+        self.map_err(|source| MigrateError::Db {
+            context: context.into(),
+            source,
+        })
     }
 }
 
 impl<T> Ctx<T> for Result<T, WireError> {
     fn ctx(self, context: impl Into<String>) -> Result<T, MigrateError> {
-        self.map_err(|source| MigrateError::Wire { context: context.into(), source })
+        self.map_err(|source| MigrateError::Wire {
+            context: context.into(),
+            source: Box::new(source),
+        })
     }
 }
 

@@ -58,14 +58,34 @@ impl Drop for Follower {
 }
 
 impl Follower {
-    pub fn start(repl: ReplicationConn, applier: Applier, table: Table, names: Names, from: Lsn) -> Follower {
+    pub fn start(
+        repl: ReplicationConn,
+        applier: Applier,
+        table: Table,
+        names: Names,
+        from: Lsn,
+    ) -> Follower {
         let (applied_tx, applied) = watch::channel(from);
         let (marker_tx, marker) = watch::channel(0u64);
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(FollowStats::default());
-        let task = Task { repl, applier, table, names, applied: applied_tx, marker: marker_tx, stats: stats.clone() };
+        let task = Task {
+            repl,
+            applier,
+            table,
+            names,
+            applied: applied_tx,
+            marker: marker_tx,
+            stats: stats.clone(),
+        };
         let handle = tokio::spawn(task.run(stop_rx));
-        Follower { applied, marker, stats, stop, handle: Some(handle) }
+        Follower {
+            applied,
+            marker,
+            stats,
+            stop,
+            handle: Some(handle),
+        }
     }
 
     /// Wait until the change stream has been applied up to marker `id`, or fail after `limit`.
@@ -107,11 +127,17 @@ impl Follower {
     /// the temporary slot).
     pub async fn stop(mut self) -> Result<(), MigrateError> {
         let _ = self.stop.send(true);
-        let Some(handle) = self.handle.take() else { return Ok(()) };
+        let Some(handle) = self.handle.take() else {
+            return Ok(());
+        };
         match tokio::time::timeout(Duration::from_secs(30), handle).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(MigrateError::Internal(format!("the change stream task failed: {e}"))),
-            Err(_) => Err(MigrateError::Internal("the change stream did not stop within 30s".into())),
+            Ok(Err(e)) => Err(MigrateError::Internal(format!(
+                "the change stream task failed: {e}"
+            ))),
+            Err(_) => Err(MigrateError::Internal(
+                "the change stream did not stop within 30s".into(),
+            )),
         }
     }
 }
@@ -164,7 +190,10 @@ impl Task {
                 }
             };
             match msg {
-                XLogMessage::Keepalive { end, reply_requested } => {
+                XLogMessage::Keepalive {
+                    end,
+                    reply_requested,
+                } => {
                     received = received.max(end);
                     self.stats.server_end.fetch_max(end.0, Ordering::Relaxed);
                     if !in_source_tx && !self.applier.in_transaction() {
@@ -178,7 +207,10 @@ impl Task {
                     }
                     if reply_requested {
                         let applied = *self.applied.borrow();
-                        self.repl.send_status(received, applied, false).await.ctx("answering a keepalive")?;
+                        self.repl
+                            .send_status(received, applied, false)
+                            .await
+                            .ctx("answering a keepalive")?;
                     }
                 }
                 XLogMessage::Data { end, data, .. } => {
@@ -193,8 +225,11 @@ impl Task {
                         LogicalMessage::Commit { end_lsn, .. } => {
                             in_source_tx = false;
                             last_commit_end = end_lsn;
-                            self.stats.transactions_applied.fetch_add(1, Ordering::Relaxed);
-                            let full = self.applier.pending() >= BATCH_CHANGES || batch_started.elapsed() >= BATCH_AGE;
+                            self.stats
+                                .transactions_applied
+                                .fetch_add(1, Ordering::Relaxed);
+                            let full = self.applier.pending() >= BATCH_CHANGES
+                                || batch_started.elapsed() >= BATCH_AGE;
                             // more already waiting? keep the batch open unless it is full
                             if !full {
                                 if let Some(next) = self.repl.recv().now_or_never() {
@@ -205,16 +240,16 @@ impl Task {
                             self.applier.commit().await?;
                             self.applied.send_replace(last_commit_end);
                         }
-                        LogicalMessage::Relation { id, columns, .. } => {
-                            if id == self.table.oid {
-                                self.applier.set_relation(&self.table, &columns)?;
-                            }
+                        LogicalMessage::Relation { id, columns, .. } if id == self.table.oid => {
+                            self.applier.set_relation(&self.table, &columns)?;
                         }
                         LogicalMessage::Insert { relation, new } if relation == self.table.oid => {
                             self.applier.apply(&Change::Insert(new)).await?;
                             self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
                         }
-                        LogicalMessage::Update { relation, old, new } if relation == self.table.oid => {
+                        LogicalMessage::Update { relation, old, new }
+                            if relation == self.table.oid =>
+                        {
                             self.applier.apply(&Change::Update { old, new }).await?;
                             self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
                         }
@@ -222,12 +257,19 @@ impl Task {
                             self.applier.apply(&Change::Delete(old)).await?;
                             self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
                         }
-                        LogicalMessage::Truncate { relations, .. } if relations.contains(&self.table.oid) => {
+                        LogicalMessage::Truncate { relations, .. }
+                            if relations.contains(&self.table.oid) =>
+                        {
                             self.applier.apply(&Change::Truncate).await?;
                             self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
                         }
-                        LogicalMessage::Message { prefix, content, .. } if prefix == self.names.marker_prefix => {
-                            let id: u64 = std::str::from_utf8(&content).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+                        LogicalMessage::Message {
+                            prefix, content, ..
+                        } if prefix == self.names.marker_prefix => {
+                            let id: u64 = std::str::from_utf8(&content)
+                                .ok()
+                                .and_then(|s| s.parse().ok())
+                                .unwrap_or(0);
                             // everything committed before the marker is in the stream before it
                             self.applier.commit().await?;
                             self.applied.send_replace(last_commit_end);

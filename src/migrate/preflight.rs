@@ -29,7 +29,8 @@ pub async fn check_server(client: &Client) -> Result<(), MigrateError> {
     let wal_level: String = r.get(1);
     let can_replicate: Option<bool> = r.get(2);
     let user: String = r.get(3);
-    let (max_slots, slots, max_senders, senders): (i32, i32, i32, i32) = (r.get(4), r.get(5), r.get(6), r.get(7));
+    let (max_slots, slots, max_senders, senders): (i32, i32, i32, i32) =
+        (r.get(4), r.get(5), r.get(6), r.get(7));
     let can_create: bool = r.get(8);
     if version < MIN_SERVER_VERSION {
         return Err(MigrateError::Preflight(format!(
@@ -68,9 +69,11 @@ pub async fn check_server(client: &Client) -> Result<(), MigrateError> {
 
 /// Resolve and load the table, and refuse what the engine does not handle yet.
 pub async fn load_table(client: &Client, name: &str) -> Result<Table, MigrateError> {
-    let oid = catalog::resolve(client, name)
-        .await?
-        .ok_or_else(|| MigrateError::BadInput(format!("table {name} does not exist (or is not on the search_path)")))?;
+    let oid = catalog::resolve(client, name).await?.ok_or_else(|| {
+        MigrateError::BadInput(format!(
+            "table {name} does not exist (or is not on the search_path)"
+        ))
+    })?;
     let t = catalog::load(client, oid).await?;
     let q = t.qualified();
     match t.relkind {
@@ -89,11 +92,15 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, MigrateErr
                 'i' | 'I' => "an index",
                 _ => "not a table",
             };
-            return Err(MigrateError::BadInput(format!("{q} is {kind}, not a table")));
+            return Err(MigrateError::BadInput(format!(
+                "{q} is {kind}, not a table"
+            )));
         }
     }
     if t.is_partition {
-        return Err(MigrateError::Preflight(format!("{q} is a partition; migrating a single partition is not supported yet")));
+        return Err(MigrateError::Preflight(format!(
+            "{q} is a partition; migrating a single partition is not supported yet"
+        )));
     }
     match t.persistence {
         'u' => {
@@ -105,7 +112,11 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, MigrateErr
         _ => {}
     }
     if t.key.is_none() {
-        return Err(MigrateError::Preflight(t.key_problem.clone().unwrap_or_else(|| format!("{q} has no usable key"))));
+        return Err(MigrateError::Preflight(
+            t.key_problem
+                .clone()
+                .unwrap_or_else(|| format!("{q} has no usable key")),
+        ));
     }
     let deps = t.dependents.describe();
     if !deps.is_empty() {
@@ -115,7 +126,10 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, MigrateErr
         )));
     }
     let owner_ok = client
-        .query_one("SELECT pg_has_role(current_user, $1::text, 'USAGE')", &[&t.owner])
+        .query_one(
+            "SELECT pg_has_role(current_user, $1::text, 'USAGE')",
+            &[&t.owner],
+        )
         .await
         .ctx("checking table ownership")?
         .get::<_, bool>(0);
@@ -143,7 +157,10 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, MigrateErr
 pub async fn lock_table(client: &Client, t: &Table) -> Result<(), MigrateError> {
     // classid 0x5a5a5a5a marks our locks; objid is the table oid
     let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock(1515870810, $1::oid::int)", &[&t.oid])
+        .query_one(
+            "SELECT pg_try_advisory_lock(1515870810, $1::oid::int)",
+            &[&t.oid],
+        )
         .await
         .ctx("taking the per-table advisory lock")?
         .get(0);
@@ -160,7 +177,17 @@ pub async fn lock_table(client: &Client, t: &Table) -> Result<(), MigrateError> 
         .await
         .ctx("finding the other run")?;
     let who = holder
-        .map(|r| format!(" (backend pid {}, application '{}', from {})", r.get::<_, i32>(0), r.get::<_, String>(1), r.get::<_, String>(2)))
+        .map(|r| {
+            format!(
+                " (backend pid {}, application '{}', from {})",
+                r.get::<_, i32>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2)
+            )
+        })
         .unwrap_or_default();
-    Err(MigrateError::Preflight(format!("another shadow-alter run is already working on {}{who}", t.qualified())))
+    Err(MigrateError::Preflight(format!(
+        "another shadow-alter run is already working on {}{who}",
+        t.qualified()
+    )))
 }

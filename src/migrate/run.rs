@@ -28,10 +28,10 @@ const CAUGHT_UP: Duration = Duration::from_millis(500);
 const SLOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub async fn connect(config: &tokio_postgres::Config, what: &str) -> Result<Client, MigrateError> {
-    let (client, conn) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| MigrateError::Db { context: format!("connecting to {} for {what}", conninfo::describe(config)), source: e })?;
+    let (client, conn) = config.connect(NoTls).await.map_err(|e| MigrateError::Db {
+        context: format!("connecting to {} for {what}", conninfo::describe(config)),
+        source: e,
+    })?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!("connection ended: {e}");
@@ -50,19 +50,28 @@ struct Created {
 
 pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
     if args.chunk_size == 0 {
-        return Err(MigrateError::BadInput("--chunk-size must be at least 1".into()));
+        return Err(MigrateError::BadInput(
+            "--chunk-size must be at least 1".into(),
+        ));
     }
     if args.swap_attempts == 0 {
-        return Err(MigrateError::BadInput("--swap-attempts must be at least 1".into()));
+        return Err(MigrateError::BadInput(
+            "--swap-attempts must be at least 1".into(),
+        ));
     }
-    let config = conninfo::resolve(args.conn.database_url.as_deref()).map_err(|e| MigrateError::BadInput(e.to_string()))?;
+    let config = conninfo::resolve(args.conn.database_url.as_deref())
+        .map_err(|e| MigrateError::BadInput(e.to_string()))?;
     let started = Instant::now();
     let control = connect(&config, "the control session").await?;
-    control.batch_execute("SET synchronous_commit = local; SET application_name = 'shadow-alter'").await.ctx("setting up the control session")?;
+    control
+        .batch_execute("SET synchronous_commit = local; SET application_name = 'shadow-alter'")
+        .await
+        .ctx("setting up the control session")?;
 
     preflight::check_server(&control).await?;
     let table = preflight::load_table(&control, &args.table).await?;
-    let spec = parse_alter(&args.alter, &table.schema, &table.name).map_err(|e| MigrateError::BadInput(e.to_string()))?;
+    let spec = parse_alter(&args.alter, &table.schema, &table.name)
+        .map_err(|e| MigrateError::BadInput(e.to_string()))?;
     preflight::lock_table(&control, &table).await?;
     let names = Names::for_table(&table);
     for what in shadow::clear_leftovers(&control, &names, &table).await? {
@@ -84,7 +93,14 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
     });
 
     let mut created = Created::default();
-    let mut ctx = Ctx2 { args: &args, config: &config, control: &control, table: &table, names: &names, started };
+    let mut ctx = Ctx2 {
+        args: &args,
+        config: &config,
+        control: &control,
+        table: &table,
+        names: &names,
+        started,
+    };
     let result = ctx.migrate(&spec, &mut created, abort).await;
     if result.is_err() && !created.swapped {
         cleanup(&config, &names, &created).await;
@@ -124,14 +140,22 @@ impl Ctx2<'_> {
 
         // 2. publication for the source, before the slot so the slot sees it from the start
         created.publication = true;
-        retry_lock(self.control, &format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
-            quote_ident(&names.publication),
-            table.qualified()
-        ), args.lock_timeout, "creating the publication").await?;
+        retry_lock(
+            self.control,
+            &format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(&names.publication),
+                table.qualified()
+            ),
+            args.lock_timeout,
+            "creating the publication",
+        )
+        .await?;
 
         // 3. temporary slot + exported snapshot
-        let mut repl = ReplicationConn::connect(self.config).await.ctx("opening the replication connection")?;
+        let mut repl = ReplicationConn::connect(self.config)
+            .await
+            .ctx("opening the replication connection")?;
         let slot = tokio::select! {
             r = tokio::time::timeout(SLOT_TIMEOUT, repl.create_temporary_slot(&names.slot)) => match r {
                 Ok(r) => r.ctx("creating the replication slot")?,
@@ -141,14 +165,31 @@ impl Ctx2<'_> {
             },
             _ = abort.changed() => return Err(MigrateError::Aborted),
         };
-        tracing::info!("replication slot {} created at {}", slot.name, slot.consistent_point);
+        tracing::info!(
+            "replication slot {} created at {}",
+            slot.name,
+            slot.consistent_point
+        );
 
         // 4. copy under the snapshot
         let copied = Arc::new(AtomicU64::new(0));
-        let opts = CopyOptions { chunk_size: args.chunk_size, chunk_pause: args.chunk_pause, workers: 2 };
+        let opts = CopyOptions {
+            chunk_size: args.chunk_size,
+            chunk_pause: args.chunk_pause,
+            workers: 2,
+            lock_timeout: args.lock_timeout,
+        };
         progress.start_phase("copy", Some(table.row_estimate.max(0) as u64));
         let copy_started = Instant::now();
-        let copy = copy_table(self.config, table, &mapping, names, &slot.snapshot, &opts, copied.clone());
+        let copy = copy_table(
+            self.config,
+            table,
+            &mapping,
+            names,
+            &slot.snapshot,
+            &opts,
+            copied.clone(),
+        );
         tokio::pin!(copy);
         let mut tick = tokio::time::interval(progress.interval());
         let rows = loop {
@@ -161,14 +202,28 @@ impl Ctx2<'_> {
         progress.update(rows, Some(rows), "");
         progress.finish_phase();
         let copy_secs = copy_started.elapsed().as_secs_f64();
-        tracing::info!("copied {rows} rows in {copy_secs:.1}s ({:.0} rows/s)", rows as f64 / copy_secs.max(0.001));
+        tracing::info!(
+            "copied {rows} rows in {copy_secs:.1}s ({:.0} rows/s)",
+            rows as f64 / copy_secs.max(0.001)
+        );
 
         // 5. follow the stream from the consistent point
-        repl.start(&slot.name, slot.consistent_point, &names.publication).await.ctx("starting replication")?;
+        repl.start(&slot.name, slot.consistent_point, &names.publication)
+            .await
+            .ctx("starting replication")?;
         let apply_client = connect(self.config, "applying changes").await?;
-        apply_client.batch_execute("SET synchronous_commit = local").await.ctx("setting up the apply session")?;
+        apply_client
+            .batch_execute("SET synchronous_commit = local")
+            .await
+            .ctx("setting up the apply session")?;
         let applier = Applier::new(apply_client, table, &mapping, names);
-        let mut follower = Follower::start(repl, applier, table.clone(), names.clone(), slot.consistent_point);
+        let mut follower = Follower::start(
+            repl,
+            applier,
+            table.clone(),
+            names.clone(),
+            slot.consistent_point,
+        );
         let mut markers = Markers::new(names);
 
         // 6. catch up
@@ -179,7 +234,11 @@ impl Ctx2<'_> {
             }
             let lag = self.lag(&follower).await?;
             let applied = follower.stats.changes_applied.load(Ordering::Relaxed);
-            progress.update(applied, None, &format!("changes applied, lag {}", fmt_bytes(lag)));
+            progress.update(
+                applied,
+                None,
+                &format!("changes applied, lag {}", fmt_bytes(lag)),
+            );
             let rt = tokio::select! {
                 r = markers.round_trip(self.control, &mut follower, Duration::from_secs(30)) => r?,
                 _ = abort.changed() => return Err(MigrateError::Aborted),
@@ -191,7 +250,10 @@ impl Ctx2<'_> {
             }
         }
         progress.finish_phase();
-        tracing::info!("caught up: {} changes applied", follower.stats.changes_applied.load(Ordering::Relaxed));
+        tracing::info!(
+            "caught up: {} changes applied",
+            follower.stats.changes_applied.load(Ordering::Relaxed)
+        );
 
         // 7. swap
         if *abort.borrow() {
@@ -203,7 +265,17 @@ impl Ctx2<'_> {
             attempts: args.swap_attempts,
             drain_timeout: Duration::from_secs(5).max(args.lock_timeout),
         };
-        let outcome = swap(self.control, &mut swapper, &mut follower, &mut markers, table, &mapping, names, &swap_opts).await?;
+        let outcome = swap(
+            self.control,
+            &mut swapper,
+            &mut follower,
+            &mut markers,
+            table,
+            &mapping,
+            names,
+            &swap_opts,
+        )
+        .await?;
         created.swapped = true;
         let changes = follower.stats.changes_applied.load(Ordering::Relaxed);
         progress.println(&format!(
@@ -219,12 +291,30 @@ impl Ctx2<'_> {
         if let Err(e) = follower.stop().await {
             tracing::warn!("stopping the change stream after the swap: {e}");
         }
-        if let Err(e) = self.control.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&names.publication))).await {
-            tracing::warn!("dropping publication {}: {}; drop it by hand", names.publication, describe_db_error(&e));
+        if let Err(e) = self
+            .control
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {}",
+                quote_ident(&names.publication)
+            ))
+            .await
+        {
+            tracing::warn!(
+                "dropping publication {}: {}; drop it by hand",
+                names.publication,
+                describe_db_error(&e)
+            );
         }
         if args.drop_old {
             let old = crate::sql::qualified(&table.schema, &outcome.old_name);
-            match retry_lock(self.control, &format!("DROP TABLE {old}"), args.lock_timeout, "dropping the old table").await {
+            match retry_lock(
+                self.control,
+                &format!("DROP TABLE {old}"),
+                args.lock_timeout,
+                "dropping the old table",
+            )
+            .await
+            {
                 Ok(()) => tracing::info!("dropped the old table {old}"),
                 Err(e) => tracing::warn!("the old table {old} could not be dropped: {e}"),
             }
@@ -252,11 +342,19 @@ impl Ctx2<'_> {
 }
 
 /// Run a statement that needs a lock on a live table: short lock_timeout, retried with backoff.
-async fn retry_lock(client: &Client, sql: &str, lock_timeout: Duration, what: &str) -> Result<(), MigrateError> {
+async fn retry_lock(
+    client: &Client,
+    sql: &str,
+    lock_timeout: Duration,
+    what: &str,
+) -> Result<(), MigrateError> {
     let mut last = None;
     for attempt in 0..5u32 {
         let r = client
-            .batch_execute(&format!("SET lock_timeout = '{}ms'; {sql}; RESET lock_timeout", lock_timeout.as_millis()))
+            .batch_execute(&format!(
+                "SET lock_timeout = '{}ms'; {sql}; RESET lock_timeout",
+                lock_timeout.as_millis()
+            ))
             .await;
         match r {
             Ok(()) => return Ok(()),
@@ -268,7 +366,10 @@ async fn retry_lock(client: &Client, sql: &str, lock_timeout: Duration, what: &s
             }
             Err(e) => {
                 let _ = client.batch_execute("RESET lock_timeout").await;
-                return Err(MigrateError::Db { context: what.into(), source: e });
+                return Err(MigrateError::Db {
+                    context: what.into(),
+                    source: e,
+                });
             }
         }
     }
@@ -290,12 +391,26 @@ async fn cleanup(config: &tokio_postgres::Config, names: &Names, created: &Creat
     if created.shadow {
         match shadow::drop_shadow(&client, names).await {
             Ok(()) => tracing::info!("removed the shadow table {}", names.shadow_qualified()),
-            Err(e) => tracing::error!("could not drop {}: {}; the next run removes it", names.shadow_qualified(), describe_db_error(&e)),
+            Err(e) => tracing::error!(
+                "could not drop {}: {}; the next run removes it",
+                names.shadow_qualified(),
+                describe_db_error(&e)
+            ),
         }
     }
     if created.publication {
-        if let Err(e) = client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&names.publication))).await {
-            tracing::error!("could not drop publication {}: {}", names.publication, describe_db_error(&e));
+        if let Err(e) = client
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {}",
+                quote_ident(&names.publication)
+            ))
+            .await
+        {
+            tracing::error!(
+                "could not drop publication {}: {}",
+                names.publication,
+                describe_db_error(&e)
+            );
         }
     }
 }
@@ -303,13 +418,14 @@ async fn cleanup(config: &tokio_postgres::Config, names: &Names, created: &Creat
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -93,14 +93,25 @@ pub struct Mapping {
 
 impl Mapping {
     pub fn column_list(&self) -> String {
-        self.targets.iter().map(|t| quote_ident(&t.column)).collect::<Vec<_>>().join(", ")
+        self.targets
+            .iter()
+            .map(|t| quote_ident(&t.column))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
     pub fn expr_list(&self) -> String {
-        self.targets.iter().map(|t| format!("({})", t.expr)).collect::<Vec<_>>().join(", ")
+        self.targets
+            .iter()
+            .map(|t| format!("({})", t.expr))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
     /// The shadow column that a source column became, if it was kept.
     pub fn shadow_column_of(&self, source: &str) -> Option<&str> {
-        self.targets.iter().find(|t| t.source == source).map(|t| t.column.as_str())
+        self.targets
+            .iter()
+            .find(|t| t.source == source)
+            .map(|t| t.column.as_str())
     }
     pub fn overriding_clause(&self) -> &'static str {
         if self.overriding {
@@ -113,7 +124,11 @@ impl Mapping {
 
 /// Find leftovers of a crashed run and remove them; refuse on a name collision with a table that
 /// is not ours. The caller holds the per-table advisory lock, so no live run owns them.
-pub async fn clear_leftovers(client: &Client, names: &Names, table: &Table) -> Result<Vec<String>, MigrateError> {
+pub async fn clear_leftovers(
+    client: &Client,
+    names: &Names,
+    table: &Table,
+) -> Result<Vec<String>, MigrateError> {
     let mut removed = Vec::new();
     let row = client
         .query_opt(
@@ -127,7 +142,10 @@ pub async fn clear_leftovers(client: &Client, names: &Names, table: &Table) -> R
         let comment: Option<String> = row.get(0);
         if comment.as_deref() == Some(names.marker_comment.as_str()) {
             client
-                .batch_execute(&format!("SET lock_timeout = '5s'; DROP TABLE {}; RESET lock_timeout", names.shadow_qualified()))
+                .batch_execute(&format!(
+                    "SET lock_timeout = '5s'; DROP TABLE {}; RESET lock_timeout",
+                    names.shadow_qualified()
+                ))
                 .await
                 .ctx("dropping the shadow table a crashed run left behind")?;
             removed.push(format!("table {}", names.shadow_qualified()));
@@ -140,12 +158,18 @@ pub async fn clear_leftovers(client: &Client, names: &Names, table: &Table) -> R
         }
     }
     let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&names.publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&names.publication],
+        )
         .await
         .ctx("looking for a leftover publication")?;
     if exists.is_some() {
         client
-            .batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&names.publication)))
+            .batch_execute(&format!(
+                "DROP PUBLICATION {}",
+                quote_ident(&names.publication)
+            ))
             .await
             .ctx("dropping the publication a crashed run left behind")?;
         removed.push(format!("publication {}", names.publication));
@@ -163,7 +187,10 @@ pub async fn create(
     lock_timeout: Duration,
 ) -> Result<Mapping, MigrateError> {
     let shadow = names.shadow_qualified();
-    let tx = client.transaction().await.ctx("starting the shadow table transaction")?;
+    let tx = client
+        .transaction()
+        .await
+        .ctx("starting the shadow table transaction")?;
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = '{}ms'; CREATE TABLE {shadow} (LIKE {} INCLUDING ALL); COMMENT ON TABLE {shadow} IS {}",
         lock_timeout.as_millis(),
@@ -173,9 +200,12 @@ pub async fn create(
     .await
     .map_err(|e| MigrateError::Preflight(format!("cannot create the shadow table {shadow}: {}", describe_db_error(&e))))?;
     if !table.reloptions.is_empty() {
-        tx.batch_execute(&format!("ALTER TABLE {shadow} SET ({})", table.reloptions.join(", ")))
-            .await
-            .ctx("copying storage parameters to the shadow table")?;
+        tx.batch_execute(&format!(
+            "ALTER TABLE {shadow} SET ({})",
+            table.reloptions.join(", ")
+        ))
+        .await
+        .ctx("copying storage parameters to the shadow table")?;
     }
     // attnum -> source column name, before the ALTER (LIKE copies live columns by name)
     let before: HashMap<i16, String> = tx
@@ -218,9 +248,9 @@ pub async fn create(
             added.push(name);
             continue;
         };
-        let src_col = table
-            .column(src)
-            .ok_or_else(|| MigrateError::Internal(format!("shadow column {src} has no source column")))?;
+        let src_col = table.column(src).ok_or_else(|| {
+            MigrateError::Internal(format!("shadow column {src} has no source column"))
+        })?;
         if generated {
             continue; // recomputed by the shadow itself
         }
@@ -237,10 +267,19 @@ pub async fn create(
             overriding = true;
         }
         shadow_of_source.insert(src.clone(), (name.clone(), targets.len()));
-        targets.push(Target { column: name, source: src.clone(), expr, reads, plain });
+        targets.push(Target {
+            column: name,
+            source: src.clone(),
+            expr,
+            reads,
+            plain,
+        });
     }
 
-    let key = table.key.as_ref().ok_or_else(|| MigrateError::Internal("no key".into()))?;
+    let key = table
+        .key
+        .as_ref()
+        .ok_or_else(|| MigrateError::Internal("no key".into()))?;
     let mut shadow_key = Vec::new();
     let mut key_targets = Vec::new();
     for k in &key.columns {
@@ -284,7 +323,9 @@ pub async fn create(
     let mut identity_sync = Vec::new();
     for seq in table.sequences.iter().filter(|s| s.identity) {
         if let Some((col, _)) = shadow_of_source.get(&seq.column) {
-            let has_identity = after.iter().any(|r| r.get::<_, String>(1) == *col && !r.get::<_, String>(3).is_empty());
+            let has_identity = after
+                .iter()
+                .any(|r| r.get::<_, String>(1) == *col && !r.get::<_, String>(3).is_empty());
             if has_identity {
                 identity_sync.push((seq.sequence.clone(), col.clone()));
             }
@@ -307,6 +348,9 @@ pub async fn create(
 /// Drop the shadow table (failure paths). Errors are returned for logging, not raised.
 pub async fn drop_shadow(client: &Client, names: &Names) -> Result<(), tokio_postgres::Error> {
     client
-        .batch_execute(&format!("SET lock_timeout = '5s'; DROP TABLE IF EXISTS {}; RESET lock_timeout", names.shadow_qualified()))
+        .batch_execute(&format!(
+            "SET lock_timeout = '5s'; DROP TABLE IF EXISTS {}; RESET lock_timeout",
+            names.shadow_qualified()
+        ))
         .await
 }

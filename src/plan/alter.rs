@@ -15,7 +15,9 @@ use crate::sql::quote_ident;
 pub enum PlanError {
     #[error("the ALTER does not parse: {0}")]
     Syntax(String),
-    #[error("--alter must be exactly one ALTER TABLE statement or its subcommands; got {0} statements")]
+    #[error(
+        "--alter must be exactly one ALTER TABLE statement or its subcommands; got {0} statements"
+    )]
     StatementCount(usize),
     #[error("--alter must be an ALTER TABLE (or its subcommands); got {0}")]
     NotAlterTable(String),
@@ -63,15 +65,27 @@ pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, P
     let stmt = if full {
         trimmed.to_string()
     } else {
-        format!("ALTER TABLE {}.{} {}", quote_ident(schema), quote_ident(name), trimmed)
+        format!(
+            "ALTER TABLE {}.{} {}",
+            quote_ident(schema),
+            quote_ident(name),
+            trimmed
+        )
     };
-    let parsed = pg_query::parse(&stmt, pg_query::ParserOptions::DEFAULT).map_err(|e| PlanError::Syntax(strip_pg_query(e)))?;
+    let parsed = pg_query::parse(&stmt, pg_query::ParserOptions::DEFAULT)
+        .map_err(|e| PlanError::Syntax(strip_pg_query(e)))?;
     let stmts = &parsed.protobuf.stmts;
     if stmts.len() != 1 {
         return Err(PlanError::StatementCount(stmts.len()));
     }
-    let node = stmts[0].stmt.as_ref().and_then(|s| s.node.as_ref()).ok_or_else(|| PlanError::Syntax("empty statement".into()))?;
-    let tokens = pg_query::scan(&stmt).map_err(|e| PlanError::Syntax(strip_pg_query(e)))?.tokens;
+    let node = stmts[0]
+        .stmt
+        .as_ref()
+        .and_then(|s| s.node.as_ref())
+        .ok_or_else(|| PlanError::Syntax("empty statement".into()))?;
+    let tokens = pg_query::scan(&stmt)
+        .map_err(|e| PlanError::Syntax(strip_pg_query(e)))?
+        .tokens;
 
     let (relation, cmds, is_rename) = match node {
         NodeEnum::AlterTableStmt(a) => {
@@ -86,24 +100,36 @@ pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, P
                     "renaming the table (RENAME TO is instant and needs no migration: run it directly)".into(),
                 ));
             }
-            if r.rename_type != ObjectType::ObjectColumn as i32 && r.rename_type != ObjectType::ObjectTabconstraint as i32 {
+            if r.rename_type != ObjectType::ObjectColumn as i32
+                && r.rename_type != ObjectType::ObjectTabconstraint as i32
+            {
                 return Err(PlanError::NotAlterTable(object_type_name(r.rename_type)));
             }
             (r.relation.clone(), None, true)
         }
         other => {
             let kind = format!("{other:?}");
-            return Err(PlanError::NotAlterTable(kind.split('(').next().unwrap_or("another statement").to_string()));
+            return Err(PlanError::NotAlterTable(
+                kind.split('(')
+                    .next()
+                    .unwrap_or("another statement")
+                    .to_string(),
+            ));
         }
     };
     let relation = relation.ok_or_else(|| PlanError::Syntax("no table named".into()))?;
-    if relation.relname != name || !(relation.schemaname.is_empty() || relation.schemaname == schema) {
+    if relation.relname != name
+        || !(relation.schemaname.is_empty() || relation.schemaname == schema)
+    {
         let named = if relation.schemaname.is_empty() {
             relation.relname.clone()
         } else {
             format!("{}.{}", relation.schemaname, relation.relname)
         };
-        return Err(PlanError::OtherTable { named, table: format!("{schema}.{name}") });
+        return Err(PlanError::OtherTable {
+            named,
+            table: format!("{schema}.{name}"),
+        });
     }
 
     // The body starts after the (possibly qualified) table name.
@@ -111,7 +137,12 @@ pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, P
         .ok_or_else(|| PlanError::Syntax("cannot find the table name in the statement".into()))?;
     let body = stmt[name_end..].trim().to_string();
 
-    let mut spec = AlterSpec { body, subcommands: Vec::new(), using: HashMap::new(), is_rename };
+    let mut spec = AlterSpec {
+        body,
+        subcommands: Vec::new(),
+        using: HashMap::new(),
+        is_rename,
+    };
     let Some(cmds) = cmds else {
         spec.subcommands.push("RENAME".into());
         return Ok(spec);
@@ -130,15 +161,24 @@ pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, P
         };
         let subtype = AlterTableType::try_from(cmd.subtype).unwrap_or(AlterTableType::Undefined);
         check_supported(subtype, &cmd.name)?;
-        spec.subcommands.push(format!("{} {}", subtype.as_str_name(), cmd.name).trim().to_string());
+        spec.subcommands.push(
+            format!("{} {}", subtype.as_str_name(), cmd.name)
+                .trim()
+                .to_string(),
+        );
         if subtype == AlterTableType::AtAlterColumnType {
             let has_using = matches!(cmd.def.as_ref().and_then(|d| d.node.as_ref()),
                 Some(NodeEnum::ColumnDef(cd)) if cd.raw_default.is_some());
             if has_using {
-                let sql = using_text(&stmt, &tokens, seg.clone())
-                    .ok_or_else(|| PlanError::Syntax(format!("cannot find the USING expression of column {}", cmd.name)))?;
+                let sql = using_text(&stmt, &tokens, seg.clone()).ok_or_else(|| {
+                    PlanError::Syntax(format!(
+                        "cannot find the USING expression of column {}",
+                        cmd.name
+                    ))
+                })?;
                 let columns = expression_columns(&sql)?;
-                spec.using.insert(cmd.name.clone(), UsingExpr { sql, columns });
+                spec.using
+                    .insert(cmd.name.clone(), UsingExpr { sql, columns });
             }
         }
     }
@@ -148,11 +188,15 @@ pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, P
 fn check_supported(t: AlterTableType, name: &str) -> Result<(), PlanError> {
     use AlterTableType as A;
     let why = match t {
-        A::AtAttachPartition | A::AtDetachPartition | A::AtDetachPartitionFinalize => "ATTACH/DETACH PARTITION",
+        A::AtAttachPartition | A::AtDetachPartition | A::AtDetachPartitionFinalize => {
+            "ATTACH/DETACH PARTITION"
+        }
         A::AtAddInherit | A::AtDropInherit => "INHERIT / NO INHERIT",
         A::AtAddOf | A::AtDropOf => "OF type / NOT OF",
         A::AtSetUnLogged => "SET UNLOGGED (logical replication cannot follow an unlogged table)",
-        A::AtDropExpression => "DROP EXPRESSION (generated columns are not in the change stream before PostgreSQL 18)",
+        A::AtDropExpression => {
+            "DROP EXPRESSION (generated columns are not in the change stream before PostgreSQL 18)"
+        }
         A::AtChangeOwner => "OWNER TO (it is instant: run it directly)",
         A::AtEnableTrig
         | A::AtEnableAlwaysTrig
@@ -166,9 +210,10 @@ fn check_supported(t: AlterTableType, name: &str) -> Result<(), PlanError> {
         | A::AtEnableAlwaysRule
         | A::AtEnableReplicaRule
         | A::AtDisableRule => "ENABLE/DISABLE TRIGGER or RULE (it is instant: run it directly)",
-        A::AtEnableRowSecurity | A::AtDisableRowSecurity | A::AtForceRowSecurity | A::AtNoForceRowSecurity => {
-            "ROW LEVEL SECURITY settings (instant: run them directly)"
-        }
+        A::AtEnableRowSecurity
+        | A::AtDisableRowSecurity
+        | A::AtForceRowSecurity
+        | A::AtNoForceRowSecurity => "ROW LEVEL SECURITY settings (instant: run them directly)",
         A::AtReplicaIdentity => "REPLICA IDENTITY (instant: run it directly)",
         _ => return Ok(()),
     };
@@ -177,7 +222,9 @@ fn check_supported(t: AlterTableType, name: &str) -> Result<(), PlanError> {
 }
 
 fn object_type_name(t: i32) -> String {
-    ObjectType::try_from(t).map(|o| o.as_str_name().trim_start_matches("OBJECT_").to_string()).unwrap_or_else(|_| "another object".into())
+    ObjectType::try_from(t)
+        .map(|o| o.as_str_name().trim_start_matches("OBJECT_").to_string())
+        .unwrap_or_else(|_| "another object".into())
 }
 
 fn strip_pg_query(e: pg_query::Error) -> String {
@@ -189,7 +236,9 @@ fn strip_pg_query(e: pg_query::Error) -> String {
 
 fn starts_with_words(s: &str, words: &[&str]) -> bool {
     let mut it = s.split_whitespace();
-    words.iter().all(|w| it.next().is_some_and(|x| x.eq_ignore_ascii_case(w)))
+    words
+        .iter()
+        .all(|w| it.next().is_some_and(|x| x.eq_ignore_ascii_case(w)))
 }
 
 fn token_is(t: &pg_query::protobuf::ScanToken, tok: Token) -> bool {
@@ -208,11 +257,18 @@ fn end_of_qualified_name(tokens: &[pg_query::protobuf::ScanToken], loc: i32) -> 
 }
 
 /// Split the text after `from` at top-level commas into token index ranges.
-fn split_top_level(stmt: &str, tokens: &[pg_query::protobuf::ScanToken], from: usize) -> Vec<std::ops::Range<usize>> {
+fn split_top_level(
+    stmt: &str,
+    tokens: &[pg_query::protobuf::ScanToken],
+    from: usize,
+) -> Vec<std::ops::Range<usize>> {
     let _ = stmt;
     let mut out = Vec::new();
     let mut depth = 0i32;
-    let first = tokens.iter().position(|t| t.start as usize >= from).unwrap_or(tokens.len());
+    let first = tokens
+        .iter()
+        .position(|t| t.start as usize >= from)
+        .unwrap_or(tokens.len());
     let mut start = first;
     for (i, t) in tokens.iter().enumerate().skip(first) {
         match t.token {
@@ -233,12 +289,20 @@ fn split_top_level(stmt: &str, tokens: &[pg_query::protobuf::ScanToken], from: u
 }
 
 /// The text of the USING expression inside one subcommand's tokens.
-fn using_text(stmt: &str, tokens: &[pg_query::protobuf::ScanToken], seg: std::ops::Range<usize>) -> Option<String> {
+fn using_text(
+    stmt: &str,
+    tokens: &[pg_query::protobuf::ScanToken],
+    seg: std::ops::Range<usize>,
+) -> Option<String> {
     let toks = &tokens[seg];
     let u = toks.iter().position(|t| token_is(t, Token::Using))?;
     let first = toks.get(u + 1)?;
     let last = toks.iter().rev().find(|t| !token_is(t, Token::Ascii59))?;
-    Some(stmt[first.start as usize..last.end as usize].trim().to_string())
+    Some(
+        stmt[first.start as usize..last.end as usize]
+            .trim()
+            .to_string(),
+    )
 }
 
 /// The column names an expression reads (parsed, not guessed).
@@ -272,7 +336,9 @@ mod tests {
         let u = &s.using["code"];
         assert_eq!(u.sql, "code::integer");
         assert_eq!(u.columns.iter().collect::<Vec<_>>(), vec!["code"]);
-        assert!(s.statement_for("x.y").starts_with("ALTER TABLE x.y ALTER COLUMN qty TYPE bigint,"));
+        assert!(s
+            .statement_for("x.y")
+            .starts_with("ALTER TABLE x.y ALTER COLUMN qty TYPE bigint,"));
     }
 
     #[test]
@@ -284,21 +350,43 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.using["c"].sql, "coalesce(a, b::text, 'x,y')");
-        assert_eq!(s.using["c"].columns.iter().cloned().collect::<Vec<_>>(), vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(
+            s.using["c"].columns.iter().cloned().collect::<Vec<_>>(),
+            vec!["a".to_string(), "b".to_string()]
+        );
         assert_eq!(s.statement_for("s.t"), "ALTER TABLE s.t alter column c type text using coalesce(a, b::text, 'x,y'), add column z int");
     }
 
     #[test]
     fn rejects_bad_input() {
-        assert!(matches!(parse_alter("ALTER COLUMN", "public", "t"), Err(PlanError::Syntax(_))));
-        assert!(matches!(parse_alter("ALTER TABLE other ADD COLUMN x int", "public", "t"), Err(PlanError::OtherTable { .. })));
         assert!(matches!(
-            parse_alter("ALTER TABLE t ADD COLUMN x int; DROP TABLE t", "public", "t"),
+            parse_alter("ALTER COLUMN", "public", "t"),
+            Err(PlanError::Syntax(_))
+        ));
+        assert!(matches!(
+            parse_alter("ALTER TABLE other ADD COLUMN x int", "public", "t"),
+            Err(PlanError::OtherTable { .. })
+        ));
+        assert!(matches!(
+            parse_alter(
+                "ALTER TABLE t ADD COLUMN x int; DROP TABLE t",
+                "public",
+                "t"
+            ),
             Err(PlanError::StatementCount(2))
         ));
-        assert!(matches!(parse_alter("SET UNLOGGED", "public", "t"), Err(PlanError::Unsupported(_))));
-        assert!(matches!(parse_alter("ALTER TABLE t RENAME TO u", "public", "t"), Err(PlanError::Unsupported(_))));
-        assert!(matches!(parse_alter("", "public", "t"), Err(PlanError::Syntax(_))));
+        assert!(matches!(
+            parse_alter("SET UNLOGGED", "public", "t"),
+            Err(PlanError::Unsupported(_))
+        ));
+        assert!(matches!(
+            parse_alter("ALTER TABLE t RENAME TO u", "public", "t"),
+            Err(PlanError::Unsupported(_))
+        ));
+        assert!(matches!(
+            parse_alter("", "public", "t"),
+            Err(PlanError::Syntax(_))
+        ));
     }
 
     #[test]

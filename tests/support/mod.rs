@@ -38,16 +38,34 @@ fn script() -> PathBuf {
 /// The server for this test binary, started on first use.
 pub fn server() -> &'static Server {
     SERVER.get_or_init(|| {
+        let s = start_server(&[]);
+        let _ = DATA_DIR.set(s.data_dir.clone());
+        unsafe {
+            libc::atexit(stop_server);
+        }
+        s
+    })
+}
+
+/// Start another throwaway server with extra settings (for example wal_level=replica). It stops
+/// when the test process exits (the script's watchdog).
+pub fn start_server(settings: &[(&str, &str)]) -> Server {
+    {
         let dir = std::env::temp_dir().join(format!(
             "shadow-alter-test-{}-{}",
             std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
         ));
+        let extra: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let out = Command::new(script())
             .arg("start")
             .arg(&dir)
             .arg("--watch")
             .arg(std::process::id().to_string())
+            .env("PG_THROWAWAY_SETTINGS", extra.join("\n"))
             .output()
             .expect("run scripts/pg-throwaway");
         assert!(
@@ -55,10 +73,6 @@ pub fn server() -> &'static Server {
             "scripts/pg-throwaway failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let _ = DATA_DIR.set(dir.clone());
-        unsafe {
-            libc::atexit(stop_server);
-        }
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let get = |k: &str| {
             text.lines()
@@ -66,9 +80,19 @@ pub fn server() -> &'static Server {
                 .unwrap_or_else(|| panic!("pg-throwaway printed no {k}: {text}"))
         };
         let url = get("DATABASE_URL");
-        let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).and_then(|p| p.parse().ok()).expect("port");
-        Server { url, data_dir: dir, bin_dir: PathBuf::from(get("PG_BIN")), port }
-    })
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        Server {
+            url,
+            data_dir: dir,
+            bin_dir: PathBuf::from(get("PG_BIN")),
+            port,
+        }
+    }
 }
 
 static DB_SEQ: AtomicU32 = AtomicU32::new(0);
@@ -78,17 +102,24 @@ pub async fn fresh_db(hint: &str) -> String {
     let s = server();
     let name = format!(
         "t_{}_{}",
-        hint.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>(),
+        hint.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<String>(),
         DB_SEQ.fetch_add(1, Ordering::SeqCst)
     );
     let c = connect(&s.url).await;
-    c.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
-    s.url.replace("/postgres", &format!("/{name}"))
+    c.batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let base = s.url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&s.url);
+    format!("{base}/{name}")
 }
 
 /// A plain tokio-postgres client whose connection task runs in the background.
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -103,7 +134,10 @@ where
 {
     let start = Instant::now();
     while !f().await {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

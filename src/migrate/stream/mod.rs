@@ -19,7 +19,9 @@ impl Lsn {
     /// Parse PostgreSQL's `XXX/YYY` text form.
     pub fn parse(s: &str) -> Option<Lsn> {
         let (hi, lo) = s.split_once('/')?;
-        Some(Lsn((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?))
+        Some(Lsn(
+            (u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?
+        ))
     }
 }
 

@@ -29,17 +29,56 @@ pub struct RelationColumn {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogicalMessage {
-    Begin { final_lsn: Lsn, commit_time: i64, xid: u32 },
-    Commit { commit_lsn: Lsn, end_lsn: Lsn, commit_time: i64 },
-    Origin { name: String },
-    Relation { id: u32, namespace: String, name: String, replica_identity: u8, columns: Vec<RelationColumn> },
-    Type { id: u32, namespace: String, name: String },
-    Insert { relation: u32, new: Vec<TupleValue> },
+    Begin {
+        final_lsn: Lsn,
+        commit_time: i64,
+        xid: u32,
+    },
+    Commit {
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time: i64,
+    },
+    Origin {
+        name: String,
+    },
+    Relation {
+        id: u32,
+        namespace: String,
+        name: String,
+        replica_identity: u8,
+        columns: Vec<RelationColumn>,
+    },
+    Type {
+        id: u32,
+        namespace: String,
+        name: String,
+    },
+    Insert {
+        relation: u32,
+        new: Vec<TupleValue>,
+    },
     /// `old` is present with REPLICA IDENTITY FULL ('O') or when the key changed ('K').
-    Update { relation: u32, old: Option<Vec<TupleValue>>, new: Vec<TupleValue> },
-    Delete { relation: u32, old: Vec<TupleValue> },
-    Truncate { relations: Vec<u32>, cascade: bool, restart_identity: bool },
-    Message { transactional: bool, lsn: Lsn, prefix: String, content: Bytes },
+    Update {
+        relation: u32,
+        old: Option<Vec<TupleValue>>,
+        new: Vec<TupleValue>,
+    },
+    Delete {
+        relation: u32,
+        old: Vec<TupleValue>,
+    },
+    Truncate {
+        relations: Vec<u32>,
+        cascade: bool,
+        restart_identity: bool,
+    },
+    Message {
+        transactional: bool,
+        lsn: Lsn,
+        prefix: String,
+        content: Bytes,
+    },
 }
 
 /// Decode one pgoutput message (the payload of an XLogData).
@@ -47,14 +86,24 @@ pub fn decode(data: &Bytes) -> Result<LogicalMessage, WireError> {
     let mut r = Reader::new(data, "pgoutput");
     let tag = r.u8()?;
     Ok(match tag {
-        b'B' => LogicalMessage::Begin { final_lsn: Lsn(r.u64()?), commit_time: r.i64()?, xid: r.u32()? },
+        b'B' => LogicalMessage::Begin {
+            final_lsn: Lsn(r.u64()?),
+            commit_time: r.i64()?,
+            xid: r.u32()?,
+        },
         b'C' => {
             let _flags = r.u8()?;
-            LogicalMessage::Commit { commit_lsn: Lsn(r.u64()?), end_lsn: Lsn(r.u64()?), commit_time: r.i64()? }
+            LogicalMessage::Commit {
+                commit_lsn: Lsn(r.u64()?),
+                end_lsn: Lsn(r.u64()?),
+                commit_time: r.i64()?,
+            }
         }
         b'O' => {
             let _lsn = r.u64()?;
-            LogicalMessage::Origin { name: r.cstr()?.to_string() }
+            LogicalMessage::Origin {
+                name: r.cstr()?.to_string(),
+            }
         }
         b'R' => {
             let id = r.u32()?;
@@ -72,13 +121,26 @@ pub fn decode(data: &Bytes) -> Result<LogicalMessage, WireError> {
                     type_modifier: r.i32()?,
                 });
             }
-            LogicalMessage::Relation { id, namespace, name, replica_identity, columns }
+            LogicalMessage::Relation {
+                id,
+                namespace,
+                name,
+                replica_identity,
+                columns,
+            }
         }
-        b'Y' => LogicalMessage::Type { id: r.u32()?, namespace: r.cstr()?.to_string(), name: r.cstr()?.to_string() },
+        b'Y' => LogicalMessage::Type {
+            id: r.u32()?,
+            namespace: r.cstr()?.to_string(),
+            name: r.cstr()?.to_string(),
+        },
         b'I' => {
             let relation = r.u32()?;
             expect(r.u8()?, b'N', "Insert")?;
-            LogicalMessage::Insert { relation, new: tuple(&mut r, data)? }
+            LogicalMessage::Insert {
+                relation,
+                new: tuple(&mut r, data)?,
+            }
         }
         b'U' => {
             let relation = r.u32()?;
@@ -89,15 +151,25 @@ pub fn decode(data: &Bytes) -> Result<LogicalMessage, WireError> {
                 kind = r.u8()?;
             }
             expect(kind, b'N', "Update")?;
-            LogicalMessage::Update { relation, old, new: tuple(&mut r, data)? }
+            LogicalMessage::Update {
+                relation,
+                old,
+                new: tuple(&mut r, data)?,
+            }
         }
         b'D' => {
             let relation = r.u32()?;
             let kind = r.u8()?;
             if kind != b'K' && kind != b'O' {
-                return Err(WireError::Protocol(format!("pgoutput Delete: expected 'K' or 'O', got {:?}", kind as char)));
+                return Err(WireError::Protocol(format!(
+                    "pgoutput Delete: expected 'K' or 'O', got {:?}",
+                    kind as char
+                )));
             }
-            LogicalMessage::Delete { relation, old: tuple(&mut r, data)? }
+            LogicalMessage::Delete {
+                relation,
+                old: tuple(&mut r, data)?,
+            }
         }
         b'T' => {
             let n = r.u32()?;
@@ -106,7 +178,11 @@ pub fn decode(data: &Bytes) -> Result<LogicalMessage, WireError> {
             for _ in 0..n {
                 relations.push(r.u32()?);
             }
-            LogicalMessage::Truncate { relations, cascade: options & 1 != 0, restart_identity: options & 2 != 0 }
+            LogicalMessage::Truncate {
+                relations,
+                cascade: options & 1 != 0,
+                restart_identity: options & 2 != 0,
+            }
         }
         b'M' => {
             let flags = r.u8()?;
@@ -115,15 +191,28 @@ pub fn decode(data: &Bytes) -> Result<LogicalMessage, WireError> {
             let len = r.u32()? as usize;
             let start = data.len() - r.remaining();
             r.bytes(len)?;
-            LogicalMessage::Message { transactional: flags & 1 != 0, lsn, prefix, content: data.slice(start..start + len) }
+            LogicalMessage::Message {
+                transactional: flags & 1 != 0,
+                lsn,
+                prefix,
+                content: data.slice(start..start + len),
+            }
         }
-        other => return Err(WireError::Protocol(format!("unknown pgoutput message {:?}", other as char))),
+        other => {
+            return Err(WireError::Protocol(format!(
+                "unknown pgoutput message {:?}",
+                other as char
+            )))
+        }
     })
 }
 
 fn expect(got: u8, want: u8, what: &str) -> Result<(), WireError> {
     if got != want {
-        return Err(WireError::Protocol(format!("pgoutput {what}: expected {:?}, got {:?}", want as char, got as char)));
+        return Err(WireError::Protocol(format!(
+            "pgoutput {what}: expected {:?}, got {:?}",
+            want as char, got as char
+        )));
     }
     Ok(())
 }
@@ -139,14 +228,25 @@ fn tuple(r: &mut Reader<'_>, whole: &Bytes) -> Result<Vec<TupleValue>, WireError
             b't' => {
                 let len = r.i32()?;
                 if len < 0 {
-                    return Err(WireError::Protocol(format!("pgoutput tuple: negative length {len}")));
+                    return Err(WireError::Protocol(format!(
+                        "pgoutput tuple: negative length {len}"
+                    )));
                 }
                 let start = whole.len() - r.remaining();
                 r.bytes(len as usize)?;
                 TupleValue::Text(whole.slice(start..start + len as usize))
             }
-            b'b' => return Err(WireError::Protocol("pgoutput tuple: binary values were not requested".into())),
-            other => return Err(WireError::Protocol(format!("pgoutput tuple: unknown kind {:?}", other as char))),
+            b'b' => {
+                return Err(WireError::Protocol(
+                    "pgoutput tuple: binary values were not requested".into(),
+                ))
+            }
+            other => {
+                return Err(WireError::Protocol(format!(
+                    "pgoutput tuple: unknown kind {:?}",
+                    other as char
+                )))
+            }
         });
     }
     Ok(values)
@@ -180,14 +280,25 @@ mod tests {
             LogicalMessage::Update {
                 relation: 16384,
                 old: Some(vec![TupleValue::Text(Bytes::from_static(b"1"))]),
-                new: vec![TupleValue::Text(Bytes::from_static(b"2")), TupleValue::Unchanged, TupleValue::Null],
+                new: vec![
+                    TupleValue::Text(Bytes::from_static(b"2")),
+                    TupleValue::Unchanged,
+                    TupleValue::Null
+                ],
             }
         );
     }
 
     #[test]
     fn truncated_messages_are_errors_not_panics() {
-        for raw in [&b"I"[..], b"I\0\0\0\x01N\0\x02t\0\0\0\x09ab", b"R\0\0\0\x01pub", b"Ux", b"C", b"M\x01\0\0\0\0\0\0\0\x01p\0\0\0\0\x09"] {
+        for raw in [
+            &b"I"[..],
+            b"I\0\0\0\x01N\0\x02t\0\0\0\x09ab",
+            b"R\0\0\0\x01pub",
+            b"Ux",
+            b"C",
+            b"M\x01\0\0\0\0\0\0\0\x01p\0\0\0\0\x09",
+        ] {
             assert!(decode(&Bytes::copy_from_slice(raw)).is_err(), "{raw:?}");
         }
     }
@@ -202,7 +313,12 @@ mod tests {
         b.put_u32(2);
         b.put_slice(b"m7");
         match decode(&b.freeze()).unwrap() {
-            LogicalMessage::Message { transactional, prefix, content, lsn } => {
+            LogicalMessage::Message {
+                transactional,
+                prefix,
+                content,
+                lsn,
+            } => {
                 assert!(transactional);
                 assert_eq!(lsn, Lsn(42));
                 assert_eq!(prefix, "shadow_alter");

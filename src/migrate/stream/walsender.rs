@@ -34,7 +34,9 @@ pub struct ReplicationConn {
 /// Microseconds since 2000-01-01, the protocol's clock.
 fn pg_now() -> i64 {
     const PG_EPOCH_OFFSET_SECS: u64 = 946_684_800;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
     (now.as_micros() as i64) - (PG_EPOCH_OFFSET_SECS as i64) * 1_000_000
 }
 
@@ -49,17 +51,30 @@ impl ReplicationConn {
     pub async fn create_temporary_slot(&mut self, name: &str) -> Result<SlotInfo, WireError> {
         let rows = self
             .conn
-            .simple_query(&format!("CREATE_REPLICATION_SLOT \"{name}\" TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"))
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT \"{name}\" TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"
+            ))
             .await?;
-        let row = rows.first().ok_or_else(|| WireError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| WireError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
         let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         let consistent_point = Lsn::parse(&get(1))
             .ok_or_else(|| WireError::Protocol(format!("bad consistent point {:?}", get(1))))?;
-        Ok(SlotInfo { name: get(0), consistent_point, snapshot: get(2) })
+        Ok(SlotInfo {
+            name: get(0),
+            consistent_point,
+            snapshot: get(2),
+        })
     }
 
     /// Start streaming from `from` for `publication`, with logical messages enabled.
-    pub async fn start(&mut self, slot: &str, from: Lsn, publication: &str) -> Result<(), WireError> {
+    pub async fn start(
+        &mut self,
+        slot: &str,
+        from: Lsn,
+        publication: &str,
+    ) -> Result<(), WireError> {
         let pubs = quote_literal(&format!("\"{publication}\""));
         let sql = format!(
             "START_REPLICATION SLOT \"{slot}\" LOGICAL {from} (proto_version '1', publication_names {pubs}, messages 'true')"
@@ -87,25 +102,43 @@ impl ReplicationConn {
                             let end = Lsn(r.u64()?);
                             let _time = r.i64()?;
                             let reply_requested = r.u8()? == 1;
-                            return Ok(XLogMessage::Keepalive { end, reply_requested });
+                            return Ok(XLogMessage::Keepalive {
+                                end,
+                                reply_requested,
+                            });
                         }
                         other => {
-                            return Err(WireError::Protocol(format!("unknown replication message {:?}", other as char)))
+                            return Err(WireError::Protocol(format!(
+                                "unknown replication message {:?}",
+                                other as char
+                            )))
                         }
                     }
                 }
                 b'E' => return Err(WireError::Server(ServerError::parse(f.body()))),
-                b'c' => return Err(WireError::Protocol("the server ended the replication stream".into())),
+                b'c' => {
+                    return Err(WireError::Protocol(
+                        "the server ended the replication stream".into(),
+                    ))
+                }
                 b'N' | b'S' => {}
                 other => {
-                    return Err(WireError::Protocol(format!("unexpected message {:?} in the replication stream", other as char)))
+                    return Err(WireError::Protocol(format!(
+                        "unexpected message {:?} in the replication stream",
+                        other as char
+                    )))
                 }
             }
         }
     }
 
     /// Standby status update: `flush` must only cover what is durably applied.
-    pub async fn send_status(&mut self, write: Lsn, flush: Lsn, reply: bool) -> Result<(), WireError> {
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        reply: bool,
+    ) -> Result<(), WireError> {
         let mut b = BytesMut::with_capacity(34);
         b.put_u8(b'r');
         b.put_u64(write.0);

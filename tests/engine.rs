@@ -1,0 +1,641 @@
+//! Engine tests against a real PostgreSQL (started by tests/support): the mirror oracle under
+//! concurrent writes, preflight refusals, and failure paths that must leave nothing behind.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use shadow_alter::cli::{ConnArgs, ProgressMode, RunArgs};
+use shadow_alter::migrate::MigrateError;
+use support::{connect, fresh_db, wait_until};
+use tokio_postgres::Client;
+
+fn args(url: &str, table: &str, alter: &str) -> RunArgs {
+    RunArgs {
+        conn: ConnArgs {
+            database_url: Some(url.to_string()),
+        },
+        table: table.to_string(),
+        alter: alter.to_string(),
+        chunk_size: 5_000,
+        chunk_pause: Duration::ZERO,
+        lock_timeout: Duration::from_millis(500),
+        swap_attempts: 10,
+        drop_old: false,
+        progress: ProgressMode::None,
+    }
+}
+
+/// A migration in-process, with a deadline so a hang fails the test instead of stalling CI.
+async fn run(a: RunArgs) -> Result<(), MigrateError> {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("shadow_alter=info")
+        .try_init();
+    tokio::time::timeout(Duration::from_secs(180), shadow_alter::migrate::run(a))
+        .await
+        .expect("the migration hung for 180s")
+}
+
+const ALTER: &str =
+    "ALTER COLUMN qty TYPE bigint, ALTER COLUMN code TYPE integer USING code::integer, \
+                     ADD COLUMN note text DEFAULT 'n/a', DROP COLUMN legacy";
+
+/// The orders table and its mirror, with TOASTed text, jsonb, numeric, timestamptz, bytea,
+/// arrays and NULLs.
+async fn create_orders(c: &Client, rows: i64) {
+    c.batch_execute(&format!(
+        "CREATE TABLE orders (id serial PRIMARY KEY, qty int NOT NULL, code text, legacy text, big text,
+                              doc jsonb, price numeric(12,2), at timestamptz DEFAULT now(), raw bytea, tags text[]);
+         INSERT INTO orders (qty, code, legacy, big, doc, price, raw, tags)
+         SELECT i, CASE WHEN i % 13 = 0 THEN NULL ELSE (i % 1000)::text END, 'legacy ' || i,
+                CASE WHEN i % 50 = 0 THEN repeat(md5(i::text), 400) END,
+                jsonb_build_object('i', i, 'tags', jsonb_build_array(i, 'x')),
+                i / 7.0, decode(md5(i::text), 'hex'), ARRAY['a', i::text, NULL]
+         FROM generate_series(1, {rows}) i;
+         CREATE TABLE orders_mirror (LIKE orders INCLUDING INDEXES);
+         INSERT INTO orders_mirror SELECT * FROM orders;
+         ANALYZE orders;"
+    ))
+    .await
+    .expect("create orders");
+}
+
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// One random write, applied to orders and to the mirror in the same transaction.
+fn random_write(rng: &mut StdRng, max_id: i64) -> String {
+    let id = if rng.gen_bool(0.3) {
+        rng.gen_range(1..=max_id / 50) * 50
+    } else {
+        rng.gen_range(1..=max_id)
+    };
+    let both = |sql: String| {
+        format!(
+            "BEGIN; {}; {}; COMMIT",
+            sql,
+            sql.replacen("orders", "orders_mirror", 1)
+        )
+    };
+    match rng.gen_range(0..100) {
+        0..=24 => {
+            let big = if rng.gen_bool(0.2) { format!("repeat({}, 500)", lit(&format!("{:x}", rng.gen::<u64>()))) } else { "NULL".into() };
+            let code = if rng.gen_bool(0.1) { "NULL".to_string() } else { lit(&rng.gen_range(0..5000).to_string()) };
+            let vals = format!(
+                "{}, {code}, {big}, {}::jsonb, {}, {}::bytea, ARRAY['w', NULL, {}]",
+                rng.gen_range(0..1000),
+                lit(&format!("{{\"w\": {}}}", rng.gen::<u32>())),
+                rng.gen_range(0..100000) as f64 / 100.0,
+                lit(&format!("\\x{:08x}", rng.gen::<u32>())),
+                lit(&rng.gen::<u16>().to_string())
+            );
+            format!(
+                "BEGIN; WITH n AS (INSERT INTO orders (qty, code, big, doc, price, raw, tags) VALUES ({vals}) RETURNING id, at)
+                 INSERT INTO orders_mirror (id, qty, code, big, doc, price, raw, tags, at)
+                 SELECT n.id, {vals}, n.at FROM n; COMMIT"
+            )
+        }
+        // leaves the TOASTed column alone: the stream carries it as 'unchanged'
+        25..=49 => both(format!("UPDATE orders SET qty = qty + 1, price = price + 1 WHERE id = {id}")),
+        50..=57 => both(format!("UPDATE orders SET big = repeat({}, 300) WHERE id = {id}", lit(&format!("{:x}", rng.gen::<u64>())))),
+        58..=65 => both(format!(
+            "UPDATE orders SET code = {}, doc = NULL, tags = NULL WHERE id = {id}",
+            if rng.gen_bool(0.5) { "NULL".to_string() } else { lit(&rng.gen_range(0..99).to_string()) }
+        )),
+        // primary-key update: the row moves
+        66..=77 => both(format!("UPDATE orders SET id = id + 10000000 WHERE id = {id} AND id < 10000000")),
+        78..=91 => both(format!("DELETE FROM orders WHERE id = {id}")),
+        _ => both(format!("UPDATE orders SET raw = NULL, doc = jsonb_set(coalesce(doc, '{{}}'), '{{u}}', '1') WHERE id = {id}")),
+    }
+}
+
+struct Writers {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    handles: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+fn start_writers(url: &str, n: usize, max_id: i64) -> Writers {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let handles = (0..n)
+        .map(|w| {
+            let (url, stop, done) = (url.to_string(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let c = connect(&url).await;
+                let mut rng = StdRng::seed_from_u64(w as u64 + 7);
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let sql = random_write(&mut rng, max_id);
+                    if let Err(e) = c.batch_execute(&sql).await {
+                        errors.push(format!("{e:?} in {sql}"));
+                        let _ = c.batch_execute("ROLLBACK").await;
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                errors
+            })
+        })
+        .collect();
+    Writers {
+        stop,
+        done,
+        handles,
+    }
+}
+
+impl Writers {
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for h in self.handles {
+            errors.extend(h.await.expect("writer task"));
+        }
+        assert!(errors.is_empty(), "writers saw errors: {errors:#?}");
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// Rows that differ between two tables (both directions), and their counts.
+async fn diff(c: &Client, a: &str, b: &str) -> (i64, i64, i64) {
+    let r = c
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM (SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b}) x),
+                        (SELECT count(*) FROM (SELECT * FROM {b} EXCEPT ALL SELECT * FROM {a}) x),
+                        (SELECT count(*) FROM {a})"
+            ),
+            &[],
+        )
+        .await
+        .expect("diff");
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// Nothing a run creates may remain: no slot, no publication, no shadow table.
+async fn assert_nothing_left(c: &Client) {
+    wait_until(
+        Duration::from_secs(10),
+        "temporary replication slots to go away",
+        || async {
+            c.query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                == 0
+        },
+    )
+    .await;
+    let pubs: i64 = c
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pubs, 0, "a publication was left behind");
+    let shadows: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE '%\\_\\_sa\\_new'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shadows, 0, "a shadow table was left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migration_under_concurrent_writes_equals_the_mirror_oracle() {
+    let url = fresh_db("oracle").await;
+    let c = connect(&url).await;
+    create_orders(&c, 100_000).await;
+    let writers = start_writers(&url, 3, 100_000);
+    // let some writes happen before the slot exists, then run with a paced copy so writes
+    // land during the copy, the catch-up and the swap
+    wait_until(Duration::from_secs(10), "writers to start", || async {
+        writers.done.load(Ordering::Relaxed) > 50
+    })
+    .await;
+    let mut a = args(&url, "orders", ALTER);
+    a.chunk_size = 4_000;
+    a.chunk_pause = Duration::from_millis(30);
+    let before = writers.done.load(Ordering::Relaxed);
+    run(a).await.expect("migration");
+    let during = writers.done.load(Ordering::Relaxed) - before;
+    // and writes after the swap go to the new table
+    let after_swap = writers.done.load(Ordering::Relaxed);
+    wait_until(Duration::from_secs(10), "writes after the swap", || async {
+        writers.done.load(Ordering::Relaxed) > after_swap + 100
+    })
+    .await;
+    let total = writers.stop().await;
+    assert!(
+        during > 100,
+        "only {during} writes happened during the migration"
+    );
+
+    c.batch_execute(&format!("ALTER TABLE orders_mirror {ALTER}"))
+        .await
+        .expect("plain DDL on the mirror");
+    let types: Vec<String> = c
+        .query("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'orders'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mirror_types: Vec<String> = c
+        .query("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'orders_mirror'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        types, mirror_types,
+        "the migrated table has the same columns as the mirror after plain DDL"
+    );
+    let (only_migrated, only_mirror, rows) = diff(&c, "orders", "orders_mirror").await;
+    assert_eq!(
+        (only_migrated, only_mirror),
+        (0, 0),
+        "rows differ from the oracle ({rows} rows, {total} writes)"
+    );
+    assert!(rows > 50_000);
+    // serial keeps working on the new table, and the sequence is owned by it
+    let owner: String = c
+        .query_one("SELECT pg_get_serial_sequence('orders', 'id')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "public.orders_id_seq");
+    c.batch_execute("INSERT INTO orders (qty) VALUES (1)")
+        .await
+        .expect("insert after the swap");
+    assert_nothing_left(&c).await;
+    let old: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'orders\\_\\_sa\\_old\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(old, 1, "the old table is kept by default");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_and_refill_during_the_migration() {
+    let url = fresh_db("truncate").await;
+    let c = connect(&url).await;
+    create_orders(&c, 20_000).await;
+    let mut a = args(&url, "orders", "ALTER COLUMN qty TYPE bigint");
+    a.chunk_size = 500;
+    a.chunk_pause = Duration::from_millis(20);
+    let migration = tokio::spawn(run(a));
+    // once the copy has started, truncate and refill both tables
+    wait_until(Duration::from_secs(20), "the copy to start", || async {
+        c.query_one("SELECT count(*) FROM orders__sa_new", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+    })
+    .await;
+    c.batch_execute(
+        "BEGIN; TRUNCATE orders; TRUNCATE orders_mirror; COMMIT;
+         BEGIN; WITH n AS (INSERT INTO orders (qty, code) SELECT i, i::text FROM generate_series(1, 300) i RETURNING *)
+                INSERT INTO orders_mirror SELECT * FROM n; COMMIT;
+         BEGIN; UPDATE orders SET qty = -qty WHERE qty % 3 = 0; UPDATE orders_mirror SET qty = -qty WHERE qty % 3 = 0; COMMIT;
+         BEGIN; DELETE FROM orders WHERE qty % 5 = 0; DELETE FROM orders_mirror WHERE qty % 5 = 0; COMMIT;",
+    )
+    .await
+    .expect("truncate and refill");
+    migration.await.unwrap().expect("migration");
+    c.batch_execute("ALTER TABLE orders_mirror ALTER COLUMN qty TYPE bigint")
+        .await
+        .unwrap();
+    let (x, y, rows) = diff(&c, "orders", "orders_mirror").await;
+    assert_eq!((x, y), (0, 0));
+    assert_eq!(rows, 240);
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_and_generated_columns_and_rename() {
+    let url = fresh_db("identity").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE items (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, price int, qty int,
+                             total int GENERATED ALWAYS AS (price * qty) STORED, label varchar(20), extra int);
+         INSERT INTO items (price, qty, label, extra) SELECT i, 2, 'item ' || i, i FROM generate_series(1, 5000) i;",
+    )
+    .await
+    .unwrap();
+    run(args(
+        &url,
+        "items",
+        "ALTER COLUMN extra TYPE bigint, ALTER COLUMN label TYPE text",
+    ))
+    .await
+    .expect("migration");
+    let r = c
+        .query_one("SELECT count(*), sum(total), max(id) FROM items", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 5000);
+    assert_eq!(
+        r.get::<_, i64>(1),
+        (1..=5000i64).map(|i| i * 2).sum::<i64>()
+    );
+    assert_eq!(r.get::<_, i32>(2), 5000);
+    // the identity continues after the old values, with no collision
+    let id: i32 = c
+        .query_one(
+            "INSERT INTO items (price, qty) VALUES (1, 1) RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(id > 5000, "identity restarted at {id}");
+    run(args(&url, "items", "RENAME COLUMN label TO title"))
+        .await
+        .expect("rename");
+    let t: String = c
+        .query_one("SELECT title FROM items WHERE id = 7", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(t, "item 7");
+    assert_nothing_left(&c).await;
+}
+
+async fn refused(url: &str, table: &str, alter: &str) -> MigrateError {
+    run(args(url, table, alter))
+        .await
+        .expect_err("the run must refuse")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_refusals_change_nothing() {
+    let url = fresh_db("preflight").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE nokey (a int, b text);
+         CREATE TABLE uniq (a int NOT NULL, b text); CREATE UNIQUE INDEX uniq_a ON uniq (a);
+         CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE TABLE viewed (id int PRIMARY KEY, v int); CREATE VIEW v1 AS SELECT * FROM viewed;
+         CREATE TABLE parent (id int PRIMARY KEY); CREATE TABLE child (id int PRIMARY KEY, p int REFERENCES parent);
+         CREATE TABLE plain (id int PRIMARY KEY, v text); INSERT INTO plain VALUES (1, 'x');
+         CREATE ROLE norepl LOGIN; GRANT ALL ON SCHEMA public TO norepl;",
+    )
+    .await
+    .unwrap();
+    let cases: Vec<(MigrateError, u8, &str)> = vec![
+        (
+            refused(&url, "nokey", "ADD COLUMN c int").await,
+            3,
+            "no primary key",
+        ),
+        (
+            refused(&url, "uniq", "ADD COLUMN c int").await,
+            3,
+            "REPLICA IDENTITY USING INDEX",
+        ),
+        (
+            refused(&url, "parted", "ADD COLUMN c int").await,
+            3,
+            "partitioned",
+        ),
+        (
+            refused(&url, "viewed", "ALTER COLUMN v TYPE bigint").await,
+            3,
+            "dependent views: v1",
+        ),
+        (
+            refused(&url, "parent", "ADD COLUMN c int").await,
+            3,
+            "foreign keys pointing in",
+        ),
+        (
+            refused(&url, "child", "ADD COLUMN c int").await,
+            3,
+            "foreign keys pointing out",
+        ),
+        (
+            refused(&url, "missing", "ADD COLUMN c int").await,
+            2,
+            "does not exist",
+        ),
+        (
+            refused(&url, "plain", "ALTER COLUMN").await,
+            2,
+            "does not parse",
+        ),
+        (
+            refused(&url, "plain", "ALTER TABLE other ADD COLUMN c int").await,
+            2,
+            "names table other",
+        ),
+        (
+            refused(&url, "plain", "ADD COLUMN c int; DROP TABLE plain").await,
+            2,
+            "2 statements",
+        ),
+        (
+            refused(&url, "plain", "ALTER COLUMN nope TYPE int").await,
+            2,
+            "fails on an empty copy",
+        ),
+        (
+            refused(&url, "plain", "DROP COLUMN id").await,
+            3,
+            "key column",
+        ),
+        (
+            refused(&url, "plain", "SET UNLOGGED").await,
+            2,
+            "not supported",
+        ),
+    ];
+    for (err, code, needle) in cases {
+        assert_eq!(err.exit_code(), code, "{err}");
+        assert!(
+            err.to_string().contains(needle),
+            "expected '{needle}' in: {err}"
+        );
+    }
+    let no_repl_url = url.replacen("postgres@", "norepl@", 1);
+    let err = refused(&no_repl_url, "plain", "ADD COLUMN c int").await;
+    assert!(err.to_string().contains("REPLICATION privilege"), "{err}");
+
+    // a second run on the same table is refused while the first holds the advisory lock
+    let other = connect(&url).await;
+    other
+        .query_one(
+            "SELECT pg_advisory_lock(1515870810, 'plain'::regclass::oid::int)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = refused(&url, "plain", "ADD COLUMN c int").await;
+    assert!(
+        err.to_string().contains("another shadow-alter run"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), 3);
+
+    let cols: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'plain'::regclass AND attnum > 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cols, 2, "the source table was changed");
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_level_replica_is_refused() {
+    let s = support::start_server(&[("wal_level", "replica")]);
+    let c = connect(&s.url).await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let err = refused(&s.url, "t", "ADD COLUMN c int").await;
+    assert!(err.to_string().contains("wal_level is 'replica'"), "{err}");
+    assert_eq!(err.exit_code(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_using_cast_that_fails_names_the_row_and_leaves_the_source_untouched() {
+    let url = fresh_db("badcast").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE codes (id bigint PRIMARY KEY, code text);
+         INSERT INTO codes SELECT i, i::text FROM generate_series(1, 30000) i;
+         UPDATE codes SET code = 'not a number' WHERE id = 17345;",
+    )
+    .await
+    .unwrap();
+    let err = refused(
+        &url,
+        "codes",
+        "ALTER COLUMN code TYPE integer USING code::integer",
+    )
+    .await;
+    assert_eq!(err.exit_code(), 6, "{err}");
+    assert!(
+        err.to_string().contains("(id)=(17345)"),
+        "the error must name the row: {err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("invalid input syntax for type integer"),
+        "{err}"
+    );
+    let t: String = c.query_one("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'codes'::regclass AND attname = 'code'", &[]).await.unwrap().get(0);
+    assert_eq!(t, "text");
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_run_does_not_block_the_next_one() {
+    let url = fresh_db("killed").await;
+    let c = connect(&url).await;
+    create_orders(&c, 20_000).await;
+    let mut child = std::process::Command::new(support::binary())
+        .args([
+            "run",
+            "--table",
+            "orders",
+            "--alter",
+            "ALTER COLUMN qty TYPE bigint",
+            "--chunk-size",
+            "200",
+            "--chunk-pause",
+            "50ms",
+            "--progress",
+            "none",
+        ])
+        .env("DATABASE_URL", &url)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the binary");
+    wait_until(Duration::from_secs(20), "the copy to start", || async {
+        c.query_one("SELECT count(*) FROM orders__sa_new", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+    })
+    .await;
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    // the shadow and publication are still there; the temporary slot goes with the connection
+    let pubs: i64 = c
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pubs, 1);
+    run(args(&url, "orders", "ALTER COLUMN qty TYPE bigint"))
+        .await
+        .expect("the rerun succeeds");
+    c.batch_execute("ALTER TABLE orders_mirror ALTER COLUMN qty TYPE bigint")
+        .await
+        .unwrap();
+    assert_eq!(diff(&c, "orders", "orders_mirror").await.0, 0);
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_old_and_exit_codes_through_the_binary() {
+    let url = fresh_db("cli").await;
+    let c = connect(&url).await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t SELECT i, i FROM generate_series(1, 1000) i").await.unwrap();
+    let out = std::process::Command::new(support::binary())
+        .args([
+            "run",
+            "--table",
+            "t",
+            "--alter",
+            "ALTER COLUMN v TYPE bigint",
+            "--drop-old",
+            "--progress",
+            "log",
+        ])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tables: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 1, "--drop-old leaves only the new table");
+    let out = std::process::Command::new(support::binary())
+        .args(["run", "--table", "t", "--alter", "ALTER COLUMN"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not parse"));
+}
