@@ -96,6 +96,7 @@ pub async fn swap(
         .ctx("reading the clock")?
         .get(0);
     let old_name = Names::old_name(&table.name, &stamp);
+    let old_suffix = format!("__sa_old_{stamp}");
     let mut last_reason = String::new();
     for attempt in 1..=opts.attempts {
         // get close first, so the drain under the lock is short
@@ -108,7 +109,16 @@ pub async fn swap(
             continue;
         }
         match try_swap(
-            control, swapper, follower, markers, table, mapping, names, opts, &old_name,
+            control,
+            swapper,
+            follower,
+            markers,
+            table,
+            mapping,
+            names,
+            opts,
+            &old_name,
+            &old_suffix,
         )
         .await
         {
@@ -167,6 +177,7 @@ async fn try_swap(
     names: &Names,
     opts: &SwapOptions,
     old_name: &str,
+    old_suffix: &str,
 ) -> Result<Duration, SwapAttemptError> {
     let src = table.qualified();
     let tx = swapper
@@ -214,6 +225,35 @@ async fn try_swap(
             "SELECT setval(pg_get_serial_sequence({}, {}), s.last_value, s.is_called) FROM {src_seq} AS s",
             quote_literal(&shadow),
             quote_literal(col)
+        ));
+    }
+    // indexes (and the constraints they back) keep the names applications and tooling know
+    let pairs = tx
+        .query(
+            "WITH s AS (SELECT c.relname::text AS name,
+                               regexp_replace(pg_get_indexdef(i.indexrelid), '^CREATE (UNIQUE )?INDEX \\S+ ON \\S+ ', 'CREATE \\1INDEX ON ') AS def
+                        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $1::oid),
+                  n AS (SELECT c.relname::text AS name,
+                               regexp_replace(pg_get_indexdef(i.indexrelid), '^CREATE (UNIQUE )?INDEX \\S+ ON \\S+ ', 'CREATE \\1INDEX ON ') AS def
+                        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $2::text::regclass)
+             SELECT s.name, n.name FROM s JOIN n USING (def)
+             WHERE (SELECT count(*) FROM s x WHERE x.def = s.def) = 1 AND (SELECT count(*) FROM n x WHERE x.def = n.def) = 1",
+            &[&table.oid, &shadow],
+        )
+        .await
+        .ctx("matching the indexes of the old and new tables")?;
+    for r in &pairs {
+        let (old_idx, new_idx): (String, String) = (r.get(0), r.get(1));
+        let renamed = super::shadow::fit(&old_idx, old_suffix);
+        sql.push(format!(
+            "ALTER INDEX {} RENAME TO {}",
+            qualified(&table.schema, &old_idx),
+            quote_ident(&renamed)
+        ));
+        sql.push(format!(
+            "ALTER INDEX {} RENAME TO {}",
+            qualified(&table.schema, &new_idx),
+            quote_ident(&old_idx)
         ));
     }
     sql.push(format!(

@@ -27,9 +27,10 @@ pub struct Names {
 
 const MAX_IDENT: usize = 63;
 
-fn fit(base: &str, suffix: &str) -> String {
+/// `base` + `suffix`, with `base` shortened to fit PostgreSQL's 63-byte identifiers.
+pub fn fit(base: &str, suffix: &str) -> String {
     let mut b = base.to_string();
-    while b.len() + suffix.len() > MAX_IDENT {
+    while b.len() + suffix.len() > MAX_IDENT && !b.is_empty() {
         b.pop();
     }
     format!("{b}{suffix}")
