@@ -293,6 +293,33 @@ async fn migration_under_concurrent_writes_equals_the_mirror_oracle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_copy_survives_the_roles_session_timeouts() {
+    let url = fresh_db("timeouts").await;
+    let c = connect(&url).await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t SELECT i, i FROM generate_series(1, 3000) i")
+        .await
+        .unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    c.batch_execute(&format!(
+        "ALTER DATABASE {db} SET idle_in_transaction_session_timeout = '300ms'; ALTER DATABASE {db} SET lock_timeout = '100ms'"
+    ))
+    .await
+    .unwrap();
+    let mut a = args(&url, "t", "ALTER COLUMN v TYPE bigint");
+    a.chunk_size = 100;
+    a.chunk_pause = Duration::from_millis(40); // the copy takes over a second
+    run(a)
+        .await
+        .expect("the snapshot must outlive idle_in_transaction_session_timeout");
+    let n: i64 = c
+        .query_one("SELECT sum(v)::int8 FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, (1..=3000i64).sum::<i64>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_and_refill_during_the_migration() {
     let url = fresh_db("truncate").await;
     let c = connect(&url).await;

@@ -106,7 +106,15 @@ impl ClientConn {
         }
         params.push(("client_encoding".into(), "UTF8".into()));
         for (k, v) in extra {
-            params.push((k.to_string(), v.to_string()));
+            match params.iter_mut().find(|(name, _)| name == k) {
+                // command-line options add up; anything else is replaced
+                Some((_, existing)) if *k == "options" => {
+                    existing.push(' ');
+                    existing.push_str(v);
+                }
+                Some((_, existing)) => *existing = v.to_string(),
+                None => params.push((k.to_string(), v.to_string())),
+            }
         }
         let mut c = ClientConn {
             stream,

@@ -42,7 +42,17 @@ fn pg_now() -> i64 {
 
 impl ReplicationConn {
     pub async fn connect(config: &tokio_postgres::Config) -> Result<ReplicationConn, WireError> {
-        let conn = ClientConn::connect(config, &[("replication", "database")]).await?;
+        // The slot's exported snapshot lives in this session's open transaction for the whole
+        // copy: a role's idle_in_transaction_session_timeout must not end it, and waits are
+        // bounded by our own timeouts instead of the role's statement and lock timeouts.
+        let conn = ClientConn::connect(
+            config,
+            &[
+                ("replication", "database"),
+                ("options", "-c idle_in_transaction_session_timeout=0 -c statement_timeout=0 -c lock_timeout=0"),
+            ],
+        )
+        .await?;
         Ok(ReplicationConn { conn })
     }
 
