@@ -33,7 +33,10 @@ pub struct AdminAuth {
 
 impl AdminAuth {
     pub fn new(user: &str, password: &str) -> AdminAuth {
-        AdminAuth { user: user.to_string(), secret: Secret::new(password) }
+        AdminAuth {
+            user: user.to_string(),
+            secret: Secret::new(password),
+        }
     }
 }
 
@@ -49,16 +52,26 @@ pub async fn serve(
         send_error(&mut stream, "FATAL", "3D000", msg).await;
         return Ok(());
     };
-    let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).unwrap_or_default();
+    let user = params
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
     let mut out = BytesMut::with_capacity(4096);
-    let unrecognized: Vec<&str> =
-        params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.as_str()).collect();
+    let unrecognized: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.as_str())
+        .collect();
     if version != PROTOCOL_3_0 || !unrecognized.is_empty() {
         messages::negotiate_protocol_version(&mut out, &unrecognized);
     }
-    let ok = tokio::time::timeout(AUTH_TIMEOUT, authenticate(auth, &user, &mut stream, &mut buf, &mut out))
-        .await
-        .map_err(|_| SessionError::Timeout("console authentication"))??;
+    let ok = tokio::time::timeout(
+        AUTH_TIMEOUT,
+        authenticate(auth, &user, &mut stream, &mut buf, &mut out),
+    )
+    .await
+    .map_err(|_| SessionError::Timeout("console authentication"))??;
     if !ok {
         let msg = format!("password authentication failed for user \"{user}\"");
         send_error(&mut stream, "FATAL", "28P01", &msg).await;
@@ -131,7 +144,10 @@ async fn flush(stream: &mut ClientStream, out: &mut BytesMut) -> Result<(), Sess
 }
 
 /// Read one SASL message ('p') from the client.
-async fn read_sasl(stream: &mut ClientStream, buf: &mut BytesMut) -> Result<Option<bytes::Bytes>, SessionError> {
+async fn read_sasl(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+) -> Result<Option<bytes::Bytes>, SessionError> {
     let f = read_frame(stream, buf, 65_540).await?;
     Ok((f.tag == b'p').then_some(f.raw.slice(5..)))
 }
@@ -152,7 +168,11 @@ async fn authenticate(
     let mut r = Reader::new(&initial, "SASLInitialResponse");
     let mechanism = r.cstr()?;
     let len = r.i32()?;
-    let data = if len < 0 { &[][..] } else { r.bytes(len as usize)? };
+    let data = if len < 0 {
+        &[][..]
+    } else {
+        r.bytes(len as usize)?
+    };
     if mechanism != "SCRAM-SHA-256" {
         return Ok(false);
     }
@@ -186,7 +206,10 @@ async fn authenticate(
 /// Run one console command and append its result messages (without ReadyForQuery).
 async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) {
     let text = sql.trim().trim_end_matches(';').trim();
-    let words: Vec<String> = text.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
+    let words: Vec<String> = text
+        .split_whitespace()
+        .map(|w| w.to_ascii_uppercase())
+        .collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
     match words.as_slice() {
         [] => messages::empty_query(out),
@@ -194,7 +217,11 @@ async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) {
         ["SHOW", "STATUS"] => show_status(shared, out),
         ["PAUSE"] => pause(shared, None, out).await,
         ["PAUSE", _] => {
-            let arg = text.split_whitespace().nth(1).unwrap_or_default().trim_matches('\'');
+            let arg = text
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or_default()
+                .trim_matches('\'');
             pause(shared, Some(arg), out).await
         }
         ["RESUME"] => {
@@ -213,7 +240,16 @@ async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) {
 }
 
 fn show_clients(shared: &Shared, out: &mut BytesMut) {
-    let cols = ["id", "address", "user", "database", "tls", "state", "held_since", "connected_since"];
+    let cols = [
+        "id",
+        "address",
+        "user",
+        "database",
+        "tls",
+        "state",
+        "held_since",
+        "connected_since",
+    ];
     messages::row_description(out, &cols);
     let clients = shared.clients.snapshot();
     for c in &clients {
@@ -238,22 +274,44 @@ fn show_clients(shared: &Shared, out: &mut BytesMut) {
 fn show_status(shared: &Shared, out: &mut BytesMut) {
     let hold = shared.gate.snapshot();
     let clients = shared.clients.snapshot();
-    let held = clients.iter().filter(|c| c.state().held_since.is_some()).count();
-    let remaining = hold
-        .deadline
-        .filter(|_| hold.held)
-        .map(|d| d.saturating_duration_since(Instant::now()).as_millis().to_string());
+    let held = clients
+        .iter()
+        .filter(|c| c.state().held_since.is_some())
+        .count();
+    let remaining = hold.deadline.filter(|_| hold.held).map(|d| {
+        d.saturating_duration_since(Instant::now())
+            .as_millis()
+            .to_string()
+    });
     let rows: Vec<(&str, Option<String>)> = vec![
         ("paused", Some(if hold.held { "on" } else { "off" }.into())),
         ("hold_remaining_ms", remaining),
         ("clients", Some(clients.len().to_string())),
-        ("clients_in_transaction", Some(shared.gate.busy().to_string())),
+        (
+            "clients_in_transaction",
+            Some(shared.gate.busy().to_string()),
+        ),
         ("clients_held", Some(held.to_string())),
         ("upstream", Some(shared.upstream.clone())),
         ("listen", Some(shared.listen.to_string())),
-        ("holds_total", Some(shared.gate.holds_total.load(Ordering::Relaxed).to_string())),
-        ("holds_expired", Some(shared.gate.holds_expired.load(Ordering::Relaxed).to_string())),
-        ("uptime_s", Some(shared.started.elapsed().as_secs().to_string())),
+        (
+            "holds_total",
+            Some(shared.gate.holds_total.load(Ordering::Relaxed).to_string()),
+        ),
+        (
+            "holds_expired",
+            Some(
+                shared
+                    .gate
+                    .holds_expired
+                    .load(Ordering::Relaxed)
+                    .to_string(),
+            ),
+        ),
+        (
+            "uptime_s",
+            Some(shared.started.elapsed().as_secs().to_string()),
+        ),
         ("version", Some(env!("CARGO_PKG_VERSION").to_string())),
     ];
     messages::row_description(out, &["name", "value"]);
@@ -268,7 +326,10 @@ async fn pause(shared: &Shared, arg: Option<&str>, out: &mut BytesMut) {
     if let Some(a) = arg {
         match crate::cli::parse_duration(a) {
             Ok(d) if d > shared.max_hold => {
-                let msg = format!("PAUSE deadline {d:?} is over --max-hold; using {:?}", shared.max_hold);
+                let msg = format!(
+                    "PAUSE deadline {d:?} is over --max-hold; using {:?}",
+                    shared.max_hold
+                );
                 messages::notice(out, &msg);
             }
             Ok(d) => limit = d,

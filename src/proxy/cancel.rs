@@ -27,11 +27,18 @@ impl CancelMap {
     }
 
     pub fn lookup(&self, client_key: (i32, i32)) -> Option<(i32, i32)> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).get(&client_key).copied()
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&client_key)
+            .copied()
     }
 
     pub fn remove(&self, client_key: (i32, i32)) {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&client_key);
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&client_key);
     }
 }
 

@@ -150,7 +150,8 @@ impl Gate {
     /// is late), so a held request never waits forever.
     pub async fn wait_released(&self) {
         let mut rx = self.state.subscribe();
-        let deadline = rx.borrow().deadline.unwrap_or_else(Instant::now) + Duration::from_millis(250);
+        let deadline =
+            rx.borrow().deadline.unwrap_or_else(Instant::now) + Duration::from_millis(250);
         let _ = tokio::time::timeout_at(deadline.into(), rx.wait_for(|s| !s.held)).await;
     }
 
@@ -218,7 +219,8 @@ mod tests {
         let gate = Arc::new(Gate::new());
         assert!(gate.try_enter());
         let g = gate.clone();
-        let pauser = tokio::spawn(async move { g.pause(Instant::now() + Duration::from_secs(5)).await });
+        let pauser =
+            tokio::spawn(async move { g.pause(Instant::now() + Duration::from_secs(5)).await });
         // until the session leaves, new requests are refused and the pause waits
         tokio::task::yield_now().await;
         while !gate.snapshot().held {

@@ -37,7 +37,14 @@ fn cstr(buf: &mut BytesMut, s: &str) {
 }
 
 /// ErrorResponse (or NoticeResponse with `tag` = b'N').
-pub fn error_fields(buf: &mut BytesMut, tag: u8, severity: &str, code: &str, message: &str, hint: Option<&str>) {
+pub fn error_fields(
+    buf: &mut BytesMut,
+    tag: u8,
+    severity: &str,
+    code: &str,
+    message: &str,
+    hint: Option<&str>,
+) {
     let at = begin(buf, tag);
     buf.put_u8(b'S');
     cstr(buf, severity);

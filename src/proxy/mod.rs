@@ -65,7 +65,10 @@ pub use hold::Gate;
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("--admin-user and --admin-password must be given together (the password may come from SHADOW_ALTER_ADMIN_PASSWORD)")]
@@ -133,10 +136,14 @@ pub async fn start(args: &ProxyArgs) -> Result<RunningProxy, ProxyError> {
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
-        .map_err(|source| ProxyError::Listen { addr: args.listen.clone(), source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| ProxyError::Listen { addr: args.listen.clone(), source })?;
+        .map_err(|source| ProxyError::Listen {
+            addr: args.listen.clone(),
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ProxyError::Listen {
+        addr: args.listen.clone(),
+        source,
+    })?;
     let shared = Arc::new(Shared {
         upstream: args.upstream.clone(),
         listen: local_addr,

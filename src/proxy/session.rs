@@ -69,7 +69,11 @@ pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 pub type UpStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
 impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -78,7 +82,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -199,13 +207,20 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     match serve(shared, tcp, addr).await {
         Ok(()) => tracing::debug!(%addr, "session closed"),
-        Err(SessionError::Wire(WireError::Closed)) => tracing::debug!(%addr, "session closed by a peer"),
+        Err(SessionError::Wire(WireError::Closed)) => {
+            tracing::debug!(%addr, "session closed by a peer")
+        }
         Err(e) => tracing::info!(%addr, "session ended: {e}"),
     }
 }
 
 /// Write one ErrorResponse to the client and flush it (best effort, bounded in time).
-pub async fn send_error<W: AsyncWrite + Unpin>(w: &mut W, severity: &str, code: &str, message: &str) {
+pub async fn send_error<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    severity: &str,
+    code: &str,
+    message: &str,
+) {
     let mut b = BytesMut::new();
     messages::error(&mut b, severity, code, message);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -217,34 +232,56 @@ pub async fn send_error<W: AsyncWrite + Unpin>(w: &mut W, severity: &str, code: 
 
 /// What the startup phase produced.
 enum Opening {
-    Startup { raw: bytes::Bytes, version: i32, params: Vec<(String, String)> },
+    Startup {
+        raw: bytes::Bytes,
+        version: i32,
+        params: Vec<(String, String)>,
+    },
     Done,
 }
 
 async fn serve(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) -> Result<(), SessionError> {
     let mut buf = BytesMut::with_capacity(1024);
-    let (mut stream, opening) = tokio::time::timeout(STARTUP_TIMEOUT, negotiate(&shared, tcp, &mut buf))
-        .await
-        .map_err(|_| SessionError::Timeout("startup negotiation"))??;
+    let (mut stream, opening) =
+        tokio::time::timeout(STARTUP_TIMEOUT, negotiate(&shared, tcp, &mut buf))
+            .await
+            .map_err(|_| SessionError::Timeout("startup negotiation"))??;
     let (raw, version, params) = match opening {
         Opening::Done => return Ok(()),
-        Opening::Startup { raw, version, params } => (raw, version, params),
+        Opening::Startup {
+            raw,
+            version,
+            params,
+        } => (raw, version, params),
     };
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let Some(user) = param("user") else {
-        send_error(&mut stream, "FATAL", "28000", "no PostgreSQL user name specified in startup packet").await;
+        send_error(
+            &mut stream,
+            "FATAL",
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
         return Ok(());
     };
-    let database = param("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    let database = param("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
     if database == ADMIN_DB {
         return super::admin::serve(shared, stream, version, params, buf).await;
     }
     if version >> 16 != 3 {
-        let msg = format!("unsupported frontend protocol {}.{}", version >> 16, version & 0xffff);
+        let msg = format!(
+            "unsupported frontend protocol {}.{}",
+            version >> 16,
+            version & 0xffff
+        );
         send_error(&mut stream, "FATAL", "0A000", &msg).await;
         return Ok(());
     }
-    let exempt = param("replication").is_some_and(|r| !matches!(r.as_str(), "false" | "off" | "no" | "0"));
+    let exempt =
+        param("replication").is_some_and(|r| !matches!(r.as_str(), "false" | "off" | "no" | "0"));
 
     let mut upstream = match connect_upstream(&shared).await {
         Ok(u) => u,
@@ -265,17 +302,29 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) -> Result<
     .map_err(|_| SessionError::Timeout("authentication"))??;
 
     let entry = Arc::new(ClientEntry {
-        id: shared.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        id: shared
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         addr,
         user,
         database,
         tls: stream.is_tls(),
         connected: SystemTime::now(),
         exempt,
-        state: Mutex::new(SessionState { pending: 0, since_sync: false, status: b'I', busy: false, held_since: None }),
+        state: Mutex::new(SessionState {
+            pending: 0,
+            since_sync: false,
+            status: b'I',
+            busy: false,
+            held_since: None,
+        }),
     });
     shared.clients.lock().insert(entry.id, entry.clone());
-    let _guard = SessionGuard { shared: shared.clone(), entry: entry.clone(), client_key };
+    let _guard = SessionGuard {
+        shared: shared.clone(),
+        entry: entry.clone(),
+        client_key,
+    };
     tracing::debug!(%addr, user = %entry.user, database = %entry.database, "session ready");
 
     let cbuf = buf.to_vec();
@@ -317,7 +366,13 @@ async fn negotiate(
         let packet = match StartupPacket::parse(&raw) {
             Ok(p) => p,
             Err(e) => {
-                send_error(&mut stream, "FATAL", "08P01", &format!("invalid startup packet: {e}")).await;
+                send_error(
+                    &mut stream,
+                    "FATAL",
+                    "08P01",
+                    &format!("invalid startup packet: {e}"),
+                )
+                .await;
                 return Ok((stream, Opening::Done));
             }
         };
@@ -328,7 +383,9 @@ async fn negotiate(
                         if !buf.is_empty() {
                             // bytes after SSLRequest but before the handshake could be injected
                             // by a man in the middle (CVE-2021-23214): refuse
-                            return Err(SessionError::ClientProtocol("data received after SSLRequest before the TLS handshake".into()));
+                            return Err(SessionError::ClientProtocol(
+                                "data received after SSLRequest before the TLS handshake".into(),
+                            ));
                         }
                         tcp.write_all(b"S").await?;
                         MaybeTls::Tls(Box::new(acceptor.accept(tcp).await?))
@@ -345,7 +402,14 @@ async fn negotiate(
                 return Ok((stream, Opening::Done));
             }
             StartupPacket::Startup { version, params } => {
-                return Ok((stream, Opening::Startup { raw, version, params }));
+                return Ok((
+                    stream,
+                    Opening::Startup {
+                        raw,
+                        version,
+                        params,
+                    },
+                ));
             }
         }
     }
@@ -359,7 +423,14 @@ async fn forward_cancel(shared: &Shared, pid: i32, key: i32) {
     };
     let r = async {
         let mut up = connect_upstream(shared).await?;
-        up.write_all(&StartupPacket::Cancel { pid: real_pid, key: real_key }.encode()).await?;
+        up.write_all(
+            &StartupPacket::Cancel {
+                pid: real_pid,
+                key: real_key,
+            }
+            .encode(),
+        )
+        .await?;
         up.flush().await?;
         // the server closes the connection once it has handled the request
         let mut sink = [0u8; 64];
@@ -388,15 +459,23 @@ pub async fn connect_upstream(shared: &Shared) -> Result<UpStream, SessionError>
         tcp.read_exact(&mut answer).await?;
         match answer[0] {
             b'S' => {
-                let tls = connector.connect(super::tls::server_name(&shared.upstream), tcp).await?;
+                let tls = connector
+                    .connect(super::tls::server_name(&shared.upstream), tcp)
+                    .await?;
                 Ok(MaybeTls::Tls(Box::new(tls)))
             }
             b'N' if shared.upstream_tls == UpstreamTls::Prefer => Ok(MaybeTls::Plain(tcp)),
-            b'N' => Err(SessionError::Upstream("the server does not accept TLS and --upstream-tls is require".into())),
-            other => Err(SessionError::Upstream(format!("unexpected answer {other:#x} to SSLRequest"))),
+            b'N' => Err(SessionError::Upstream(
+                "the server does not accept TLS and --upstream-tls is require".into(),
+            )),
+            other => Err(SessionError::Upstream(format!(
+                "unexpected answer {other:#x} to SSLRequest"
+            ))),
         }
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, fut).await.map_err(|_| SessionError::Timeout("upstream connect"))?
+    tokio::time::timeout(CONNECT_TIMEOUT, fut)
+        .await
+        .map_err(|_| SessionError::Timeout("upstream connect"))?
 }
 
 /// Relay authentication and the rest of the startup until ReadyForQuery. Returns the cancel
@@ -443,12 +522,17 @@ async fn relay_auth(
                     let answer = match read_frame(client, cbuf, MAX_AUTH_MESSAGE).await {
                         Ok(a) => a,
                         Err(WireError::TooLarge { .. } | WireError::BadLength { .. }) => {
-                            return Err(client_violation(client, "invalid authentication message").await)
+                            return Err(
+                                client_violation(client, "invalid authentication message").await
+                            )
                         }
                         Err(e) => return Err(e.into()),
                     };
                     if answer.tag != b'p' {
-                        let msg = format!("expected a password message, got message type '{}'", answer.tag as char);
+                        let msg = format!(
+                            "expected a password message, got message type '{}'",
+                            answer.tag as char
+                        );
                         return Err(client_violation(client, &msg).await);
                     }
                     up.write_all(&answer.raw).await?;
@@ -558,12 +642,17 @@ where
                     break;
                 }
                 let tag = buf[pos];
-                let len = i32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]);
+                let len =
+                    i32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]);
                 let Some(limit) = messages::frontend_limit(tag) else {
-                    return Err(SessionError::ClientProtocol(format!("invalid frontend message type {tag}")));
+                    return Err(SessionError::ClientProtocol(format!(
+                        "invalid frontend message type {tag}"
+                    )));
                 };
                 if len < 4 {
-                    return Err(SessionError::ClientProtocol(format!("invalid message length {len}")));
+                    return Err(SessionError::ClientProtocol(format!(
+                        "invalid message length {len}"
+                    )));
                 }
                 let len = len as usize;
                 if len > limit {
@@ -623,7 +712,11 @@ where
 
 /// Wait for the hold to end, reading (but not forwarding) whatever the client sends meanwhile.
 /// Returns false if the client disconnected.
-async fn wait_while_held<R: AsyncRead + Unpin>(shared: &Shared, r: &mut R, buf: &mut Vec<u8>) -> Result<bool, SessionError> {
+async fn wait_while_held<R: AsyncRead + Unpin>(
+    shared: &Shared,
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<bool, SessionError> {
     loop {
         if buf.capacity() - buf.len() < 4096 && buf.len() < MAX_HELD_INPUT {
             buf.reserve(BUF_SIZE);
@@ -669,7 +762,9 @@ where
             let tag = buf[pos];
             let len = i32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]);
             if len < 4 {
-                return Err(SessionError::Upstream(format!("invalid message length {len} from the server")));
+                return Err(SessionError::Upstream(format!(
+                    "invalid message length {len} from the server"
+                )));
             }
             let total = len as usize + 1;
             if tag == b'Z' {

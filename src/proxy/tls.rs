@@ -20,14 +20,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// TLS acceptor for clients, from a PEM certificate chain and a PEM private key.
 pub fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, ProxyError> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| ProxyError::Tls(format!("cannot read {}: {e}", p.display())));
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| ProxyError::Tls(format!("cannot read {}: {e}", p.display())))
+    };
     let cert_pem = read(cert)?;
     let key_pem = read(key)?;
     let certs = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ProxyError::Tls(format!("{}: {e}", cert.display())))?;
     if certs.is_empty() {
-        return Err(ProxyError::Tls(format!("{}: no PEM certificate found", cert.display())));
+        return Err(ProxyError::Tls(format!(
+            "{}: no PEM certificate found",
+            cert.display()
+        )));
     }
     let key = rustls_pemfile::private_key(&mut &key_pem[..])
         .map_err(|e| ProxyError::Tls(format!("{}: {e}", key.display())))?
@@ -61,7 +66,8 @@ pub fn server_name(upstream: &str) -> ServerName<'static> {
         Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
         None => upstream,
     };
-    ServerName::try_from(host.to_string()).unwrap_or_else(|_| ServerName::try_from("localhost").expect("static name"))
+    ServerName::try_from(host.to_string())
+        .unwrap_or_else(|_| ServerName::try_from("localhost").expect("static name"))
 }
 
 /// Accepts any server certificate but still checks the handshake signatures.
@@ -86,7 +92,12 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -95,7 +106,12 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
