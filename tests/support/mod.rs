@@ -41,7 +41,10 @@ pub fn server() -> &'static Server {
         let dir = std::env::temp_dir().join(format!(
             "shadow-alter-test-{}-{}",
             std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
         ));
         let out = Command::new(script())
             .arg("start")
@@ -66,8 +69,18 @@ pub fn server() -> &'static Server {
                 .unwrap_or_else(|| panic!("pg-throwaway printed no {k}: {text}"))
         };
         let url = get("DATABASE_URL");
-        let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).and_then(|p| p.parse().ok()).expect("port");
-        Server { url, data_dir: dir, bin_dir: PathBuf::from(get("PG_BIN")), port }
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        Server {
+            url,
+            data_dir: dir,
+            bin_dir: PathBuf::from(get("PG_BIN")),
+            port,
+        }
     })
 }
 
@@ -78,17 +91,24 @@ pub async fn fresh_db(hint: &str) -> String {
     let s = server();
     let name = format!(
         "t_{}_{}",
-        hint.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>(),
+        hint.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<String>(),
         DB_SEQ.fetch_add(1, Ordering::SeqCst)
     );
     let c = connect(&s.url).await;
-    c.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
-    s.url.replace("/postgres", &format!("/{name}"))
+    c.batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let base = s.url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&s.url);
+    format!("{base}/{name}")
 }
 
 /// A plain tokio-postgres client whose connection task runs in the background.
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -103,7 +123,10 @@ where
 {
     let start = Instant::now();
     while !f().await {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
