@@ -6,7 +6,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "shadow-alter", version, about = "Online ALTER TABLE for PostgreSQL, and a proxy that makes the swap invisible")]
+#[command(
+    name = "shadow-alter",
+    version,
+    about = "Online ALTER TABLE for PostgreSQL, and a proxy that makes the swap invisible"
+)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -127,13 +131,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => (&s[..i], s[i..].trim()),
         None => (s, "s"),
     };
-    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration (try 500ms, 2s, 5m)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (try 500ms, 2s, 5m)"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" | "sec" => n,
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("unknown unit '{unit}' in '{s}' (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "unknown unit '{unit}' in '{s}' (use ms, s, m or h)"
+            ))
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("'{s}' is not a valid duration"));

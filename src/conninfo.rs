@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio_postgres::Config;
 
 #[derive(Debug, thiserror::Error)]
-#[error("invalid connection string: {0} (use postgres://user@host:port/db or 'host=... dbname=...')")]
+#[error(
+    "invalid connection string: {0} (use postgres://user@host:port/db or 'host=... dbname=...')"
+)]
 pub struct ConnInfoError(String);
 
 /// Build a connection config from an explicit string (URL or key=value) or the PG* environment.
@@ -22,7 +24,10 @@ pub fn resolve(explicit: Option<&str>) -> Result<Config, ConnInfoError> {
 }
 
 /// Fill in whatever the string left unset from PG* variables, then libpq's defaults.
-fn apply_env(config: &mut Config, env: impl Fn(&str) -> Option<String>) -> Result<(), ConnInfoError> {
+fn apply_env(
+    config: &mut Config,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(), ConnInfoError> {
     if config.get_hosts().is_empty() {
         match env("PGHOST") {
             Some(h) => {
@@ -31,7 +36,12 @@ fn apply_env(config: &mut Config, env: impl Fn(&str) -> Option<String>) -> Resul
                 }
             }
             None => {
-                let port = config.get_ports().first().copied().or_else(|| env("PGPORT").and_then(|p| p.parse().ok())).unwrap_or(5432);
+                let port = config
+                    .get_ports()
+                    .first()
+                    .copied()
+                    .or_else(|| env("PGPORT").and_then(|p| p.parse().ok()))
+                    .unwrap_or(5432);
                 let sock = format!("/var/run/postgresql/.s.PGSQL.{port}");
                 if Path::new(&sock).exists() {
                     config.host_path("/var/run/postgresql");
@@ -43,12 +53,16 @@ fn apply_env(config: &mut Config, env: impl Fn(&str) -> Option<String>) -> Resul
     }
     if config.get_ports().is_empty() {
         if let Some(p) = env("PGPORT") {
-            let port = p.parse().map_err(|_| ConnInfoError(format!("PGPORT={p} is not a port number")))?;
+            let port = p
+                .parse()
+                .map_err(|_| ConnInfoError(format!("PGPORT={p} is not a port number")))?;
             config.port(port);
         }
     }
     if config.get_user().is_none() {
-        let user = env("PGUSER").or_else(|| env("USER")).unwrap_or_else(|| "postgres".into());
+        let user = env("PGUSER")
+            .or_else(|| env("USER"))
+            .unwrap_or_else(|| "postgres".into());
         config.user(user);
     }
     if config.get_password().is_none() {
@@ -66,7 +80,9 @@ fn apply_env(config: &mut Config, env: impl Fn(&str) -> Option<String>) -> Resul
         config.application_name(env("PGAPPNAME").unwrap_or_else(|| "shadow-alter".into()));
     }
     if config.get_connect_timeout().is_none() {
-        let secs = env("PGCONNECT_TIMEOUT").and_then(|s| s.parse().ok()).unwrap_or(10);
+        let secs = env("PGCONNECT_TIMEOUT")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10);
         config.connect_timeout(Duration::from_secs(secs));
     }
     if let Some(mode) = env("PGSSLMODE") {
@@ -103,7 +119,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn with_env(s: Option<&str>, vars: &[(&str, &str)]) -> Config {
-        let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut c = match s {
             Some(s) => Config::from_str(s).unwrap(),
             None => Config::new(),
@@ -114,7 +133,10 @@ mod tests {
 
     #[test]
     fn url_wins_over_environment() {
-        let c = with_env(Some("postgres://alice:pw@db1:6000/app"), &[("PGUSER", "bob"), ("PGHOST", "db2")]);
+        let c = with_env(
+            Some("postgres://alice:pw@db1:6000/app"),
+            &[("PGUSER", "bob"), ("PGHOST", "db2")],
+        );
         assert_eq!(c.get_user(), Some("alice"));
         assert_eq!(c.get_ports(), &[6000]);
         assert_eq!(c.get_dbname(), Some("app"));
@@ -123,11 +145,17 @@ mod tests {
 
     #[test]
     fn key_value_form_and_pg_variables() {
-        let c = with_env(Some("host=h1 dbname=shop"), &[("PGUSER", "bob"), ("PGPORT", "5433"), ("PGPASSWORD", "s")]);
+        let c = with_env(
+            Some("host=h1 dbname=shop"),
+            &[("PGUSER", "bob"), ("PGPORT", "5433"), ("PGPASSWORD", "s")],
+        );
         assert_eq!(c.get_user(), Some("bob"));
         assert_eq!(c.get_ports(), &[5433]);
         assert_eq!(c.get_password(), Some(&b"s"[..]));
-        let c = with_env(None, &[("PGHOST", "h9"), ("PGUSER", "carol"), ("PGDATABASE", "d")]);
+        let c = with_env(
+            None,
+            &[("PGHOST", "h9"), ("PGUSER", "carol"), ("PGDATABASE", "d")],
+        );
         assert_eq!(describe(&c), "carol@h9:5432/d");
     }
 

@@ -28,7 +28,9 @@ pub enum MigrateError {
     Data(String),
     #[error("aborted by the operator; the original table is untouched and everything this run created was removed")]
     Aborted,
-    #[error("cutover gave up after {attempts} attempts: {reason}; the original table keeps serving")]
+    #[error(
+        "cutover gave up after {attempts} attempts: {reason}; the original table keeps serving"
+    )]
     CutoverGaveUp { attempts: u32, reason: String },
     #[error("{context}: {source}")]
     Db {
@@ -69,19 +71,26 @@ impl MigrateError {
 }
 
 /// Attach context to database and wire errors: `.ctx("creating the shadow table")`.
+#[allow(clippy::result_large_err)] // WireError carries the server error fields inline
 pub trait Ctx<T> {
     fn ctx(self, context: impl Into<String>) -> Result<T, MigrateError>;
 }
 
 impl<T> Ctx<T> for Result<T, tokio_postgres::Error> {
     fn ctx(self, context: impl Into<String>) -> Result<T, MigrateError> {
-        self.map_err(|source| MigrateError::Db { context: context.into(), source })
+        self.map_err(|source| MigrateError::Db {
+            context: context.into(),
+            source,
+        })
     }
 }
 
 impl<T> Ctx<T> for Result<T, WireError> {
     fn ctx(self, context: impl Into<String>) -> Result<T, MigrateError> {
-        self.map_err(|source| MigrateError::Wire { context: context.into(), source })
+        self.map_err(|source| MigrateError::Wire {
+            context: context.into(),
+            source,
+        })
     }
 }
 

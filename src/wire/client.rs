@@ -38,20 +38,26 @@ impl ClientConn {
         config: &tokio_postgres::Config,
         extra: &[(&str, &str)],
     ) -> Result<ClientConn, WireError> {
-        let timeout = config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10));
+        let timeout = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10));
         let ports = config.get_ports();
         let mut last_err = WireError::Protocol("no host to connect to".into());
         for (i, host) in config.get_hosts().iter().enumerate() {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
             let stream: Result<Box<dyn Stream>, WireError> = match host {
-                Host::Tcp(h) => tokio::time::timeout(timeout, tokio::net::TcpStream::connect((h.as_str(), port)))
-                    .await
-                    .map_err(|_| WireError::Timeout(timeout, "TCP connect"))
-                    .and_then(|r| r.map_err(WireError::from))
-                    .map(|s| {
-                        let _ = s.set_nodelay(true);
-                        Box::new(s) as Box<dyn Stream>
-                    }),
+                Host::Tcp(h) => tokio::time::timeout(
+                    timeout,
+                    tokio::net::TcpStream::connect((h.as_str(), port)),
+                )
+                .await
+                .map_err(|_| WireError::Timeout(timeout, "TCP connect"))
+                .and_then(|r| r.map_err(WireError::from))
+                .map(|s| {
+                    let _ = s.set_nodelay(true);
+                    Box::new(s) as Box<dyn Stream>
+                }),
                 #[cfg(unix)]
                 Host::Unix(dir) => {
                     let path = dir.join(format!(".s.PGSQL.{port}"));
@@ -79,7 +85,10 @@ impl ClientConn {
         config: &tokio_postgres::Config,
         extra: &[(&str, &str)],
     ) -> Result<ClientConn, WireError> {
-        if matches!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
+        if matches!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        ) {
             return Err(WireError::Protocol(
                 "sslmode=require is not supported for the replication connection yet; use sslmode=prefer or disable".into(),
             ));
@@ -107,7 +116,11 @@ impl ClientConn {
             backend_pid: 0,
             backend_key: 0,
         };
-        let pkt = StartupPacket::Startup { version: PROTOCOL_3_0, params }.encode();
+        let pkt = StartupPacket::Startup {
+            version: PROTOCOL_3_0,
+            params,
+        }
+        .encode();
         c.stream.write_all(&pkt).await?;
         c.authenticate(&user, config.get_password()).await?;
         loop {
@@ -127,7 +140,12 @@ impl ClientConn {
                 b'Z' => return Ok(c),
                 b'E' => return Err(WireError::Server(ServerError::parse(f.body()))),
                 b'N' => {}
-                t => return Err(WireError::Protocol(format!("unexpected message '{}' during startup", t as char))),
+                t => {
+                    return Err(WireError::Protocol(format!(
+                        "unexpected message '{}' during startup",
+                        t as char
+                    )))
+                }
             }
         }
     }
@@ -145,7 +163,10 @@ impl ClientConn {
                 return Err(WireError::Server(ServerError::parse(f.body())));
             }
             if f.tag != b'R' {
-                return Err(WireError::Protocol(format!("expected authentication, got '{}'", f.tag as char)));
+                return Err(WireError::Protocol(format!(
+                    "expected authentication, got '{}'",
+                    f.tag as char
+                )));
             }
             let mut r = Reader::new(f.body(), "Authentication");
             match r.i32()? {
@@ -154,8 +175,15 @@ impl ClientConn {
                     frontend::password_message(need_pw()?, &mut self.wbuf)?;
                 }
                 5 => {
-                    let salt: [u8; 4] = r.bytes(4)?.try_into().map_err(|_| WireError::Protocol("bad MD5 salt".into()))?;
-                    let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), need_pw()?, salt);
+                    let salt: [u8; 4] = r
+                        .bytes(4)?
+                        .try_into()
+                        .map_err(|_| WireError::Protocol("bad MD5 salt".into()))?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        need_pw()?,
+                        salt,
+                    );
                     frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
                 }
                 10 => {
@@ -168,23 +196,35 @@ impl ClientConn {
                         mechs.push(m.to_string());
                     }
                     if !mechs.iter().any(|m| m == SCRAM_SHA_256) {
-                        return Err(WireError::Auth(format!("server offers only {mechs:?}; SCRAM-SHA-256 is required")));
+                        return Err(WireError::Auth(format!(
+                            "server offers only {mechs:?}; SCRAM-SHA-256 is required"
+                        )));
                     }
                     let s = ScramSha256::new(need_pw()?, ChannelBinding::unsupported());
                     frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
                     scram = Some(s);
                 }
                 11 => {
-                    let s = scram.as_mut().ok_or_else(|| WireError::Protocol("SASL continue before SASL start".into()))?;
-                    s.update(r.rest()).map_err(|e| WireError::Auth(format!("SCRAM: {e}")))?;
+                    let s = scram.as_mut().ok_or_else(|| {
+                        WireError::Protocol("SASL continue before SASL start".into())
+                    })?;
+                    s.update(r.rest())
+                        .map_err(|e| WireError::Auth(format!("SCRAM: {e}")))?;
                     frontend::sasl_response(s.message(), &mut self.wbuf)?;
                 }
                 12 => {
-                    let s = scram.as_mut().ok_or_else(|| WireError::Protocol("SASL final before SASL start".into()))?;
-                    s.finish(r.rest()).map_err(|e| WireError::Auth(format!("SCRAM server signature: {e}")))?;
+                    let s = scram.as_mut().ok_or_else(|| {
+                        WireError::Protocol("SASL final before SASL start".into())
+                    })?;
+                    s.finish(r.rest())
+                        .map_err(|e| WireError::Auth(format!("SCRAM server signature: {e}")))?;
                     continue;
                 }
-                other => return Err(WireError::Auth(format!("unsupported authentication method {other}"))),
+                other => {
+                    return Err(WireError::Auth(format!(
+                        "unsupported authentication method {other}"
+                    )))
+                }
             }
             self.flush().await?;
         }
@@ -246,7 +286,12 @@ impl ClientConn {
                     return Err(WireError::Server(e));
                 }
                 b'N' | b'S' => {}
-                t => return Err(WireError::Protocol(format!("expected CopyBothResponse, got '{}'", t as char))),
+                t => {
+                    return Err(WireError::Protocol(format!(
+                        "expected CopyBothResponse, got '{}'",
+                        t as char
+                    )))
+                }
             }
         }
     }

@@ -30,11 +30,18 @@ pub fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, WireError> {
     let tag = buf[0];
     let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as i64;
     if len < 4 {
-        return Err(WireError::BadLength { tag: tag as char, len });
+        return Err(WireError::BadLength {
+            tag: tag as char,
+            len,
+        });
     }
     let len = len as usize;
     if len > max {
-        return Err(WireError::TooLarge { tag: tag as char, len, max });
+        return Err(WireError::TooLarge {
+            tag: tag as char,
+            len,
+            max,
+        });
     }
     Ok(Some(len + 1))
 }
@@ -139,13 +146,12 @@ impl<'a> Reader<'a> {
     }
     /// A NUL-terminated string.
     pub fn cstr(&mut self) -> Result<&'a str, WireError> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| WireError::Protocol(format!("{} message: unterminated string", self.what)))?;
-        let s = std::str::from_utf8(&self.buf[..end])
-            .map_err(|_| WireError::Protocol(format!("{} message: string is not UTF-8", self.what)))?;
+        let end = self.buf.iter().position(|&b| b == 0).ok_or_else(|| {
+            WireError::Protocol(format!("{} message: unterminated string", self.what))
+        })?;
+        let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| {
+            WireError::Protocol(format!("{} message: string is not UTF-8", self.what))
+        })?;
         self.buf = &self.buf[end + 1..];
         Ok(s)
     }
@@ -171,9 +177,15 @@ mod tests {
     #[test]
     fn rejects_bad_and_oversized_lengths() {
         let mut b = BytesMut::from(&b"Q\0\0\0\x02"[..]);
-        assert!(matches!(split_frame(&mut b, 100), Err(WireError::BadLength { .. })));
+        assert!(matches!(
+            split_frame(&mut b, 100),
+            Err(WireError::BadLength { .. })
+        ));
         let mut b = BytesMut::from(&b"Q\x7f\0\0\0"[..]);
-        assert!(matches!(split_frame(&mut b, 100), Err(WireError::TooLarge { .. })));
+        assert!(matches!(
+            split_frame(&mut b, 100),
+            Err(WireError::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -17,18 +17,25 @@ pub const MAX_STARTUP_LEN: usize = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartupPacket {
     /// Protocol version and parameters (user, database, options, ...).
-    Startup { version: i32, params: Vec<(String, String)> },
+    Startup {
+        version: i32,
+        params: Vec<(String, String)>,
+    },
     Ssl,
     GssEnc,
-    Cancel { pid: i32, key: i32 },
+    Cancel {
+        pid: i32,
+        key: i32,
+    },
 }
 
 impl StartupPacket {
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            StartupPacket::Startup { params, .. } => {
-                params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-            }
+            StartupPacket::Startup { params, .. } => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
             _ => None,
         }
     }
@@ -41,7 +48,10 @@ impl StartupPacket {
         match code {
             SSL_REQUEST => Ok(StartupPacket::Ssl),
             GSSENC_REQUEST => Ok(StartupPacket::GssEnc),
-            CANCEL_REQUEST => Ok(StartupPacket::Cancel { pid: r.i32()?, key: r.i32()? }),
+            CANCEL_REQUEST => Ok(StartupPacket::Cancel {
+                pid: r.i32()?,
+                key: r.i32()?,
+            }),
             v if v >> 16 == 3 => {
                 let mut params = Vec::new();
                 loop {
@@ -99,7 +109,9 @@ pub async fn read_startup<R: AsyncRead + Unpin>(
         if buf.len() >= 4 {
             let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
             if len < 8 || len as usize > MAX_STARTUP_LEN {
-                return Err(WireError::Protocol(format!("invalid startup packet length {len}")));
+                return Err(WireError::Protocol(format!(
+                    "invalid startup packet length {len}"
+                )));
             }
             if buf.len() >= len as usize {
                 return Ok(buf.split_to(len as usize).freeze());
