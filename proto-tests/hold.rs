@@ -362,3 +362,47 @@ async fn pgbench_sees_no_failures_while_holds_cycle() {
     assert_eq!(s["paused"], "off");
     assert_eq!(s["clients_held"], "0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_copy_returns_to_a_boundary() {
+    // tokio-postgres (like libpq) sends Bind/Execute/Sync before it knows the statement is a
+    // COPY; the server ignores that Sync in COPY mode. The proxy must not wait for its answer.
+    use futures_util::SinkExt;
+    let p = proxy().await;
+    let url = support::fresh_db("copyhold").await;
+    let client = support::connect(&via(&url, p.addr)).await;
+    client
+        .batch_execute("CREATE TABLE t (a int)")
+        .await
+        .expect("create");
+    let sink = client
+        .copy_in::<_, bytes::Bytes>("COPY t FROM STDIN")
+        .await
+        .expect("copy in");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"1\n2\n3\n"))
+        .await
+        .expect("copy data");
+    assert_eq!(sink.finish().await.expect("copy done"), 3);
+    // the same for a COPY that fails half way
+    let sink = client
+        .copy_in::<_, bytes::Bytes>("COPY t FROM STDIN")
+        .await
+        .expect("copy in");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"not a number\n"))
+        .await
+        .ok();
+    assert!(sink.finish().await.is_err());
+    client
+        .batch_execute("SELECT 1")
+        .await
+        .expect("usable after a failed COPY");
+    let console = admin(p.addr).await;
+    assert_eq!(status(&console).await["clients_in_transaction"], "0");
+    assert_eq!(
+        console_result(&console, "PAUSE 2s").await,
+        Ok("PAUSE".into())
+    );
+    console_result(&console, "RESUME").await.expect("resume");
+}

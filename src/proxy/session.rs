@@ -119,6 +119,8 @@ pub struct SessionState {
     pub pending: u32,
     /// An extended-query message (Parse, Bind, ...) was sent after the last Sync.
     pub since_sync: bool,
+    /// Sync messages sent since the last Execute or Query (see the COPY case in the relay).
+    pub syncs_since_execute: u32,
     /// Status byte of the last ReadyForQuery.
     pub status: u8,
     /// Not at a transaction boundary (counted in the gate).
@@ -314,6 +316,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) -> Result<
         state: Mutex::new(SessionState {
             pending: 0,
             since_sync: false,
+            syncs_since_execute: 0,
             status: b'I',
             busy: false,
             held_since: None,
@@ -661,7 +664,9 @@ where
                         tag as char
                     )));
                 }
-                if let (Some(counted), false) = (request_kind(tag), entry.exempt) {
+                if entry.exempt {
+                    // replication connections are never held nor counted
+                } else if let Some(counted) = request_kind(tag) {
                     let s = st.get_or_insert_with(|| entry.state());
                     if !s.busy {
                         if !shared.gate.try_enter() {
@@ -670,10 +675,26 @@ where
                         }
                         s.busy = true;
                     }
+                    match tag {
+                        b'S' => s.syncs_since_execute += 1,
+                        b'Q' | b'E' => s.syncs_since_execute = 0,
+                        _ => {}
+                    }
                     if counted {
                         s.pending += 1;
                         s.since_sync = false;
                     } else {
+                        s.since_sync = true;
+                    }
+                } else if tag == b'c' || tag == b'f' {
+                    // CopyDone / CopyFail: the server was in COPY FROM STDIN mode since the last
+                    // Execute or Query, and ignored every Sync sent in that time (libpq and
+                    // tokio-postgres send Execute+Sync before they know the statement is a COPY,
+                    // then CopyDone+Sync). Those Syncs get no ReadyForQuery: uncount them.
+                    let s = st.get_or_insert_with(|| entry.state());
+                    if s.syncs_since_execute > 0 {
+                        s.pending = s.pending.saturating_sub(s.syncs_since_execute);
+                        s.syncs_since_execute = 0;
                         s.since_sync = true;
                     }
                 }
