@@ -420,20 +420,13 @@ async fn negotiate(
 
 /// Send a CancelRequest for the client key `(pid, key)` to the backend it maps to.
 async fn forward_cancel(shared: &Shared, pid: i32, key: i32) {
-    let Some((real_pid, real_key)) = shared.cancels.lookup((pid, key)) else {
+    let Some(real) = shared.cancels.lookup((pid, key)) else {
         tracing::debug!(pid, "cancel request with an unknown key ignored");
         return;
     };
     let r = async {
         let mut up = connect_upstream(shared).await?;
-        up.write_all(
-            &StartupPacket::Cancel {
-                pid: real_pid,
-                key: real_key,
-            }
-            .encode(),
-        )
-        .await?;
+        up.write_all(&real.cancel_packet()).await?;
         up.flush().await?;
         // the server closes the connection once it has handled the request
         let mut sink = [0u8; 64];
@@ -544,7 +537,15 @@ async fn relay_auth(
             }
             b'K' => {
                 let mut r = Reader::new(f.body(), "BackendKeyData");
-                let real = (r.i32()?, r.i32()?);
+                let pid = r.i32()?;
+                let secret = r.rest().to_vec();
+                if secret.len() < 4 || secret.len() > 256 {
+                    return Err(SessionError::Upstream(format!(
+                        "BackendKeyData with a {}-byte secret",
+                        secret.len()
+                    )));
+                }
+                let real = super::cancel::RealKey { pid, secret };
                 let key = shared.cancels.issue(real);
                 client_key = Some(key);
                 messages::backend_key_data(&mut out, key.0, key.1);
