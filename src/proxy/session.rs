@@ -352,18 +352,18 @@ async fn negotiate(
     tcp: TcpStream,
     buf: &mut BytesMut,
 ) -> Result<(ClientStream, Opening), SessionError> {
-    let mut stream: ClientStream = MaybeTls::Plain(tcp);
     // Direct TLS (PostgreSQL 17 `sslnegotiation=direct`): a TLS ClientHello instead of SSLRequest.
-    if let (Some(acceptor), MaybeTls::Plain(tcp)) = (&shared.tls_acceptor, &stream) {
-        let mut first = [0u8; 1];
-        if tcp.peek(&mut first).await? == 1 && first[0] == 0x16 {
-            if let MaybeTls::Plain(tcp) = stream {
-                stream = MaybeTls::Tls(Box::new(acceptor.accept(tcp).await?));
+    let mut stream: ClientStream = match &shared.tls_acceptor {
+        Some(acceptor) => {
+            let mut first = [0u8; 1];
+            if tcp.peek(&mut first).await? == 1 && first[0] == 0x16 {
+                MaybeTls::Tls(Box::new(acceptor.accept(tcp).await?))
             } else {
-                unreachable!("checked above");
+                MaybeTls::Plain(tcp)
             }
         }
-    }
+        None => MaybeTls::Plain(tcp),
+    };
     loop {
         let raw = read_startup(&mut stream, buf).await?;
         let packet = match StartupPacket::parse(&raw) {
@@ -455,9 +455,9 @@ pub async fn connect_upstream(shared: &Shared) -> Result<UpStream, SessionError>
         tcp.read_exact(&mut answer).await?;
         match answer[0] {
             b'S' => {
-                let tls = connector
-                    .connect(super::tls::server_name(&shared.upstream), tcp)
-                    .await?;
+                let name =
+                    super::tls::server_name(&shared.upstream).map_err(SessionError::Upstream)?;
+                let tls = connector.connect(name, tcp).await?;
                 Ok(MaybeTls::Tls(Box::new(tls)))
             }
             b'N' if shared.upstream_tls == UpstreamTls::Prefer => Ok(MaybeTls::Plain(tcp)),

@@ -61,13 +61,13 @@ pub fn connector() -> Result<tokio_rustls::TlsConnector, ProxyError> {
 }
 
 /// The server name to present upstream (SNI), from a `host:port` address.
-pub fn server_name(upstream: &str) -> ServerName<'static> {
+pub fn server_name(upstream: &str) -> Result<ServerName<'static>, String> {
     let host = match upstream.rsplit_once(':') {
         Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
         None => upstream,
     };
     ServerName::try_from(host.to_string())
-        .unwrap_or_else(|_| ServerName::try_from("localhost").expect("static name"))
+        .map_err(|e| format!("'{host}' is not a valid TLS server name: {e}"))
 }
 
 /// Accepts any server certificate but still checks the handshake signatures.
