@@ -359,3 +359,63 @@ async fn admin_console_needs_its_own_credentials() {
         .unwrap_or_default();
     assert!(msg.contains("admin console"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_negotiation() {
+    // PostgreSQL 17 clients with sslnegotiation=direct start TLS at once (ALPN "postgresql").
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (cert, key) = certificate("direct-tls", None);
+    let p = proxy_with(Opts {
+        tls: Some((cert.clone(), key)),
+        ..Opts::default()
+    })
+    .await;
+    let url = support::fresh_db("directtls").await;
+    let pem = std::fs::read(&cert).expect("read cert");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.expect("pem")).expect("add root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(p.addr)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let db = db_name(&url);
+    let mut startup = vec![0, 0, 0, 0, 0, 3, 0, 0];
+    for (k, v) in [("user", "postgres"), ("database", db.as_str())] {
+        startup.extend_from_slice(k.as_bytes());
+        startup.push(0);
+        startup.extend_from_slice(v.as_bytes());
+        startup.push(0);
+    }
+    startup.push(0);
+    let len = startup.len() as i32;
+    startup[..4].copy_from_slice(&len.to_be_bytes());
+    tls.write_all(&startup).await.expect("startup");
+    tls.write_all(&query("SELECT 'over direct TLS'"))
+        .await
+        .expect("query");
+    tls.flush().await.expect("flush");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("over direct TLS") {
+        let n = tokio::time::timeout(WAIT, tls.read(&mut buf))
+            .await
+            .expect("answer")
+            .expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
