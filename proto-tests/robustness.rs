@@ -185,3 +185,101 @@ async fn server_side_termination_reaches_the_client() {
         "the proxy closes the client after the server closed"
     );
 }
+
+/// A startup packet with `version` and parameters.
+fn startup_packet(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = vec![0, 0, 0, 0];
+    b.extend_from_slice(&version.to_be_bytes());
+    for (k, v) in params {
+        b.extend_from_slice(k.as_bytes());
+        b.push(0);
+        b.extend_from_slice(v.as_bytes());
+        b.push(0);
+    }
+    b.push(0);
+    let len = b.len() as i32;
+    b[..4].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// Read backend messages until ReadyForQuery or an ErrorResponse; return their tags.
+async fn startup_tags(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut tags = String::new();
+    loop {
+        let mut head = [0u8; 5];
+        tokio::time::timeout(WAIT, s.read_exact(&mut head))
+            .await
+            .expect("timeout")
+            .expect("header");
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.expect("body");
+        tags.push(head[0] as char);
+        if head[0] == b'Z' || head[0] == b'E' {
+            return tags;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gssenc_and_ssl_refused_then_protocol_negotiation_matches_direct() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = proxy().await;
+    let url = support::fresh_db("negotiate").await;
+    let db = db_name(&url);
+    let server: std::net::SocketAddr = format!("127.0.0.1:{}", support::server().port)
+        .parse()
+        .expect("addr");
+    let mut answers = Vec::new();
+    for addr in [server, p.addr] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // GSSENCRequest, then SSLRequest (the proxy has no certificate): both refused with 'N'
+        // (the server itself may accept GSS, and TLS once another test enabled it, so only the
+        // proxy is asked)
+        let codes: &[i32] = if addr == p.addr {
+            &[80_877_104, 80_877_103]
+        } else {
+            &[]
+        };
+        for &code in codes {
+            let mut req = 8i32.to_be_bytes().to_vec();
+            req.extend_from_slice(&code.to_be_bytes());
+            s.write_all(&req).await.expect("request");
+            let mut answer = [0u8; 1];
+            s.read_exact(&mut answer).await.expect("answer");
+            assert_eq!(answer[0], b'N');
+        }
+        // protocol 3.1 with an unknown protocol option: the server negotiates down to 3.0
+        s.write_all(&startup_packet(
+            196_609,
+            &[
+                ("user", "postgres"),
+                ("database", &db),
+                ("_pq_.unknown", "x"),
+            ],
+        ))
+        .await
+        .expect("startup");
+        answers.push(startup_tags(&mut s).await);
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert!(answers[1].starts_with("vR"), "{}", answers[1]);
+    // the console negotiates the same way
+    let mut s = tokio::net::TcpStream::connect(p.addr)
+        .await
+        .expect("connect");
+    s.write_all(&startup_packet(
+        196_609,
+        &[
+            ("user", ADMIN_USER),
+            ("database", "shadow_alter"),
+            ("_pq_.unknown", "x"),
+        ],
+    ))
+    .await
+    .expect("startup");
+    let mut head = [0u8; 1];
+    s.read_exact(&mut head).await.expect("answer");
+    assert_eq!(head[0], b'v');
+}
