@@ -501,3 +501,74 @@ async fn drop_old_and_exit_codes_through_the_binary() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not parse"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_unique_constraint_keeps_changes_in_stream_order() {
+    let url = fresh_db("unique").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, n int);
+         INSERT INTO users SELECT i, 'u' || i || '@x', 0 FROM generate_series(1, 2000) i;",
+    )
+    .await
+    .unwrap();
+    let mut a = args(&url, "users", "ALTER COLUMN n TYPE bigint");
+    a.postpone_cutover = true;
+    let migration = tokio::spawn(run(a));
+    wait_until(
+        Duration::from_secs(30),
+        "the migration to follow changes",
+        || async {
+            c.query_opt(
+                "SELECT 1 FROM shadow_alter.migrations WHERE phase = 'waiting'",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        },
+    )
+    .await;
+    // swap e-mail addresses between rows: valid only in the order the source applied it
+    let mut email: Vec<String> = (0..=2000).map(|i| format!("u{i}@x")).collect();
+    for i in 1..300usize {
+        let (a, b) = (i, (i * 7) % 2000 + 1);
+        if a == b {
+            continue;
+        }
+        let (ea, eb) = (email[a].clone(), email[b].clone());
+        c.batch_execute(&format!(
+            "BEGIN; UPDATE users SET email = 'tmp' WHERE id = {a}; UPDATE users SET email = '{ea}' WHERE id = {b};
+             UPDATE users SET email = '{eb}', n = n + 1 WHERE id = {a}; COMMIT"
+        ))
+        .await
+        .unwrap();
+        email.swap(a, b);
+    }
+    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
+        conn: ConnArgs {
+            database_url: Some(url.clone()),
+        },
+        table: "users".into(),
+        at: None,
+    })
+    .await
+    .unwrap();
+    migration
+        .await
+        .unwrap()
+        .expect("the migration keeps the order that the unique index needs");
+    let old: String = c
+        .query_one("SELECT relname::text FROM pg_class WHERE relname LIKE 'users\\_\\_sa\\_old%' AND relkind = 'r'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (x, y, _) = diff(
+        &c,
+        "users",
+        &format!("(SELECT id, email, n::bigint FROM {old}) AS o"),
+    )
+    .await;
+    assert_eq!((x, y), (0, 0));
+}
