@@ -128,6 +128,12 @@ pub struct RunArgs {
     /// Time zone of --cutover-window (a PostgreSQL time zone name).
     #[arg(long, default_value = "UTC")]
     pub timezone: String,
+    /// Compare source and shadow chunk by chunk before the swap, and refuse to swap on a difference.
+    #[arg(long)]
+    pub verify: bool,
+    /// While a caught-up run waits for its cutover, compare source and shadow this often.
+    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    pub verify_every: Duration,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

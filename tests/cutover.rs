@@ -8,9 +8,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shadow_alter::cli::{
-    AbortArgs, ConnArgs, CutoverArgs, ProgressMode, ProxyArgs, RunArgs, UpstreamTls,
-};
+use clap::Parser;
+use shadow_alter::cli::{AbortArgs, ConnArgs, CutoverArgs, ProxyArgs, RunArgs, UpstreamTls};
 use shadow_alter::migrate::MigrateError;
 use shadow_alter::proxy::RunningProxy;
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers_on};
@@ -20,23 +19,27 @@ const ADMIN: &str = "admin";
 const PASSWORD: &str = "console-secret";
 
 fn args(url: &str, table: &str, alter: &str) -> RunArgs {
-    RunArgs {
-        conn: ConnArgs {
-            database_url: Some(url.to_string()),
-        },
-        table: table.to_string(),
-        alter: alter.to_string(),
-        chunk_size: 5_000,
-        chunk_pause: Duration::ZERO,
-        lock_timeout: Duration::from_millis(500),
-        swap_attempts: 10,
-        drop_old: false,
-        progress: ProgressMode::None,
-        proxies: Vec::new(),
-        max_pause: Duration::from_millis(500),
-        postpone_cutover: false,
-        cutover_window: None,
-        timezone: "UTC".into(),
+    // the CLI's own defaults, so tests follow them
+    let cli = shadow_alter::cli::Cli::try_parse_from([
+        "shadow-alter",
+        "run",
+        "--database-url",
+        url,
+        "--table",
+        table,
+        "--alter",
+        alter,
+        "--chunk-size",
+        "5000",
+        "--lock-timeout",
+        "500ms",
+        "--progress",
+        "none",
+    ])
+    .expect("valid arguments");
+    match cli.command {
+        shadow_alter::cli::Command::Run(a) => a,
+        _ => unreachable!("run"),
     }
 }
 

@@ -6,29 +6,34 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shadow_alter::cli::{ConnArgs, ProgressMode, RunArgs};
+use clap::Parser;
+use shadow_alter::cli::{ConnArgs, RunArgs};
 use shadow_alter::migrate::MigrateError;
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers};
 use support::{connect, fresh_db, wait_until};
 
 pub fn args(url: &str, table: &str, alter: &str) -> RunArgs {
-    RunArgs {
-        conn: ConnArgs {
-            database_url: Some(url.to_string()),
-        },
-        table: table.to_string(),
-        alter: alter.to_string(),
-        chunk_size: 5_000,
-        chunk_pause: Duration::ZERO,
-        lock_timeout: Duration::from_millis(500),
-        swap_attempts: 10,
-        drop_old: false,
-        progress: ProgressMode::None,
-        proxies: Vec::new(),
-        max_pause: Duration::from_millis(500),
-        postpone_cutover: false,
-        cutover_window: None,
-        timezone: "UTC".into(),
+    // the CLI's own defaults, so tests follow them
+    let cli = shadow_alter::cli::Cli::try_parse_from([
+        "shadow-alter",
+        "run",
+        "--database-url",
+        url,
+        "--table",
+        table,
+        "--alter",
+        alter,
+        "--chunk-size",
+        "5000",
+        "--lock-timeout",
+        "500ms",
+        "--progress",
+        "none",
+    ])
+    .expect("valid arguments");
+    match cli.command {
+        shadow_alter::cli::Command::Run(a) => a,
+        _ => unreachable!("run"),
     }
 }
 
@@ -62,6 +67,7 @@ async fn migration_under_concurrent_writes_equals_the_mirror_oracle() {
     let mut a = args(&url, "orders", ALTER);
     a.chunk_size = 4_000;
     a.chunk_pause = Duration::from_millis(30);
+    a.verify = true; // compares the tables under the writes: must not report a false difference
     let before = writers.done.load(Ordering::Relaxed);
     run(a).await.expect("migration");
     let during = writers.done.load(Ordering::Relaxed) - before;
@@ -571,4 +577,45 @@ async fn a_secondary_unique_constraint_keeps_changes_in_stream_order() {
     )
     .await;
     assert_eq!((x, y), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_while_waiting_catches_a_corrupted_shadow() {
+    let url = fresh_db("verify").await;
+    let c = connect(&url).await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int, w text); INSERT INTO t SELECT i, i, 'w' || i FROM generate_series(1, 5000) i")
+        .await
+        .unwrap();
+    let mut a = args(&url, "t", "ALTER COLUMN v TYPE bigint");
+    a.postpone_cutover = true;
+    a.verify_every = Duration::from_millis(200);
+    let migration = tokio::spawn(run(a));
+    wait_until(Duration::from_secs(30), "a first clean verification", || async {
+        c.query_opt("SELECT 1 FROM shadow_alter.migrations WHERE phase = 'waiting' AND message LIKE 'verified 5000 rows%'", &[])
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    // something other than the stream changes the shadow: the next comparison must notice
+    c.batch_execute("UPDATE t__sa_new SET w = 'corrupted' WHERE id = 4242")
+        .await
+        .unwrap();
+    let err = migration
+        .await
+        .unwrap()
+        .expect_err("the run must refuse to go on");
+    assert!(err.to_string().contains("differs from the source"), "{err}");
+    assert!(
+        err.to_string().contains("(id) in"),
+        "the message names the key range: {err}"
+    );
+    let t: String = c
+        .query_one("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'v'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(t, "integer", "nothing was swapped");
+    assert_nothing_left(&c).await;
 }

@@ -17,6 +17,7 @@ pub mod schedule;
 pub mod shadow;
 pub mod state;
 pub mod stream;
+pub mod verify;
 
 pub use error::MigrateError;
 pub use run::run;

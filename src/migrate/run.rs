@@ -19,6 +19,7 @@ use super::schedule::{Schedule, Window};
 use super::shadow::{self, Names};
 use super::state::{Progress as StateProgress, Requests, State};
 use super::stream::{Lsn, ReplicationConn};
+use super::verify;
 use crate::cli::RunArgs;
 use crate::conninfo;
 use crate::plan::parse_alter;
@@ -234,14 +235,30 @@ impl Ctx2<'_> {
         let mut repl = ReplicationConn::connect(self.config)
             .await
             .ctx("opening the replication connection")?;
-        let slot = tokio::select! {
-            r = tokio::time::timeout(SLOT_TIMEOUT, repl.create_temporary_slot(&names.slot)) => match r {
-                Ok(r) => r.ctx("creating the replication slot")?,
-                Err(_) => return Err(MigrateError::Preflight(format!(
-                    "creating the replication slot waited {SLOT_TIMEOUT:?} for running transactions to finish; \
-                     look for long transactions in pg_stat_activity and retry"))),
-            },
-            _ = abort.changed() => return Err(MigrateError::Aborted),
+        let slot = {
+            let create =
+                tokio::time::timeout(SLOT_TIMEOUT, repl.create_temporary_slot(&names.slot));
+            tokio::pin!(create);
+            let mut waiting = tokio::time::interval(Duration::from_secs(5));
+            waiting.tick().await;
+            loop {
+                tokio::select! {
+                    r = &mut create => match r {
+                        Ok(r) => break r.ctx("creating the replication slot")?,
+                        Err(_) => return Err(MigrateError::Preflight(format!(
+                            "creating the replication slot waited {SLOT_TIMEOUT:?} for running transactions to finish{}; \
+                             end them or retry later",
+                            self.oldest_transaction().await))),
+                    },
+                    _ = waiting.tick() => {
+                        // the server waits for every transaction running when the slot was requested
+                        let who = self.oldest_transaction().await;
+                        tracing::warn!("creating the replication slot waits for running transactions to finish{who}");
+                        self.state.phase(self.control, "shadow", Some(&format!("waiting for running transactions{who}"))).await;
+                    }
+                    _ = abort.changed() => return Err(MigrateError::Aborted),
+                }
+            }
         };
         tracing::info!(
             "replication slot {} created at {}",
@@ -317,6 +334,7 @@ impl Ctx2<'_> {
         self.state.phase(self.control, "catch-up", None).await;
         progress.start_phase("catch-up", None);
         let mut caught_up = false;
+        let mut last_verify: Option<Instant> = None;
         loop {
             if *abort.borrow() {
                 return Err(MigrateError::Aborted);
@@ -359,6 +377,11 @@ impl Ctx2<'_> {
                         .phase(self.control, "waiting", Some(&reason))
                         .await;
                     progress.update(applied, None, &format!("caught up, {reason}"));
+                    if last_verify.is_none_or(|t| t.elapsed() >= args.verify_every) {
+                        self.verify(&mut follower, &mut markers, &mapping, &mut progress)
+                            .await?;
+                        last_verify = Some(Instant::now());
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = abort.changed() => return Err(MigrateError::Aborted),
@@ -368,7 +391,12 @@ impl Ctx2<'_> {
         }
         progress.finish_phase();
 
-        // 7. swap
+        // 7. swap (after a last comparison, when asked for)
+        if args.verify {
+            self.state.phase(self.control, "verify", None).await;
+            self.verify(&mut follower, &mut markers, &mapping, &mut progress)
+                .await?;
+        }
         if *abort.borrow() {
             return Err(MigrateError::Aborted);
         }
@@ -464,6 +492,86 @@ impl Ctx2<'_> {
             outcome.lock_held.as_millis()
         ));
         Ok(())
+    }
+
+    /// Compare source and shadow; a difference stops the run before any swap.
+    async fn verify(
+        &self,
+        follower: &mut Follower,
+        markers: &mut Markers,
+        mapping: &super::shadow::Mapping,
+        progress: &mut Progress,
+    ) -> Result<(), MigrateError> {
+        let started = Instant::now();
+        let report = verify::verify(
+            self.control,
+            follower,
+            markers,
+            self.table,
+            mapping,
+            self.names,
+            self.args.chunk_size.max(1000),
+        )
+        .await?;
+        let Some(report) = report else {
+            progress.println("verification skipped: the ALTER changes the key's type or order, so chunks cannot be compared");
+            return Ok(());
+        };
+        if !report.differences.is_empty() {
+            let list = report
+                .differences
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ");
+            let msg = format!(
+                "verification found {} key range(s) where the shadow differs from the source: {list}; nothing was swapped",
+                report.differences.len()
+            );
+            self.state.message(self.control, &msg).await;
+            return Err(MigrateError::Internal(msg));
+        }
+        let msg = format!(
+            "verified {} rows in {} chunks in {:.1}s: no difference{}",
+            report.rows,
+            report.chunks,
+            started.elapsed().as_secs_f64(),
+            if report.unsettled > 0 {
+                format!(
+                    " ({} chunks kept changing and were not compared)",
+                    report.unsettled
+                )
+            } else {
+                String::new()
+            }
+        );
+        progress.println(&msg);
+        self.state.message(self.control, &msg).await;
+        Ok(())
+    }
+
+    /// The oldest open transaction with an xid, for messages about waits ("" when none).
+    async fn oldest_transaction(&self) -> String {
+        let row = self
+            .control
+            .query_opt(
+                "SELECT pid, extract(epoch FROM now() - xact_start)::int, coalesce(left(query, 60), '')
+                 FROM pg_stat_activity
+                 WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+                 ORDER BY xact_start LIMIT 1",
+                &[],
+            )
+            .await;
+        match row {
+            Ok(Some(r)) => format!(
+                " (oldest: pid {}, open for {}s, last query: {})",
+                r.get::<_, i32>(0),
+                r.get::<_, i32>(1),
+                r.get::<_, String>(2)
+            ),
+            _ => String::new(),
+        }
     }
 
     /// Bytes of WAL between the server's current position and what is applied.
