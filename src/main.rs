@@ -42,6 +42,13 @@ fn main() -> ExitCode {
                     ExitCode::from(e.exit_code())
                 }
             },
+            Command::Plan(args) => match shadow_alter::plan::command(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            },
             Command::Proxy(args) => match shadow_alter::proxy::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

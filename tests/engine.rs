@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shadow_alter::cli::{ConnArgs, ProgressMode, RunArgs};
+use shadow_alter::cli::{ConnArgs, ProgressMode, RunArgs, StrategyChoice};
 use shadow_alter::migrate::MigrateError;
 use support::{connect, fresh_db, wait_until};
 use tokio_postgres::Client;
@@ -27,6 +27,7 @@ fn args(url: &str, table: &str, alter: &str) -> RunArgs {
         swap_attempts: 10,
         drop_old: false,
         progress: ProgressMode::None,
+        strategy: StrategyChoice::ShadowCopy,
     }
 }
 

@@ -59,6 +59,12 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
             "--swap-attempts must be at least 1".into(),
         ));
     }
+    // Most ALTERs need no copy: run direct and online-steps plans without one.
+    if args.strategy == crate::cli::StrategyChoice::Auto
+        && crate::plan::execute::run_without_copy(&args).await?
+    {
+        return Ok(());
+    }
     let config = conninfo::resolve(args.conn.database_url.as_deref())
         .map_err(|e| MigrateError::BadInput(e.to_string()))?;
     let started = Instant::now();
