@@ -442,8 +442,9 @@ fn scan_reason(part: &Part, table: &Table, real: &RealCatalog) -> Option<ScanRea
             let has_default = cd.raw_default.is_some()
                 || constraints_of(cd).any(|c| c.contype == ConstrType::ConstrDefault as i32);
             let scans = constraints_of(cd).any(|c| {
-                (c.contype == ConstrType::ConstrCheck as i32 && !c.skip_validation)
-                    || (c.contype == ConstrType::ConstrForeign as i32 && !c.skip_validation)
+                let validated = c.contype == ConstrType::ConstrCheck as i32
+                    || c.contype == ConstrType::ConstrForeign as i32;
+                (validated && !c.skip_validation)
                     || (c.contype == ConstrType::ConstrNotnull as i32 && !has_default)
             });
             scans.then_some(ScanReason::NewColumnConstraints)
@@ -564,20 +565,13 @@ fn unprobeable(part: &Part, real: &RealCatalog) -> Option<String> {
     if names_constraint && real.constraints.get(part.name()) == Some(&'f') {
         return Some("foreign keys are not copied".into());
     }
+    // only foreign keys name other tables
     if part
-        .constraint()
-        .is_some_and(|c| c.contype == ConstrType::ConstrForeign as i32)
-        || part.column_def().is_some_and(|cd| {
-            constraints_of(cd).any(|c| c.contype == ConstrType::ConstrForeign as i32)
-        })
+        .references
+        .iter()
+        .any(|(s, n, _)| s == "pg_temp" || n.is_empty())
     {
-        if part
-            .references
-            .iter()
-            .any(|(s, n, _)| s == "pg_temp" || n.is_empty())
-        {
-            return Some("the referenced table cannot be copied".into());
-        }
+        return Some("the referenced table cannot be copied".into());
     }
     None
 }

@@ -57,12 +57,15 @@ pub fn estimate(
 ) -> Estimate {
     let (heap, total) = (real.heap_bytes, table.size_bytes);
     let per = |e: Effect, s: Strategy| step_seconds(e, heap, total, s);
-    let seconds = steps.iter().map(|s| per(s.effect, strategy)).sum::<f64>();
+    let seconds = steps
+        .iter()
+        .map(|s| per(s.effect, strategy))
+        .fold(0.0, |a, b| a + b);
     let blocking_seconds = steps
         .iter()
         .filter(|s| s.blocking)
         .map(|s| per(s.effect, strategy))
-        .sum::<f64>();
+        .fold(0.0, |a, b| a + b);
     let plain: f64 = analyses
         .iter()
         .filter(|a| a.blocking)
@@ -248,10 +251,15 @@ pub fn runbook(
                 })
             }
             (Some(A::AtAlterColumnType), _) => {
-                irreversible.push(format!(
-                    "ALTER COLUMN {col} TYPE: converting back may not restore every value exactly (rounding, truncation, USING expressions)"
-                ));
-                if !key.is_empty() {
+                let converts = analyses
+                    .iter()
+                    .any(|a| a.sql == part.sql && a.effect == Effect::Rewrite);
+                irreversible.push(if converts {
+                    format!("ALTER COLUMN {col} TYPE: converting back may not restore every value exactly (rounding, truncation, USING expressions)")
+                } else {
+                    format!("ALTER COLUMN {col} TYPE: changing back fails once values that only fit the new type are written")
+                });
+                if converts && !key.is_empty() {
                     backup.push(format!(
                         "CREATE TABLE {} AS SELECT {}, {qc} FROM {t};",
                         qualified(&table.schema, &format!("{}_{col}_backup", table.name)),

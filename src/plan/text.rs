@@ -69,8 +69,10 @@ pub fn render(p: &Plan) -> String {
             if s.blocking { "BLOCKS " } else { "" },
             if s.blocking {
                 "reads/writes"
+            } else if s.lock.blocks_writes() {
+                "brief lock, retried under lock_timeout"
             } else {
-                "does not block reads or writes beyond a brief lock"
+                "does not block reads or writes"
             },
             if secs > 0.0 {
                 format!("~{secs:.1}s")
