@@ -131,6 +131,13 @@ pub async fn command(args: PlanArgs) -> Result<(), MigrateError> {
             .map_err(|e| MigrateError::Internal(format!("rendering the plan as JSON: {e}")))?,
         PlanFormat::Text => text::render(&plan),
     };
-    println!("{out}");
-    Ok(())
+    // `plan ... | head` closes stdout early: that is not an error worth a panic
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{out}").and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(MigrateError::Internal(
+            format!("writing the plan to stdout: {e}"),
+        )),
+        _ => Ok(()),
+    }
 }
