@@ -181,6 +181,16 @@ async fn alters_are_classified_by_the_server() {
         p.subcommands[0].locks
     );
 
+    // a self-referencing foreign key is probed against the copy itself
+    let p = plan_for(
+        &c,
+        "t",
+        "ADD CONSTRAINT t_self FOREIGN KEY (c) REFERENCES t (id) NOT VALID",
+    )
+    .await;
+    assert!(p.subcommands[0].verified, "{:?}", p.subcommands[0]);
+    assert_eq!(p.strategy, Strategy::Direct);
+
     // timestamp -> timestamptz rewrites unless the session's TimeZone is UTC
     c.batch_execute("SET timezone = 'America/New_York'")
         .await

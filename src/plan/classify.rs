@@ -607,14 +607,13 @@ impl Clones {
             .batch_execute("SET lock_timeout = '5s'; SET client_min_messages = warning")
             .await
             .ctx("setting up the planner session")?;
-        let main = clone_table(probe, &table.qualified(), &table.name, table.oid).await?;
-        let mut names = HashMap::from([(table.name.clone(), table.qualified())]);
-        let mut refs = HashMap::new();
-        let mut real_refs = HashMap::new();
+        // Resolve referenced tables before any copy exists: the temporary schema comes first
+        // in the search path, so afterwards `REFERENCES t` would find our copy of t.
+        let mut resolved = Vec::new();
         for part in &spec.parts {
             for (schema, name, _) in &part.references {
                 let key = (schema.clone(), name.clone());
-                if refs.contains_key(&key) || name.is_empty() {
+                if resolved.iter().any(|(k, _)| *k == key) || name.is_empty() {
                     continue;
                 }
                 let shown = if schema.is_empty() {
@@ -628,28 +627,36 @@ impl Clones {
                         "the ALTER references table {shown}, which does not exist"
                     )));
                 };
-                if oid == table.oid {
-                    real_refs.insert(key.clone(), table.qualified());
-                    refs.insert(key, table.name.clone());
-                    continue;
-                }
-                if names.contains_key(name) {
-                    continue; // same name in another schema: not probed, rules apply
-                }
-                let r = probe
-                    .query_one(
-                        "SELECT n.nspname::text, c.relname::text FROM pg_class c
-                         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
-                        &[&oid],
-                    )
-                    .await
-                    .ctx("naming a referenced table")?;
-                let real = crate::sql::qualified(r.get(0), r.get(1));
-                real_refs.insert(key.clone(), real.clone());
-                clone_table(probe, &real, name, oid).await?;
-                names.insert(name.clone(), real);
-                refs.insert(key, name.clone());
+                resolved.push((key, oid));
             }
+        }
+        let main = clone_table(probe, &table.qualified(), &table.name, table.oid).await?;
+        let mut names = HashMap::from([(table.name.clone(), table.qualified())]);
+        let mut refs = HashMap::new();
+        let mut real_refs = HashMap::new();
+        for (key, oid) in resolved {
+            let name = &key.1;
+            if oid == table.oid {
+                real_refs.insert(key.clone(), table.qualified());
+                refs.insert(key, table.name.clone());
+                continue;
+            }
+            if names.contains_key(name) {
+                continue; // same name in another schema: not probed, rules apply
+            }
+            let r = probe
+                .query_one(
+                    "SELECT n.nspname::text, c.relname::text FROM pg_class c
+                         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+                    &[&oid],
+                )
+                .await
+                .ctx("naming a referenced table")?;
+            let real = crate::sql::qualified(r.get(0), r.get(1));
+            real_refs.insert(key.clone(), real.clone());
+            clone_table(probe, &real, name, oid).await?;
+            names.insert(name.clone(), real);
+            refs.insert(key.clone(), name.clone());
         }
         Ok(Clones {
             main,
