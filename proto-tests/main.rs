@@ -1,3 +1,13 @@
-//! Wire-protocol conformance tests for the proxy (filled in with the proxy).
+//! Wire-protocol conformance tests for the proxy, against a real PostgreSQL started by the
+//! harness: differential tests (direct vs through the proxy), real clients (psql, pgbench,
+//! psycopg 3, node-postgres), authentication and TLS, hold/release, and robustness.
+//! Prerequisites beyond PostgreSQL: `proto-tests/setup.sh`.
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+mod auth;
+mod clients;
+mod common;
+mod differential;
+mod hold;
+mod robustness;

@@ -38,6 +38,44 @@ pub enum Command {
     Plan(PlanArgs),
     /// Forward PostgreSQL connections, holding them at transaction boundaries during a swap.
     Proxy(ProxyArgs),
+    /// Show every migration recorded in the database: phase, progress, lag, why a cutover waits.
+    Status(StatusArgs),
+    /// Let a postponed migration swap now, or at a given time.
+    Cutover(CutoverArgs),
+    /// Stop a migration and drop everything it created; the original table is untouched.
+    Abort(AbortArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// One JSON document instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CutoverArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// The table whose migration may swap.
+    pub table: String,
+    /// Swap at this time instead of now (anything PostgreSQL reads as timestamptz,
+    /// e.g. '2026-11-22 02:30+01').
+    #[arg(long)]
+    pub at: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AbortArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// The table whose migration to stop.
+    pub table: String,
+    /// How long to wait for the running process to clean up.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub wait: Duration,
 }
 
 /// Where the database is. Falls back to DATABASE_URL, then to the libpq PG* variables.
@@ -77,6 +115,23 @@ pub struct RunArgs {
     /// Progress display on stderr.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
+    /// Admin console of a proxy the applications use (repeatable), e.g.
+    /// postgres://admin:secret@proxy1:6432/shadow_alter. At the swap every proxy holds its
+    /// clients at a transaction boundary, so applications see a pause instead of errors.
+    #[arg(long = "proxy", value_name = "URL")]
+    pub proxies: Vec<String>,
+    /// Longest a client may be held by the proxies during a swap attempt.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    pub max_pause: Duration,
+    /// Copy and keep catching up, but swap only after `shadow-alter cutover <table>`.
+    #[arg(long)]
+    pub postpone_cutover: bool,
+    /// Swap only inside this daily window, e.g. 02:00-04:00 (may cross midnight).
+    #[arg(long, value_name = "HH:MM-HH:MM")]
+    pub cutover_window: Option<String>,
+    /// Time zone of --cutover-window (a PostgreSQL time zone name).
+    #[arg(long, default_value = "UTC")]
+    pub timezone: String,
     /// `auto`: the plan's strategy (direct, online-steps or shadow-copy); `shadow-copy`: always copy.
     #[arg(long, value_enum, default_value_t = StrategyChoice::Auto)]
     pub strategy: StrategyChoice,

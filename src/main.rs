@@ -49,6 +49,9 @@ fn main() -> ExitCode {
                     ExitCode::from(e.exit_code())
                 }
             },
+            Command::Status(args) => report(shadow_alter::migrate::commands::status(args).await),
+            Command::Cutover(args) => report(shadow_alter::migrate::commands::cutover(args).await),
+            Command::Abort(args) => report(shadow_alter::migrate::commands::abort(args).await),
             Command::Proxy(args) => match shadow_alter::proxy::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -58,4 +61,14 @@ fn main() -> ExitCode {
             },
         }
     })
+}
+
+fn report(r: Result<(), shadow_alter::migrate::MigrateError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }

@@ -435,6 +435,11 @@ fn run_args(url: &str, table: &str, alter: &str) -> RunArgs {
         swap_attempts: 10,
         drop_old: false,
         progress: ProgressMode::None,
+        proxies: Vec::new(),
+        max_pause: Duration::from_millis(500),
+        postpone_cutover: false,
+        cutover_window: None,
+        timezone: "UTC".into(),
         strategy: StrategyChoice::Auto,
     }
 }

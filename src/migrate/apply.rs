@@ -1,14 +1,21 @@
-//! Applying the change stream to the shadow table: each source change becomes one prepared
-//! statement; source transactions are applied in commit order and grouped into target
+//! Applying the change stream to the shadow table, in commit order, grouped into target
 //! transactions that end only at a source commit boundary.
 //!
-//! Values travel as text and are cast by the server: `$n::text::<source type>` rebuilds the
+//! Batching: changes are gathered into a *window* in which every key (old and new) appears at
+//! most once. Changes to different rows commute, so a window is applied as one array statement
+//! per kind (delete, update per unchanged-TOAST mask, insert), whatever the interleaving in the
+//! stream. A key seen again closes the window first, so changes to one row keep their order.
+//! When the shadow has unique or exclusion constraints besides the key, reordering rows could
+//! trip them, and every change is applied on its own, in stream order.
+//!
+//! Values travel as text arrays and are cast by the server: `u.aN::<source type>` rebuilds the
 //! source value, then the same expression the copy used (plain column or USING) computes the
-//! shadow value, under the same assignment casts. Unchanged TOAST values ('u') are left alone
+//! shadow value under the same assignment casts. Unchanged TOAST values ('u') are left alone
 //! where the shadow value depends on them only, and read from the source row where an
-//! expression needs them together with changed columns.
+//! expression needs them together with changed columns. Statements are pipelined: each is
+//! sent at once and its row count checked later, in order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,14 +43,26 @@ pub enum Change {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum StmtKey {
-    Insert,
-    Update(Vec<bool>),
     Delete,
+    /// Which stream columns are unchanged TOAST values.
+    Update(Vec<bool>),
+    Insert,
 }
 
-/// Builds and caches the statements for one source relation layout.
+impl StmtKey {
+    fn what(&self) -> &'static str {
+        match self {
+            StmtKey::Delete => "delete",
+            StmtKey::Update(_) => "update",
+            StmtKey::Insert => "insert",
+        }
+    }
+}
+
 /// Statements sent but not yet checked, at most.
-const PIPELINE_DEPTH: usize = 512;
+const PIPELINE_DEPTH: usize = 64;
+/// Rows in one window, at most.
+const WINDOW_ROWS: usize = 1_000;
 
 type InFlightFuture = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
 
@@ -52,16 +71,39 @@ enum InFlightState {
     Done(Result<u64, tokio_postgres::Error>),
 }
 
-/// A statement on the wire, with what we need to explain its failure.
+/// A statement on the wire, with what we need to check and explain it.
 struct InFlight {
     state: InFlightState,
     what: &'static str,
-    key: String,
+    rows: u64,
+    keys: String,
+}
+
+type KeyValue = Vec<Option<String>>;
+
+/// Rows of one statement kind in the current window.
+struct Group {
+    key: StmtKey,
+    stmt: Statement,
+    /// Parameters column-major: one text array per statement parameter.
+    columns: Vec<Vec<Option<String>>>,
+    rows: usize,
+    keys: Vec<String>,
+}
+
+#[derive(Default)]
+struct Window {
+    keys: HashSet<KeyValue>,
+    groups: Vec<Group>,
+    rows: usize,
 }
 
 pub struct Applier {
     client: Arc<Client>,
     in_flight: VecDeque<InFlight>,
+    window: Window,
+    /// Rows may be reordered within a window (no unique constraint besides the key).
+    reorder_ok: bool,
     shadow: String,
     source: String,
     mapping: Mapping,
@@ -69,7 +111,7 @@ pub struct Applier {
     columns: Vec<(String, String)>,
     /// Position in the stream tuple of each source key column.
     key_pos: Vec<usize>,
-    cache: HashMap<StmtKey, Statement>,
+    cache: HashMap<StmtKey, Option<Statement>>,
     in_tx: bool,
     /// Changes in the open target transaction.
     pending: usize,
@@ -80,6 +122,8 @@ impl Applier {
         Applier {
             client: Arc::new(client),
             in_flight: VecDeque::new(),
+            window: Window::default(),
+            reorder_ok: !mapping.other_unique,
             shadow: names.shadow_qualified(),
             source: table.qualified(),
             mapping: mapping.clone(),
@@ -145,37 +189,42 @@ impl Applier {
         Ok(())
     }
 
-    /// `(VALUES ($1::text::t1, ...)) AS s(c1, ...)`, with 'u' columns replaced by `replaced`.
-    fn values_alias(&self, first: usize, replaced: &HashMap<usize, String>) -> String {
-        let vals: Vec<String> = self
-            .columns
+    /// The source row of each array element: `(SELECT u.__sa_ord, <typed values> FROM
+    /// unnest($first::text[], ...) WITH ORDINALITY AS u(a0, ..., __sa_ord)) AS s`, over `cols`
+    /// (stream positions), with some values replaced (unchanged TOAST).
+    fn rows_from_arrays(
+        &self,
+        cols: &[usize],
+        first: usize,
+        replaced: &HashMap<usize, String>,
+    ) -> String {
+        let arrays: Vec<String> = (0..cols.len())
+            .map(|i| format!("${}::text[]", first + i))
+            .collect();
+        let aliases: Vec<String> = (0..cols.len()).map(|i| format!("a{i}")).collect();
+        let values: Vec<String> = cols
             .iter()
             .enumerate()
-            .map(|(i, (_, t))| {
-                replaced
-                    .get(&i)
+            .map(|(i, &p)| {
+                let (name, ty) = &self.columns[p];
+                let v = replaced
+                    .get(&p)
                     .cloned()
-                    .unwrap_or_else(|| format!("${}::text::{t}", first + i))
+                    .unwrap_or_else(|| format!("u.a{i}::{ty}"));
+                format!("{v} AS {}", quote_ident(name))
             })
             .collect();
-        let names: Vec<String> = self.columns.iter().map(|(n, _)| quote_ident(n)).collect();
-        format!("(VALUES ({})) AS s({})", vals.join(", "), names.join(", "))
+        format!(
+            "(SELECT u.__sa_ord, {} FROM unnest({}) WITH ORDINALITY AS u({}, __sa_ord)) AS s",
+            values.join(", "),
+            arrays.join(", "),
+            aliases.join(", ")
+        )
     }
 
-    /// `(SELECT <key exprs> AS z0.. FROM (VALUES (key params)) AS s(keys)) AS o` + WHERE condition.
-    fn key_match(&self, first: usize) -> (String, String) {
-        let vals: Vec<String> = self
-            .key_pos
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| format!("${}::text::{}", first + i, self.columns[p].1))
-            .collect();
-        let names: Vec<String> = self
-            .mapping
-            .source_key
-            .iter()
-            .map(|k| quote_ident(k))
-            .collect();
+    /// Derived table `o` with the shadow key (`z0..`) computed from old key arrays at `first`,
+    /// and the condition matching shadow rows `t` to it.
+    fn old_keys(&self, first: usize) -> (String, String) {
         let exprs: Vec<String> = self
             .mapping
             .key_targets
@@ -184,10 +233,9 @@ impl Applier {
             .map(|(i, &t)| format!("({}) AS z{i}", self.mapping.targets[t].expr))
             .collect();
         let from = format!(
-            "(SELECT {} FROM (VALUES ({})) AS s({})) AS o",
+            "(SELECT s.__sa_ord, {} FROM {}) AS o",
             exprs.join(", "),
-            vals.join(", "),
-            names.join(", ")
+            self.rows_from_arrays(&self.key_pos, first, &HashMap::new())
         );
         let cond: Vec<String> = self
             .mapping
@@ -199,8 +247,10 @@ impl Applier {
         (from, cond.join(" AND "))
     }
 
+    /// SQL and parameter count of a statement kind, or None when it has nothing to do.
     fn build(&self, key: &StmtKey) -> Option<(String, usize)> {
         let n = self.columns.len();
+        let all: Vec<usize> = (0..n).collect();
         match key {
             StmtKey::Insert => Some((
                 format!(
@@ -209,7 +259,7 @@ impl Applier {
                     self.mapping.column_list(),
                     self.mapping.overriding_clause(),
                     self.mapping.expr_list(),
-                    self.values_alias(1, &HashMap::new())
+                    self.rows_from_arrays(&all, 1, &HashMap::new())
                 ),
                 n,
             )),
@@ -238,7 +288,7 @@ impl Applier {
                 // 'u' columns that a remaining expression still reads come from the source row
                 let mut replaced = HashMap::new();
                 for (i, (name, ty)) in self.columns.iter().enumerate() {
-                    if !unchanged[i] {
+                    if !unchanged.get(i).copied().unwrap_or(false) {
                         continue;
                     }
                     let needed = targets.iter().any(|t| t.reads.contains(name));
@@ -248,9 +298,8 @@ impl Applier {
                             .iter()
                             .map(|&p| {
                                 format!(
-                                    "x.{} = ${}::text::{}",
+                                    "x.{} = u.a{p}::{}",
                                     quote_ident(&self.columns[p].0),
-                                    p + 1,
                                     self.columns[p].1
                                 )
                             })
@@ -276,23 +325,23 @@ impl Applier {
                     .enumerate()
                     .map(|(i, t)| format!("({}) AS x{i}", t.expr))
                     .collect();
-                let (key_from, key_cond) = self.key_match(n + 1);
+                let (old_from, key_cond) = self.old_keys(n + 1);
                 Some((
                     format!(
-                        "UPDATE {} AS t SET {} FROM (SELECT {} FROM {}) AS n, {key_from} WHERE {key_cond}",
+                        "UPDATE {} AS t SET {} FROM (SELECT s.__sa_ord, {} FROM {}) AS n JOIN {old_from} ON o.__sa_ord = n.__sa_ord WHERE {key_cond}",
                         self.shadow,
                         sets.join(", "),
                         exprs.join(", "),
-                        self.values_alias(1, &replaced)
+                        self.rows_from_arrays(&all, 1, &replaced)
                     ),
                     n + self.key_pos.len(),
                 ))
             }
             StmtKey::Delete => {
-                let (key_from, key_cond) = self.key_match(1);
+                let (old_from, key_cond) = self.old_keys(1);
                 Some((
                     format!(
-                        "DELETE FROM {} AS t USING {key_from} WHERE {key_cond}",
+                        "DELETE FROM {} AS t USING {old_from} WHERE {key_cond}",
                         self.shadow
                     ),
                     self.key_pos.len(),
@@ -301,21 +350,24 @@ impl Applier {
         }
     }
 
-    async fn statement(&mut self, key: StmtKey) -> Result<Option<Statement>, MigrateError> {
-        if let Some(s) = self.cache.get(&key) {
-            return Ok(Some(s.clone()));
+    async fn statement(&mut self, key: &StmtKey) -> Result<Option<Statement>, MigrateError> {
+        if let Some(s) = self.cache.get(key) {
+            return Ok(s.clone());
         }
-        let Some((sql, nparams)) = self.build(&key) else {
-            return Ok(None);
+        let stmt = match self.build(key) {
+            Some((sql, nparams)) => {
+                let types = vec![Type::TEXT_ARRAY; nparams];
+                Some(
+                    self.client
+                        .prepare_typed(&sql, &types)
+                        .await
+                        .ctx(format!("preparing an apply statement ({sql})"))?,
+                )
+            }
+            None => None,
         };
-        let types = vec![Type::TEXT; nparams];
-        let stmt = self
-            .client
-            .prepare_typed(&sql, &types)
-            .await
-            .ctx(format!("preparing an apply statement ({sql})"))?;
-        self.cache.insert(key, stmt.clone());
-        Ok(Some(stmt))
+        self.cache.insert(key.clone(), stmt.clone());
+        Ok(stmt)
     }
 
     async fn begin_if_needed(&mut self) -> Result<(), MigrateError> {
@@ -332,21 +384,21 @@ impl Applier {
     fn text(v: &TupleValue) -> Result<Option<String>, MigrateError> {
         match v {
             TupleValue::Null | TupleValue::Unchanged => Ok(None),
-            TupleValue::Text(b) => std::str::from_utf8(b)
-                .map(|s| Some(s.to_string()))
-                .map_err(|_| MigrateError::Internal("a value in the change stream is not valid UTF-8 (is the database encoding UTF8?)".into())),
+            TupleValue::Text(b) => std::str::from_utf8(b).map(|s| Some(s.to_string())).map_err(|_| {
+                MigrateError::Internal("a value in the change stream is not valid UTF-8 (is the database encoding UTF8?)".into())
+            }),
         }
     }
 
-    fn describe_key(&self, tuple: &[TupleValue]) -> String {
-        let vals: Vec<String> = self
-            .key_pos
+    fn key_of(&self, tuple: &[TupleValue]) -> Result<KeyValue, MigrateError> {
+        self.key_pos
             .iter()
-            .map(|&p| match tuple.get(p) {
-                Some(TupleValue::Text(b)) => String::from_utf8_lossy(b).into_owned(),
-                _ => "?".into(),
-            })
-            .collect();
+            .map(|&p| Self::text(tuple.get(p).unwrap_or(&TupleValue::Null)))
+            .collect()
+    }
+
+    fn describe_key(&self, key: &KeyValue) -> String {
+        let vals: Vec<&str> = key.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
         format!(
             "({})=({})",
             self.mapping.source_key.join(", "),
@@ -354,8 +406,7 @@ impl Applier {
         )
     }
 
-    /// Apply one change inside the current target transaction. The statement is sent at once
-    /// (pipelined); its result is checked later, in order, by `settle`.
+    /// Apply one change inside the current target transaction (batched with other rows).
     pub async fn apply(&mut self, change: &Change) -> Result<(), MigrateError> {
         if self.columns.is_empty() && !matches!(change, Change::Truncate) {
             return Err(MigrateError::Internal(
@@ -364,43 +415,9 @@ impl Applier {
         }
         self.begin_if_needed().await?;
         self.pending += 1;
-        let (stmt, params, what, key) = match change {
-            Change::Insert(new) => {
-                let stmt = self
-                    .statement(StmtKey::Insert)
-                    .await?
-                    .ok_or_else(|| MigrateError::Internal("no insert".into()))?;
-                let params = new.iter().map(Self::text).collect::<Result<Vec<_>, _>>()?;
-                (stmt, params, "insert", self.describe_key(new))
-            }
-            Change::Update { old, new } => {
-                let unchanged: Vec<bool> = new
-                    .iter()
-                    .map(|v| matches!(v, TupleValue::Unchanged))
-                    .collect();
-                let Some(stmt) = self.statement(StmtKey::Update(unchanged)).await? else {
-                    return Ok(());
-                };
-                let key_src = old.as_ref().unwrap_or(new);
-                let mut params = new.iter().map(Self::text).collect::<Result<Vec<_>, _>>()?;
-                for &p in &self.key_pos {
-                    params.push(Self::text(key_src.get(p).unwrap_or(&TupleValue::Null))?);
-                }
-                (stmt, params, "update", self.describe_key(key_src))
-            }
-            Change::Delete(old) => {
-                let stmt = self
-                    .statement(StmtKey::Delete)
-                    .await?
-                    .ok_or_else(|| MigrateError::Internal("no delete".into()))?;
-                let params = self
-                    .key_pos
-                    .iter()
-                    .map(|&p| Self::text(old.get(p).unwrap_or(&TupleValue::Null)))
-                    .collect::<Result<Vec<_>, _>>()?;
-                (stmt, params, "delete", self.describe_key(old))
-            }
+        let (key, params, touched) = match change {
             Change::Truncate => {
+                self.flush_window().await?;
                 self.settle_all().await?;
                 let sql = format!("TRUNCATE {}", self.shadow);
                 self.client
@@ -409,26 +426,111 @@ impl Applier {
                     .ctx("applying a TRUNCATE")?;
                 return Ok(());
             }
+            Change::Insert(new) => {
+                let params = new.iter().map(Self::text).collect::<Result<Vec<_>, _>>()?;
+                (StmtKey::Insert, params, vec![self.key_of(new)?])
+            }
+            Change::Update { old, new } => {
+                let unchanged: Vec<bool> = new
+                    .iter()
+                    .map(|v| matches!(v, TupleValue::Unchanged))
+                    .collect();
+                let old_key = self.key_of(old.as_ref().unwrap_or(new))?;
+                let new_key = self.key_of(new)?;
+                let mut params = new.iter().map(Self::text).collect::<Result<Vec<_>, _>>()?;
+                params.extend(old_key.iter().cloned());
+                let touched = if old_key == new_key {
+                    vec![old_key]
+                } else {
+                    vec![old_key, new_key]
+                };
+                (StmtKey::Update(unchanged), params, touched)
+            }
+            Change::Delete(old) => {
+                let key = self.key_of(old)?;
+                (StmtKey::Delete, key.clone(), vec![key])
+            }
         };
-        let client = self.client.clone();
-        let mut fut: InFlightFuture = Box::pin(async move {
-            client
-                .execute_raw(&stmt, params.iter().map(|p| p.as_deref()))
-                .await
-        });
-        // the first poll puts the request on the connection, in order; later polls wait for it
-        let state = match futures_util::poll!(fut.as_mut()) {
-            std::task::Poll::Ready(r) => InFlightState::Done(r),
-            std::task::Poll::Pending => InFlightState::Sent(fut),
+        let Some(stmt) = self.statement(&key).await? else {
+            return Ok(());
         };
-        self.in_flight.push_back(InFlight { state, what, key });
-        while self.in_flight.len() > PIPELINE_DEPTH {
-            self.settle_one().await?;
+        if !self.reorder_ok
+            || self.window.rows >= WINDOW_ROWS
+            || touched.iter().any(|k| self.window.keys.contains(k))
+        {
+            self.flush_window().await?;
+        }
+        let desc = self.describe_key(&touched[0]);
+        let group = match self.window.groups.iter().position(|g| g.key == key) {
+            Some(i) => &mut self.window.groups[i],
+            None => {
+                let columns = vec![Vec::new(); params.len()];
+                self.window.groups.push(Group {
+                    key,
+                    stmt,
+                    columns,
+                    rows: 0,
+                    keys: Vec::new(),
+                });
+                self.window
+                    .groups
+                    .last_mut()
+                    .ok_or_else(|| MigrateError::Internal("empty window".into()))?
+            }
+        };
+        for (col, v) in group.columns.iter_mut().zip(params) {
+            col.push(v);
+        }
+        group.rows += 1;
+        if group.keys.len() < 3 {
+            group.keys.push(desc);
+        }
+        self.window.rows += 1;
+        self.window.keys.extend(touched);
+        if !self.reorder_ok {
+            self.flush_window().await?;
         }
         Ok(())
     }
 
-    /// Wait for the oldest statement in flight and check that it touched exactly one row.
+    /// Send one statement per group of the window (pipelined).
+    async fn flush_window(&mut self) -> Result<(), MigrateError> {
+        let window = std::mem::take(&mut self.window);
+        for g in window.groups {
+            let client = self.client.clone();
+            let Group {
+                key,
+                stmt,
+                columns,
+                rows,
+                keys,
+            } = g;
+            let mut fut: InFlightFuture =
+                Box::pin(async move { client.execute_raw(&stmt, columns.iter()).await });
+            // the first poll puts the request on the connection, in order; later polls wait for it
+            let state = match futures_util::poll!(fut.as_mut()) {
+                std::task::Poll::Ready(r) => InFlightState::Done(r),
+                std::task::Poll::Pending => InFlightState::Sent(fut),
+            };
+            let keys = if rows > keys.len() {
+                format!("{} and {} more", keys.join(", "), rows - keys.len())
+            } else {
+                keys.join(", ")
+            };
+            self.in_flight.push_back(InFlight {
+                state,
+                what: key.what(),
+                rows: rows as u64,
+                keys,
+            });
+            while self.in_flight.len() > PIPELINE_DEPTH {
+                self.settle_one().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait for the oldest statement in flight and check that it touched exactly its rows.
     async fn settle_one(&mut self) -> Result<(), MigrateError> {
         let Some(f) = self.in_flight.pop_front() else {
             return Ok(());
@@ -438,13 +540,13 @@ impl Applier {
             InFlightState::Sent(fut) => fut.await,
         };
         match r {
-            Ok(1) => Ok(()),
+            Ok(n) if n == f.rows => Ok(()),
             Ok(n) => Err(MigrateError::Internal(format!(
-                "applying an {} of the row with key {} touched {n} rows of the shadow table instead of 1; \
+                "applying {} {}(s) of the rows with keys {} touched {n} rows of the shadow table; \
                  the shadow diverged, nothing was swapped",
-                f.what, f.key
+                f.rows, f.what, f.keys
             ))),
-            Err(e) => Err(self.apply_error(f.what, &f.key, e)),
+            Err(e) => Err(self.apply_error(f.what, &f.keys, e)),
         }
     }
 
@@ -455,27 +557,28 @@ impl Applier {
         Ok(())
     }
 
-    fn apply_error(&self, what: &str, key: &str, e: tokio_postgres::Error) -> MigrateError {
+    fn apply_error(&self, what: &str, keys: &str, e: tokio_postgres::Error) -> MigrateError {
         if e.code()
             .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
         {
             MigrateError::Data(format!(
-                "a concurrent {what} of the row with key {key} cannot be converted to the new schema: {}",
+                "a concurrent {what} (rows with keys {keys}) cannot be converted to the new schema: {}",
                 super::error::describe_db_error(&e)
             ))
         } else {
             MigrateError::Db {
-                context: format!("applying an {what} of the row with key {key}"),
+                context: format!("applying a {what} of the rows with keys {keys}"),
                 source: e,
             }
         }
     }
 
-    /// Commit the open target transaction, if any.
+    /// Apply everything gathered and commit the open target transaction, if any.
     pub async fn commit(&mut self) -> Result<bool, MigrateError> {
         if !self.in_tx {
             return Ok(false);
         }
+        self.flush_window().await?;
         self.settle_all().await?;
         self.client
             .batch_execute("COMMIT")

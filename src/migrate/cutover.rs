@@ -11,16 +11,19 @@ use tokio_postgres::Client;
 
 use super::error::{describe_db_error, Ctx, MigrateError};
 use super::follow::Follower;
+use super::proxies::Proxies;
 use super::shadow::{Mapping, Names};
 use crate::catalog::Table;
 use crate::sql::{qualified, quote_ident, quote_literal};
 
-#[derive(Debug, Clone)]
-pub struct SwapOptions {
+pub struct SwapOptions<'a> {
     pub lock_timeout: Duration,
     pub attempts: u32,
     /// Longest the drain under the lock may take before we give the lock back and retry.
     pub drain_timeout: Duration,
+    /// Proxies to hold at each attempt, and the longest they may hold a client.
+    pub proxies: &'a Proxies,
+    pub max_pause: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -28,6 +31,8 @@ pub struct SwapOutcome {
     pub old_name: String,
     pub lock_held: Duration,
     pub attempts: u32,
+    /// How long the proxies held their clients in the successful attempt.
+    pub held: Option<Duration>,
 }
 
 /// Emits markers into the WAL and waits for the follower to apply up to them.
@@ -85,7 +90,7 @@ pub async fn swap(
     table: &Table,
     mapping: &Mapping,
     names: &Names,
-    opts: &SwapOptions,
+    opts: &SwapOptions<'_>,
 ) -> Result<SwapOutcome, MigrateError> {
     let stamp: String = control
         .query_one(
@@ -99,38 +104,81 @@ pub async fn swap(
     let old_suffix = format!("__sa_old_{stamp}");
     let mut last_reason = String::new();
     for attempt in 1..=opts.attempts {
-        // get close first, so the drain under the lock is short
-        if markers
-            .round_trip(control, follower, Duration::from_secs(60))
-            .await?
-            .is_none()
-        {
+        // get close first, so the drain under the lock (and the clients' pause) is short: wait
+        // for a marker round trip well inside the pause budget, a few tries at most
+        let target = (opts.max_pause / 4).max(Duration::from_millis(20));
+        let mut fastest: Option<Duration> = None;
+        for _ in 0..20 {
+            match markers
+                .round_trip(control, follower, Duration::from_secs(60))
+                .await?
+            {
+                Some(rt) => {
+                    fastest = Some(fastest.map_or(rt, |f| f.min(rt)));
+                    if rt <= target {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        let Some(fastest) = fastest else {
             last_reason = "the change stream did not catch up within 60s".into();
             continue;
-        }
-        match try_swap(
-            control,
-            swapper,
-            follower,
-            markers,
-            table,
-            mapping,
-            names,
-            opts,
-            &old_name,
-            &old_suffix,
-        )
-        .await
-        {
-            Ok(lock_held) => {
-                return Ok(SwapOutcome {
-                    old_name,
-                    lock_held,
-                    attempts: attempt,
-                })
+        };
+        tracing::debug!("marker round trip before the swap: {fastest:?} (target {target:?})");
+        // hold the proxies' clients at a transaction boundary for at most max_pause
+        let pause_started = Instant::now();
+        let held = if opts.proxies.is_empty() {
+            None
+        } else {
+            match opts.proxies.pause(opts.max_pause).await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    last_reason = format!("the proxies could not hold their clients: {e}");
+                    None
+                }
             }
-            Err(SwapAttemptError::Retry(reason)) => last_reason = reason,
-            Err(SwapAttemptError::Fatal(e)) => return Err(e),
+        };
+        if opts.proxies.is_empty() || held.is_some() {
+            // inside a hold, the lock may only wait for what is left of the pause
+            let lock_timeout = if held.is_some() {
+                opts.lock_timeout
+                    .min(opts.max_pause.saturating_sub(pause_started.elapsed()))
+                    .max(Duration::from_millis(20))
+            } else {
+                opts.lock_timeout
+            };
+            let result = try_swap(
+                control,
+                swapper,
+                follower,
+                markers,
+                table,
+                mapping,
+                names,
+                opts,
+                lock_timeout,
+                &old_name,
+                &old_suffix,
+            )
+            .await;
+            let held_for = held.as_ref().map(|_| pause_started.elapsed());
+            if let Some(h) = held {
+                h.resume().await;
+            }
+            match result {
+                Ok(lock_held) => {
+                    return Ok(SwapOutcome {
+                        old_name,
+                        lock_held,
+                        attempts: attempt,
+                        held: held_for,
+                    })
+                }
+                Err(SwapAttemptError::Retry(reason)) => last_reason = reason,
+                Err(SwapAttemptError::Fatal(e)) => return Err(e),
+            }
         }
         if attempt == opts.attempts {
             break;
@@ -175,7 +223,8 @@ async fn try_swap(
     table: &Table,
     mapping: &Mapping,
     names: &Names,
-    opts: &SwapOptions,
+    opts: &SwapOptions<'_>,
+    lock_timeout: Duration,
     old_name: &str,
     old_suffix: &str,
 ) -> Result<Duration, SwapAttemptError> {
@@ -186,7 +235,7 @@ async fn try_swap(
         .ctx("starting the swap transaction")?;
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = '{}ms'",
-        opts.lock_timeout.as_millis()
+        lock_timeout.as_millis()
     ))
     .await
     .ctx("setting lock_timeout")?;
@@ -199,7 +248,7 @@ async fn try_swap(
         return if e.code().map(|c| c.code()) == Some("55P03") {
             Err(SwapAttemptError::Retry(format!(
                 "the lock on {src} was not granted within {:?}{blockers}",
-                opts.lock_timeout
+                lock_timeout
             )))
         } else {
             Err(SwapAttemptError::Fatal(MigrateError::Db {

@@ -5,13 +5,17 @@
 //! and whatever the run created (shadow table, publication, slot) is removed on the way out.
 
 pub mod apply;
+pub mod commands;
 pub mod copy;
 pub mod cutover;
 pub mod error;
 pub mod follow;
 pub mod preflight;
+pub mod proxies;
 pub mod run;
+pub mod schedule;
 pub mod shadow;
+pub mod state;
 pub mod stream;
 
 pub use error::MigrateError;

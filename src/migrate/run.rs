@@ -14,7 +14,10 @@ use super::cutover::{swap, Markers, SwapOptions};
 use super::error::{describe_db_error, Ctx, MigrateError};
 use super::follow::Follower;
 use super::preflight;
+use super::proxies::Proxies;
+use super::schedule::{Schedule, Window};
 use super::shadow::{self, Names};
+use super::state::{Progress as StateProgress, Requests, State};
 use super::stream::{Lsn, ReplicationConn};
 use crate::cli::RunArgs;
 use crate::conninfo;
@@ -59,8 +62,21 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
             "--swap-attempts must be at least 1".into(),
         ));
     }
-    // Most ALTERs need no copy: run direct and online-steps plans without one.
+    let window = match &args.cutover_window {
+        Some(w) => Some(Window::parse(w).map_err(MigrateError::BadInput)?),
+        None => None,
+    };
+    let schedule = Schedule {
+        postpone: args.postpone_cutover,
+        window,
+        timezone: args.timezone.clone(),
+    };
+    let proxies = Proxies::new(args.proxies.clone()).map_err(MigrateError::BadInput)?;
+    // Most ALTERs need no copy: run direct and online-steps plans without one (a scheduled
+    // cutover asks for the shadow copy, which honours the schedule).
     if args.strategy == crate::cli::StrategyChoice::Auto
+        && !args.postpone_cutover
+        && args.cutover_window.is_none()
         && crate::plan::execute::run_without_copy(&args).await?
     {
         return Ok(());
@@ -78,11 +94,13 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
     let table = preflight::load_table(&control, &args.table).await?;
     let spec = parse_alter(&args.alter, &table.schema, &table.name)
         .map_err(|e| MigrateError::BadInput(e.to_string()))?;
+    schedule.validate(&control).await?;
     preflight::lock_table(&control, &table).await?;
     let names = Names::for_table(&table);
     for what in shadow::clear_leftovers(&control, &names, &table).await? {
         tracing::warn!("removed {what} left behind by an earlier run that did not finish");
     }
+    let state = State::start(&control, &table, &args.alter).await?;
     tracing::info!(
         "migrating {} (~{} rows, {}) with: {}",
         table.qualified(),
@@ -91,12 +109,37 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
         spec.subcommands.join("; ")
     );
 
+    // Ctrl-C / SIGTERM, and `shadow-alter abort` written into the state table, both abort.
     let (abort_tx, abort) = watch::channel(false);
-    tokio::spawn(async move {
+    let abort_tx = Arc::new(abort_tx);
+    let signal_tx = abort_tx.clone();
+    let signals = tokio::spawn(async move {
         wait_for_signal().await;
         tracing::warn!("interrupt received: stopping and cleaning up");
-        let _ = abort_tx.send(true);
+        let _ = signal_tx.send(true);
     });
+    let (requests_tx, requests) = watch::channel(Requests::default());
+    let poller = {
+        let config = config.clone();
+        let oid = table.oid;
+        tokio::spawn(async move {
+            let Ok(client) = connect(&config, "watching for operator requests").await else {
+                return;
+            };
+            let state = State::for_oid(oid);
+            loop {
+                let r = state.requests(&client).await;
+                if r.abort {
+                    tracing::warn!(
+                        "abort requested through shadow-alter abort: stopping and cleaning up"
+                    );
+                    let _ = abort_tx.send(true);
+                }
+                let _ = requests_tx.send(r);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
 
     let mut created = Created::default();
     let mut ctx = Ctx2 {
@@ -106,10 +149,30 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
         table: &table,
         names: &names,
         started,
+        state: &state,
+        schedule: &schedule,
+        proxies: &proxies,
+        requests,
+        last_state_write: None,
     };
     let result = ctx.migrate(&spec, &mut created, abort).await;
+    poller.abort();
+    signals.abort();
     if result.is_err() && !created.swapped {
         cleanup(&config, &names, &created).await;
+    }
+    match &result {
+        Ok(()) => state.finish(&control, "done", None).await,
+        Err(MigrateError::Aborted) => {
+            state
+                .finish(
+                    &control,
+                    "aborted",
+                    Some("aborted by the operator; nothing was swapped"),
+                )
+                .await
+        }
+        Err(e) => state.finish(&control, "failed", Some(&e.to_string())).await,
     }
     result
 }
@@ -121,9 +184,26 @@ struct Ctx2<'a> {
     table: &'a crate::catalog::Table,
     names: &'a Names,
     started: Instant,
+    state: &'a State,
+    schedule: &'a Schedule,
+    proxies: &'a Proxies,
+    requests: watch::Receiver<Requests>,
+    last_state_write: Option<Instant>,
 }
 
 impl Ctx2<'_> {
+    /// Publish progress to the state table, at most every 2 seconds.
+    async fn publish(&mut self, p: StateProgress) {
+        if self
+            .last_state_write
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+        {
+            return;
+        }
+        self.last_state_write = Some(Instant::now());
+        self.state.progress(self.control, &p).await;
+    }
+
     async fn migrate(
         &mut self,
         spec: &crate::plan::AlterSpec,
@@ -134,6 +214,7 @@ impl Ctx2<'_> {
         let mut progress = Progress::new(args.progress);
 
         // 1. shadow table with the new schema (all or nothing)
+        self.state.phase(self.control, "shadow", None).await;
         let mut ddl = connect(self.config, "creating the shadow table").await?;
         created.shadow = true;
         let mapping = shadow::create(&mut ddl, table, spec, names, args.lock_timeout).await?;
@@ -178,6 +259,7 @@ impl Ctx2<'_> {
         );
 
         // 4. copy under the snapshot
+        self.state.phase(self.control, "copy", None).await;
         let copied = Arc::new(AtomicU64::new(0));
         let opts = CopyOptions {
             chunk_size: args.chunk_size,
@@ -185,7 +267,8 @@ impl Ctx2<'_> {
             workers: 2,
             lock_timeout: args.lock_timeout,
         };
-        progress.start_phase("copy", Some(table.row_estimate.max(0) as u64));
+        let estimate = table.row_estimate.max(0) as u64;
+        progress.start_phase("copy", Some(estimate));
         let copy_started = Instant::now();
         let copy = copy_table(
             self.config,
@@ -201,7 +284,14 @@ impl Ctx2<'_> {
         let rows = loop {
             tokio::select! {
                 r = &mut copy => break r?,
-                _ = tick.tick() => progress.update(copied.load(Ordering::Relaxed), Some(table.row_estimate.max(0) as u64), ""),
+                _ = tick.tick() => {
+                    let done = copied.load(Ordering::Relaxed);
+                    progress.update(done, Some(estimate), "");
+                    let secs = copy_started.elapsed().as_secs_f64().max(0.001);
+                    let rate = done as f64 / secs;
+                    let eta = (rate > 0.0 && estimate > done).then(|| (estimate - done) as f64 / rate);
+                    self.publish(StateProgress { rows_copied: done as i64, rows_total: Some(estimate as i64), rate: Some(rate), eta_seconds: eta, ..Default::default() }).await;
+                }
                 _ = abort.changed() => return Err(MigrateError::Aborted),
             }
         };
@@ -232,8 +322,10 @@ impl Ctx2<'_> {
         );
         let mut markers = Markers::new(names);
 
-        // 6. catch up
+        // 6. catch up, then wait for the schedule (still following) until the swap may happen
+        self.state.phase(self.control, "catch-up", None).await;
         progress.start_phase("catch-up", None);
+        let mut caught_up = false;
         loop {
             if *abort.borrow() {
                 return Err(MigrateError::Aborted);
@@ -245,33 +337,60 @@ impl Ctx2<'_> {
                 None,
                 &format!("changes applied, lag {}", fmt_bytes(lag)),
             );
+            self.publish(StateProgress {
+                rows_copied: rows as i64,
+                rows_total: Some(rows as i64),
+                lag_bytes: Some(lag),
+                changes_applied: applied as i64,
+                ..Default::default()
+            })
+            .await;
             let rt = tokio::select! {
                 r = markers.round_trip(self.control, &mut follower, Duration::from_secs(30)) => r?,
                 _ = abort.changed() => return Err(MigrateError::Aborted),
             };
-            if let Some(rt) = rt {
-                if rt <= CAUGHT_UP {
-                    break;
+            if rt.is_none_or(|rt| rt > CAUGHT_UP) {
+                continue;
+            }
+            if !caught_up {
+                caught_up = true;
+                tracing::info!("caught up: {applied} changes applied");
+            }
+            let requests = self.requests.borrow().clone();
+            match self
+                .schedule
+                .waiting_reason(self.control, &requests)
+                .await?
+            {
+                None => break,
+                Some(reason) => {
+                    self.state
+                        .phase(self.control, "waiting", Some(&reason))
+                        .await;
+                    progress.update(applied, None, &format!("caught up, {reason}"));
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = abort.changed() => return Err(MigrateError::Aborted),
+                    }
                 }
             }
         }
         progress.finish_phase();
-        tracing::info!(
-            "caught up: {} changes applied",
-            follower.stats.changes_applied.load(Ordering::Relaxed)
-        );
 
         // 7. swap
         if *abort.borrow() {
             return Err(MigrateError::Aborted);
         }
+        self.state.phase(self.control, "cutover", None).await;
         let mut swapper = connect(self.config, "the swap").await?;
         let swap_opts = SwapOptions {
             lock_timeout: args.lock_timeout,
             attempts: args.swap_attempts,
             drain_timeout: Duration::from_secs(5).max(args.lock_timeout),
+            proxies: self.proxies,
+            max_pause: args.max_pause,
         };
-        let outcome = swap(
+        let outcome = match swap(
             self.control,
             &mut swapper,
             &mut follower,
@@ -281,11 +400,22 @@ impl Ctx2<'_> {
             names,
             &swap_opts,
         )
-        .await?;
+        .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                self.state.message(self.control, &e.to_string()).await;
+                return Err(e);
+            }
+        };
         created.swapped = true;
         let changes = follower.stats.changes_applied.load(Ordering::Relaxed);
+        let held = outcome
+            .held
+            .map(|h| format!(", clients held {} ms", h.as_millis()))
+            .unwrap_or_default();
         progress.println(&format!(
-            "swapped: {} has the new schema; the old table is {}.{} (lock held {} ms, attempt {})",
+            "swapped: {} has the new schema; the old table is {}.{} (lock held {} ms{held}, attempt {})",
             table.qualified(),
             quote_ident(&table.schema),
             quote_ident(&outcome.old_name),
@@ -325,8 +455,20 @@ impl Ctx2<'_> {
                 Err(e) => tracing::warn!("the old table {old} could not be dropped: {e}"),
             }
         }
+        self.state
+            .progress(
+                self.control,
+                &StateProgress {
+                    rows_copied: rows as i64,
+                    rows_total: Some(rows as i64),
+                    lag_bytes: Some(0),
+                    changes_applied: changes as i64,
+                    ..Default::default()
+                },
+            )
+            .await;
         progress.println(&format!(
-            "done in {:.1}s: {rows} rows copied, {changes} changes followed, write lock held {} ms, errors: 0",
+            "done in {:.1}s: {rows} rows copied, {changes} changes followed, write lock held {} ms{held}, errors: 0",
             self.started.elapsed().as_secs_f64(),
             outcome.lock_held.as_millis()
         ));

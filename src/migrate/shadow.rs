@@ -88,6 +88,9 @@ pub struct Mapping {
     pub identity_sync: Vec<(String, String)>,
     /// The shadow's unique index on `shadow_key`.
     pub shadow_key_index: String,
+    /// The shadow has unique or exclusion constraints besides the key: changes to different
+    /// rows must then be applied in their original order (a reordering could trip them).
+    pub other_unique: bool,
     /// Columns of the shadow added by the ALTER (filled by their defaults).
     pub added: Vec<String>,
 }
@@ -321,6 +324,16 @@ pub async fn create(
         }
     };
 
+    let other_unique: bool = tx
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_index i WHERE i.indrelid = $1::text::regclass
+               AND (i.indisunique OR i.indisexclusion) AND i.indexrelid <> $2::text::regclass",
+            &[&shadow, &shadow_key_index],
+        )
+        .await
+        .ctx("looking for other unique constraints on the shadow table")?
+        .get(0);
+
     let mut identity_sync = Vec::new();
     for seq in table.sequences.iter().filter(|s| s.identity) {
         if let Some((col, _)) = shadow_of_source.get(&seq.column) {
@@ -342,6 +355,7 @@ pub async fn create(
         overriding,
         identity_sync,
         shadow_key_index,
+        other_unique,
         added,
     })
 }

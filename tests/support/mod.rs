@@ -4,6 +4,8 @@
 //! database, so tests run in parallel without seeing each other.
 #![allow(dead_code)]
 
+pub mod workload;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
