@@ -808,3 +808,85 @@ async fn forced_shadow_copy_still_copies() {
         "--strategy shadow-copy must swap in a copy"
     );
 }
+
+const ADMIN: &str = "sa_admin";
+const PASSWORD: &str = "sa-secret";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn direct_alter_holds_the_proxies_while_it_takes_its_lock() {
+    use shadow_alter::cli::{ProxyArgs, UpstreamTls};
+    let url = fresh_db("proxyhold").await;
+    let c = connect(&url).await;
+    c.batch_execute("CREATE TABLE h (id serial PRIMARY KEY, v int); INSERT INTO h (v) SELECT g FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    let s = support::server();
+    let proxy = shadow_alter::proxy::start(&ProxyArgs {
+        listen: "127.0.0.1:0".into(),
+        upstream: format!("127.0.0.1:{}", s.port),
+        admin_user: Some(ADMIN.into()),
+        admin_password: Some(PASSWORD.into()),
+        tls_cert: None,
+        tls_key: None,
+        upstream_tls: UpstreamTls::Disable,
+        max_hold: Duration::from_secs(5),
+    })
+    .await
+    .expect("start a proxy");
+    let port = proxy.local_addr().port();
+    let via = url.replace(&format!(":{}/", s.port), &format!(":{port}/"));
+    let console = format!("postgres://{ADMIN}:{PASSWORD}@127.0.0.1:{port}/shadow_alter");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let writer = {
+        let (via, stop, ok, errors) = (via.clone(), stop.clone(), ok.clone(), errors.clone());
+        tokio::spawn(async move {
+            let w = connect(&via).await;
+            while !stop.load(Ordering::Relaxed) {
+                match w
+                    .batch_execute("BEGIN; UPDATE h SET v = v + 1 WHERE id = 7; COMMIT")
+                    .await
+                {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    wait_until(Duration::from_secs(10), "the writer to start", || {
+        let ok = ok.clone();
+        async move { ok.load(Ordering::Relaxed) > 10 }
+    })
+    .await;
+    let mut a = run_args(&url, "h", "ADD COLUMN note text DEFAULT 'x'");
+    a.proxies = vec![console.clone()];
+    run(a).await.expect("direct run through the proxy hold");
+    let before = ok.load(Ordering::Relaxed);
+    wait_until(Duration::from_secs(10), "writes after the ALTER", || {
+        let ok = ok.clone();
+        async move { ok.load(Ordering::Relaxed) > before + 10 }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    assert_eq!(errors.load(Ordering::Relaxed), 0);
+    let st = connect(&console).await;
+    let status: std::collections::HashMap<String, String> = st
+        .simple_query("SHOW STATUS")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((r.get(0)?.to_string(), r.get(1)?.to_string()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        status["holds_total"].parse::<u64>().unwrap() >= 1,
+        "{status:?}"
+    );
+    assert_eq!(status["paused"], "off", "{status:?}");
+    proxy.abort();
+}

@@ -1,6 +1,7 @@
 //! Carrying out `direct` and `online-steps` plans on the live table, without a copy: each
 //! locking step under a short `lock_timeout`, retried with backoff so no queue builds up behind
-//! us; `CREATE INDEX CONCURRENTLY` outside a transaction, with no lock_timeout (its waits for
+//! us (and, with `--proxy`, taken while the proxies hold their clients at a transaction
+//! boundary, as the swap does); `CREATE INDEX CONCURRENTLY` outside a transaction, with no lock_timeout (its waits for
 //! older transactions are lock waits, and its SHARE UPDATE EXCLUSIVE lock does not stop reads
 //! or writes).
 //!
@@ -20,6 +21,7 @@ use crate::cli::RunArgs;
 use crate::conninfo;
 use crate::migrate::error::{describe_db_error, Ctx, MigrateError};
 use crate::migrate::preflight;
+use crate::migrate::proxies::Proxies;
 use crate::migrate::run::connect;
 use crate::progress::Progress;
 use crate::sql::{qualified, quote_ident};
@@ -57,6 +59,8 @@ pub async fn run_without_copy(args: &RunArgs) -> Result<bool, MigrateError> {
     let opts = Options {
         lock_timeout: args.lock_timeout,
         attempts: args.swap_attempts.max(1),
+        proxies: Proxies::new(args.proxies.clone()).map_err(MigrateError::BadInput)?,
+        max_pause: args.max_pause,
     };
     let mut progress = Progress::new(args.progress);
     let r = execute(&config, &control, &plan, &opts, abort, &mut progress).await;
@@ -67,6 +71,11 @@ pub async fn run_without_copy(args: &RunArgs) -> Result<bool, MigrateError> {
 pub struct Options {
     pub lock_timeout: Duration,
     pub attempts: u32,
+    /// Proxies to hold at a transaction boundary while a write-blocking lock is taken, so no
+    /// application query queues behind it (none: lock_timeout alone bounds the queue).
+    pub proxies: Proxies,
+    /// Longest a proxy holds its clients for one attempt.
+    pub max_pause: Duration,
 }
 
 /// Carry out the plan's steps in order on `config`'s database; `control` holds the per-table
@@ -155,39 +164,74 @@ async fn run_locked(
 ) -> Result<Duration, MigrateError> {
     let mut last = String::new();
     for attempt in 1..=opts.attempts {
-        client
+        // hold the proxies' clients at a transaction boundary while we take a write-blocking
+        // lock; the lock may then only wait for what is left of the pause
+        let pause_started = Instant::now();
+        let held = if step.lock.blocks_writes() && !opts.proxies.is_empty() {
+            match opts.proxies.pause(opts.max_pause).await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!("the proxies could not hold their clients ({e}); retrying");
+                    last = format!("the proxies could not hold their clients: {e}");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let lock_timeout = match held {
+            Some(_) => opts
+                .lock_timeout
+                .min(opts.max_pause.saturating_sub(pause_started.elapsed()))
+                .max(Duration::from_millis(20)),
+            None => opts.lock_timeout,
+        };
+        if let Err(e) = client
             .batch_execute(&format!(
                 "SET lock_timeout = '{}ms'",
-                opts.lock_timeout.as_millis().max(1)
+                lock_timeout.as_millis().max(1)
             ))
             .await
-            .ctx("setting lock_timeout")?;
+        {
+            if let Some(h) = held {
+                h.resume().await;
+            }
+            return Err(MigrateError::Db {
+                context: "setting lock_timeout".into(),
+                source: e,
+            });
+        }
         let t0 = Instant::now();
         let r = {
             let fut = client.batch_execute(&step.sql);
             tokio::pin!(fut);
             tokio::select! {
-                r = &mut fut => r,
+                r = &mut fut => Some(r),
                 _ = abort.changed() => {
                     let _ = client.cancel_token().cancel_query(NoTls).await;
                     let _ = fut.await;
-                    return Err(MigrateError::Aborted);
+                    None
                 }
             }
         };
         let took = t0.elapsed();
+        if let Some(h) = held {
+            h.resume().await;
+        }
+        let Some(r) = r else {
+            return Err(MigrateError::Aborted);
+        };
         let _ = client.batch_execute("RESET lock_timeout").await;
         match r {
             Ok(()) => return Ok(took),
             Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
                 last = describe_db_error(&e);
-                let backoff = (Duration::from_millis(100) * 2u32.saturating_pow(attempt))
-                    .min(MAX_BACKOFF)
-                    + Duration::from_millis(rand::thread_rng().gen_range(0..100));
+                let backoff = backoff(attempt);
                 tracing::warn!(
                     "{} not granted within {:?} (attempt {attempt}/{}); retrying in {:?}",
                     step.lock.as_str(),
-                    opts.lock_timeout,
+                    lock_timeout,
                     opts.attempts,
                     backoff
                 );
@@ -207,6 +251,12 @@ async fn run_locked(
             step.sql
         ),
     })
+}
+
+/// Exponential backoff with jitter, capped.
+fn backoff(attempt: u32) -> Duration {
+    (Duration::from_millis(100) * 2u32.saturating_pow(attempt)).min(MAX_BACKOFF)
+        + Duration::from_millis(rand::thread_rng().gen_range(0..100))
 }
 
 fn step_error(step: &Step, e: tokio_postgres::Error) -> MigrateError {
