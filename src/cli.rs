@@ -30,8 +30,12 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Apply an ALTER TABLE to a live table through a shadow copy and an atomic swap.
+    /// Apply an ALTER TABLE to a live table: directly or in online steps when that is safe (see
+    /// `plan`), otherwise through a shadow copy and an atomic swap.
     Run(RunArgs),
+    /// Show what an ALTER would lock, scan or rewrite, the strategy `run` would use, and a
+    /// runbook. Changes nothing.
+    Plan(PlanArgs),
     /// Forward PostgreSQL connections, holding them at transaction boundaries during a swap.
     Proxy(ProxyArgs),
     /// Show every migration recorded in the database: phase, progress, lag, why a cutover waits.
@@ -134,6 +138,39 @@ pub struct RunArgs {
     /// While a caught-up run waits for its cutover, compare source and shadow this often.
     #[arg(long, value_parser = parse_duration, default_value = "10m")]
     pub verify_every: Duration,
+    /// `auto`: the plan's strategy (direct, online-steps or shadow-copy); `shadow-copy`: always copy.
+    #[arg(long, value_enum, default_value_t = StrategyChoice::Auto)]
+    pub strategy: StrategyChoice,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum StrategyChoice {
+    /// Whatever `shadow-alter plan` chooses.
+    #[default]
+    Auto,
+    /// Always go through the shadow copy and swap.
+    ShadowCopy,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// The table, optionally schema-qualified (public.orders).
+    #[arg(long)]
+    pub table: String,
+    /// The ALTER, as for `run`.
+    #[arg(long)]
+    pub alter: String,
+    /// `text`: a runbook for people; `json`: the same, for scripts (stable field names).
+    #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+    pub format: PlanFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum PlanFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

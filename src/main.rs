@@ -42,6 +42,13 @@ fn main() -> ExitCode {
                     ExitCode::from(e.exit_code())
                 }
             },
+            Command::Plan(args) => match shadow_alter::plan::command(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            },
             Command::Status(args) => report(shadow_alter::migrate::commands::status(args).await),
             Command::Cutover(args) => report(shadow_alter::migrate::commands::cutover(args).await),
             Command::Abort(args) => report(shadow_alter::migrate::commands::abort(args).await),

@@ -35,6 +35,9 @@ fn args(url: &str, table: &str, alter: &str) -> RunArgs {
         "500ms",
         "--progress",
         "none",
+        // these suites test the shadow copy; tests/plan.rs covers the copy-free strategies
+        "--strategy",
+        "shadow-copy",
     ])
     .expect("valid arguments");
     match cli.command {

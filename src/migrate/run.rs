@@ -73,6 +73,15 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
         timezone: args.timezone.clone(),
     };
     let proxies = Proxies::new(args.proxies.clone()).map_err(MigrateError::BadInput)?;
+    // Most ALTERs need no copy: run direct and online-steps plans without one (a scheduled
+    // cutover asks for the shadow copy, which honours the schedule).
+    if args.strategy == crate::cli::StrategyChoice::Auto
+        && !args.postpone_cutover
+        && args.cutover_window.is_none()
+        && crate::plan::execute::run_without_copy(&args).await?
+    {
+        return Ok(());
+    }
     let config = conninfo::resolve(args.conn.database_url.as_deref())
         .map_err(|e| MigrateError::BadInput(e.to_string()))?;
     let started = Instant::now();

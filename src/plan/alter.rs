@@ -2,7 +2,8 @@
 //! table, split into subcommands, with each `USING` expression and the columns it reads.
 //!
 //! We keep the user's own text (only the table name is replaced) instead of deparsing, so the
-//! statement the server runs on the shadow table is exactly what the DBA wrote.
+//! statement the server runs on the shadow table is exactly what the DBA wrote. The planner gets
+//! the same split as `Part`s: each subcommand's own text and parse tree.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -38,6 +39,71 @@ pub struct AlterSpec {
     pub using: HashMap<String, UsingExpr>,
     /// Whether this is `RENAME COLUMN`.
     pub is_rename: bool,
+    /// Each subcommand with its text and parse tree, in the order written.
+    pub parts: Vec<Part>,
+}
+
+/// One subcommand of the ALTER, for the planner.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// The subcommand as the user wrote it (`ADD COLUMN note text DEFAULT 'x'`).
+    pub sql: String,
+    /// What it is; `None` for `RENAME COLUMN/CONSTRAINT` (see `rename`).
+    pub subtype: Option<AlterTableType>,
+    /// The parse tree of an ALTER TABLE subcommand.
+    pub cmd: Option<pg_query::protobuf::AlterTableCmd>,
+    /// `RENAME COLUMN a TO b` / `RENAME CONSTRAINT a TO b`: (is_column, old, new).
+    pub rename: Option<(bool, String, String)>,
+    /// Tables named by `REFERENCES` in this subcommand: (schema or "", name, byte range in `sql`).
+    pub references: Vec<(String, String, std::ops::Range<usize>)>,
+    /// Byte offset in `sql` right after the first keyword (`ADD`), where `CONSTRAINT name` fits.
+    pub after_first_word: usize,
+}
+
+impl Part {
+    /// Readable kind: `ADD COLUMN`, `ALTER COLUMN TYPE`, `RENAME COLUMN`...
+    pub fn kind(&self) -> String {
+        match (&self.subtype, &self.rename) {
+            (_, Some((true, ..))) => "RENAME COLUMN".into(),
+            (_, Some((false, ..))) => "RENAME CONSTRAINT".into(),
+            (Some(t), None) => t.as_str_name().trim_start_matches("AT_").chars().fold(
+                String::new(),
+                |mut acc, c| {
+                    if c.is_ascii_uppercase() && !acc.is_empty() {
+                        acc.push(' ');
+                    }
+                    acc.push(c.to_ascii_uppercase());
+                    acc
+                },
+            ),
+            (None, None) => "UNKNOWN".into(),
+        }
+    }
+
+    /// The constraint this subcommand adds (`ADD CONSTRAINT` / `ADD PRIMARY KEY`...).
+    pub fn constraint(&self) -> Option<&pg_query::protobuf::Constraint> {
+        match self.cmd.as_ref()?.def.as_ref()?.node.as_ref()? {
+            NodeEnum::Constraint(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The column definition of `ADD COLUMN` or `ALTER COLUMN ... TYPE`.
+    pub fn column_def(&self) -> Option<&pg_query::protobuf::ColumnDef> {
+        match self.cmd.as_ref()?.def.as_ref()?.node.as_ref()? {
+            NodeEnum::ColumnDef(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The column or constraint name the subcommand acts on (`ALTER COLUMN x ...` -> x).
+    pub fn name(&self) -> &str {
+        match (&self.cmd, &self.rename) {
+            (_, Some((_, old, _))) => old,
+            (Some(c), None) => &c.name,
+            _ => "",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,8 +121,19 @@ impl AlterSpec {
     }
 }
 
-/// Parse `input` (subcommands, or a whole `ALTER TABLE t ...`) for the table `schema.name`.
+/// Parse `input` (subcommands, or a whole `ALTER TABLE t ...`) for the table `schema.name`,
+/// refusing subcommands the shadow-copy engine cannot carry out.
 pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, PlanError> {
+    parse(input, schema, name, true)
+}
+
+/// Like `parse_alter`, but accepts every ALTER TABLE subcommand: the planner classifies them all
+/// (instant ones like `OWNER TO` run directly; the rest it reports with the reason).
+pub fn parse_alter_for_plan(input: &str, schema: &str, name: &str) -> Result<AlterSpec, PlanError> {
+    parse(input, schema, name, false)
+}
+
+fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpec, PlanError> {
     let trimmed = input.trim().trim_end_matches(';').trim();
     if trimmed.is_empty() {
         return Err(PlanError::Syntax("--alter is empty".into()));
@@ -142,9 +219,26 @@ pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, P
         subcommands: Vec::new(),
         using: HashMap::new(),
         is_rename,
+        parts: Vec::new(),
     };
     let Some(cmds) = cmds else {
         spec.subcommands.push("RENAME".into());
+        if let NodeEnum::RenameStmt(r) = node {
+            let sql = spec.body.clone();
+            let after_first_word = sql.find(char::is_whitespace).unwrap_or(sql.len());
+            spec.parts.push(Part {
+                sql,
+                subtype: None,
+                cmd: None,
+                rename: Some((
+                    r.rename_type == ObjectType::ObjectColumn as i32,
+                    r.subname.clone(),
+                    r.newname.clone(),
+                )),
+                references: Vec::new(),
+                after_first_word,
+            });
+        }
         return Ok(spec);
     };
     let segments = split_top_level(&stmt, &tokens, name_end);
@@ -160,7 +254,10 @@ pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, P
             return Err(PlanError::Syntax("unexpected node in ALTER TABLE".into()));
         };
         let subtype = AlterTableType::try_from(cmd.subtype).unwrap_or(AlterTableType::Undefined);
-        check_supported(subtype, &cmd.name)?;
+        if strict {
+            check_supported(subtype, &cmd.name)?;
+        }
+        spec.parts.push(make_part(&stmt, &tokens, seg.clone(), cmd));
         spec.subcommands.push(
             format!("{} {}", subtype.as_str_name(), cmd.name)
                 .trim()
@@ -183,6 +280,64 @@ pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, P
         }
     }
     Ok(spec)
+}
+
+/// The text, tree and `REFERENCES` targets of one subcommand.
+fn make_part(
+    stmt: &str,
+    tokens: &[pg_query::protobuf::ScanToken],
+    seg: std::ops::Range<usize>,
+    cmd: &pg_query::protobuf::AlterTableCmd,
+) -> Part {
+    let toks = &tokens[seg];
+    let (start, end) = match (
+        toks.first(),
+        toks.iter().rev().find(|t| !token_is(t, Token::Ascii59)),
+    ) {
+        (Some(f), Some(l)) => (f.start as usize, l.end as usize),
+        _ => (0, 0),
+    };
+    let sql = stmt.get(start..end).unwrap_or("").to_string();
+    let after_first_word = toks
+        .first()
+        .map(|t| (t.end as usize).saturating_sub(start))
+        .unwrap_or(0);
+    let mut references = Vec::new();
+    let mut found = Vec::new();
+    let mut constraints = Vec::new();
+    match cmd.def.as_ref().and_then(|d| d.node.as_ref()) {
+        Some(NodeEnum::Constraint(c)) => constraints.push(c.as_ref()),
+        Some(NodeEnum::ColumnDef(cd)) => {
+            for n in &cd.constraints {
+                if let Some(NodeEnum::Constraint(c)) = n.node.as_ref() {
+                    constraints.push(c.as_ref());
+                }
+            }
+        }
+        _ => {}
+    }
+    for c in constraints {
+        if let Some(pk) = c.pktable.as_ref() {
+            found.push(pk.clone());
+        }
+    }
+    for pk in found {
+        if let Some(e) = end_of_qualified_name(tokens, pk.location) {
+            let s = (pk.location as usize).saturating_sub(start);
+            let e = e.saturating_sub(start);
+            if s < e && e <= sql.len() {
+                references.push((pk.schemaname.clone(), pk.relname.clone(), s..e));
+            }
+        }
+    }
+    Part {
+        sql,
+        subtype: AlterTableType::try_from(cmd.subtype).ok(),
+        cmd: Some(cmd.clone()),
+        rename: None,
+        references,
+        after_first_word,
+    }
 }
 
 fn check_supported(t: AlterTableType, name: &str) -> Result<(), PlanError> {
@@ -394,5 +549,31 @@ mod tests {
         let s = parse_alter("RENAME COLUMN a TO b", "public", "t").unwrap();
         assert!(s.is_rename);
         assert_eq!(s.statement_for("x"), "ALTER TABLE x RENAME COLUMN a TO b");
+    }
+
+    #[test]
+    fn parts_for_the_planner() {
+        let s = parse_alter_for_plan(
+            "ADD CHECK (a > 0), ADD CONSTRAINT fk FOREIGN KEY (p) REFERENCES other.parent (id) NOT VALID, OWNER TO bob",
+            "public",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(s.parts.len(), 3);
+        assert_eq!(s.parts[0].sql, "ADD CHECK (a > 0)");
+        assert_eq!(
+            &s.parts[0].sql[s.parts[0].after_first_word..],
+            " CHECK (a > 0)"
+        );
+        assert_eq!(s.parts[0].kind(), "ADD CONSTRAINT");
+        let (schema, name, range) = &s.parts[1].references[0];
+        assert_eq!((schema.as_str(), name.as_str()), ("other", "parent"));
+        assert_eq!(&s.parts[1].sql[range.clone()], "other.parent");
+        assert!(s.parts[1].constraint().is_some_and(|c| c.skip_validation));
+        assert_eq!(s.parts[2].kind(), "CHANGE OWNER");
+        // the engine still refuses what it cannot do
+        assert!(parse_alter("OWNER TO bob", "public", "t").is_err());
+        let r = parse_alter_for_plan("RENAME CONSTRAINT a TO b", "public", "t").unwrap();
+        assert_eq!(r.parts[0].rename, Some((false, "a".into(), "b".into())));
     }
 }

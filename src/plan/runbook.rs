@@ -1,0 +1,322 @@
+//! What a DBA needs around the steps: pre-flight checks, verification queries, rollback (and
+//! what a rollback cannot bring back), backups for destructive steps, and a duration estimate.
+//!
+//! Invariant: everything here is derived from the plan and the catalog read at plan time;
+//! nothing runs. Estimates are rates times sizes, and the rates are stated in the output.
+
+use pg_query::protobuf::AlterTableType as A;
+use serde::Serialize;
+
+use super::alter::Part;
+use super::classify::{Analysis, Effect, RealCatalog};
+use super::strategy::{Step, Strategy, INDEX_SUFFIX, NOT_NULL_SUFFIX};
+use crate::catalog::Table;
+use crate::sql::{qualified, quote_ident, quote_literal};
+
+/// Throughput assumptions (bytes of the table per second), measured on a 2-core test machine
+/// (DESIGN.md: a 312 MB table is rewritten in about 2.8 s). Scale them to your hardware.
+pub const SCAN_RATE: f64 = 400.0e6;
+pub const INDEX_RATE: f64 = 150.0e6;
+pub const REWRITE_RATE: f64 = 110.0e6;
+pub const COPY_RATE: f64 = 40.0e6;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Estimate {
+    pub rows: i64,
+    /// The table's main fork (what scans read).
+    pub table_bytes: i64,
+    /// Table + indexes + TOAST (what a copy writes).
+    pub total_bytes: i64,
+    /// Whole plan, seconds, excluding time spent waiting for locks.
+    pub seconds: f64,
+    /// How long the plan's steps stop reads or writes, seconds (beyond lock waits).
+    pub blocking_seconds: f64,
+    /// What the plain ALTER would block for, for comparison.
+    pub plain_alter_blocking_seconds: f64,
+    /// How the numbers were computed.
+    pub basis: String,
+}
+
+pub fn step_seconds(effect: Effect, heap: i64, total: i64, strategy: Strategy) -> f64 {
+    let (heap, total) = (heap.max(0) as f64, total.max(0) as f64);
+    match effect {
+        Effect::Metadata => 0.0,
+        Effect::Scan => heap / SCAN_RATE,
+        Effect::IndexBuild => heap / INDEX_RATE,
+        Effect::Rewrite if strategy == Strategy::ShadowCopy => total / COPY_RATE,
+        Effect::Rewrite => total / REWRITE_RATE,
+    }
+}
+
+pub fn estimate(
+    table: &Table,
+    real: &RealCatalog,
+    strategy: Strategy,
+    steps: &[Step],
+    analyses: &[Analysis],
+) -> Estimate {
+    let (heap, total) = (real.heap_bytes, table.size_bytes);
+    let per = |e: Effect, s: Strategy| step_seconds(e, heap, total, s);
+    let seconds = steps
+        .iter()
+        .map(|s| per(s.effect, strategy))
+        .fold(0.0, |a, b| a + b);
+    let blocking_seconds = steps
+        .iter()
+        .filter(|s| s.blocking)
+        .map(|s| per(s.effect, strategy))
+        .fold(0.0, |a, b| a + b);
+    let plain: f64 = analyses
+        .iter()
+        .filter(|a| a.blocking)
+        .map(|a| per(a.effect, Strategy::Direct))
+        .fold(0.0, f64::max);
+    let basis = format!(
+        "size x rate: scans {} MB/s and index builds {} MB/s of the table's heap, rewrites {} MB/s and the shadow copy {} MB/s of table + indexes (measured on 2 cores; scale to your hardware). Metadata steps take milliseconds once their lock is granted; time waiting for locks is not included",
+        SCAN_RATE / 1e6,
+        INDEX_RATE / 1e6,
+        REWRITE_RATE / 1e6,
+        COPY_RATE / 1e6
+    );
+    Estimate {
+        rows: table.row_estimate,
+        table_bytes: heap,
+        total_bytes: total,
+        seconds: round(seconds),
+        blocking_seconds: round(blocking_seconds),
+        plain_alter_blocking_seconds: round(plain),
+        basis,
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub what: String,
+    pub sql: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Runbook {
+    /// Run these before starting; each says what to look for.
+    pub preflight: Vec<Check>,
+    /// Run these afterwards; each says what to expect.
+    pub verify: Vec<Check>,
+    /// Statements that undo the change, in order.
+    pub rollback: Vec<String>,
+    /// What a rollback cannot bring back.
+    pub irreversible: Vec<String>,
+    /// Take these before destructive steps.
+    pub backup: Vec<String>,
+}
+
+pub fn runbook(
+    table: &Table,
+    real: &RealCatalog,
+    strategy: Strategy,
+    parts: &[Part],
+    analyses: &[Analysis],
+) -> Runbook {
+    let t = table.qualified();
+    let tl = quote_literal(&t);
+    let mut preflight = vec![
+        Check {
+            what: "No long transactions: every lock queues behind them (and CREATE INDEX CONCURRENTLY waits for them); expect none older than a minute".into(),
+            sql: "SELECT pid, state, now() - xact_start AS age, left(query, 80) AS query FROM pg_stat_activity WHERE xact_start < now() - interval '1 minute' ORDER BY xact_start".into(),
+        },
+        Check {
+            what: format!("Who holds or waits for locks on {t} right now"),
+            sql: format!("SELECT l.pid, l.mode, l.granted, a.state, left(a.query, 80) AS query FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.relation = {tl}::regclass"),
+        },
+        Check {
+            what: "Replication lag on standbys (index builds and copies write WAL); expect small lags".into(),
+            sql: "SELECT client_addr, state, write_lag, replay_lag FROM pg_stat_replication".into(),
+        },
+    ];
+    let mut verify = vec![
+        Check {
+            what: "The columns as they should be after the ALTER".into(),
+            sql: format!("SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute WHERE attrelid = {tl}::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum"),
+        },
+        Check {
+            what: "Constraints; every one should be validated (convalidated = true) unless you added it NOT VALID".into(),
+            sql: format!("SELECT conname, contype, convalidated, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = {tl}::regclass ORDER BY conname"),
+        },
+        Check {
+            what: "No invalid indexes (a failed concurrent build leaves one); expect no rows".into(),
+            sql: format!("SELECT indexrelid::regclass FROM pg_index WHERE indrelid = {tl}::regclass AND NOT indisvalid"),
+        },
+    ];
+    match strategy {
+        Strategy::Direct | Strategy::OnlineSteps => {
+            verify.push(Check {
+                what: format!(
+                    "Nothing was copied: the table's file is still {}",
+                    real.relfilenode
+                ),
+                sql: format!("SELECT pg_relation_filenode({tl}::regclass)"),
+            });
+            verify.push(Check {
+                what: "No helper objects left behind; expect no rows".into(),
+                sql: format!(
+                    "SELECT conname FROM pg_constraint WHERE conrelid = {tl}::regclass AND conname LIKE '%{NOT_NULL_SUFFIX}' UNION ALL SELECT relname FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid WHERE i.indrelid = {tl}::regclass AND c.relname LIKE '%{INDEX_SUFFIX}'"
+                ),
+            });
+        }
+        Strategy::ShadowCopy => {
+            preflight.push(Check {
+                what: "The shadow copy follows changes by logical replication: expect wal_level = logical and a free slot".into(),
+                sql: "SELECT current_setting('wal_level') AS wal_level, current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots) AS free_slots".into(),
+            });
+            preflight.push(Check {
+                what: format!("Free disk for a second copy of {t} plus its WAL; the table with indexes and TOAST takes this much"),
+                sql: format!("SELECT pg_size_pretty(pg_total_relation_size({tl}::regclass))"),
+            });
+            let deps = table.dependents.describe();
+            if !deps.is_empty() {
+                preflight.push(Check {
+                    what: format!(
+                        "The engine refuses tables with objects a swap would leave behind: {}",
+                        deps.join("; ")
+                    ),
+                    sql: String::new(),
+                });
+            }
+        }
+    }
+    if analyses.iter().any(|a| a.effect == Effect::IndexBuild) {
+        preflight.push(Check {
+            what: "Index builds sort in maintenance_work_mem and need free disk about the size of the new index".into(),
+            sql: format!("SELECT current_setting('maintenance_work_mem'), pg_size_pretty(pg_relation_size({tl}::regclass)) AS table_size"),
+        });
+    }
+
+    let mut rollback = Vec::new();
+    let mut irreversible = Vec::new();
+    let mut backup = Vec::new();
+    let key: Vec<String> = table
+        .key
+        .as_ref()
+        .map(|k| k.columns.iter().map(|c| quote_ident(c)).collect())
+        .unwrap_or_default();
+    let dump = format!(
+        "pg_dump --table={} --data-only --format=custom --file={}.dump \"$DATABASE_URL\"",
+        shell_quote(&t),
+        table
+            .name
+            .replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_")
+    );
+    if strategy == Strategy::ShadowCopy {
+        rollback.push(format!(
+            "-- the old table is kept as {}.<name>__sa_old_<timestamp> (unless --drop-old): swap it back\nBEGIN; ALTER TABLE {t} RENAME TO {}; ALTER TABLE {} RENAME TO {}; COMMIT;",
+            quote_ident(&table.schema),
+            quote_ident(&format!("{}__sa_rolled_back", table.name)),
+            qualified(&table.schema, &format!("{}__sa_old_<timestamp>", table.name)),
+            quote_ident(&table.name)
+        ));
+        irreversible.push(
+            "writes made after the swap are only in the new table; swapping back loses them unless you copy them over".into(),
+        );
+    }
+    for part in parts.iter().rev() {
+        let col = part.name();
+        let qc = quote_ident(col);
+        let alter = |s: String| format!("ALTER TABLE {t} {s};");
+        let undo = match (part.subtype, &part.rename) {
+            (_, Some((is_col, old, new))) => Some(alter(format!(
+                "RENAME {} {} TO {}",
+                if *is_col { "COLUMN" } else { "CONSTRAINT" },
+                quote_ident(new),
+                quote_ident(old)
+            ))),
+            (Some(A::AtAddColumn), _) => part.column_def().map(|cd| {
+                alter(format!("DROP COLUMN {}", quote_ident(&cd.colname)))
+            }),
+            (Some(A::AtDropColumn), _) => {
+                irreversible.push(format!(
+                    "DROP COLUMN {col}: its values are gone; a rollback can re-add the column but not its data"
+                ));
+                if !key.is_empty() {
+                    backup.push(format!(
+                        "CREATE TABLE {} AS SELECT {}, {qc} FROM {t};",
+                        qualified(&table.schema, &format!("{}_{col}_backup", table.name)),
+                        key.join(", ")
+                    ));
+                }
+                table.column(col).map(|c| {
+                    alter(format!("ADD COLUMN {qc} {}{}", c.type_sql, real.defaults.get(col).map(|d| format!(" DEFAULT {d}")).unwrap_or_default()))
+                })
+            }
+            (Some(A::AtAlterColumnType), _) => {
+                let converts = analyses
+                    .iter()
+                    .any(|a| a.sql == part.sql && a.effect == Effect::Rewrite);
+                irreversible.push(if converts {
+                    format!("ALTER COLUMN {col} TYPE: converting back may not restore every value exactly (rounding, truncation, USING expressions)")
+                } else {
+                    format!("ALTER COLUMN {col} TYPE: changing back fails once values that only fit the new type are written")
+                });
+                if converts && !key.is_empty() {
+                    backup.push(format!(
+                        "CREATE TABLE {} AS SELECT {}, {qc} FROM {t};",
+                        qualified(&table.schema, &format!("{}_{col}_backup", table.name)),
+                        key.join(", ")
+                    ));
+                }
+                table.column(col).map(|c| alter(format!("ALTER COLUMN {qc} TYPE {}", c.type_sql)))
+            }
+            (Some(A::AtColumnDefault), _) => Some(alter(match real.defaults.get(col) {
+                Some(d) => format!("ALTER COLUMN {qc} SET DEFAULT {d}"),
+                None => format!("ALTER COLUMN {qc} DROP DEFAULT"),
+            })),
+            (Some(A::AtSetNotNull), _) => Some(alter(format!("ALTER COLUMN {qc} DROP NOT NULL"))),
+            (Some(A::AtDropNotNull), _) => {
+                irreversible.push(format!(
+                    "DROP NOT NULL {col}: once NULLs are written, SET NOT NULL fails until they are fixed"
+                ));
+                Some(alter(format!("ALTER COLUMN {qc} SET NOT NULL")))
+            }
+            (Some(A::AtAddConstraint), _) => part.constraint().map(|c| {
+                let name = if c.conname.is_empty() {
+                    "<the constraint's name>".to_string()
+                } else {
+                    quote_ident(&c.conname)
+                };
+                alter(format!("DROP CONSTRAINT {name}"))
+            }),
+            (Some(A::AtDropConstraint), _) => real.constraint_defs.get(col).map(|d| {
+                irreversible.push(format!(
+                    "DROP CONSTRAINT {col}: rows written while it is gone are not checked; re-adding it validates them (add it NOT VALID, then VALIDATE)"
+                ));
+                alter(format!("ADD CONSTRAINT {qc} {d}"))
+            }),
+            _ => None,
+        };
+        match undo {
+            Some(u) if strategy != Strategy::ShadowCopy => rollback.push(u),
+            Some(_) => {}
+            None if strategy != Strategy::ShadowCopy => rollback.push(format!(
+                "-- `{}`: no automatic undo; restore the previous setting by hand",
+                part.sql
+            )),
+            None => {}
+        }
+    }
+    if !backup.is_empty() {
+        backup.push(dump);
+    }
+    Runbook {
+        preflight,
+        verify,
+        rollback,
+        irreversible,
+        backup,
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}

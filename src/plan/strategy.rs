@@ -1,0 +1,611 @@
+//! The cheapest safe way to carry out an analysed ALTER, as a list of steps:
+//! - `direct`: everything is metadata-only, so the ALTER runs as written under a short
+//!   `lock_timeout`, retried with backoff;
+//! - `online-steps`: nothing rewrites the table, but something scans or builds an index; that
+//!   work is split so that no lock that stops writes is held while it happens
+//!   (`CREATE UNIQUE INDEX CONCURRENTLY` + `USING INDEX`, `NOT VALID` + `VALIDATE CONSTRAINT`,
+//!   `CHECK (c IS NOT NULL) NOT VALID` -> `VALIDATE` -> `SET NOT NULL` -> drop the check);
+//! - `shadow-copy`: something rewrites the table (or blocks and cannot be split): the engine.
+//!
+//! Invariant: the steps, run in order, leave the table exactly as the user's ALTER would
+//! (helper constraints are dropped again; helper indexes become the constraint's index).
+
+use pg_query::protobuf::{AlterTableType as A, ConstrType};
+use serde::Serialize;
+
+use super::alter::{AlterSpec, Part};
+use super::classify::{string_list, Analysis, Effect, LockMode, RealCatalog, ScanReason};
+use crate::catalog::Table;
+use crate::migrate::shadow::fit;
+use crate::sql::{quote_ident, quote_literal};
+
+/// Suffix of the indexes `online-steps` builds concurrently; a rerun drops leftovers by it.
+pub const INDEX_SUFFIX: &str = "__sa_idx";
+/// Suffix of the helper `CHECK (c IS NOT NULL)` constraints.
+pub const NOT_NULL_SUFFIX: &str = "__sa_nn";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    Direct,
+    OnlineSteps,
+    ShadowCopy,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Direct => "direct",
+            Strategy::OnlineSteps => "online-steps",
+            Strategy::ShadowCopy => "shadow-copy",
+        }
+    }
+}
+
+/// How the executor runs a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exec {
+    /// One statement in its own transaction, under the short lock_timeout, retried.
+    Locked,
+    /// `CREATE INDEX CONCURRENTLY` (outside a transaction); on failure the index is dropped.
+    BuildIndex { index: String },
+    /// Work the shadow-copy engine does (not run by the step executor).
+    Engine,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub sql: String,
+    /// Strongest lock on the altered table.
+    pub lock: LockMode,
+    /// Every table it locks (names; `locks` has the mode of each).
+    pub tables: Vec<String>,
+    /// table -> lock mode.
+    pub locks: std::collections::BTreeMap<String, String>,
+    pub effect: Effect,
+    pub blocking: bool,
+    /// Why this step exists, in words.
+    pub purpose: String,
+    #[serde(skip)]
+    pub exec: Exec,
+}
+
+pub struct Decision {
+    pub strategy: Strategy,
+    pub steps: Vec<Step>,
+    /// Why this strategy, one line per reason.
+    pub reasons: Vec<String>,
+}
+
+pub fn decide(
+    table: &Table,
+    spec: &AlterSpec,
+    analyses: &[Analysis],
+    real: &RealCatalog,
+) -> Decision {
+    let t = table.qualified();
+    let mut reasons = Vec::new();
+    for a in analyses.iter().filter(|a| a.effect == Effect::Rewrite) {
+        reasons.push(format!("`{}` rewrites the table", a.sql));
+    }
+    let mut steps: Vec<Step> = Vec::new();
+    let mut pending: Vec<(String, &Analysis)> = Vec::new();
+    let mut names = Names::new(real);
+    let mut cannot = !reasons.is_empty();
+    if !cannot {
+        for (part, a) in spec.parts.iter().zip(analyses) {
+            match split(&t, table, part, a, &mut names) {
+                Split::Keep if a.effect == Effect::Metadata => pending.push((part.sql.clone(), a)),
+                Split::Keep => {
+                    flush(&t, &mut pending, &mut steps);
+                    reasons.push(format!(
+                        "`{}` does not block reads or writes ({}): runs as written",
+                        a.sql,
+                        a.lock.as_str()
+                    ));
+                    steps.push(Step {
+                        sql: format!("ALTER TABLE {t} {}", part.sql),
+                        lock: a.lock,
+                        tables: a.tables.clone(),
+                        effect: a.effect,
+                        blocking: a.blocking,
+                        purpose: "runs as written; it does not stop reads or writes".into(),
+                        exec: Exec::Locked,
+                        locks: Default::default(),
+                    });
+                }
+                Split::Steps(s) => {
+                    flush(&t, &mut pending, &mut steps);
+                    reasons.push(format!(
+                        "`{}` would {} under {}: split into {} online steps",
+                        a.sql,
+                        describe_effect(a.effect),
+                        a.lock.as_str(),
+                        s.len()
+                    ));
+                    steps.extend(s);
+                }
+                Split::Cannot(why) => {
+                    reasons.push(format!(
+                        "`{}` {why}: the shadow copy does it without blocking",
+                        a.sql
+                    ));
+                    cannot = true;
+                    break;
+                }
+            }
+        }
+    }
+    if cannot {
+        return Decision {
+            strategy: Strategy::ShadowCopy,
+            steps: engine_steps(table, spec),
+            reasons,
+        };
+    }
+    if steps.is_empty() {
+        // everything is metadata-only: run the ALTER as written, in one lock
+        let lock = analyses
+            .iter()
+            .map(|a| a.lock)
+            .max()
+            .unwrap_or(LockMode::None);
+        let mut tables: Vec<String> = analyses.iter().flat_map(|a| a.tables.clone()).collect();
+        tables.sort();
+        tables.dedup();
+        reasons.push(
+            "every subcommand is metadata-only (verified on an empty copy): one short lock, no copy"
+                .into(),
+        );
+        return Decision {
+            strategy: Strategy::Direct,
+            steps: vec![Step {
+                sql: spec.statement_for(&t),
+                lock,
+                tables,
+                effect: Effect::Metadata,
+                blocking: false,
+                purpose: "the ALTER as written; instant once the lock is granted".into(),
+                exec: Exec::Locked,
+                locks: Default::default(),
+            }],
+            reasons,
+        };
+    }
+    flush(&t, &mut pending, &mut steps);
+    Decision {
+        strategy: Strategy::OnlineSteps,
+        steps,
+        reasons,
+    }
+}
+
+fn describe_effect(e: Effect) -> &'static str {
+    match e {
+        Effect::Metadata => "change the catalog",
+        Effect::Scan => "scan every row",
+        Effect::IndexBuild => "build an index",
+        Effect::Rewrite => "rewrite the table",
+    }
+}
+
+/// Metadata-only subcommands written next to each other run as one ALTER (one lock).
+fn flush(t: &str, pending: &mut Vec<(String, &Analysis)>, steps: &mut Vec<Step>) {
+    if pending.is_empty() {
+        return;
+    }
+    let sql = format!(
+        "ALTER TABLE {t} {}",
+        pending
+            .iter()
+            .map(|(s, _)| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let lock = pending
+        .iter()
+        .map(|(_, a)| a.lock)
+        .max()
+        .unwrap_or(LockMode::None);
+    let mut tables: Vec<String> = pending.iter().flat_map(|(_, a)| a.tables.clone()).collect();
+    tables.sort();
+    tables.dedup();
+    steps.push(Step {
+        sql,
+        lock,
+        tables,
+        effect: Effect::Metadata,
+        blocking: false,
+        purpose: "metadata-only; instant once the lock is granted".into(),
+        exec: Exec::Locked,
+        locks: Default::default(),
+    });
+    pending.clear();
+}
+
+enum Split {
+    /// Run as written (metadata-only, or work that does not block).
+    Keep,
+    Steps(Vec<Step>),
+    /// Blocks and cannot be split: needs the shadow copy.
+    Cannot(String),
+}
+
+/// Constraint names: the user's, or PostgreSQL's convention, never clashing with existing ones.
+struct Names<'a> {
+    real: &'a RealCatalog,
+    used: Vec<String>,
+}
+
+impl<'a> Names<'a> {
+    fn new(real: &'a RealCatalog) -> Self {
+        Names {
+            real,
+            used: Vec::new(),
+        }
+    }
+    fn pick(&mut self, base: &str, suffix: &str) -> String {
+        let mut n = 0;
+        loop {
+            let s = if n == 0 {
+                suffix.to_string()
+            } else {
+                format!("{suffix}{n}")
+            };
+            let name = fit(base, &s);
+            if !self.real.constraints.contains_key(&name)
+                && !self.real.index_columns.contains_key(&name)
+                && !self.used.contains(&name)
+            {
+                self.used.push(name.clone());
+                return name;
+            }
+            n += 1;
+        }
+    }
+}
+
+fn split(t: &str, table: &Table, part: &Part, a: &Analysis, names: &mut Names) -> Split {
+    match a.effect {
+        Effect::Metadata => Split::Keep,
+        Effect::Rewrite => Split::Cannot("rewrites the table".into()),
+        Effect::Scan if !a.blocking => Split::Keep,
+        Effect::Scan => match &a.scan {
+            Some(ScanReason::SetNotNull(col)) => Split::Steps(not_null_steps(t, table, col)),
+            Some(ScanReason::ValidateNew) => validate_new(t, table, part, a, names),
+            Some(ScanReason::PrimaryKeyNullable(cols)) => {
+                let mut s: Vec<Step> = cols.iter().flat_map(|c| not_null_steps(t, table, c)).collect();
+                if part.constraint().is_some_and(|c| !c.indexname.is_empty()) {
+                    s.push(step(
+                        format!("ALTER TABLE {t} {}", part.sql),
+                        a.lock,
+                        a.tables.clone(),
+                        Effect::Metadata,
+                        "the primary key over the existing index; its columns are already NOT NULL",
+                    ));
+                    Split::Steps(s)
+                } else {
+                    match unique_steps(t, table, part, a, names) {
+                        Ok(u) => {
+                            s.extend(u);
+                            Split::Steps(s)
+                        }
+                        Err(why) => Split::Cannot(why),
+                    }
+                }
+            }
+            Some(ScanReason::Validate) => Split::Keep,
+            Some(ScanReason::NewColumnConstraints) | None => Split::Cannot(format!(
+                "scans every row under {} and cannot be split (add the column first, then the constraint NOT VALID + VALIDATE)",
+                a.lock.as_str()
+            )),
+        },
+        Effect::IndexBuild if !a.blocking => Split::Keep,
+        Effect::IndexBuild => {
+            // a primary key over nullable columns sets NOT NULL first (without a scan under lock)
+            let mut s: Vec<Step> = match &a.scan {
+                Some(ScanReason::PrimaryKeyNullable(cols)) => {
+                    cols.iter().flat_map(|c| not_null_steps(t, table, c)).collect()
+                }
+                _ => Vec::new(),
+            };
+            match unique_steps(t, table, part, a, names) {
+                Ok(u) => {
+                    s.extend(u);
+                    Split::Steps(s)
+                }
+                Err(why) => Split::Cannot(why),
+            }
+        }
+    }
+}
+
+fn step(sql: String, lock: LockMode, tables: Vec<String>, effect: Effect, purpose: &str) -> Step {
+    Step {
+        blocking: effect != Effect::Metadata && lock.blocks_writes(),
+        sql,
+        lock,
+        tables,
+        effect,
+        purpose: purpose.into(),
+        exec: Exec::Locked,
+        locks: Default::default(),
+    }
+}
+
+fn on(t: &str, m: LockMode) -> Vec<String> {
+    vec![format!("{t}: {}", m.as_str())]
+}
+
+/// `SET NOT NULL` without holding ACCESS EXCLUSIVE during the scan.
+fn not_null_steps(t: &str, table: &Table, col: &str) -> Vec<Step> {
+    let check = quote_ident(&fit(&format!("{}_{col}", table.name), NOT_NULL_SUFFIX));
+    let c = quote_ident(col);
+    let ae = LockMode::AccessExclusive;
+    vec![
+        step(
+            format!("ALTER TABLE {t} DROP CONSTRAINT IF EXISTS {check}, ADD CONSTRAINT {check} CHECK ({c} IS NOT NULL) NOT VALID"),
+            ae,
+            on(t, ae),
+            Effect::Metadata,
+            "helper check, not validated yet: new rows are checked from now on",
+        ),
+        step(
+            format!("ALTER TABLE {t} VALIDATE CONSTRAINT {check}"),
+            LockMode::ShareUpdateExclusive,
+            on(t, LockMode::ShareUpdateExclusive),
+            Effect::Scan,
+            "checks existing rows while reads and writes go on",
+        ),
+        step(
+            format!("ALTER TABLE {t} ALTER COLUMN {c} SET NOT NULL"),
+            ae,
+            on(t, ae),
+            Effect::Metadata,
+            "instant: PostgreSQL uses the validated check instead of scanning",
+        ),
+        step(
+            format!("ALTER TABLE {t} DROP CONSTRAINT {check}"),
+            ae,
+            on(t, ae),
+            Effect::Metadata,
+            "the helper check is no longer needed",
+        ),
+    ]
+}
+
+/// `ADD CONSTRAINT ... CHECK/FOREIGN KEY` as `NOT VALID` + `VALIDATE CONSTRAINT`.
+fn validate_new(t: &str, table: &Table, part: &Part, a: &Analysis, names: &mut Names) -> Split {
+    let Some(c) = part.constraint() else {
+        return Split::Cannot("scans every row and cannot be split".into());
+    };
+    let fk = c.contype == ConstrType::ConstrForeign as i32;
+    let (name, add) = if c.conname.is_empty() {
+        let cols = if fk {
+            string_list(&c.fk_attrs)
+        } else {
+            expr_columns(c)
+        };
+        let base = match cols.first() {
+            Some(_) if fk => format!("{}_{}", table.name, cols.join("_")),
+            Some(col) => format!("{}_{col}", table.name),
+            None => table.name.clone(),
+        };
+        let name = names.pick(&base, if fk { "_fkey" } else { "_check" });
+        let rest = part.sql.get(part.after_first_word..).unwrap_or("");
+        (
+            name.clone(),
+            format!("ADD CONSTRAINT {}{rest}", quote_ident(&name)),
+        )
+    } else {
+        (c.conname.clone(), part.sql.clone())
+    };
+    let mut validate_tables = on(t, LockMode::ShareUpdateExclusive);
+    validate_tables.extend(
+        a.tables
+            .iter()
+            .filter(|x| !x.starts_with(&format!("{t}:")))
+            .map(|x| {
+                format!(
+                    "{}: {}",
+                    x.split(": ").next().unwrap_or(x),
+                    LockMode::RowShare.as_str()
+                )
+            }),
+    );
+    Split::Steps(vec![
+        step(
+            format!("ALTER TABLE {t} {add} NOT VALID"),
+            a.lock,
+            a.tables.clone(),
+            Effect::Metadata,
+            "the constraint, enforced for new rows from now on, without checking existing rows",
+        ),
+        step(
+            format!("ALTER TABLE {t} VALIDATE CONSTRAINT {}", quote_ident(&name)),
+            LockMode::ShareUpdateExclusive,
+            validate_tables,
+            Effect::Scan,
+            "checks existing rows while reads and writes go on",
+        ),
+    ])
+}
+
+fn expr_columns(c: &pg_query::protobuf::Constraint) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(n) = c.raw_expr.as_ref().and_then(|e| e.node.as_ref()) {
+        for (node, ..) in n.nodes() {
+            if let pg_query::NodeRef::ColumnRef(cr) = node {
+                if let Some(Some(pg_query::NodeEnum::String(s))) =
+                    cr.fields.last().map(|f| f.node.as_ref())
+                {
+                    out.push(s.sval.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `ADD UNIQUE / PRIMARY KEY` as `CREATE UNIQUE INDEX CONCURRENTLY` + `USING INDEX`.
+fn unique_steps(
+    t: &str,
+    table: &Table,
+    part: &Part,
+    a: &Analysis,
+    names: &mut Names,
+) -> Result<Vec<Step>, String> {
+    let cannot = |what: &str| {
+        Err(format!(
+            "would {} under {} and {what}",
+            describe_effect(a.effect),
+            a.lock.as_str()
+        ))
+    };
+    if part.subtype != Some(A::AtAddConstraint) {
+        return cannot("cannot be split into online steps");
+    }
+    let Some(c) = part.constraint() else {
+        return cannot("cannot be split into online steps");
+    };
+    let pk = c.contype == ConstrType::ConstrPrimary as i32;
+    if !(pk || c.contype == ConstrType::ConstrUnique as i32) {
+        return cannot("an exclusion constraint cannot be built concurrently");
+    }
+    if !c.options.is_empty()
+        || c.where_clause.is_some()
+        || !c.indexspace.is_empty()
+        || c.without_overlaps
+    {
+        return cannot("its index options are not supported by the online split yet");
+    }
+    let keys = string_list(&c.keys);
+    if keys.is_empty() {
+        return cannot("has no column list");
+    }
+    let name = if !c.conname.is_empty() {
+        c.conname.clone()
+    } else if pk {
+        names.pick(&table.name, "_pkey")
+    } else {
+        names.pick(&format!("{}_{}", table.name, keys.join("_")), "_key")
+    };
+    let index = fit(&name, INDEX_SUFFIX);
+    let cols = |v: &[String]| {
+        v.iter()
+            .map(|k| quote_ident(k))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut create = format!(
+        "CREATE UNIQUE INDEX CONCURRENTLY {} ON {t} ({})",
+        quote_ident(&index),
+        cols(&keys)
+    );
+    let including = string_list(&c.including);
+    if !including.is_empty() {
+        create.push_str(&format!(" INCLUDE ({})", cols(&including)));
+    }
+    if c.nulls_not_distinct {
+        create.push_str(" NULLS NOT DISTINCT");
+    }
+    let mut attach = format!(
+        "ALTER TABLE {t} ADD CONSTRAINT {} {} USING INDEX {}",
+        quote_ident(&name),
+        if pk { "PRIMARY KEY" } else { "UNIQUE" },
+        quote_ident(&index)
+    );
+    if c.deferrable {
+        attach.push_str(" DEFERRABLE");
+    }
+    if c.initdeferred {
+        attach.push_str(" INITIALLY DEFERRED");
+    }
+    let sue = LockMode::ShareUpdateExclusive;
+    Ok(vec![
+        Step {
+            sql: create,
+            lock: sue,
+            tables: on(t, sue),
+            effect: Effect::IndexBuild,
+            blocking: false,
+            purpose: "builds the index while reads and writes go on (outside a transaction; a failed build is dropped)".into(),
+            exec: Exec::BuildIndex { index },
+            locks: Default::default(),
+        },
+        step(
+            attach,
+            LockMode::AccessExclusive,
+            on(t, LockMode::AccessExclusive),
+            Effect::Metadata,
+            "the constraint takes over the ready index (it is renamed to the constraint's name)",
+        ),
+    ])
+}
+
+/// What the shadow-copy engine does, as steps (for the plan's readers).
+fn engine_steps(table: &Table, spec: &AlterSpec) -> Vec<Step> {
+    let t = table.qualified();
+    let shadow = crate::sql::qualified(&table.schema, &fit(&table.name, "__sa_new"));
+    let share = LockMode::AccessShare;
+    let e = |sql: String, lock: LockMode, effect: Effect, purpose: &str| Step {
+        sql,
+        lock,
+        tables: on(&t, lock),
+        effect,
+        blocking: false,
+        purpose: purpose.into(),
+        exec: Exec::Engine,
+        locks: Default::default(),
+    };
+    vec![
+        e(
+            format!("CREATE TABLE {shadow} (LIKE {t} INCLUDING ALL); {}", spec.statement_for(&shadow)),
+            share,
+            Effect::Metadata,
+            "the shadow table with the new schema (empty, so the ALTER is instant on it)",
+        ),
+        e(
+            format!("CREATE PUBLICATION ... FOR TABLE {t}; CREATE_REPLICATION_SLOT ... TEMPORARY LOGICAL pgoutput"),
+            share,
+            Effect::Metadata,
+            "follow every change from a consistent snapshot on",
+        ),
+        e(
+            format!("INSERT INTO {shadow} SELECT ... FROM ONLY {t} WHERE <key> > $1 ORDER BY <key> LIMIT <chunk>"),
+            share,
+            Effect::Rewrite,
+            "copy the rows in keyset chunks under the exported snapshot, while changes stream in",
+        ),
+        e(
+            format!(
+                "LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; ALTER TABLE {t} RENAME TO {}; ALTER TABLE {shadow} RENAME TO {}",
+                quote_ident(&fit(&table.name, "__sa_old_<timestamp>")),
+                quote_ident(&table.name)
+            ),
+            LockMode::AccessExclusive,
+            Effect::Metadata,
+            "the swap: lock for milliseconds, drain the last changes, rename",
+        ),
+    ]
+}
+
+/// A literal for the runbook (kept here so steps and runbook quote the same way).
+pub fn lit(s: &str) -> String {
+    quote_literal(s)
+}
+
+/// Split `"table: MODE"` entries into names (`tables`) and the `locks` map.
+pub fn split_locks(entries: &mut Vec<String>) -> std::collections::BTreeMap<String, String> {
+    let mut map = std::collections::BTreeMap::new();
+    let mut names = Vec::new();
+    for e in entries.iter() {
+        let (name, mode) = e.rsplit_once(": ").unwrap_or((e.as_str(), ""));
+        if !names.iter().any(|n: &String| n == name) {
+            names.push(name.to_string());
+        }
+        map.insert(name.to_string(), mode.to_string());
+    }
+    *entries = names;
+    map
+}

@@ -1,0 +1,125 @@
+//! The human runbook: `shadow-alter plan` without `--format json`. Same content as the JSON,
+//! laid out for reading before a change window.
+
+use std::fmt::Write;
+
+use super::Plan;
+use crate::progress::fmt_bytes;
+
+pub fn render(p: &Plan) -> String {
+    let mut o = String::new();
+    let e = &p.estimate;
+    let _ = writeln!(
+        o,
+        "Plan for {} (~{} rows, {} table, {} with indexes; PostgreSQL {})",
+        p.table,
+        e.rows,
+        fmt_bytes(e.table_bytes),
+        fmt_bytes(e.total_bytes),
+        p.server_version
+    );
+    let _ = writeln!(
+        o,
+        "Strategy: {}{}",
+        p.strategy.as_str(),
+        if p.rewrite {
+            " (a plain ALTER would rewrite the table)"
+        } else {
+            ""
+        }
+    );
+    for r in &p.reasons {
+        let _ = writeln!(o, "  - {r}");
+    }
+
+    let _ = writeln!(o, "\nWhat a plain ALTER would do (observed on an empty copy of the table, plus PostgreSQL's scan rules):");
+    for a in &p.subcommands {
+        let _ = writeln!(
+            o,
+            "  {:<48} {:<11} {:<22} {}{}",
+            a.sql,
+            a.effect.as_str(),
+            a.lock.as_str(),
+            if a.blocking { "BLOCKING" } else { "brief" },
+            if a.verified { "" } else { " (from rules)" }
+        );
+        for (t, m) in &a.locks {
+            let _ = writeln!(o, "      locks {t} in {m} mode");
+        }
+        for n in &a.notes {
+            let _ = writeln!(o, "      note: {n}");
+        }
+    }
+
+    let _ = writeln!(o, "\nSteps:");
+    for (i, s) in p.steps.iter().enumerate() {
+        let secs = super::runbook::step_seconds(s.effect, e.table_bytes, e.total_bytes, p.strategy);
+        let _ = writeln!(o, "  {}. {}", i + 1, s.sql);
+        let locks = s
+            .locks
+            .iter()
+            .map(|(t, m)| format!("{m} on {t}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            o,
+            "     {} | {} | {}{} | {}",
+            s.effect.as_str(),
+            if locks.is_empty() { "no lock" } else { &locks },
+            if s.blocking { "BLOCKS " } else { "" },
+            if s.blocking {
+                "reads/writes"
+            } else if s.lock.blocks_writes() {
+                "brief lock, retried under lock_timeout"
+            } else {
+                "does not block reads or writes"
+            },
+            if secs > 0.0 {
+                format!("~{secs:.1}s")
+            } else {
+                "instant".into()
+            }
+        );
+        let _ = writeln!(o, "     {}", s.purpose);
+    }
+    let _ = writeln!(
+        o,
+        "\nEstimate: ~{:.1}s in total, reads/writes blocked ~{:.1}s (a plain ALTER would block ~{:.1}s)\n  basis: {}",
+        e.seconds, e.blocking_seconds, e.plain_alter_blocking_seconds, e.basis
+    );
+
+    let rb = &p.runbook;
+    let _ = writeln!(o, "\nPre-flight checks:");
+    for c in &rb.preflight {
+        let _ = writeln!(o, "  - {}", c.what);
+        if !c.sql.is_empty() {
+            let _ = writeln!(o, "      {}", c.sql);
+        }
+    }
+    if !rb.backup.is_empty() {
+        let _ = writeln!(o, "\nBackups (destructive steps; take them first):");
+        for b in &rb.backup {
+            let _ = writeln!(o, "  {b}");
+        }
+    }
+    let _ = writeln!(o, "\nVerification afterwards:");
+    for c in &rb.verify {
+        let _ = writeln!(o, "  - {}\n      {}", c.what, c.sql);
+    }
+    let _ = writeln!(o, "\nRollback:");
+    for r in &rb.rollback {
+        let _ = writeln!(o, "  {r}");
+    }
+    if !rb.irreversible.is_empty() {
+        let _ = writeln!(o, "\nWhat a rollback cannot bring back:");
+        for r in &rb.irreversible {
+            let _ = writeln!(o, "  - {r}");
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\nRun it: shadow-alter run --table {} --alter '...' (same ALTER); `--strategy shadow-copy` forces the copy.",
+        p.table
+    );
+    o
+}
