@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shadow_alter::cli::{ConnArgs, ProgressMode, RunArgs, StrategyChoice};
+use clap::Parser;
+use shadow_alter::cli::{RunArgs, StrategyChoice};
 use shadow_alter::migrate::MigrateError;
 use shadow_alter::plan::{self, Effect, LockMode, Strategy};
 use support::{connect, fresh_db, wait_until};
@@ -423,24 +424,25 @@ async fn plan_json_is_stable_and_plan_changes_nothing() {
 }
 
 fn run_args(url: &str, table: &str, alter: &str) -> RunArgs {
-    RunArgs {
-        conn: ConnArgs {
-            database_url: Some(url.to_string()),
-        },
-        table: table.to_string(),
-        alter: alter.to_string(),
-        chunk_size: 5_000,
-        chunk_pause: Duration::ZERO,
-        lock_timeout: Duration::from_millis(300),
-        swap_attempts: 10,
-        drop_old: false,
-        progress: ProgressMode::None,
-        proxies: Vec::new(),
-        max_pause: Duration::from_millis(500),
-        postpone_cutover: false,
-        cutover_window: None,
-        timezone: "UTC".into(),
-        strategy: StrategyChoice::Auto,
+    // the CLI's own defaults, so the tests follow them
+    let cli = shadow_alter::cli::Cli::try_parse_from([
+        "shadow-alter",
+        "run",
+        "--database-url",
+        url,
+        "--table",
+        table,
+        "--alter",
+        alter,
+        "--lock-timeout",
+        "300ms",
+        "--progress",
+        "none",
+    ])
+    .expect("valid arguments");
+    match cli.command {
+        shadow_alter::cli::Command::Run(a) => a,
+        _ => unreachable!("run"),
     }
 }
 

@@ -94,7 +94,7 @@ pub async fn swap(
 ) -> Result<SwapOutcome, MigrateError> {
     let stamp: String = control
         .query_one(
-            "SELECT to_char(clock_timestamp(), 'YYYYMMDD\"_\"HH24MISS')",
+            "SELECT to_char(clock_timestamp(), 'YYYYMMDD\"_\"HH24MISSMS')",
             &[],
         )
         .await
