@@ -8,53 +8,30 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use clap::Parser;
 use shadow_alter::cli::{AbortArgs, ConnArgs, CutoverArgs, ProxyArgs, RunArgs, UpstreamTls};
-use shadow_alter::migrate::MigrateError;
 use shadow_alter::proxy::RunningProxy;
+fn args(url: &str, table: &str, alter: &str) -> RunArgs {
+    run_args(
+        url,
+        table,
+        alter,
+        &[
+            "--chunk-size",
+            "5000",
+            "--lock-timeout",
+            "500ms",
+            "--strategy",
+            "shadow-copy",
+        ],
+    )
+}
+
+use support::migration::{run, run_args};
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers_on};
 use support::{connect, fresh_db, wait_until};
 
 const ADMIN: &str = "admin";
 const PASSWORD: &str = "console-secret";
-
-fn args(url: &str, table: &str, alter: &str) -> RunArgs {
-    // the CLI's own defaults, so tests follow them
-    let cli = shadow_alter::cli::Cli::try_parse_from([
-        "shadow-alter",
-        "run",
-        "--database-url",
-        url,
-        "--table",
-        table,
-        "--alter",
-        alter,
-        "--chunk-size",
-        "5000",
-        "--lock-timeout",
-        "500ms",
-        "--progress",
-        "none",
-        // these suites test the shadow copy; tests/plan.rs covers the copy-free strategies
-        "--strategy",
-        "shadow-copy",
-    ])
-    .expect("valid arguments");
-    match cli.command {
-        shadow_alter::cli::Command::Run(a) => a,
-        _ => unreachable!("run"),
-    }
-}
-
-async fn run(a: RunArgs) -> Result<(), MigrateError> {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("shadow_alter=info")
-        .try_init();
-    tokio::time::timeout(Duration::from_secs(180), shadow_alter::migrate::run(a))
-        .await
-        .expect("the migration hung for 180s")
-}
 
 struct Proxy {
     addr: SocketAddr,

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use shadow_alter::cli::{RunArgs, StrategyChoice};
 use shadow_alter::migrate::MigrateError;
 use shadow_alter::plan::{self, Effect, LockMode, Strategy};
+use support::migration::run;
 use support::{connect, fresh_db, wait_until};
 use tokio_postgres::Client;
 
@@ -424,36 +424,7 @@ async fn plan_json_is_stable_and_plan_changes_nothing() {
 }
 
 fn run_args(url: &str, table: &str, alter: &str) -> RunArgs {
-    // the CLI's own defaults, so the tests follow them
-    let cli = shadow_alter::cli::Cli::try_parse_from([
-        "shadow-alter",
-        "run",
-        "--database-url",
-        url,
-        "--table",
-        table,
-        "--alter",
-        alter,
-        "--lock-timeout",
-        "300ms",
-        "--progress",
-        "none",
-    ])
-    .expect("valid arguments");
-    match cli.command {
-        shadow_alter::cli::Command::Run(a) => a,
-        _ => unreachable!("run"),
-    }
-}
-
-async fn run(a: RunArgs) -> Result<(), MigrateError> {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("shadow_alter=info")
-        .try_init();
-    tokio::time::timeout(Duration::from_secs(120), shadow_alter::migrate::run(a))
-        .await
-        .expect("the run hung for 120s")
+    support::migration::run_args(url, table, alter, &["--lock-timeout", "300ms"])
 }
 
 async fn filenode(c: &Client, t: &str) -> u32 {

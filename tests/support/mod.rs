@@ -4,6 +4,7 @@
 //! database, so tests run in parallel without seeing each other.
 #![allow(dead_code)]
 
+pub mod migration;
 pub mod workload;
 
 use std::path::PathBuf;

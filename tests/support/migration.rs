@@ -1,0 +1,41 @@
+//! Running migrations from tests: arguments built through the CLI parser (so tests follow its
+//! defaults) and a run with a deadline, so a hang fails the test instead of stalling CI.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use clap::Parser;
+use shadow_alter::cli::{Cli, Command, RunArgs};
+use shadow_alter::migrate::MigrateError;
+
+/// `shadow-alter run --database-url URL --table T --alter A --progress none <extra...>`.
+pub fn run_args(url: &str, table: &str, alter: &str, extra: &[&str]) -> RunArgs {
+    let mut argv = vec![
+        "shadow-alter",
+        "run",
+        "--database-url",
+        url,
+        "--table",
+        table,
+        "--alter",
+        alter,
+        "--progress",
+        "none",
+    ];
+    argv.extend_from_slice(extra);
+    match Cli::try_parse_from(argv).expect("valid arguments").command {
+        Command::Run(a) => a,
+        _ => unreachable!("run"),
+    }
+}
+
+/// Run a migration in-process, with logs in the test output and a 180 s deadline.
+pub async fn run(a: RunArgs) -> Result<(), MigrateError> {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("shadow_alter=info")
+        .try_init();
+    tokio::time::timeout(Duration::from_secs(180), shadow_alter::migrate::run(a))
+        .await
+        .expect("the migration hung for 180s")
+}
