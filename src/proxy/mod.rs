@@ -48,6 +48,7 @@ mod cancel;
 mod hold;
 mod listener;
 mod messages;
+mod reprepare;
 mod scram;
 mod session;
 mod tls;
