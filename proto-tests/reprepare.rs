@@ -146,7 +146,12 @@ async fn a_change_the_client_would_misread_is_not_hidden() {
     let c = support::connect(&via(&url, p.addr)).await;
     let stmt = c.prepare(SELECT_STAR).await.expect("prepare");
     c.query(&stmt, &[&1i32]).await.expect("before");
-    swap(&url, "id int PRIMARY KEY, v int", "SELECT id, length(v) FROM t").await;
+    swap(
+        &url,
+        "id int PRIMARY KEY, v int",
+        "SELECT id, length(v) FROM t",
+    )
+    .await;
     let e = timed(c.query(&stmt, &[&1i32]))
         .await
         .expect_err("a retyped column must not be hidden from a client that cached the types");
@@ -168,7 +173,11 @@ fn row_description_columns(m: &Msg) -> i16 {
 
 fn assert_no_error(msgs: &[Msg]) {
     let errors: Vec<_> = msgs.iter().filter(|m| m.tag == b'E').collect();
-    assert!(errors.is_empty(), "unexpected errors: {:?}", errors.iter().map(|m| m.text()).collect::<Vec<_>>());
+    assert!(
+        errors.is_empty(),
+        "unexpected errors: {:?}",
+        errors.iter().map(|m| m.text()).collect::<Vec<_>>()
+    );
 }
 
 /// libpq's way (Bind, Describe portal, Execute, Sync), three batches pipelined in one write:
@@ -179,7 +188,8 @@ async fn pipelined_libpq_batches_are_replayed_in_order() {
     let url = setup("rp_pipe").await;
     let db = db_name(&url);
     let mut c = RawConn::connect(p.addr, &db).await;
-    c.send(&cat(&[parse("S1", SELECT_STAR, &[23]), sync()])).await;
+    c.send(&cat(&[parse("S1", SELECT_STAR, &[23]), sync()]))
+        .await;
     c.until_ready(1).await;
     let batch = |id: &str| {
         cat(&[
@@ -192,7 +202,10 @@ async fn pipelined_libpq_batches_are_replayed_in_order() {
     c.send(&batch("1")).await;
     let before = c.until_ready(1).await;
     assert_no_error(&before);
-    let rd = before.iter().find(|m| m.tag == b'T').expect("RowDescription");
+    let rd = before
+        .iter()
+        .find(|m| m.tag == b'T')
+        .expect("RowDescription");
     assert_eq!(row_description_columns(rd), 2);
 
     add_column_swap(&url).await;
@@ -227,7 +240,8 @@ async fn pipelined_batch_behind_a_stale_one_keeps_the_order() {
     let url = setup("rp_pipe2").await;
     let db = db_name(&url);
     let mut c = RawConn::connect(p.addr, &db).await;
-    c.send(&cat(&[parse("S1", SELECT_STAR, &[23]), sync()])).await;
+    c.send(&cat(&[parse("S1", SELECT_STAR, &[23]), sync()]))
+        .await;
     c.until_ready(1).await;
     add_column_swap(&url).await;
     c.send(&cat(&[
@@ -255,7 +269,9 @@ async fn pipelined_batch_behind_a_stale_one_keeps_the_order() {
     .await;
     let msgs = c.until_ready(1).await;
     assert_no_error(&msgs);
-    assert!(msgs.iter().any(|m| m.tag == b'D' && m.text().contains("two")));
+    assert!(msgs
+        .iter()
+        .any(|m| m.tag == b'D' && m.text().contains("two")));
 }
 
 async fn run(cmd: &mut Command, limit: Duration) -> (bool, String, String) {
@@ -289,8 +305,22 @@ async fn pgbench_prepared_select_star_during_swaps() {
     let port = p.addr.port().to_string();
     let mut cmd = Command::new(support::server().bin_dir.join("pgbench"));
     cmd.args([
-        "-n", "-c", "2", "-j", "2", "-T", "4", "-M", "prepared", "-h", "127.0.0.1", "-p", &port,
-        "-U", "postgres", "-f",
+        "-n",
+        "-c",
+        "2",
+        "-j",
+        "2",
+        "-T",
+        "4",
+        "-M",
+        "prepared",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-f",
     ])
     .arg(&script)
     .arg(&db);
@@ -351,7 +381,10 @@ print("after", rows, flush=True)
         .expect("python3 (run proto-tests/setup.sh)");
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let first = timed(stdout.next_line()).await.expect("read").unwrap_or_default();
+    let first = timed(stdout.next_line())
+        .await
+        .expect("read")
+        .unwrap_or_default();
     assert_eq!(first, "prepared", "psycopg did not prepare");
     add_column_swap(&url).await;
     let mut stdin = child.stdin.take().expect("stdin");
@@ -359,7 +392,11 @@ print("after", rows, flush=True)
     drop(stdin);
     let out = timed(child.wait_with_output()).await.expect("wait");
     let rest = String::from_utf8_lossy(&out.stdout);
-    let line = timed(stdout.next_line()).await.ok().flatten().unwrap_or_default();
+    let line = timed(stdout.next_line())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     let all = format!("{line}{rest}");
     assert!(
         out.status.success(),

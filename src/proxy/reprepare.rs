@@ -462,10 +462,8 @@ impl Tracker {
                     Some((name, _)) => {
                         if !name.is_empty() {
                             let f = frame.unwrap_or_default();
-                            self.ops.push_back((
-                                self.seq_sent + 1,
-                                Op::Parse(name.into(), f.into()),
-                            ));
+                            self.ops
+                                .push_back((self.seq_sent + 1, Op::Parse(name.into(), f.into())));
                         }
                         self.retain(frame);
                     }
@@ -483,8 +481,12 @@ impl Tracker {
                         self.describe_stmt = Some(name.into());
                     }
                 }
-                if let (Open::Candidate { start, executed, .. }, Some((kind, name))) =
-                    (self.open, target)
+                if let (
+                    Open::Candidate {
+                        start, executed, ..
+                    },
+                    Some((kind, name)),
+                ) = (self.open, target)
                 {
                     let describes = bind_names(&self.arena[start..]).is_some_and(|(p, s)| {
                         (kind == b'P' && name == p) || (kind == b'S' && name == s)
@@ -514,7 +516,8 @@ impl Tracker {
                     Some((kind, name))
                 }) {
                     if !name.is_empty() {
-                        self.ops.push_back((self.seq_sent + 1, Op::Close(name.into())));
+                        self.ops
+                            .push_back((self.seq_sent + 1, Op::Close(name.into())));
                     }
                 }
                 self.retain(frame);
@@ -540,7 +543,11 @@ impl Tracker {
     /// CopyDone/CopyFail: `n` Syncs sent during COPY FROM STDIN got no answer of their own.
     pub fn copy_uncount(&mut self, n: u32) {
         self.seq_sent = self.seq_sent.saturating_sub(u64::from(n));
-        while self.candidates.back().is_some_and(|c| c.seq > self.seq_sent) {
+        while self
+            .candidates
+            .back()
+            .is_some_and(|c| c.seq > self.seq_sent)
+        {
             if let Some(c) = self.candidates.pop_back() {
                 self.arena.truncate(c.start);
             }
@@ -557,9 +564,7 @@ impl Tracker {
 
     /// Does the upstream side need frame `tag` whole (up to [`MAX_INSPECT`])?
     pub fn backend_wants_whole(&self, tag: u8) -> bool {
-        self.suppressing
-            || (tag == b'E' && !self.disabled)
-            || (tag == b'T' && !self.ops.is_empty())
+        self.suppressing || (tag == b'E' && !self.disabled) || (tag == b'T' && !self.ops.is_empty())
     }
 
     /// A backend frame on its way to the client (`frame` whole when available; a ReadyForQuery
@@ -627,7 +632,10 @@ impl Tracker {
         let Some(c) = self.candidates.front() else {
             return false;
         };
-        match (bind_names(&first.bytes), bind_names(&self.arena[c.start..c.end])) {
+        match (
+            bind_names(&first.bytes),
+            bind_names(&self.arena[c.start..c.end]),
+        ) {
             (Some((_, a)), Some((_, b))) => a == b,
             _ => false,
         }
@@ -815,6 +823,10 @@ struct Plan {
 }
 
 impl Plan {
+    fn shape_or_nodata(&self) -> Shape {
+        self.shape.clone().unwrap_or(Shape::NoData)
+    }
+
     /// May the failed batches run against a statement of shape `new`?
     fn fits(&self, new: &Shape) -> bool {
         let Some(ncols) = columns(new) else {
@@ -824,9 +836,102 @@ impl Plan {
             .result_formats
             .iter()
             .all(|&n| n <= 1 || usize::try_from(n).ok() == Some(ncols));
+        // a client that does not ask for a description decodes with the columns it knows:
+        // they must be exactly the same
         formats_fit
-            && (self.self_describing || self.shape.as_ref().is_some_and(|o| compatible(o, new)))
+            && (self.self_describing
+                || self
+                    .shape
+                    .as_ref()
+                    .is_some_and(|o| compatible(o, new) && columns(o) == Some(ncols)))
     }
+}
+
+/// Prepare `parse` under the trial name and describe it: the new shape, or None if it does not
+/// parse. The trial statement stays (it is closed with the replay or the clean-up).
+async fn trial<UR, UW, CW>(
+    ur: &mut UR,
+    w: &mut UW,
+    cw: &mut CW,
+    buf: &mut Vec<u8>,
+    parse: &[u8],
+) -> Result<Option<Shape>, SessionError>
+where
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::with_capacity(parse.len() + 64);
+    close_stmt(&mut out, TMP_NAME);
+    if parse_renamed(&mut out, parse, TMP_NAME).is_none() {
+        return Ok(None);
+    }
+    describe_stmt(&mut out, TMP_NAME);
+    sync(&mut out);
+    w.write_all(&out).await?;
+    w.flush().await?;
+    let mut shape = None;
+    let mut failed = false;
+    loop {
+        let (tag, frame) = next_answer(ur, cw, buf).await?;
+        match tag {
+            b'E' => failed = true,
+            b'T' => shape = Some(Shape::Rows(frame[5..].into())),
+            b'n' => shape = Some(Shape::NoData),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    Ok(if failed { None } else { shape })
+}
+
+/// The client's Parse with its query wrapped so that the result has exactly the columns of
+/// `old` (a RowDescription body), by position:
+/// `WITH shadow_alter_q(c1, .., cN) AS (<query>) SELECT c1 AS "name1", .. FROM shadow_alter_q`.
+fn wrap_parse(parse: &[u8], old: &[u8]) -> Option<Vec<u8>> {
+    let (name, rest) = cstr(parse.get(5..)?)?;
+    let (query, types) = cstr(rest)?;
+    let mut end = query.len();
+    while end > 0 && (query[end - 1].is_ascii_whitespace() || query[end - 1] == b';') {
+        end -= 1;
+    }
+    let names = fields(old)?;
+    if names.is_empty() {
+        return None;
+    }
+    let mut q = b"WITH shadow_alter_q(".to_vec();
+    for i in 0..names.len() {
+        if i > 0 {
+            q.extend_from_slice(b", ");
+        }
+        q.extend_from_slice(format!("c{}", i + 1).as_bytes());
+    }
+    q.extend_from_slice(b") AS (\n");
+    q.extend_from_slice(&query[..end]);
+    q.extend_from_slice(b"\n) SELECT ");
+    for (i, (n, _)) in names.iter().enumerate() {
+        if i > 0 {
+            q.extend_from_slice(b", ");
+        }
+        q.extend_from_slice(format!("c{} AS \"", i + 1).as_bytes());
+        for &c in n.iter() {
+            if c == b'"' {
+                q.push(b'"');
+            }
+            q.push(c);
+        }
+        q.push(b'"');
+    }
+    q.extend_from_slice(b" FROM shadow_alter_q");
+    let mut b = BytesMut::new();
+    let at = begin(&mut b, b'P');
+    b.put_slice(name);
+    b.put_u8(0);
+    b.put_slice(&q);
+    b.put_u8(0);
+    b.put_slice(types);
+    finish(&mut b, at);
+    Some(b.to_vec())
 }
 
 fn begin(b: &mut BytesMut, tag: u8) -> usize {
@@ -969,39 +1074,39 @@ where
     let mut ok = false;
     if let Some(plan) = &plan {
         // 1. does the statement still parse, and to what shape?
-        let mut out = BytesMut::with_capacity(plan.parse.len() + 64);
-        close_stmt(&mut out, TMP_NAME);
-        if parse_renamed(&mut out, &plan.parse, TMP_NAME).is_some() {
-            describe_stmt(&mut out, TMP_NAME);
-            sync(&mut out);
-            w.write_all(&out).await?;
-            w.flush().await?;
-            let mut new_shape = None;
-            let mut failed = false;
-            loop {
-                let (tag, frame) = next_answer(ur, cw, buf).await?;
-                match tag {
-                    b'E' => failed = true,
-                    b'T' => new_shape = Some(Shape::Rows(frame[5..].into())),
-                    b'n' => new_shape = Some(Shape::NoData),
-                    b'Z' => break,
-                    _ => {}
+        let mut parse = plan.parse.clone();
+        let new_shape = trial(ur, &mut *w, cw, buf, &parse).await?;
+        match (&new_shape, &plan.shape) {
+            (Some(new), _) if plan.fits(new) => ok = true,
+            (Some(Shape::Rows(new)), Some(Shape::Rows(old)))
+                if !plan.self_describing
+                    && compatible(&plan.shape_or_nodata(), &Shape::Rows(new.clone())) =>
+            {
+                // columns were added, and the client decodes with the columns it was told at
+                // prepare time: re-prepare the statement so that it keeps exactly those
+                if let Some(wrapped) = wrap_parse(&plan.parse, old) {
+                    let shape = trial(ur, &mut *w, cw, buf, &wrapped).await?;
+                    let old = Shape::Rows(old.clone());
+                    ok = shape.as_ref().is_some_and(|s| {
+                        columns(s) == columns(&old) && compatible(&old, s) && plan.fits(s)
+                    });
+                    parse = wrapped;
                 }
             }
-            ok = !failed && new_shape.as_ref().is_some_and(|s| plan.fits(s));
-            if !ok {
-                tracing::info!(
-                    statement = %String::from_utf8_lossy(&plan.stmt),
-                    parses = !failed,
-                    "not re-preparing a statement whose result type changed: the client could not read the new shape"
-                );
-            }
+            _ => {}
+        }
+        if !ok {
+            tracing::info!(
+                statement = %String::from_utf8_lossy(&plan.stmt),
+                parses = new_shape.is_some(),
+                "not re-preparing a statement whose result type changed: the client could not read the new shape"
+            );
         }
         if ok {
             // 2. replace the statement and replay; the first three answers are ours
             let mut out = BytesMut::with_capacity(plan.parse.len() + plan.replay.len() + 64);
             close_stmt(&mut out, &plan.stmt);
-            out.extend_from_slice(&plan.parse);
+            out.extend_from_slice(&parse);
             close_stmt(&mut out, TMP_NAME);
             out.extend_from_slice(&plan.replay);
             {
@@ -1145,7 +1250,10 @@ mod tests {
         t.client_frame(b'P', Some(&parse));
         t.client_frame(b'D', Some(&frame(b'D', b"Ss1\0")));
         t.client_frame(b'S', Some(&frame(b'S', b"")));
-        assert_eq!(t.on_backend(b'1', Some(&frame(b'1', b""))), Backend::Forward);
+        assert_eq!(
+            t.on_backend(b'1', Some(&frame(b'1', b""))),
+            Backend::Forward
+        );
         let rd = frame(b'T', &rowdesc(&[("id", 23)]));
         t.on_backend(b't', Some(&frame(b't', b"\0\0")));
         t.on_backend(b'T', Some(&rd));
@@ -1169,8 +1277,23 @@ mod tests {
         assert!(!plan.self_describing);
         assert_eq!(plan.result_formats, vec![1]);
         let wider = Shape::Rows(rowdesc(&[("id", 23), ("w", 25)]).into());
-        assert!(plan.fits(&wider));
+        // wider: only through the wrapped statement
+        assert!(!plan.fits(&wider));
+        assert!(plan.fits(&Shape::Rows(rowdesc(&[("id", 23)]).into())));
         assert!(!plan.fits(&Shape::Rows(rowdesc(&[("w", 25)]).into())));
+        let Some(Shape::Rows(old)) = &plan.shape else {
+            panic!("shape")
+        };
+        let wrapped = wrap_parse(&plan.parse, old).expect("wrap");
+        let text = String::from_utf8_lossy(&wrapped);
+        assert!(
+            text.contains("WITH shadow_alter_q(c1) AS (\nSELECT * FROM t\n) SELECT c1 AS \"id\" FROM shadow_alter_q\0"),
+            "{text}"
+        );
+        assert_eq!(
+            i32::from_be_bytes([wrapped[1], wrapped[2], wrapped[3], wrapped[4]]) as usize,
+            wrapped.len() - 1
+        );
     }
 
     /// Inside a transaction block (last ReadyForQuery 'T') the error goes through.
