@@ -166,7 +166,6 @@ pub struct Tracker {
     suppressed: Vec<u8>,
     suppressed_status: Vec<u8>,
     claimed: bool,
-    pub retries: u64,
 }
 
 impl Default for Tracker {
@@ -192,7 +191,6 @@ impl Default for Tracker {
             suppressed: Vec::new(),
             suppressed_status: Vec::new(),
             claimed: false,
-            retries: 0,
         }
     }
 }
@@ -1034,7 +1032,8 @@ where
 
 /// Re-prepare the failed statement and replay the failed batches, or hand the kept answers to
 /// the client. Runs with the stream claimed; releases the claim whatever happens. `ready` is
-/// called with the status of every kept ReadyForQuery that reaches the client.
+/// called with the status of every kept ReadyForQuery that reaches the client. Returns whether
+/// the batches were replayed.
 pub async fn retry<UR, UW, CW>(
     rp: &Reprepare,
     ur: &mut UR,
@@ -1042,7 +1041,7 @@ pub async fn retry<UR, UW, CW>(
     cw: &mut CW,
     buf: &mut Vec<u8>,
     ready: impl Fn(u8),
-) -> Result<(), SessionError>
+) -> Result<bool, SessionError>
 where
     UR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
@@ -1063,7 +1062,7 @@ async fn run_retry<UR, UW, CW>(
     cw: &mut CW,
     buf: &mut Vec<u8>,
     ready: &impl Fn(u8),
-) -> Result<(), SessionError>
+) -> Result<bool, SessionError>
 where
     UR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
@@ -1113,7 +1112,6 @@ where
                 let mut t = rp.lock();
                 t.seq_sent += plan.batches;
                 t.take_give_up();
-                t.retries += 1;
             }
             w.write_all(&out).await?;
             w.flush().await?;
@@ -1143,7 +1141,7 @@ where
                     break;
                 }
             }
-            return Ok(());
+            return Ok(true);
         }
         // clean up the trial statement
         let mut out = BytesMut::with_capacity(64);
@@ -1165,7 +1163,7 @@ where
     for s in statuses {
         ready(s);
     }
-    Ok(())
+    Ok(false)
 }
 
 #[cfg(test)]

@@ -8,6 +8,9 @@
 //! - `SessionState::busy` is true exactly while the session is not at a transaction boundary,
 //!   and the gate's busy count includes the session exactly then (the guard settles it on drop).
 //! - Each direction reads as much as is available and forwards all complete frames in one write.
+//! - Both directions feed the session's `reprepare::Tracker` (lock order: tracker, then session
+//!   state). The upstream writer is shared behind an async mutex: while a re-preparation has
+//!   *claimed* the stream, the client side forwards nothing and waits (bounded).
 
 use std::collections::HashMap;
 use std::io;
@@ -885,10 +888,15 @@ where
             buf.drain(..pos);
         }
         if retry_due {
-            reprepare::retry(rp, r, uw, w, &mut buf, |status| {
+            let replayed = reprepare::retry(rp, r, uw, w, &mut buf, |status| {
                 ready_for_query(shared, entry, status)
             })
             .await?;
+            if replayed {
+                shared
+                    .reprepared
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             continue;
         }
         if buf.capacity() - buf.len() < 4096 {
