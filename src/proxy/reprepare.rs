@@ -24,9 +24,13 @@
 //!   batch, only when no byte of a later request was sent upstream before the replay.
 //! - The client must get a result shape it can read: either the replayed batch itself asks for a
 //!   description (Describe of the portal or the statement before Execute: libpq, psycopg,
-//!   pgbench, node-postgres), or the client's shape from its own `Describe` at prepare time
-//!   (tokio-postgres, pgx, ...) is a prefix of the new one (same names and types; new columns
-//!   only at the end, which such clients ignore), and the Bind's result formats still fit.
+//!   pgbench, node-postgres), or the client decodes with the shape it got from its own
+//!   `Describe` at prepare time (tokio-postgres, pgx, ...). Then the new shape must equal it, or
+//!   extend it with columns at the end only (same names and types before them): the statement is
+//!   re-prepared wrapped as `WITH shadow_alter_q(c1, .., cN) AS (<query>) SELECT c1 AS "col1",
+//!   .. FROM shadow_alter_q`, which returns exactly the client's columns (checked by a Describe
+//!   before anything runs). Dropped, reordered or retyped columns are never hidden. The Bind's
+//!   result formats must still fit.
 //! - The registry only holds what the server holds: a Parse is recorded when its batch finished
 //!   without any error, Close forgets. A session that mentions `prepare` in SQL text (SQL-level
 //!   `PREPARE` shares the namespace) or sends a Query/Parse too large to inspect gets no more
@@ -35,8 +39,12 @@
 //!   `MAX_RETAINED`; beyond that the proxy simply does not retry. Every wait is bounded by
 //!   `RETRY_TIMEOUT`.
 //!
-//! SQL-level `PREPARE`/`EXECUTE` through the simple protocol is left alone (the error reaches the
-//! client).
+//! Not covered (the error reaches the client): SQL-level `PREPARE`/`EXECUTE` through the simple
+//! protocol; batches that start with something other than the Bind (e.g. `Describe S` first, or
+//! Parse of another statement), or that were sent with a Flush and no Sync yet; a stale Bind
+//! that is not the first message of its batch (earlier statements of the batch may have run);
+//! a pipeline where a later batch already ran. A wrapped statement yields the rows of the inner
+//! query in the order the inner query produces them (PostgreSQL scans a CTE in order).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
