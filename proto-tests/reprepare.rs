@@ -2,7 +2,8 @@
 //! `SELECT *` keeps working after a rename swap that adds a column (tokio-postgres, raw libpq-style
 //! batches, pipelined batches, pgbench -M prepared while swaps happen, psycopg 3), while a direct
 //! connection gets SQLSTATE 0A000 (so the tests can fail), the error still reaches a client inside
-//! a transaction block, and a change the client could misread (a retyped column) is not hidden.
+//! a transaction block, a change the client could misread (a retyped column) is not hidden, and
+//! a statement held by PAUSE across the swap runs cleanly after RESUME.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -343,6 +344,12 @@ async fn pgbench_prepared_select_star_during_swaps() {
     let (ok, out, err) = bench.await.expect("join");
     assert!(ok, "pgbench failed during swaps:\n{out}\n{err}");
     assert!(out.contains("number of failed transactions: 0 "), "{out}");
+    // the proxy did replay (each client's statement went stale at each swap)
+    let adm = admin(p.addr).await;
+    let replays: u64 = status(&adm).await["statements_reprepared"]
+        .parse()
+        .expect("number");
+    assert!(replays >= 3, "only {replays} replays");
     // the swaps really happened under pgbench's prepared statements
     let c = support::connect(&url).await;
     let n: i64 = c
@@ -408,4 +415,31 @@ print("after", rows, flush=True)
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(all.contains("after [(1, 'one', 'new')]"), "{all}");
+}
+
+/// The cutover's own sequence: PAUSE, the client's next statement is held, the swap commits,
+/// RESUME; the held statement (prepared before) runs against the wider table without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_prepared_statement_runs_after_the_swap_without_error() {
+    let p = proxy().await;
+    let url = setup("rp_hold").await;
+    let c = support::connect(&via(&url, p.addr)).await;
+    let stmt = c.prepare(SELECT_STAR).await.expect("prepare");
+    c.query(&stmt, &[&1i32]).await.expect("before");
+    let adm = admin(p.addr).await;
+    console(&adm, "PAUSE 10s").await.expect("PAUSE");
+    let held = tokio::spawn(async move {
+        let r = c.query(&stmt, &[&2i32]).await;
+        (r.map(|rows| rows[0].get::<_, String>("v")), c)
+    });
+    let c2 = admin(p.addr).await;
+    support::wait_until(WAIT, "the client to be held", || {
+        let c2 = &c2;
+        async move { clients_in_state(c2, "held").await == 1 }
+    })
+    .await;
+    add_column_swap(&url).await;
+    console(&adm, "RESUME").await.expect("RESUME");
+    let (r, _c) = timed(held).await.expect("join");
+    assert_eq!(r.expect("no error after the cutover"), "two");
 }
