@@ -641,6 +641,10 @@ where
         let mut pos = 0usize;
         let mut held = false;
         let mut parked = false;
+        // Hold the upstream writer from inspection to write: a re-preparation claims the stream
+        // under the tracker lock and then takes the writer, so it can never slip in between the
+        // pieces of a frame this chunk forwards.
+        let mut wg = w.lock().await;
         {
             let mut st: Option<MutexGuard<'_, SessionState>> = None;
             // lock order: tracker, then session state (as on the upstream side)
@@ -744,12 +748,11 @@ where
             }
         }
         if pos > 0 {
-            let mut w = w.lock().await;
-            w.write_all(&buf[..pos]).await?;
-            w.flush().await?;
-            drop(w);
+            wg.write_all(&buf[..pos]).await?;
+            wg.flush().await?;
             buf.drain(..pos);
         }
+        drop(wg);
         if parked {
             rp.wait_unclaimed().await?;
             continue;
