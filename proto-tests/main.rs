@@ -1,6 +1,6 @@
 //! Wire-protocol conformance tests for the proxy, against a real PostgreSQL started by the
 //! harness: differential tests (direct vs through the proxy), real clients (psql, pgbench,
-//! psycopg 3, node-postgres), authentication and TLS, hold/release, and robustness.
+//! psycopg 3, node-postgres), authentication and TLS, hold/release, transparent re-preparation after a swap, and robustness.
 //! Prerequisites beyond PostgreSQL: `proto-tests/setup.sh`.
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -10,4 +10,5 @@ mod clients;
 mod common;
 mod differential;
 mod hold;
+mod reprepare;
 mod robustness;

@@ -309,6 +309,10 @@ fn show_status(shared: &Shared, out: &mut BytesMut) {
             ),
         ),
         (
+            "statements_reprepared",
+            Some(shared.reprepared.load(Ordering::Relaxed).to_string()),
+        ),
+        (
             "uptime_s",
             Some(shared.started.elapsed().as_secs().to_string()),
         ),

@@ -5,11 +5,16 @@
 //! Owns: accepting clients (`listener`), the startup phase and the byte relay of each session
 //! (`session`), the hold gate shared by all sessions (`hold`), cancel-key mapping (`cancel`), TLS
 //! on both sides (`tls`), the admin console (`admin`) and its SCRAM-SHA-256 verifier (`scram`),
-//! and encoders for the few backend messages the proxy writes itself (`messages`).
+//! encoders for the few backend messages the proxy writes itself (`messages`), and the
+//! transparent re-preparation of named statements whose result type changed under a swap
+//! (`reprepare`: SQLSTATE 0A000 "cached plan must not change result type").
 //!
 //! Invariants:
 //! - Messages are forwarded as raw frames, in order, never re-encoded (BackendKeyData is the one
-//!   message rewritten: clients get a proxy-issued cancel key, mapped to the real one).
+//!   message rewritten: clients get a proxy-issued cancel key, mapped to the real one). The one
+//!   exception to "forwarded": a batch that failed with 0A000 outside a transaction block, whose
+//!   error the proxy keeps while it re-prepares the statement and sends the batch again (see
+//!   `reprepare` for exactly when; otherwise the error reaches the client unchanged).
 //! - A session is *at a boundary* when the last ReadyForQuery said idle (`I`) and no Query, Sync,
 //!   FunctionCall or extended-query message it sent is still unanswered. Only a request that
 //!   starts at a boundary can be held; a client inside a transaction always runs on.
@@ -31,7 +36,8 @@
 //!   `connected_since` (UTC timestamp).
 //! - `SHOW STATUS`: rows of (`name`, `value`): `paused` (`on`/`off`), `hold_remaining_ms`
 //!   (NULL when not paused), `clients`, `clients_in_transaction`, `clients_held`, `upstream`,
-//!   `listen`, `holds_total`, `holds_expired`, `uptime_s`, `version`.
+//!   `listen`, `holds_total`, `holds_expired`, `statements_reprepared` (replays after SQLSTATE
+//!   0A000, see `reprepare`), `uptime_s`, `version`.
 //! - `PAUSE [deadline]` (deadline like `500ms`, `5s`, `1m`; default and upper bound:
 //!   `--max-hold`): start (or renew) a hold and return `PAUSE` once no client is inside a
 //!   transaction. New requests at a boundary wait in the proxy. If clients are still inside a
@@ -48,6 +54,7 @@ mod cancel;
 mod hold;
 mod listener;
 mod messages;
+mod reprepare;
 mod scram;
 mod session;
 mod tls;
@@ -91,6 +98,8 @@ pub(crate) struct Shared {
     pub clients: session::Registry,
     pub started: Instant,
     pub next_id: AtomicU64,
+    /// Statements re-prepared and replayed after a result type change (see `reprepare`).
+    pub reprepared: AtomicU64,
 }
 
 /// A proxy accepting connections in the background (see [`start`]).
@@ -157,6 +166,7 @@ pub async fn start(args: &ProxyArgs) -> Result<RunningProxy, ProxyError> {
         clients: session::Registry::default(),
         started: Instant::now(),
         next_id: AtomicU64::new(1),
+        reprepared: AtomicU64::new(0),
     });
     tokio::spawn(hold::reaper(shared.clone()));
     let task = tokio::spawn(listener::accept_loop(listener, shared));

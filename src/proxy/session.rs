@@ -8,6 +8,9 @@
 //! - `SessionState::busy` is true exactly while the session is not at a transaction boundary,
 //!   and the gate's busy count includes the session exactly then (the guard settles it on drop).
 //! - Each direction reads as much as is available and forwards all complete frames in one write.
+//! - Both directions feed the session's `reprepare::Tracker` (lock order: tracker, then session
+//!   state). The upstream writer is shared behind an async mutex: while a re-preparation has
+//!   *claimed* the stream, the client side forwards nothing and waits (bounded).
 
 use std::collections::HashMap;
 use std::io;
@@ -22,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::messages;
+use super::reprepare::{self, Backend, Reprepare, Settle};
 use super::Shared;
 use crate::cli::UpstreamTls;
 use crate::wire::frame::{read_frame, Reader};
@@ -582,7 +586,7 @@ async fn relay<CR, CW, UR, UW>(
     mut cr: CR,
     mut cw: CW,
     mut ur: UR,
-    mut uw: UW,
+    uw: UW,
     cbuf: Vec<u8>,
     ubuf: Vec<u8>,
 ) -> Result<(), SessionError>
@@ -592,9 +596,13 @@ where
     UR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
 {
+    // the upstream writer is shared: a statement re-preparation writes to it from the upstream
+    // side while the client side is parked (see `reprepare`)
+    let uw = tokio::sync::Mutex::new(uw);
+    let rp = Reprepare::default();
     let result = tokio::select! {
-        r = client_to_upstream(shared, entry, &mut cr, &mut uw, cbuf) => r,
-        r = upstream_to_client(shared, entry, &mut ur, &mut cw, ubuf) => r,
+        r = client_to_upstream(shared, entry, &rp, &mut cr, &uw, cbuf) => r,
+        r = upstream_to_client(shared, entry, &rp, &mut ur, &uw, &mut cw, ubuf) => r,
     };
     if let Err(SessionError::ClientProtocol(msg)) = &result {
         send_error(&mut cw, "FATAL", "08P01", msg).await;
@@ -617,8 +625,9 @@ fn request_kind(tag: u8) -> Option<bool> {
 async fn client_to_upstream<R, W>(
     shared: &Shared,
     entry: &ClientEntry,
+    rp: &Reprepare,
     r: &mut R,
-    w: &mut W,
+    w: &tokio::sync::Mutex<W>,
     mut buf: Vec<u8>,
 ) -> Result<(), SessionError>
 where
@@ -631,8 +640,15 @@ where
     loop {
         let mut pos = 0usize;
         let mut held = false;
+        let mut parked = false;
+        // Hold the upstream writer from inspection to write: a re-preparation claims the stream
+        // under the tracker lock and then takes the writer, so it can never slip in between the
+        // pieces of a frame this chunk forwards.
+        let mut wg = w.lock().await;
         {
             let mut st: Option<MutexGuard<'_, SessionState>> = None;
+            // lock order: tracker, then session state (as on the upstream side)
+            let mut tr = (!entry.exempt).then(|| rp.lock());
             loop {
                 if skip > 0 {
                     let take = skip.min(buf.len() - pos);
@@ -643,6 +659,11 @@ where
                     }
                 }
                 if buf.len() - pos < 5 {
+                    break;
+                }
+                if tr.as_ref().is_some_and(|t| t.claimed()) {
+                    // a re-preparation owns the upstream stream until it is done
+                    parked = true;
                     break;
                 }
                 let tag = buf[pos];
@@ -664,6 +685,15 @@ where
                         "message '{}' of {len} bytes is over the limit of {limit}",
                         tag as char
                     )));
+                }
+                let avail = buf.len() - pos;
+                let total = len + 1;
+                if avail < total
+                    && total <= reprepare::MAX_INSPECT
+                    && tr.as_ref().is_some_and(|t| t.client_wants_whole(tag))
+                {
+                    // the tracker inspects this frame: wait until it is whole
+                    break;
                 }
                 if entry.exempt {
                     // replication connections are never held nor counted
@@ -695,12 +725,17 @@ where
                     let s = st.get_or_insert_with(|| entry.state());
                     if s.syncs_since_execute > 0 {
                         s.pending = s.pending.saturating_sub(s.syncs_since_execute);
+                        if let Some(t) = tr.as_deref_mut() {
+                            t.copy_uncount(s.syncs_since_execute);
+                        }
                         s.syncs_since_execute = 0;
                         s.since_sync = true;
                     }
                 }
-                let avail = buf.len() - pos;
-                let total = len + 1;
+                if let Some(t) = tr.as_deref_mut() {
+                    let whole = (avail >= total).then(|| &buf[pos..pos + total]);
+                    t.client_frame(tag, whole);
+                }
                 if avail >= total {
                     pos += total;
                 } else {
@@ -708,11 +743,19 @@ where
                     skip = total - avail;
                 }
             }
+            if let Some(t) = tr.as_deref_mut() {
+                t.set_mid_frame(skip > 0);
+            }
         }
         if pos > 0 {
-            w.write_all(&buf[..pos]).await?;
-            w.flush().await?;
+            wg.write_all(&buf[..pos]).await?;
+            wg.flush().await?;
             buf.drain(..pos);
+        }
+        drop(wg);
+        if parked {
+            rp.wait_unclaimed().await?;
+            continue;
         }
         if held {
             entry.state().held_since = Some(SystemTime::now());
@@ -754,61 +797,110 @@ async fn wait_while_held<R: AsyncRead + Unpin>(
     }
 }
 
-async fn upstream_to_client<R, W>(
+async fn upstream_to_client<R, UW, W>(
     shared: &Shared,
     entry: &ClientEntry,
+    rp: &Reprepare,
     r: &mut R,
+    uw: &tokio::sync::Mutex<UW>,
     w: &mut W,
     mut buf: Vec<u8>,
 ) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
     W: AsyncWrite + Unpin,
 {
     buf.reserve(BUF_SIZE);
     let mut skip = 0usize;
     loop {
         let mut pos = 0usize;
-        loop {
-            if skip > 0 {
-                let take = skip.min(buf.len() - pos);
-                pos += take;
-                skip -= take;
+        let mut retry_due = false;
+        {
+            let mut tr = (!entry.exempt).then(|| rp.lock());
+            loop {
                 if skip > 0 {
+                    let take = skip.min(buf.len() - pos);
+                    pos += take;
+                    skip -= take;
+                    if skip > 0 {
+                        break;
+                    }
+                }
+                if buf.len() - pos < 5 {
                     break;
                 }
-            }
-            if buf.len() - pos < 5 {
-                break;
-            }
-            let tag = buf[pos];
-            let len = i32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]);
-            if len < 4 {
-                return Err(SessionError::Upstream(format!(
-                    "invalid message length {len} from the server"
-                )));
-            }
-            let total = len as usize + 1;
-            if tag == b'Z' {
-                if buf.len() - pos < 6 {
+                let tag = buf[pos];
+                let len =
+                    i32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]);
+                if len < 4 {
+                    return Err(SessionError::Upstream(format!(
+                        "invalid message length {len} from the server"
+                    )));
+                }
+                let total = len as usize + 1;
+                if tag == b'Z' && buf.len() - pos < 6 {
                     break;
                 }
-                if !entry.exempt {
+                let avail = buf.len() - pos;
+                if let Some(t) = tr.as_deref_mut() {
+                    if avail < total
+                        && total <= reprepare::MAX_INSPECT
+                        && t.backend_wants_whole(tag)
+                    {
+                        break;
+                    }
+                    let whole = (avail >= total).then(|| &buf[pos..pos + total]);
+                    match t.on_backend(tag, whole) {
+                        Backend::Forward => {}
+                        Backend::Suppress => {
+                            // kept by the tracker: take it out of the stream
+                            buf.drain(pos..pos + total);
+                            if tag == b'Z' {
+                                match t.settle() {
+                                    Settle::Wait => {}
+                                    Settle::Retry => {
+                                        retry_due = true;
+                                        break;
+                                    }
+                                    Settle::GiveUp => {
+                                        pos += give_up(shared, entry, t, &mut buf, pos);
+                                    }
+                                }
+                            }
+                            continue;
+                        }
+                        Backend::GiveUp => pos += give_up(shared, entry, t, &mut buf, pos),
+                    }
+                }
+                if tag == b'Z' && !entry.exempt {
                     ready_for_query(shared, entry, buf[pos + 5]);
                 }
-            }
-            let avail = buf.len() - pos;
-            if avail >= total {
-                pos += total;
-            } else {
-                pos = buf.len();
-                skip = total - avail;
+                let avail = buf.len() - pos;
+                if avail >= total {
+                    pos += total;
+                } else {
+                    pos = buf.len();
+                    skip = total - avail;
+                }
             }
         }
         if pos > 0 {
             w.write_all(&buf[..pos]).await?;
             w.flush().await?;
             buf.drain(..pos);
+        }
+        if retry_due {
+            let replayed = reprepare::retry(rp, r, uw, w, &mut buf, |status| {
+                ready_for_query(shared, entry, status)
+            })
+            .await?;
+            if replayed {
+                shared
+                    .reprepared
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            continue;
         }
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(BUF_SIZE);
@@ -817,6 +909,24 @@ where
             return Ok(());
         }
     }
+}
+
+/// Put the answers the tracker kept back into the stream at `pos`, as they were; returns their
+/// length.
+fn give_up(
+    shared: &Shared,
+    entry: &ClientEntry,
+    t: &mut reprepare::Tracker,
+    buf: &mut Vec<u8>,
+    pos: usize,
+) -> usize {
+    let (bytes, statuses) = t.take_give_up();
+    for s in statuses {
+        ready_for_query(shared, entry, s);
+    }
+    let n = bytes.len();
+    buf.splice(pos..pos, bytes);
+    n
 }
 
 /// A ReadyForQuery with `status` passed from the server to the client.
