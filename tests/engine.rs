@@ -30,8 +30,6 @@ use support::migration::{run, run_args};
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers};
 use support::{connect, fresh_db, wait_until};
 
-/// A migration in-process, with a deadline so a hang fails the test instead of stalling CI.
-
 const ALTER: &str =
     "ALTER COLUMN qty TYPE bigint, ALTER COLUMN code TYPE integer USING code::integer, \
                      ADD COLUMN note text DEFAULT 'n/a', DROP COLUMN legacy";
