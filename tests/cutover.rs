@@ -387,17 +387,29 @@ async fn a_prepared_select_star_survives_a_swap_that_adds_a_column() {
     assert_eq!(before.get::<_, i32>(1), 7);
     // directly, the same statement would now fail with 0A000 "cached plan must not change result type"
     let direct = connect(&url).await;
-    let direct_stmt = direct.prepare("SELECT * FROM t WHERE id = $1").await.unwrap();
+    let direct_stmt = direct
+        .prepare("SELECT * FROM t WHERE id = $1")
+        .await
+        .unwrap();
     // a swap (the shadow copy is forced) whose new table has one more column
     let mut a = args(&url, "t", "ADD COLUMN note text DEFAULT 'n/a'");
     a.proxies = vec![console(p.addr)];
     run(a).await.expect("migration");
-    let direct_err = direct.query_one(&direct_stmt, &[&7i32]).await.expect_err("a direct client sees the error");
+    let direct_err = direct
+        .query_one(&direct_stmt, &[&7i32])
+        .await
+        .expect_err("a direct client sees the error");
     assert_eq!(direct_err.code().map(|c| c.code()), Some("0A000"));
     // through the proxy: no error
-    let after = app.query_one(&stmt, &[&7i32]).await.expect("no error through the proxy");
+    let after = app
+        .query_one(&stmt, &[&7i32])
+        .await
+        .expect("no error through the proxy");
     assert_eq!((after.get::<_, i32>(0), after.get::<_, i32>(1)), (7, 7));
     // and a statement prepared after the swap sees the new column
-    let fresh = app.query_one("SELECT * FROM t WHERE id = $1", &[&7i32]).await.unwrap();
+    let fresh = app
+        .query_one("SELECT * FROM t WHERE id = $1", &[&7i32])
+        .await
+        .unwrap();
     assert_eq!(fresh.get::<_, String>(2), "n/a");
 }
