@@ -344,12 +344,26 @@ impl Ctx2<'_> {
         progress.start_phase("catch-up", None);
         let mut caught_up = false;
         let mut last_verify: Option<Instant> = None;
+        // (when, lag) a minute back, to tell a stream that is not catching up
+        let mut lag_mark: (Instant, i64) = (Instant::now(), i64::MAX);
         loop {
             if *abort.borrow() {
                 return Err(MigrateError::Aborted);
             }
             let lag = self.lag(&follower).await?;
             let applied = follower.stats.changes_applied.load(Ordering::Relaxed);
+            if lag_mark.0.elapsed() >= Duration::from_secs(60) {
+                if !caught_up && lag >= lag_mark.1 {
+                    tracing::warn!(
+                        "the change stream is applied more slowly than {} is written (lag {}, a minute ago {}); \
+                         the swap waits until writes slow down",
+                        table.qualified(),
+                        fmt_bytes(lag),
+                        fmt_bytes(lag_mark.1)
+                    );
+                }
+                lag_mark = (Instant::now(), lag);
+            }
             progress.update(
                 applied,
                 None,
