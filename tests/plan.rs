@@ -552,16 +552,19 @@ async fn unique_constraint_is_added_online_while_writes_continue() {
             while !stop.load(Ordering::Relaxed) {
                 let r = m
                     .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_create_index WHERE relid = 'w'::regclass),
-                                (SELECT count(*) FROM pg_locks WHERE relation = 'w'::regclass AND granted
-                                   AND mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'))",
+                        // locks first, then the build: a strong lock only counts if the build
+                        // was still running after it was seen (the ALTER ... USING INDEX that
+                        // follows the build takes a brief ACCESS EXCLUSIVE lock)
+                        "SELECT (SELECT count(*) FROM pg_locks WHERE relation = 'w'::regclass AND granted
+                                   AND mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')),
+                                EXISTS (SELECT 1 FROM pg_stat_progress_create_index WHERE relid = 'w'::regclass)",
                         &[],
                     )
                     .await
                     .unwrap();
-                if r.get::<_, bool>(0) {
+                if r.get::<_, bool>(1) {
                     seen.fetch_add(1, Ordering::Relaxed);
-                    strong.fetch_add(r.get::<_, i64>(1) as u64, Ordering::Relaxed);
+                    strong.fetch_add(r.get::<_, i64>(0) as u64, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
