@@ -4,96 +4,15 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shadow_alter::cli::{AbortArgs, ConnArgs, CutoverArgs, ProxyArgs, RunArgs, UpstreamTls};
-use shadow_alter::proxy::RunningProxy;
-fn args(url: &str, table: &str, alter: &str) -> RunArgs {
-    run_args(
-        url,
-        table,
-        alter,
-        &[
-            "--chunk-size",
-            "5000",
-            "--lock-timeout",
-            "500ms",
-            "--strategy",
-            "shadow-copy",
-        ],
-    )
-}
+use shadow_alter::cli::{AbortArgs, ConnArgs, CutoverArgs};
 
-use support::migration::{run, run_args};
+use support::migration::{run, shadow_copy_args as args};
+use support::proxy::{console, start as proxy, status as proxy_status, via};
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers_on};
 use support::{connect, fresh_db, wait_until};
-
-const ADMIN: &str = "admin";
-const PASSWORD: &str = "console-secret";
-
-struct Proxy {
-    addr: SocketAddr,
-    running: RunningProxy,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.running.abort();
-    }
-}
-
-async fn proxy() -> Proxy {
-    let s = support::server();
-    let running = shadow_alter::proxy::start(&ProxyArgs {
-        listen: "127.0.0.1:0".into(),
-        upstream: format!("127.0.0.1:{}", s.port),
-        admin_user: Some(ADMIN.into()),
-        admin_password: Some(PASSWORD.into()),
-        tls_cert: None,
-        tls_key: None,
-        upstream_tls: UpstreamTls::Disable,
-        max_hold: Duration::from_secs(5),
-    })
-    .await
-    .expect("start a proxy");
-    Proxy {
-        addr: running.local_addr(),
-        running,
-    }
-}
-
-/// The database URL, through a proxy.
-fn via(url: &str, addr: SocketAddr) -> String {
-    url.replace(
-        &format!(":{}/", support::server().port),
-        &format!(":{}/", addr.port()),
-    )
-}
-
-fn console(addr: SocketAddr) -> String {
-    format!(
-        "postgres://{ADMIN}:{PASSWORD}@127.0.0.1:{}/shadow_alter",
-        addr.port()
-    )
-}
-
-/// `SHOW STATUS` of a proxy as name -> value.
-async fn proxy_status(addr: SocketAddr) -> std::collections::HashMap<String, String> {
-    let c = connect(&console(addr)).await;
-    c.simple_query("SHOW STATUS")
-        .await
-        .expect("SHOW STATUS")
-        .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some((r.get(0)?.to_string(), r.get(1)?.to_string()))
-            }
-            _ => None,
-        })
-        .collect()
-}
 
 async fn column_type(c: &tokio_postgres::Client, table: &str, column: &str) -> String {
     c.query_one(

@@ -6,27 +6,10 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shadow_alter::cli::{ConnArgs, RunArgs};
+use shadow_alter::cli::ConnArgs;
 use shadow_alter::migrate::MigrateError;
-/// The engine's arguments: these tests exercise the shadow copy (tests/plan.rs covers the
-/// copy-free strategies).
-pub fn args(url: &str, table: &str, alter: &str) -> RunArgs {
-    run_args(
-        url,
-        table,
-        alter,
-        &[
-            "--chunk-size",
-            "5000",
-            "--lock-timeout",
-            "500ms",
-            "--strategy",
-            "shadow-copy",
-        ],
-    )
-}
 
-use support::migration::{run, run_args};
+use support::migration::{run, shadow_copy_args as args};
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers};
 use support::{connect, fresh_db, wait_until};
 

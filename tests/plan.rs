@@ -785,33 +785,16 @@ async fn forced_shadow_copy_still_copies() {
     );
 }
 
-const ADMIN: &str = "sa_admin";
-const PASSWORD: &str = "sa-secret";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn direct_alter_holds_the_proxies_while_it_takes_its_lock() {
-    use shadow_alter::cli::{ProxyArgs, UpstreamTls};
     let url = fresh_db("proxyhold").await;
     let c = connect(&url).await;
     c.batch_execute("CREATE TABLE h (id serial PRIMARY KEY, v int); INSERT INTO h (v) SELECT g FROM generate_series(1, 1000) g")
         .await
         .unwrap();
-    let s = support::server();
-    let proxy = shadow_alter::proxy::start(&ProxyArgs {
-        listen: "127.0.0.1:0".into(),
-        upstream: format!("127.0.0.1:{}", s.port),
-        admin_user: Some(ADMIN.into()),
-        admin_password: Some(PASSWORD.into()),
-        tls_cert: None,
-        tls_key: None,
-        upstream_tls: UpstreamTls::Disable,
-        max_hold: Duration::from_secs(5),
-    })
-    .await
-    .expect("start a proxy");
-    let port = proxy.local_addr().port();
-    let via = url.replace(&format!(":{}/", s.port), &format!(":{port}/"));
-    let console = format!("postgres://{ADMIN}:{PASSWORD}@127.0.0.1:{port}/shadow_alter");
+    let proxy = support::proxy::start().await;
+    let via = support::proxy::via(&url, proxy.addr);
+    let console = support::proxy::console(proxy.addr);
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let writer = {
@@ -864,5 +847,5 @@ async fn direct_alter_holds_the_proxies_while_it_takes_its_lock() {
         "{status:?}"
     );
     assert_eq!(status["paused"], "off", "{status:?}");
-    proxy.abort();
+    drop(proxy);
 }

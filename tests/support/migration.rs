@@ -39,3 +39,21 @@ pub async fn run(a: RunArgs) -> Result<(), MigrateError> {
         .await
         .expect("the migration hung for 180s")
 }
+
+/// Arguments for suites that exercise the shadow copy and swap (tests/plan.rs covers the
+/// copy-free strategies).
+pub fn shadow_copy_args(url: &str, table: &str, alter: &str) -> RunArgs {
+    run_args(
+        url,
+        table,
+        alter,
+        &[
+            "--chunk-size",
+            "5000",
+            "--lock-timeout",
+            "500ms",
+            "--strategy",
+            "shadow-copy",
+        ],
+    )
+}

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod migration;
+pub mod proxy;
 pub mod workload;
 
 use std::path::PathBuf;
