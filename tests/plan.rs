@@ -552,12 +552,12 @@ async fn unique_constraint_is_added_online_while_writes_continue() {
             while !stop.load(Ordering::Relaxed) {
                 let r = m
                     .query_one(
-                        // locks first, then the build: a strong lock only counts if the build
-                        // was still running after it was seen (the ALTER ... USING INDEX that
-                        // follows the build takes a brief ACCESS EXCLUSIVE lock)
+                        // locks first, then the build, and only while the index is being built
+                        // (not in the waits at its end): the ALTER ... USING INDEX that follows
+                        // the build takes a brief ACCESS EXCLUSIVE lock at the handover
                         "SELECT (SELECT count(*) FROM pg_locks WHERE relation = 'w'::regclass AND granted
                                    AND mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')),
-                                EXISTS (SELECT 1 FROM pg_stat_progress_create_index WHERE relid = 'w'::regclass)",
+                                EXISTS (SELECT 1 FROM pg_stat_progress_create_index WHERE relid = 'w'::regclass AND phase LIKE 'building index%')",
                         &[],
                     )
                     .await
