@@ -226,7 +226,9 @@ async fn preflight_refusals_change_nothing() {
          CREATE TABLE uniq (a int NOT NULL, b text); CREATE UNIQUE INDEX uniq_a ON uniq (a);
          CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY RANGE (id);
          CREATE TABLE viewed (id int PRIMARY KEY, v int); CREATE VIEW v1 AS SELECT * FROM viewed;
-         CREATE TABLE parent (id int PRIMARY KEY); CREATE TABLE child (id int PRIMARY KEY, p int REFERENCES parent);
+         CREATE TABLE ruled (id int PRIMARY KEY); CREATE RULE r AS ON INSERT TO ruled DO ALSO NOTIFY ruled;
+         CREATE TABLE typed (id int PRIMARY KEY);
+         CREATE FUNCTION typed_rows() RETURNS SETOF typed LANGUAGE sql AS 'SELECT * FROM typed';
          CREATE TABLE plain (id int PRIMARY KEY, v text); INSERT INTO plain VALUES (1, 'x');
          CREATE ROLE norepl LOGIN; GRANT ALL ON SCHEMA public TO norepl;",
     )
@@ -249,19 +251,19 @@ async fn preflight_refusals_change_nothing() {
             "partitioned",
         ),
         (
-            refused(&url, "viewed", "ALTER COLUMN v TYPE bigint").await,
+            refused(&url, "viewed", "DROP COLUMN v").await,
             3,
-            "dependent views: v1",
+            "view v1 uses column v",
         ),
         (
-            refused(&url, "parent", "ADD COLUMN c int").await,
+            refused(&url, "ruled", "ADD COLUMN c int").await,
             3,
-            "foreign keys pointing in",
+            "rules: r on ruled",
         ),
         (
-            refused(&url, "child", "ADD COLUMN c int").await,
+            refused(&url, "typed", "ADD COLUMN c int").await,
             3,
-            "foreign keys pointing out",
+            "users of the table's row type: function typed_rows()",
         ),
         (
             refused(&url, "missing", "ADD COLUMN c int").await,

@@ -39,28 +39,37 @@ pub struct Key {
 /// A sequence tied to a column: by OWNED BY (serial) or as an identity.
 #[derive(Debug, Clone)]
 pub struct ColumnSequence {
+    /// Schema-qualified, quoted where needed.
     pub sequence: String,
     pub column: String,
     pub identity: bool,
 }
 
 /// Objects that depend on the table by identity and would stay on the old table after a swap.
+/// The swap carries the first group across (`migrate::carry`); the second group is refused.
 #[derive(Debug, Clone, Default)]
 pub struct Dependents {
+    /// Views and materialized views over the table, also through other views.
     pub views: Vec<String>,
     pub inbound_foreign_keys: Vec<String>,
     pub outbound_foreign_keys: Vec<String>,
     pub triggers: Vec<String>,
     pub policies: Vec<String>,
-    pub rules: Vec<String>,
     pub publications: Vec<String>,
     pub grants: Vec<String>,
     pub column_grants: Vec<String>,
+    // --- not carried: a swap would break them, so the engine refuses the table ---
+    pub rules: Vec<String>,
     pub inheritance: Vec<String>,
+    /// Functions and columns of other tables typed by the table's (or a dependent view's) row type.
+    pub row_type_users: Vec<String>,
+    /// Other objects that refer to the table or to a dependent view (functions with SQL bodies,
+    /// policies of other tables, ...): a swap would leave them on the old table.
+    pub view_dependents: Vec<String>,
 }
 
 impl Dependents {
-    /// Human-readable list of what is present, empty when nothing is.
+    /// What the swap carries across, human-readable; empty when nothing.
     pub fn describe(&self) -> Vec<String> {
         let mut out = Vec::new();
         let mut add = |what: &str, v: &Vec<String>| {
@@ -73,11 +82,27 @@ impl Dependents {
         add("foreign keys pointing out", &self.outbound_foreign_keys);
         add("triggers", &self.triggers);
         add("row level security policies", &self.policies);
-        add("rules", &self.rules);
         add("publications", &self.publications);
         add("grants", &self.grants);
         add("column grants", &self.column_grants);
+        out
+    }
+
+    /// What a swap cannot carry yet, human-readable; empty when nothing.
+    pub fn unsupported(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut add = |what: &str, v: &Vec<String>| {
+            if !v.is_empty() {
+                out.push(format!("{what}: {}", v.join(", ")));
+            }
+        };
+        add("rules", &self.rules);
         add("inheritance", &self.inheritance);
+        add("users of the table's row type", &self.row_type_users);
+        add(
+            "objects referring to it or its views",
+            &self.view_dependents,
+        );
         out
     }
 }
@@ -187,9 +212,10 @@ pub async fn load(client: &Client, oid: u32) -> Result<Table, MigrateError> {
 
     t.sequences = client
         .query(
-            "SELECT s.oid::regclass::text, a.attname, d.deptype = 'i'
+            "SELECT format('%I.%I', sn.nspname, s.relname), a.attname, d.deptype = 'i'
              FROM pg_depend d
              JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+             JOIN pg_namespace sn ON sn.oid = s.relnamespace
              JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
              WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
                AND d.refobjid = $1 AND d.deptype IN ('a', 'i')",
@@ -278,58 +304,108 @@ async fn choose_key(
     })
 }
 
+/// Views and materialized views that depend on table `$1`, directly or through other views, as
+/// `(v oid, depth)`: depth is the longest chain of views down to the table, so re-creating in
+/// ascending depth (and dropping in descending depth) respects every dependency among them.
+pub const DEPENDENT_VIEWS: &str = "WITH RECURSIVE dep(v, depth) AS (
+    SELECT r.ev_class, 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+      JOIN pg_class vc ON vc.oid = r.ev_class AND vc.relkind IN ('v', 'm')
+     WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+       AND d.refobjid = $1 AND d.deptype = 'n' AND r.ev_class <> $1
+    UNION
+    SELECT r.ev_class, dep.depth + 1 FROM dep
+      JOIN pg_depend d ON d.refobjid = dep.v AND d.refclassid = 'pg_class'::regclass
+                      AND d.classid = 'pg_rewrite'::regclass AND d.deptype = 'n'
+      JOIN pg_rewrite r ON r.oid = d.objid
+      JOIN pg_class vc ON vc.oid = r.ev_class AND vc.relkind IN ('v', 'm')
+     WHERE r.ev_class <> dep.v AND dep.depth < 64
+  ) SELECT v, max(depth) AS depth FROM dep GROUP BY v";
+
 async fn dependents(client: &Client, oid: u32) -> Result<Dependents, MigrateError> {
-    let list = |sql: &'static str, what: &'static str| async move {
+    let list = |sql: String, what: &'static str| async move {
+        let sql = sql.replace("DEPENDENT_VIEWS_SQL", DEPENDENT_VIEWS);
         let rows = client
-            .query(sql, &[&oid])
+            .query(&sql, &[&oid])
             .await
             .ctx(format!("reading {what}"))?;
         Ok::<Vec<String>, MigrateError>(rows.iter().map(|r| r.get::<_, String>(0)).collect())
     };
     Ok(Dependents {
         views: list(
-            "SELECT DISTINCT v.oid::regclass::text FROM pg_depend d
-             JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
-             WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
-               AND d.refobjid = $1 AND v.oid <> $1",
+            format!("SELECT v::regclass::text FROM ({DEPENDENT_VIEWS}) x ORDER BY 1"),
             "dependent views",
         )
         .await?,
         inbound_foreign_keys: list(
-            "SELECT conname || ' on ' || conrelid::regclass::text FROM pg_constraint
-             WHERE contype = 'f' AND confrelid = $1",
+            String::from("SELECT conname || ' on ' || conrelid::regclass::text FROM pg_constraint
+             WHERE contype = 'f' AND confrelid = $1 AND conrelid <> $1"),
             "foreign keys",
         )
         .await?,
         outbound_foreign_keys: list(
-            "SELECT conname || ' -> ' || confrelid::regclass::text FROM pg_constraint
-             WHERE contype = 'f' AND conrelid = $1 AND confrelid <> $1",
+            String::from("SELECT conname || ' -> ' || confrelid::regclass::text FROM pg_constraint
+             WHERE contype = 'f' AND conrelid = $1"),
             "foreign keys",
         )
         .await?,
-        triggers: list("SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1 AND NOT tgisinternal", "triggers").await?,
-        policies: list("SELECT polname::text FROM pg_policy WHERE polrelid = $1", "policies").await?,
-        rules: list("SELECT rulename::text FROM pg_rewrite WHERE ev_class = $1 AND rulename <> '_RETURN'", "rules").await?,
+        triggers: list(String::from("SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1 AND NOT tgisinternal"), "triggers").await?,
+        policies: list(String::from("SELECT polname::text FROM pg_policy WHERE polrelid = $1"), "policies").await?,
+        rules: list(
+            String::from(
+                "SELECT r.rulename::text || ' on ' || r.ev_class::regclass::text FROM pg_rewrite r
+                 WHERE (r.ev_class = $1 AND r.rulename <> '_RETURN')
+                    OR (r.ev_class <> $1 AND r.oid IN (SELECT objid FROM pg_depend WHERE classid = 'pg_rewrite'::regclass
+                                                       AND refclassid = 'pg_class'::regclass AND refobjid = $1)
+                        AND (SELECT relkind FROM pg_class WHERE oid = r.ev_class) NOT IN ('v', 'm'))",
+            ),
+            "rules",
+        )
+        .await?,
         publications: list(
-            "SELECT p.pubname::text FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
-             WHERE r.prrelid = $1 AND p.pubname NOT LIKE 'shadow_alter_%'",
+            String::from("SELECT p.pubname::text FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+             WHERE r.prrelid = $1 AND p.pubname NOT LIKE 'shadow_alter_%'"),
             "publications",
         )
         .await?,
         grants: list(
-            "SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END
-             FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = $1 AND a.grantee <> c.relowner",
+            String::from("SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END
+             FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = $1 AND a.grantee <> c.relowner"),
             "grants",
         )
         .await?,
         column_grants: list(
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1 AND attacl IS NOT NULL AND NOT attisdropped",
+            String::from("SELECT attname::text FROM pg_attribute WHERE attrelid = $1 AND attacl IS NOT NULL AND NOT attisdropped"),
             "column grants",
         )
         .await?,
+        row_type_users: list(
+            String::from("SELECT DISTINCT pg_describe_object(d.classid, d.objid, d.objsubid) FROM pg_depend d
+             WHERE d.refclassid = 'pg_type'::regclass
+               AND d.refobjid IN (SELECT reltype FROM pg_class WHERE oid = $1 OR oid IN (SELECT v FROM (DEPENDENT_VIEWS_SQL) x)
+                                  UNION SELECT t.typarray FROM pg_type t JOIN pg_class c ON c.reltype = t.oid
+                                        WHERE c.oid = $1 OR c.oid IN (SELECT v FROM (DEPENDENT_VIEWS_SQL) x))
+               AND d.deptype = 'n' AND d.classid <> 'pg_rewrite'::regclass"),
+            "users of the row type",
+        )
+        .await?,
+        view_dependents: list(
+            String::from(
+                "SELECT DISTINCT pg_describe_object(d.classid, d.objid, d.objsubid) FROM pg_depend d
+                 WHERE d.refclassid = 'pg_class'::regclass AND d.deptype = 'n'
+                   AND ((d.refobjid IN (SELECT v FROM (DEPENDENT_VIEWS_SQL) x)
+                         AND d.classid NOT IN ('pg_rewrite'::regclass, 'pg_trigger'::regclass, 'pg_class'::regclass))
+                     OR (d.refobjid = $1
+                         AND d.classid NOT IN ('pg_rewrite'::regclass, 'pg_constraint'::regclass, 'pg_trigger'::regclass,
+                                               'pg_publication_rel'::regclass, 'pg_attrdef'::regclass)
+                         AND NOT (d.classid = 'pg_policy'::regclass
+                                  AND (SELECT polrelid FROM pg_policy WHERE oid = d.objid) = $1)))",
+            ),
+            "objects depending on the table or its views",
+        )
+        .await?,
         inheritance: list(
-            "SELECT inhrelid::regclass::text || ' inherits it' FROM pg_inherits WHERE inhparent = $1
-             UNION ALL SELECT 'it inherits ' || inhparent::regclass::text FROM pg_inherits WHERE inhrelid = $1",
+            String::from("SELECT inhrelid::regclass::text || ' inherits it' FROM pg_inherits WHERE inhparent = $1
+             UNION ALL SELECT 'it inherits ' || inhparent::regclass::text FROM pg_inherits WHERE inhrelid = $1"),
             "inheritance",
         )
         .await?,

@@ -1,14 +1,15 @@
 //! The swap: take `ACCESS EXCLUSIVE` on the source under a short `lock_timeout` (retried with
 //! backoff, never an unbounded wait in the lock queue), drain the change stream to a marker
 //! written after the lock was granted, then rename source -> old and shadow -> source, carry over
-//! sequences, owner, comment and replica identity, and commit. Any failure rolls back, and the
-//! original table keeps serving.
+//! sequences, owner, comment and replica identity, and everything else that belongs to the table
+//! (`carry`), and commit. Any failure rolls back, and the original table keeps serving.
 
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio_postgres::Client;
 
+use super::carry::{self, Carry, Validate};
 use super::error::{describe_db_error, Ctx, MigrateError};
 use super::follow::Follower;
 use super::proxies::Proxies;
@@ -33,6 +34,10 @@ pub struct SwapOutcome {
     pub attempts: u32,
     /// How long the proxies held their clients in the successful attempt.
     pub held: Option<Duration>,
+    /// What was carried across to the new table, for the report.
+    pub carried: Vec<String>,
+    /// Foreign keys added NOT VALID, to validate now that the swap has committed.
+    pub validate: Vec<Validate>,
 }
 
 /// Emits markers into the WAL and waits for the follower to apply up to them.
@@ -168,12 +173,14 @@ pub async fn swap(
                 h.resume().await;
             }
             match result {
-                Ok(lock_held) => {
+                Ok((lock_held, carried)) => {
                     return Ok(SwapOutcome {
                         old_name,
                         lock_held,
                         attempts: attempt,
                         held: held_for,
+                        carried: carried.summary,
+                        validate: carried.validate,
                     })
                 }
                 Err(SwapAttemptError::Retry(reason)) => last_reason = reason,
@@ -227,27 +234,69 @@ async fn try_swap(
     lock_timeout: Duration,
     old_name: &str,
     old_suffix: &str,
-) -> Result<Duration, SwapAttemptError> {
+) -> Result<(Duration, Carry), SwapAttemptError> {
     let src = table.qualified();
     let tx = swapper
         .transaction()
         .await
         .ctx("starting the swap transaction")?;
+    // views and tables whose foreign keys point in are re-created, so they are locked with the
+    // source; tables the foreign keys point to get a NOT VALID key added
+    let (exclusive, share) = carry::tables_to_lock(&tx, table.oid).await?;
+    // With other tables in play an application transaction could hold one of them and wait for
+    // the source: keep every lock wait well under deadlock_timeout, so the swap gives up (and
+    // retries) before the server could pick the application as a deadlock victim.
+    let lock_timeout = if exclusive.is_empty() && share.is_empty() {
+        lock_timeout
+    } else {
+        let deadlock_ms: f64 = tx
+            .query_one(
+                "SELECT extract(epoch FROM current_setting('deadlock_timeout')::interval)::float8 * 1000",
+                &[],
+            )
+            .await
+            .ctx("reading deadlock_timeout")?
+            .get(0);
+        lock_timeout.min(Duration::from_millis((deadlock_ms / 2.0).max(10.0) as u64))
+    };
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = '{}ms'",
         lock_timeout.as_millis()
     ))
     .await
     .ctx("setting lock_timeout")?;
-    if let Err(e) = tx
-        .batch_execute(&format!("LOCK TABLE {src} IN ACCESS EXCLUSIVE MODE"))
-        .await
-    {
+    let mut locks = format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        std::iter::once(src.clone())
+            .chain(exclusive.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !share.is_empty() {
+        locks.push_str(&format!(
+            "; LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
+            share.join(", ")
+        ));
+    }
+    if let Err(e) = tx.batch_execute(&locks).await {
         let blockers = blockers(control, table.oid).await;
         let _ = tx.rollback().await;
-        return if e.code().map(|c| c.code()) == Some("55P03") {
+        let others = if exclusive.is_empty() && share.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (with {})",
+                exclusive
+                    .iter()
+                    .chain(share.iter())
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        return if matches!(e.code().map(|c| c.code()), Some("55P03") | Some("40P01")) {
             Err(SwapAttemptError::Retry(format!(
-                "the lock on {src} was not granted within {:?}{blockers}",
+                "the lock on {src}{others} was not granted within {:?}{blockers}",
                 lock_timeout
             )))
         } else {
@@ -268,13 +317,31 @@ async fn try_swap(
         )));
     }
     let shadow = names.shadow_qualified();
-    let mut sql = Vec::new();
+    // the key index by its bare name, while the search_path still finds it
+    let key_index: String = tx
+        .query_one(
+            "SELECT relname::text FROM pg_class WHERE oid = $1::text::regclass",
+            &[&mapping.shadow_key_index],
+        )
+        .await
+        .ctx("finding the shadow table's key index")?
+        .get(0);
+    let carried = carry::prepare(&tx, table, mapping, names, old_name, old_suffix).await?;
+    let mut sql = carried.before.clone();
     for (src_seq, col) in &mapping.identity_sync {
         sql.push(format!(
             "SELECT setval(pg_get_serial_sequence({}, {}), s.last_value, s.is_called) FROM {src_seq} AS s",
             quote_literal(&shadow),
             quote_literal(col)
         ));
+    }
+    match table.replica_identity {
+        'f' => sql.push(format!("ALTER TABLE {shadow} REPLICA IDENTITY FULL")),
+        'i' => sql.push(format!(
+            "ALTER TABLE {shadow} REPLICA IDENTITY USING INDEX {}",
+            quote_ident(&key_index)
+        )),
+        _ => {}
     }
     // indexes (and the constraints they back) keep the names applications and tooling know
     let pairs = tx
@@ -331,17 +398,16 @@ async fn try_swap(
         Some(c) => format!("COMMENT ON TABLE {new} IS {}", quote_literal(c)),
         None => format!("COMMENT ON TABLE {new} IS NULL"),
     });
-    match table.replica_identity {
-        'f' => sql.push(format!("ALTER TABLE {new} REPLICA IDENTITY FULL")),
-        'i' => sql.push(format!(
-            "ALTER TABLE {new} REPLICA IDENTITY USING INDEX {}",
-            mapping.shadow_key_index
-        )),
-        _ => {}
-    }
+    sql.extend(carried.after.iter().cloned());
     for s in &sql {
         if let Err(e) = tx.batch_execute(s).await {
             let _ = tx.rollback().await;
+            if matches!(e.code().map(|c| c.code()), Some("55P03") | Some("40P01")) {
+                return Err(SwapAttemptError::Retry(format!(
+                    "a lock the swap needs was not granted in time ({s}): {}",
+                    describe_db_error(&e)
+                )));
+            }
             return Err(SwapAttemptError::Fatal(MigrateError::Internal(format!(
                 "the swap failed and was rolled back (the original table is untouched): {s}: {}",
                 describe_db_error(&e)
@@ -349,7 +415,7 @@ async fn try_swap(
         }
     }
     tx.commit().await.ctx("committing the swap")?;
-    Ok(locked_at.elapsed())
+    Ok((locked_at.elapsed(), carried))
 }
 
 /// Who holds or waits for a lock on the table, for the retry message.

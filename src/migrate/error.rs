@@ -32,7 +32,7 @@ pub enum MigrateError {
         "cutover gave up after {attempts} attempts: {reason}; the original table keeps serving"
     )]
     CutoverGaveUp { attempts: u32, reason: String },
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", describe_db_error(.source))]
     Db {
         context: String,
         #[source]

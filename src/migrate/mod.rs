@@ -5,6 +5,7 @@
 //! and whatever the run created (shadow table, publication, slot) is removed on the way out.
 
 pub mod apply;
+pub mod carry;
 pub mod commands;
 pub mod copy;
 pub mod cutover;

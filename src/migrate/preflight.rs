@@ -118,10 +118,11 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, MigrateErr
                 .unwrap_or_else(|| format!("{q} has no usable key")),
         ));
     }
-    let deps = t.dependents.describe();
+    let deps = t.dependents.unsupported();
     if !deps.is_empty() {
         return Err(MigrateError::Preflight(format!(
-            "{q} has objects that a swap would leave on the old table ({}); carrying them across is not supported yet, so nothing was changed",
+            "{q} has objects that a swap would leave on the old table ({}); carrying them across is not supported yet, so nothing was changed. \
+             Drop them and re-create them after the migration, or use a plain ALTER TABLE",
             deps.join("; ")
         )));
     }

@@ -225,6 +225,8 @@ impl Ctx2<'_> {
             mapping.targets.len(),
             mapping.added.len()
         );
+        // an object using a column the ALTER drops could not be re-created at the swap
+        super::carry::check(self.control, table, &mapping).await?;
 
         // 2. publication for the source, before the slot so the slot sees it from the start
         created.publication = true;
@@ -423,6 +425,23 @@ impl Ctx2<'_> {
         if *abort.borrow() {
             return Err(MigrateError::Aborted);
         }
+        // the new table starts with planner statistics, not with whatever autovacuum gets to later
+        let analyze_started = Instant::now();
+        if let Err(e) = self
+            .control
+            .batch_execute(&format!("ANALYZE {}", names.shadow_qualified()))
+            .await
+        {
+            tracing::warn!(
+                "analyzing the new table failed ({}); run ANALYZE on it after the swap",
+                describe_db_error(&e)
+            );
+        } else {
+            tracing::info!(
+                "analyzed the new table in {:.1}s",
+                analyze_started.elapsed().as_secs_f64()
+            );
+        }
         self.state.phase(self.control, "cutover", None).await;
         let mut swapper = connect(self.config, "the swap").await?;
         let swap_opts = SwapOptions {
@@ -451,6 +470,15 @@ impl Ctx2<'_> {
             }
         };
         created.swapped = true;
+        for what in &outcome.carried {
+            tracing::info!("carried across: {what}");
+        }
+        if !outcome.carried.is_empty() {
+            progress.println(&format!(
+                "carried across to the new table: {}",
+                outcome.carried.join("; ")
+            ));
+        }
         let changes = follower.stats.changes_applied.load(Ordering::Relaxed);
         let held = outcome
             .held
@@ -482,6 +510,18 @@ impl Ctx2<'_> {
                 names.publication,
                 describe_db_error(&e)
             );
+        }
+        // foreign keys were added NOT VALID under the lock; validating takes no lock that blocks writes
+        for v in &outcome.validate {
+            let sql = v.sql();
+            match retry_lock(self.control, &sql, args.lock_timeout, "validating a foreign key").await {
+                Ok(()) => tracing::info!("validated foreign key {} on {}", v.constraint, v.table),
+                Err(e) => tracing::warn!(
+                    "foreign key {} on {} stays NOT VALID (it is enforced for new rows): {e}; run `{sql}` later",
+                    v.constraint,
+                    v.table
+                ),
+            }
         }
         if args.drop_old {
             let old = crate::sql::qualified(&table.schema, &outcome.old_name);

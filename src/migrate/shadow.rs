@@ -93,6 +93,10 @@ pub struct Mapping {
     pub other_unique: bool,
     /// Columns of the shadow added by the ALTER (filled by their defaults).
     pub added: Vec<String>,
+    /// Source columns the ALTER drops.
+    pub dropped: Vec<String>,
+    /// (source name, new name) of every kept column the ALTER renames.
+    pub renamed: Vec<(String, String)>,
 }
 
 impl Mapping {
@@ -334,6 +338,22 @@ pub async fn create(
         .ctx("looking for other unique constraints on the shadow table")?
         .get(0);
 
+    let kept: HashMap<i16, String> = after.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut dropped: Vec<String> = before
+        .iter()
+        .filter(|(attnum, _)| !kept.contains_key(attnum))
+        .map(|(_, name)| name.clone())
+        .collect();
+    dropped.sort();
+    let mut renamed: Vec<(String, String)> = before
+        .iter()
+        .filter_map(|(attnum, name)| match kept.get(attnum) {
+            Some(new) if new != name => Some((name.clone(), new.clone())),
+            _ => None,
+        })
+        .collect();
+    renamed.sort();
+
     let mut identity_sync = Vec::new();
     for seq in table.sequences.iter().filter(|s| s.identity) {
         if let Some((col, _)) = shadow_of_source.get(&seq.column) {
@@ -357,6 +377,8 @@ pub async fn create(
         shadow_key_index,
         other_unique,
         added,
+        dropped,
+        renamed,
     })
 }
 

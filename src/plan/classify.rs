@@ -345,7 +345,7 @@ async fn analyse_parts(
         a.blocking = a.effect != Effect::Metadata && strongest.blocks_writes();
         if part.subtype == Some(A::AtAlterColumnType) && !table.dependents.views.is_empty() {
             a.notes.push(format!(
-                "views depend on the table ({}); PostgreSQL refuses to change the type of a column a view uses",
+                "views depend on the table ({}); a plain ALTER refuses to change the type of a column a view uses, the shadow copy re-creates the views at the swap",
                 table.dependents.views.join(", ")
             ));
         }

@@ -175,12 +175,22 @@ pub fn runbook(
                 what: format!("Free disk for a second copy of {t} plus its WAL; the table with indexes and TOAST takes this much"),
                 sql: format!("SELECT pg_size_pretty(pg_total_relation_size({tl}::regclass))"),
             });
-            let deps = table.dependents.describe();
+            let deps = table.dependents.unsupported();
             if !deps.is_empty() {
                 preflight.push(Check {
                     what: format!(
                         "The engine refuses tables with objects a swap would leave behind: {}",
                         deps.join("; ")
+                    ),
+                    sql: String::new(),
+                });
+            }
+            let carried = table.dependents.describe();
+            if !carried.is_empty() {
+                preflight.push(Check {
+                    what: format!(
+                        "The swap re-creates these on the new table inside its transaction: {}",
+                        carried.join("; ")
                     ),
                     sql: String::new(),
                 });
