@@ -586,3 +586,38 @@ async fn identity_serial_and_replica_identity_index_continue_on_the_new_table() 
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_the_role_may_not_change_are_refused_before_the_copy() {
+    let url = fresh_db("notmine").await;
+    let c = connect(&url).await;
+    let db: String = one(&c, "SELECT current_database()::text").await;
+    c.batch_execute(&format!(
+        "CREATE ROLE migrator_{db} LOGIN REPLICATION; GRANT CREATE ON DATABASE {db} TO migrator_{db};
+         GRANT ALL ON SCHEMA public TO migrator_{db}; CREATE ROLE stranger_{db};
+         CREATE TABLE t (id int PRIMARY KEY, v int); ALTER TABLE t OWNER TO migrator_{db};
+         INSERT INTO t SELECT i, i FROM generate_series(1, 100) i;
+         CREATE VIEW tv AS SELECT * FROM t; ALTER VIEW tv OWNER TO stranger_{db};"
+    ))
+    .await
+    .unwrap();
+    let as_migrator = url.replacen("postgres@", &format!("migrator_{db}@"), 1);
+    let err = run(shadow_copy_args(
+        &as_migrator,
+        "t",
+        "ALTER COLUMN v TYPE bigint",
+    ))
+    .await
+    .expect_err("a view of another owner cannot be re-created");
+    assert_eq!(err.exit_code(), 3, "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("view tv (owner stranger_{db})")),
+        "{err}"
+    );
+    assert_eq!(
+        one::<String>(&c, "SELECT format_type(atttypid, -1) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'v'").await,
+        "integer"
+    );
+    assert_no_helpers(&c).await;
+}

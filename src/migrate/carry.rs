@@ -102,6 +102,7 @@ pub async fn check(
     table: &Table,
     mapping: &Mapping,
 ) -> Result<(), MigrateError> {
+    permissions(client, table).await?;
     if mapping.dropped.is_empty() {
         return Ok(());
     }
@@ -140,6 +141,64 @@ pub async fn check(
         table.qualified(),
         list.join("; ")
     )))
+}
+
+/// The swap re-creates views, changes other tables' foreign keys and publications: refuse before
+/// the copy when the current role may not, and say what a materialized view costs.
+async fn permissions(client: &tokio_postgres::Client, table: &Table) -> Result<(), MigrateError> {
+    let denied = client
+        .query(
+            &format!(
+                "SELECT what FROM (
+                   SELECT format('%s %s (owner %s)', CASE c.relkind WHEN 'm' THEN 'materialized view' ELSE 'view' END,
+                                 c.oid::regclass, pg_get_userbyid(c.relowner)) AS what, c.relowner AS owner
+                   FROM ({DEPENDENT_VIEWS}) x JOIN pg_class c ON c.oid = x.v
+                   UNION ALL
+                   SELECT format('table %s, whose foreign key %s points in (owner %s)', c.oid::regclass, k.conname, pg_get_userbyid(c.relowner)), c.relowner
+                   FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+                   WHERE k.contype = 'f' AND k.confrelid = $1 AND k.conrelid <> $1
+                   UNION ALL
+                   SELECT format('publication %s (owner %s)', p.pubname, pg_get_userbyid(p.pubowner)), p.pubowner
+                   FROM pg_publication p JOIN pg_publication_rel r ON r.prpubid = p.oid
+                   WHERE r.prrelid = $1 AND p.pubname NOT LIKE 'shadow\\_alter\\_%'
+                 ) o WHERE NOT pg_has_role(current_user, o.owner, 'USAGE')
+                 UNION ALL
+                 SELECT format('table %s, which foreign key %s references (needs the REFERENCES privilege)', k.confrelid::regclass, k.conname)
+                 FROM pg_constraint k WHERE k.contype = 'f' AND k.conrelid = $1 AND k.confrelid <> $1
+                   AND NOT has_table_privilege(k.confrelid, 'REFERENCES')"
+            ),
+            &[&table.oid],
+        )
+        .await
+        .ctx("checking privileges on the objects the swap re-creates")?;
+    if !denied.is_empty() {
+        let list: Vec<String> = denied.iter().map(|r| r.get(0)).collect();
+        return Err(MigrateError::Preflight(format!(
+            "the swap re-creates objects that belong to {} but the current role may not change: {}. \
+             Run as a role that owns them (or is a member of their owners' roles)",
+            table.qualified(),
+            list.join("; ")
+        )));
+    }
+    for r in client
+        .query(
+            &format!(
+                "SELECT c.oid::regclass::text, pg_size_pretty(pg_total_relation_size(c.oid))
+                 FROM ({DEPENDENT_VIEWS}) x JOIN pg_class c ON c.oid = x.v WHERE c.relkind = 'm' AND c.relispopulated"
+            ),
+            &[&table.oid],
+        )
+        .await
+        .ctx("reading materialized views")?
+    {
+        tracing::warn!(
+            "materialized view {} ({}) is re-populated inside the swap: its query runs while the table is locked, \
+             and the pause lasts as long as a REFRESH of it",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1)
+        );
+    }
+    Ok(())
 }
 
 /// Read everything to carry across, inside the swap transaction (the source is locked).
