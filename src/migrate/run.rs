@@ -64,9 +64,17 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
             "--swap-attempts must be at least 1".into(),
         ));
     }
+    if args.verify_every.is_zero() {
+        return Err(MigrateError::BadInput(
+            "--verify-every must be more than 0 (e.g. 10m)".into(),
+        ));
+    }
     let limits = Limits::from_args(&args)?;
     let window = match &args.cutover_window {
-        Some(w) => Some(Window::parse(w).map_err(MigrateError::BadInput)?),
+        Some(w) => Some(
+            Window::parse(w)
+                .map_err(|e| MigrateError::BadInput(format!("--cutover-window {w}: {e}")))?,
+        ),
         None => None,
     };
     let schedule = Schedule {
