@@ -44,6 +44,34 @@ pub enum Command {
     Cutover(CutoverArgs),
     /// Stop a migration and drop everything it created; the original table is untouched.
     Abort(AbortArgs),
+    /// Compare a running migration's shadow with its source now, repair differing chunks, and
+    /// print the result.
+    Verify(VerifyArgs),
+    /// Drop what runs that are no longer alive left behind (slots, publications, shadow tables).
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// The table whose migration to verify.
+    pub table: String,
+    /// How long to wait for the running process to answer.
+    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    pub wait: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Find and drop leftovers of runs that are no longer alive (required for now).
+    #[arg(long, required = true)]
+    pub stale: bool,
+    /// Only list what would be dropped.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -141,6 +169,22 @@ pub struct RunArgs {
     /// `auto`: the plan's strategy (direct, online-steps or shadow-copy); `shadow-copy`: always copy.
     #[arg(long, value_enum, default_value_t = StrategyChoice::Auto)]
     pub strategy: StrategyChoice,
+    /// Pause the copy (and hold the swap) while this file exists.
+    #[arg(long, value_name = "PATH")]
+    pub pause_file: Option<PathBuf>,
+    /// Throttle the copy while a standby's replay lag (pg_stat_replication) is above this.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub max_replica_lag: Option<Duration>,
+    /// Throttle the copy while the WAL retained by the run's slot is above this (e.g. 2GB;
+    /// default: half of --max-retained-wal).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub throttle_retained_wal: Option<u64>,
+    /// Stop the run (exit 7, everything removed) before its slot retains this much WAL (e.g. 10GB).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub max_retained_wal: Option<u64>,
+    /// Throttle the copy while this query returns true (one row, one boolean).
+    #[arg(long, value_name = "SQL")]
+    pub throttle_query: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
@@ -222,6 +266,35 @@ pub struct ProxyArgs {
     pub max_hold: Duration,
 }
 
+/// Parse "512MB", "2GB", "64kB", "1TB" (PostgreSQL units, powers of 1024) or a bare number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&t[..i], t[i..].trim()),
+        None => (t, ""),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (try 512MB, 2GB)"))?;
+    let mult: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1024.0,
+        "mb" | "m" => 1024.0 * 1024.0,
+        "gb" | "g" => 1024.0 * 1024.0 * 1024.0,
+        "tb" | "t" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "unknown unit '{unit}' in '{s}' (use kB, MB, GB or TB)"
+            ))
+        }
+    };
+    let bytes = n * mult;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("'{s}' is not a valid size"));
+    }
+    Ok(bytes as u64)
+}
+
 /// Parse "250ms", "2s", "1.5s", "3m", "1h" or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -260,5 +333,15 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64kB").unwrap(), 64 * 1024);
+        assert_eq!(parse_size("2GB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5MB").unwrap(), 3 << 19);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 furlongs").is_err());
     }
 }

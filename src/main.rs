@@ -52,6 +52,10 @@ fn main() -> ExitCode {
             Command::Status(args) => report(shadow_alter::migrate::commands::status(args).await),
             Command::Cutover(args) => report(shadow_alter::migrate::commands::cutover(args).await),
             Command::Abort(args) => report(shadow_alter::migrate::commands::abort(args).await),
+            Command::Verify(args) => report(shadow_alter::migrate::commands::verify(args).await),
+            Command::Cleanup(args) => {
+                report(shadow_alter::migrate::stale::cleanup_stale(args).await)
+            }
             Command::Proxy(args) => match shadow_alter::proxy::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

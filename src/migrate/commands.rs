@@ -1,5 +1,5 @@
 //! Operator commands that read and steer migrations through their state in the database:
-//! `status`, `cutover` and `abort`. They work from any machine that can reach the database.
+//! `status`, `cutover`, `abort` and `verify`. They work from any machine that can reach the database.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use super::run::connect;
 use super::shadow::{self, Names};
 use super::state::FINAL_PHASES;
 use crate::catalog;
-use crate::cli::{AbortArgs, CutoverArgs, StatusArgs};
+use crate::cli::{AbortArgs, CutoverArgs, StatusArgs, VerifyArgs};
 use crate::conninfo;
 use crate::progress::{fmt_bytes, fmt_secs};
 
@@ -41,7 +41,7 @@ pub async fn status(args: StatusArgs) -> Result<(), MigrateError> {
                 "SELECT table_name, phase, rows_copied, rows_total, rate, eta_seconds, lag_bytes, changes_applied,
                         postponed, cutover_requested_at::text, abort_requested, pid, host, started_at::text,
                         updated_at::text, finished_at::text, message, alter_sql,
-                        extract(epoch FROM now() - updated_at)::float8
+                        extract(epoch FROM now() - updated_at)::float8, throttled
                  FROM shadow_alter.migrations ORDER BY started_at DESC",
                 &[],
             )
@@ -64,6 +64,7 @@ pub async fn status(args: StatusArgs) -> Result<(), MigrateError> {
                     "host": r.get::<_, Option<String>>(12), "started_at": r.get::<_, String>(13),
                     "updated_at": r.get::<_, String>(14), "finished_at": r.get::<_, Option<String>>(15),
                     "message": r.get::<_, Option<String>>(16), "alter": r.get::<_, String>(17),
+                    "throttled": r.get::<_, Option<String>>(19),
                 })
             })
             .collect();
@@ -102,6 +103,9 @@ pub async fn status(args: StatusArgs) -> Result<(), MigrateError> {
             r.get::<_, i64>(2),
             r.get::<_, i64>(7)
         );
+        if let Some(t) = r.get::<_, Option<String>>(19) {
+            println!("    {t}");
+        }
         if let Some(p) = r.get::<_, Option<String>>(8) {
             println!("    cutover waits: {p}");
         }
@@ -236,6 +240,67 @@ pub async fn abort(args: AbortArgs) -> Result<(), MigrateError> {
         if started.elapsed() > args.wait {
             return Err(MigrateError::Internal(format!(
                 "the running migration of {} did not stop within {:?}; it was asked to and will stop at its next check",
+                args.table, args.wait
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `shadow-alter verify <table>`: ask the running process to compare (and repair) now, wait for
+/// its answer and print it. Exit 6 when a difference remains (the run then stops, unswapped).
+pub async fn verify(args: VerifyArgs) -> Result<(), MigrateError> {
+    let client = control(&args.conn).await?;
+    let (oid, _) = running(&client, &args.table).await?;
+    let requested: std::time::SystemTime = client
+        .query_one(
+            "UPDATE shadow_alter.migrations SET verify_requested_at = now(), updated_at = now()
+             WHERE table_oid = $1 RETURNING verify_requested_at",
+            &[&oid],
+        )
+        .await
+        .ctx("requesting the verification")?
+        .get(0);
+    let started = Instant::now();
+    loop {
+        let r = client
+            .query_one(
+                "SELECT verify_finished_at >= $2, verify_ok, verify_result, phase,
+                        EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 1515870810
+                                  AND objid = $1 AND granted)
+                 FROM shadow_alter.migrations WHERE table_oid = $1",
+                &[&oid, &requested],
+            )
+            .await
+            .ctx("reading the verification result")?;
+        if r.get::<_, Option<bool>>(0) == Some(true) {
+            let text: String = r.get::<_, Option<String>>(2).unwrap_or_default();
+            println!("{}: {text}", args.table);
+            return if r.get::<_, Option<bool>>(1) == Some(true) {
+                Ok(())
+            } else {
+                Err(MigrateError::Data(format!(
+                    "verification of {} failed: {text}",
+                    args.table
+                )))
+            };
+        }
+        let phase: String = r.get(3);
+        if FINAL_PHASES.contains(&phase.as_str()) {
+            return Err(MigrateError::Internal(format!(
+                "the migration of {} ended ({phase}) before it verified",
+                args.table
+            )));
+        }
+        if !r.get::<_, bool>(4) {
+            return Err(MigrateError::Internal(format!(
+                "no process is running the migration of {} (shadow-alter cleanup --stale removes its leftovers)",
+                args.table
+            )));
+        }
+        if started.elapsed() > args.wait {
+            return Err(MigrateError::Internal(format!(
+                "the running migration of {} did not answer within {:?}; it verifies once caught up with the change stream",
                 args.table, args.wait
             )));
         }

@@ -25,6 +25,8 @@ pub struct CopyOptions {
     pub workers: usize,
     /// lock_timeout for each chunk; a chunk that times out is retried after a pause.
     pub lock_timeout: Duration,
+    /// Guardrails: every worker waits here before each chunk while the run is throttled.
+    pub gate: super::throttle::Gate,
 }
 
 /// A key range: lower bound exclusive, upper bound inclusive; None means unbounded.
@@ -175,9 +177,11 @@ pub async fn copy_table(
         let snapshot = snapshot.to_string();
         let copied = copied.clone();
         let pause = opts.chunk_pause;
+        let mut gate = opts.gate.clone();
         workers.spawn(async move {
             let mut total = 0u64;
             loop {
+                gate.wait_open().await;
                 let chunk = { rx.lock().await.recv().await };
                 let Some(chunk) = chunk else { break };
                 let n = copy_chunk(&client, &sql, &snapshot, &chunk).await?;

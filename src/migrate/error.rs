@@ -16,6 +16,8 @@ pub mod exit {
     pub const CUTOVER_GAVE_UP: u8 = 5;
     /// The ALTER fails on existing data (a row that does not convert or violates a constraint).
     pub const DATA: u8 = 6;
+    /// A guardrail stopped the run (retained WAL limit); everything it created was removed.
+    pub const GUARDRAIL: u8 = 7;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,8 @@ pub enum MigrateError {
     Data(String),
     #[error("aborted by the operator; the original table is untouched and everything this run created was removed")]
     Aborted,
+    #[error("stopped by a guardrail: {0}; the original table is untouched and everything this run created was removed")]
+    Guardrail(String),
     #[error(
         "cutover gave up after {attempts} attempts: {reason}; the original table keeps serving"
     )]
@@ -56,6 +60,7 @@ impl MigrateError {
             MigrateError::Data(_) => exit::DATA,
             MigrateError::Aborted => exit::ABORTED,
             MigrateError::CutoverGaveUp { .. } => exit::CUTOVER_GAVE_UP,
+            MigrateError::Guardrail(_) => exit::GUARDRAIL,
             _ => exit::INTERNAL,
         }
     }

@@ -16,8 +16,10 @@ pub mod proxies;
 pub mod run;
 pub mod schedule;
 pub mod shadow;
+pub mod stale;
 pub mod state;
 pub mod stream;
+pub mod throttle;
 pub mod verify;
 
 pub use error::MigrateError;

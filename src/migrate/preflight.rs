@@ -80,7 +80,7 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, MigrateErr
         'r' => {}
         'p' => {
             return Err(MigrateError::Preflight(format!(
-                "{q} is a partitioned table; migrating partitioned tables is not supported yet"
+                "{q} is a partitioned table; migrating partitioned tables is not supported yet: use a plain ALTER TABLE, or migrate a copy of the data"
             )))
         }
         other => {
@@ -99,16 +99,20 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, MigrateErr
     }
     if t.is_partition {
         return Err(MigrateError::Preflight(format!(
-            "{q} is a partition; migrating a single partition is not supported yet"
+            "{q} is a partition; migrating a single partition is not supported yet: alter the partitioned table with a plain ALTER TABLE"
         )));
     }
     match t.persistence {
         'u' => {
             return Err(MigrateError::Preflight(format!(
-                "{q} is UNLOGGED: logical replication cannot follow its changes"
+                "{q} is UNLOGGED: logical replication cannot follow its changes; run `ALTER TABLE {q} SET LOGGED` first, or use a plain ALTER TABLE"
             )))
         }
-        't' => return Err(MigrateError::Preflight(format!("{q} is a temporary table"))),
+        't' => {
+            return Err(MigrateError::Preflight(format!(
+                "{q} is a temporary table, visible only to its own session: use a plain ALTER TABLE"
+            )))
+        }
         _ => {}
     }
     if t.key.is_none() {

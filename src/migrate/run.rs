@@ -19,6 +19,7 @@ use super::schedule::{Schedule, Window};
 use super::shadow::{self, Names};
 use super::state::{Progress as StateProgress, Requests, State};
 use super::stream::{Lsn, ReplicationConn};
+use super::throttle::{self, Limits};
 use super::verify;
 use crate::cli::RunArgs;
 use crate::conninfo;
@@ -63,8 +64,17 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
             "--swap-attempts must be at least 1".into(),
         ));
     }
+    if args.verify_every.is_zero() {
+        return Err(MigrateError::BadInput(
+            "--verify-every must be more than 0 (e.g. 10m)".into(),
+        ));
+    }
+    let limits = Limits::from_args(&args)?;
     let window = match &args.cutover_window {
-        Some(w) => Some(Window::parse(w).map_err(MigrateError::BadInput)?),
+        Some(w) => Some(
+            Window::parse(w)
+                .map_err(|e| MigrateError::BadInput(format!("--cutover-window {w}: {e}")))?,
+        ),
         None => None,
     };
     let schedule = Schedule {
@@ -96,6 +106,7 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
     let spec = parse_alter(&args.alter, &table.schema, &table.name)
         .map_err(|e| MigrateError::BadInput(e.to_string()))?;
     schedule.validate(&control).await?;
+    throttle::preflight(&control, &limits).await?;
     preflight::lock_table(&control, &table).await?;
     let names = Names::for_table(&table);
     for what in shadow::clear_leftovers(&control, &names, &table).await? {
@@ -155,6 +166,7 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
         proxies: &proxies,
         requests,
         last_state_write: None,
+        limits,
     };
     let result = ctx.migrate(&spec, &mut created, abort).await;
     poller.abort();
@@ -190,6 +202,7 @@ struct Ctx2<'a> {
     proxies: &'a Proxies,
     requests: watch::Receiver<Requests>,
     last_state_write: Option<Instant>,
+    limits: Limits,
 }
 
 impl Ctx2<'_> {
@@ -277,6 +290,15 @@ impl Ctx2<'_> {
             slot.consistent_point
         );
 
+        // guardrails from now on: the slot exists and retains WAL
+        let (mut gate, _guard) = throttle::spawn(
+            self.config,
+            self.limits.clone(),
+            slot.name.clone(),
+            table.oid,
+        )
+        .await?;
+
         // 4. copy under the snapshot
         self.state.phase(self.control, "copy", None).await;
         let copied = Arc::new(AtomicU64::new(0));
@@ -285,6 +307,7 @@ impl Ctx2<'_> {
             chunk_pause: args.chunk_pause,
             workers: 2,
             lock_timeout: args.lock_timeout,
+            gate: gate.clone(),
         };
         let estimate = table.row_estimate.max(0) as u64;
         progress.start_phase("copy", Some(estimate));
@@ -303,9 +326,11 @@ impl Ctx2<'_> {
         let rows = loop {
             tokio::select! {
                 r = &mut copy => break r?,
+                reason = gate.stopped() => return Err(MigrateError::Guardrail(reason)),
                 _ = tick.tick() => {
                     let done = copied.load(Ordering::Relaxed);
-                    progress.update(done, Some(estimate), "");
+                    let note = gate.throttled().map(|r| format!("throttled: {r}")).unwrap_or_default();
+                    progress.update(done, Some(estimate), &note);
                     let secs = copy_started.elapsed().as_secs_f64().max(0.001);
                     let rate = done as f64 / secs;
                     let eta = (rate > 0.0 && estimate > done).then(|| (estimate - done) as f64 / rate);
@@ -348,9 +373,13 @@ impl Ctx2<'_> {
         let mut last_verify: Option<Instant> = None;
         // (when, lag) a minute back, to tell a stream that is not catching up
         let mut lag_mark: (Instant, i64) = (Instant::now(), i64::MAX);
+        let mut verify_answered: Option<std::time::SystemTime> = None;
         loop {
             if *abort.borrow() {
                 return Err(MigrateError::Aborted);
+            }
+            if let Some(reason) = gate.stop_reason() {
+                return Err(MigrateError::Guardrail(reason));
             }
             let lag = self.lag(&follower).await?;
             let applied = follower.stats.changes_applied.load(Ordering::Relaxed);
@@ -382,6 +411,7 @@ impl Ctx2<'_> {
             let rt = tokio::select! {
                 r = markers.round_trip(self.control, &mut follower, Duration::from_secs(30)) => r?,
                 _ = abort.changed() => return Err(MigrateError::Aborted),
+                reason = gate.stopped() => return Err(MigrateError::Guardrail(reason)),
             };
             if rt.is_none_or(|rt| rt > CAUGHT_UP) {
                 continue;
@@ -391,11 +421,31 @@ impl Ctx2<'_> {
                 tracing::info!("caught up: {applied} changes applied");
             }
             let requests = self.requests.borrow().clone();
-            match self
-                .schedule
-                .waiting_reason(self.control, &requests)
-                .await?
-            {
+            if let Some(at) = requests.verify_at.filter(|at| verify_answered != Some(*at)) {
+                // `shadow-alter verify`: compare (and repair) now and answer through the state table
+                verify_answered = Some(at);
+                self.state.phase(self.control, "verify", None).await;
+                let r = self
+                    .verify(&mut follower, &mut markers, &mapping, &mut progress)
+                    .await;
+                let (ok, text) = match &r {
+                    Ok(msg) => (true, msg.clone()),
+                    Err(e) => (false, e.to_string()),
+                };
+                self.state.verify_done(self.control, ok, &text).await;
+                r?;
+                last_verify = Some(Instant::now());
+                continue;
+            }
+            let waiting = match gate.throttled() {
+                Some(r) => Some(format!("throttled: {r}")),
+                None => {
+                    self.schedule
+                        .waiting_reason(self.control, &requests)
+                        .await?
+                }
+            };
+            match waiting {
                 None => break,
                 Some(reason) => {
                     self.state
@@ -410,6 +460,7 @@ impl Ctx2<'_> {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = abort.changed() => return Err(MigrateError::Aborted),
+                        _ = gate.changed() => {}
                     }
                 }
             }
@@ -421,6 +472,9 @@ impl Ctx2<'_> {
             self.state.phase(self.control, "verify", None).await;
             self.verify(&mut follower, &mut markers, &mapping, &mut progress)
                 .await?;
+        }
+        if let Some(reason) = gate.stop_reason() {
+            return Err(MigrateError::Guardrail(reason));
         }
         if *abort.borrow() {
             return Err(MigrateError::Aborted);
@@ -557,14 +611,15 @@ impl Ctx2<'_> {
         Ok(())
     }
 
-    /// Compare source and shadow; a difference stops the run before any swap.
+    /// Compare source and shadow and repair differing chunks (see verify.rs); a difference that
+    /// remains stops the run before any swap. Returns the summary it printed.
     async fn verify(
         &self,
         follower: &mut Follower,
         markers: &mut Markers,
         mapping: &super::shadow::Mapping,
         progress: &mut Progress,
-    ) -> Result<(), MigrateError> {
+    ) -> Result<String, MigrateError> {
         let started = Instant::now();
         let report = verify::verify(
             self.control,
@@ -577,33 +632,75 @@ impl Ctx2<'_> {
         )
         .await?;
         let Some(report) = report else {
-            progress.println("verification skipped: the ALTER changes the key's type or order, so chunks cannot be compared");
-            return Ok(());
+            let msg = "verification skipped: the ALTER changes the key's type or order, so chunks cannot be compared";
+            progress.println(msg);
+            return Ok(msg.into());
         };
         if !report.differences.is_empty() {
-            let list = report
-                .differences
-                .iter()
-                .take(5)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; ");
-            let msg = format!(
-                "verification found {} key range(s) where the shadow differs from the source: {list}; nothing was swapped",
-                report.differences.len()
+            tracing::warn!(
+                "verification found {} key range(s) where the shadow differs from the source: {}; \
+                 comparing them again under a brief lock and repairing them",
+                report.differences.len(),
+                report
+                    .differences
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
             );
-            self.state.message(self.control, &msg).await;
-            return Err(MigrateError::Internal(msg));
+        }
+        let mut settled = verify::Settled::default();
+        if !report.differences.is_empty() || report.unsettled > 0 {
+            let mut repairer = connect(self.config, "repairing the shadow table").await?;
+            settled = match verify::settle(
+                &mut repairer,
+                self.control,
+                follower,
+                markers,
+                self.table,
+                mapping,
+                self.names,
+                &report,
+                self.args.lock_timeout,
+            )
+            .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    let msg = format!("verification could not finish: {e}");
+                    self.state.message(self.control, &msg).await;
+                    return Err(MigrateError::Internal(msg));
+                }
+            };
+        }
+        let repaired = if settled.repaired.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; repaired {} key range(s) where the shadow differed from the source: {}",
+                settled.repaired.len(),
+                settled
+                    .repaired
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        };
+        if !settled.repaired.is_empty() {
+            tracing::warn!("{}", &repaired[2..]);
         }
         let msg = format!(
-            "verified {} rows in {} chunks in {:.1}s: no difference{}",
+            "verified {} rows in {} chunks in {:.1}s{}{repaired}: no difference remains",
             report.rows,
             report.chunks,
             started.elapsed().as_secs_f64(),
-            if report.unsettled > 0 {
+            if settled.checked > 0 {
                 format!(
-                    " ({} chunks kept changing and were not compared)",
-                    report.unsettled
+                    " ({} of them compared under a brief SHARE lock because they kept changing or differed)",
+                    settled.checked
                 )
             } else {
                 String::new()
@@ -611,7 +708,7 @@ impl Ctx2<'_> {
         );
         progress.println(&msg);
         self.state.message(self.control, &msg).await;
-        Ok(())
+        Ok(msg)
     }
 
     /// The oldest open transaction with an xid, for messages about waits ("" when none).

@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS shadow_alter.migrations (
     finished_at          timestamptz,
     message              text
 );
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS throttled text;
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_requested_at timestamptz;
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_finished_at timestamptz;
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_ok boolean;
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_result text;
 COMMENT ON SCHEMA shadow_alter IS 'state of shadow-alter migrations (safe to drop when none runs)';
 ";
 
@@ -47,6 +52,8 @@ pub struct Requests {
     /// `cutover` was run: swap once this time has come.
     pub cutover_at: Option<SystemTime>,
     pub abort: bool,
+    /// `verify` was run at this time and is not answered yet.
+    pub verify_at: Option<SystemTime>,
 }
 
 /// The running process's handle on its row.
@@ -91,7 +98,9 @@ impl State {
                     phase = 'starting', rows_copied = 0, rows_total = EXCLUDED.rows_total, rate = NULL,
                     eta_seconds = NULL, lag_bytes = NULL, changes_applied = 0, postponed = NULL,
                     cutover_requested_at = NULL, abort_requested = false, pid = EXCLUDED.pid,
-                    host = EXCLUDED.host, started_at = now(), updated_at = now(), finished_at = NULL, message = NULL",
+                    host = EXCLUDED.host, started_at = now(), updated_at = now(), finished_at = NULL, message = NULL,
+                    throttled = NULL, verify_requested_at = NULL, verify_finished_at = NULL, verify_ok = NULL,
+                    verify_result = NULL",
                 &[&table.oid, &format!("{}.{}", table.schema, table.name), &alter, &table.row_estimate, &(std::process::id() as i32), &host],
             )
             .await
@@ -141,12 +150,14 @@ impl State {
     pub async fn requests(&self, client: &Client) -> Requests {
         match client
             .query_opt(
-                "SELECT cutover_requested_at, abort_requested FROM shadow_alter.migrations WHERE table_oid = $1",
+                "SELECT cutover_requested_at, abort_requested,
+                        CASE WHEN verify_requested_at > coalesce(verify_finished_at, '-infinity') THEN verify_requested_at END
+                 FROM shadow_alter.migrations WHERE table_oid = $1",
                 &[&self.oid],
             )
             .await
         {
-            Ok(Some(r)) => Requests { cutover_at: r.get(0), abort: r.get(1) },
+            Ok(Some(r)) => Requests { cutover_at: r.get(0), abort: r.get(1), verify_at: r.get(2) },
             Ok(None) => Requests::default(),
             Err(e) => {
                 tracing::warn!("could not read requests from shadow_alter.migrations: {e}");
@@ -155,11 +166,23 @@ impl State {
         }
     }
 
+    /// Answer a `verify` request: the result, and whether no difference remains.
+    pub async fn verify_done(&self, client: &Client, ok: bool, result: &str) {
+        let r = client
+            .execute(
+                "UPDATE shadow_alter.migrations SET verify_finished_at = now(), verify_ok = $2, verify_result = $3,
+                        updated_at = now() WHERE table_oid = $1",
+                &[&self.oid, &ok, &result],
+            )
+            .await;
+        Self::log("the verification result", r);
+    }
+
     pub async fn finish(&self, client: &Client, phase: &str, message: Option<&str>) {
         let r = client
             .execute(
                 "UPDATE shadow_alter.migrations SET phase = $2, message = coalesce($3, message), postponed = NULL,
-                        finished_at = now(), updated_at = now() WHERE table_oid = $1",
+                        throttled = NULL, finished_at = now(), updated_at = now() WHERE table_oid = $1",
                 &[&self.oid, &phase, &message],
             )
             .await;

@@ -6,11 +6,37 @@
 //! between. If the two source hashes agree, the source did not change around the marker, so the
 //! shadow must equal it; a difference then is real. Chunks that keep changing are counted as
 //! unsettled, not as differences.
+//!
+//! Repair: a differing chunk is rewritten from the source while the source holds still, so the
+//! shadow equals the source at exactly the stream position the follower has applied, and the
+//! follower's strict row counts stay right for every change after it. The argument:
+//!
+//! 1. The repair session takes `SHARE` on the source (under `lock_timeout`, retried; it queues
+//!    behind no one for long). `SHARE` conflicts with `ROW EXCLUSIVE` and stronger, so once it is
+//!    granted no transaction that wrote the source is still open, and none can start writing it
+//!    (or truncate it) until the repair commits. The source's content is frozen at some state S.
+//! 2. Every transaction that changed the source committed before the lock was granted, so its
+//!    commit record is before a marker written now. A marker round trip therefore leaves the
+//!    follower having applied and committed every change that led to S, and, since nothing can
+//!    change the source meanwhile, nothing after it: the stream position is exactly S.
+//! 3. In the same transaction (still holding the lock) each differing key range of the shadow is
+//!    deleted and re-inserted from the source through the mapping, the same expressions as the
+//!    copy, and compared again by hash: source and shadow are both exact here, so equal hashes
+//!    prove the range repaired. The follower has nothing to apply to the source's rows meanwhile,
+//!    so it cannot touch these shadow rows.
+//! 4. Commit releases the lock. Every later change is applied to a shadow that equals S, just as
+//!    if the copy and stream had been right all along: a later update or delete finds its row,
+//!    an insert does not collide.
+//!
+//! The price is that writes to the source wait for the repair (a marker round trip plus
+//! rewriting the differing chunks); verification without differences takes no lock.
+
+use std::time::Duration;
 
 use tokio_postgres::Client;
 
 use super::cutover::Markers;
-use super::error::{Ctx, MigrateError};
+use super::error::{describe_db_error, Ctx, MigrateError};
 use super::follow::Follower;
 use super::shadow::{Mapping, Names};
 use crate::catalog::Table;
@@ -28,6 +54,10 @@ pub struct Report {
     pub unsettled: u64,
     /// Key ranges whose rows differ.
     pub differences: Vec<String>,
+    /// The same ranges as bounds, for `settle`.
+    ranges: Vec<(Bound, Bound)>,
+    /// The unsettled chunks' ranges, for `settle`.
+    unsettled_ranges: Vec<(Bound, Bound)>,
 }
 
 struct Sql {
@@ -35,6 +65,8 @@ struct Sql {
     shadow_hash: String,
     boundary: String,
     key_cols: Vec<String>,
+    delete: String,
+    insert: String,
 }
 
 /// Build the hash queries, or None when the key changes type in a way that changes its order.
@@ -148,6 +180,15 @@ async fn queries(
             chunk.max(1) - 1
         ),
         key_cols: mapping.source_key.clone(),
+        delete: format!("DELETE FROM {shadow} AS t WHERE {}", range(&shadow_key)),
+        insert: format!(
+            "INSERT INTO {shadow} AS t ({}){} SELECT {} FROM ONLY {} AS s WHERE {}",
+            mapping.column_list(),
+            mapping.overriding_clause(),
+            mapping.expr_list(),
+            table.qualified(),
+            range(&src_key)
+        ),
     }))
 }
 
@@ -268,6 +309,7 @@ pub async fn verify(
                             .map(|v| format!("({})", v.join(", ")))
                             .unwrap_or_else(|| "open".into())
                     };
+                    report.ranges.push(round[i].clone());
                     report.differences.push(format!(
                         "({}) in ({}, {}]: {} source rows, {} shadow rows",
                         sql.key_cols.join(", "),
@@ -284,8 +326,187 @@ pub async fn verify(
             }
             if attempt + 1 == ATTEMPTS {
                 report.unsettled += pending.len() as u64;
+                report
+                    .unsettled_ranges
+                    .extend(pending.iter().map(|&i| round[i].clone()));
             }
         }
     }
     Ok(Some(report))
+}
+
+/// What `settle` did.
+#[derive(Debug, Clone, Default)]
+pub struct Settled {
+    /// Ranges compared under the lock (differing and unsettled ones).
+    pub checked: usize,
+    pub rows: i64,
+    /// Ranges that differed and were rewritten.
+    pub repaired: Vec<String>,
+}
+
+/// Ranges compared under one lock hold: keeps each write pause short.
+const RANGES_PER_LOCK: usize = 4;
+
+/// Compare the differing and the unsettled ranges of `report` exactly, with the source frozen
+/// under a brief `SHARE` lock and the follower at the matching stream position, and rewrite from
+/// the source every range that differs (see the module header). Fails when a range still differs
+/// after its rewrite or the lock cannot be had.
+#[allow(clippy::too_many_arguments)]
+pub async fn settle(
+    repairer: &mut Client,
+    control: &Client,
+    follower: &mut Follower,
+    markers: &mut Markers,
+    table: &Table,
+    mapping: &Mapping,
+    names: &Names,
+    report: &Report,
+    lock_timeout: Duration,
+) -> Result<Settled, MigrateError> {
+    let mut out = Settled::default();
+    let ranges: Vec<&(Bound, Bound)> = report
+        .ranges
+        .iter()
+        .chain(report.unsettled_ranges.iter())
+        .collect();
+    if ranges.is_empty() {
+        return Ok(out);
+    }
+    let Some(sql) = queries(control, table, mapping, names, 1).await? else {
+        return Ok(out);
+    };
+    for group in ranges.chunks(RANGES_PER_LOCK) {
+        settle_group(
+            repairer,
+            control,
+            follower,
+            markers,
+            table,
+            &sql,
+            group,
+            lock_timeout,
+            &mut out,
+        )
+        .await?;
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn settle_group(
+    repairer: &mut Client,
+    control: &Client,
+    follower: &mut Follower,
+    markers: &mut Markers,
+    table: &Table,
+    sql: &Sql,
+    group: &[&(Bound, Bound)],
+    lock_timeout: Duration,
+    out: &mut Settled,
+) -> Result<(), MigrateError> {
+    let n = sql.key_cols.len();
+    let mut last = String::new();
+    for attempt in 0..10u32 {
+        let tx = repairer
+            .transaction()
+            .await
+            .ctx("starting the repair transaction")?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '60s'",
+            lock_timeout.as_millis().max(1)
+        ))
+        .await
+        .ctx("setting up the repair transaction")?;
+        match tx
+            .batch_execute(&format!("LOCK TABLE {} IN SHARE MODE", table.qualified()))
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
+                last = describe_db_error(&e);
+                drop(tx);
+                let wait = Duration::from_millis(200 * u64::from(attempt + 1));
+                tracing::warn!(
+                    "verify: {} is busy, retrying the lock in {wait:?}",
+                    table.qualified()
+                );
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            Err(e) => return Err(e).ctx("locking the source table to compare and repair"),
+        }
+        // the source is frozen: one marker round trip brings the shadow to exactly its state
+        if markers
+            .round_trip(control, follower, Duration::from_secs(30))
+            .await?
+            .is_none()
+        {
+            return Err(MigrateError::Internal(
+                "verify: the change stream did not reach the marker within 30s (the table's writes were waiting, so the lock was released)".into(),
+            ));
+        }
+        for (lo, hi) in group.iter().map(|r| (&r.0, &r.1)) {
+            let p = params(lo, hi, n);
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = p
+                .iter()
+                .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            let (src, dst) = both_hashes(&tx, sql, &refs)
+                .await
+                .ctx("verify: hashing a range under the lock")?;
+            out.checked += 1;
+            out.rows += src.0;
+            if src == dst {
+                continue;
+            }
+            tx.execute(&sql.delete, &refs)
+                .await
+                .ctx("repair: deleting a differing range of the shadow table")?;
+            tx.execute(&sql.insert, &refs)
+                .await
+                .ctx("repair: copying a range from the source again")?;
+            let (src2, dst2) = both_hashes(&tx, sql, &refs)
+                .await
+                .ctx("repair: hashing the repaired range")?;
+            let what = format!(
+                "({}) in ({}, {}]: {} source rows, {} shadow rows",
+                sql.key_cols.join(", "),
+                show(lo),
+                show(hi),
+                src.0,
+                dst.0
+            );
+            if src2 != dst2 {
+                return Err(MigrateError::Internal(format!(
+                    "repair: {what} still differs after rewriting it; nothing was swapped"
+                )));
+            }
+            out.repaired.push(what);
+        }
+        tx.commit().await.ctx("committing the repair")?;
+        return Ok(());
+    }
+    Err(MigrateError::Internal(format!(
+        "verify: could not lock {} in SHARE mode in 10 attempts ({last}); nothing was swapped",
+        table.qualified()
+    )))
+}
+
+type Hash = (i64, String);
+
+async fn both_hashes(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &Sql,
+    refs: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<(Hash, Hash), tokio_postgres::Error> {
+    let a = tx.query_one(&sql.source_hash, refs).await?;
+    let b = tx.query_one(&sql.shadow_hash, refs).await?;
+    Ok(((a.get(0), a.get(1)), (b.get(0), b.get(1))))
+}
+
+fn show(b: &Bound) -> String {
+    b.as_ref()
+        .map(|v| format!("({})", v.join(", ")))
+        .unwrap_or_else(|| "open".into())
 }

@@ -1,0 +1,301 @@
+//! `shadow-alter cleanup --stale`: find what runs that are no longer alive left in this database
+//! (replication slots `shadow_alter_<oid>_<pid>`, publications `shadow_alter_<oid>`, shadow
+//! tables marked by their comment, half-built `*__sa_idx` indexes, unfinished rows in
+//! `shadow_alter.migrations`) and drop them, printing each; `--dry-run` only lists.
+//!
+//! Invariant: nothing of a live run is touched. Every run holds the per-table advisory lock
+//! (preflight.rs) from before it creates anything until it has cleaned up, so for each table we
+//! take that lock ourselves first: if we cannot, a run is alive and its objects are skipped;
+//! if we can, no run can start on the table while we drop its leftovers. Old tables kept after
+//! a swap (`<t>__sa_old_<stamp>`) are the operator's and are only listed.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::Client;
+
+use super::error::{describe_db_error, Ctx, MigrateError};
+use super::state::FINAL_PHASES;
+use crate::cli::CleanupArgs;
+use crate::conninfo;
+use crate::sql::{qualified, quote_ident};
+
+/// Class id of the per-table advisory locks (preflight.rs).
+const LOCK_CLASS: i32 = 1_515_870_810;
+const SHADOW_COMMENT: &str = "shadow-alter shadow of table oid ";
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Leftover {
+    /// Slot name, and the backend using it (if any).
+    Slot(String, Option<i32>),
+    Publication(String),
+    /// Schema and name.
+    Table(String, String),
+    /// Schema and name.
+    Index(String, String),
+    /// An unfinished migration row (table name).
+    StateRow(String),
+}
+
+impl Leftover {
+    fn describe(&self) -> String {
+        match self {
+            Leftover::Slot(s, _) => format!("replication slot {s}"),
+            Leftover::Publication(p) => format!("publication {p}"),
+            Leftover::Table(s, t) => format!("shadow table {}", qualified(s, t)),
+            Leftover::Index(s, i) => format!("index {}", qualified(s, i)),
+            Leftover::StateRow(t) => format!("unfinished migration record of {t}"),
+        }
+    }
+}
+
+/// The table oid encoded in `shadow_alter_<oid>` or `shadow_alter_<oid>_<pid>`.
+fn oid_of(name: &str) -> Option<u32> {
+    name.strip_prefix("shadow_alter_")?
+        .split('_')
+        .next()?
+        .parse()
+        .ok()
+}
+
+async fn find(client: &Client) -> Result<BTreeMap<u32, Vec<Leftover>>, MigrateError> {
+    let mut by_table: BTreeMap<u32, Vec<Leftover>> = BTreeMap::new();
+    for r in client
+        .query(
+            "SELECT slot_name::text, active_pid FROM pg_replication_slots
+             WHERE slot_name LIKE 'shadow\\_alter\\_%' AND database = current_database()",
+            &[],
+        )
+        .await
+        .ctx("listing replication slots")?
+    {
+        let name: String = r.get(0);
+        if let Some(oid) = oid_of(&name) {
+            by_table
+                .entry(oid)
+                .or_default()
+                .push(Leftover::Slot(name, r.get(1)));
+        }
+    }
+    for r in client
+        .query(
+            "SELECT pubname::text FROM pg_publication WHERE pubname LIKE 'shadow\\_alter\\_%'",
+            &[],
+        )
+        .await
+        .ctx("listing publications")?
+    {
+        let name: String = r.get(0);
+        if let Some(oid) = oid_of(&name) {
+            by_table
+                .entry(oid)
+                .or_default()
+                .push(Leftover::Publication(name));
+        }
+    }
+    for r in client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, obj_description(c.oid, 'pg_class')
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r' AND obj_description(c.oid, 'pg_class') LIKE $1",
+            &[&format!("{SHADOW_COMMENT}%")],
+        )
+        .await
+        .ctx("listing shadow tables")?
+    {
+        let comment: String = r.get(2);
+        if let Some(oid) = comment
+            .strip_prefix(SHADOW_COMMENT)
+            .and_then(|o| o.trim().parse::<u32>().ok())
+        {
+            by_table
+                .entry(oid)
+                .or_default()
+                .push(Leftover::Table(r.get(0), r.get(1)));
+        }
+    }
+    // indexes a killed online-steps run left: built (or half-built) but not attached to a constraint
+    for r in client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, i.indrelid
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relname LIKE '%\\_\\_sa\\_idx'
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
+            &[],
+        )
+        .await
+        .ctx("listing leftover indexes")?
+    {
+        by_table
+            .entry(r.get(2))
+            .or_default()
+            .push(Leftover::Index(r.get(0), r.get(1)));
+    }
+    let has_state: bool = client
+        .query_one(
+            "SELECT to_regclass('shadow_alter.migrations') IS NOT NULL",
+            &[],
+        )
+        .await
+        .ctx("looking for shadow_alter.migrations")?
+        .get(0);
+    if has_state {
+        for r in client
+            .query(
+                "SELECT table_oid, table_name FROM shadow_alter.migrations WHERE phase <> ALL($1)",
+                &[&FINAL_PHASES.to_vec()],
+            )
+            .await
+            .ctx("reading shadow_alter.migrations")?
+        {
+            by_table
+                .entry(r.get(0))
+                .or_default()
+                .push(Leftover::StateRow(r.get(1)));
+        }
+    }
+    Ok(by_table)
+}
+
+async fn drop_one(client: &Client, l: &Leftover, oid: u32) -> Result<(), tokio_postgres::Error> {
+    match l {
+        Leftover::Slot(name, _) => client
+            .execute("SELECT pg_drop_replication_slot($1)", &[name])
+            .await
+            .map(|_| ()),
+        Leftover::Publication(p) => {
+            client
+                .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(p)))
+                .await
+        }
+        Leftover::Table(s, t) => {
+            client
+                .batch_execute(&format!(
+                    "SET lock_timeout = '5s'; DROP TABLE IF EXISTS {}; RESET lock_timeout",
+                    qualified(s, t)
+                ))
+                .await
+        }
+        Leftover::Index(s, i) => {
+            client
+                .batch_execute(&format!(
+                    "DROP INDEX CONCURRENTLY IF EXISTS {}",
+                    qualified(s, i)
+                ))
+                .await
+        }
+        Leftover::StateRow(_) => client
+            .execute(
+                "UPDATE shadow_alter.migrations SET phase = 'failed', finished_at = now(), updated_at = now(),
+                        throttled = NULL, postponed = NULL,
+                        message = 'the run stopped without finishing; its leftovers were removed by cleanup --stale'
+                 WHERE table_oid = $1 AND phase <> ALL($2)",
+                &[&oid, &FINAL_PHASES.to_vec()],
+            )
+            .await
+            .map(|_| ()),
+    }
+}
+
+/// `shadow-alter cleanup --stale [--dry-run]`
+pub async fn cleanup_stale(args: CleanupArgs) -> Result<(), MigrateError> {
+    let config = conninfo::resolve(args.conn.database_url.as_deref())
+        .map_err(|e| MigrateError::BadInput(e.to_string()))?;
+    let client = super::run::connect(&config, "cleanup --stale").await?;
+    client
+        .batch_execute("SET application_name = 'shadow-alter cleanup'")
+        .await
+        .ctx("setting up the cleanup session")?;
+    let found = find(&client).await?;
+    let verb = if args.dry_run {
+        "would drop"
+    } else {
+        "dropped"
+    };
+    let mut acted = 0usize;
+    let mut failures = Vec::new();
+    for (oid, mut leftovers) in found {
+        leftovers.sort();
+        // the lock a live run holds; holding it ourselves keeps a new run off the table meanwhile
+        let free: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, $2::oid::int)",
+                &[&LOCK_CLASS, &oid],
+            )
+            .await
+            .ctx("checking whether a run is alive")?
+            .get(0);
+        if !free {
+            for l in &leftovers {
+                println!("kept {} (its run is alive)", l.describe());
+            }
+            continue;
+        }
+        for l in &leftovers {
+            if let Leftover::Slot(name, Some(pid)) = l {
+                println!("kept replication slot {name}: in use by backend pid {pid} (stop it with pg_terminate_backend({pid}) and rerun)");
+                continue;
+            }
+            acted += 1;
+            if args.dry_run {
+                println!("{verb} {}", l.describe());
+                continue;
+            }
+            match drop_one(&client, l, oid).await {
+                Ok(()) => {
+                    tracing::info!("dropped {}", l.describe());
+                    println!("{verb} {}", l.describe());
+                }
+                Err(e) => {
+                    let msg = format!("{}: {}", l.describe(), describe_db_error(&e));
+                    eprintln!("could not drop {msg}");
+                    failures.push(msg);
+                }
+            }
+        }
+        client
+            .query_one(
+                "SELECT pg_advisory_unlock($1, $2::oid::int)",
+                &[&LOCK_CLASS, &oid],
+            )
+            .await
+            .ctx("releasing the per-table advisory lock")?;
+    }
+    for r in client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r' AND c.relname LIKE '%\\_\\_sa\\_old\\_%' ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .ctx("listing old tables")?
+    {
+        println!(
+            "kept old table {} (the table before a swap; drop it when no longer needed)",
+            qualified(&r.get::<_, String>(0), &r.get::<_, String>(1))
+        );
+    }
+    if acted == 0 {
+        println!("nothing stale found");
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(MigrateError::Internal(format!(
+            "cleanup --stale could not drop {}",
+            failures.join("; ")
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::oid_of;
+
+    #[test]
+    fn oids_from_names() {
+        assert_eq!(oid_of("shadow_alter_16384"), Some(16384));
+        assert_eq!(oid_of("shadow_alter_16384_777"), Some(16384));
+        assert_eq!(oid_of("shadow_alter_x"), None);
+        assert_eq!(oid_of("other_16384"), None);
+    }
+}

@@ -1,0 +1,450 @@
+//! The bad-input catalogue: every way a user or the environment can get a run wrong, each with
+//! a clear error naming cause and fix, the documented exit code (2 bad input, 3 preflight
+//! refused), and no change: no slot, no publication, no helper table, the table's definition as
+//! before. (A USING cast that fails on existing data, exit 6, is in tests/engine.rs.)
+
+mod support;
+
+use std::time::Duration;
+
+use shadow_alter::cli::{ConnArgs, CutoverArgs, RunArgs};
+use shadow_alter::migrate::MigrateError;
+use tokio_postgres::Client;
+
+use support::migration::{run, shadow_copy_args as args};
+use support::workload::assert_nothing_left;
+use support::{connect, fresh_db, wait_until};
+
+async fn refused_with(a: RunArgs) -> MigrateError {
+    run(a).await.expect_err("the run must refuse")
+}
+
+async fn refused(url: &str, table: &str, alter: &str) -> MigrateError {
+    refused_with(args(url, table, alter)).await
+}
+
+/// Column names and types of every table in the database: the definition must not change.
+async fn definitions(c: &Client) -> Vec<String> {
+    c.query(
+        "SELECT c.relname || ': ' || string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum)
+         FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') GROUP BY c.relname ORDER BY c.relname",
+        &[],
+    )
+    .await
+    .expect("read definitions")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Each case: the error, its exit code, and words the message must contain (cause and fix).
+fn check(cases: Vec<(MigrateError, u8, &[&str])>) {
+    for (err, code, needles) in cases {
+        assert_eq!(err.exit_code(), code, "{err}");
+        for n in needles {
+            assert!(err.to_string().contains(n), "expected '{n}' in: {err}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tables_alters_and_flags_are_refused_and_change_nothing() {
+    let url = fresh_db("badinput").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE nokey (a int, b text);
+         CREATE TABLE uniq (a int NOT NULL, b text); CREATE UNIQUE INDEX uniq_a ON uniq (a);
+         CREATE TABLE nothing (id int PRIMARY KEY, v int); ALTER TABLE nothing REPLICA IDENTITY NOTHING;
+         CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE UNLOGGED TABLE unlogged (id int PRIMARY KEY, v int);
+         CREATE TABLE viewed (id int PRIMARY KEY, v int); CREATE VIEW v1 AS SELECT * FROM viewed;
+         CREATE TABLE ruled (id int PRIMARY KEY); CREATE RULE r AS ON INSERT TO ruled DO ALSO NOTIFY ruled;
+         CREATE TABLE typed (id int PRIMARY KEY);
+         CREATE FUNCTION typed_rows() RETURNS SETOF typed LANGUAGE sql AS 'SELECT * FROM typed';
+         CREATE TABLE trig (id int PRIMARY KEY, v int);
+         CREATE FUNCTION noop() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
+         CREATE TRIGGER trig_noop BEFORE UPDATE OF v ON trig FOR EACH ROW EXECUTE FUNCTION noop();
+         CREATE TABLE plain (id int PRIMARY KEY, v text); INSERT INTO plain VALUES (1, 'x');
+         CREATE TABLE taken (id int PRIMARY KEY, v int); CREATE TABLE taken__sa_new (x int);
+         CREATE SEQUENCE seq; CREATE VIEW aview AS SELECT 1 AS x;",
+    )
+    .await
+    .unwrap();
+    let before = definitions(&c).await;
+    let flags = |extra: &[&str]| {
+        support::migration::run_args(
+            &url,
+            "plain",
+            "ALTER COLUMN v TYPE varchar(10)",
+            &[&["--strategy", "shadow-copy"], extra].concat(),
+        )
+    };
+    let cases: Vec<(MigrateError, u8, &[&str])> = vec![
+        // what the table is
+        (
+            refused(&url, "missing", "ADD COLUMN c int").await,
+            2,
+            &["does not exist"],
+        ),
+        (
+            refused(&url, "seq", "ADD COLUMN c int").await,
+            2,
+            &["is a sequence, not a table"],
+        ),
+        (
+            refused(&url, "aview", "ADD COLUMN c int").await,
+            2,
+            &["is a view, not a table"],
+        ),
+        (
+            refused(&url, "nokey", "ADD COLUMN c int").await,
+            3,
+            &["no primary key", "add a primary key"],
+        ),
+        (
+            refused(&url, "uniq", "ADD COLUMN c int").await,
+            3,
+            &["REPLICA IDENTITY USING INDEX uniq_a"],
+        ),
+        (
+            refused(&url, "nothing", "ADD COLUMN c int").await,
+            3,
+            &["REPLICA IDENTITY NOTHING", "REPLICA IDENTITY DEFAULT"],
+        ),
+        (
+            refused(&url, "parted", "ADD COLUMN c int").await,
+            3,
+            &["partitioned", "plain ALTER TABLE"],
+        ),
+        (
+            refused(&url, "unlogged", "ALTER COLUMN v TYPE bigint").await,
+            3,
+            &["UNLOGGED", "SET LOGGED"],
+        ),
+        // objects the swap cannot carry (tests/dependents.rs covers what it carries)
+        (
+            refused(&url, "viewed", "DROP COLUMN v").await,
+            3,
+            &["view v1 uses column v", "keep the columns"],
+        ),
+        (
+            refused(&url, "trig", "DROP COLUMN v").await,
+            3,
+            &["trigger trig_noop on table trig uses column v"],
+        ),
+        (
+            refused(&url, "ruled", "ADD COLUMN c int").await,
+            3,
+            &["rules: r on ruled", "re-create them"],
+        ),
+        (
+            refused(&url, "typed", "ADD COLUMN c int").await,
+            3,
+            &["users of the table's row type: function typed_rows()"],
+        ),
+        (
+            refused(&url, "taken", "ALTER COLUMN v TYPE bigint").await,
+            3,
+            &[
+                "taken__sa_new\" already exists and was not created by shadow-alter",
+                "rename or drop it",
+            ],
+        ),
+        // what the ALTER is
+        (
+            refused(&url, "plain", "ALTER COLUMN").await,
+            2,
+            &["does not parse"],
+        ),
+        (
+            refused(&url, "plain", "ALTER TABLE other ADD COLUMN c int").await,
+            2,
+            &["names table other"],
+        ),
+        (
+            refused(&url, "plain", "ADD COLUMN c int; DROP TABLE plain").await,
+            2,
+            &["2 statements"],
+        ),
+        (
+            refused(&url, "plain", "ALTER COLUMN nope TYPE int").await,
+            2,
+            &["fails on an empty copy", "column \"nope\""],
+        ),
+        (
+            refused(&url, "plain", "ALTER COLUMN v TYPE int[] USING 1").await,
+            2,
+            &["fails on an empty copy"],
+        ),
+        (
+            refused(&url, "plain", "DROP COLUMN id").await,
+            3,
+            &["key column", "must stay"],
+        ),
+        (
+            refused(&url, "plain", "SET UNLOGGED").await,
+            2,
+            &["not supported"],
+        ),
+        // flags that contradict each other or would consume disk without bound
+        (
+            refused_with({
+                let mut a = flags(&[]);
+                a.chunk_size = 0;
+                a
+            })
+            .await,
+            2,
+            &["--chunk-size"],
+        ),
+        (
+            refused_with({
+                let mut a = flags(&[]);
+                a.swap_attempts = 0;
+                a
+            })
+            .await,
+            2,
+            &["--swap-attempts"],
+        ),
+        (
+            refused_with(flags(&["--verify-every", "0s"])).await,
+            2,
+            &["--verify-every"],
+        ),
+        (
+            refused_with(flags(&[
+                "--throttle-retained-wal",
+                "2GB",
+                "--max-retained-wal",
+                "1GB",
+            ]))
+            .await,
+            2,
+            &[
+                "--throttle-retained-wal",
+                "must be below --max-retained-wal",
+            ],
+        ),
+        (
+            refused_with(flags(&["--max-retained-wal", "0"])).await,
+            2,
+            &["--max-retained-wal"],
+        ),
+        (
+            refused_with(flags(&["--throttle-query", "SELECT 1"])).await,
+            2,
+            &["--throttle-query", "boolean"],
+        ),
+        (
+            refused_with(flags(&["--throttle-query", "SELEC nonsense"])).await,
+            2,
+            &["--throttle-query", "syntax error"],
+        ),
+        (
+            refused_with(flags(&["--cutover-window", "25:00-26:00"])).await,
+            2,
+            &["--cutover-window 25:00-26:00", "not a time of day"],
+        ),
+        (
+            refused_with(flags(&["--proxy", "not a url"])).await,
+            2,
+            &["proxy"],
+        ),
+    ];
+    check(cases);
+    assert_eq!(definitions(&c).await, before, "a table definition changed");
+    let ours: i64 = c
+        .query_one("SELECT count(*) FROM pg_class WHERE relname LIKE '%\\_\\_sa\\_new' AND relname <> 'taken__sa_new'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ours, 0);
+    c.batch_execute("DROP TABLE taken__sa_new").await.unwrap();
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_privileges_are_refused() {
+    let url = fresh_db("privileges").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE plain (id int PRIMARY KEY, v int);
+         DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'norepl') THEN CREATE ROLE norepl LOGIN; END IF;
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'notowner') THEN CREATE ROLE notowner LOGIN REPLICATION; END IF;
+         END $$;
+         GRANT ALL ON SCHEMA public TO norepl, notowner;",
+    )
+    .await
+    .unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    c.batch_execute(&format!("GRANT CREATE ON DATABASE {db} TO notowner"))
+        .await
+        .unwrap();
+    let before = definitions(&c).await;
+    let as_role = |role: &str| url.replacen("postgres@", &format!("{role}@"), 1);
+    check(vec![
+        (
+            refused(&as_role("norepl"), "plain", "ALTER COLUMN v TYPE bigint").await,
+            3,
+            &[
+                "lacks the REPLICATION privilege",
+                "ALTER ROLE norepl REPLICATION",
+            ],
+        ),
+        (
+            refused(&as_role("notowner"), "plain", "ALTER COLUMN v TYPE bigint").await,
+            3,
+            &["not the owner of", "run as the owner"],
+        ),
+    ]);
+    assert_eq!(definitions(&c).await, before);
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_on_the_same_table_is_refused_while_the_first_goes_on() {
+    let url = fresh_db("second").await;
+    let c = connect(&url).await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t SELECT i, i FROM generate_series(1, 2000) i")
+        .await
+        .unwrap();
+    let mut a = args(&url, "t", "ALTER COLUMN v TYPE bigint");
+    a.postpone_cutover = true;
+    let first = tokio::spawn(run(a));
+    wait_until(Duration::from_secs(30), "the first run to wait", || async {
+        c.query_opt(
+            "SELECT 1 FROM shadow_alter.migrations WHERE phase = 'waiting'",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    })
+    .await;
+    let err = refused(&url, "t", "ALTER COLUMN v TYPE numeric").await;
+    check(vec![(
+        err,
+        3,
+        &[
+            "another shadow-alter run is already working on",
+            "backend pid",
+        ],
+    )]);
+    shadow_alter::migrate::commands::cutover(CutoverArgs {
+        conn: ConnArgs {
+            database_url: Some(url.clone()),
+        },
+        table: "t".into(),
+        at: None,
+    })
+    .await
+    .unwrap();
+    first.await.unwrap().expect("the first run is unaffected");
+    let v: String = c
+        .query_one("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'v'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "bigint");
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_level_replica_is_refused() {
+    let s = support::start_server(&[("wal_level", "replica")]);
+    let c = connect(&s.url).await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let err = refused(&s.url, "t", "ADD COLUMN c int").await;
+    check(vec![(
+        err,
+        3,
+        &[
+            "wal_level is 'replica'",
+            "ALTER SYSTEM SET wal_level = logical",
+        ],
+    )]);
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_free_replication_slot_is_refused() {
+    let s = support::start_server(&[("max_replication_slots", "1")]);
+    let c = connect(&s.url).await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT pg_create_logical_replication_slot('someone_else', 'pgoutput')")
+        .await
+        .unwrap();
+    let err = refused(&s.url, "t", "ALTER COLUMN v TYPE bigint").await;
+    check(vec![(
+        err,
+        3,
+        &[
+            "no free replication slot",
+            "max_replication_slots=1",
+            "drop an unused slot",
+        ],
+    )]);
+    let slots: Vec<String> = c
+        .query("SELECT slot_name::text FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, vec!["someone_else".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_of_the_binary_exit_2() {
+    let url = fresh_db("usage").await;
+    for (argv, needle) in [
+        (vec!["cleanup"], "--stale"),
+        (vec!["run", "--table", "t"], "--alter"),
+        (
+            vec![
+                "run",
+                "--table",
+                "t",
+                "--alter",
+                "ADD COLUMN c int",
+                "--chunk-pause",
+                "fast",
+            ],
+            "not a duration",
+        ),
+        (
+            vec![
+                "run",
+                "--table",
+                "t",
+                "--alter",
+                "ADD COLUMN c int",
+                "--max-retained-wal",
+                "lots",
+            ],
+            "not a size",
+        ),
+        (vec!["verify"], "<TABLE>"),
+    ] {
+        let out = std::process::Command::new(support::binary())
+            .args(&argv)
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{argv:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{argv:?}: expected '{needle}' in {err}"
+        );
+    }
+}

@@ -1,0 +1,441 @@
+//! Operations tests against a real PostgreSQL: guardrails (pause file, throttle query, the
+//! retained-WAL limit), `cleanup --stale` after a crashed run, and `verify` repairing a shadow
+//! during a postponed cutover.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use shadow_alter::cli::ConnArgs;
+use shadow_alter::migrate::MigrateError;
+use tokio_postgres::Client;
+
+use support::migration::{run, shadow_copy_args as args};
+use support::workload::{assert_nothing_left, create_orders, diff, start_writers};
+use support::{connect, fresh_db, wait_until};
+
+async fn state_matches(c: &Client, cond: &str) -> bool {
+    c.query_opt(
+        &format!("SELECT 1 FROM shadow_alter.migrations WHERE {cond}"),
+        &[],
+    )
+    .await
+    .ok()
+    .flatten()
+    .is_some()
+}
+
+async fn count(c: &Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+fn temp_path(hint: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "shadow-alter-{hint}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ))
+}
+
+async fn small_table(url: &str) -> Client {
+    let c = connect(url).await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t SELECT i, i FROM generate_series(1, 5000) i",
+    )
+    .await
+    .unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_file_pauses_the_copy_until_it_is_removed() {
+    let url = fresh_db("pausefile").await;
+    let c = small_table(&url).await;
+    let pause = temp_path("pause");
+    std::fs::write(&pause, b"").unwrap();
+    let mut a = args(&url, "t", "ALTER COLUMN v TYPE bigint");
+    a.pause_file = Some(pause.clone());
+    let migration = tokio::spawn(run(a));
+    wait_until(
+        Duration::from_secs(30),
+        "the run to report the pause",
+        || {
+            state_matches(
+                &c,
+                "phase = 'copy' AND throttled LIKE 'throttled: pause file % exists'",
+            )
+        },
+    )
+    .await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t__sa_new").await,
+        0,
+        "nothing is copied while the pause file exists"
+    );
+    std::fs::remove_file(&pause).unwrap();
+    migration
+        .await
+        .unwrap()
+        .expect("the run resumes and finishes");
+    assert_eq!(
+        count(&c, "SELECT sum(v)::int8 FROM t").await,
+        (1..=5000i64).sum::<i64>()
+    );
+    assert!(state_matches(&c, "phase = 'done' AND throttled IS NULL").await);
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_query_holds_the_copy_while_it_returns_true() {
+    let url = fresh_db("throttleq").await;
+    let c = small_table(&url).await;
+    c.batch_execute("CREATE TABLE busy (flag bool); INSERT INTO busy VALUES (true)")
+        .await
+        .unwrap();
+    let mut a = args(&url, "t", "ALTER COLUMN v TYPE bigint");
+    a.throttle_query = Some("SELECT coalesce(bool_or(flag), false) FROM busy".into());
+    let migration = tokio::spawn(run(a));
+    wait_until(
+        Duration::from_secs(30),
+        "the run to report the throttle",
+        || {
+            state_matches(
+                &c,
+                "throttled = 'throttled: --throttle-query returned true'",
+            )
+        },
+    )
+    .await;
+    assert_eq!(count(&c, "SELECT count(*) FROM t__sa_new").await, 0);
+    c.batch_execute("UPDATE busy SET flag = false")
+        .await
+        .unwrap();
+    migration
+        .await
+        .unwrap()
+        .expect("the run goes on once the query says false");
+    assert_eq!(count(&c, "SELECT count(*) FROM t").await, 5000);
+    assert_nothing_left(&c).await;
+
+    // a query that does not return one boolean is refused before anything is created
+    let mut a = args(&url, "t", "ALTER COLUMN v TYPE int");
+    a.throttle_query = Some("SELECT 1".into());
+    let err = run(a).await.expect_err("refused");
+    assert_eq!(err.exit_code(), 2, "{err}");
+    assert!(err.to_string().contains("--throttle-query"), "{err}");
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_stops_cleanly_before_retained_wal_passes_the_limit() {
+    let url = fresh_db("maxwal").await;
+    let c = small_table(&url).await;
+    let pause = temp_path("walpause");
+    std::fs::write(&pause, b"").unwrap();
+    let mut a = args(&url, "t", "ALTER COLUMN v TYPE bigint");
+    a.pause_file = Some(pause.clone());
+    a.max_retained_wal = Some(4 << 20);
+    let migration = tokio::spawn(run(a));
+    wait_until(Duration::from_secs(30), "the run to pause", || {
+        // (other tests write WAL too: the limit may already have stopped it)
+        state_matches(
+            &c,
+            "throttled LIKE 'throttled: pause file%' OR phase = 'failed'",
+        )
+    })
+    .await;
+    // writes elsewhere make the paused run's slot retain WAL
+    c.batch_execute(
+        "CREATE TABLE junk AS SELECT i, repeat(md5(i::text), 32) AS pad FROM generate_series(1, 20000) i",
+    )
+    .await
+    .unwrap();
+    let err = migration
+        .await
+        .unwrap()
+        .expect_err("the guardrail stops the run");
+    let _ = std::fs::remove_file(&pause);
+    assert!(matches!(err, MigrateError::Guardrail(_)), "{err}");
+    assert_eq!(err.exit_code(), 7);
+    assert!(
+        err.to_string().contains("--max-retained-wal 4.0 MiB"),
+        "{err}"
+    );
+    assert!(state_matches(&c, "phase = 'failed' AND message LIKE '%max-retained-wal%'").await);
+    assert_nothing_left(&c).await;
+    let v: String = c
+        .query_one("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'v'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "integer");
+}
+
+/// Run the binary off the async workers (in-process migrations share them).
+async fn cli(url: &str, argv: &[&str]) -> (bool, String) {
+    let url = url.to_string();
+    let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || cli_blocking(&url, &argv))
+        .await
+        .expect("the binary's task")
+}
+
+fn cli_blocking(url: &str, argv: &[String]) -> (bool, String) {
+    let out = std::process::Command::new(support::binary())
+        .args(argv)
+        .env("DATABASE_URL", url)
+        .output()
+        .expect("run the binary");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
+    let url = fresh_db("stale").await;
+    let c = connect(&url).await;
+    create_orders(&c, 20_000).await;
+    c.batch_execute("CREATE TABLE live (id int PRIMARY KEY, v int); INSERT INTO live SELECT i, i FROM generate_series(1, 1000) i")
+        .await
+        .unwrap();
+    // a run that crashes mid-copy (kill -9)
+    let mut child = std::process::Command::new(support::binary())
+        .args([
+            "run",
+            "--table",
+            "orders",
+            "--alter",
+            "ALTER COLUMN qty TYPE bigint",
+            "--chunk-size",
+            "200",
+            "--chunk-pause",
+            "50ms",
+            "--progress",
+            "none",
+        ])
+        .env("DATABASE_URL", &url)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the binary");
+    wait_until(Duration::from_secs(30), "the copy to start", || async {
+        c.query_one("SELECT count(*) FROM orders__sa_new", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+    })
+    .await;
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    // a slot a crashed resumable run would leave (persistent, with our prefix)
+    c.batch_execute(
+        "SELECT pg_create_logical_replication_slot('shadow_alter_' || 'orders'::regclass::oid || '_999', 'pgoutput')",
+    )
+    .await
+    .unwrap();
+    // and a live run on another table, waiting for its cutover
+    let mut a = args(&url, "live", "ALTER COLUMN v TYPE bigint");
+    a.postpone_cutover = true;
+    let live = tokio::spawn(run(a));
+    wait_until(Duration::from_secs(30), "the live run to wait", || {
+        state_matches(&c, "table_name = 'public.live' AND phase = 'waiting'")
+    })
+    .await;
+
+    let (ok, out) = cli(&url, &["cleanup", "--stale", "--dry-run"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(r#"would drop shadow table "public"."orders__sa_new""#),
+        "{out}"
+    );
+    assert!(
+        out.contains("would drop publication shadow_alter_"),
+        "{out}"
+    );
+    assert!(
+        out.contains("would drop replication slot shadow_alter_"),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"kept shadow table "public"."live__sa_new" (its run is alive)"#),
+        "{out}"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_class WHERE relname = 'orders__sa_new'"
+        )
+        .await,
+        1,
+        "--dry-run drops nothing"
+    );
+
+    let (ok, out) = cli(&url, &["cleanup", "--stale"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(r#"dropped shadow table "public"."orders__sa_new""#),
+        "{out}"
+    );
+    assert!(
+        out.contains("dropped replication slot shadow_alter_"),
+        "{out}"
+    );
+    assert!(
+        out.contains("dropped unfinished migration record of public.orders"),
+        "{out}"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_class WHERE relname = 'orders__sa_new'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'shadow_alter_%_999'"
+        )
+        .await,
+        0
+    );
+    assert!(state_matches(&c, "table_name = 'public.orders' AND phase = 'failed'").await);
+
+    // the live run was not touched and still finishes
+    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
+        conn: ConnArgs {
+            database_url: Some(url.clone()),
+        },
+        table: "live".into(),
+        at: None,
+    })
+    .await
+    .unwrap();
+    live.await.unwrap().expect("the live run finishes");
+    let (ok, out) = cli(&url, &["cleanup", "--stale"]).await;
+    assert!(ok && out.contains("nothing stale found"), "{out}");
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_finds_and_repairs_a_corrupted_shadow_under_writes() {
+    let url = fresh_db("repair").await;
+    let c = connect(&url).await;
+    create_orders(&c, 20_000).await;
+    // rows the writers never touch, to corrupt in the shadow
+    c.batch_execute(
+        "INSERT INTO orders (id, qty, code) VALUES (50000000, 1, 'a'), (50000001, 2, 'b');
+         INSERT INTO orders_mirror SELECT * FROM orders WHERE id >= 50000000;",
+    )
+    .await
+    .unwrap();
+    let writers = start_writers(&url, 2, 20_000);
+    let mut a = args(&url, "orders", "ALTER COLUMN qty TYPE bigint");
+    a.postpone_cutover = true;
+    let migration = tokio::spawn(run(a));
+    wait_until(
+        Duration::from_secs(60),
+        "a first verification while waiting",
+        || {
+            state_matches(
+                &c,
+                "phase = 'waiting' AND message LIKE 'verified %no difference remains%'",
+            )
+        },
+    )
+    .await;
+    c.batch_execute(
+        "UPDATE orders__sa_new SET qty = -999 WHERE id = 50000000; DELETE FROM orders__sa_new WHERE id = 50000001;
+         UPDATE orders__sa_new SET code = 'corrupt' WHERE id = (SELECT min(id) FROM orders__sa_new)",
+    )
+    .await
+    .unwrap();
+    let before = writers.done.load(Ordering::Relaxed);
+    let (ok, out) = cli(&url, &["verify", "orders", "--wait", "120s"]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("repaired"), "{out}");
+    assert!(out.contains("no difference remains"), "{out}");
+    // a second verification finds nothing to repair
+    let (ok, out) = cli(&url, &["verify", "orders"]).await;
+    assert!(ok && !out.contains("repaired"), "{out}");
+    assert!(
+        writers.done.load(Ordering::Relaxed) > before,
+        "writes went on meanwhile"
+    );
+    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
+        conn: ConnArgs {
+            database_url: Some(url.clone()),
+        },
+        table: "orders".into(),
+        at: None,
+    })
+    .await
+    .unwrap();
+    migration.await.unwrap().expect("the swap");
+    writers.stop().await;
+    c.batch_execute("ALTER TABLE orders_mirror ALTER COLUMN qty TYPE bigint")
+        .await
+        .unwrap();
+    let (x, y, rows) = diff(&c, "orders", "orders_mirror").await;
+    assert_eq!((x, y), (0, 0), "rows differ from the oracle ({rows} rows)");
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_verification_while_waiting_repairs_a_corrupted_shadow() {
+    let url = fresh_db("verify").await;
+    let c = connect(&url).await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int, w text); INSERT INTO t SELECT i, i, 'w' || i FROM generate_series(1, 5000) i")
+        .await
+        .unwrap();
+    let mut a = args(&url, "t", "ALTER COLUMN v TYPE bigint");
+    a.postpone_cutover = true;
+    a.verify_every = Duration::from_millis(200);
+    let migration = tokio::spawn(run(a));
+    wait_until(
+        Duration::from_secs(30),
+        "a first clean verification",
+        || {
+            state_matches(
+                &c,
+                "phase = 'waiting' AND message LIKE 'verified 5000 rows%'",
+            )
+        },
+    )
+    .await;
+    // something other than the stream changes the shadow: the next comparison repairs it
+    c.batch_execute("UPDATE t__sa_new SET w = 'corrupted' WHERE id = 4242")
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the repair", || {
+        state_matches(&c, "message LIKE '%repaired 1 key range(s)%(id) in%'")
+    })
+    .await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t__sa_new WHERE w = 'corrupted'").await,
+        0
+    );
+    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
+        conn: ConnArgs {
+            database_url: Some(url.clone()),
+        },
+        table: "t".into(),
+        at: None,
+    })
+    .await
+    .unwrap();
+    migration.await.unwrap().expect("the swap");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE w = 'w' || id AND v = id").await,
+        5000
+    );
+    assert_nothing_left(&c).await;
+}
