@@ -210,8 +210,13 @@ pub async fn abort(args: AbortArgs) -> Result<(), MigrateError> {
             .get(0);
         if free {
             let table = catalog::load(&client, oid).await?;
-            let removed =
-                shadow::clear_leftovers(&client, &Names::for_table(&table), &table).await?;
+            let names = Names::for_table(&table);
+            let mut removed = shadow::clear_leftovers(&client, &names, &table).await?;
+            // a killed run's persistent slot and checkpoint: aborting gives up the resume
+            if super::resume::drop_slot(&client, &names.slot).await? {
+                removed.push(format!("replication slot {}", names.slot));
+            }
+            super::resume::delete(&client, oid).await?;
             client
                 .execute(
                     "UPDATE shadow_alter.migrations SET phase = 'aborted', finished_at = now(), updated_at = now(),

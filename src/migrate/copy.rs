@@ -27,17 +27,27 @@ pub struct CopyOptions {
     pub lock_timeout: Duration,
     /// Guardrails: every worker waits here before each chunk while the run is throttled.
     pub gate: super::throttle::Gate,
+    /// A resumed copy starts after this key (the watermark) ...
+    pub resume_after: Option<Vec<String>>,
+    /// ... and upserts: chunks past the watermark may already be there.
+    pub upsert: bool,
+    /// Record the watermark in this table's checkpoint as chunks complete.
+    pub checkpoint: Option<u32>,
 }
 
-/// A key range: lower bound exclusive, upper bound inclusive; None means unbounded.
+/// A key range: lower bound exclusive, upper bound inclusive; None means unbounded. Chunks are
+/// numbered in key order, for the watermark.
 #[derive(Debug, Clone)]
 struct Chunk {
+    seq: u64,
     lower: Option<Vec<String>>,
     upper: Option<Vec<String>>,
 }
 
 /// SQL pieces shared by every chunk.
 struct CopySql {
+    /// ` ON CONFLICT (...) DO UPDATE ...` for a resumed copy, else empty.
+    on_conflict: String,
     source: String,
     insert_select: String,
     key_list: String,
@@ -46,14 +56,45 @@ struct CopySql {
 }
 
 impl CopySql {
-    fn new(table: &Table, mapping: &Mapping, names: &Names) -> Result<CopySql, MigrateError> {
+    fn new(
+        table: &Table,
+        mapping: &Mapping,
+        names: &Names,
+        upsert: bool,
+    ) -> Result<CopySql, MigrateError> {
         let key_types = mapping
             .source_key
             .iter()
             .map(|k| table.column(k).map(|c| c.type_sql.clone()))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| MigrateError::Internal("key column missing from the catalog".into()))?;
+        // an upsert leaves the WHERE of each chunk last: `... FROM src AS s WHERE ... ON CONFLICT`
+        let on_conflict = if upsert {
+            let sets: Vec<String> = mapping
+                .targets
+                .iter()
+                .filter(|t| !mapping.shadow_key.contains(&t.column))
+                .map(|t| format!("{0} = EXCLUDED.{0}", quote_ident(&t.column)))
+                .collect();
+            format!(
+                " ON CONFLICT ({}) {}",
+                mapping
+                    .shadow_key
+                    .iter()
+                    .map(|c| quote_ident(c))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if sets.is_empty() {
+                    "DO NOTHING".to_string()
+                } else {
+                    format!("DO UPDATE SET {}", sets.join(", "))
+                }
+            )
+        } else {
+            String::new()
+        };
         Ok(CopySql {
+            on_conflict,
             source: table.qualified(),
             insert_select: format!(
                 "INSERT INTO {} ({}){} SELECT {} FROM ONLY {} AS s",
@@ -165,8 +206,17 @@ pub async fn copy_table(
     opts: &CopyOptions,
     copied: Arc<AtomicU64>,
 ) -> Result<u64, MigrateError> {
-    let sql = Arc::new(CopySql::new(table, mapping, names)?);
+    let sql = Arc::new(CopySql::new(table, mapping, names, opts.upsert)?);
     let (tx, rx) = mpsc::channel::<Chunk>(opts.workers * 2);
+    // chunks report completion here; the watermark moves past a chunk once all before it are in
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<(u64, Option<Vec<String>>)>();
+    let tracker = match opts.checkpoint {
+        Some(oid) => {
+            let client = connect(config, "recording copy progress", opts.lock_timeout).await?;
+            Some(tokio::spawn(track_watermark(client, oid, done_rx)))
+        }
+        None => None,
+    };
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
 
     let mut workers = tokio::task::JoinSet::new();
@@ -176,6 +226,7 @@ pub async fn copy_table(
         let sql = sql.clone();
         let snapshot = snapshot.to_string();
         let copied = copied.clone();
+        let done_tx = done_tx.clone();
         let pause = opts.chunk_pause;
         let mut gate = opts.gate.clone();
         workers.spawn(async move {
@@ -185,6 +236,7 @@ pub async fn copy_table(
                 let chunk = { rx.lock().await.recv().await };
                 let Some(chunk) = chunk else { break };
                 let n = copy_chunk(&client, &sql, &snapshot, &chunk).await?;
+                let _ = done_tx.send((chunk.seq, chunk.upper.clone()));
                 total += n;
                 copied.fetch_add(n, Ordering::Relaxed);
                 tracing::trace!(worker = w, rows = n, "chunk copied");
@@ -204,8 +256,10 @@ pub async fn copy_table(
         let sql = sql.clone();
         let snapshot = snapshot.to_string();
         let chunk_size = opts.chunk_size.max(1);
+        let start = opts.resume_after.clone();
         async move {
-            let mut lower: Option<Vec<String>> = None;
+            let mut lower: Option<Vec<String>> = start;
+            let mut seq = 0u64;
             loop {
                 let (cond, params) = sql.range(lower.as_ref(), ">", None);
                 let q = format!(
@@ -228,8 +282,10 @@ pub async fn copy_table(
                         .collect::<Vec<_>>()
                 });
                 let done = upper.is_none();
+                seq += 1;
                 if tx
                     .send(Chunk {
+                        seq,
                         lower: lower.clone(),
                         upper: upper.clone(),
                     })
@@ -267,10 +323,43 @@ pub async fn copy_table(
             }
         }
     }
+    drop(done_tx);
+    if let Some(t) = tracker {
+        match t.await {
+            Ok(Err(e)) if first_err.is_none() => first_err = Some(e),
+            _ => {}
+        }
+    }
     match first_err {
         Some(e) => Err(e),
         None => Ok(total),
     }
+}
+
+/// Move the checkpoint's watermark to the upper bound of the longest run of completed chunks
+/// from the first one. The final chunk (no upper bound) is not recorded: the caller records the
+/// end of the copy.
+async fn track_watermark(
+    client: Client,
+    oid: u32,
+    mut done: mpsc::UnboundedReceiver<(u64, Option<Vec<String>>)>,
+) -> Result<(), MigrateError> {
+    let mut completed = std::collections::BTreeMap::new();
+    let mut next = 1u64;
+    while let Some((seq, upper)) = done.recv().await {
+        completed.insert(seq, upper);
+        let mut mark = None;
+        while let Some(upper) = completed.remove(&next) {
+            next += 1;
+            if upper.is_some() {
+                mark = upper;
+            }
+        }
+        if let Some(key) = mark {
+            super::resume::set_watermark(&client, oid, &key).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Run `f` (one short transaction); when it fails on `lock_timeout` (another session holds or
@@ -304,7 +393,7 @@ async fn copy_chunk(
     chunk: &Chunk,
 ) -> Result<u64, MigrateError> {
     let (cond, params) = sql.range(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
-    let stmt = format!("{}{cond}", sql.insert_select);
+    let stmt = format!("{}{cond}{}", sql.insert_select, sql.on_conflict);
     let result = with_lock_retry("copying a chunk", || async {
         begin_snapshot(client, snapshot, false).await?;
         match client.execute(&stmt, &params_ref(&params)).await {
@@ -380,7 +469,7 @@ async fn find_bad_row(
         let (mut lo, mut hi) = (0usize, keys.len() - 1);
         let try_prefix = |n: usize| {
             let (cond, params) = sql.range(Some(&keys[0]), ">=", Some(&keys[n]));
-            let stmt = format!("{}{cond}", sql.insert_select);
+            let stmt = format!("{}{cond}{}", sql.insert_select, sql.on_conflict);
             async move {
                 client.batch_execute("SAVEPOINT sa_probe").await?;
                 let r = client.execute(&stmt, &params_ref(&params)).await;

@@ -399,6 +399,13 @@ async fn try_swap(
         None => format!("COMMENT ON TABLE {new} IS NULL"),
     });
     sql.extend(carried.after.iter().cloned());
+    // a run killed right after the commit finds the swap recorded and only finishes the cleanup
+    let validate: Vec<(String, String)> = carried
+        .validate
+        .iter()
+        .map(|v| (v.table.clone(), v.constraint.clone()))
+        .collect();
+    super::resume::record_swap(&tx, table.oid, old_name, &validate).await?;
     for s in &sql {
         if let Err(e) = tx.batch_execute(s).await {
             let _ = tx.rollback().await;

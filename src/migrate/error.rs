@@ -65,6 +65,27 @@ impl MigrateError {
         }
     }
 
+    /// The server or the network went away (a restart, a crash, a dropped connection): the run
+    /// keeps its progress so the same command resumes it.
+    pub fn is_connection_loss(&self) -> bool {
+        let lost_state = |code: &str| {
+            code.starts_with("08") || code.starts_with("57P") // connection exception, shutdown
+        };
+        match self {
+            MigrateError::Db { source, .. } => {
+                source.is_closed()
+                    || source.code().is_some_and(|c| lost_state(c.code()))
+                    || (source.as_db_error().is_none() && source.code().is_none())
+            }
+            MigrateError::Wire { source, .. } => match source.as_ref() {
+                crate::wire::WireError::Closed | crate::wire::WireError::Io(_) => true,
+                crate::wire::WireError::Server(e) => lost_state(&e.code),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// The SQLSTATE, when the database refused something.
     pub fn sqlstate(&self) -> Option<String> {
         match self {

@@ -64,6 +64,7 @@ impl Follower {
         table: Table,
         names: Names,
         from: Lsn,
+        replay_until: Option<Lsn>,
     ) -> Follower {
         let (applied_tx, applied) = watch::channel(from);
         let (marker_tx, marker) = watch::channel(0u64);
@@ -77,6 +78,8 @@ impl Follower {
             applied: applied_tx,
             marker: marker_tx,
             stats: stats.clone(),
+            replay_until,
+            replaying: false,
         };
         let handle = tokio::spawn(task.run(stop_rx));
         Follower {
@@ -150,9 +153,20 @@ struct Task {
     applied: watch::Sender<Lsn>,
     marker: watch::Sender<u64>,
     stats: Arc<FollowStats>,
+    /// Source transactions committed before this LSN are replayed idempotently (a resumed copy).
+    replay_until: Option<Lsn>,
+    replaying: bool,
 }
 
 impl Task {
+    async fn apply(&mut self, change: &Change) -> Result<(), MigrateError> {
+        if self.replaying {
+            self.applier.apply_idempotent(change).await
+        } else {
+            self.applier.apply(change).await
+        }
+    }
+
     async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), MigrateError> {
         let result = self.follow(&mut stop).await;
         if result.is_ok() {
@@ -216,8 +230,9 @@ impl Task {
                 XLogMessage::Data { end, data, .. } => {
                     received = received.max(end);
                     match decode(&data).ctx("decoding a pgoutput message")? {
-                        LogicalMessage::Begin { .. } => {
+                        LogicalMessage::Begin { final_lsn, .. } => {
                             in_source_tx = true;
+                            self.replaying = self.replay_until.is_some_and(|u| final_lsn < u);
                             if !self.applier.in_transaction() {
                                 batch_started = Instant::now();
                             }
@@ -225,6 +240,7 @@ impl Task {
                         LogicalMessage::Commit { end_lsn, .. } => {
                             in_source_tx = false;
                             last_commit_end = end_lsn;
+                            self.applier.set_position(end_lsn);
                             self.stats
                                 .transactions_applied
                                 .fetch_add(1, Ordering::Relaxed);
@@ -244,23 +260,23 @@ impl Task {
                             self.applier.set_relation(&self.table, &columns)?;
                         }
                         LogicalMessage::Insert { relation, new } if relation == self.table.oid => {
-                            self.applier.apply(&Change::Insert(new)).await?;
+                            self.apply(&Change::Insert(new)).await?;
                             self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
                         }
                         LogicalMessage::Update { relation, old, new }
                             if relation == self.table.oid =>
                         {
-                            self.applier.apply(&Change::Update { old, new }).await?;
+                            self.apply(&Change::Update { old, new }).await?;
                             self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
                         }
                         LogicalMessage::Delete { relation, old } if relation == self.table.oid => {
-                            self.applier.apply(&Change::Delete(old)).await?;
+                            self.apply(&Change::Delete(old)).await?;
                             self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
                         }
                         LogicalMessage::Truncate { relations, .. }
                             if relations.contains(&self.table.oid) =>
                         {
-                            self.applier.apply(&Change::Truncate).await?;
+                            self.apply(&Change::Truncate).await?;
                             self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
                         }
                         LogicalMessage::Message {

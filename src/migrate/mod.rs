@@ -13,6 +13,7 @@ pub mod error;
 pub mod follow;
 pub mod preflight;
 pub mod proxies;
+pub mod resume;
 pub mod run;
 pub mod schedule;
 pub mod shadow;

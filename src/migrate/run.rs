@@ -15,10 +15,11 @@ use super::error::{describe_db_error, Ctx, MigrateError};
 use super::follow::Follower;
 use super::preflight;
 use super::proxies::Proxies;
+use super::resume;
 use super::schedule::{Schedule, Window};
-use super::shadow::{self, Names};
+use super::shadow::{self, Mapping, Names};
 use super::state::{Progress as StateProgress, Requests, State};
-use super::stream::{Lsn, ReplicationConn};
+use super::stream::{Lsn, ReplicationConn, SlotInfo};
 use super::throttle::{self, Limits};
 use super::verify;
 use crate::cli::RunArgs;
@@ -50,7 +51,81 @@ pub async fn connect(config: &tokio_postgres::Config, what: &str) -> Result<Clie
 struct Created {
     shadow: bool,
     publication: bool,
+    /// The persistent slot and the checkpoint.
+    slot: bool,
     swapped: bool,
+}
+
+/// The checkpoint of an interrupted run of the same ALTER, when everything it needs is still
+/// there; otherwise what is left of it is removed (and None).
+async fn resumable(
+    control: &Client,
+    table: &crate::catalog::Table,
+    names: &Names,
+    alter: &str,
+) -> Result<Option<resume::Checkpoint>, MigrateError> {
+    let Some(cp) = resume::load(control, table.oid).await? else {
+        return Ok(None);
+    };
+    let slot = resume::slot_exists(control, &cp.slot).await?;
+    let shadow: bool = control
+        .query_one(
+            "SELECT coalesce(obj_description(to_regclass($1), 'pg_class') = $2, false)",
+            &[&names.shadow_qualified(), &names.marker_comment],
+        )
+        .await
+        .ctx("looking for the shadow table")?
+        .get(0);
+    let publication: bool = control
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&names.publication],
+        )
+        .await
+        .ctx("looking for the publication")?
+        .get(0);
+    let complete = if cp.swapped_to.is_some() {
+        true
+    } else {
+        slot && shadow && publication
+    };
+    // replaying older rows over newer ones could trip a unique constraint besides the key:
+    // such a shadow's copy starts over instead (a resume after the copy is exact)
+    let replay_safe = cp.copy_done || !cp.mapping.other_unique;
+    if cp.alter_sql == alter && complete && replay_safe {
+        tracing::info!(
+            "resuming the interrupted run (slot {}, {})",
+            cp.slot,
+            match (&cp.swapped_to, cp.copy_done) {
+                (Some(_), _) => "the swap had committed: finishing its cleanup".to_string(),
+                (None, true) => format!(
+                    "copy complete, stream applied up to {}",
+                    cp.applied.unwrap_or(cp.consistent_point)
+                ),
+                (None, false) => match &cp.watermark {
+                    Some(w) => format!("copy continues after key ({})", w.join(", ")),
+                    None => "copy starts over (no chunk finished)".to_string(),
+                },
+            }
+        );
+        return Ok(Some(cp));
+    }
+    if cp.alter_sql != alter {
+        tracing::warn!(
+            "an interrupted run of a different ALTER ({}) left its progress; starting over with this one",
+            cp.alter_sql
+        );
+    } else if !replay_safe {
+        tracing::warn!(
+            "the interrupted run was copying into a shadow with unique constraints besides the key; \
+             its copy starts over (a resumed copy replays older rows, which could trip them)"
+        );
+    } else {
+        tracing::warn!("an interrupted run cannot be resumed (its replication slot, shadow table or publication is gone); starting over");
+    }
+    resume::drop_slot(control, &cp.slot).await?;
+    resume::delete(control, table.oid).await?;
+    Ok(None)
 }
 
 pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
@@ -103,14 +178,46 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
 
     preflight::check_server(&control).await?;
     let table = preflight::load_table(&control, &args.table).await?;
+    // a run of this ALTER that died right after its swap committed: finish its cleanup
+    if let Some((old_oid, old_name, validate)) =
+        resume::swapped(&control, &table, &args.alter).await?
+    {
+        let old = crate::catalog::load(&control, old_oid).await?;
+        let names = Names::for_table(&old);
+        println!(
+            "the swap of an interrupted run had committed: {} has the new schema, the old table is {}; finishing its cleanup",
+            table.qualified(),
+            old.qualified()
+        );
+        after_swap(
+            &control,
+            &args,
+            &names,
+            &table.schema,
+            old_oid,
+            &validate,
+            &old_name,
+        )
+        .await;
+        return Ok(());
+    }
     let spec = parse_alter(&args.alter, &table.schema, &table.name)
         .map_err(|e| MigrateError::BadInput(e.to_string()))?;
     schedule.validate(&control).await?;
     throttle::preflight(&control, &limits).await?;
     preflight::lock_table(&control, &table).await?;
     let names = Names::for_table(&table);
-    for what in shadow::clear_leftovers(&control, &names, &table).await? {
-        tracing::warn!("removed {what} left behind by an earlier run that did not finish");
+    let resume_from = resumable(&control, &table, &names, &args.alter).await?;
+    if resume_from.is_none() {
+        for what in shadow::clear_leftovers(&control, &names, &table).await? {
+            tracing::warn!("removed {what} left behind by an earlier run that did not finish");
+        }
+        if resume::drop_slot(&control, &names.slot).await? {
+            tracing::warn!(
+                "removed replication slot {} left behind by an earlier run that did not finish",
+                names.slot
+            );
+        }
     }
     let state = State::start(&control, &table, &args.alter).await?;
     tracing::info!(
@@ -168,11 +275,21 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
         last_state_write: None,
         limits,
     };
-    let result = ctx.migrate(&spec, &mut created, abort).await;
+    let result = ctx.migrate(&spec, &mut created, abort, resume_from).await;
     poller.abort();
     signals.abort();
-    if result.is_err() && !created.swapped {
-        cleanup(&config, &names, &created).await;
+    match &result {
+        Err(e) if !created.swapped && e.is_connection_loss() && created.slot => {
+            // the server restarted or the network went away: keep what is done
+            tracing::error!(
+                "{e}; the progress is kept (replication slot {}, shadow table {}): \
+                 run the same command again to resume, or `shadow-alter cleanup --stale` to drop it",
+                names.slot,
+                names.shadow_qualified()
+            );
+        }
+        Err(_) if !created.swapped => cleanup(&config, &names, &created, table.oid).await,
+        _ => {}
     }
     match &result {
         Ok(()) => state.finish(&control, "done", None).await,
@@ -223,146 +340,139 @@ impl Ctx2<'_> {
         spec: &crate::plan::AlterSpec,
         created: &mut Created,
         mut abort: watch::Receiver<bool>,
+        resume: Option<resume::Checkpoint>,
     ) -> Result<(), MigrateError> {
         let (table, names, args) = (self.table, self.names, self.args);
         let mut progress = Progress::new(args.progress);
 
-        // 1. shadow table with the new schema (all or nothing)
-        self.state.phase(self.control, "shadow", None).await;
-        let mut ddl = connect(self.config, "creating the shadow table").await?;
-        created.shadow = true;
-        let mapping = shadow::create(&mut ddl, table, spec, names, args.lock_timeout).await?;
-        tracing::info!(
-            "shadow table {} created; {} columns copied, {} added by the ALTER",
-            names.shadow_qualified(),
-            mapping.targets.len(),
-            mapping.added.len()
-        );
-        // an object using a column the ALTER drops could not be re-created at the swap
-        super::carry::check(self.control, table, &mapping).await?;
-
-        // 2. publication for the source, before the slot so the slot sees it from the start
-        created.publication = true;
-        retry_lock(
-            self.control,
-            &format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
-                quote_ident(&names.publication),
-                table.qualified()
-            ),
-            args.lock_timeout,
-            "creating the publication",
-        )
-        .await?;
-
-        // 3. temporary slot + exported snapshot
-        let mut repl = ReplicationConn::connect(self.config)
-            .await
-            .ctx("opening the replication connection")?;
-        let slot = {
-            let create =
-                tokio::time::timeout(SLOT_TIMEOUT, repl.create_temporary_slot(&names.slot));
-            tokio::pin!(create);
-            let mut waiting = tokio::time::interval(Duration::from_secs(5));
-            waiting.tick().await;
-            loop {
-                tokio::select! {
-                    r = &mut create => match r {
-                        Ok(r) => break r.ctx("creating the replication slot")?,
-                        Err(_) => return Err(MigrateError::Preflight(format!(
-                            "creating the replication slot waited {SLOT_TIMEOUT:?} for running transactions to finish{}; \
-                             end them or retry later",
-                            self.oldest_transaction().await))),
-                    },
-                    _ = waiting.tick() => {
-                        // the server waits for every transaction running when the slot was requested
-                        let who = self.oldest_transaction().await;
-                        tracing::warn!("creating the replication slot waits for running transactions to finish{who}");
-                        self.state.phase(self.control, "shadow", Some(&format!("waiting for running transactions{who}"))).await;
-                    }
-                    _ = abort.changed() => return Err(MigrateError::Aborted),
-                }
+        if let Some(old) = resume.as_ref().and_then(|cp| cp.swapped_to.clone()) {
+            let validate = resume
+                .as_ref()
+                .map(|cp| cp.validate.clone())
+                .unwrap_or_default();
+            created.swapped = true;
+            progress.println(&format!(
+                "the swap had committed before the interruption: {} has the new schema, the old table is {}",
+                table.qualified(),
+                crate::sql::qualified(&table.schema, &old)
+            ));
+            after_swap(
+                self.control,
+                args,
+                names,
+                &table.schema,
+                table.oid,
+                &validate,
+                &old,
+            )
+            .await;
+            return Ok(());
+        }
+        let (mapping, mut repl, slot_name, snapshot, from, resumed) = match resume {
+            None => {
+                let (mapping, repl, slot) = self.prepare(spec, created, &mut abort).await?;
+                (
+                    mapping,
+                    repl,
+                    slot.name,
+                    Some(slot.snapshot),
+                    slot.consistent_point,
+                    None,
+                )
+            }
+            Some(cp) => {
+                created.shadow = true;
+                created.publication = true;
+                created.slot = true;
+                let repl = ReplicationConn::connect(self.config)
+                    .await
+                    .ctx("opening the replication connection")?;
+                let from = cp.applied.unwrap_or(cp.consistent_point);
+                (
+                    cp.mapping.clone(),
+                    repl,
+                    cp.slot.clone(),
+                    None,
+                    from,
+                    Some(cp),
+                )
             }
         };
-        tracing::info!(
-            "replication slot {} created at {}",
-            slot.name,
-            slot.consistent_point
-        );
 
         // guardrails from now on: the slot exists and retains WAL
         let (mut gate, _guard) = throttle::spawn(
             self.config,
             self.limits.clone(),
-            slot.name.clone(),
+            slot_name.clone(),
             table.oid,
         )
         .await?;
 
-        // 4. copy under the snapshot
-        self.state.phase(self.control, "copy", None).await;
-        let copied = Arc::new(AtomicU64::new(0));
-        let opts = CopyOptions {
-            chunk_size: args.chunk_size,
-            chunk_pause: args.chunk_pause,
-            workers: 2,
-            lock_timeout: args.lock_timeout,
-            gate: gate.clone(),
-        };
-        let estimate = table.row_estimate.max(0) as u64;
-        progress.start_phase("copy", Some(estimate));
-        let copy_started = Instant::now();
-        let copy = copy_table(
-            self.config,
-            table,
-            &mapping,
-            names,
-            &slot.snapshot,
-            &opts,
-            copied.clone(),
-        );
-        tokio::pin!(copy);
-        let mut tick = tokio::time::interval(progress.interval());
-        let rows = loop {
-            tokio::select! {
-                r = &mut copy => break r?,
-                reason = gate.stopped() => return Err(MigrateError::Guardrail(reason)),
-                _ = tick.tick() => {
-                    let done = copied.load(Ordering::Relaxed);
-                    let note = gate.throttled().map(|r| format!("throttled: {r}")).unwrap_or_default();
-                    progress.update(done, Some(estimate), &note);
-                    let secs = copy_started.elapsed().as_secs_f64().max(0.001);
-                    let rate = done as f64 / secs;
-                    let eta = (rate > 0.0 && estimate > done).then(|| (estimate - done) as f64 / rate);
-                    self.publish(StateProgress { rows_copied: done as i64, rows_total: Some(estimate as i64), rate: Some(rate), eta_seconds: eta, ..Default::default() }).await;
-                }
-                _ = abort.changed() => return Err(MigrateError::Aborted),
+        // 4. copy under the snapshot (a resumed copy: after the watermark, under a new snapshot,
+        // with the stream replayed idempotently up to that snapshot)
+        let mut replay_until = resumed.as_ref().and_then(|cp| cp.replay_until);
+        let mut snapshot_holder = None;
+        let copy_from = match (&resumed, snapshot) {
+            (None, Some(snapshot)) => Some((snapshot, None, false)),
+            (Some(cp), _) if !cp.copy_done => {
+                let holder = connect(self.config, "holding the resumed copy's snapshot").await?;
+                holder
+                    .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                    .await
+                    .ctx("starting the resumed copy's snapshot")?;
+                let row = holder
+                    .query_one(
+                        "SELECT pg_export_snapshot(), pg_current_wal_insert_lsn()::text",
+                        &[],
+                    )
+                    .await
+                    .ctx("exporting the resumed copy's snapshot")?;
+                let until = Lsn::parse(&row.get::<_, String>(1))
+                    .ok_or_else(|| MigrateError::Internal("unreadable WAL position".into()))?;
+                let until = replay_until.map_or(until, |u| u.max(until));
+                resume::set_replay_until(self.control, table.oid, until).await?;
+                replay_until = Some(until);
+                let snapshot: String = row.get(0);
+                snapshot_holder = Some(holder);
+                Some((snapshot, cp.watermark.clone(), true))
             }
+            _ => None,
         };
-        progress.update(rows, Some(rows), "");
-        progress.finish_phase();
-        let copy_secs = copy_started.elapsed().as_secs_f64();
-        tracing::info!(
-            "copied {rows} rows in {copy_secs:.1}s ({:.0} rows/s)",
-            rows as f64 / copy_secs.max(0.001)
-        );
+        let rows = match copy_from {
+            Some((snapshot, after, upsert)) => {
+                let rows = self
+                    .copy(
+                        &mapping,
+                        &snapshot,
+                        after,
+                        upsert,
+                        &mut gate,
+                        &mut progress,
+                        &mut abort,
+                    )
+                    .await?;
+                resume::set_copy_done(self.control, table.oid).await?;
+                rows
+            }
+            None => 0,
+        };
+        drop(snapshot_holder);
 
-        // 5. follow the stream from the consistent point
-        repl.start(&slot.name, slot.consistent_point, &names.publication)
-            .await
-            .ctx("starting replication")?;
+        // 5. follow the stream from the consistent point (or where a resumed run got to)
+        start_stream(&mut repl, &slot_name, from, &names.publication).await?;
         let apply_client = connect(self.config, "applying changes").await?;
         apply_client
             .batch_execute("SET synchronous_commit = local")
             .await
             .ctx("setting up the apply session")?;
-        let applier = Applier::new(apply_client, table, &mapping, names);
+        let applier = Applier::new(apply_client, table, &mapping, names).with_checkpoint(table.oid);
         let mut follower = Follower::start(
             repl,
             applier,
             table.clone(),
             names.clone(),
-            slot.consistent_point,
+            from,
+            replay_until,
         );
         let mut markers = Markers::new(names);
 
@@ -524,6 +634,10 @@ impl Ctx2<'_> {
             }
         };
         created.swapped = true;
+        // test hook: die like a kill -9 right after the swap committed (tests/resume.rs)
+        if std::env::var_os("SHADOW_ALTER_TEST_DIE_AFTER_SWAP").is_some() {
+            std::process::abort();
+        }
         for what in &outcome.carried {
             tracing::info!("carried across: {what}");
         }
@@ -551,46 +665,21 @@ impl Ctx2<'_> {
         if let Err(e) = follower.stop().await {
             tracing::warn!("stopping the change stream after the swap: {e}");
         }
-        if let Err(e) = self
-            .control
-            .batch_execute(&format!(
-                "DROP PUBLICATION IF EXISTS {}",
-                quote_ident(&names.publication)
-            ))
-            .await
-        {
-            tracing::warn!(
-                "dropping publication {}: {}; drop it by hand",
-                names.publication,
-                describe_db_error(&e)
-            );
-        }
-        // foreign keys were added NOT VALID under the lock; validating takes no lock that blocks writes
-        for v in &outcome.validate {
-            let sql = v.sql();
-            match retry_lock(self.control, &sql, args.lock_timeout, "validating a foreign key").await {
-                Ok(()) => tracing::info!("validated foreign key {} on {}", v.constraint, v.table),
-                Err(e) => tracing::warn!(
-                    "foreign key {} on {} stays NOT VALID (it is enforced for new rows): {e}; run `{sql}` later",
-                    v.constraint,
-                    v.table
-                ),
-            }
-        }
-        if args.drop_old {
-            let old = crate::sql::qualified(&table.schema, &outcome.old_name);
-            match retry_lock(
-                self.control,
-                &format!("DROP TABLE {old}"),
-                args.lock_timeout,
-                "dropping the old table",
-            )
-            .await
-            {
-                Ok(()) => tracing::info!("dropped the old table {old}"),
-                Err(e) => tracing::warn!("the old table {old} could not be dropped: {e}"),
-            }
-        }
+        let validate: Vec<(String, String)> = outcome
+            .validate
+            .iter()
+            .map(|v| (v.table.clone(), v.constraint.clone()))
+            .collect();
+        after_swap(
+            self.control,
+            args,
+            names,
+            &table.schema,
+            table.oid,
+            &validate,
+            &outcome.old_name,
+        )
+        .await;
         self.state
             .progress(
                 self.control,
@@ -609,6 +698,154 @@ impl Ctx2<'_> {
             outcome.lock_held.as_millis()
         ));
         Ok(())
+    }
+
+    /// Steps 1-3 of a new run: the shadow table, the publication, the slot and its snapshot,
+    /// and the checkpoint that lets a killed run resume from here.
+    async fn prepare(
+        &mut self,
+        spec: &crate::plan::AlterSpec,
+        created: &mut Created,
+        abort: &mut watch::Receiver<bool>,
+    ) -> Result<(Mapping, ReplicationConn, SlotInfo), MigrateError> {
+        let (table, names, args) = (self.table, self.names, self.args);
+        // 1. shadow table with the new schema (all or nothing)
+        self.state.phase(self.control, "shadow", None).await;
+        let mut ddl = connect(self.config, "creating the shadow table").await?;
+        created.shadow = true;
+        let mapping = shadow::create(&mut ddl, table, spec, names, args.lock_timeout).await?;
+        tracing::info!(
+            "shadow table {} created; {} columns copied, {} added by the ALTER",
+            names.shadow_qualified(),
+            mapping.targets.len(),
+            mapping.added.len()
+        );
+        // an object using a column the ALTER drops could not be re-created at the swap
+        super::carry::check(self.control, table, &mapping).await?;
+
+        // 2. publication for the source, before the slot so the slot sees it from the start
+        created.publication = true;
+        retry_lock(
+            self.control,
+            &format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(&names.publication),
+                table.qualified()
+            ),
+            args.lock_timeout,
+            "creating the publication",
+        )
+        .await?;
+
+        // 3. persistent slot + exported snapshot
+        let mut repl = ReplicationConn::connect(self.config)
+            .await
+            .ctx("opening the replication connection")?;
+        created.slot = true;
+        let slot = {
+            let create = tokio::time::timeout(SLOT_TIMEOUT, repl.create_slot(&names.slot, false));
+            tokio::pin!(create);
+            let mut waiting = tokio::time::interval(Duration::from_secs(5));
+            waiting.tick().await;
+            loop {
+                tokio::select! {
+                    r = &mut create => match r {
+                        Ok(r) => break r.ctx("creating the replication slot")?,
+                        Err(_) => return Err(MigrateError::Preflight(format!(
+                            "creating the replication slot waited {SLOT_TIMEOUT:?} for running transactions to finish{}; \
+                             end them or retry later",
+                            self.oldest_transaction().await))),
+                    },
+                    _ = waiting.tick() => {
+                        // the server waits for every transaction running when the slot was requested
+                        let who = self.oldest_transaction().await;
+                        tracing::warn!("creating the replication slot waits for running transactions to finish{who}");
+                        self.state.phase(self.control, "shadow", Some(&format!("waiting for running transactions{who}"))).await;
+                    }
+                    _ = abort.changed() => return Err(MigrateError::Aborted),
+                }
+            }
+        };
+        resume::create(
+            self.control,
+            table.oid,
+            &args.alter,
+            &slot.name,
+            slot.consistent_point,
+            &mapping,
+        )
+        .await?;
+        tracing::info!(
+            "replication slot {} created at {}",
+            slot.name,
+            slot.consistent_point
+        );
+        Ok((mapping, repl, slot))
+    }
+
+    /// Step 4: copy every row visible in `snapshot` (after `after`, upserting when resumed).
+    #[allow(clippy::too_many_arguments)]
+    async fn copy(
+        &mut self,
+        mapping: &Mapping,
+        snapshot: &str,
+        after: Option<Vec<String>>,
+        upsert: bool,
+        gate: &mut throttle::Gate,
+        progress: &mut Progress,
+        abort: &mut watch::Receiver<bool>,
+    ) -> Result<u64, MigrateError> {
+        let (table, names, args) = (self.table, self.names, self.args);
+        self.state.phase(self.control, "copy", None).await;
+        let copied = Arc::new(AtomicU64::new(0));
+        let opts = CopyOptions {
+            chunk_size: args.chunk_size,
+            chunk_pause: args.chunk_pause,
+            workers: 2,
+            lock_timeout: args.lock_timeout,
+            gate: gate.clone(),
+            resume_after: after,
+            upsert,
+            checkpoint: Some(table.oid),
+        };
+        let estimate = table.row_estimate.max(0) as u64;
+        progress.start_phase("copy", Some(estimate));
+        let copy_started = Instant::now();
+        let copy = copy_table(
+            self.config,
+            table,
+            mapping,
+            names,
+            snapshot,
+            &opts,
+            copied.clone(),
+        );
+        tokio::pin!(copy);
+        let mut tick = tokio::time::interval(progress.interval());
+        let rows = loop {
+            tokio::select! {
+                r = &mut copy => break r?,
+                reason = gate.stopped() => return Err(MigrateError::Guardrail(reason)),
+                _ = tick.tick() => {
+                    let done = copied.load(Ordering::Relaxed);
+                    let note = gate.throttled().map(|r| format!("throttled: {r}")).unwrap_or_default();
+                    progress.update(done, Some(estimate), &note);
+                    let secs = copy_started.elapsed().as_secs_f64().max(0.001);
+                    let rate = done as f64 / secs;
+                    let eta = (rate > 0.0 && estimate > done).then(|| (estimate - done) as f64 / rate);
+                    self.publish(StateProgress { rows_copied: done as i64, rows_total: Some(estimate as i64), rate: Some(rate), eta_seconds: eta, ..Default::default() }).await;
+                }
+                _ = abort.changed() => return Err(MigrateError::Aborted),
+            }
+        };
+        progress.update(rows, Some(rows), "");
+        progress.finish_phase();
+        let copy_secs = copy_started.elapsed().as_secs_f64();
+        tracing::info!(
+            "copied {rows} rows in {copy_secs:.1}s ({:.0} rows/s)",
+            rows as f64 / copy_secs.max(0.001)
+        );
+        Ok(rows)
     }
 
     /// Compare source and shadow and repair differing chunks (see verify.rs); a difference that
@@ -787,7 +1024,7 @@ async fn retry_lock(
 }
 
 /// Remove what a failed run created; the original table was never touched.
-async fn cleanup(config: &tokio_postgres::Config, names: &Names, created: &Created) {
+async fn cleanup(config: &tokio_postgres::Config, names: &Names, created: &Created, oid: u32) {
     let client = match connect(config, "cleanup").await {
         Ok(c) => c,
         Err(e) => {
@@ -820,6 +1057,18 @@ async fn cleanup(config: &tokio_postgres::Config, names: &Names, created: &Creat
             );
         }
     }
+    if created.slot {
+        match resume::drop_slot(&client, &names.slot).await {
+            Ok(_) => {}
+            Err(e) => tracing::error!(
+                "could not drop replication slot {}: {e}; drop it with `shadow-alter cleanup --stale` (it retains WAL)",
+                names.slot
+            ),
+        }
+        if let Err(e) = resume::delete(&client, oid).await {
+            tracing::warn!("could not remove the checkpoint: {e}");
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -841,5 +1090,89 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// START_REPLICATION on our slot; a killed run's walsender may hold the slot for a moment.
+async fn start_stream(
+    repl: &mut ReplicationConn,
+    slot: &str,
+    from: Lsn,
+    publication: &str,
+) -> Result<(), MigrateError> {
+    let mut attempt = 0;
+    loop {
+        match repl.start(slot, from, publication).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.sqlstate() == Some("55006") && attempt < 50 => {
+                attempt += 1;
+                tracing::info!(
+                    "replication slot {slot} is still in use by an earlier connection; waiting"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e).ctx("starting replication"),
+        }
+    }
+}
+
+/// After the swap committed (now or before an interruption): drop the publication and the
+/// slot, validate the foreign keys added NOT VALID, drop the old table when asked, and
+/// forget the checkpoint. Failures here are reported, not fatal.
+async fn after_swap(
+    control: &Client,
+    args: &RunArgs,
+    names: &Names,
+    schema: &str,
+    oid: u32,
+    validate: &[(String, String)],
+    old_name: &str,
+) {
+    if let Err(e) = control
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            quote_ident(&names.publication)
+        ))
+        .await
+    {
+        tracing::warn!(
+            "dropping publication {}: {}; drop it by hand",
+            names.publication,
+            describe_db_error(&e)
+        );
+    }
+    if let Err(e) = resume::drop_slot(control, &names.slot).await {
+        tracing::warn!("{e}; drop the slot with `shadow-alter cleanup --stale` (it retains WAL)");
+    }
+    // foreign keys were added NOT VALID under the lock; validating takes no lock that blocks writes
+    for (table, constraint) in validate {
+        let v = super::carry::Validate {
+            table: table.clone(),
+            constraint: constraint.clone(),
+        };
+        let sql = v.sql();
+        match retry_lock(control, &sql, args.lock_timeout, "validating a foreign key").await {
+            Ok(()) => tracing::info!("validated foreign key {constraint} on {table}"),
+            Err(e) => tracing::warn!(
+                "foreign key {constraint} on {table} stays NOT VALID (it is enforced for new rows): {e}; run `{sql}` later"
+            ),
+        }
+    }
+    if args.drop_old {
+        let old = crate::sql::qualified(schema, old_name);
+        match retry_lock(
+            control,
+            &format!("DROP TABLE {old}"),
+            args.lock_timeout,
+            "dropping the old table",
+        )
+        .await
+        {
+            Ok(()) => tracing::info!("dropped the old table {old}"),
+            Err(e) => tracing::warn!("the old table {old} could not be dropped: {e}"),
+        }
+    }
+    if let Err(e) = resume::delete(control, oid).await {
+        tracing::warn!("could not remove the checkpoint: {e}");
     }
 }

@@ -42,7 +42,8 @@ impl Names {
             schema: t.schema.clone(),
             shadow: fit(&t.name, "__sa_new"),
             publication: format!("shadow_alter_{}", t.oid),
-            slot: format!("shadow_alter_{}_{}", t.oid, std::process::id()),
+            // persistent and per table, so a rerun of a killed run finds it and resumes
+            slot: format!("shadow_alter_{}", t.oid),
             marker_prefix: format!("shadow_alter:{}:{}", t.oid, std::process::id()),
             marker_comment: format!("shadow-alter shadow of table oid {}", t.oid),
         }
@@ -59,7 +60,7 @@ impl Names {
 }
 
 /// One column of the shadow table that is filled from the source.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Target {
     /// Column name in the shadow table.
     pub column: String,
@@ -73,8 +74,8 @@ pub struct Target {
     pub plain: bool,
 }
 
-/// How rows of the source become rows of the shadow.
-#[derive(Debug, Clone)]
+/// How rows of the source become rows of the shadow (kept in the checkpoint for a resume).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Mapping {
     pub targets: Vec<Target>,
     /// Source key columns and, in the same order, the shadow columns they become.

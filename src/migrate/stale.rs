@@ -183,16 +183,25 @@ async fn drop_one(client: &Client, l: &Leftover, oid: u32) -> Result<(), tokio_p
                 ))
                 .await
         }
-        Leftover::StateRow(_) => client
-            .execute(
-                "UPDATE shadow_alter.migrations SET phase = 'failed', finished_at = now(), updated_at = now(),
-                        throttled = NULL, postponed = NULL,
-                        message = 'the run stopped without finishing; its leftovers were removed by cleanup --stale'
-                 WHERE table_oid = $1 AND phase <> ALL($2)",
-                &[&oid, &FINAL_PHASES.to_vec()],
-            )
-            .await
-            .map(|_| ()),
+        Leftover::StateRow(_) => {
+            client
+                .execute(
+                    "UPDATE shadow_alter.migrations SET phase = 'failed', finished_at = now(), updated_at = now(),
+                            throttled = NULL, postponed = NULL,
+                            message = 'the run stopped without finishing; its leftovers were removed by cleanup --stale'
+                     WHERE table_oid = $1 AND phase <> ALL($2)",
+                    &[&oid, &FINAL_PHASES.to_vec()],
+                )
+                .await?;
+            // its checkpoint cannot be resumed without the slot
+            client
+                .execute(
+                    "DELETE FROM shadow_alter.checkpoints WHERE table_oid = $1",
+                    &[&oid],
+                )
+                .await
+                .map(|_| ())
+        }
     }
 }
 

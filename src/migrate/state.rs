@@ -40,6 +40,19 @@ ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_requested_at
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_finished_at timestamptz;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_ok boolean;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_result text;
+CREATE TABLE IF NOT EXISTS shadow_alter.checkpoints (
+    table_oid        oid PRIMARY KEY,
+    alter_sql        text NOT NULL,
+    slot             text NOT NULL,
+    consistent_point text NOT NULL,
+    mapping          jsonb NOT NULL,
+    watermark        text[],
+    copy_done        boolean NOT NULL DEFAULT false,
+    applied          text,
+    replay_until     text,
+    swapped_to       text,
+    validate         jsonb
+);
 COMMENT ON SCHEMA shadow_alter IS 'state of shadow-alter migrations (safe to drop when none runs)';
 ";
 

@@ -21,6 +21,33 @@ pub struct Server {
     pub port: u16,
 }
 
+impl Server {
+    /// Restart the server (a fast shutdown, as for a maintenance restart); same port and data.
+    pub fn restart(&self) {
+        let pg_ctl = self.bin_dir.join("pg_ctl");
+        let mut cmd = if unsafe { libc::geteuid() } == 0 {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&pg_ctl);
+            c
+        } else {
+            Command::new(&pg_ctl)
+        };
+        let out = cmd
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-m", "fast", "-w", "-t", "60", "-l"])
+            .arg(self.data_dir.join("server.log"))
+            .arg("restart")
+            .output()
+            .expect("run pg_ctl restart");
+        assert!(
+            out.status.success(),
+            "pg_ctl restart failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 static SERVER: OnceLock<Server> = OnceLock::new();
 static DATA_DIR: OnceLock<PathBuf> = OnceLock::new();
 

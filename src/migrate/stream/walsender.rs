@@ -56,13 +56,19 @@ impl ReplicationConn {
         Ok(ReplicationConn { conn })
     }
 
-    /// Create a TEMPORARY logical slot (dropped by the server when this connection ends, even if
-    /// we are killed) and export its snapshot. Waits for transactions running at this moment.
-    pub async fn create_temporary_slot(&mut self, name: &str) -> Result<SlotInfo, WireError> {
+    /// Create a logical slot and export its snapshot. Waits for transactions running at this
+    /// moment. A TEMPORARY slot is dropped by the server when this connection ends, even if we
+    /// are killed; a persistent one survives a crash (and a server restart) so a run can resume.
+    pub async fn create_slot(
+        &mut self,
+        name: &str,
+        temporary: bool,
+    ) -> Result<SlotInfo, WireError> {
         let rows = self
             .conn
             .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT \"{name}\" TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"
+                "CREATE_REPLICATION_SLOT \"{name}\"{} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                if temporary { " TEMPORARY" } else { "" }
             ))
             .await?;
         let row = rows

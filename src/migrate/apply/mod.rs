@@ -15,6 +15,8 @@
 //! expression needs them together with changed columns. Statements are pipelined: each is
 //! sent at once and its row count checked later, in order.
 
+mod replay;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -25,7 +27,7 @@ use tokio_postgres::{Client, Statement};
 
 use super::error::{Ctx, MigrateError};
 use super::shadow::{Mapping, Names};
-use super::stream::{RelationColumn, TupleValue};
+use super::stream::{Lsn, RelationColumn, TupleValue};
 use crate::catalog::Table;
 use crate::sql::quote_ident;
 
@@ -115,6 +117,11 @@ pub struct Applier {
     in_tx: bool,
     /// Changes in the open target transaction.
     pending: usize,
+    /// Table oid whose checkpoint records the applied position in each target transaction.
+    checkpoint: Option<u32>,
+    /// The source position the open target transaction reaches, and the last one recorded.
+    position: Option<Lsn>,
+    recorded: Option<Lsn>,
 }
 
 impl Applier {
@@ -132,7 +139,21 @@ impl Applier {
             cache: HashMap::new(),
             in_tx: false,
             pending: 0,
+            checkpoint: None,
+            position: None,
+            recorded: None,
         }
+    }
+
+    /// Record the applied position in the table's checkpoint, inside each target transaction.
+    pub fn with_checkpoint(mut self, oid: u32) -> Applier {
+        self.checkpoint = Some(oid);
+        self
+    }
+
+    /// Everything up to `lsn` (a source commit's end) is in the open target transaction.
+    pub fn set_position(&mut self, lsn: Lsn) {
+        self.position = Some(lsn);
     }
 
     pub fn pending(&self) -> usize {
@@ -580,6 +601,15 @@ impl Applier {
         }
         self.flush_window().await?;
         self.settle_all().await?;
+        if let (Some(oid), Some(pos)) = (self.checkpoint, self.position) {
+            if self.recorded != Some(pos) {
+                self.client
+                    .execute(super::resume::APPLIED_SQL, &[&oid, &pos.to_string()])
+                    .await
+                    .ctx("recording the applied position")?;
+                self.recorded = Some(pos);
+            }
+        }
         self.client
             .batch_execute("COMMIT")
             .await

@@ -1,0 +1,273 @@
+//! Checkpoints in the database that let a killed run continue with the same command: the
+//! persistent replication slot, the column mapping, how far the copy got (a key watermark) and
+//! how far the stream is applied (written in the same transaction as the applied changes).
+//!
+//! Why the result is still exactly the source:
+//! - The slot is persistent, so after a crash (or a server restart) it still holds every change
+//!   since the first snapshot. Its position only advances with what is durably applied.
+//! - Copy: chunks are numbered in key order and the watermark only moves past a chunk once every
+//!   chunk before it has committed. A resumed copy continues after the watermark under a new
+//!   snapshot, as upserts (chunks past the watermark may already be there). The stream is then
+//!   replayed from the slot's position with idempotent apply up to the new snapshot's LSN (see
+//!   `apply/replay.rs`), and applied strictly after it.
+//! - Stream: every target transaction records the source LSN it applied up to; a resumed run
+//!   starts the stream there, so no change is applied twice or skipped.
+//! - Swap: one transaction that also records the swap here; a resumed run that finds it
+//!   finishes the cleanup instead of migrating again.
+
+use tokio_postgres::Client;
+
+use super::error::{Ctx, MigrateError};
+use super::shadow::Mapping;
+use super::stream::Lsn;
+
+/// What a run has durably achieved.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub alter_sql: String,
+    pub slot: String,
+    pub consistent_point: Lsn,
+    pub mapping: Mapping,
+    /// Every chunk up to this key (inclusive) is copied; None: none yet.
+    pub watermark: Option<Vec<String>>,
+    pub copy_done: bool,
+    /// The stream is applied up to here (a commit's end LSN).
+    pub applied: Option<Lsn>,
+    /// Changes committed before this LSN are replayed idempotently.
+    pub replay_until: Option<Lsn>,
+    /// The swap committed: the old table's name, and foreign keys still to validate.
+    pub swapped_to: Option<String>,
+    pub validate: Vec<(String, String)>,
+}
+
+fn lsn(v: Option<String>) -> Option<Lsn> {
+    v.as_deref().and_then(Lsn::parse)
+}
+
+pub async fn load(client: &Client, oid: u32) -> Result<Option<Checkpoint>, MigrateError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('shadow_alter.checkpoints') IS NOT NULL",
+            &[],
+        )
+        .await
+        .ctx("looking for checkpoints")?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let Some(r) = client
+        .query_opt(
+            "SELECT alter_sql, slot, consistent_point, mapping::text, watermark, copy_done, applied,
+                    replay_until, swapped_to, coalesce(validate::text, '[]')
+             FROM shadow_alter.checkpoints WHERE table_oid = $1",
+            &[&oid],
+        )
+        .await
+        .ctx("reading the checkpoint")?
+    else {
+        return Ok(None);
+    };
+    let mapping: Mapping = serde_json::from_str(&r.get::<_, String>(3)).map_err(|e| {
+        MigrateError::Internal(format!(
+            "the checkpoint's column mapping is unreadable: {e}"
+        ))
+    })?;
+    let validate: Vec<(String, String)> =
+        serde_json::from_str(&r.get::<_, String>(9)).map_err(|e| {
+            MigrateError::Internal(format!(
+                "the checkpoint's foreign key list is unreadable: {e}"
+            ))
+        })?;
+    Ok(Some(Checkpoint {
+        alter_sql: r.get(0),
+        slot: r.get(1),
+        consistent_point: lsn(r.get(2)).unwrap_or_default(),
+        mapping,
+        watermark: r.get(4),
+        copy_done: r.get(5),
+        applied: lsn(r.get(6)),
+        replay_until: lsn(r.get(7)),
+        swapped_to: r.get(8),
+        validate,
+    }))
+}
+
+/// Record a new run's slot and mapping (replacing what an older run left).
+pub async fn create(
+    client: &Client,
+    oid: u32,
+    alter: &str,
+    slot: &str,
+    consistent_point: Lsn,
+    mapping: &Mapping,
+) -> Result<(), MigrateError> {
+    let mapping = serde_json::to_string(mapping)
+        .map_err(|e| MigrateError::Internal(format!("serializing the column mapping: {e}")))?;
+    client
+        .execute(
+            "INSERT INTO shadow_alter.checkpoints (table_oid, alter_sql, slot, consistent_point, mapping)
+             VALUES ($1, $2, $3, $4, $5::text::jsonb)
+             ON CONFLICT (table_oid) DO UPDATE SET alter_sql = EXCLUDED.alter_sql, slot = EXCLUDED.slot,
+               consistent_point = EXCLUDED.consistent_point, mapping = EXCLUDED.mapping, watermark = NULL,
+               copy_done = false, applied = NULL, replay_until = NULL, swapped_to = NULL, validate = NULL",
+            &[&oid, &alter, &slot, &consistent_point.to_string(), &mapping],
+        )
+        .await
+        .ctx("recording the checkpoint")?;
+    Ok(())
+}
+
+pub async fn set_watermark(client: &Client, oid: u32, key: &[String]) -> Result<(), MigrateError> {
+    client
+        .execute(
+            "UPDATE shadow_alter.checkpoints SET watermark = $2 WHERE table_oid = $1",
+            &[&oid, &key],
+        )
+        .await
+        .ctx("recording copy progress")?;
+    Ok(())
+}
+
+pub async fn set_copy_done(client: &Client, oid: u32) -> Result<(), MigrateError> {
+    client
+        .execute(
+            "UPDATE shadow_alter.checkpoints SET copy_done = true WHERE table_oid = $1",
+            &[&oid],
+        )
+        .await
+        .ctx("recording the end of the copy")?;
+    Ok(())
+}
+
+pub async fn set_replay_until(client: &Client, oid: u32, until: Lsn) -> Result<(), MigrateError> {
+    client
+        .execute(
+            "UPDATE shadow_alter.checkpoints SET replay_until = $2 WHERE table_oid = $1",
+            &[&oid, &until.to_string()],
+        )
+        .await
+        .ctx("recording the replay window")?;
+    Ok(())
+}
+
+/// The statement the applier runs inside each target transaction: `$1` oid, `$2` LSN text.
+pub const APPLIED_SQL: &str =
+    "UPDATE shadow_alter.checkpoints SET applied = $2 WHERE table_oid = $1";
+
+/// Inside the swap transaction: the swap happened, and what is left to do after it.
+pub async fn record_swap(
+    tx: &tokio_postgres::Transaction<'_>,
+    oid: u32,
+    old_name: &str,
+    validate: &[(String, String)],
+) -> Result<(), MigrateError> {
+    let validate = serde_json::to_string(validate)
+        .map_err(|e| MigrateError::Internal(format!("serializing foreign keys: {e}")))?;
+    tx.execute(
+        "UPDATE shadow_alter.checkpoints SET swapped_to = $2, validate = $3::text::jsonb WHERE table_oid = $1",
+        &[&oid, &old_name, &validate],
+    )
+    .await
+    .ctx("recording the swap")?;
+    Ok(())
+}
+
+pub async fn delete(client: &Client, oid: u32) -> Result<(), MigrateError> {
+    client
+        .execute(
+            "DELETE FROM shadow_alter.checkpoints WHERE table_oid = $1",
+            &[&oid],
+        )
+        .await
+        .ctx("removing the checkpoint")?;
+    Ok(())
+}
+
+/// Drop a replication slot of ours if it exists. A slot still marked active (its walsender has
+/// not noticed that a killed or finished run's connection closed) is waited for, briefly.
+pub async fn drop_slot(client: &Client, name: &str) -> Result<bool, MigrateError> {
+    for attempt in 0..50 {
+        let row = client
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+            .ctx("looking for the replication slot")?;
+        let Some(row) = row else { return Ok(false) };
+        let active: Option<i32> = row.get(0);
+        if active.is_none() {
+            match client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                .await
+            {
+                Ok(_) => return Ok(true),
+                // became active again in between, or already dropped: look again
+                Err(e) if matches!(e.code().map(|c| c.code()), Some("55006") | Some("42704")) => {}
+                Err(e) => return Err(e).ctx(format!("dropping replication slot {name}")),
+            }
+        } else if attempt == 49 {
+            return Err(MigrateError::Preflight(format!(
+                "replication slot {name} is in use by backend pid {}; stop it with pg_terminate_backend and retry",
+                active.unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    Ok(false)
+}
+
+/// Whether the slot exists (in this database).
+pub async fn slot_exists(client: &Client, name: &str) -> Result<bool, MigrateError> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+            &[&name],
+        )
+        .await
+        .ctx("looking for the replication slot")?
+        .is_some())
+}
+
+/// A checkpoint of this ALTER whose swap committed, for `table` (now the new table): the old
+/// table's oid (the checkpoint's key) and name, and the foreign keys left to validate.
+pub async fn swapped(
+    client: &Client,
+    table: &crate::catalog::Table,
+    alter: &str,
+) -> Result<Option<(u32, String, Vec<(String, String)>)>, MigrateError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('shadow_alter.checkpoints') IS NOT NULL",
+            &[],
+        )
+        .await
+        .ctx("looking for checkpoints")?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT k.table_oid, k.swapped_to, coalesce(k.validate::text, '[]')
+             FROM shadow_alter.checkpoints k JOIN pg_class c ON c.oid = k.table_oid
+             WHERE k.swapped_to = c.relname AND c.relnamespace = $1::text::regnamespace
+               AND k.alter_sql = $2 AND c.relname LIKE $3",
+            &[
+                &crate::sql::quote_ident(&table.schema),
+                &alter,
+                &format!("{}\\_\\_sa\\_old\\_%", table.name.replace('_', "\\_")),
+            ],
+        )
+        .await
+        .ctx("looking for a swapped run")?;
+    let Some(r) = row else { return Ok(None) };
+    let validate: Vec<(String, String)> =
+        serde_json::from_str(&r.get::<_, String>(2)).map_err(|e| {
+            MigrateError::Internal(format!(
+                "the checkpoint's foreign key list is unreadable: {e}"
+            ))
+        })?;
+    Ok(Some((r.get(0), r.get(1), validate)))
+}
