@@ -47,7 +47,11 @@ pub enum Command {
     /// Compare a running migration's shadow with its source now, repair differing chunks, and
     /// print the result.
     Verify(VerifyArgs),
-    /// Drop what runs that are no longer alive left behind (slots, publications, shadow tables).
+    /// Swap a migrated table back to the old one during its soak window (`run --soak`), keeping
+    /// every write made since the swap.
+    Revert(RevertArgs),
+    /// End a soak window (`cleanup <table>`), or drop what runs that are no longer alive left
+    /// behind (`cleanup --stale`: slots, publications, shadow tables).
     Cleanup(CleanupArgs),
 }
 
@@ -63,11 +67,25 @@ pub struct VerifyArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct RevertArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// The migrated table to swap back.
+    pub table: String,
+    /// How long to wait for the running process to swap back.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    pub wait: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["table", "stale"])))]
 pub struct CleanupArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
-    /// Find and drop leftovers of runs that are no longer alive (required for now).
-    #[arg(long, required = true)]
+    /// End the soak window of this migrated table: stop the reverse replication and drop it.
+    pub table: Option<String>,
+    /// Find and drop leftovers of runs that are no longer alive.
+    #[arg(long)]
     pub stale: bool,
     /// Only list what would be dropped.
     #[arg(long)]
@@ -137,9 +155,15 @@ pub struct RunArgs {
     /// How many times to try the swap before giving up (the original table keeps serving).
     #[arg(long, default_value_t = 10)]
     pub swap_attempts: u32,
-    /// Drop the old table after a successful swap (by default it is kept, renamed).
+    /// Drop the old table after a successful swap (by default it is kept, renamed); with
+    /// --soak, when the soak window ends.
     #[arg(long)]
     pub drop_old: bool,
+    /// After the swap, keep the old table in sync from the new one for this long (reverse
+    /// replication), so `shadow-alter revert <table>` can swap back without losing writes;
+    /// `shadow-alter cleanup <table>` ends the window earlier. The process runs until then.
+    #[arg(long, value_parser = parse_duration)]
+    pub soak: Option<Duration>,
     /// Progress display on stderr.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,

@@ -53,9 +53,11 @@ fn main() -> ExitCode {
             Command::Cutover(args) => report(shadow_alter::migrate::commands::cutover(args).await),
             Command::Abort(args) => report(shadow_alter::migrate::commands::abort(args).await),
             Command::Verify(args) => report(shadow_alter::migrate::commands::verify(args).await),
-            Command::Cleanup(args) => {
+            Command::Revert(args) => report(shadow_alter::migrate::commands::revert(args).await),
+            Command::Cleanup(args) if args.stale => {
                 report(shadow_alter::migrate::stale::cleanup_stale(args).await)
             }
+            Command::Cleanup(args) => report(shadow_alter::migrate::commands::end_soak(args).await),
             Command::Proxy(args) => match shadow_alter::proxy::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -543,8 +543,10 @@ async fn trigger_sql(
         .ctx("reading triggers")?
     {
         let (tg, def, enabled): (String, String, String) = (t.get(0), t.get(1), t.get(2));
-        out.push(def);
         let q = quote_ident(&tg);
+        // a revert's target (the old table) still has its own copy
+        out.push(format!("DROP TRIGGER IF EXISTS {q} ON {name}"));
+        out.push(def);
         match enabled.as_str() {
             "D" => out.push(format!("ALTER TABLE {name} DISABLE TRIGGER {q}")),
             "R" => out.push(format!("ALTER TABLE {name} ENABLE REPLICA TRIGGER {q}")),
@@ -625,6 +627,7 @@ async fn security(
             .map(|q| format!(" WITH CHECK ({q})"))
             .unwrap_or_default();
         let q = quote_ident(&name);
+        c.after.push(format!("DROP POLICY IF EXISTS {q} ON {src}"));
         c.after.push(format!(
             "CREATE POLICY {q} ON {src} AS {} FOR {cmd} TO {}{using}{check}",
             if permissive { "PERMISSIVE" } else { "RESTRICTIVE" },

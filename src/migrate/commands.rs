@@ -11,7 +11,7 @@ use super::run::connect;
 use super::shadow::{self, Names};
 use super::state::FINAL_PHASES;
 use crate::catalog;
-use crate::cli::{AbortArgs, CutoverArgs, StatusArgs, VerifyArgs};
+use crate::cli::{AbortArgs, CleanupArgs, CutoverArgs, RevertArgs, StatusArgs, VerifyArgs};
 use crate::conninfo;
 use crate::progress::{fmt_bytes, fmt_secs};
 
@@ -311,4 +311,97 @@ pub async fn verify(args: VerifyArgs) -> Result<(), MigrateError> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The migration of `table` that is in its soak window (the name now resolves to the new table;
+/// the state row is keyed by the original table's oid).
+async fn soaking(client: &Client, table: &str) -> Result<u32, MigrateError> {
+    if !has_state(client).await? {
+        return Err(MigrateError::BadInput(format!(
+            "no migration of {table} is recorded in this database"
+        )));
+    }
+    let oid = catalog::resolve(client, table)
+        .await?
+        .ok_or_else(|| MigrateError::BadInput(format!("table {table} does not exist")))?;
+    client
+        .query_opt(
+            "SELECT m.table_oid FROM shadow_alter.migrations m, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.oid = $1 AND m.table_name = n.nspname || '.' || c.relname AND m.phase = 'soak'",
+            &[&oid],
+        )
+        .await
+        .ctx("reading shadow_alter.migrations")?
+        .map(|r| r.get(0))
+        .ok_or_else(|| {
+            MigrateError::BadInput(format!(
+                "{table} is not in a soak window (run the migration with --soak to keep the old table in sync after the swap)"
+            ))
+        })
+}
+
+/// Write a request into the soaking run's row and wait for the run to finish; its message.
+async fn request_and_wait(
+    client: &Client,
+    oid: u32,
+    column: &str,
+    wait: Duration,
+) -> Result<String, MigrateError> {
+    client
+        .execute(
+            &format!("UPDATE shadow_alter.migrations SET {column} = now(), updated_at = now() WHERE table_oid = $1"),
+            &[&oid],
+        )
+        .await
+        .ctx("writing the request")?;
+    let started = Instant::now();
+    loop {
+        let r = client
+            .query_one(
+                "SELECT finished_at IS NOT NULL, coalesce(message, '') FROM shadow_alter.migrations WHERE table_oid = $1",
+                &[&oid],
+            )
+            .await
+            .ctx("waiting for the run")?;
+        if r.get(0) {
+            return Ok(r.get(1));
+        }
+        if started.elapsed() >= wait {
+            return Err(MigrateError::Internal(format!(
+                "the running process did not answer within {wait:?} (is it still running? see `shadow-alter status`)"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `shadow-alter revert <table>`: swap back to the old table during the soak window.
+pub async fn revert(args: RevertArgs) -> Result<(), MigrateError> {
+    let client = control(&args.conn).await?;
+    let oid = soaking(&client, &args.table).await?;
+    let msg = request_and_wait(&client, oid, "revert_requested_at", args.wait).await?;
+    println!("{msg}");
+    if msg.starts_with("reverted") {
+        Ok(())
+    } else {
+        Err(MigrateError::Internal(format!(
+            "the revert did not happen: {msg}"
+        )))
+    }
+}
+
+/// `shadow-alter cleanup <table>`: end the soak window now.
+pub async fn end_soak(args: CleanupArgs) -> Result<(), MigrateError> {
+    let client = control(&args.conn).await?;
+    let table = args.table.clone().unwrap_or_default();
+    let oid = soaking(&client, &table).await?;
+    let msg = request_and_wait(
+        &client,
+        oid,
+        "soak_end_requested_at",
+        Duration::from_secs(300),
+    )
+    .await?;
+    println!("{msg}");
+    Ok(())
 }

@@ -248,6 +248,10 @@ pub async fn copy_table(
         });
     }
 
+    // only the workers hold the receiver: once they have all stopped (on an error), the
+    // splitter's next send fails instead of waiting for room forever
+    drop(rx);
+
     // The splitter finds chunk boundaries under the same snapshot, one short transaction per
     // boundary: holding a lock on the source for the whole copy would queue any DDL (and then
     // every query) behind it.

@@ -25,6 +25,12 @@ pub struct SwapOptions<'a> {
     /// Proxies to hold at each attempt, and the longest they may hold a client.
     pub proxies: &'a Proxies,
     pub max_pause: Duration,
+    /// A transactional logical message written inside the swap transaction, so a stream of
+    /// the new table knows where the swap committed (the soak window's reverse stream).
+    pub message: Option<String>,
+    /// Where the renamed source goes: `__sa_old_<stamp>` for a migration, `__sa_rev_<stamp>`
+    /// for a revert.
+    pub old_infix: &'static str,
 }
 
 #[derive(Debug, Clone)]
@@ -105,8 +111,8 @@ pub async fn swap(
         .await
         .ctx("reading the clock")?
         .get(0);
-    let old_name = Names::old_name(&table.name, &stamp);
-    let old_suffix = format!("__sa_old_{stamp}");
+    let old_suffix = format!("{}{stamp}", opts.old_infix);
+    let old_name = super::shadow::fit(&table.name, &old_suffix);
     let mut last_reason = String::new();
     for attempt in 1..=opts.attempts {
         // get close first, so the drain under the lock (and the clients' pause) is short: wait
@@ -406,6 +412,14 @@ async fn try_swap(
         .map(|v| (v.table.clone(), v.constraint.clone()))
         .collect();
     super::resume::record_swap(&tx, table.oid, old_name, &validate).await?;
+    if let Some(prefix) = &opts.message {
+        tx.execute(
+            "SELECT pg_logical_emit_message(true, $1, 'swap')",
+            &[prefix],
+        )
+        .await
+        .ctx("marking the swap in the WAL")?;
+    }
     for s in &sql {
         if let Err(e) = tx.batch_execute(s).await {
             let _ = tx.rollback().await;

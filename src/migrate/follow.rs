@@ -65,6 +65,7 @@ impl Follower {
         names: Names,
         from: Lsn,
         replay_until: Option<Lsn>,
+        skip_until_message: Option<String>,
     ) -> Follower {
         let (applied_tx, applied) = watch::channel(from);
         let (marker_tx, marker) = watch::channel(0u64);
@@ -80,6 +81,7 @@ impl Follower {
             stats: stats.clone(),
             replay_until,
             replaying: false,
+            skip_until_message,
         };
         let handle = tokio::spawn(task.run(stop_rx));
         Follower {
@@ -156,10 +158,16 @@ struct Task {
     /// Source transactions committed before this LSN are replayed idempotently (a resumed copy).
     replay_until: Option<Lsn>,
     replaying: bool,
+    /// Changes before a logical message with this prefix are not applied (the reverse stream
+    /// of a soak window: before the swap's message, the new table was written by us only).
+    skip_until_message: Option<String>,
 }
 
 impl Task {
     async fn apply(&mut self, change: &Change) -> Result<(), MigrateError> {
+        if self.skip_until_message.is_some() {
+            return Ok(());
+        }
         if self.replaying {
             self.applier.apply_idempotent(change).await
         } else {
@@ -192,6 +200,12 @@ impl Task {
                         biased;
                         _ = stop.changed() => return Ok(()),
                         _ = status.tick() => {
+                            // a batch kept open for more input that did not come (a keepalive was
+                            // waiting behind its last commit): commit it, at most a second late
+                            if !in_source_tx && self.applier.in_transaction() {
+                                self.applier.commit().await?;
+                                self.applied.send_replace(last_commit_end);
+                            }
                             let applied = *self.applied.borrow();
                             self.repl.send_status(received, applied, false).await.ctx("sending a standby status update")?;
                             continue;
@@ -278,6 +292,11 @@ impl Task {
                         {
                             self.apply(&Change::Truncate).await?;
                             self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
+                        }
+                        LogicalMessage::Message { prefix, .. }
+                            if self.skip_until_message.as_deref() == Some(prefix.as_str()) =>
+                        {
+                            self.skip_until_message = None;
                         }
                         LogicalMessage::Message {
                             prefix, content, ..

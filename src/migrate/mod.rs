@@ -14,6 +14,7 @@ pub mod follow;
 pub mod preflight;
 pub mod proxies;
 pub mod resume;
+pub mod revert;
 pub mod run;
 pub mod schedule;
 pub mod shadow;

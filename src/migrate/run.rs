@@ -16,6 +16,7 @@ use super::follow::Follower;
 use super::preflight;
 use super::proxies::Proxies;
 use super::resume;
+use super::revert;
 use super::schedule::{Schedule, Window};
 use super::shadow::{self, Mapping, Names};
 use super::state::{Progress as StateProgress, Requests, State};
@@ -53,6 +54,8 @@ struct Created {
     publication: bool,
     /// The persistent slot and the checkpoint.
     slot: bool,
+    /// The soak window's reverse publication and slot.
+    reverse: bool,
     swapped: bool,
 }
 
@@ -197,8 +200,10 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
             old_oid,
             &validate,
             &old_name,
+            true,
         )
         .await;
+        revert::drop_reverse(&control, old_oid).await;
         return Ok(());
     }
     let spec = parse_alter(&args.alter, &table.schema, &table.name)
@@ -364,6 +369,7 @@ impl Ctx2<'_> {
                 table.oid,
                 &validate,
                 &old,
+                true,
             )
             .await;
             return Ok(());
@@ -397,6 +403,16 @@ impl Ctx2<'_> {
                     Some(cp),
                 )
             }
+        };
+
+        // a soak window needs the ALTER to run backwards
+        let reverse = match args.soak {
+            Some(_) => Some(revert::reverse_mapping(&mapping).map_err(|r| {
+                MigrateError::BadInput(format!(
+                    "--soak: this ALTER cannot be reverted ({r}); run it without --soak"
+                ))
+            })?),
+            None => None,
         };
 
         // guardrails from now on: the slot exists and retains WAL
@@ -473,6 +489,7 @@ impl Ctx2<'_> {
             names.clone(),
             from,
             replay_until,
+            None,
         );
         let mut markers = Markers::new(names);
 
@@ -606,6 +623,13 @@ impl Ctx2<'_> {
                 analyze_started.elapsed().as_secs_f64()
             );
         }
+        let soak = match &reverse {
+            Some(_) => {
+                created.reverse = true;
+                Some(revert::prepare(self.control, self.config, table, names).await?)
+            }
+            None => None,
+        };
         self.state.phase(self.control, "cutover", None).await;
         let mut swapper = connect(self.config, "the swap").await?;
         let swap_opts = SwapOptions {
@@ -614,6 +638,8 @@ impl Ctx2<'_> {
             drain_timeout: Duration::from_secs(5).max(args.lock_timeout),
             proxies: self.proxies,
             max_pause: args.max_pause,
+            message: soak.as_ref().map(|s| s.message.clone()),
+            old_infix: "__sa_old_",
         };
         let outcome = match swap(
             self.control,
@@ -678,8 +704,17 @@ impl Ctx2<'_> {
             table.oid,
             &validate,
             &outcome.old_name,
+            soak.is_none(),
         )
         .await;
+        if let (Some(soak), Some(reverse)) = (soak, reverse) {
+            let msg = self
+                .soak(soak, reverse, &outcome.old_name, &mut abort, &mut progress)
+                .await;
+            progress.println(&msg);
+            self.state.message(self.control, &msg).await;
+            return Ok(());
+        }
         self.state
             .progress(
                 self.control,
@@ -698,6 +733,134 @@ impl Ctx2<'_> {
             outcome.lock_held.as_millis()
         ));
         Ok(())
+    }
+
+    /// The soak window: follow the new table into the old one until the window ends, `cleanup`
+    /// ends it or `revert` swaps back. Returns what happened, for the operator. The migration
+    /// itself has succeeded whatever happens here.
+    async fn soak(
+        &mut self,
+        soak: revert::Soak,
+        mut reverse: Mapping,
+        old_name: &str,
+        abort: &mut watch::Receiver<bool>,
+        progress: &mut Progress,
+    ) -> String {
+        let (table, names, args) = (self.table, self.names, self.args);
+        let window = args.soak.unwrap_or_default();
+        let oid = table.oid;
+        let result = async {
+            let new_oid = crate::catalog::resolve(self.control, &table.qualified())
+                .await?
+                .ok_or_else(|| MigrateError::Internal("the new table is gone".into()))?;
+            let new_table = crate::catalog::load(self.control, new_oid).await?;
+            revert::complete_mapping(self.control, &mut reverse, &table.schema, old_name, &new_table)
+                .await?;
+            let rev_names = revert::reverse_names(names, old_name, oid);
+            let mut repl = soak.repl;
+            start_stream(&mut repl, &soak.slot, soak.consistent_point, &soak.publication).await?;
+            let client = connect(self.config, "applying the reverse stream").await?;
+            client
+                .batch_execute("SET synchronous_commit = local; SET session_replication_role = replica")
+                .await
+                .ctx("setting up the reverse apply session")?;
+            let applier = Applier::new(client, &new_table, &reverse, &rev_names);
+            let mut follower = Follower::start(
+                repl,
+                applier,
+                new_table.clone(),
+                rev_names.clone(),
+                soak.consistent_point,
+                None,
+                Some(soak.message.clone()),
+            );
+            let mut markers = Markers::new(&rev_names);
+            let deadline = Instant::now() + window;
+            let waiting = format!(
+                "soak window: {} is kept in sync from the new table until {}; `shadow-alter revert {}` swaps back, `shadow-alter cleanup {}` ends the window",
+                crate::sql::qualified(&table.schema, old_name),
+                chrono_free_time(window),
+                table.name,
+                table.name
+            );
+            self.state.phase(self.control, "soak", Some(&waiting)).await;
+            progress.println(&waiting);
+            loop {
+                let requests = self.requests.borrow().clone();
+                if requests.revert {
+                    break;
+                }
+                if requests.end_soak || requests.abort || *abort.borrow() || Instant::now() >= deadline {
+                    follower.stop().await?;
+                    return Ok::<Option<String>, MigrateError>(None);
+                }
+                if follower.is_finished() {
+                    follower.stop().await?;
+                    return Err(MigrateError::Internal("the reverse stream stopped".into()));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = abort.changed() => {}
+                }
+            }
+            // revert: the same swap, the other way
+            self.state.phase(self.control, "cutover", Some("reverting")).await;
+            let mut swapper = connect(self.config, "the revert").await?;
+            let opts = SwapOptions {
+                lock_timeout: args.lock_timeout,
+                attempts: args.swap_attempts,
+                drain_timeout: Duration::from_secs(5).max(args.lock_timeout),
+                proxies: self.proxies,
+                max_pause: args.max_pause,
+                message: None,
+                old_infix: "__sa_rev_",
+            };
+            let outcome = swap(
+                self.control,
+                &mut swapper,
+                &mut follower,
+                &mut markers,
+                &new_table,
+                &reverse,
+                &rev_names,
+                &opts,
+            )
+            .await?;
+            if let Err(e) = follower.stop().await {
+                tracing::warn!("stopping the reverse stream after the revert: {e}");
+            }
+            for (t, c) in outcome.validate.iter().map(|v| (v.table.clone(), v.constraint.clone())) {
+                let sql = format!("ALTER TABLE {t} VALIDATE CONSTRAINT {}", quote_ident(&c));
+                if let Err(e) = retry_lock(self.control, &sql, args.lock_timeout, "validating a foreign key").await {
+                    tracing::warn!("foreign key {c} on {t} stays NOT VALID: {e}");
+                }
+            }
+            Ok(Some(format!(
+                "reverted: {} is the original table again, with every write made since the swap (lock held {} ms); the migrated table is kept as {}",
+                table.qualified(),
+                outcome.lock_held.as_millis(),
+                crate::sql::qualified(&table.schema, &outcome.old_name)
+            )))
+        }
+        .await;
+        revert::drop_reverse(self.control, oid).await;
+        match result {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                let old = crate::sql::qualified(&table.schema, old_name);
+                if args.drop_old {
+                    match retry_lock(self.control, &format!("DROP TABLE {old}"), args.lock_timeout, "dropping the old table").await {
+                        Ok(()) => format!("soak window ended: the reverse stream is dropped, and so is the old table {old}"),
+                        Err(e) => format!("soak window ended: the reverse stream is dropped; the old table {old} could not be dropped: {e}"),
+                    }
+                } else {
+                    format!("soak window ended: the reverse stream is dropped; the old table is kept as {old}")
+                }
+            }
+            Err(e) => format!(
+                "the soak window ended early: {e}; the migration stands, but it can no longer be reverted automatically"
+            ),
+        }
     }
 
     /// Steps 1-3 of a new run: the shadow table, the publication, the slot and its snapshot,
@@ -1057,6 +1220,9 @@ async fn cleanup(config: &tokio_postgres::Config, names: &Names, created: &Creat
             );
         }
     }
+    if created.reverse {
+        revert::drop_reverse(&client, oid).await;
+    }
     if created.slot {
         match resume::drop_slot(&client, &names.slot).await {
             Ok(_) => {}
@@ -1119,6 +1285,7 @@ async fn start_stream(
 /// After the swap committed (now or before an interruption): drop the publication and the
 /// slot, validate the foreign keys added NOT VALID, drop the old table when asked, and
 /// forget the checkpoint. Failures here are reported, not fatal.
+#[allow(clippy::too_many_arguments)]
 async fn after_swap(
     control: &Client,
     args: &RunArgs,
@@ -1127,6 +1294,7 @@ async fn after_swap(
     oid: u32,
     validate: &[(String, String)],
     old_name: &str,
+    drop_old: bool,
 ) {
     if let Err(e) = control
         .batch_execute(&format!(
@@ -1158,7 +1326,7 @@ async fn after_swap(
             ),
         }
     }
-    if args.drop_old {
+    if args.drop_old && drop_old {
         let old = crate::sql::qualified(schema, old_name);
         match retry_lock(
             control,
@@ -1175,4 +1343,9 @@ async fn after_swap(
     if let Err(e) = resume::delete(control, oid).await {
         tracing::warn!("could not remove the checkpoint: {e}");
     }
+}
+
+/// "in 10m" style text for when a window ends (no clock formatting dependency).
+fn chrono_free_time(d: Duration) -> String {
+    format!("{} from now", crate::progress::fmt_secs(d.as_secs_f64()))
 }

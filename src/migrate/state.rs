@@ -40,6 +40,8 @@ ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_requested_at
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_finished_at timestamptz;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_ok boolean;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_result text;
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS revert_requested_at timestamptz;
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS soak_end_requested_at timestamptz;
 CREATE TABLE IF NOT EXISTS shadow_alter.checkpoints (
     table_oid        oid PRIMARY KEY,
     alter_sql        text NOT NULL,
@@ -67,6 +69,9 @@ pub struct Requests {
     pub abort: bool,
     /// `verify` was run at this time and is not answered yet.
     pub verify_at: Option<SystemTime>,
+    /// During a soak window: `revert` / `cleanup <table>` was run.
+    pub revert: bool,
+    pub end_soak: bool,
 }
 
 /// The running process's handle on its row.
@@ -113,7 +118,7 @@ impl State {
                     cutover_requested_at = NULL, abort_requested = false, pid = EXCLUDED.pid,
                     host = EXCLUDED.host, started_at = now(), updated_at = now(), finished_at = NULL, message = NULL,
                     throttled = NULL, verify_requested_at = NULL, verify_finished_at = NULL, verify_ok = NULL,
-                    verify_result = NULL",
+                    verify_result = NULL, revert_requested_at = NULL, soak_end_requested_at = NULL",
                 &[&table.oid, &format!("{}.{}", table.schema, table.name), &alter, &table.row_estimate, &(std::process::id() as i32), &host],
             )
             .await
@@ -164,13 +169,20 @@ impl State {
         match client
             .query_opt(
                 "SELECT cutover_requested_at, abort_requested,
-                        CASE WHEN verify_requested_at > coalesce(verify_finished_at, '-infinity') THEN verify_requested_at END
+                        CASE WHEN verify_requested_at > coalesce(verify_finished_at, '-infinity') THEN verify_requested_at END,
+                        revert_requested_at IS NOT NULL, soak_end_requested_at IS NOT NULL
                  FROM shadow_alter.migrations WHERE table_oid = $1",
                 &[&self.oid],
             )
             .await
         {
-            Ok(Some(r)) => Requests { cutover_at: r.get(0), abort: r.get(1), verify_at: r.get(2) },
+            Ok(Some(r)) => Requests {
+                cutover_at: r.get(0),
+                abort: r.get(1),
+                verify_at: r.get(2),
+                revert: r.get(3),
+                end_soak: r.get(4),
+            },
             Ok(None) => Requests::default(),
             Err(e) => {
                 tracing::warn!("could not read requests from shadow_alter.migrations: {e}");

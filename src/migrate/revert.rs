@@ -1,0 +1,219 @@
+//! The soak window after a swap (`run --soak DURATION`): the old table is kept in sync from the
+//! new one by reverse replication, so `shadow-alter revert <table>` can swap back without losing
+//! a write made since the swap; `shadow-alter cleanup <table>` (or the end of the window) ends
+//! it and drops the reverse stream (and, with --drop-old, the old table).
+//!
+//! The reverse slot is created before the swap, on a publication of the shadow: a slot created
+//! after it would have to wait for the swap's own transaction. Until the swap commits, only our
+//! applier writes the shadow, and those changes came from the old table, so the reverse stream
+//! skips everything before a logical message the swap transaction writes (transactions arrive in
+//! commit order). Changes after it are the applications' writes to the new table, applied to
+//! the old table through the reverse column mapping with `session_replication_role = replica`
+//! (the old table's triggers and foreign keys do not fire a second time).
+//!
+//! A revert is the same swap as the migration's, run the other way: the table lock, a drain of
+//! the reverse stream to a marker, the renames, and everything that belongs to the table carried
+//! back (`carry.rs`). The migrated table is kept as `<t>__sa_rev_<stamp>`.
+
+use std::collections::BTreeSet;
+
+use tokio_postgres::Client;
+
+use super::error::{Ctx, MigrateError};
+use super::shadow::{Mapping, Names, Target};
+use super::stream::{Lsn, ReplicationConn};
+use crate::catalog::Table;
+use crate::sql::{qualified, quote_ident};
+
+/// How the new table's rows become the old table's: only plain column conversions can be
+/// reversed; a USING expression cannot.
+pub fn reverse_mapping(forward: &Mapping) -> Result<Mapping, String> {
+    let mut targets = Vec::new();
+    for t in &forward.targets {
+        if !t.plain {
+            return Err(format!(
+                "column {} is computed by a USING expression, which cannot be run backwards",
+                t.column
+            ));
+        }
+        targets.push(Target {
+            column: t.source.clone(),
+            source: t.column.clone(),
+            expr: quote_ident(&t.column),
+            reads: BTreeSet::from([t.column.clone()]),
+            plain: true,
+        });
+    }
+    let key_targets = forward
+        .source_key
+        .iter()
+        .map(|k| {
+            targets
+                .iter()
+                .position(|t| &t.column == k)
+                .ok_or_else(|| format!("key column {k} has no counterpart in the new table"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Mapping {
+        targets,
+        source_key: forward.shadow_key.clone(),
+        shadow_key: forward.source_key.clone(),
+        key_targets,
+        overriding: false,
+        identity_sync: Vec::new(),
+        shadow_key_index: String::new(),
+        other_unique: forward.other_unique,
+        added: forward.dropped.clone(),
+        dropped: forward.added.clone(),
+        renamed: forward
+            .renamed
+            .iter()
+            .map(|(a, b)| (b.clone(), a.clone()))
+            .collect(),
+    })
+}
+
+/// The reverse stream, prepared before the swap.
+pub struct Soak {
+    /// Prefix of the logical message the swap transaction writes.
+    pub message: String,
+    pub publication: String,
+    pub slot: String,
+    pub consistent_point: Lsn,
+    pub repl: ReplicationConn,
+}
+
+pub fn names_for(oid: u32) -> (String, String) {
+    (
+        format!("shadow_alter_{oid}_rev"),
+        format!("shadow_alter_{oid}_rev"),
+    )
+}
+
+/// Publication of the shadow and a persistent slot, created before the swap.
+pub async fn prepare(
+    control: &Client,
+    config: &tokio_postgres::Config,
+    table: &Table,
+    names: &Names,
+) -> Result<Soak, MigrateError> {
+    let (publication, slot) = names_for(table.oid);
+    control
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {p}; CREATE PUBLICATION {p} FOR TABLE {}",
+            names.shadow_qualified(),
+            p = quote_ident(&publication)
+        ))
+        .await
+        .ctx("creating the reverse publication")?;
+    super::resume::drop_slot(control, &slot).await?;
+    let mut repl = ReplicationConn::connect(config)
+        .await
+        .ctx("opening the reverse replication connection")?;
+    let info = tokio::time::timeout(
+        std::time::Duration::from_secs(300),
+        repl.create_slot(&slot, false),
+    )
+    .await
+    .map_err(|_| {
+        MigrateError::Preflight(
+            "creating the reverse replication slot waited 5 minutes for running transactions; retry later".into(),
+        )
+    })?
+    .ctx("creating the reverse replication slot")?;
+    Ok(Soak {
+        message: format!("shadow_alter:{}:swap", table.oid),
+        publication,
+        slot: info.name,
+        consistent_point: info.consistent_point,
+        repl,
+    })
+}
+
+/// Drop the reverse publication and slot (the follower must be stopped first).
+pub async fn drop_reverse(control: &Client, oid: u32) {
+    let (publication, slot) = names_for(oid);
+    if let Err(e) = control
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            quote_ident(&publication)
+        ))
+        .await
+    {
+        tracing::warn!("dropping publication {publication}: {e}; drop it by hand");
+    }
+    if let Err(e) = super::resume::drop_slot(control, &slot).await {
+        tracing::warn!("{e}; drop it with `shadow-alter cleanup --stale` (it retains WAL)");
+    }
+}
+
+/// What the reverse applier needs about the old table (after the swap it has suffixed index
+/// names, so its key index is looked up by columns).
+pub async fn complete_mapping(
+    control: &Client,
+    reverse: &mut Mapping,
+    schema: &str,
+    old_name: &str,
+    new_table: &Table,
+) -> Result<(), MigrateError> {
+    let old = qualified(schema, old_name);
+    let r = control
+        .query_one(
+            "SELECT (SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                     WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+                       AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a
+                            WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey))
+                         = (SELECT array_agg(x ORDER BY x) FROM unnest($2::text[]) x)
+                     ORDER BY i.indisprimary DESC LIMIT 1),
+                    EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::text::regclass AND attidentity = 'a'
+                            AND attname = ANY($3))",
+            &[
+                &old,
+                &reverse.shadow_key,
+                &reverse.targets.iter().map(|t| t.column.clone()).collect::<Vec<_>>(),
+            ],
+        )
+        .await
+        .ctx("reading the old table's key")?;
+    reverse.shadow_key_index = r
+        .get::<_, Option<String>>(0)
+        .map(|i| qualified(schema, &i))
+        .ok_or_else(|| {
+            MigrateError::Internal(format!(
+                "the old table {old} has no unique index on its key"
+            ))
+        })?;
+    reverse.overriding = r.get(1);
+    // identity columns of the old table continue after the new table's values at a revert
+    let mut sync = Vec::new();
+    for t in &reverse.targets {
+        let seqs = control
+            .query_one(
+                "SELECT pg_get_serial_sequence($1, $2), pg_get_serial_sequence($3, $4),
+                        (SELECT attidentity <> '' FROM pg_attribute WHERE attrelid = $3::text::regclass AND attname = $4)",
+                &[&new_table.qualified(), &t.source, &old, &t.column],
+            )
+            .await
+            .ctx("reading identity sequences")?;
+        let (new_seq, old_seq, identity): (Option<String>, Option<String>, Option<bool>) =
+            (seqs.get(0), seqs.get(1), seqs.get(2));
+        if let (Some(n), Some(_), Some(true)) = (new_seq, old_seq, identity) {
+            sync.push((n, t.column.clone()));
+        }
+    }
+    reverse.identity_sync = sync;
+    Ok(())
+}
+
+/// Names for the reverse direction: the "shadow" is the old table.
+pub fn reverse_names(names: &Names, old_name: &str, oid: u32) -> Names {
+    let (publication, slot) = names_for(oid);
+    Names {
+        schema: names.schema.clone(),
+        shadow: old_name.to_string(),
+        publication,
+        slot,
+        marker_prefix: format!("{}:rev", names.marker_prefix),
+        marker_comment: names.marker_comment.clone(),
+    }
+}
