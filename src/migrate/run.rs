@@ -13,6 +13,7 @@ use super::copy::{copy_table, CopyOptions};
 use super::cutover::{swap, Markers, SwapOptions};
 use super::error::{describe_db_error, Ctx, MigrateError};
 use super::follow::Follower;
+use super::indexes;
 use super::preflight;
 use super::proxies::Proxies;
 use super::schedule::{Schedule, Window};
@@ -225,6 +226,7 @@ impl Ctx2<'_> {
             mapping.targets.len(),
             mapping.added.len()
         );
+        let deferred = indexes::defer(&mut ddl, names, table.oid).await?;
 
         // 2. publication for the source, before the slot so the slot sees it from the start
         created.publication = true;
@@ -275,6 +277,16 @@ impl Ctx2<'_> {
             slot.consistent_point
         );
 
+        // The copy imports the snapshot from a session that holds it, so the stream can start
+        // now: the walsender decodes (and skips) the WAL the copy writes while the copy runs,
+        // instead of after it. Nothing is read until the indexes exist; on a busy table the
+        // walsender simply waits, and the server's WAL stays the only buffer.
+        let (holder, snapshot) = super::copy::hold_snapshot(self.config, &slot.snapshot).await?;
+        repl.start(&slot.name, slot.consistent_point, &names.publication)
+            .await
+            .ctx("starting replication")?;
+        let mut keepalive = tokio::time::interval(Duration::from_secs(5));
+
         // 4. copy under the snapshot
         self.state.phase(self.control, "copy", None).await;
         let copied = Arc::new(AtomicU64::new(0));
@@ -292,7 +304,7 @@ impl Ctx2<'_> {
             table,
             &mapping,
             names,
-            &slot.snapshot,
+            &snapshot,
             &opts,
             copied.clone(),
         );
@@ -301,6 +313,10 @@ impl Ctx2<'_> {
         let rows = loop {
             tokio::select! {
                 r = &mut copy => break r?,
+                _ = keepalive.tick() => repl
+                    .send_status(slot.consistent_point, slot.consistent_point, false)
+                    .await
+                    .ctx("sending a standby status update during the copy")?,
                 _ = tick.tick() => {
                     let done = copied.load(Ordering::Relaxed);
                     progress.update(done, Some(estimate), "");
@@ -320,10 +336,39 @@ impl Ctx2<'_> {
             rows as f64 / copy_secs.max(0.001)
         );
 
-        // 5. follow the stream from the consistent point
-        repl.start(&slot.name, slot.consistent_point, &names.publication)
-            .await
-            .ctx("starting replication")?;
+        drop(holder);
+
+        // 5. indexes, built after the bulk copy like a rewrite does
+        if !deferred.is_empty() {
+            self.state.phase(self.control, "indexes", None).await;
+            progress.start_phase("indexes", None);
+            let build_started = Instant::now();
+            let built = AtomicU64::new(0);
+            let build = indexes::build(self.config, &deferred, &built);
+            tokio::pin!(build);
+            let mut tick = tokio::time::interval(progress.interval());
+            loop {
+                tokio::select! {
+                    r = &mut build => break r?,
+                    _ = tick.tick() => {
+                        let n = built.load(Ordering::Relaxed);
+                        progress.update(n, None, &format!("{n} of {} indexes built", deferred.len()));
+                    }
+                    _ = keepalive.tick() => repl
+                        .send_status(slot.consistent_point, slot.consistent_point, false)
+                        .await
+                        .ctx("sending a standby status update while the indexes build")?,
+                    _ = abort.changed() => return Err(MigrateError::Aborted),
+                }
+            }
+            progress.finish_phase();
+            tracing::info!(
+                "indexes built in {:.1}s",
+                build_started.elapsed().as_secs_f64()
+            );
+        }
+
+        // 6. follow the stream from the consistent point
         let apply_client = connect(self.config, "applying changes").await?;
         apply_client
             .batch_execute("SET synchronous_commit = local")
@@ -339,7 +384,7 @@ impl Ctx2<'_> {
         );
         let mut markers = Markers::new(names);
 
-        // 6. catch up, then wait for the schedule (still following) until the swap may happen
+        // 7. catch up, then wait for the schedule (still following) until the swap may happen
         self.state.phase(self.control, "catch-up", None).await;
         progress.start_phase("catch-up", None);
         let mut caught_up = false;
@@ -414,7 +459,7 @@ impl Ctx2<'_> {
         }
         progress.finish_phase();
 
-        // 7. swap (after a last comparison, when asked for)
+        // 8. swap (after a last comparison, when asked for)
         if args.verify {
             self.state.phase(self.control, "verify", None).await;
             self.verify(&mut follower, &mut markers, &mapping, &mut progress)
@@ -465,7 +510,7 @@ impl Ctx2<'_> {
             outcome.attempts
         ));
 
-        // 8. cleanup of helpers (the swap is committed: failures here are reported, not fatal)
+        // 9. cleanup of helpers (the swap is committed: failures here are reported, not fatal)
         if let Err(e) = follower.stop().await {
             tracing::warn!("stopping the change stream after the swap: {e}");
         }
