@@ -172,3 +172,64 @@ async fn a_duplicate_found_while_building_a_unique_index_names_the_constraint() 
         .get(0);
     assert_eq!(t, "codes_code_key,codes_pkey");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_while_the_indexes_build_stops_the_builds_and_cleans_up() {
+    let url = fresh_db("abortidx").await;
+    let c = connect(&url).await;
+    // an expression index whose function is made slow once the source's index exists: the
+    // shadow's rebuild then takes about 20 s, and the abort must not wait for it
+    c.batch_execute(
+        "CREATE FUNCTION slow(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1';
+         CREATE TABLE t (id int PRIMARY KEY, v int, w int);
+         INSERT INTO t SELECT i, i, i FROM generate_series(1, 20000) i;
+         CREATE INDEX t_slow ON t (slow(v));
+         CREATE OR REPLACE FUNCTION slow(int) RETURNS int IMMUTABLE LANGUAGE sql
+           AS 'SELECT $1 FROM pg_sleep(0.001)';",
+    )
+    .await
+    .unwrap();
+    let migration = tokio::spawn(run(args(&url, "t", "ALTER COLUMN w TYPE bigint")));
+    support::wait_until(
+        std::time::Duration::from_secs(30),
+        "the index build",
+        || async {
+            c.query_opt(
+                "SELECT 1 FROM shadow_alter.migrations WHERE phase = 'indexes'",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        },
+    )
+    .await;
+    let asked = std::time::Instant::now();
+    c.execute(
+        "UPDATE shadow_alter.migrations SET abort_requested = true",
+        &[],
+    )
+    .await
+    .unwrap();
+    let err = migration
+        .await
+        .unwrap()
+        .expect_err("the run stops on the abort");
+    assert_eq!(err.exit_code(), 4, "{err}");
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(10),
+        "the abort waited for the index build ({:?})",
+        asked.elapsed()
+    );
+    assert_nothing_left(&c).await;
+    let builds: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'CREATE INDEX%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(builds, 0, "an index build is still running");
+}

@@ -260,7 +260,9 @@ pub async fn build(
     for _ in 0..sessions {
         clients.push(builder(config).await?);
     }
-    let cancels: Vec<_> = clients.iter().map(|c| c.cancel_token()).collect();
+    // an error, or the run dropping this future (abort), stops the other builds at once, so the
+    // cleanup can drop the shadow instead of waiting for them
+    let mut guard = CancelOnDrop(clients.iter().map(|c| c.cancel_token()).collect());
     let queue = std::sync::Mutex::new(parallel.into_iter());
     let workers = clients.iter().map(|client| {
         let queue = &queue;
@@ -279,16 +281,17 @@ pub async fn build(
         }
     });
     if let Err(e) = futures_util::future::try_join_all(workers).await {
-        // the other sessions may still be building: stop them so the cleanup can drop the shadow
-        for c in &cancels {
+        for c in std::mem::take(&mut guard.0) {
             let _ = c.cancel_query(NoTls).await;
         }
         return Err(e);
     }
+    guard.0.clear();
 
     // constraints (brief: their indexes exist) and comments, all or nothing
     let mut client = clients.swap_remove(0);
     drop(clients);
+    guard.0 = vec![client.cancel_token()];
     let tx = client
         .transaction()
         .await
@@ -337,10 +340,32 @@ pub async fn build(
     tx.commit()
         .await
         .ctx("committing the shadow table's constraints")?;
+    guard.0.clear();
     tracing::info!(
         "built {} indexes on {shadow} in {:.1}s",
         deferred.len(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Cancels the queries of its sessions when dropped while armed (non-empty).
+struct CancelOnDrop(Vec<tokio_postgres::CancelToken>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let tokens = std::mem::take(&mut self.0);
+        if tokens.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for t in tokens {
+                    if let Err(e) = t.cancel_query(NoTls).await {
+                        tracing::debug!("cancelling an index build: {e}");
+                    }
+                }
+            });
+        }
+    }
 }
