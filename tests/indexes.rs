@@ -233,3 +233,37 @@ async fn an_abort_while_the_indexes_build_stops_the_builds_and_cleans_up() {
         .get(0);
     assert_eq!(builds, 0, "an index build is still running");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_index_build_outlives_the_roles_statement_timeout() {
+    let url = fresh_db("slowidx").await;
+    let c = connect(&url).await;
+    // the rebuild of t_slow takes 2 s or more, the database's statement_timeout is 500 ms
+    c.batch_execute(
+        "CREATE FUNCTION slow(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1';
+         CREATE TABLE t (id int PRIMARY KEY, v int, w int);
+         INSERT INTO t SELECT i, i, i FROM generate_series(1, 2000) i;
+         CREATE INDEX t_slow ON t (slow(v));
+         CREATE OR REPLACE FUNCTION slow(int) RETURNS int IMMUTABLE LANGUAGE sql
+           AS 'SELECT $1 FROM pg_sleep(0.001)';",
+    )
+    .await
+    .unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    c.batch_execute(&format!(
+        "ALTER DATABASE {db} SET statement_timeout = '500ms'"
+    ))
+    .await
+    .unwrap();
+    let mut a = args(&url, "t", "ALTER COLUMN w TYPE bigint");
+    a.drop_old = true;
+    run(a)
+        .await
+        .expect("index builds are not subject to the role's statement_timeout");
+    let idx: String = c
+        .query_one("SELECT pg_get_indexdef('t_slow'::regclass)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(idx, "CREATE INDEX t_slow ON public.t USING btree (slow(v))");
+}

@@ -186,8 +186,8 @@ pub async fn defer(
     })
 }
 
-/// A session for index builds: generous memory, parallel workers, and a server-side check that
-/// ends the build soon after this process goes away.
+/// A session for index builds: generous memory, parallel workers, no statement timeout, and a
+/// server-side check that ends the build soon after this process goes away.
 async fn builder(config: &tokio_postgres::Config) -> Result<Client, MigrateError> {
     let client = super::run::connect(config, "building the shadow table's indexes").await?;
     let small: bool = client
@@ -201,8 +201,9 @@ async fn builder(config: &tokio_postgres::Config) -> Result<Client, MigrateError
         .await
         .ctx("reading maintenance_work_mem")?
         .get(0);
+    // a build takes as long as the table is big: the role's statement_timeout must not end it
     let mut setup = format!(
-        "SET max_parallel_maintenance_workers = {PARALLEL_WORKERS}; \
+        "SET max_parallel_maintenance_workers = {PARALLEL_WORKERS}; SET statement_timeout = 0; \
          SET client_connection_check_interval = '1s'; SET synchronous_commit = off"
     );
     if small {
@@ -288,7 +289,7 @@ pub async fn build(
     }
     guard.0.clear();
 
-    // constraints (brief: their indexes exist) and comments, all or nothing
+    // constraints (brief now that their indexes exist) and comments, all or nothing
     let mut client = clients.swap_remove(0);
     drop(clients);
     guard.0 = vec![client.cancel_token()];
