@@ -353,6 +353,8 @@ impl Ctx2<'_> {
                     _ = tick.tick() => {
                         let n = built.load(Ordering::Relaxed);
                         progress.update(n, None, &format!("{n} of {} indexes built", deferred.len()));
+                        // keeps updated_at fresh: `status` calls a run stale after 30 s of silence
+                        self.publish(StateProgress { rows_copied: rows as i64, rows_total: Some(rows as i64), ..Default::default() }).await;
                     }
                     _ = keepalive.tick() => repl
                         .send_status(slot.consistent_point, slot.consistent_point, false)
