@@ -166,9 +166,10 @@ async fn connect(
     lock_timeout: Duration,
 ) -> Result<Client, MigrateError> {
     let client = super::run::connect(config, what).await?;
+    // a crash loses the run anyway (the temporary slot goes with it): commits need not wait
     client
         .batch_execute(&format!(
-            "SET lock_timeout = '{}ms'",
+            "SET lock_timeout = '{}ms'; SET synchronous_commit = off",
             lock_timeout.as_millis().max(1)
         ))
         .await
@@ -188,6 +189,30 @@ async fn begin_snapshot(
             quote_literal(snapshot)
         ))
         .await
+}
+
+/// A session that imports `snapshot` (the slot's, valid only until its replication connection
+/// runs another command) and exports it again, so the copy can import it while the replication
+/// connection already streams. Keep the client until the copy is done: its open transaction is
+/// what keeps the exported snapshot alive.
+pub async fn hold_snapshot(
+    config: &tokio_postgres::Config,
+    snapshot: &str,
+) -> Result<(Client, String), MigrateError> {
+    let client = super::run::connect(config, "holding the copy's snapshot").await?;
+    client
+        .batch_execute("SET idle_in_transaction_session_timeout = 0; SET statement_timeout = 0")
+        .await
+        .ctx("setting up the snapshot session")?;
+    begin_snapshot(&client, snapshot, true)
+        .await
+        .ctx("importing the replication slot's snapshot")?;
+    let exported: String = client
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .ctx("exporting the copy's snapshot")?
+        .get(0);
+    Ok((client, exported))
 }
 
 fn params_ref(p: &[String]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {

@@ -11,6 +11,7 @@ pub mod copy;
 pub mod cutover;
 pub mod error;
 pub mod follow;
+pub mod indexes;
 pub mod preflight;
 pub mod proxies;
 pub mod resume;

@@ -38,6 +38,8 @@ pub struct Checkpoint {
     /// The swap committed: the old table's name, and foreign keys still to validate.
     pub swapped_to: Option<String>,
     pub validate: Vec<(String, String)>,
+    /// Indexes dropped from the shadow for the copy, built after it.
+    pub deferred: super::indexes::Deferred,
 }
 
 fn lsn(v: Option<String>) -> Option<Lsn> {
@@ -59,7 +61,7 @@ pub async fn load(client: &Client, oid: u32) -> Result<Option<Checkpoint>, Migra
     let Some(r) = client
         .query_opt(
             "SELECT alter_sql, slot, consistent_point, mapping::text, watermark, copy_done, applied,
-                    replay_until, swapped_to, coalesce(validate::text, '[]')
+                    replay_until, swapped_to, coalesce(validate::text, '[]'), coalesce(deferred::text, 'null')
              FROM shadow_alter.checkpoints WHERE table_oid = $1",
             &[&oid],
         )
@@ -79,7 +81,12 @@ pub async fn load(client: &Client, oid: u32) -> Result<Option<Checkpoint>, Migra
                 "the checkpoint's foreign key list is unreadable: {e}"
             ))
         })?;
+    let deferred: Option<super::indexes::Deferred> = serde_json::from_str(&r.get::<_, String>(10))
+        .map_err(|e| {
+            MigrateError::Internal(format!("the checkpoint's index list is unreadable: {e}"))
+        })?;
     Ok(Some(Checkpoint {
+        deferred: deferred.unwrap_or_default(),
         alter_sql: r.get(0),
         slot: r.get(1),
         consistent_point: lsn(r.get(2)).unwrap_or_default(),
@@ -101,17 +108,21 @@ pub async fn create(
     slot: &str,
     consistent_point: Lsn,
     mapping: &Mapping,
+    deferred: &super::indexes::Deferred,
 ) -> Result<(), MigrateError> {
     let mapping = serde_json::to_string(mapping)
         .map_err(|e| MigrateError::Internal(format!("serializing the column mapping: {e}")))?;
+    let deferred = serde_json::to_string(deferred)
+        .map_err(|e| MigrateError::Internal(format!("serializing the index list: {e}")))?;
     client
         .execute(
-            "INSERT INTO shadow_alter.checkpoints (table_oid, alter_sql, slot, consistent_point, mapping)
-             VALUES ($1, $2, $3, $4, $5::text::jsonb)
+            "INSERT INTO shadow_alter.checkpoints (table_oid, alter_sql, slot, consistent_point, mapping, deferred)
+             VALUES ($1, $2, $3, $4, $5::text::jsonb, $6::text::jsonb)
              ON CONFLICT (table_oid) DO UPDATE SET alter_sql = EXCLUDED.alter_sql, slot = EXCLUDED.slot,
                consistent_point = EXCLUDED.consistent_point, mapping = EXCLUDED.mapping, watermark = NULL,
-               copy_done = false, applied = NULL, replay_until = NULL, swapped_to = NULL, validate = NULL",
-            &[&oid, &alter, &slot, &consistent_point.to_string(), &mapping],
+               copy_done = false, applied = NULL, replay_until = NULL, swapped_to = NULL, validate = NULL,
+               deferred = EXCLUDED.deferred",
+            &[&oid, &alter, &slot, &consistent_point.to_string(), &mapping, &deferred],
         )
         .await
         .ctx("recording the checkpoint")?;

@@ -13,6 +13,7 @@ use super::copy::{copy_table, CopyOptions};
 use super::cutover::{swap, Markers, SwapOptions};
 use super::error::{describe_db_error, Ctx, MigrateError};
 use super::follow::Follower;
+use super::indexes;
 use super::preflight;
 use super::proxies::Proxies;
 use super::resume;
@@ -31,6 +32,8 @@ use crate::sql::quote_ident;
 
 /// How close (marker round trip) the stream must be before we try to swap.
 const CAUGHT_UP: Duration = Duration::from_millis(500);
+/// How often a started but not yet read stream tells the server we are alive.
+const KEEPALIVE: Duration = Duration::from_secs(5);
 /// Longest we wait for CREATE_REPLICATION_SLOT (it waits for running transactions).
 const SLOT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -374,11 +377,13 @@ impl Ctx2<'_> {
             .await;
             return Ok(());
         }
-        let (mapping, mut repl, slot_name, snapshot, from, resumed) = match resume {
+        let (mapping, deferred, mut repl, slot_name, snapshot, from, resumed) = match resume {
             None => {
-                let (mapping, repl, slot) = self.prepare(spec, created, &mut abort).await?;
+                let (mapping, deferred, repl, slot) =
+                    self.prepare(spec, created, &mut abort).await?;
                 (
                     mapping,
+                    deferred,
                     repl,
                     slot.name,
                     Some(slot.snapshot),
@@ -396,6 +401,7 @@ impl Ctx2<'_> {
                 let from = cp.applied.unwrap_or(cp.consistent_point);
                 (
                     cp.mapping.clone(),
+                    cp.deferred.clone(),
                     repl,
                     cp.slot.clone(),
                     None,
@@ -429,11 +435,22 @@ impl Ctx2<'_> {
         let mut replay_until = resumed.as_ref().and_then(|cp| cp.replay_until);
         let mut snapshot_holder = None;
         let copy_from = match (&resumed, snapshot) {
-            (None, Some(snapshot)) => Some((snapshot, None, false)),
+            (None, Some(snapshot)) => {
+                // held by a session of its own, so the stream can start before the copy
+                let (holder, exported) = super::copy::hold_snapshot(self.config, &snapshot).await?;
+                snapshot_holder = Some(holder);
+                Some((exported, None, false))
+            }
             (Some(cp), _) if !cp.copy_done => {
+                // a resumed copy upserts: the shadow needs its key index (and any other one a
+                // killed run did not finish) first
+                self.build_indexes(&deferred, &mut repl, None, 0, &mut progress, &mut abort)
+                    .await?;
                 let holder = connect(self.config, "holding the resumed copy's snapshot").await?;
                 holder
-                    .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                    .batch_execute(
+                        "SET idle_in_transaction_session_timeout = 0; BEGIN ISOLATION LEVEL REPEATABLE READ",
+                    )
                     .await
                     .ctx("starting the resumed copy's snapshot")?;
                 let row = holder
@@ -454,6 +471,10 @@ impl Ctx2<'_> {
             }
             _ => None,
         };
+        // The stream starts now: the walsender decodes (and skips) the WAL the copy writes while
+        // the copy runs, instead of after it. Nothing is read until the indexes exist; on a busy
+        // table the walsender simply waits, and the server's WAL stays the only buffer.
+        start_stream(&mut repl, &slot_name, from, &names.publication).await?;
         let rows = match copy_from {
             Some((snapshot, after, upsert)) => {
                 let rows = self
@@ -463,6 +484,7 @@ impl Ctx2<'_> {
                         after,
                         upsert,
                         &mut gate,
+                        (&mut repl, from),
                         &mut progress,
                         &mut abort,
                     )
@@ -474,8 +496,18 @@ impl Ctx2<'_> {
         };
         drop(snapshot_holder);
 
-        // 5. follow the stream from the consistent point (or where a resumed run got to)
-        start_stream(&mut repl, &slot_name, from, &names.publication).await?;
+        // 5. indexes, built after the bulk copy like a rewrite does
+        self.build_indexes(
+            &deferred,
+            &mut repl,
+            Some(from),
+            rows,
+            &mut progress,
+            &mut abort,
+        )
+        .await?;
+
+        // 6. follow the stream from the consistent point (or where a resumed run got to)
         let apply_client = connect(self.config, "applying changes").await?;
         apply_client
             .batch_execute("SET synchronous_commit = local")
@@ -493,7 +525,7 @@ impl Ctx2<'_> {
         );
         let mut markers = Markers::new(names);
 
-        // 6. catch up, then wait for the schedule (still following) until the swap may happen
+        // 7. catch up, then wait for the schedule (still following) until the swap may happen
         self.state.phase(self.control, "catch-up", None).await;
         progress.start_phase("catch-up", None);
         let mut caught_up = false;
@@ -594,7 +626,7 @@ impl Ctx2<'_> {
         }
         progress.finish_phase();
 
-        // 7. swap (after a last comparison, when asked for)
+        // 8. swap (after a last comparison, when asked for)
         if args.verify {
             self.state.phase(self.control, "verify", None).await;
             self.verify(&mut follower, &mut markers, &mapping, &mut progress)
@@ -687,7 +719,7 @@ impl Ctx2<'_> {
             outcome.attempts
         ));
 
-        // 8. cleanup of helpers (the swap is committed: failures here are reported, not fatal)
+        // 9. cleanup of helpers (the swap is committed: failures here are reported, not fatal)
         if let Err(e) = follower.stop().await {
             tracing::warn!("stopping the change stream after the swap: {e}");
         }
@@ -870,7 +902,7 @@ impl Ctx2<'_> {
         spec: &crate::plan::AlterSpec,
         created: &mut Created,
         abort: &mut watch::Receiver<bool>,
-    ) -> Result<(Mapping, ReplicationConn, SlotInfo), MigrateError> {
+    ) -> Result<(Mapping, indexes::Deferred, ReplicationConn, SlotInfo), MigrateError> {
         let (table, names, args) = (self.table, self.names, self.args);
         // 1. shadow table with the new schema (all or nothing)
         self.state.phase(self.control, "shadow", None).await;
@@ -885,6 +917,8 @@ impl Ctx2<'_> {
         );
         // an object using a column the ALTER drops could not be re-created at the swap
         super::carry::check(self.control, table, &mapping).await?;
+        // indexes are built after the bulk copy, like a rewrite does
+        let deferred = indexes::defer(&mut ddl, names, table.oid).await?;
 
         // 2. publication for the source, before the slot so the slot sees it from the start
         created.publication = true;
@@ -936,6 +970,7 @@ impl Ctx2<'_> {
             &slot.name,
             slot.consistent_point,
             &mapping,
+            &deferred,
         )
         .await?;
         tracing::info!(
@@ -943,7 +978,57 @@ impl Ctx2<'_> {
             slot.name,
             slot.consistent_point
         );
-        Ok((mapping, repl, slot))
+        Ok((mapping, deferred, repl, slot))
+    }
+
+    /// Step 5: build the indexes deferred for the copy (those not built yet, after a resume).
+    /// `at`: the started stream's position, for keepalives (None before it starts).
+    async fn build_indexes(
+        &mut self,
+        deferred: &indexes::Deferred,
+        repl: &mut ReplicationConn,
+        at: Option<Lsn>,
+        rows: u64,
+        progress: &mut Progress,
+        abort: &mut watch::Receiver<bool>,
+    ) -> Result<(), MigrateError> {
+        let missing = deferred.missing(self.control).await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.state.phase(self.control, "indexes", None).await;
+        progress.start_phase("indexes", None);
+        let build_started = Instant::now();
+        let built = AtomicU64::new(0);
+        let build = indexes::build(self.config, &missing, &built);
+        tokio::pin!(build);
+        let mut tick = tokio::time::interval(progress.interval());
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        loop {
+            tokio::select! {
+                r = &mut build => break r?,
+                _ = tick.tick() => {
+                    let n = built.load(Ordering::Relaxed);
+                    progress.update(n, None, &format!("{n} of {} indexes built", missing.len()));
+                    // keeps updated_at fresh: `status` calls a run stale after 30 s of silence
+                    self.publish(StateProgress { rows_copied: rows as i64, rows_total: Some(rows as i64), ..Default::default() }).await;
+                }
+                _ = keepalive.tick(), if at.is_some() => {
+                    let at = at.unwrap_or_default();
+                    repl.send_status(at, at, false)
+                        .await
+                        .ctx("sending a standby status update while the indexes build")?
+                }
+                _ = abort.changed() => return Err(MigrateError::Aborted),
+            }
+        }
+        progress.finish_phase();
+        tracing::info!(
+            "{} indexes built in {:.1}s",
+            missing.len(),
+            build_started.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
 
     /// Step 4: copy every row visible in `snapshot` (after `after`, upserting when resumed).
@@ -955,6 +1040,7 @@ impl Ctx2<'_> {
         after: Option<Vec<String>>,
         upsert: bool,
         gate: &mut throttle::Gate,
+        (repl, at): (&mut ReplicationConn, Lsn),
         progress: &mut Progress,
         abort: &mut watch::Receiver<bool>,
     ) -> Result<u64, MigrateError> {
@@ -985,10 +1071,16 @@ impl Ctx2<'_> {
         );
         tokio::pin!(copy);
         let mut tick = tokio::time::interval(progress.interval());
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
         let rows = loop {
             tokio::select! {
                 r = &mut copy => break r?,
                 reason = gate.stopped() => return Err(MigrateError::Guardrail(reason)),
+                // the stream is started but not read yet: tell the server we are alive
+                _ = keepalive.tick() => repl
+                    .send_status(at, at, false)
+                    .await
+                    .ctx("sending a standby status update during the copy")?,
                 _ = tick.tick() => {
                     let done = copied.load(Ordering::Relaxed);
                     let note = gate.throttled().map(|r| format!("throttled: {r}")).unwrap_or_default();

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS shadow_alter.checkpoints (
     swapped_to       text,
     validate         jsonb
 );
+ALTER TABLE shadow_alter.checkpoints ADD COLUMN IF NOT EXISTS deferred jsonb;
 COMMENT ON SCHEMA shadow_alter IS 'state of shadow-alter migrations (safe to drop when none runs)';
 ";
 
