@@ -347,3 +347,46 @@ async fn a_server_restart_mid_copy_is_survived_by_running_again() {
     assert_equals_oracle(&c).await;
     assert_nothing_left(&c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_a_kill_gives_up_the_resume_and_leaves_nothing() {
+    let url = fresh_db("abortkilled").await;
+    let c = connect(&url).await;
+    create_orders(&c, 30_000).await;
+    let mut child = spawn_run(&url, &[]);
+    wait_until(Duration::from_secs(60), "the watermark to move", || async {
+        c.query_opt(
+            "SELECT 1 FROM shadow_alter.checkpoints WHERE watermark IS NOT NULL",
+            &[],
+        )
+        .await
+        .map(|r| r.is_some())
+        .unwrap_or(false)
+    })
+    .await;
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    let out = Command::new(support::binary())
+        .args(["abort", "orders"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .expect("run abort");
+    assert!(
+        out.status.success(),
+        "abort: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_nothing_left(&c).await;
+    let checkpoints: i64 = c
+        .query_one("SELECT count(*) FROM shadow_alter.checkpoints", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checkpoints, 0);
+    let qty: String = c
+        .query_one("SELECT format_type(atttypid, -1) FROM pg_attribute WHERE attrelid = 'orders'::regclass AND attname = 'qty'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(qty, "integer", "the original table is untouched");
+}

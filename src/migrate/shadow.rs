@@ -52,11 +52,6 @@ impl Names {
     pub fn shadow_qualified(&self) -> String {
         qualified(&self.schema, &self.shadow)
     }
-
-    /// The name the old table gets at the swap.
-    pub fn old_name(table: &str, stamp: &str) -> String {
-        fit(table, &format!("__sa_old_{stamp}"))
-    }
 }
 
 /// One column of the shadow table that is filled from the source.
