@@ -73,6 +73,20 @@ async fn exited(child: &mut Child, limit: Duration) -> Option<std::process::Exit
     }
 }
 
+/// Wait until the copy has checkpointed at least one chunk.
+async fn wait_for_watermark(c: &Client) {
+    wait_until(Duration::from_secs(60), "the watermark to move", || async {
+        c.query_opt(
+            "SELECT 1 FROM shadow_alter.checkpoints WHERE watermark IS NOT NULL",
+            &[],
+        )
+        .await
+        .map(|r| r.is_some())
+        .unwrap_or(false)
+    })
+    .await;
+}
+
 async fn assert_equals_oracle(c: &Client) {
     c.batch_execute(&format!("ALTER TABLE orders_mirror {ALTER}"))
         .await
@@ -162,16 +176,7 @@ async fn killed_in_every_phase_resumes_without_recopying() {
     let writers = start_writers(&url, 2, 60_000);
     // 1. killed mid-copy: the resumed copy continues after the watermark
     let mut child = spawn_run(&url, &["--postpone-cutover"]);
-    wait_until(Duration::from_secs(60), "the watermark to move", || async {
-        c.query_opt(
-            "SELECT 1 FROM shadow_alter.checkpoints WHERE watermark IS NOT NULL",
-            &[],
-        )
-        .await
-        .map(|r| r.is_some())
-        .unwrap_or(false)
-    })
-    .await;
+    wait_for_watermark(&c).await;
     child.kill().expect("kill -9");
     let _ = child.wait();
     let copied_before: i64 = c
@@ -315,16 +320,7 @@ async fn a_server_restart_mid_copy_is_survived_by_running_again() {
     let run = tokio::spawn(support::migration::run(a.clone()));
     {
         let c = connect(&url).await;
-        wait_until(Duration::from_secs(60), "the watermark to move", || async {
-            c.query_opt(
-                "SELECT 1 FROM shadow_alter.checkpoints WHERE watermark IS NOT NULL",
-                &[],
-            )
-            .await
-            .map(|r| r.is_some())
-            .unwrap_or(false)
-        })
-        .await;
+        wait_for_watermark(&c).await;
     }
     server.restart();
     let err = run
@@ -354,16 +350,7 @@ async fn abort_after_a_kill_gives_up_the_resume_and_leaves_nothing() {
     let c = connect(&url).await;
     create_orders(&c, 30_000).await;
     let mut child = spawn_run(&url, &[]);
-    wait_until(Duration::from_secs(60), "the watermark to move", || async {
-        c.query_opt(
-            "SELECT 1 FROM shadow_alter.checkpoints WHERE watermark IS NOT NULL",
-            &[],
-        )
-        .await
-        .map(|r| r.is_some())
-        .unwrap_or(false)
-    })
-    .await;
+    wait_for_watermark(&c).await;
     child.kill().expect("kill -9");
     let _ = child.wait();
     let out = Command::new(support::binary())

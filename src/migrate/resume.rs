@@ -46,16 +46,19 @@ fn lsn(v: Option<String>) -> Option<Lsn> {
     v.as_deref().and_then(Lsn::parse)
 }
 
-pub async fn load(client: &Client, oid: u32) -> Result<Option<Checkpoint>, MigrateError> {
-    let exists: bool = client
+async fn has_checkpoints(client: &Client) -> Result<bool, MigrateError> {
+    Ok(client
         .query_one(
             "SELECT to_regclass('shadow_alter.checkpoints') IS NOT NULL",
             &[],
         )
         .await
         .ctx("looking for checkpoints")?
-        .get(0);
-    if !exists {
+        .get(0))
+}
+
+pub async fn load(client: &Client, oid: u32) -> Result<Option<Checkpoint>, MigrateError> {
+    if !has_checkpoints(client).await? {
         return Ok(None);
     }
     let Some(r) = client
@@ -248,15 +251,7 @@ pub async fn swapped(
     table: &crate::catalog::Table,
     alter: &str,
 ) -> Result<Option<(u32, String, Vec<(String, String)>)>, MigrateError> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('shadow_alter.checkpoints') IS NOT NULL",
-            &[],
-        )
-        .await
-        .ctx("looking for checkpoints")?
-        .get(0);
-    if !exists {
+    if !has_checkpoints(client).await? {
         return Ok(None);
     }
     let row = client

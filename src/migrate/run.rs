@@ -861,12 +861,12 @@ impl Ctx2<'_> {
             if let Err(e) = follower.stop().await {
                 tracing::warn!("stopping the reverse stream after the revert: {e}");
             }
-            for (t, c) in outcome.validate.iter().map(|v| (v.table.clone(), v.constraint.clone())) {
-                let sql = format!("ALTER TABLE {t} VALIDATE CONSTRAINT {}", quote_ident(&c));
-                if let Err(e) = retry_lock(self.control, &sql, args.lock_timeout, "validating a foreign key").await {
-                    tracing::warn!("foreign key {c} on {t} stays NOT VALID: {e}");
-                }
-            }
+            let validate: Vec<(String, String)> = outcome
+                .validate
+                .iter()
+                .map(|v| (v.table.clone(), v.constraint.clone()))
+                .collect();
+            validate_foreign_keys(self.control, args.lock_timeout, &validate).await;
             Ok(Some(format!(
                 "reverted: {} is the original table again, with every write made since the swap (lock held {} ms); the migrated table is kept as {}",
                 table.qualified(),
@@ -1404,20 +1404,7 @@ async fn after_swap(
     if let Err(e) = resume::drop_slot(control, &names.slot).await {
         tracing::warn!("{e}; drop the slot with `shadow-alter cleanup --stale` (it retains WAL)");
     }
-    // foreign keys were added NOT VALID under the lock; validating takes no lock that blocks writes
-    for (table, constraint) in validate {
-        let v = super::carry::Validate {
-            table: table.clone(),
-            constraint: constraint.clone(),
-        };
-        let sql = v.sql();
-        match retry_lock(control, &sql, args.lock_timeout, "validating a foreign key").await {
-            Ok(()) => tracing::info!("validated foreign key {constraint} on {table}"),
-            Err(e) => tracing::warn!(
-                "foreign key {constraint} on {table} stays NOT VALID (it is enforced for new rows): {e}; run `{sql}` later"
-            ),
-        }
-    }
+    validate_foreign_keys(control, args.lock_timeout, validate).await;
     if args.drop_old && drop_old {
         let old = crate::sql::qualified(schema, old_name);
         match retry_lock(
@@ -1440,4 +1427,26 @@ async fn after_swap(
 /// "in 10m" style text for when a window ends (no clock formatting dependency).
 fn chrono_free_time(d: Duration) -> String {
     format!("{} from now", crate::progress::fmt_secs(d.as_secs_f64()))
+}
+
+/// Validate the foreign keys a swap added NOT VALID under its lock; validating takes no lock that
+/// blocks writes. A failure leaves the key NOT VALID (still enforced for new rows) and says so.
+async fn validate_foreign_keys(
+    control: &Client,
+    lock_timeout: Duration,
+    keys: &[(String, String)],
+) {
+    for (table, constraint) in keys {
+        let sql = super::carry::Validate {
+            table: table.clone(),
+            constraint: constraint.clone(),
+        }
+        .sql();
+        match retry_lock(control, &sql, lock_timeout, "validating a foreign key").await {
+            Ok(()) => tracing::info!("validated foreign key {constraint} on {table}"),
+            Err(e) => tracing::warn!(
+                "foreign key {constraint} on {table} stays NOT VALID (it is enforced for new rows): {e}; run `{sql}` later"
+            ),
+        }
+    }
 }
