@@ -22,6 +22,7 @@ pub mod shadow;
 pub mod stale;
 pub mod state;
 pub mod stream;
+pub mod teardown;
 pub mod throttle;
 pub mod verify;
 

@@ -18,7 +18,7 @@
 use tokio_postgres::Client;
 
 use super::error::{Ctx, MigrateError};
-use super::shadow::Mapping;
+use super::shadow::{Mapping, Names};
 use super::stream::Lsn;
 
 /// What a run has durably achieved.
@@ -276,4 +276,76 @@ pub async fn swapped(
             ))
         })?;
     Ok(Some((r.get(0), r.get(1), validate)))
+}
+
+/// The checkpoint of an interrupted run of the same ALTER, when everything it needs is still
+/// there; otherwise what is left of it is removed (and None).
+pub async fn resumable(
+    control: &Client,
+    table: &crate::catalog::Table,
+    names: &Names,
+    alter: &str,
+) -> Result<Option<Checkpoint>, MigrateError> {
+    let Some(cp) = load(control, table.oid).await? else {
+        return Ok(None);
+    };
+    let slot = slot_exists(control, &cp.slot).await?;
+    let shadow: bool = control
+        .query_one(
+            "SELECT coalesce(obj_description(to_regclass($1), 'pg_class') = $2, false)",
+            &[&names.shadow_qualified(), &names.marker_comment],
+        )
+        .await
+        .ctx("looking for the shadow table")?
+        .get(0);
+    let publication: bool = control
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&names.publication],
+        )
+        .await
+        .ctx("looking for the publication")?
+        .get(0);
+    let complete = if cp.swapped_to.is_some() {
+        true
+    } else {
+        slot && shadow && publication
+    };
+    // replaying older rows over newer ones could trip a unique constraint besides the key:
+    // such a shadow's copy starts over instead (a resume after the copy is exact)
+    let replay_safe = cp.copy_done || !cp.mapping.other_unique;
+    if cp.alter_sql == alter && complete && replay_safe {
+        tracing::info!(
+            "resuming the interrupted run (slot {}, {})",
+            cp.slot,
+            match (&cp.swapped_to, cp.copy_done) {
+                (Some(_), _) => "the swap had committed: finishing its cleanup".to_string(),
+                (None, true) => format!(
+                    "copy complete, stream applied up to {}",
+                    cp.applied.unwrap_or(cp.consistent_point)
+                ),
+                (None, false) => match &cp.watermark {
+                    Some(w) => format!("copy continues after key ({})", w.join(", ")),
+                    None => "copy starts over (no chunk finished)".to_string(),
+                },
+            }
+        );
+        return Ok(Some(cp));
+    }
+    if cp.alter_sql != alter {
+        tracing::warn!(
+            "an interrupted run of a different ALTER ({}) left its progress; starting over with this one",
+            cp.alter_sql
+        );
+    } else if !replay_safe {
+        tracing::warn!(
+            "the interrupted run was copying into a shadow with unique constraints besides the key; \
+             its copy starts over (a resumed copy replays older rows, which could trip them)"
+        );
+    } else {
+        tracing::warn!("an interrupted run cannot be resumed (its replication slot, shadow table or publication is gone); starting over");
+    }
+    drop_slot(control, &cp.slot).await?;
+    delete(control, table.oid).await?;
+    Ok(None)
 }

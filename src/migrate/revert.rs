@@ -16,13 +16,21 @@
 //! back (`carry.rs`). The migrated table is kept as `<t>__sa_rev_<stamp>`.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tokio_postgres::Client;
 
+use super::apply::Applier;
+use super::cutover::{swap, Markers, SwapOptions};
 use super::error::{Ctx, MigrateError};
+use super::follow::Follower;
+use super::run::{connect, retry_lock, start_stream, Ctx2};
 use super::shadow::{Mapping, Names, Target};
 use super::stream::{Lsn, ReplicationConn};
+use super::teardown::validate_foreign_keys;
 use crate::catalog::Table;
+use crate::progress::Progress;
 use crate::sql::{qualified, quote_ident};
 
 /// How the new table's rows become the old table's: only plain column conversions can be
@@ -216,4 +224,139 @@ pub fn reverse_names(names: &Names, old_name: &str, oid: u32) -> Names {
         marker_prefix: format!("{}:rev", names.marker_prefix),
         marker_comment: names.marker_comment.clone(),
     }
+}
+
+impl Ctx2<'_> {
+    /// The soak window: follow the new table into the old one until the window ends, `cleanup`
+    /// ends it or `revert` swaps back. Returns what happened, for the operator. The migration
+    /// itself has succeeded whatever happens here.
+    pub(super) async fn soak(
+        &mut self,
+        soak: Soak,
+        mut reverse: Mapping,
+        old_name: &str,
+        abort: &mut watch::Receiver<bool>,
+        progress: &mut Progress,
+    ) -> String {
+        let (table, names, args) = (self.table, self.names, self.args);
+        let window = args.soak.unwrap_or_default();
+        let oid = table.oid;
+        let result = async {
+            let new_oid = crate::catalog::resolve(self.control, &table.qualified())
+                .await?
+                .ok_or_else(|| MigrateError::Internal("the new table is gone".into()))?;
+            let new_table = crate::catalog::load(self.control, new_oid).await?;
+            complete_mapping(self.control, &mut reverse, &table.schema, old_name, &new_table)
+                .await?;
+            let rev_names = reverse_names(names, old_name, oid);
+            let mut repl = soak.repl;
+            start_stream(&mut repl, &soak.slot, soak.consistent_point, &soak.publication).await?;
+            let client = connect(self.config, "applying the reverse stream").await?;
+            client
+                .batch_execute("SET synchronous_commit = local; SET session_replication_role = replica")
+                .await
+                .ctx("setting up the reverse apply session")?;
+            let applier = Applier::new(client, &new_table, &reverse, &rev_names);
+            let mut follower = Follower::start(
+                repl,
+                applier,
+                new_table.clone(),
+                rev_names.clone(),
+                soak.consistent_point,
+                None,
+                Some(soak.message.clone()),
+            );
+            let mut markers = Markers::new(&rev_names);
+            let deadline = Instant::now() + window;
+            let waiting = format!(
+                "soak window: {} is kept in sync from the new table until {}; `shadow-alter revert {}` swaps back, `shadow-alter cleanup {}` ends the window",
+                crate::sql::qualified(&table.schema, old_name),
+                chrono_free_time(window),
+                table.name,
+                table.name
+            );
+            self.state.phase(self.control, "soak", Some(&waiting)).await;
+            progress.println(&waiting);
+            loop {
+                let requests = self.requests.borrow().clone();
+                if requests.revert {
+                    break;
+                }
+                if requests.end_soak || requests.abort || *abort.borrow() || Instant::now() >= deadline {
+                    follower.stop().await?;
+                    return Ok::<Option<String>, MigrateError>(None);
+                }
+                if follower.is_finished() {
+                    follower.stop().await?;
+                    return Err(MigrateError::Internal("the reverse stream stopped".into()));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = abort.changed() => {}
+                }
+            }
+            // revert: the same swap, the other way
+            self.state.phase(self.control, "cutover", Some("reverting")).await;
+            let mut swapper = connect(self.config, "the revert").await?;
+            let opts = SwapOptions {
+                lock_timeout: args.lock_timeout,
+                attempts: args.swap_attempts,
+                drain_timeout: Duration::from_secs(5).max(args.lock_timeout),
+                proxies: self.proxies,
+                max_pause: args.max_pause,
+                message: None,
+                old_infix: "__sa_rev_",
+            };
+            let outcome = swap(
+                self.control,
+                &mut swapper,
+                &mut follower,
+                &mut markers,
+                &new_table,
+                &reverse,
+                &rev_names,
+                &opts,
+            )
+            .await?;
+            if let Err(e) = follower.stop().await {
+                tracing::warn!("stopping the reverse stream after the revert: {e}");
+            }
+            let validate: Vec<(String, String)> = outcome
+                .validate
+                .iter()
+                .map(|v| (v.table.clone(), v.constraint.clone()))
+                .collect();
+            validate_foreign_keys(self.control, args.lock_timeout, &validate).await;
+            Ok(Some(format!(
+                "reverted: {} is the original table again, with every write made since the swap (lock held {} ms); the migrated table is kept as {}",
+                table.qualified(),
+                outcome.lock_held.as_millis(),
+                crate::sql::qualified(&table.schema, &outcome.old_name)
+            )))
+        }
+        .await;
+        drop_reverse(self.control, oid).await;
+        match result {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                let old = crate::sql::qualified(&table.schema, old_name);
+                if args.drop_old {
+                    match retry_lock(self.control, &format!("DROP TABLE {old}"), args.lock_timeout, "dropping the old table").await {
+                        Ok(()) => format!("soak window ended: the reverse stream is dropped, and so is the old table {old}"),
+                        Err(e) => format!("soak window ended: the reverse stream is dropped; the old table {old} could not be dropped: {e}"),
+                    }
+                } else {
+                    format!("soak window ended: the reverse stream is dropped; the old table is kept as {old}")
+                }
+            }
+            Err(e) => format!(
+                "the soak window ended early: {e}; the migration stands, but it can no longer be reverted automatically"
+            ),
+        }
+    }
+}
+
+/// "in 10m" style text for when a window ends (no clock formatting dependency).
+fn chrono_free_time(d: Duration) -> String {
+    format!("{} from now", crate::progress::fmt_secs(d.as_secs_f64()))
 }

@@ -1,5 +1,7 @@
-//! One migration from start to finish: preflight, shadow, slot + snapshot, copy, catch-up, swap,
-//! cleanup. Ctrl-C / SIGTERM abort at any point before the swap starts and clean up.
+//! One migration from start to finish: preflight, shadow, slot + snapshot, copy, index builds,
+//! catch-up, swap, and the soak window when asked (`revert.rs`). A run of the same ALTER that was
+//! killed is resumed from its checkpoint (`resume.rs`); the end of a run, either way, is in
+//! `teardown.rs`. Ctrl-C / SIGTERM abort at any point before the swap starts and clean up.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use super::schedule::{Schedule, Window};
 use super::shadow::{self, Mapping, Names};
 use super::state::{Progress as StateProgress, Requests, State};
 use super::stream::{Lsn, ReplicationConn, SlotInfo};
+use super::teardown::{after_swap, cleanup, Created};
 use super::throttle::{self, Limits};
 use super::verify;
 use crate::cli::RunArgs;
@@ -48,90 +51,6 @@ pub async fn connect(config: &tokio_postgres::Config, what: &str) -> Result<Clie
         }
     });
     Ok(client)
-}
-
-/// What the run has created so far, for cleanup.
-#[derive(Default)]
-struct Created {
-    shadow: bool,
-    publication: bool,
-    /// The persistent slot and the checkpoint.
-    slot: bool,
-    /// The soak window's reverse publication and slot.
-    reverse: bool,
-    swapped: bool,
-}
-
-/// The checkpoint of an interrupted run of the same ALTER, when everything it needs is still
-/// there; otherwise what is left of it is removed (and None).
-async fn resumable(
-    control: &Client,
-    table: &crate::catalog::Table,
-    names: &Names,
-    alter: &str,
-) -> Result<Option<resume::Checkpoint>, MigrateError> {
-    let Some(cp) = resume::load(control, table.oid).await? else {
-        return Ok(None);
-    };
-    let slot = resume::slot_exists(control, &cp.slot).await?;
-    let shadow: bool = control
-        .query_one(
-            "SELECT coalesce(obj_description(to_regclass($1), 'pg_class') = $2, false)",
-            &[&names.shadow_qualified(), &names.marker_comment],
-        )
-        .await
-        .ctx("looking for the shadow table")?
-        .get(0);
-    let publication: bool = control
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&names.publication],
-        )
-        .await
-        .ctx("looking for the publication")?
-        .get(0);
-    let complete = if cp.swapped_to.is_some() {
-        true
-    } else {
-        slot && shadow && publication
-    };
-    // replaying older rows over newer ones could trip a unique constraint besides the key:
-    // such a shadow's copy starts over instead (a resume after the copy is exact)
-    let replay_safe = cp.copy_done || !cp.mapping.other_unique;
-    if cp.alter_sql == alter && complete && replay_safe {
-        tracing::info!(
-            "resuming the interrupted run (slot {}, {})",
-            cp.slot,
-            match (&cp.swapped_to, cp.copy_done) {
-                (Some(_), _) => "the swap had committed: finishing its cleanup".to_string(),
-                (None, true) => format!(
-                    "copy complete, stream applied up to {}",
-                    cp.applied.unwrap_or(cp.consistent_point)
-                ),
-                (None, false) => match &cp.watermark {
-                    Some(w) => format!("copy continues after key ({})", w.join(", ")),
-                    None => "copy starts over (no chunk finished)".to_string(),
-                },
-            }
-        );
-        return Ok(Some(cp));
-    }
-    if cp.alter_sql != alter {
-        tracing::warn!(
-            "an interrupted run of a different ALTER ({}) left its progress; starting over with this one",
-            cp.alter_sql
-        );
-    } else if !replay_safe {
-        tracing::warn!(
-            "the interrupted run was copying into a shadow with unique constraints besides the key; \
-             its copy starts over (a resumed copy replays older rows, which could trip them)"
-        );
-    } else {
-        tracing::warn!("an interrupted run cannot be resumed (its replication slot, shadow table or publication is gone); starting over");
-    }
-    resume::drop_slot(control, &cp.slot).await?;
-    resume::delete(control, table.oid).await?;
-    Ok(None)
 }
 
 pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
@@ -215,7 +134,7 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
     throttle::preflight(&control, &limits).await?;
     preflight::lock_table(&control, &table).await?;
     let names = Names::for_table(&table);
-    let resume_from = resumable(&control, &table, &names, &args.alter).await?;
+    let resume_from = resume::resumable(&control, &table, &names, &args.alter).await?;
     if resume_from.is_none() {
         for what in shadow::clear_leftovers(&control, &names, &table).await? {
             tracing::warn!("removed {what} left behind by an earlier run that did not finish");
@@ -315,19 +234,20 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
     result
 }
 
-struct Ctx2<'a> {
-    args: &'a RunArgs,
-    config: &'a tokio_postgres::Config,
-    control: &'a Client,
-    table: &'a crate::catalog::Table,
-    names: &'a Names,
-    started: Instant,
-    state: &'a State,
-    schedule: &'a Schedule,
-    proxies: &'a Proxies,
-    requests: watch::Receiver<Requests>,
-    last_state_write: Option<Instant>,
-    limits: Limits,
+/// One run's context, shared by its phases (the soak window lives in `revert.rs`).
+pub(super) struct Ctx2<'a> {
+    pub(super) args: &'a RunArgs,
+    pub(super) config: &'a tokio_postgres::Config,
+    pub(super) control: &'a Client,
+    pub(super) table: &'a crate::catalog::Table,
+    pub(super) names: &'a Names,
+    pub(super) started: Instant,
+    pub(super) state: &'a State,
+    pub(super) schedule: &'a Schedule,
+    pub(super) proxies: &'a Proxies,
+    pub(super) requests: watch::Receiver<Requests>,
+    pub(super) last_state_write: Option<Instant>,
+    pub(super) limits: Limits,
 }
 
 impl Ctx2<'_> {
@@ -767,134 +687,6 @@ impl Ctx2<'_> {
         Ok(())
     }
 
-    /// The soak window: follow the new table into the old one until the window ends, `cleanup`
-    /// ends it or `revert` swaps back. Returns what happened, for the operator. The migration
-    /// itself has succeeded whatever happens here.
-    async fn soak(
-        &mut self,
-        soak: revert::Soak,
-        mut reverse: Mapping,
-        old_name: &str,
-        abort: &mut watch::Receiver<bool>,
-        progress: &mut Progress,
-    ) -> String {
-        let (table, names, args) = (self.table, self.names, self.args);
-        let window = args.soak.unwrap_or_default();
-        let oid = table.oid;
-        let result = async {
-            let new_oid = crate::catalog::resolve(self.control, &table.qualified())
-                .await?
-                .ok_or_else(|| MigrateError::Internal("the new table is gone".into()))?;
-            let new_table = crate::catalog::load(self.control, new_oid).await?;
-            revert::complete_mapping(self.control, &mut reverse, &table.schema, old_name, &new_table)
-                .await?;
-            let rev_names = revert::reverse_names(names, old_name, oid);
-            let mut repl = soak.repl;
-            start_stream(&mut repl, &soak.slot, soak.consistent_point, &soak.publication).await?;
-            let client = connect(self.config, "applying the reverse stream").await?;
-            client
-                .batch_execute("SET synchronous_commit = local; SET session_replication_role = replica")
-                .await
-                .ctx("setting up the reverse apply session")?;
-            let applier = Applier::new(client, &new_table, &reverse, &rev_names);
-            let mut follower = Follower::start(
-                repl,
-                applier,
-                new_table.clone(),
-                rev_names.clone(),
-                soak.consistent_point,
-                None,
-                Some(soak.message.clone()),
-            );
-            let mut markers = Markers::new(&rev_names);
-            let deadline = Instant::now() + window;
-            let waiting = format!(
-                "soak window: {} is kept in sync from the new table until {}; `shadow-alter revert {}` swaps back, `shadow-alter cleanup {}` ends the window",
-                crate::sql::qualified(&table.schema, old_name),
-                chrono_free_time(window),
-                table.name,
-                table.name
-            );
-            self.state.phase(self.control, "soak", Some(&waiting)).await;
-            progress.println(&waiting);
-            loop {
-                let requests = self.requests.borrow().clone();
-                if requests.revert {
-                    break;
-                }
-                if requests.end_soak || requests.abort || *abort.borrow() || Instant::now() >= deadline {
-                    follower.stop().await?;
-                    return Ok::<Option<String>, MigrateError>(None);
-                }
-                if follower.is_finished() {
-                    follower.stop().await?;
-                    return Err(MigrateError::Internal("the reverse stream stopped".into()));
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = abort.changed() => {}
-                }
-            }
-            // revert: the same swap, the other way
-            self.state.phase(self.control, "cutover", Some("reverting")).await;
-            let mut swapper = connect(self.config, "the revert").await?;
-            let opts = SwapOptions {
-                lock_timeout: args.lock_timeout,
-                attempts: args.swap_attempts,
-                drain_timeout: Duration::from_secs(5).max(args.lock_timeout),
-                proxies: self.proxies,
-                max_pause: args.max_pause,
-                message: None,
-                old_infix: "__sa_rev_",
-            };
-            let outcome = swap(
-                self.control,
-                &mut swapper,
-                &mut follower,
-                &mut markers,
-                &new_table,
-                &reverse,
-                &rev_names,
-                &opts,
-            )
-            .await?;
-            if let Err(e) = follower.stop().await {
-                tracing::warn!("stopping the reverse stream after the revert: {e}");
-            }
-            let validate: Vec<(String, String)> = outcome
-                .validate
-                .iter()
-                .map(|v| (v.table.clone(), v.constraint.clone()))
-                .collect();
-            validate_foreign_keys(self.control, args.lock_timeout, &validate).await;
-            Ok(Some(format!(
-                "reverted: {} is the original table again, with every write made since the swap (lock held {} ms); the migrated table is kept as {}",
-                table.qualified(),
-                outcome.lock_held.as_millis(),
-                crate::sql::qualified(&table.schema, &outcome.old_name)
-            )))
-        }
-        .await;
-        revert::drop_reverse(self.control, oid).await;
-        match result {
-            Ok(Some(msg)) => msg,
-            Ok(None) => {
-                let old = crate::sql::qualified(&table.schema, old_name);
-                if args.drop_old {
-                    match retry_lock(self.control, &format!("DROP TABLE {old}"), args.lock_timeout, "dropping the old table").await {
-                        Ok(()) => format!("soak window ended: the reverse stream is dropped, and so is the old table {old}"),
-                        Err(e) => format!("soak window ended: the reverse stream is dropped; the old table {old} could not be dropped: {e}"),
-                    }
-                } else {
-                    format!("soak window ended: the reverse stream is dropped; the old table is kept as {old}")
-                }
-            }
-            Err(e) => format!(
-                "the soak window ended early: {e}; the migration stands, but it can no longer be reverted automatically"
-            ),
-        }
-    }
-
     /// Steps 1-3 of a new run: the shadow table, the publication, the slot and its snapshot,
     /// and the checkpoint that lets a killed run resume from here.
     async fn prepare(
@@ -1241,7 +1033,7 @@ impl Ctx2<'_> {
 }
 
 /// Run a statement that needs a lock on a live table: short lock_timeout, retried with backoff.
-async fn retry_lock(
+pub(super) async fn retry_lock(
     client: &Client,
     sql: &str,
     lock_timeout: Duration,
@@ -1278,57 +1070,6 @@ async fn retry_lock(
     )))
 }
 
-/// Remove what a failed run created; the original table was never touched.
-async fn cleanup(config: &tokio_postgres::Config, names: &Names, created: &Created, oid: u32) {
-    let client = match connect(config, "cleanup").await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("cannot connect to clean up ({e}); the next run removes the leftovers");
-            return;
-        }
-    };
-    if created.shadow {
-        match shadow::drop_shadow(&client, names).await {
-            Ok(()) => tracing::info!("removed the shadow table {}", names.shadow_qualified()),
-            Err(e) => tracing::error!(
-                "could not drop {}: {}; the next run removes it",
-                names.shadow_qualified(),
-                describe_db_error(&e)
-            ),
-        }
-    }
-    if created.publication {
-        if let Err(e) = client
-            .batch_execute(&format!(
-                "DROP PUBLICATION IF EXISTS {}",
-                quote_ident(&names.publication)
-            ))
-            .await
-        {
-            tracing::error!(
-                "could not drop publication {}: {}",
-                names.publication,
-                describe_db_error(&e)
-            );
-        }
-    }
-    if created.reverse {
-        revert::drop_reverse(&client, oid).await;
-    }
-    if created.slot {
-        match resume::drop_slot(&client, &names.slot).await {
-            Ok(_) => {}
-            Err(e) => tracing::error!(
-                "could not drop replication slot {}: {e}; drop it with `shadow-alter cleanup --stale` (it retains WAL)",
-                names.slot
-            ),
-        }
-        if let Err(e) = resume::delete(&client, oid).await {
-            tracing::warn!("could not remove the checkpoint: {e}");
-        }
-    }
-}
-
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
@@ -1352,7 +1093,7 @@ async fn wait_for_signal() {
 }
 
 /// START_REPLICATION on our slot; a killed run's walsender may hold the slot for a moment.
-async fn start_stream(
+pub(super) async fn start_stream(
     repl: &mut ReplicationConn,
     slot: &str,
     from: Lsn,
@@ -1370,83 +1111,6 @@ async fn start_stream(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => return Err(e).ctx("starting replication"),
-        }
-    }
-}
-
-/// After the swap committed (now or before an interruption): drop the publication and the
-/// slot, validate the foreign keys added NOT VALID, drop the old table when asked, and
-/// forget the checkpoint. Failures here are reported, not fatal.
-#[allow(clippy::too_many_arguments)]
-async fn after_swap(
-    control: &Client,
-    args: &RunArgs,
-    names: &Names,
-    schema: &str,
-    oid: u32,
-    validate: &[(String, String)],
-    old_name: &str,
-    drop_old: bool,
-) {
-    if let Err(e) = control
-        .batch_execute(&format!(
-            "DROP PUBLICATION IF EXISTS {}",
-            quote_ident(&names.publication)
-        ))
-        .await
-    {
-        tracing::warn!(
-            "dropping publication {}: {}; drop it by hand",
-            names.publication,
-            describe_db_error(&e)
-        );
-    }
-    if let Err(e) = resume::drop_slot(control, &names.slot).await {
-        tracing::warn!("{e}; drop the slot with `shadow-alter cleanup --stale` (it retains WAL)");
-    }
-    validate_foreign_keys(control, args.lock_timeout, validate).await;
-    if args.drop_old && drop_old {
-        let old = crate::sql::qualified(schema, old_name);
-        match retry_lock(
-            control,
-            &format!("DROP TABLE {old}"),
-            args.lock_timeout,
-            "dropping the old table",
-        )
-        .await
-        {
-            Ok(()) => tracing::info!("dropped the old table {old}"),
-            Err(e) => tracing::warn!("the old table {old} could not be dropped: {e}"),
-        }
-    }
-    if let Err(e) = resume::delete(control, oid).await {
-        tracing::warn!("could not remove the checkpoint: {e}");
-    }
-}
-
-/// "in 10m" style text for when a window ends (no clock formatting dependency).
-fn chrono_free_time(d: Duration) -> String {
-    format!("{} from now", crate::progress::fmt_secs(d.as_secs_f64()))
-}
-
-/// Validate the foreign keys a swap added NOT VALID under its lock; validating takes no lock that
-/// blocks writes. A failure leaves the key NOT VALID (still enforced for new rows) and says so.
-async fn validate_foreign_keys(
-    control: &Client,
-    lock_timeout: Duration,
-    keys: &[(String, String)],
-) {
-    for (table, constraint) in keys {
-        let sql = super::carry::Validate {
-            table: table.clone(),
-            constraint: constraint.clone(),
-        }
-        .sql();
-        match retry_lock(control, &sql, lock_timeout, "validating a foreign key").await {
-            Ok(()) => tracing::info!("validated foreign key {constraint} on {table}"),
-            Err(e) => tracing::warn!(
-                "foreign key {constraint} on {table} stays NOT VALID (it is enforced for new rows): {e}; run `{sql}` later"
-            ),
         }
     }
 }
