@@ -23,8 +23,9 @@ use super::shadow::{fit, Mapping, Names};
 use crate::catalog::{Table, DEPENDENT_VIEWS};
 use crate::sql::{qualified, quote_ident, quote_literal};
 
-/// A foreign key added NOT VALID at the swap, to validate once the swap has committed.
-#[derive(Debug, Clone)]
+/// A foreign key added NOT VALID at the swap, to validate once the swap has committed (kept in
+/// the checkpoint, so a run killed right after the swap validates it when rerun).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Validate {
     /// Schema-qualified table the constraint is on.
     pub table: String,

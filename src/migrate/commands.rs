@@ -135,16 +135,21 @@ pub async fn status(args: StatusArgs) -> Result<(), MigrateError> {
     Ok(())
 }
 
-/// The running (not finished) migration of `table`, by the name the operator typed.
-async fn running(client: &Client, table: &str) -> Result<(u32, String), MigrateError> {
+/// The oid of the table the operator named, once migrations are recorded at all.
+async fn resolve_recorded(client: &Client, table: &str) -> Result<u32, MigrateError> {
     if !has_state(client).await? {
         return Err(MigrateError::BadInput(format!(
             "no migration of {table} is recorded in this database"
         )));
     }
-    let oid = catalog::resolve(client, table)
+    catalog::resolve(client, table)
         .await?
-        .ok_or_else(|| MigrateError::BadInput(format!("table {table} does not exist")))?;
+        .ok_or_else(|| MigrateError::BadInput(format!("table {table} does not exist")))
+}
+
+/// The running (not finished) migration of `table`, by the name the operator typed.
+async fn running(client: &Client, table: &str) -> Result<(u32, String), MigrateError> {
+    let oid = resolve_recorded(client, table).await?;
     let row = client
         .query_opt(
             "SELECT table_oid, phase FROM shadow_alter.migrations WHERE table_oid = $1 AND phase <> ALL($2)",
@@ -316,14 +321,7 @@ pub async fn verify(args: VerifyArgs) -> Result<(), MigrateError> {
 /// The migration of `table` that is in its soak window (the name now resolves to the new table;
 /// the state row is keyed by the original table's oid).
 async fn soaking(client: &Client, table: &str) -> Result<u32, MigrateError> {
-    if !has_state(client).await? {
-        return Err(MigrateError::BadInput(format!(
-            "no migration of {table} is recorded in this database"
-        )));
-    }
-    let oid = catalog::resolve(client, table)
-        .await?
-        .ok_or_else(|| MigrateError::BadInput(format!("table {table} does not exist")))?;
+    let oid = resolve_recorded(client, table).await?;
     client
         .query_opt(
             "SELECT m.table_oid FROM shadow_alter.migrations m, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

@@ -406,12 +406,7 @@ async fn try_swap(
     });
     sql.extend(carried.after.iter().cloned());
     // a run killed right after the commit finds the swap recorded and only finishes the cleanup
-    let validate: Vec<(String, String)> = carried
-        .validate
-        .iter()
-        .map(|v| (v.table.clone(), v.constraint.clone()))
-        .collect();
-    super::resume::record_swap(&tx, table.oid, old_name, &validate).await?;
+    super::resume::record_swap(&tx, table.oid, old_name, &carried.validate).await?;
     if let Some(prefix) = &opts.message {
         tx.execute(
             "SELECT pg_logical_emit_message(true, $1, 'swap')",

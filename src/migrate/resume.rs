@@ -17,6 +17,7 @@
 
 use tokio_postgres::Client;
 
+use super::carry::Validate;
 use super::error::{Ctx, MigrateError};
 use super::shadow::{Mapping, Names};
 use super::stream::Lsn;
@@ -37,7 +38,7 @@ pub struct Checkpoint {
     pub replay_until: Option<Lsn>,
     /// The swap committed: the old table's name, and foreign keys still to validate.
     pub swapped_to: Option<String>,
-    pub validate: Vec<(String, String)>,
+    pub validate: Vec<Validate>,
     /// Indexes dropped from the shadow for the copy, built after it.
     pub deferred: super::indexes::Deferred,
 }
@@ -78,12 +79,11 @@ pub async fn load(client: &Client, oid: u32) -> Result<Option<Checkpoint>, Migra
             "the checkpoint's column mapping is unreadable: {e}"
         ))
     })?;
-    let validate: Vec<(String, String)> =
-        serde_json::from_str(&r.get::<_, String>(9)).map_err(|e| {
-            MigrateError::Internal(format!(
-                "the checkpoint's foreign key list is unreadable: {e}"
-            ))
-        })?;
+    let validate: Vec<Validate> = serde_json::from_str(&r.get::<_, String>(9)).map_err(|e| {
+        MigrateError::Internal(format!(
+            "the checkpoint's foreign key list is unreadable: {e}"
+        ))
+    })?;
     let deferred: Option<super::indexes::Deferred> = serde_json::from_str(&r.get::<_, String>(10))
         .map_err(|e| {
             MigrateError::Internal(format!("the checkpoint's index list is unreadable: {e}"))
@@ -165,16 +165,17 @@ pub async fn set_replay_until(client: &Client, oid: u32, until: Lsn) -> Result<(
     Ok(())
 }
 
-/// The statement the applier runs inside each target transaction: `$1` oid, `$2` LSN text.
-pub const APPLIED_SQL: &str =
-    "UPDATE shadow_alter.checkpoints SET applied = $2 WHERE table_oid = $1";
+/// The statement the applier runs inside each target transaction, right before its COMMIT.
+pub fn applied_sql(oid: u32, applied: Lsn) -> String {
+    format!("UPDATE shadow_alter.checkpoints SET applied = '{applied}' WHERE table_oid = {oid}")
+}
 
 /// Inside the swap transaction: the swap happened, and what is left to do after it.
 pub async fn record_swap(
     tx: &tokio_postgres::Transaction<'_>,
     oid: u32,
     old_name: &str,
-    validate: &[(String, String)],
+    validate: &[Validate],
 ) -> Result<(), MigrateError> {
     let validate = serde_json::to_string(validate)
         .map_err(|e| MigrateError::Internal(format!("serializing foreign keys: {e}")))?;
@@ -250,7 +251,7 @@ pub async fn swapped(
     client: &Client,
     table: &crate::catalog::Table,
     alter: &str,
-) -> Result<Option<(u32, String, Vec<(String, String)>)>, MigrateError> {
+) -> Result<Option<(u32, String, Vec<Validate>)>, MigrateError> {
     if !has_checkpoints(client).await? {
         return Ok(None);
     }
@@ -269,12 +270,11 @@ pub async fn swapped(
         .await
         .ctx("looking for a swapped run")?;
     let Some(r) = row else { return Ok(None) };
-    let validate: Vec<(String, String)> =
-        serde_json::from_str(&r.get::<_, String>(2)).map_err(|e| {
-            MigrateError::Internal(format!(
-                "the checkpoint's foreign key list is unreadable: {e}"
-            ))
-        })?;
+    let validate: Vec<Validate> = serde_json::from_str(&r.get::<_, String>(2)).map_err(|e| {
+        MigrateError::Internal(format!(
+            "the checkpoint's foreign key list is unreadable: {e}"
+        ))
+    })?;
     Ok(Some((r.get(0), r.get(1), validate)))
 }
 
@@ -348,4 +348,17 @@ pub async fn resumable(
     drop_slot(control, &cp.slot).await?;
     delete(control, table.oid).await?;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_applied_position_statement_names_the_table_and_the_lsn() {
+        assert_eq!(
+            applied_sql(16386, Lsn(0x1_0000_00A0)),
+            "UPDATE shadow_alter.checkpoints SET applied = '1/A0' WHERE table_oid = 16386"
+        );
+    }
 }

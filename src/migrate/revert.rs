@@ -91,11 +91,10 @@ pub struct Soak {
     pub repl: ReplicationConn,
 }
 
-pub fn names_for(oid: u32) -> (String, String) {
-    (
-        format!("shadow_alter_{oid}_rev"),
-        format!("shadow_alter_{oid}_rev"),
-    )
+/// The reverse stream's publication and slot share this name (`cleanup --stale` finds both by
+/// its `shadow_alter_<oid>` prefix).
+fn reverse_name(oid: u32) -> String {
+    format!("shadow_alter_{oid}_rev")
 }
 
 /// Publication of the shadow and a persistent slot, created before the swap.
@@ -105,22 +104,22 @@ pub async fn prepare(
     table: &Table,
     names: &Names,
 ) -> Result<Soak, MigrateError> {
-    let (publication, slot) = names_for(table.oid);
+    let name = reverse_name(table.oid);
     control
         .batch_execute(&format!(
             "DROP PUBLICATION IF EXISTS {p}; CREATE PUBLICATION {p} FOR TABLE {}",
             names.shadow_qualified(),
-            p = quote_ident(&publication)
+            p = quote_ident(&name)
         ))
         .await
         .ctx("creating the reverse publication")?;
-    super::resume::drop_slot(control, &slot).await?;
+    super::resume::drop_slot(control, &name).await?;
     let mut repl = ReplicationConn::connect(config)
         .await
         .ctx("opening the reverse replication connection")?;
     let info = tokio::time::timeout(
         std::time::Duration::from_secs(300),
-        repl.create_slot(&slot, false),
+        repl.create_slot(&name, false),
     )
     .await
     .map_err(|_| {
@@ -131,7 +130,7 @@ pub async fn prepare(
     .ctx("creating the reverse replication slot")?;
     Ok(Soak {
         message: format!("shadow_alter:{}:swap", table.oid),
-        publication,
+        publication: name,
         slot: info.name,
         consistent_point: info.consistent_point,
         repl,
@@ -140,17 +139,17 @@ pub async fn prepare(
 
 /// Drop the reverse publication and slot (the follower must be stopped first).
 pub async fn drop_reverse(control: &Client, oid: u32) {
-    let (publication, slot) = names_for(oid);
+    let name = reverse_name(oid);
     if let Err(e) = control
         .batch_execute(&format!(
             "DROP PUBLICATION IF EXISTS {}",
-            quote_ident(&publication)
+            quote_ident(&name)
         ))
         .await
     {
-        tracing::warn!("dropping publication {publication}: {e}; drop it by hand");
+        tracing::warn!("dropping publication {name}: {e}; drop it by hand");
     }
-    if let Err(e) = super::resume::drop_slot(control, &slot).await {
+    if let Err(e) = super::resume::drop_slot(control, &name).await {
         tracing::warn!("{e}; drop it with `shadow-alter cleanup --stale` (it retains WAL)");
     }
 }
@@ -215,12 +214,11 @@ pub async fn complete_mapping(
 
 /// Names for the reverse direction: the "shadow" is the old table.
 pub fn reverse_names(names: &Names, old_name: &str, oid: u32) -> Names {
-    let (publication, slot) = names_for(oid);
     Names {
         schema: names.schema.clone(),
         shadow: old_name.to_string(),
-        publication,
-        slot,
+        publication: reverse_name(oid),
+        slot: reverse_name(oid),
         marker_prefix: format!("{}:rev", names.marker_prefix),
         marker_comment: names.marker_comment.clone(),
     }
@@ -321,12 +319,7 @@ impl Ctx2<'_> {
             if let Err(e) = follower.stop().await {
                 tracing::warn!("stopping the reverse stream after the revert: {e}");
             }
-            let validate: Vec<(String, String)> = outcome
-                .validate
-                .iter()
-                .map(|v| (v.table.clone(), v.constraint.clone()))
-                .collect();
-            validate_foreign_keys(self.control, args.lock_timeout, &validate).await;
+            validate_foreign_keys(self.control, args.lock_timeout, &outcome.validate).await;
             Ok(Some(format!(
                 "reverted: {} is the original table again, with every write made since the swap (lock held {} ms); the migrated table is kept as {}",
                 table.qualified(),

@@ -643,18 +643,13 @@ impl Ctx2<'_> {
         if let Err(e) = follower.stop().await {
             tracing::warn!("stopping the change stream after the swap: {e}");
         }
-        let validate: Vec<(String, String)> = outcome
-            .validate
-            .iter()
-            .map(|v| (v.table.clone(), v.constraint.clone()))
-            .collect();
         after_swap(
             self.control,
             args,
             names,
             &table.schema,
             table.oid,
-            &validate,
+            &outcome.validate,
             &outcome.old_name,
             soak.is_none(),
         )

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
+use super::carry::Validate;
 use super::error::describe_db_error;
 use super::run::{connect, retry_lock};
 use super::shadow::{self, Names};
@@ -87,7 +88,7 @@ pub async fn after_swap(
     names: &Names,
     schema: &str,
     oid: u32,
-    validate: &[(String, String)],
+    validate: &[Validate],
     old_name: &str,
     drop_old: bool,
 ) {
@@ -129,21 +130,15 @@ pub async fn after_swap(
 
 /// Validate the foreign keys a swap added NOT VALID under its lock; validating takes no lock that
 /// blocks writes. A failure leaves the key NOT VALID (still enforced for new rows) and says so.
-pub async fn validate_foreign_keys(
-    control: &Client,
-    lock_timeout: Duration,
-    keys: &[(String, String)],
-) {
-    for (table, constraint) in keys {
-        let sql = super::carry::Validate {
-            table: table.clone(),
-            constraint: constraint.clone(),
-        }
-        .sql();
+pub async fn validate_foreign_keys(control: &Client, lock_timeout: Duration, keys: &[Validate]) {
+    for v in keys {
+        let sql = v.sql();
         match retry_lock(control, &sql, lock_timeout, "validating a foreign key").await {
-            Ok(()) => tracing::info!("validated foreign key {constraint} on {table}"),
+            Ok(()) => tracing::info!("validated foreign key {} on {}", v.constraint, v.table),
             Err(e) => tracing::warn!(
-                "foreign key {constraint} on {table} stays NOT VALID (it is enforced for new rows): {e}; run `{sql}` later"
+                "foreign key {} on {} stays NOT VALID (it is enforced for new rows): {e}; run `{sql}` later",
+                v.constraint,
+                v.table
             ),
         }
     }

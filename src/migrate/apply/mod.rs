@@ -601,19 +601,23 @@ impl Applier {
         }
         self.flush_window().await?;
         self.settle_all().await?;
-        if let (Some(oid), Some(pos)) = (self.checkpoint, self.position) {
-            if self.recorded != Some(pos) {
-                self.client
-                    .execute(super::resume::APPLIED_SQL, &[&oid, &pos.to_string()])
-                    .await
-                    .ctx("recording the applied position")?;
-                self.recorded = Some(pos);
-            }
-        }
+        // the applied position goes in the same transaction, sent with the COMMIT (one round
+        // trip: both values are ours, an oid and an LSN)
+        let record = match (self.checkpoint, self.position) {
+            (Some(oid), Some(pos)) if self.recorded != Some(pos) => Some((oid, pos)),
+            _ => None,
+        };
+        let sql = match record {
+            Some((oid, pos)) => format!("{}; COMMIT", super::resume::applied_sql(oid, pos)),
+            None => "COMMIT".to_string(),
+        };
         self.client
-            .batch_execute("COMMIT")
+            .batch_execute(&sql)
             .await
             .ctx("committing applied changes")?;
+        if let Some((_, pos)) = record {
+            self.recorded = Some(pos);
+        }
         self.in_tx = false;
         self.pending = 0;
         Ok(true)
