@@ -133,10 +133,11 @@ async fn truncate_and_refill_during_the_migration() {
     let mut a = args(&url, "orders", "ALTER COLUMN qty TYPE bigint");
     a.chunk_size = 500;
     a.chunk_pause = Duration::from_millis(20);
+    let shadow = support::shadow_of(&c, "orders").await;
     let migration = tokio::spawn(run(a));
     // once the copy has started, truncate and refill both tables
     wait_until(Duration::from_secs(20), "the copy to start", || async {
-        c.query_one("SELECT count(*) FROM orders__sa_new", &[])
+        c.query_one(&format!("SELECT count(*) FROM {shadow}"), &[])
             .await
             .map(|r| r.get::<_, i64>(0) > 0)
             .unwrap_or(false)
@@ -274,8 +275,9 @@ async fn a_killed_run_does_not_block_the_next_one() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the binary");
+    let shadow = support::shadow_of(&c, "orders").await;
     wait_until(Duration::from_secs(20), "the copy to start", || async {
-        c.query_one("SELECT count(*) FROM orders__sa_new", &[])
+        c.query_one(&format!("SELECT count(*) FROM {shadow}"), &[])
             .await
             .map(|r| r.get::<_, i64>(0) > 0)
             .unwrap_or(false)

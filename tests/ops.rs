@@ -71,8 +71,9 @@ async fn a_pause_file_pauses_the_copy_until_it_is_removed() {
         },
     )
     .await;
+    let shadow = support::shadow_of(&c, "t").await;
     assert_eq!(
-        count(&c, "SELECT count(*) FROM t__sa_new").await,
+        count(&c, &format!("SELECT count(*) FROM {shadow}")).await,
         0,
         "nothing is copied while the pause file exists"
     );
@@ -110,7 +111,11 @@ async fn a_throttle_query_holds_the_copy_while_it_returns_true() {
         },
     )
     .await;
-    assert_eq!(count(&c, "SELECT count(*) FROM t__sa_new").await, 0);
+    let shadow = support::shadow_of(&c, "t").await;
+    assert_eq!(
+        count(&c, &format!("SELECT count(*) FROM {shadow}")).await,
+        0
+    );
     c.batch_execute("UPDATE busy SET flag = false")
         .await
         .unwrap();
@@ -225,8 +230,11 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the binary");
+    let shadow = support::shadow_of(&c, "orders").await;
+    let work = shadow.split('.').next().unwrap_or_default().to_string();
+    let live_shadow = support::shadow_of(&c, "live").await;
     wait_until(Duration::from_secs(30), "the copy to start", || async {
-        c.query_one("SELECT count(*) FROM orders__sa_new", &[])
+        c.query_one(&format!("SELECT count(*) FROM {shadow}"), &[])
             .await
             .map(|r| r.get::<_, i64>(0) > 0)
             .unwrap_or(false)
@@ -252,7 +260,7 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
     let (ok, out) = cli(&url, &["cleanup", "--stale", "--dry-run"]).await;
     assert!(ok, "{out}");
     assert!(
-        out.contains(r#"would drop shadow table "public"."orders__sa_new""#),
+        out.contains(&format!("would drop shadow table {shadow}")),
         "{out}"
     );
     assert!(
@@ -264,13 +272,15 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
         "{out}"
     );
     assert!(
-        out.contains(r#"kept shadow table "public"."live__sa_new" (its run is alive)"#),
+        out.contains(&format!(
+            "kept shadow table {live_shadow} (its run is alive)"
+        )),
         "{out}"
     );
     assert_eq!(
         count(
             &c,
-            "SELECT count(*) FROM pg_class WHERE relname = 'orders__sa_new'"
+            &format!("SELECT count(*) FROM pg_class WHERE oid = to_regclass('{shadow}')")
         )
         .await,
         1,
@@ -280,7 +290,11 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
     let (ok, out) = cli(&url, &["cleanup", "--stale"]).await;
     assert!(ok, "{out}");
     assert!(
-        out.contains(r#"dropped shadow table "public"."orders__sa_new""#),
+        out.contains(&format!("dropped shadow table {shadow}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("dropped work schema {work}")),
         "{out}"
     );
     assert!(
@@ -294,7 +308,10 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
     assert_eq!(
         count(
             &c,
-            "SELECT count(*) FROM pg_class WHERE relname = 'orders__sa_new'"
+            &format!(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = '{}'",
+                work.trim_matches('"')
+            )
         )
         .await,
         0
@@ -352,10 +369,11 @@ async fn verify_finds_and_repairs_a_corrupted_shadow_under_writes() {
         },
     )
     .await;
-    c.batch_execute(
-        "UPDATE orders__sa_new SET qty = -999 WHERE id = 50000000; DELETE FROM orders__sa_new WHERE id = 50000001;
-         UPDATE orders__sa_new SET code = 'corrupt' WHERE id = (SELECT min(id) FROM orders__sa_new)",
-    )
+    let shadow = support::shadow_of(&c, "orders").await;
+    c.batch_execute(&format!(
+        "UPDATE {shadow} SET qty = -999 WHERE id = 50000000; DELETE FROM {shadow} WHERE id = 50000001;
+         UPDATE {shadow} SET code = 'corrupt' WHERE id = (SELECT min(id) FROM {shadow})",
+    ))
     .await
     .unwrap();
     let before = writers.done.load(Ordering::Relaxed);
@@ -412,15 +430,22 @@ async fn periodic_verification_while_waiting_repairs_a_corrupted_shadow() {
     )
     .await;
     // something other than the stream changes the shadow: the next comparison repairs it
-    c.batch_execute("UPDATE t__sa_new SET w = 'corrupted' WHERE id = 4242")
-        .await
-        .unwrap();
+    let shadow = support::shadow_of(&c, "t").await;
+    c.batch_execute(&format!(
+        "UPDATE {shadow} SET w = 'corrupted' WHERE id = 4242"
+    ))
+    .await
+    .unwrap();
     wait_until(Duration::from_secs(30), "the repair", || {
         state_matches(&c, "message LIKE '%repaired 1 key range(s)%(id) in%'")
     })
     .await;
     assert_eq!(
-        count(&c, "SELECT count(*) FROM t__sa_new WHERE w = 'corrupted'").await,
+        count(
+            &c,
+            &format!("SELECT count(*) FROM {shadow} WHERE w = 'corrupted'")
+        )
+        .await,
         0
     );
     shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {

@@ -179,8 +179,9 @@ async fn killed_in_every_phase_resumes_without_recopying() {
     wait_for_watermark(&c).await;
     child.kill().expect("kill -9");
     let _ = child.wait();
+    let shadow = support::shadow_of(&c, "orders").await;
     let copied_before: i64 = c
-        .query_one("SELECT count(*) FROM orders__sa_new", &[])
+        .query_one(&format!("SELECT count(*) FROM {shadow}"), &[])
         .await
         .unwrap()
         .get(0);

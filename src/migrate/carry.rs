@@ -47,6 +47,13 @@ impl Validate {
 pub struct Carry {
     /// Before the renames: drop what points at the source by identity (views, foreign keys in).
     pub before: Vec<String>,
+    /// Once the source has its old name: its index, statistics and sequence names make room
+    /// for the new table's.
+    pub make_room: Vec<String>,
+    /// With the new table in place: objects that do not move with it (statistics).
+    pub move_in: Vec<String>,
+    /// The old table's objects renamed by `make_room`, with their names (for a revert).
+    pub renamed_away: Vec<RenamedAway>,
     /// After the renames: re-create everything on the new table.
     pub after: Vec<String>,
     /// After the commit: validate the foreign keys added NOT VALID.
@@ -211,6 +218,7 @@ pub async fn prepare(
     names: &Names,
     old_name: &str,
     old_suffix: &str,
+    restore: &[RenamedAway],
 ) -> Result<Carry, MigrateError> {
     let oid = table.oid;
     let src = table.qualified();
@@ -244,7 +252,16 @@ pub async fn prepare(
     publications(tx, oid, &src, old_name, &table.schema, &gone, &mut c).await?;
     column_settings(tx, oid, &src, &gone, &mut c).await?;
     sequence_names(tx, mapping, &shadow, old_suffix, &mut c).await?;
-    statistics_names(tx, oid, shadow_oid, old_suffix, &mut c).await?;
+    object_names(
+        tx,
+        oid,
+        shadow_oid,
+        &table.schema,
+        old_suffix,
+        restore,
+        &mut c,
+    )
+    .await?;
     for (from, to) in renames.iter().rev() {
         tx.batch_execute(&format!(
             "ALTER TABLE {src} RENAME COLUMN {} TO {}",
@@ -793,7 +810,8 @@ async fn column_settings(
     Ok(())
 }
 
-/// The new table's identity sequences take the names of the old table's.
+/// The new table's identity sequences take the names of the old table's (renamed out of the way
+/// first, while the new table is still in its own schema).
 async fn sequence_names(
     tx: &Transaction<'_>,
     mapping: &Mapping,
@@ -804,22 +822,25 @@ async fn sequence_names(
     for (old_seq, col) in &mapping.identity_sync {
         let r = tx
             .query_one(
-                "SELECT o.relname::text, format('%I.%I', nn.nspname, n.relname)
+                "SELECT o.relname::text, format('%I.%I', nn.nspname, n.relname), n.relname::text
                  FROM pg_class o, pg_class n JOIN pg_namespace nn ON nn.oid = n.relnamespace
                  WHERE o.oid = $1::text::regclass AND n.oid = pg_get_serial_sequence($2, $3)::regclass",
                 &[old_seq, &shadow, col],
             )
             .await
             .ctx("reading identity sequence names")?;
-        let (old_bare, new_seq): (String, String) = (r.get(0), r.get(1));
-        c.after.push(format!(
+        let (old_bare, new_seq, new_bare): (String, String, String) =
+            (r.get(0), r.get(1), r.get(2));
+        c.make_room.push(format!(
             "ALTER SEQUENCE {old_seq} RENAME TO {}",
             quote_ident(&fit(&old_bare, old_suffix))
         ));
-        c.after.push(format!(
-            "ALTER SEQUENCE {new_seq} RENAME TO {}",
-            quote_ident(&old_bare)
-        ));
+        if new_bare != old_bare {
+            c.make_room.push(format!(
+                "ALTER SEQUENCE {new_seq} RENAME TO {}",
+                quote_ident(&old_bare)
+            ));
+        }
         c.summary.push(format!(
             "identity sequence of {col} continues from the old one's value as {old_bare}"
         ));
@@ -827,40 +848,92 @@ async fn sequence_names(
     Ok(())
 }
 
-/// Extended statistics were copied by LIKE under generated names: give them the old names.
-async fn statistics_names(
+/// An index or extended statistics object renamed out of the way at a swap, with the name it
+/// had: a revert gives it back.
+#[derive(Debug, Clone)]
+pub struct RenamedAway {
+    pub statistics: bool,
+    pub oid: u32,
+    pub name: String,
+}
+
+/// Index and extended statistics names: the outgoing table's take a suffix (they are in the
+/// same schema as the incoming table's, which already carry the names a plain ALTER gives,
+/// or, at a revert, get back the names they had), and statistics move with the table.
+async fn object_names(
     tx: &Transaction<'_>,
     oid: u32,
     shadow_oid: u32,
+    schema: &str,
     old_suffix: &str,
+    restore: &[RenamedAway],
     c: &mut Carry,
 ) -> Result<(), MigrateError> {
-    let pairs = tx
+    for r in tx
         .query(
-            "WITH s AS (SELECT stxname::text AS name, format('%I.%I', (SELECT nspname FROM pg_namespace WHERE oid = stxnamespace), stxname) AS q,
-                               regexp_replace(pg_get_statisticsobjdef(oid), '^CREATE STATISTICS \\S+ (.*) FROM \\S+$', '\\1') AS def
-                        FROM pg_statistic_ext WHERE stxrelid = $1),
-                  n AS (SELECT stxname::text AS name, format('%I.%I', (SELECT nspname FROM pg_namespace WHERE oid = stxnamespace), stxname) AS q,
-                               regexp_replace(pg_get_statisticsobjdef(oid), '^CREATE STATISTICS \\S+ (.*) FROM \\S+$', '\\1') AS def
-                        FROM pg_statistic_ext WHERE stxrelid = $2)
-             SELECT s.name, s.q, n.q FROM s JOIN n USING (def)
-             WHERE (SELECT count(*) FROM s x WHERE x.def = s.def) = 1 AND (SELECT count(*) FROM n x WHERE x.def = n.def) = 1",
-            &[&oid, &shadow_oid],
+            "SELECT c.oid, c.relname::text, format('%I.%I', n.nspname, c.relname), false
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE i.indrelid = $1
+             UNION ALL
+             SELECT s.oid, s.stxname::text, format('%I.%I', n.nspname, s.stxname), true
+             FROM pg_statistic_ext s JOIN pg_namespace n ON n.oid = s.stxnamespace WHERE s.stxrelid = $1
+             ORDER BY 4, 2",
+            &[&oid],
         )
         .await
-        .ctx("matching extended statistics")?;
-    for r in &pairs {
-        let (name, old_q, new_q): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-        c.after.push(format!(
-            "ALTER STATISTICS {old_q} RENAME TO {}",
+        .ctx("reading the old table's index and statistics names")?
+    {
+        let (id, name, q, statistics): (u32, String, String, bool) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        c.make_room.push(format!(
+            "ALTER {} {q} RENAME TO {}",
+            if statistics { "STATISTICS" } else { "INDEX" },
             quote_ident(&fit(&name, old_suffix))
         ));
-        c.after.push(format!(
-            "ALTER STATISTICS {new_q} RENAME TO {}",
-            quote_ident(&name)
+        c.renamed_away.push(RenamedAway {
+            statistics,
+            oid: id,
+            name,
+        });
+    }
+    for r in restore {
+        let q: Option<String> = tx
+            .query_opt(
+                if r.statistics {
+                    "SELECT format('%I.%I', n.nspname, s.stxname) FROM pg_statistic_ext s
+                     JOIN pg_namespace n ON n.oid = s.stxnamespace WHERE s.oid = $1 AND s.stxrelid = $2"
+                } else {
+                    "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1 AND i.indrelid = $2"
+                },
+                &[&r.oid, &shadow_oid],
+            )
+            .await
+            .ctx("reading the names to give back")?
+            .map(|row| row.get(0));
+        if let Some(q) = q {
+            c.make_room.push(format!(
+                "ALTER {} {q} RENAME TO {}",
+                if r.statistics { "STATISTICS" } else { "INDEX" },
+                quote_ident(&r.name)
+            ));
+        }
+    }
+    // statistics objects do not move with ALTER TABLE ... SET SCHEMA
+    for r in tx
+        .query(
+            "SELECT format('%I.%I', n.nspname, s.stxname) FROM pg_statistic_ext s
+             JOIN pg_namespace n ON n.oid = s.stxnamespace WHERE s.stxrelid = $1 AND n.nspname <> $2",
+            &[&shadow_oid, &schema],
+        )
+        .await
+        .ctx("reading the new table's extended statistics")?
+    {
+        c.move_in.push(format!(
+            "ALTER STATISTICS {} SET SCHEMA {}",
+            r.get::<_, String>(0),
+            quote_ident(schema)
         ));
-        c.summary
-            .push(format!("extended statistics {name} kept their name"));
     }
     Ok(())
 }

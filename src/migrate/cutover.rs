@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
-use super::carry::{self, Carry, Validate};
+use super::carry::{self, Carry, RenamedAway, Validate};
 use super::error::{describe_db_error, Ctx, MigrateError};
 use super::follow::Follower;
 use super::proxies::Proxies;
@@ -31,6 +31,9 @@ pub struct SwapOptions<'a> {
     /// Where the renamed source goes: `__sa_old_<stamp>` for a migration, `__sa_rev_<stamp>`
     /// for a revert.
     pub old_infix: &'static str,
+    /// Names to give back to the incoming table's indexes and statistics (a revert: the names
+    /// the migration's swap renamed away).
+    pub restore_names: &'a [RenamedAway],
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +47,8 @@ pub struct SwapOutcome {
     pub carried: Vec<String>,
     /// Foreign keys added NOT VALID, to validate now that the swap has committed.
     pub validate: Vec<Validate>,
+    /// The old table's indexes and statistics renamed out of the way, with their names.
+    pub renamed_away: Vec<RenamedAway>,
 }
 
 /// Emits markers into the WAL and waits for the follower to apply up to them.
@@ -187,6 +192,7 @@ pub async fn swap(
                         held: held_for,
                         carried: carried.summary,
                         validate: carried.validate,
+                        renamed_away: carried.renamed_away,
                     })
                 }
                 Err(SwapAttemptError::Retry(reason)) => last_reason = reason,
@@ -332,81 +338,139 @@ async fn try_swap(
         .await
         .ctx("finding the shadow table's key index")?
         .get(0);
-    let carried = carry::prepare(&tx, table, mapping, names, old_name, old_suffix).await?;
-    let mut sql = carried.before.clone();
+    let carried = carry::prepare(
+        &tx,
+        table,
+        mapping,
+        names,
+        old_name,
+        old_suffix,
+        opts.restore_names,
+    )
+    .await?;
+    let new = qualified(&table.schema, &table.name);
+    // 1. the source steps aside: its name, and its objects' names
+    let mut steps = carried.before.clone();
     for (src_seq, col) in &mapping.identity_sync {
-        sql.push(format!(
+        steps.push(format!(
             "SELECT setval(pg_get_serial_sequence({}, {}), s.last_value, s.is_called) FROM {src_seq} AS s",
             quote_literal(&shadow),
             quote_literal(col)
         ));
     }
     match table.replica_identity {
-        'f' => sql.push(format!("ALTER TABLE {shadow} REPLICA IDENTITY FULL")),
-        'i' => sql.push(format!(
+        'f' => steps.push(format!("ALTER TABLE {shadow} REPLICA IDENTITY FULL")),
+        'i' => steps.push(format!(
             "ALTER TABLE {shadow} REPLICA IDENTITY USING INDEX {}",
             quote_ident(&key_index)
         )),
         _ => {}
     }
-    // indexes (and the constraints they back) keep the names applications and tooling know
-    let pairs = tx
-        .query(
-            "WITH s AS (SELECT c.relname::text AS name,
-                               regexp_replace(pg_get_indexdef(i.indexrelid), '^CREATE (UNIQUE )?INDEX \\S+ ON \\S+ ', 'CREATE \\1INDEX ON ') AS def
-                        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $1::oid),
-                  n AS (SELECT c.relname::text AS name,
-                               regexp_replace(pg_get_indexdef(i.indexrelid), '^CREATE (UNIQUE )?INDEX \\S+ ON \\S+ ', 'CREATE \\1INDEX ON ') AS def
-                        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $2::text::regclass)
-             SELECT s.name, n.name FROM s JOIN n USING (def)
-             WHERE (SELECT count(*) FROM s x WHERE x.def = s.def) = 1 AND (SELECT count(*) FROM n x WHERE x.def = n.def) = 1",
-            &[&table.oid, &shadow],
-        )
-        .await
-        .ctx("matching the indexes of the old and new tables")?;
-    for r in &pairs {
-        let (old_idx, new_idx): (String, String) = (r.get(0), r.get(1));
-        let renamed = super::shadow::fit(&old_idx, old_suffix);
-        sql.push(format!(
-            "ALTER INDEX {} RENAME TO {}",
-            qualified(&table.schema, &old_idx),
-            quote_ident(&renamed)
-        ));
-        sql.push(format!(
-            "ALTER INDEX {} RENAME TO {}",
-            qualified(&table.schema, &new_idx),
-            quote_ident(&old_idx)
-        ));
-    }
-    sql.push(format!(
+    steps.push(format!(
         "ALTER TABLE {src} RENAME TO {}",
         quote_ident(old_name)
     ));
-    sql.push(format!(
-        "ALTER TABLE {shadow} RENAME TO {}",
-        quote_ident(&table.name)
-    ));
-    let new = qualified(&table.schema, &table.name);
-    sql.push(format!(
+    steps.extend(carried.make_room.iter().cloned());
+    run_steps(&tx, &steps).await?;
+    // 2. names the ALTER gave new objects that another relation of the schema already has (a
+    //    plain ALTER would have picked the next free one)
+    if names.schema != table.schema {
+        let clashes = tx
+            .query(
+                "SELECT c.relkind::text, c.relname::text FROM pg_class c
+                 WHERE c.relnamespace = $1::text::regnamespace AND c.relname <> $3
+                   AND c.relkind IN ('i', 'S', 'I')
+                   AND EXISTS (SELECT 1 FROM pg_class o WHERE o.relnamespace = $2::text::regnamespace AND o.relname = c.relname)",
+                &[&quote_ident(&names.schema), &quote_ident(&table.schema), &table.name],
+            )
+            .await
+            .ctx("looking for names the new table's objects cannot take")?;
+        let mut renames = Vec::new();
+        for r in &clashes {
+            let (kind, name): (String, String) = (r.get(0), r.get(1));
+            let free = free_name(&tx, &table.schema, &names.schema, &name).await?;
+            tracing::info!(
+                "{name} is taken in schema {}: the new table's one becomes {free}",
+                table.schema
+            );
+            renames.push(format!(
+                "ALTER {} {} RENAME TO {}",
+                if kind == "S" { "SEQUENCE" } else { "INDEX" },
+                qualified(&names.schema, &name),
+                quote_ident(&free)
+            ));
+        }
+        run_steps(&tx, &renames).await?;
+    }
+    // 3. the new table takes the source's place and everything that belongs to it
+    let mut steps = Vec::new();
+    if names.schema != table.schema {
+        steps.push(format!(
+            "ALTER TABLE {shadow} SET SCHEMA {}",
+            quote_ident(&table.schema)
+        ));
+        if names.shadow != table.name {
+            steps.push(format!(
+                "ALTER TABLE {} RENAME TO {}",
+                qualified(&table.schema, &names.shadow),
+                quote_ident(&table.name)
+            ));
+        }
+    } else {
+        steps.push(format!(
+            "ALTER TABLE {shadow} RENAME TO {}",
+            quote_ident(&table.name)
+        ));
+    }
+    steps.extend(carried.move_in.iter().cloned());
+    steps.push(format!(
         "ALTER TABLE {new} OWNER TO {}",
         quote_ident(&table.owner)
     ));
     for seq in table.sequences.iter().filter(|s| !s.identity) {
         if let Some(col) = mapping.shadow_column_of(&seq.column) {
-            sql.push(format!(
+            steps.push(format!(
                 "ALTER SEQUENCE {} OWNED BY {new}.{}",
                 seq.sequence,
                 quote_ident(col)
             ));
         }
     }
-    sql.push(match &table.comment {
+    steps.push(match &table.comment {
         Some(c) => format!("COMMENT ON TABLE {new} IS {}", quote_literal(c)),
         None => format!("COMMENT ON TABLE {new} IS NULL"),
     });
-    sql.extend(carried.after.iter().cloned());
+    for col in &mapping.identity_always {
+        steps.push(format!(
+            "ALTER TABLE {new} ALTER COLUMN {} SET GENERATED ALWAYS",
+            quote_ident(col)
+        ));
+    }
+    let mut validate = carried.validate.clone();
+    for r in &mapping.reattach {
+        steps.push(r.add_sql(&new));
+        if let Some(text) = &r.comment {
+            steps.push(format!(
+                "COMMENT ON CONSTRAINT {} ON {new} IS {}",
+                quote_ident(&r.name),
+                quote_literal(text)
+            ));
+        }
+        if r.validate {
+            validate.push(Validate {
+                table: new.clone(),
+                constraint: r.name.clone(),
+            });
+        }
+    }
+    steps.extend(carried.after.iter().cloned());
     // a run killed right after the commit finds the swap recorded and only finishes the cleanup
-    super::resume::record_swap(&tx, table.oid, old_name, &carried.validate).await?;
+    let new_oid: u32 = tx
+        .query_one("SELECT $1::text::regclass::oid", &[&shadow])
+        .await
+        .ctx("finding the new table")?
+        .get(0);
+    super::resume::record_swap(&tx, table.oid, old_name, new_oid, &validate).await?;
     if let Some(prefix) = &opts.message {
         tx.execute(
             "SELECT pg_logical_emit_message(true, $1, 'swap')",
@@ -415,9 +479,20 @@ async fn try_swap(
         .await
         .ctx("marking the swap in the WAL")?;
     }
-    for s in &sql {
+    run_steps(&tx, &steps).await?;
+    tx.commit().await.ctx("committing the swap")?;
+    let carried = Carry {
+        validate,
+        ..carried
+    };
+    Ok((locked_at.elapsed(), carried))
+}
+
+/// Run the swap's statements in order; a lock not granted in time is worth another attempt,
+/// anything else rolls the swap back for good (the transaction is dropped, so it rolls back).
+async fn run_steps(tx: &Transaction<'_>, steps: &[String]) -> Result<(), SwapAttemptError> {
+    for s in steps {
         if let Err(e) = tx.batch_execute(s).await {
-            let _ = tx.rollback().await;
             if matches!(e.code().map(|c| c.code()), Some("55P03") | Some("40P01")) {
                 return Err(SwapAttemptError::Retry(format!(
                     "a lock the swap needs was not granted in time ({s}): {}",
@@ -430,8 +505,35 @@ async fn try_swap(
             ))));
         }
     }
-    tx.commit().await.ctx("committing the swap")?;
-    Ok((locked_at.elapsed(), carried))
+    Ok(())
+}
+
+/// The name PostgreSQL would choose for `name` in `schema`: `name1`, `name2`, ... (kept within
+/// 63 bytes), free in both `schema` and the work schema the object comes from.
+async fn free_name(
+    tx: &Transaction<'_>,
+    schema: &str,
+    work: &str,
+    name: &str,
+) -> Result<String, SwapAttemptError> {
+    for n in 1..1000 {
+        let candidate = super::shadow::fit(name, &n.to_string());
+        let taken: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relname = $3
+                                AND relnamespace IN ($1::text::regnamespace, $2::text::regnamespace))",
+                &[&quote_ident(schema), &quote_ident(work), &candidate],
+            )
+            .await
+            .ctx("looking for a free name")?
+            .get(0);
+        if !taken {
+            return Ok(candidate);
+        }
+    }
+    Err(SwapAttemptError::Fatal(MigrateError::Internal(format!(
+        "no free name for {name} in schema {schema}"
+    ))))
 }
 
 /// Who holds or waits for a lock on the table, for the retry message.

@@ -1,11 +1,25 @@
 //! The shadow table: names for everything a run creates, `CREATE TABLE ... (LIKE src INCLUDING
 //! ALL)` plus the user's ALTER, and the column mapping old -> new by attribute identity (attnum
 //! before and after the ALTER), so renames, USING expressions and dropped columns map correctly.
+//!
+//! The shadow lives in a schema of the run's own (`shadow_alter_<oid>`) under the table's own
+//! name, so everything PostgreSQL names after the table while the ALTER runs on it (an unnamed
+//! CHECK, an added identity's sequence, the index of an added UNIQUE) gets the name a plain ALTER
+//! gives; the swap moves it into the table's schema. Before the ALTER runs, the shadow's indexes
+//! and extended statistics take the source's names, paired by identity (their definitions,
+//! column by column, and creation order for twins), so the ALTER's own renames and rebuilds keep
+//! them.
+//!
+//! While the shadow is filled it must accept every row the source holds: identity columns are
+//! `BY DEFAULT` (the apply sets them; `ALWAYS` is restored at the swap), and constraints that a
+//! plain ALTER would not check against existing rows (`NOT VALID` checks and foreign keys, and
+//! foreign keys that point at the table itself) are taken off and added back `NOT VALID` at the
+//! swap, so they come out exactly as the plain ALTER leaves them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use super::error::{describe_db_error, Ctx, MigrateError};
 use crate::catalog::Table;
@@ -15,19 +29,26 @@ use crate::sql::{qualified, quote_ident, quote_literal};
 /// Names of what a run creates. Deterministic per table, so a rerun finds a crashed run's leftovers.
 #[derive(Debug, Clone)]
 pub struct Names {
+    /// Schema of the table being migrated.
+    pub table_schema: String,
+    /// Schema the shadow lives in: the run's work schema for a migration, the table's schema
+    /// for a revert (whose "shadow" is the old table).
     pub schema: String,
     pub shadow: String,
+    /// The run's work schema, dropped once the shadow has moved out of it (None for a revert).
+    pub work_schema: Option<String>,
     pub publication: String,
     pub slot: String,
     /// Prefix of logical messages (markers) of this run.
     pub marker_prefix: String,
-    /// Comment that marks a shadow table as ours.
+    /// Comment that marks a shadow table (and the work schema) as ours.
     pub marker_comment: String,
 }
 
 const MAX_IDENT: usize = 63;
 
-/// `base` + `suffix`, with `base` shortened to fit PostgreSQL's 63-byte identifiers.
+/// `base` + `suffix`, with `base` shortened to fit PostgreSQL's 63-byte identifiers (never
+/// splitting a character).
 pub fn fit(base: &str, suffix: &str) -> String {
     let mut b = base.to_string();
     while b.len() + suffix.len() > MAX_IDENT && !b.is_empty() {
@@ -36,16 +57,28 @@ pub fn fit(base: &str, suffix: &str) -> String {
     format!("{b}{suffix}")
 }
 
+/// The work schema of a run on the table with this oid.
+pub fn work_schema(oid: u32) -> String {
+    format!("shadow_alter_{oid}")
+}
+
 impl Names {
     pub fn for_table(t: &Table) -> Names {
+        Names::for_oid(t.oid, &t.schema, &t.name)
+    }
+
+    /// The names of a run on the table with this oid, schema and name.
+    pub fn for_oid(oid: u32, schema: &str, name: &str) -> Names {
         Names {
-            schema: t.schema.clone(),
-            shadow: fit(&t.name, "__sa_new"),
-            publication: format!("shadow_alter_{}", t.oid),
+            table_schema: schema.to_string(),
+            schema: work_schema(oid),
+            shadow: name.to_string(),
+            work_schema: Some(work_schema(oid)),
+            publication: format!("shadow_alter_{oid}"),
             // persistent and per table, so a rerun of a killed run finds it and resumes
-            slot: format!("shadow_alter_{}", t.oid),
-            marker_prefix: format!("shadow_alter:{}:{}", t.oid, std::process::id()),
-            marker_comment: format!("shadow-alter shadow of table oid {}", t.oid),
+            slot: format!("shadow_alter_{oid}"),
+            marker_prefix: format!("shadow_alter:{oid}:{}", std::process::id()),
+            marker_comment: format!("shadow-alter shadow of table oid {oid}"),
         }
     }
 
@@ -69,6 +102,29 @@ pub struct Target {
     pub plain: bool,
 }
 
+/// A constraint taken off the shadow while it is filled, added back `NOT VALID` at the swap.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reattach {
+    pub name: String,
+    /// `pg_get_constraintdef` over the shadow (new column names), without `NOT VALID`.
+    pub def: String,
+    /// Validate it once the swap has committed (a foreign key that points at the table itself
+    /// and was valid); otherwise it stays `NOT VALID`, as the plain ALTER leaves it.
+    pub validate: bool,
+    pub comment: Option<String>,
+}
+
+impl Reattach {
+    /// The statement adding it back to `table`.
+    pub fn add_sql(&self, table: &str) -> String {
+        format!(
+            "ALTER TABLE {table} ADD CONSTRAINT {} {} NOT VALID",
+            quote_ident(&self.name),
+            self.def
+        )
+    }
+}
+
 /// How rows of the source become rows of the shadow (kept in the checkpoint for a resume).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Mapping {
@@ -78,10 +134,21 @@ pub struct Mapping {
     pub shadow_key: Vec<String>,
     /// Index of `targets` for each key column.
     pub key_targets: Vec<usize>,
-    /// The shadow has a GENERATED ALWAYS identity column that we fill: needs OVERRIDING SYSTEM VALUE.
+    /// The shadow key columns' types (`format_type`), to compare computed keys with them.
+    #[serde(default)]
+    pub shadow_key_types: Vec<String>,
+    /// The target table has a GENERATED ALWAYS identity column that we fill: needs OVERRIDING
+    /// SYSTEM VALUE (only a revert's target; a shadow's identities are BY DEFAULT while filled).
     pub overriding: bool,
     /// (source identity sequence, shadow column) pairs to carry over at the swap.
     pub identity_sync: Vec<(String, String)>,
+    /// Shadow columns that are `GENERATED ALWAYS AS IDENTITY` after the ALTER: `BY DEFAULT`
+    /// while the shadow is filled, `ALWAYS` again in the swap.
+    #[serde(default)]
+    pub identity_always: Vec<String>,
+    /// Constraints taken off the shadow while it is filled (see the module header).
+    #[serde(default)]
+    pub reattach: Vec<Reattach>,
     /// The shadow's unique index on `shadow_key`.
     pub shadow_key_index: String,
     /// The shadow has unique or exclusion constraints besides the key: changes to different
@@ -117,6 +184,19 @@ impl Mapping {
             .find(|t| t.source == source)
             .map(|t| t.column.as_str())
     }
+    /// The shadow key computed from source columns, one expression per key column, each cast
+    /// to the shadow column's type (a key whose type changes, int -> text, compares as text).
+    pub fn shadow_key_exprs(&self) -> Vec<String> {
+        self.key_targets
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| match self.shadow_key_types.get(i) {
+                Some(ty) => format!("CAST(({}) AS {ty})", self.targets[t].expr),
+                None => format!("({})", self.targets[t].expr),
+            })
+            .collect()
+    }
+
     pub fn overriding_clause(&self) -> &'static str {
         if self.overriding {
             " OVERRIDING SYSTEM VALUE"
@@ -126,39 +206,35 @@ impl Mapping {
     }
 }
 
-/// Find leftovers of a crashed run and remove them; refuse on a name collision with a table that
-/// is not ours. The caller holds the per-table advisory lock, so no live run owns them.
+/// Find leftovers of a crashed run and remove them; refuse on a name collision with a schema
+/// that is not ours. The caller holds the per-table advisory lock, so no live run owns them.
 pub async fn clear_leftovers(
     client: &Client,
     names: &Names,
     table: &Table,
 ) -> Result<Vec<String>, MigrateError> {
     let mut removed = Vec::new();
-    let row = client
-        .query_opt(
-            "SELECT obj_description(c.oid, 'pg_class') FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE n.nspname = $1 AND c.relname = $2",
-            &[&names.schema, &names.shadow],
-        )
-        .await
-        .ctx("looking for a leftover shadow table")?;
-    if let Some(row) = row {
-        let comment: Option<String> = row.get(0);
-        if comment.as_deref() == Some(names.marker_comment.as_str()) {
-            client
-                .batch_execute(&format!(
-                    "SET lock_timeout = '5s'; DROP TABLE {}; RESET lock_timeout",
-                    names.shadow_qualified()
-                ))
+    if let Some(work) = &names.work_schema {
+        let row = client
+            .query_opt(
+                "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = $1",
+                &[work],
+            )
+            .await
+            .ctx("looking for a leftover work schema")?;
+        if let Some(row) = row {
+            let comment: Option<String> = row.get(0);
+            if comment.as_deref() != Some(names.marker_comment.as_str()) {
+                return Err(MigrateError::Preflight(format!(
+                    "a schema named {} already exists and was not created by shadow-alter for {}; rename or drop it first",
+                    quote_ident(work),
+                    table.qualified()
+                )));
+            }
+            drop_shadow(client, names)
                 .await
                 .ctx("dropping the shadow table a crashed run left behind")?;
-            removed.push(format!("table {}", names.shadow_qualified()));
-        } else {
-            return Err(MigrateError::Preflight(format!(
-                "a table named {} already exists and was not created by shadow-alter for {}; rename or drop it first",
-                names.shadow_qualified(),
-                table.qualified()
-            )));
+            removed.push(format!("shadow table {}", names.shadow_qualified()));
         }
     }
     let exists = client
@@ -181,6 +257,152 @@ pub async fn clear_leftovers(
     Ok(removed)
 }
 
+/// Give the shadow's indexes and extended statistics (just created by LIKE) the source's names,
+/// pairing them by identity: the same definition column by column, and creation order among
+/// twins. Through temporary names, so a name one of them already has cannot collide.
+async fn take_source_names(
+    tx: &Transaction<'_>,
+    source_oid: u32,
+    shadow: &str,
+    schema: &str,
+) -> Result<(), MigrateError> {
+    let pairs = tx
+        .query(
+            "WITH d AS (
+               SELECT i.indrelid AS rel, c.relname::text AS name,
+                      concat_ws('|', i.indisunique, i.indisprimary, i.indisexclusion, i.indimmediate, i.indnatts,
+                                i.indnkeyatts, c.relam, i.indclass::text, i.indcollation::text, i.indoption::text,
+                                array(SELECT pg_get_indexdef(i.indexrelid, k, true) FROM generate_series(1, i.indnatts) k)::text,
+                                pg_get_expr(i.indpred, i.indrelid), array_to_string(c.reloptions, ','),
+                                (SELECT contype FROM pg_constraint WHERE conindid = i.indexrelid AND conrelid = i.indrelid
+                                 AND contype IN ('p', 'u', 'x') LIMIT 1)) AS def,
+                      i.indexrelid AS id
+               FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+               WHERE i.indrelid IN ($1::oid, $2::text::regclass)),
+             n AS (SELECT *, row_number() OVER (PARTITION BY rel, def ORDER BY id) AS k FROM d)
+             SELECT s.name, t.name FROM n s JOIN n t ON t.def = s.def AND t.k = s.k
+             WHERE s.rel = $1::oid AND t.rel = $2::text::regclass",
+            &[&source_oid, &shadow],
+        )
+        .await
+        .ctx("pairing the shadow table's indexes with the source's")?;
+    let renames: Vec<(String, String)> = pairs
+        .iter()
+        .map(|r| (r.get::<_, String>(1), r.get::<_, String>(0)))
+        .filter(|(shadow_name, source_name)| shadow_name != source_name)
+        .collect();
+    for (i, (from, _)) in renames.iter().enumerate() {
+        tx.batch_execute(&format!(
+            "ALTER INDEX {} RENAME TO {}",
+            qualified(schema, from),
+            quote_ident(&format!("__sa_tmp_index_{i}"))
+        ))
+        .await
+        .ctx("renaming the shadow table's indexes")?;
+    }
+    for (i, (_, to)) in renames.iter().enumerate() {
+        tx.batch_execute(&format!(
+            "ALTER INDEX {} RENAME TO {}",
+            qualified(schema, &format!("__sa_tmp_index_{i}")),
+            quote_ident(to)
+        ))
+        .await
+        .ctx("giving the shadow table's indexes the source's names")?;
+    }
+    let stats = tx
+        .query(
+            "WITH d AS (
+               SELECT s.stxrelid AS rel, s.stxname::text AS name, s.oid AS id,
+                      concat_ws('|', s.stxkind::text,
+                                array(SELECT a.attname::text FROM pg_attribute a
+                                      WHERE a.attrelid = s.stxrelid AND a.attnum = ANY(s.stxkeys) ORDER BY a.attnum)::text,
+                                pg_get_expr(s.stxexprs, s.stxrelid)) AS def
+               FROM pg_statistic_ext s WHERE s.stxrelid IN ($1::oid, $2::text::regclass)),
+             n AS (SELECT *, row_number() OVER (PARTITION BY rel, def ORDER BY id) AS k FROM d)
+             SELECT s.name, t.name FROM n s JOIN n t ON t.def = s.def AND t.k = s.k
+             WHERE s.rel = $1::oid AND t.rel = $2::text::regclass",
+            &[&source_oid, &shadow],
+        )
+        .await
+        .ctx("pairing the shadow table's extended statistics with the source's")?;
+    let renames: Vec<(String, String)> = stats
+        .iter()
+        .map(|r| (r.get::<_, String>(1), r.get::<_, String>(0)))
+        .filter(|(a, b)| a != b)
+        .collect();
+    for (i, (from, _)) in renames.iter().enumerate() {
+        tx.batch_execute(&format!(
+            "ALTER STATISTICS {} RENAME TO {}",
+            qualified(schema, from),
+            quote_ident(&format!("__sa_tmp_stat_{i}"))
+        ))
+        .await
+        .ctx("renaming the shadow table's extended statistics")?;
+    }
+    for (i, (_, to)) in renames.iter().enumerate() {
+        tx.batch_execute(&format!(
+            "ALTER STATISTICS {} RENAME TO {}",
+            qualified(schema, &format!("__sa_tmp_stat_{i}")),
+            quote_ident(to)
+        ))
+        .await
+        .ctx("giving the shadow table's extended statistics the source's names")?;
+    }
+    Ok(())
+}
+
+/// Constraints that must not hold while the shadow is filled (see the module header): taken off
+/// the shadow and returned, to be added back `NOT VALID` at the swap.
+async fn detach_constraints(
+    tx: &Transaction<'_>,
+    shadow: &str,
+    source_oid: u32,
+    source_not_valid: &[String],
+    validated_by_alter: &[String],
+) -> Result<Vec<Reattach>, MigrateError> {
+    let rows = tx
+        .query(
+            "SELECT c.conname::text, pg_get_constraintdef(c.oid), c.contype::text, c.convalidated,
+                    c.confrelid = $2::oid, obj_description(c.oid, 'pg_constraint')
+             FROM pg_constraint c WHERE c.conrelid = $1::text::regclass AND c.contype IN ('c', 'f')
+             ORDER BY c.oid",
+            &[&shadow, &source_oid],
+        )
+        .await
+        .ctx("reading the shadow table's constraints")?;
+    let mut out = Vec::new();
+    for r in &rows {
+        let name: String = r.get(0);
+        let def: String = r.get(1);
+        let kind: String = r.get(2);
+        let validated: bool = r.get(3);
+        let self_ref: bool = r.get(4);
+        let not_valid =
+            !validated || (source_not_valid.contains(&name) && !validated_by_alter.contains(&name));
+        let take = not_valid || (kind == "f" && self_ref);
+        if !take {
+            continue;
+        }
+        let def = def
+            .strip_suffix(" NOT VALID")
+            .map(str::to_string)
+            .unwrap_or(def);
+        tx.batch_execute(&format!(
+            "ALTER TABLE {shadow} DROP CONSTRAINT {}",
+            quote_ident(&name)
+        ))
+        .await
+        .ctx("taking a NOT VALID constraint off the shadow table while it is filled")?;
+        out.push(Reattach {
+            name,
+            def,
+            validate: !not_valid,
+            comment: r.get(5),
+        });
+    }
+    Ok(out)
+}
+
 /// Create the shadow table with the target schema in one transaction (all or nothing) and work
 /// out the column mapping.
 pub async fn create(
@@ -195,14 +417,25 @@ pub async fn create(
         .transaction()
         .await
         .ctx("starting the shadow table transaction")?;
+    let work = names
+        .work_schema
+        .as_deref()
+        .ok_or_else(|| MigrateError::Internal("a shadow table needs a work schema".into()))?;
     tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'; CREATE TABLE {shadow} (LIKE {} INCLUDING ALL); COMMENT ON TABLE {shadow} IS {}",
+        "SET LOCAL lock_timeout = '{}ms'; CREATE SCHEMA {w}; COMMENT ON SCHEMA {w} IS {c};
+         CREATE TABLE {shadow} (LIKE {} INCLUDING ALL); COMMENT ON TABLE {shadow} IS {c}",
         lock_timeout.as_millis(),
         table.qualified(),
-        quote_literal(&names.marker_comment)
+        w = quote_ident(work),
+        c = quote_literal(&names.marker_comment)
     ))
     .await
-    .map_err(|e| MigrateError::Preflight(format!("cannot create the shadow table {shadow}: {}", describe_db_error(&e))))?;
+    .map_err(|e| {
+        MigrateError::Preflight(format!(
+            "cannot create the shadow table {shadow}: {}",
+            describe_db_error(&e)
+        ))
+    })?;
     if !table.reloptions.is_empty() {
         tx.batch_execute(&format!(
             "ALTER TABLE {shadow} SET ({})",
@@ -211,6 +444,7 @@ pub async fn create(
         .await
         .ctx("copying storage parameters to the shadow table")?;
     }
+    take_source_names(&tx, table.oid, &shadow, &names.schema).await?;
     // attnum -> source column name, before the ALTER (LIKE copies live columns by name)
     let before: HashMap<i16, String> = tx
         .query(
@@ -222,6 +456,16 @@ pub async fn create(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
+    let source_not_valid: Vec<String> = tx
+        .query(
+            "SELECT conname::text FROM pg_constraint WHERE conrelid = $1::oid AND contype = 'c' AND NOT convalidated",
+            &[&table.oid],
+        )
+        .await
+        .ctx("reading the source's NOT VALID checks")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let stmt = spec.statement_for(&shadow);
     tx.batch_execute(&stmt).await.map_err(|e| {
         MigrateError::BadInput(format!(
@@ -230,6 +474,14 @@ pub async fn create(
             describe_db_error(&e)
         ))
     })?;
+    let reattach = detach_constraints(
+        &tx,
+        &shadow,
+        table.oid,
+        &source_not_valid,
+        &spec.validated_constraints(),
+    )
+    .await?;
     let after = tx
         .query(
             "SELECT attnum, attname, attgenerated <> '', attidentity::text
@@ -241,13 +493,16 @@ pub async fn create(
 
     let mut targets = Vec::new();
     let mut added = Vec::new();
-    let mut overriding = false;
+    let mut identity_always = Vec::new();
     let mut shadow_of_source: HashMap<String, (String, usize)> = HashMap::new();
     for r in &after {
         let attnum: i16 = r.get(0);
         let name: String = r.get(1);
         let generated: bool = r.get(2);
         let identity: String = r.get(3);
+        if identity == "a" {
+            identity_always.push(name.clone());
+        }
         let Some(src) = before.get(&attnum) else {
             added.push(name);
             continue;
@@ -267,9 +522,6 @@ pub async fn create(
             Some(u) => (u.sql.clone(), u.columns.clone(), false),
             None => (quote_ident(src), BTreeSet::from([src.clone()]), true),
         };
-        if identity == "a" {
-            overriding = true;
-        }
         shadow_of_source.insert(src.clone(), (name.clone(), targets.len()));
         targets.push(Target {
             column: name,
@@ -278,6 +530,15 @@ pub async fn create(
             reads,
             plain,
         });
+    }
+    // the apply sets identity columns like any other (an UPDATE cannot set an ALWAYS one)
+    for col in &identity_always {
+        tx.batch_execute(&format!(
+            "ALTER TABLE {shadow} ALTER COLUMN {} SET GENERATED BY DEFAULT",
+            quote_ident(col)
+        ))
+        .await
+        .ctx("making an identity column settable while the shadow is filled")?;
     }
 
     let key = table
@@ -324,6 +585,19 @@ pub async fn create(
         }
     };
 
+    let mut shadow_key_types = Vec::new();
+    for k in &shadow_key {
+        shadow_key_types.push(
+            tx.query_one(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = $2",
+                &[&shadow, k],
+            )
+            .await
+            .ctx("reading the shadow key's types")?
+            .get::<_, String>(0),
+        );
+    }
+
     let other_unique: bool = tx
         .query_one(
             "SELECT count(*) > 0 FROM pg_index i WHERE i.indrelid = $1::text::regclass
@@ -368,8 +642,11 @@ pub async fn create(
         source_key: key.columns.clone(),
         shadow_key,
         key_targets,
-        overriding,
+        shadow_key_types,
+        overriding: false,
         identity_sync,
+        identity_always,
+        reattach,
         shadow_key_index,
         other_unique,
         added,
@@ -378,12 +655,26 @@ pub async fn create(
     })
 }
 
-/// Drop the shadow table (failure paths). Errors are returned for logging, not raised.
+/// Drop the shadow table and the run's work schema (failure paths, leftovers). The schema goes
+/// only when nothing else is in it.
 pub async fn drop_shadow(client: &Client, names: &Names) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(&format!(
             "SET lock_timeout = '5s'; DROP TABLE IF EXISTS {}; RESET lock_timeout",
             names.shadow_qualified()
         ))
-        .await
+        .await?;
+    drop_work_schema(client, names).await
+}
+
+/// Drop the run's (empty) work schema, if it has one.
+pub async fn drop_work_schema(client: &Client, names: &Names) -> Result<(), tokio_postgres::Error> {
+    match &names.work_schema {
+        Some(work) => {
+            client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {}", quote_ident(work)))
+                .await
+        }
+        None => Ok(()),
+    }
 }

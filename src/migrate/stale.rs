@@ -1,6 +1,6 @@
 //! `shadow-alter cleanup --stale`: find what runs that are no longer alive left in this database
-//! (replication slots `shadow_alter_<oid>_<pid>`, publications `shadow_alter_<oid>`, shadow
-//! tables marked by their comment, half-built `*__sa_idx` indexes, unfinished rows in
+//! (replication slots `shadow_alter_<oid>`, publications `shadow_alter_<oid>`, shadow tables
+//! and work schemas `shadow_alter_<oid>` marked by their comment, half-built `*__sa_idx` indexes, unfinished rows in
 //! `shadow_alter.migrations`) and drop them, printing each; `--dry-run` only lists.
 //!
 //! Invariant: nothing of a live run is touched. Every run holds the per-table advisory lock
@@ -32,6 +32,8 @@ enum Leftover {
     Table(String, String),
     /// Schema and name.
     Index(String, String),
+    /// A run's work schema (what is left in it goes too).
+    Schema(String),
     /// An unfinished migration row (table name).
     StateRow(String),
 }
@@ -43,6 +45,7 @@ impl Leftover {
             Leftover::Publication(p) => format!("publication {p}"),
             Leftover::Table(s, t) => format!("shadow table {}", qualified(s, t)),
             Leftover::Index(s, i) => format!("index {}", qualified(s, i)),
+            Leftover::Schema(s) => format!("work schema {}", quote_ident(s)),
             Leftover::StateRow(t) => format!("unfinished migration record of {t}"),
         }
     }
@@ -113,6 +116,26 @@ async fn find(client: &Client) -> Result<BTreeMap<u32, Vec<Leftover>>, MigrateEr
                 .push(Leftover::Table(r.get(0), r.get(1)));
         }
     }
+    for r in client
+        .query(
+            "SELECT nspname::text, obj_description(oid, 'pg_namespace') FROM pg_namespace
+             WHERE obj_description(oid, 'pg_namespace') LIKE $1",
+            &[&format!("{SHADOW_COMMENT}%")],
+        )
+        .await
+        .ctx("listing work schemas")?
+    {
+        let comment: String = r.get(1);
+        if let Some(oid) = comment
+            .strip_prefix(SHADOW_COMMENT)
+            .and_then(|o| o.trim().parse::<u32>().ok())
+        {
+            by_table
+                .entry(oid)
+                .or_default()
+                .push(Leftover::Schema(r.get(0)));
+        }
+    }
     // indexes a killed online-steps run left: built (or half-built) but not attached to a constraint
     for r in client
         .query(
@@ -180,6 +203,15 @@ async fn drop_one(client: &Client, l: &Leftover, oid: u32) -> Result<(), tokio_p
                 .batch_execute(&format!(
                     "DROP INDEX CONCURRENTLY IF EXISTS {}",
                     qualified(s, i)
+                ))
+                .await
+        }
+        Leftover::Schema(s) => {
+            // marked by our comment: everything in it is the run's
+            client
+                .batch_execute(&format!(
+                    "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS {} CASCADE; RESET lock_timeout",
+                    quote_ident(s)
                 ))
                 .await
         }

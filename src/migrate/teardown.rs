@@ -108,12 +108,19 @@ pub async fn after_swap(
     if let Err(e) = resume::drop_slot(control, &names.slot).await {
         tracing::warn!("{e}; drop the slot with `shadow-alter cleanup --stale` (it retains WAL)");
     }
+    if let Err(e) = shadow::drop_work_schema(control, names).await {
+        tracing::warn!(
+            "dropping the run's work schema {}: {}; drop it by hand",
+            names.schema,
+            describe_db_error(&e)
+        );
+    }
     validate_foreign_keys(control, args.lock_timeout, validate).await;
     if args.drop_old && drop_old {
         let old = crate::sql::qualified(schema, old_name);
         match retry_lock(
             control,
-            &format!("DROP TABLE {old}"),
+            &format!("DROP TABLE IF EXISTS {old}"),
             args.lock_timeout,
             "dropping the old table",
         )

@@ -119,6 +119,15 @@ impl AlterSpec {
     pub fn statement_for(&self, target: &str) -> String {
         format!("ALTER TABLE {target} {}", self.body)
     }
+
+    /// Constraints the ALTER validates (`VALIDATE CONSTRAINT name`).
+    pub fn validated_constraints(&self) -> Vec<String> {
+        self.parts
+            .iter()
+            .filter(|p| p.subtype == Some(AlterTableType::AtValidateConstraint))
+            .filter_map(|p| p.cmd.as_ref().map(|c| c.name.clone()))
+            .collect()
+    }
 }
 
 /// Parse `input` (subcommands, or a whole `ALTER TABLE t ...`) for the table `schema.name`,

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod migration;
+pub mod process;
 pub mod proxy;
 pub mod workload;
 
@@ -176,4 +177,16 @@ where
 /// Path of the built `shadow-alter` binary (for end-to-end tests through the CLI).
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_shadow-alter"))
+}
+
+/// The qualified name of the shadow table of a run on `table` (in the run's work schema).
+pub async fn shadow_of(c: &tokio_postgres::Client, table: &str) -> String {
+    c.query_one(
+        "SELECT format('\"%s\".\"%s\"', 'shadow_alter_' || c.oid, replace(c.relname, '\"', '\"\"'))
+         FROM pg_class c WHERE c.oid = $1::text::regclass",
+        &[&table],
+    )
+    .await
+    .expect("the table exists")
+    .get(0)
 }
