@@ -48,6 +48,10 @@ pub enum MigrateError {
         #[source]
         source: Box<WireError>,
     },
+    /// The server stopped answering (no message, not even a keepalive, for too long): like a
+    /// lost connection, the run keeps its progress for a resume.
+    #[error("{0}")]
+    Silent(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -82,6 +86,7 @@ impl MigrateError {
                 crate::wire::WireError::Server(e) => lost_state(&e.code),
                 _ => false,
             },
+            MigrateError::Silent(_) => true,
             _ => false,
         }
     }
@@ -133,5 +138,17 @@ pub fn describe_db_error(e: &tokio_postgres::Error) -> String {
             s
         }
         None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_server_keeps_the_progress_like_a_lost_connection() {
+        assert!(MigrateError::Silent("no message".into()).is_connection_loss());
+        assert!(!MigrateError::Internal("a bug".into()).is_connection_loss());
+        assert_eq!(MigrateError::Silent("x".into()).exit_code(), exit::INTERNAL);
     }
 }

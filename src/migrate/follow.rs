@@ -64,7 +64,7 @@ impl Follower {
         table: Table,
         names: Names,
         from: Lsn,
-        replay_until: Option<Lsn>,
+        windows: Windows,
         skip_until_message: Option<String>,
     ) -> Follower {
         let (applied_tx, applied) = watch::channel(from);
@@ -79,7 +79,9 @@ impl Follower {
             applied: applied_tx,
             marker: marker_tx,
             stats: stats.clone(),
-            replay_until,
+            replay_until: windows.replay_until,
+            replay_over: windows.replay_until.is_none(),
+            lenient_until: windows.lenient_until,
             replaying: false,
             skip_until_message,
         };
@@ -147,6 +149,15 @@ impl Follower {
     }
 }
 
+/// How the stream is applied, by the commit position of each source transaction: replayed
+/// idempotently before `replay_until` (a resumed copy, `apply/replay.rs`), leniently before
+/// `lenient_until` (`Applier::set_lenient`), strictly after both.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Windows {
+    pub replay_until: Option<Lsn>,
+    pub lenient_until: Option<Lsn>,
+}
+
 struct Task {
     repl: ReplicationConn,
     applier: Applier,
@@ -157,6 +168,11 @@ struct Task {
     stats: Arc<FollowStats>,
     /// Source transactions committed before this LSN are replayed idempotently (a resumed copy).
     replay_until: Option<Lsn>,
+    /// The replay window is behind us (its snapshot let go).
+    replay_over: bool,
+    /// Source transactions committed before this LSN are applied leniently (a TRUNCATE ran while
+    /// the copy or the replay read the table under an older snapshot).
+    lenient_until: Option<Lsn>,
     replaying: bool,
     /// Changes before a logical message with this prefix are not applied (the reverse stream
     /// of a soak window: before the swap's message, the new table was written by us only).
@@ -164,6 +180,32 @@ struct Task {
 }
 
 impl Task {
+    /// Once the stream is past the replay window: let its snapshot go, and when the table was
+    /// truncated meanwhile, widen the lenient window to now.
+    async fn end_replay(&mut self) -> Result<(), MigrateError> {
+        self.replay_over = true;
+        if let Some(at) = self.applier.end_replay(self.table.oid).await? {
+            let until = self.lenient_until.map_or(at, |l| l.max(at));
+            tracing::warn!(
+                "{} was truncated while the resumed copy read it under an older snapshot; changes before {until} are applied leniently",
+                self.table.qualified()
+            );
+            self.lenient_until = Some(until);
+            self.applier.record_lenient_until(until);
+        }
+        Ok(())
+    }
+
+    /// Choose how the source transaction committing at `final_lsn` is applied.
+    async fn begin(&mut self, final_lsn: Lsn) -> Result<(), MigrateError> {
+        self.replaying = self.replay_until.is_some_and(|u| final_lsn < u);
+        if !self.replaying && !self.replay_over {
+            self.end_replay().await?;
+        }
+        let lenient = !self.replaying && self.lenient_until.is_some_and(|u| final_lsn < u);
+        self.applier.set_lenient(lenient).await
+    }
+
     async fn apply(&mut self, change: &Change) -> Result<(), MigrateError> {
         if self.skip_until_message.is_some() {
             return Ok(());
@@ -212,7 +254,7 @@ impl Task {
                         }
                         r = tokio::time::timeout(SILENCE_LIMIT, self.repl.recv()) => match r {
                             Ok(r) => r.ctx("reading the replication stream")?,
-                            Err(_) => return Err(MigrateError::Internal(format!("no message from the walsender in {SILENCE_LIMIT:?}"))),
+                            Err(_) => return Err(MigrateError::Silent(format!("no message from the walsender in {SILENCE_LIMIT:?}; the server or the network stopped answering"))),
                         },
                     }
                 }
@@ -223,6 +265,12 @@ impl Task {
                     reply_requested,
                 } => {
                     received = received.max(end);
+                    if !self.replay_over
+                        && !in_source_tx
+                        && self.replay_until.is_some_and(|u| end >= u)
+                    {
+                        self.end_replay().await?;
+                    }
                     self.stats.server_end.fetch_max(end.0, Ordering::Relaxed);
                     if !in_source_tx && !self.applier.in_transaction() {
                         self.applied.send_if_modified(|a| {
@@ -246,7 +294,7 @@ impl Task {
                     match decode(&data).ctx("decoding a pgoutput message")? {
                         LogicalMessage::Begin { final_lsn, .. } => {
                             in_source_tx = true;
-                            self.replaying = self.replay_until.is_some_and(|u| final_lsn < u);
+                            self.begin(final_lsn).await?;
                             if !self.applier.in_transaction() {
                                 batch_started = Instant::now();
                             }

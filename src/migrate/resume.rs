@@ -36,11 +36,24 @@ pub struct Checkpoint {
     pub applied: Option<Lsn>,
     /// Changes committed before this LSN are replayed idempotently.
     pub replay_until: Option<Lsn>,
+    /// Changes committed before this LSN are applied leniently (a TRUNCATE ran during the copy).
+    pub lenient_until: Option<Lsn>,
     /// The swap committed: the old table's name, and foreign keys still to validate.
     pub swapped_to: Option<String>,
     pub validate: Vec<Validate>,
     /// Indexes dropped from the shadow for the copy, built after it.
     pub deferred: super::indexes::Deferred,
+}
+
+impl Checkpoint {
+    /// The copy must run (again) after the watermark under a new snapshot: it did not finish,
+    /// or its replay did not (the replay reads through the copy's snapshot, which is gone).
+    pub fn copy_pending(&self) -> bool {
+        !self.copy_done
+            || self
+                .replay_until
+                .is_some_and(|u| self.applied.unwrap_or(self.consistent_point) < u)
+    }
 }
 
 fn lsn(v: Option<String>) -> Option<Lsn> {
@@ -65,7 +78,8 @@ pub async fn load(client: &Client, oid: u32) -> Result<Option<Checkpoint>, Migra
     let Some(r) = client
         .query_opt(
             "SELECT alter_sql, slot, consistent_point, mapping::text, watermark, copy_done, applied,
-                    replay_until, swapped_to, coalesce(validate::text, '[]'), coalesce(deferred::text, 'null')
+                    replay_until, swapped_to, coalesce(validate::text, '[]'), coalesce(deferred::text, 'null'),
+                    lenient_until
              FROM shadow_alter.checkpoints WHERE table_oid = $1",
             &[&oid],
         )
@@ -98,6 +112,7 @@ pub async fn load(client: &Client, oid: u32) -> Result<Option<Checkpoint>, Migra
         copy_done: r.get(5),
         applied: lsn(r.get(6)),
         replay_until: lsn(r.get(7)),
+        lenient_until: lsn(r.get(11)),
         swapped_to: r.get(8),
         validate,
     }))
@@ -123,7 +138,7 @@ pub async fn create(
              VALUES ($1, $2, $3, $4, $5::text::jsonb, $6::text::jsonb)
              ON CONFLICT (table_oid) DO UPDATE SET alter_sql = EXCLUDED.alter_sql, slot = EXCLUDED.slot,
                consistent_point = EXCLUDED.consistent_point, mapping = EXCLUDED.mapping, watermark = NULL,
-               copy_done = false, applied = NULL, replay_until = NULL, swapped_to = NULL, validate = NULL,
+               copy_done = false, applied = NULL, replay_until = NULL, lenient_until = NULL, swapped_to = NULL, validate = NULL,
                deferred = EXCLUDED.deferred",
             &[&oid, &alter, &slot, &consistent_point.to_string(), &mapping, &deferred],
         )
@@ -165,9 +180,27 @@ pub async fn set_replay_until(client: &Client, oid: u32, until: Lsn) -> Result<(
     Ok(())
 }
 
+pub async fn set_lenient_until(client: &Client, oid: u32, until: Lsn) -> Result<(), MigrateError> {
+    client
+        .execute(
+            "UPDATE shadow_alter.checkpoints SET lenient_until = $2 WHERE table_oid = $1",
+            &[&oid, &until.to_string()],
+        )
+        .await
+        .ctx("recording the lenient window")?;
+    Ok(())
+}
+
 /// The statement the applier runs inside each target transaction, right before its COMMIT.
-pub fn applied_sql(oid: u32, applied: Lsn) -> String {
-    format!("UPDATE shadow_alter.checkpoints SET applied = '{applied}' WHERE table_oid = {oid}")
+pub fn applied_sql(oid: u32, applied: Lsn, lenient_until: Option<Lsn>) -> String {
+    match lenient_until {
+        Some(l) => format!(
+            "UPDATE shadow_alter.checkpoints SET applied = '{applied}', lenient_until = '{l}' WHERE table_oid = {oid}"
+        ),
+        None => format!(
+            "UPDATE shadow_alter.checkpoints SET applied = '{applied}' WHERE table_oid = {oid}"
+        ),
+    }
 }
 
 /// Inside the swap transaction: the swap happened, and what is left to do after it.
@@ -175,13 +208,15 @@ pub async fn record_swap(
     tx: &tokio_postgres::Transaction<'_>,
     oid: u32,
     old_name: &str,
+    new_oid: u32,
     validate: &[Validate],
 ) -> Result<(), MigrateError> {
     let validate = serde_json::to_string(validate)
         .map_err(|e| MigrateError::Internal(format!("serializing foreign keys: {e}")))?;
     tx.execute(
-        "UPDATE shadow_alter.checkpoints SET swapped_to = $2, validate = $3::text::jsonb WHERE table_oid = $1",
-        &[&oid, &old_name, &validate],
+        "UPDATE shadow_alter.checkpoints SET swapped_to = $2, validate = $3::text::jsonb, new_oid = $4
+         WHERE table_oid = $1",
+        &[&oid, &old_name, &validate, &new_oid],
     )
     .await
     .ctx("recording the swap")?;
@@ -245,37 +280,50 @@ pub async fn slot_exists(client: &Client, name: &str) -> Result<bool, MigrateErr
         .is_some())
 }
 
-/// A checkpoint of this ALTER whose swap committed, for `table` (now the new table): the old
-/// table's oid (the checkpoint's key) and name, and the foreign keys left to validate.
-pub async fn swapped(
-    client: &Client,
-    table: &crate::catalog::Table,
-    alter: &str,
-) -> Result<Option<(u32, String, Vec<Validate>)>, MigrateError> {
+/// A run whose swap committed but whose cleanup did not finish (killed right after the swap).
+#[derive(Debug, Clone)]
+pub struct Swapped {
+    /// The old table's oid (the checkpoint's key; the names of the slot and publication).
+    pub old_oid: u32,
+    pub old_name: String,
+    pub alter_sql: String,
+    pub validate: Vec<Validate>,
+}
+
+/// The swapped run whose new table is `new_oid`, if its cleanup is unfinished. The swap records
+/// the new table's oid; a checkpoint written before that was recorded is found by the old
+/// table's name instead.
+pub async fn swapped(client: &Client, new_oid: u32) -> Result<Option<Swapped>, MigrateError> {
     if !has_checkpoints(client).await? {
         return Ok(None);
     }
     let row = client
         .query_opt(
-            "SELECT k.table_oid, k.swapped_to, coalesce(k.validate::text, '[]')
-             FROM shadow_alter.checkpoints k JOIN pg_class c ON c.oid = k.table_oid
-             WHERE k.swapped_to = c.relname AND c.relnamespace = $1::text::regnamespace
-               AND k.alter_sql = $2 AND c.relname LIKE $3",
-            &[
-                &crate::sql::quote_ident(&table.schema),
-                &alter,
-                &format!("{}\\_\\_sa\\_old\\_%", table.name.replace('_', "\\_")),
-            ],
+            "SELECT k.table_oid, k.swapped_to, k.alter_sql, coalesce(k.validate::text, '[]')
+             FROM shadow_alter.checkpoints k
+             WHERE k.swapped_to IS NOT NULL
+               AND (k.new_oid = $1
+                    OR (k.new_oid IS NULL AND EXISTS (
+                          SELECT 1 FROM pg_class o, pg_class n
+                          WHERE o.oid = k.table_oid AND n.oid = $1 AND o.relname = k.swapped_to
+                            AND o.relnamespace = n.relnamespace)))
+             ORDER BY k.table_oid LIMIT 1",
+            &[&new_oid],
         )
         .await
         .ctx("looking for a swapped run")?;
     let Some(r) = row else { return Ok(None) };
-    let validate: Vec<Validate> = serde_json::from_str(&r.get::<_, String>(2)).map_err(|e| {
+    let validate: Vec<Validate> = serde_json::from_str(&r.get::<_, String>(3)).map_err(|e| {
         MigrateError::Internal(format!(
             "the checkpoint's foreign key list is unreadable: {e}"
         ))
     })?;
-    Ok(Some((r.get(0), r.get(1), validate)))
+    Ok(Some(Swapped {
+        old_oid: r.get(0),
+        old_name: r.get(1),
+        alter_sql: r.get(2),
+        validate,
+    }))
 }
 
 /// The checkpoint of an interrupted run of the same ALTER, when everything it needs is still
@@ -313,7 +361,7 @@ pub async fn resumable(
     };
     // replaying older rows over newer ones could trip a unique constraint besides the key:
     // such a shadow's copy starts over instead (a resume after the copy is exact)
-    let replay_safe = cp.copy_done || !cp.mapping.other_unique;
+    let replay_safe = !cp.copy_pending() || !cp.mapping.other_unique;
     if cp.alter_sql == alter && complete && replay_safe {
         tracing::info!(
             "resuming the interrupted run (slot {}, {})",
@@ -357,8 +405,12 @@ mod tests {
     #[test]
     fn the_applied_position_statement_names_the_table_and_the_lsn() {
         assert_eq!(
-            applied_sql(16386, Lsn(0x1_0000_00A0)),
+            applied_sql(16386, Lsn(0x1_0000_00A0), None),
             "UPDATE shadow_alter.checkpoints SET applied = '1/A0' WHERE table_oid = 16386"
+        );
+        assert_eq!(
+            applied_sql(16386, Lsn(0x1_0000_00A0), Some(Lsn(0x2_0000_0010))),
+            "UPDATE shadow_alter.checkpoints SET applied = '1/A0', lenient_until = '2/10' WHERE table_oid = 16386"
         );
     }
 }

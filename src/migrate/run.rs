@@ -14,7 +14,7 @@ use super::apply::Applier;
 use super::copy::{copy_table, CopyOptions};
 use super::cutover::{swap, Markers, SwapOptions};
 use super::error::{describe_db_error, Ctx, MigrateError};
-use super::follow::Follower;
+use super::follow::{Follower, Windows};
 use super::indexes;
 use super::preflight;
 use super::proxies::Proxies;
@@ -83,6 +83,19 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
         timezone: args.timezone.clone(),
     };
     let proxies = Proxies::new(args.proxies.clone()).map_err(MigrateError::BadInput)?;
+    let config = conninfo::resolve(args.conn.database_url.as_deref())
+        .map_err(|e| MigrateError::BadInput(e.to_string()))?;
+    let started = Instant::now();
+    let control = connect(&config, "the control session").await?;
+    control
+        .batch_execute("SET synchronous_commit = local; SET application_name = 'shadow-alter'")
+        .await
+        .ctx("setting up the control session")?;
+    // A run that died right after its swap committed is finished first, whatever the strategy:
+    // planning against the already new table would not see it, and its slot would stay.
+    if finish_swapped(&control, &args).await? {
+        return Ok(());
+    }
     // Most ALTERs need no copy: run direct and online-steps plans without one (a scheduled
     // cutover asks for the shadow copy, which honours the schedule).
     if args.strategy == crate::cli::StrategyChoice::Auto
@@ -92,42 +105,9 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
     {
         return Ok(());
     }
-    let config = conninfo::resolve(args.conn.database_url.as_deref())
-        .map_err(|e| MigrateError::BadInput(e.to_string()))?;
-    let started = Instant::now();
-    let control = connect(&config, "the control session").await?;
-    control
-        .batch_execute("SET synchronous_commit = local; SET application_name = 'shadow-alter'")
-        .await
-        .ctx("setting up the control session")?;
 
     preflight::check_server(&control).await?;
     let table = preflight::load_table(&control, &args.table).await?;
-    // a run of this ALTER that died right after its swap committed: finish its cleanup
-    if let Some((old_oid, old_name, validate)) =
-        resume::swapped(&control, &table, &args.alter).await?
-    {
-        let old = crate::catalog::load(&control, old_oid).await?;
-        let names = Names::for_table(&old);
-        println!(
-            "the swap of an interrupted run had committed: {} has the new schema, the old table is {}; finishing its cleanup",
-            table.qualified(),
-            old.qualified()
-        );
-        after_swap(
-            &control,
-            &args,
-            &names,
-            &table.schema,
-            old_oid,
-            &validate,
-            &old_name,
-            true,
-        )
-        .await;
-        revert::drop_reverse(&control, old_oid).await;
-        return Ok(());
-    }
     let spec = parse_alter(&args.alter, &table.schema, &table.name)
         .map_err(|e| MigrateError::BadInput(e.to_string()))?;
     schedule.validate(&control).await?;
@@ -234,6 +214,72 @@ pub async fn run(args: RunArgs) -> Result<(), MigrateError> {
     result
 }
 
+/// Finish the cleanup of a run on `args.table` whose swap committed before it was killed (slot,
+/// publication, foreign keys to validate, the old table with --drop-old). True when that run
+/// was this same ALTER, which is then done; false when there was none, or it was another ALTER
+/// (which this run then carries out).
+async fn finish_swapped(control: &Client, args: &RunArgs) -> Result<bool, MigrateError> {
+    let Some(oid) = crate::catalog::resolve(control, &args.table).await? else {
+        return Ok(false);
+    };
+    let Some(done) = resume::swapped(control, oid).await? else {
+        return Ok(false);
+    };
+    let table = crate::catalog::load(control, oid).await?;
+    // the killed run's lock (and that of any other process finishing it) is per old table
+    let free: bool = control
+        .query_one(
+            "SELECT pg_try_advisory_lock(1515870810, $1::oid::int)",
+            &[&done.old_oid],
+        )
+        .await
+        .ctx("taking the finished run's advisory lock")?
+        .get(0);
+    if !free {
+        return Err(MigrateError::Preflight(format!(
+            "another process is finishing the swapped run on {}; retry in a moment",
+            table.qualified()
+        )));
+    }
+    let names = Names::for_oid(done.old_oid, &table.schema, &table.name);
+    println!(
+        "the swap of an interrupted run had committed: {} has the new schema, the old table is {}; finishing its cleanup",
+        table.qualified(),
+        crate::sql::qualified(&table.schema, &done.old_name)
+    );
+    after_swap(
+        control,
+        args,
+        &names,
+        &table.schema,
+        done.old_oid,
+        &done.validate,
+        &done.old_name,
+        true,
+    )
+    .await;
+    revert::drop_reverse(control, done.old_oid).await;
+    State::for_oid(done.old_oid)
+        .finish(
+            control,
+            "done",
+            Some("the swap had committed; its cleanup was finished by a rerun"),
+        )
+        .await;
+    let _ = control
+        .query_one(
+            "SELECT pg_advisory_unlock(1515870810, $1::oid::int)",
+            &[&done.old_oid],
+        )
+        .await;
+    if done.alter_sql == args.alter {
+        println!("done: the migration had already swapped; nothing else to do");
+        return Ok(true);
+    }
+    println!("now running this ALTER on the new table");
+    Ok(false)
+}
+
 /// One run's context, shared by its phases (the soak window lives in `revert.rs`).
 pub(super) struct Ctx2<'a> {
     pub(super) args: &'a RunArgs,
@@ -273,30 +319,8 @@ impl Ctx2<'_> {
         let (table, names, args) = (self.table, self.names, self.args);
         let mut progress = Progress::new(args.progress);
 
-        if let Some(old) = resume.as_ref().and_then(|cp| cp.swapped_to.clone()) {
-            let validate = resume
-                .as_ref()
-                .map(|cp| cp.validate.clone())
-                .unwrap_or_default();
-            created.swapped = true;
-            progress.println(&format!(
-                "the swap had committed before the interruption: {} has the new schema, the old table is {}",
-                table.qualified(),
-                crate::sql::qualified(&table.schema, &old)
-            ));
-            after_swap(
-                self.control,
-                args,
-                names,
-                &table.schema,
-                table.oid,
-                &validate,
-                &old,
-                true,
-            )
-            .await;
-            return Ok(());
-        }
+        // the table's storage before the copy's snapshot: a TRUNCATE during the copy changes it
+        let filenode_before = super::apply::filenode(self.control, table.oid).await?;
         let (mapping, deferred, mut repl, slot_name, snapshot, from, resumed) = match resume {
             None => {
                 let (mapping, deferred, repl, slot) =
@@ -353,7 +377,9 @@ impl Ctx2<'_> {
         // 4. copy under the snapshot (a resumed copy: after the watermark, under a new snapshot,
         // with the stream replayed idempotently up to that snapshot)
         let mut replay_until = resumed.as_ref().and_then(|cp| cp.replay_until);
+        let mut lenient_until = resumed.as_ref().and_then(|cp| cp.lenient_until);
         let mut snapshot_holder = None;
+        let mut replay_source = None;
         let copy_from = match (&resumed, snapshot) {
             (None, Some(snapshot)) => {
                 // held by a session of its own, so the stream can start before the copy
@@ -361,12 +387,15 @@ impl Ctx2<'_> {
                 snapshot_holder = Some(holder);
                 Some((exported, None, false))
             }
-            (Some(cp), _) if !cp.copy_done => {
+            // copied after the watermark under a new snapshot: a copy that did not finish, or one
+            // whose replay did not (the replay needs its copy's snapshot, which died with the run)
+            (Some(cp), _) if cp.copy_pending() => {
                 // a resumed copy upserts: the shadow needs its key index (and any other one a
                 // killed run did not finish) first
                 self.build_indexes(&deferred, &mut repl, None, 0, &mut progress, &mut abort)
                     .await?;
                 let holder = connect(self.config, "holding the resumed copy's snapshot").await?;
+                let filenode = super::apply::filenode(&holder, table.oid).await?;
                 holder
                     .batch_execute(
                         "SET idle_in_transaction_session_timeout = 0; BEGIN ISOLATION LEVEL REPEATABLE READ",
@@ -386,7 +415,25 @@ impl Ctx2<'_> {
                 resume::set_replay_until(self.control, table.oid, until).await?;
                 replay_until = Some(until);
                 let snapshot: String = row.get(0);
-                snapshot_holder = Some(holder);
+                let reader = connect(
+                    self.config,
+                    "reading rows as of the resumed copy's snapshot",
+                )
+                .await?;
+                reader
+                    .batch_execute(&format!(
+                        "SET lock_timeout = '{}ms'; SET statement_timeout = 0",
+                        args.lock_timeout.as_millis().max(1)
+                    ))
+                    .await
+                    .ctx("setting up the snapshot reader")?;
+                // the holder's open transaction keeps the snapshot valid until the replay is over
+                replay_source = Some(super::apply::SnapshotReader::new(
+                    holder,
+                    reader,
+                    snapshot.clone(),
+                    filenode,
+                ));
                 Some((snapshot, cp.watermark.clone(), true))
             }
             _ => None,
@@ -409,6 +456,21 @@ impl Ctx2<'_> {
                         &mut abort,
                     )
                     .await?;
+                // a TRUNCATE during a first copy left later chunks empty (the copy's older snapshot
+                // sees an empty table after it): changes before now may reach rows not copied
+                if resumed.is_none() {
+                    if let Some(at) =
+                        super::apply::truncated_since(self.control, table.oid, filenode_before)
+                            .await?
+                    {
+                        tracing::warn!(
+                            "{} was truncated during the copy; changes before {at} are applied leniently",
+                            table.qualified()
+                        );
+                        lenient_until = Some(lenient_until.map_or(at, |l| l.max(at)));
+                        resume::set_lenient_until(self.control, table.oid, at).await?;
+                    }
+                }
                 resume::set_copy_done(self.control, table.oid).await?;
                 rows
             }
@@ -433,14 +495,19 @@ impl Ctx2<'_> {
             .batch_execute("SET synchronous_commit = local")
             .await
             .ctx("setting up the apply session")?;
-        let applier = Applier::new(apply_client, table, &mapping, names).with_checkpoint(table.oid);
+        let applier = Applier::new(apply_client, table, &mapping, names)
+            .with_checkpoint(table.oid)
+            .with_replay_source(replay_source);
         let mut follower = Follower::start(
             repl,
             applier,
             table.clone(),
             names.clone(),
             from,
-            replay_until,
+            Windows {
+                replay_until,
+                lenient_until,
+            },
             None,
         );
         let mut markers = Markers::new(names);
@@ -592,6 +659,7 @@ impl Ctx2<'_> {
             max_pause: args.max_pause,
             message: soak.as_ref().map(|s| s.message.clone()),
             old_infix: "__sa_old_",
+            restore_names: &[],
         };
         let outcome = match swap(
             self.control,
@@ -656,7 +724,14 @@ impl Ctx2<'_> {
         .await;
         if let (Some(soak), Some(reverse)) = (soak, reverse) {
             let msg = self
-                .soak(soak, reverse, &outcome.old_name, &mut abort, &mut progress)
+                .soak(
+                    soak,
+                    reverse,
+                    &outcome.old_name,
+                    &outcome.renamed_away,
+                    &mut abort,
+                    &mut progress,
+                )
                 .await;
             progress.println(&msg);
             self.state.message(self.control, &msg).await;

@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS shadow_alter.checkpoints (
     validate         jsonb
 );
 ALTER TABLE shadow_alter.checkpoints ADD COLUMN IF NOT EXISTS deferred jsonb;
+ALTER TABLE shadow_alter.checkpoints ADD COLUMN IF NOT EXISTS lenient_until text;
+ALTER TABLE shadow_alter.checkpoints ADD COLUMN IF NOT EXISTS new_oid oid;
 COMMENT ON SCHEMA shadow_alter IS 'state of shadow-alter migrations (safe to drop when none runs)';
 ";
 
@@ -108,7 +110,7 @@ impl State {
     /// request made before this run started does not carry over.
     pub async fn start(client: &Client, table: &Table, alter: &str) -> Result<State, MigrateError> {
         ensure_schema(client).await?;
-        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        let host = super::preflight::this_host();
         client
             .execute(
                 "INSERT INTO shadow_alter.migrations (table_oid, table_name, alter_sql, phase, rows_total, pid, host)

@@ -30,6 +30,13 @@
 //!
 //! The price is that writes to the source wait for the repair (a marker round trip plus
 //! rewriting the differing chunks); verification without differences takes no lock.
+//!
+//! When the ALTER changes the key's type so that its order changes (int -> text, a USING
+//! expression on the key), chunks are still cut in the source key's order, and the shadow's rows
+//! of a chunk are those whose key is the mapped key of a source row in it (a join on the shadow's
+//! key index). That finds every missing or differing row; shadow rows with no source row at all
+//! are found by comparing the row counts of the whole tables (judged like a chunk: only when the
+//! source count held still around a marker) and, when they differ, looking for them by key.
 
 use std::time::Duration;
 
@@ -50,6 +57,11 @@ const ATTEMPTS: usize = 3;
 pub struct Report {
     pub chunks: u64,
     pub rows: i64,
+    /// Shadow rows found with no source row (their keys, as text), when chunks are matched
+    /// through the mapping.
+    extra_keys: Vec<Vec<String>>,
+    /// The row counts of the whole tables could not be compared while the source held still.
+    count_unsettled: bool,
     /// Chunks that changed during every attempt to check them.
     pub unsettled: u64,
     /// Key ranges whose rows differ.
@@ -67,9 +79,23 @@ struct Sql {
     key_cols: Vec<String>,
     delete: String,
     insert: String,
+    /// The key changes order: shadow rows are matched through the mapping, and rows with no
+    /// source row are looked for separately.
+    extras: Option<Extras>,
 }
 
-/// Build the hash queries, or None when the key changes type in a way that changes its order.
+/// Shadow rows with no source row (when chunks are matched through the mapping).
+struct Extras {
+    count_source: String,
+    count_shadow: String,
+    /// Up to a few shadow keys (as text) with no source row.
+    find: String,
+    /// Delete the shadow row with these key texts if it still has no source row.
+    delete: String,
+    shadow_key_count: usize,
+}
+
+/// Build the hash queries (always Some; the Option is kept for callers that skip).
 async fn queries(
     client: &Client,
     table: &Table,
@@ -90,6 +116,7 @@ async fn queries(
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let ints = ["smallint", "integer", "bigint"];
+    let mut by_join = false;
     let mut src_key_types = Vec::new();
     for (i, k) in mapping.source_key.iter().enumerate() {
         let t = &mapping.targets[mapping.key_targets[i]];
@@ -104,7 +131,7 @@ async fn queries(
         let same_order = src_ty == new_ty
             || (ints.contains(&src_ty.as_str()) && ints.contains(&new_ty.as_str()));
         if !t.plain || !same_order {
-            return Ok(None);
+            by_join = true;
         }
         src_key_types.push(src_ty);
     }
@@ -156,7 +183,104 @@ async fn queries(
             hi = bound(n + 1)
         )
     };
+    // the shadow key computed from the source row `s`
+    let mapped_key: Vec<String> = mapping
+        .key_targets
+        .iter()
+        .zip(&mapping.shadow_key)
+        .map(|(&i, k)| {
+            format!(
+                "CAST(({}) AS {})",
+                mapping.targets[i].expr,
+                types.get(k).cloned().unwrap_or_else(|| "text".into())
+            )
+        })
+        .collect();
+    if by_join {
+        // the mapped key is computed inside the source's own scope (its expressions name source
+        // columns unqualified, which the shadow's columns would make ambiguous)
+        let z: Vec<String> = (0..mapped_key.len())
+            .map(|i| format!("s.__sa_z{i}"))
+            .collect();
+        let mapped_as: Vec<String> = mapped_key
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!("{e} AS __sa_z{i}"))
+            .collect();
+        let in_range = format!(
+            "(SELECT s.*, {} FROM ONLY {} AS s WHERE {}) AS s",
+            mapped_as.join(", "),
+            table.qualified(),
+            range(&src_key)
+        );
+        let join = format!(
+            "FROM {in_range} JOIN {shadow} AS t ON ({}) = ({})",
+            shadow_key.join(", "),
+            z.join(", ")
+        );
+        let no_source = format!(
+            "NOT EXISTS (SELECT 1 FROM ONLY {} AS s WHERE ({}) = ({}))",
+            table.qualified(),
+            mapped_key.join(", "),
+            shadow_key.join(", ")
+        );
+        let k = mapping.shadow_key.len();
+        let key_text: Vec<String> = shadow_key.iter().map(|c| format!("{c}::text")).collect();
+        let by_text: Vec<String> = (1..=k).map(|i| format!("${i}")).collect();
+        return Ok(Some(Sql {
+            source_hash: format!(
+                "SELECT count(*), md5(coalesce(string_agg(ROW({})::text, ',' ORDER BY {}), '')) FROM ONLY {} AS s WHERE {}",
+                src_cols.join(", "),
+                src_key.join(", "),
+                table.qualified(),
+                range(&src_key)
+            ),
+            shadow_hash: format!(
+                "SELECT count(*), md5(coalesce(string_agg(ROW({})::text, ',' ORDER BY {}), '')) {join}",
+                shadow_cols.join(", "),
+                src_key.join(", ")
+            ),
+            boundary: format!(
+                "SELECT {} FROM ONLY {} AS s WHERE ($1::text IS NULL OR ({}) > ({})) ORDER BY {} OFFSET {} LIMIT 1",
+                mapping.source_key.iter().map(|k| format!("s.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", "),
+                table.qualified(),
+                src_key.join(", "),
+                bound(1),
+                src_key.join(", "),
+                chunk.max(1) - 1
+            ),
+            key_cols: mapping.source_key.clone(),
+            delete: format!(
+                "DELETE FROM {shadow} AS t USING {in_range} WHERE ({}) = ({})",
+                shadow_key.join(", "),
+                z.join(", ")
+            ),
+            insert: format!(
+                "INSERT INTO {shadow} AS t ({}){} SELECT {} FROM ONLY {} AS s WHERE {}",
+                mapping.column_list(),
+                mapping.overriding_clause(),
+                mapping.expr_list(),
+                table.qualified(),
+                range(&src_key)
+            ),
+            extras: Some(Extras {
+                count_source: format!("SELECT count(*) FROM ONLY {}", table.qualified()),
+                count_shadow: format!("SELECT count(*) FROM {shadow}"),
+                find: format!(
+                    "SELECT {} FROM {shadow} AS t WHERE {no_source} LIMIT 1000",
+                    key_text.join(", ")
+                ),
+                delete: format!(
+                    "DELETE FROM {shadow} AS t WHERE ({}) = ({}) AND {no_source}",
+                    key_text.join(", "),
+                    by_text.join(", ")
+                ),
+                shadow_key_count: k,
+            }),
+        }));
+    }
     Ok(Some(Sql {
+        extras: None,
         source_hash: format!(
             "SELECT count(*), md5(coalesce(string_agg(ROW({})::text, ',' ORDER BY {}), '')) FROM ONLY {} AS s WHERE {}",
             src_cols.join(", "),
@@ -332,7 +456,75 @@ pub async fn verify(
             }
         }
     }
+    if let Some(extras) = &sql.extras {
+        find_extras(control, follower, markers, extras, &mut report).await?;
+    }
     Ok(Some(report))
+}
+
+async fn count(client: &Client, sql: &str) -> Result<i64, MigrateError> {
+    Ok(client
+        .query_one(sql, &[])
+        .await
+        .ctx("counting rows for verification")?
+        .get(0))
+}
+
+/// Compare the tables' row counts while the source holds still; when the shadow has more, list
+/// the shadow keys with no source row.
+async fn find_extras(
+    control: &Client,
+    follower: &mut Follower,
+    markers: &mut Markers,
+    extras: &Extras,
+    report: &mut Report,
+) -> Result<(), MigrateError> {
+    for _ in 0..ATTEMPTS {
+        let before = count(control, &extras.count_source).await?;
+        if markers
+            .round_trip(control, follower, std::time::Duration::from_secs(60))
+            .await?
+            .is_none()
+        {
+            return Err(MigrateError::Internal(
+                "verification: the change stream did not catch up within 60s".into(),
+            ));
+        }
+        let shadow = count(control, &extras.count_shadow).await?;
+        let after = count(control, &extras.count_source).await?;
+        if before != after {
+            continue;
+        }
+        if shadow > after {
+            let keys = extra_keys(control, extras).await?;
+            if !keys.is_empty() {
+                report.differences.push(format!(
+                    "{} shadow rows have no source row (keys {})",
+                    keys.len(),
+                    keys.iter()
+                        .take(5)
+                        .map(|k| format!("({})", k.join(", ")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                report.extra_keys = keys;
+            }
+        }
+        return Ok(());
+    }
+    report.count_unsettled = true;
+    report.unsettled += 1;
+    Ok(())
+}
+
+async fn extra_keys(client: &Client, extras: &Extras) -> Result<Vec<Vec<String>>, MigrateError> {
+    Ok(client
+        .query(&extras.find, &[])
+        .await
+        .ctx("looking for shadow rows with no source row")?
+        .iter()
+        .map(|r| (0..extras.shadow_key_count).map(|i| r.get(i)).collect())
+        .collect())
 }
 
 /// What `settle` did.
@@ -370,12 +562,28 @@ pub async fn settle(
         .iter()
         .chain(report.unsettled_ranges.iter())
         .collect();
-    if ranges.is_empty() {
-        return Ok(out);
-    }
     let Some(sql) = queries(control, table, mapping, names, 1).await? else {
         return Ok(out);
     };
+    if let Some(extras) = &sql.extras {
+        if !report.extra_keys.is_empty() || report.count_unsettled {
+            settle_extras(
+                repairer,
+                control,
+                follower,
+                markers,
+                table,
+                extras,
+                &report.extra_keys,
+                lock_timeout,
+                &mut out,
+            )
+            .await?;
+        }
+    }
+    if ranges.is_empty() {
+        return Ok(out);
+    }
     for group in ranges.chunks(RANGES_PER_LOCK) {
         settle_group(
             repairer,
@@ -491,6 +699,108 @@ async fn settle_group(
         "verify: could not lock {} in SHARE mode in 10 attempts ({last}); nothing was swapped",
         table.qualified()
     )))
+}
+
+/// Under a brief SHARE lock and at the matching stream position: delete the shadow rows that
+/// have no source row (the candidates found before, or all of them when the counts could not be
+/// compared before), and check that the counts are then equal.
+#[allow(clippy::too_many_arguments)]
+async fn settle_extras(
+    repairer: &mut Client,
+    control: &Client,
+    follower: &mut Follower,
+    markers: &mut Markers,
+    table: &Table,
+    extras: &Extras,
+    candidates: &[Vec<String>],
+    lock_timeout: Duration,
+    out: &mut Settled,
+) -> Result<(), MigrateError> {
+    for attempt in 0..10u32 {
+        let tx = repairer
+            .transaction()
+            .await
+            .ctx("starting the repair transaction")?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '60s'",
+            lock_timeout.as_millis().max(1)
+        ))
+        .await
+        .ctx("setting up the repair transaction")?;
+        match tx
+            .batch_execute(&format!("LOCK TABLE {} IN SHARE MODE", table.qualified()))
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
+                drop(tx);
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
+                continue;
+            }
+            Err(e) => return Err(e).ctx("locking the source table to compare and repair"),
+        }
+        if markers
+            .round_trip(control, follower, Duration::from_secs(30))
+            .await?
+            .is_none()
+        {
+            return Err(MigrateError::Internal(
+                "verify: the change stream did not reach the marker within 30s (the table's writes were waiting, so the lock was released)".into(),
+            ));
+        }
+        let (src, dst) = both_counts(&tx, extras)
+            .await
+            .ctx("verify: counting rows under the lock")?;
+        out.checked += 1;
+        if src != dst {
+            let keys: Vec<Vec<String>> = if candidates.is_empty() {
+                tx.query(&extras.find, &[])
+                    .await
+                    .ctx("looking for shadow rows with no source row")?
+                    .iter()
+                    .map(|r| (0..extras.shadow_key_count).map(|i| r.get(i)).collect())
+                    .collect()
+            } else {
+                candidates.to_vec()
+            };
+            let mut removed = 0;
+            for k in &keys {
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = k
+                    .iter()
+                    .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                removed += tx
+                    .execute(&extras.delete, &refs)
+                    .await
+                    .ctx("repair: deleting a shadow row with no source row")?;
+            }
+            let (src2, dst2) = both_counts(&tx, extras)
+                .await
+                .ctx("repair: counting rows again")?;
+            if src2 != dst2 {
+                return Err(MigrateError::Internal(format!(
+                    "repair: the shadow table has {dst2} rows and the source {src2} after removing {removed} rows with no source row; nothing was swapped"
+                )));
+            }
+            out.repaired
+                .push(format!("{removed} shadow rows with no source row removed"));
+        }
+        tx.commit().await.ctx("committing the repair")?;
+        return Ok(());
+    }
+    Err(MigrateError::Internal(format!(
+        "verify: could not lock {} in SHARE mode in 10 attempts; nothing was swapped",
+        table.qualified()
+    )))
+}
+
+async fn both_counts(
+    tx: &tokio_postgres::Transaction<'_>,
+    extras: &Extras,
+) -> Result<(i64, i64), tokio_postgres::Error> {
+    let s: i64 = tx.query_one(&extras.count_source, &[]).await?.get(0);
+    let t: i64 = tx.query_one(&extras.count_shadow, &[]).await?.get(0);
+    Ok((s, t))
 }
 
 type Hash = (i64, String);

@@ -17,6 +17,8 @@
 
 mod replay;
 
+pub use replay::{filenode, truncated_since, SnapshotReader};
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -49,6 +51,8 @@ enum StmtKey {
     /// Which stream columns are unchanged TOAST values.
     Update(Vec<bool>),
     Insert,
+    /// An insert that overwrites a row already there (lenient mode).
+    Upsert,
 }
 
 impl StmtKey {
@@ -56,7 +60,7 @@ impl StmtKey {
         match self {
             StmtKey::Delete => "delete",
             StmtKey::Update(_) => "update",
-            StmtKey::Insert => "insert",
+            StmtKey::Insert | StmtKey::Upsert => "insert",
         }
     }
 }
@@ -79,6 +83,8 @@ struct InFlight {
     what: &'static str,
     rows: u64,
     keys: String,
+    /// Rows may be missing (lenient mode): fewer than `rows` is fine.
+    lenient: bool,
 }
 
 type KeyValue = Vec<Option<String>>;
@@ -122,6 +128,13 @@ pub struct Applier {
     /// The source position the open target transaction reaches, and the last one recorded.
     position: Option<Lsn>,
     recorded: Option<Lsn>,
+    /// Lenient mode (see `set_lenient`).
+    lenient: bool,
+    /// The end of the lenient window, recorded in the checkpoint with the next commit.
+    lenient_until: Option<Lsn>,
+    lenient_recorded: Option<Lsn>,
+    /// The resumed copy's snapshot, for unchanged TOAST values during the replay.
+    replay_source: Option<SnapshotReader>,
 }
 
 impl Applier {
@@ -142,7 +155,44 @@ impl Applier {
             checkpoint: None,
             position: None,
             recorded: None,
+            lenient: false,
+            lenient_until: None,
+            lenient_recorded: None,
+            replay_source: None,
         }
+    }
+
+    /// Read unchanged TOAST values of replayed updates through this snapshot (a resumed copy's).
+    pub fn with_replay_source(mut self, reader: Option<SnapshotReader>) -> Applier {
+        self.replay_source = reader;
+        self
+    }
+
+    /// The replay is over: let the snapshot go. When the table was truncated (or rewritten)
+    /// since the snapshot was taken, reads through it saw an empty table and some rows were
+    /// not written: returns a WAL position before which the stream is applied leniently.
+    pub async fn end_replay(&mut self, source_oid: u32) -> Result<Option<Lsn>, MigrateError> {
+        let Some(reader) = self.replay_source.take() else {
+            return Ok(None);
+        };
+        reader.truncated_since(source_oid).await
+    }
+
+    /// Lenient mode, for changes that may reach rows the copy could not see (a TRUNCATE ran
+    /// during the copy: later chunks saw an empty table under the copy's older snapshot, see
+    /// `follow.rs`): an insert overwrites a row already there, and an update or delete that finds
+    /// no row does nothing. Rows that are there are exact, so everything else is as strict.
+    pub async fn set_lenient(&mut self, lenient: bool) -> Result<(), MigrateError> {
+        if lenient != self.lenient {
+            self.flush_window().await?;
+            self.lenient = lenient;
+        }
+        Ok(())
+    }
+
+    /// Record the end of the lenient window in the checkpoint with the next commit.
+    pub fn record_lenient_until(&mut self, lsn: Lsn) {
+        self.lenient_until = Some(lsn);
     }
 
     /// Record the applied position in the table's checkpoint, inside each target transaction.
@@ -248,10 +298,10 @@ impl Applier {
     fn old_keys(&self, first: usize) -> (String, String) {
         let exprs: Vec<String> = self
             .mapping
-            .key_targets
+            .shadow_key_exprs()
             .iter()
             .enumerate()
-            .map(|(i, &t)| format!("({}) AS z{i}", self.mapping.targets[t].expr))
+            .map(|(i, e)| format!("{e} AS z{i}"))
             .collect();
         let from = format!(
             "(SELECT s.__sa_ord, {} FROM {}) AS o",
@@ -273,17 +323,44 @@ impl Applier {
         let n = self.columns.len();
         let all: Vec<usize> = (0..n).collect();
         match key {
-            StmtKey::Insert => Some((
-                format!(
-                    "INSERT INTO {} ({}){} SELECT {} FROM {}",
-                    self.shadow,
-                    self.mapping.column_list(),
-                    self.mapping.overriding_clause(),
-                    self.mapping.expr_list(),
-                    self.rows_from_arrays(&all, 1, &HashMap::new())
-                ),
-                n,
-            )),
+            StmtKey::Insert | StmtKey::Upsert => {
+                let conflict = if *key == StmtKey::Upsert {
+                    let sets: Vec<String> = self
+                        .mapping
+                        .targets
+                        .iter()
+                        .filter(|t| !self.mapping.shadow_key.contains(&t.column))
+                        .map(|t| format!("{0} = EXCLUDED.{0}", quote_ident(&t.column)))
+                        .collect();
+                    format!(
+                        " ON CONFLICT ({}) {}",
+                        self.mapping
+                            .shadow_key
+                            .iter()
+                            .map(|c| quote_ident(c))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        if sets.is_empty() {
+                            "DO NOTHING".to_string()
+                        } else {
+                            format!("DO UPDATE SET {}", sets.join(", "))
+                        }
+                    )
+                } else {
+                    String::new()
+                };
+                Some((
+                    format!(
+                        "INSERT INTO {} ({}){} SELECT {} FROM {}{conflict}",
+                        self.shadow,
+                        self.mapping.column_list(),
+                        self.mapping.overriding_clause(),
+                        self.mapping.expr_list(),
+                        self.rows_from_arrays(&all, 1, &HashMap::new())
+                    ),
+                    n,
+                ))
+            }
             StmtKey::Update(unchanged) => {
                 let unchanged_names: Vec<&str> = self
                     .columns
@@ -449,7 +526,12 @@ impl Applier {
             }
             Change::Insert(new) => {
                 let params = new.iter().map(Self::text).collect::<Result<Vec<_>, _>>()?;
-                (StmtKey::Insert, params, vec![self.key_of(new)?])
+                let kind = if self.lenient {
+                    StmtKey::Upsert
+                } else {
+                    StmtKey::Insert
+                };
+                (kind, params, vec![self.key_of(new)?])
             }
             Change::Update { old, new } => {
                 let unchanged: Vec<bool> = new
@@ -543,6 +625,7 @@ impl Applier {
                 what: key.what(),
                 rows: rows as u64,
                 keys,
+                lenient: self.lenient,
             });
             while self.in_flight.len() > PIPELINE_DEPTH {
                 self.settle_one().await?;
@@ -561,7 +644,7 @@ impl Applier {
             InFlightState::Sent(fut) => fut.await,
         };
         match r {
-            Ok(n) if n == f.rows => Ok(()),
+            Ok(n) if n == f.rows || (f.lenient && n <= f.rows) => Ok(()),
             Ok(n) => Err(MigrateError::Internal(format!(
                 "applying {} {}(s) of the rows with keys {} touched {n} rows of the shadow table; \
                  the shadow diverged, nothing was swapped",
@@ -604,11 +687,18 @@ impl Applier {
         // the applied position goes in the same transaction, sent with the COMMIT (one round
         // trip: both values are ours, an oid and an LSN)
         let record = match (self.checkpoint, self.position) {
-            (Some(oid), Some(pos)) if self.recorded != Some(pos) => Some((oid, pos)),
+            (Some(oid), Some(pos))
+                if self.recorded != Some(pos) || self.lenient_recorded != self.lenient_until =>
+            {
+                Some((oid, pos))
+            }
             _ => None,
         };
         let sql = match record {
-            Some((oid, pos)) => format!("{}; COMMIT", super::resume::applied_sql(oid, pos)),
+            Some((oid, pos)) => format!(
+                "{}; COMMIT",
+                super::resume::applied_sql(oid, pos, self.lenient_until)
+            ),
             None => "COMMIT".to_string(),
         };
         self.client
@@ -617,6 +707,7 @@ impl Applier {
             .ctx("committing applied changes")?;
         if let Some((_, pos)) = record {
             self.recorded = Some(pos);
+            self.lenient_recorded = self.lenient_until;
         }
         self.in_tx = false;
         self.pending = 0;
