@@ -158,41 +158,93 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, MigrateErr
     Ok(t)
 }
 
+/// How long a run waits for the per-table lock of a run that was just killed.
+const KILLED_RUN_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// The name of this machine, as runs record it in `shadow_alter.migrations`.
+pub fn this_host() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
+}
+
+/// Whether process `pid` of this machine is gone.
+fn process_gone(pid: i32) -> bool {
+    pid > 0
+        && std::path::Path::new("/proc").is_dir()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Advisory lock that makes a second run on the same table refuse. Held by the control session.
+/// A run killed a moment ago may still hold it until its server session notices: we wait a few
+/// seconds for it, and end that session at once when the run recorded this machine and a
+/// process id that no longer exists.
 pub async fn lock_table(client: &Client, t: &Table) -> Result<(), MigrateError> {
-    // classid 0x5a5a5a5a marks our locks; objid is the table oid
-    let got: bool = client
-        .query_one(
-            "SELECT pg_try_advisory_lock(1515870810, $1::oid::int)",
-            &[&t.oid],
-        )
-        .await
-        .ctx("taking the per-table advisory lock")?
-        .get(0);
-    if got {
-        return Ok(());
-    }
-    let holder = client
-        .query_opt(
-            "SELECT l.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local')
-             FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-             WHERE l.locktype = 'advisory' AND l.classid = 1515870810 AND l.objid = $1::oid AND l.granted LIMIT 1",
-            &[&t.oid],
-        )
-        .await
-        .ctx("finding the other run")?;
-    let who = holder
-        .map(|r| {
-            format!(
-                " (backend pid {}, application '{}', from {})",
-                r.get::<_, i32>(0),
-                r.get::<_, String>(1),
-                r.get::<_, String>(2)
+    let started = std::time::Instant::now();
+    let mut terminated = false;
+    loop {
+        // classid 0x5a5a5a5a marks our locks; objid is the table oid
+        let got: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(1515870810, $1::oid::int)",
+                &[&t.oid],
             )
-        })
-        .unwrap_or_default();
-    Err(MigrateError::Preflight(format!(
-        "another shadow-alter run is already working on {}{who}",
-        t.qualified()
-    )))
+            .await
+            .ctx("taking the per-table advisory lock")?
+            .get(0);
+        if got {
+            return Ok(());
+        }
+        let holder = client
+            .query_opt(
+                "SELECT l.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local')
+                 FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+                 WHERE l.locktype = 'advisory' AND l.classid = 1515870810 AND l.objid = $1::oid AND l.granted LIMIT 1",
+                &[&t.oid],
+            )
+            .await
+            .ctx("finding the other run")?;
+        let Some(holder) = holder else { continue };
+        let backend: i32 = holder.get(0);
+        if !terminated {
+            if let Some(pid) = killed_run_here(client, t.oid).await {
+                tracing::warn!(
+                    "the run that holds {} (process {pid} on this machine) is gone; ending its server session {backend}",
+                    t.qualified()
+                );
+                terminated = client
+                    .query_one("SELECT pg_terminate_backend($1)", &[&backend])
+                    .await
+                    .map(|r| r.get::<_, bool>(0))
+                    .unwrap_or(false);
+            }
+        }
+        if started.elapsed() >= KILLED_RUN_GRACE {
+            return Err(MigrateError::Preflight(format!(
+                "another shadow-alter run is already working on {} (backend pid {backend}, application '{}', from {})",
+                t.qualified(),
+                holder.get::<_, String>(1),
+                holder.get::<_, String>(2)
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The process id of the run recorded for this table when it ran on this machine and is gone.
+async fn killed_run_here(client: &Client, oid: u32) -> Option<i32> {
+    let row = client
+        .query_opt(
+            "SELECT pid, host FROM shadow_alter.migrations WHERE table_oid = $1",
+            &[&oid],
+        )
+        .await
+        .ok()??;
+    let (pid, host): (Option<i32>, Option<String>) = (row.get(0), row.get(1));
+    let pid = pid?;
+    (host.as_deref() == Some(this_host().as_str()) && process_gone(pid)).then_some(pid)
 }

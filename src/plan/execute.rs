@@ -103,27 +103,40 @@ pub async fn execute(
     }
     let mut longest_lock = Duration::ZERO;
     let n = plan.steps.len();
+    let mut done: Vec<&Step> = Vec::new();
     for (i, step) in plan.steps.iter().enumerate() {
-        if *abort.borrow() {
-            return Err(MigrateError::Aborted);
-        }
         let t0 = Instant::now();
-        match &step.exec {
-            Exec::Locked => {
-                let held = run_locked(&worker, step, opts, &mut abort).await?;
-                if step.lock.blocks_writes() {
-                    longest_lock = longest_lock.max(held);
+        let result = if *abort.borrow() {
+            Err(MigrateError::Aborted)
+        } else {
+            match &step.exec {
+                Exec::Locked => run_locked(&worker, step, opts, &mut abort)
+                    .await
+                    .map(|held| {
+                        if step.lock.blocks_writes() {
+                            longest_lock = longest_lock.max(held);
+                        }
+                    }),
+                Exec::BuildIndex { index } => {
+                    build_index(control, &worker, table, step, index, &mut abort).await
                 }
-            }
-            Exec::BuildIndex { index } => {
-                build_index(control, &worker, table, step, index, &mut abort).await?
-            }
-            Exec::Engine => {
-                return Err(MigrateError::Internal(
+                Exec::Engine => Err(MigrateError::Internal(
                     "a shadow-copy step reached the step executor".into(),
-                ))
+                )),
             }
+        };
+        if let Err(e) = result {
+            // a plain ALTER that fails changes nothing: undo the steps already done
+            let left = undo(&worker, &done, opts.lock_timeout).await;
+            if !left.is_empty() {
+                tracing::error!(
+                    "these earlier steps are done and could not be undone: {}",
+                    left.join("; ")
+                );
+            }
+            return Err(e);
         }
+        done.push(step);
         progress.println(&format!(
             "step {}/{n} done in {} ms: {}",
             i + 1,
@@ -251,6 +264,56 @@ async fn run_locked(
             step.sql
         ),
     })
+}
+
+/// Undo the steps done, newest first, each under `lock_timeout` with retries; returns the steps
+/// that stay done (no undo, or the undo failed), for the error message.
+async fn undo(client: &Client, done: &[&Step], lock_timeout: Duration) -> Vec<String> {
+    let mut left = Vec::new();
+    for step in done.iter().rev() {
+        let Some(sql) = &step.undo else {
+            left.push(step.sql.clone());
+            continue;
+        };
+        if sql.is_empty() {
+            continue; // nothing to undo
+        }
+        let mut result = Err(String::new());
+        for attempt in 1..=10u32 {
+            let setup = if sql.contains(" CONCURRENTLY ") {
+                "SET lock_timeout = 0".to_string()
+            } else {
+                format!("SET lock_timeout = '{}ms'", lock_timeout.as_millis().max(1))
+            };
+            let r = match client.batch_execute(&setup).await {
+                Ok(()) => client.batch_execute(sql).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(()) => {
+                    result = Ok(());
+                    break;
+                }
+                Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
+                    result = Err(describe_db_error(&e));
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => {
+                    result = Err(describe_db_error(&e));
+                    break;
+                }
+            }
+        }
+        let _ = client.batch_execute("RESET lock_timeout").await;
+        match result {
+            Ok(()) => tracing::info!("undone: {}", step.sql),
+            Err(e) => {
+                tracing::error!("could not undo `{}` ({e}); run `{sql}`", step.sql);
+                left.push(step.sql.clone());
+            }
+        }
+    }
+    left
 }
 
 /// Exponential backoff with jitter, capped.

@@ -66,8 +66,24 @@ pub struct Step {
     pub blocking: bool,
     /// Why this step exists, in words.
     pub purpose: String,
+    /// What undoes this step when a later one fails (a plain ALTER changes nothing when it
+    /// fails; the steps, run one by one, must leave nothing either): empty when the step leaves
+    /// nothing to undo (a validation, dropping a helper), None when it cannot be undone.
+    #[serde(skip_serializing_if = "undo_is_unknown")]
+    pub undo: Option<String>,
     #[serde(skip)]
     pub exec: Exec,
+}
+
+fn undo_is_unknown(u: &Option<String>) -> bool {
+    u.as_deref().is_none_or(str::is_empty)
+}
+
+impl Step {
+    fn undone_by(mut self, sql: String) -> Step {
+        self.undo = Some(sql);
+        self
+    }
 }
 
 pub struct Decision {
@@ -89,13 +105,13 @@ pub fn decide(
         reasons.push(format!("`{}` rewrites the table", a.sql));
     }
     let mut steps: Vec<Step> = Vec::new();
-    let mut pending: Vec<(String, &Analysis)> = Vec::new();
+    let mut pending: Vec<(&Part, &Analysis)> = Vec::new();
     let mut names = Names::new(real);
     let mut cannot = !reasons.is_empty();
     if !cannot {
         for (part, a) in spec.parts.iter().zip(analyses) {
             match split(&t, table, part, a, &mut names) {
-                Split::Keep if a.effect == Effect::Metadata => pending.push((part.sql.clone(), a)),
+                Split::Keep if a.effect == Effect::Metadata => pending.push((part, a)),
                 Split::Keep => {
                     flush(&t, &mut pending, &mut steps);
                     reasons.push(format!(
@@ -104,6 +120,7 @@ pub fn decide(
                         a.lock.as_str()
                     ));
                     steps.push(Step {
+                        undo: undo_metadata(part).map(|u| format!("ALTER TABLE {t} {u}")),
                         sql: format!("ALTER TABLE {t} {}", part.sql),
                         lock: a.lock,
                         tables: a.tables.clone(),
@@ -168,6 +185,7 @@ pub fn decide(
                 purpose: "the ALTER as written; instant once the lock is granted".into(),
                 exec: Exec::Locked,
                 locks: Default::default(),
+                undo: None,
             }],
             reasons,
         };
@@ -177,6 +195,25 @@ pub fn decide(
         strategy: Strategy::OnlineSteps,
         steps,
         reasons,
+    }
+}
+
+/// What undoes a metadata-only subcommand, where that is certain: a new column or a named
+/// constraint is dropped again. Other changes are named in the error when a later step fails.
+fn undo_metadata(part: &Part) -> Option<String> {
+    let cmd = part.cmd.as_ref()?;
+    match part.subtype? {
+        A::AtAddColumn => match cmd.def.as_ref().and_then(|d| d.node.as_ref()) {
+            Some(pg_query::NodeEnum::ColumnDef(c)) if !cmd.missing_ok => {
+                Some(format!("DROP COLUMN IF EXISTS {}", quote_ident(&c.colname)))
+            }
+            _ => None,
+        },
+        A::AtAddConstraint => part
+            .constraint()
+            .filter(|c| !c.conname.is_empty())
+            .map(|c| format!("DROP CONSTRAINT IF EXISTS {}", quote_ident(&c.conname))),
+        _ => None,
     }
 }
 
@@ -190,7 +227,7 @@ fn describe_effect(e: Effect) -> &'static str {
 }
 
 /// Metadata-only subcommands written next to each other run as one ALTER (one lock).
-fn flush(t: &str, pending: &mut Vec<(String, &Analysis)>, steps: &mut Vec<Step>) {
+fn flush(t: &str, pending: &mut Vec<(&Part, &Analysis)>, steps: &mut Vec<Step>) {
     if pending.is_empty() {
         return;
     }
@@ -198,7 +235,7 @@ fn flush(t: &str, pending: &mut Vec<(String, &Analysis)>, steps: &mut Vec<Step>)
         "ALTER TABLE {t} {}",
         pending
             .iter()
-            .map(|(s, _)| s.as_str())
+            .map(|(p, _)| p.sql.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -210,7 +247,14 @@ fn flush(t: &str, pending: &mut Vec<(String, &Analysis)>, steps: &mut Vec<Step>)
     let mut tables: Vec<String> = pending.iter().flat_map(|(_, a)| a.tables.clone()).collect();
     tables.sort();
     tables.dedup();
+    let undo: Vec<String> = pending
+        .iter()
+        .rev()
+        .filter_map(|(p, _)| undo_metadata(p))
+        .collect();
+    let undo = (!undo.is_empty()).then(|| format!("ALTER TABLE {t} {}", undo.join(", ")));
     steps.push(Step {
+        undo,
         sql,
         lock,
         tables,
@@ -330,6 +374,7 @@ fn step(sql: String, lock: LockMode, tables: Vec<String>, effect: Effect, purpos
         purpose: purpose.into(),
         exec: Exec::Locked,
         locks: Default::default(),
+        undo: None,
     }
 }
 
@@ -349,28 +394,32 @@ fn not_null_steps(t: &str, table: &Table, col: &str) -> Vec<Step> {
             on(t, ae),
             Effect::Metadata,
             "helper check, not validated yet: new rows are checked from now on",
-        ),
+        )
+        .undone_by(format!("ALTER TABLE {t} DROP CONSTRAINT IF EXISTS {check}")),
         step(
             format!("ALTER TABLE {t} VALIDATE CONSTRAINT {check}"),
             LockMode::ShareUpdateExclusive,
             on(t, LockMode::ShareUpdateExclusive),
             Effect::Scan,
             "checks existing rows while reads and writes go on",
-        ),
+        )
+        .undone_by(String::new()),
         step(
             format!("ALTER TABLE {t} ALTER COLUMN {c} SET NOT NULL"),
             ae,
             on(t, ae),
             Effect::Metadata,
             "instant: PostgreSQL uses the validated check instead of scanning",
-        ),
+        )
+        .undone_by(format!("ALTER TABLE {t} ALTER COLUMN {c} DROP NOT NULL")),
         step(
             format!("ALTER TABLE {t} DROP CONSTRAINT {check}"),
             ae,
             on(t, ae),
             Effect::Metadata,
             "the helper check is no longer needed",
-        ),
+        )
+        .undone_by(String::new()),
     ]
 }
 
@@ -420,14 +469,19 @@ fn validate_new(t: &str, table: &Table, part: &Part, a: &Analysis, names: &mut N
             a.tables.clone(),
             Effect::Metadata,
             "the constraint, enforced for new rows from now on, without checking existing rows",
-        ),
+        )
+        .undone_by(format!(
+            "ALTER TABLE {t} DROP CONSTRAINT IF EXISTS {}",
+            quote_ident(&name)
+        )),
         step(
             format!("ALTER TABLE {t} VALIDATE CONSTRAINT {}", quote_ident(&name)),
             LockMode::ShareUpdateExclusive,
             validate_tables,
             Effect::Scan,
             "checks existing rows while reads and writes go on",
-        ),
+        )
+        .undone_by(String::new()),
     ])
 }
 
@@ -530,6 +584,10 @@ fn unique_steps(
             effect: Effect::IndexBuild,
             blocking: false,
             purpose: "builds the index while reads and writes go on (outside a transaction; a failed build is dropped)".into(),
+            undo: Some(format!(
+                "DROP INDEX CONCURRENTLY IF EXISTS {}",
+                crate::sql::qualified(&table.schema, &index)
+            )),
             exec: Exec::BuildIndex { index },
             locks: Default::default(),
         },
@@ -539,14 +597,19 @@ fn unique_steps(
             on(t, LockMode::AccessExclusive),
             Effect::Metadata,
             "the constraint takes over the ready index (it is renamed to the constraint's name)",
-        ),
+        )
+        .undone_by(format!(
+            "ALTER TABLE {t} DROP CONSTRAINT IF EXISTS {}",
+            quote_ident(&name)
+        )),
     ])
 }
 
 /// What the shadow-copy engine does, as steps (for the plan's readers).
 fn engine_steps(table: &Table, spec: &AlterSpec) -> Vec<Step> {
     let t = table.qualified();
-    let shadow = crate::sql::qualified(&table.schema, &fit(&table.name, "__sa_new"));
+    let work = crate::migrate::shadow::work_schema(table.oid);
+    let shadow = crate::sql::qualified(&work, &table.name);
     let share = LockMode::AccessShare;
     let e = |sql: String, lock: LockMode, effect: Effect, purpose: &str| Step {
         sql,
@@ -557,19 +620,27 @@ fn engine_steps(table: &Table, spec: &AlterSpec) -> Vec<Step> {
         purpose: purpose.into(),
         exec: Exec::Engine,
         locks: Default::default(),
+        undo: None,
     };
     vec![
         e(
-            format!("CREATE TABLE {shadow} (LIKE {t} INCLUDING ALL); {}", spec.statement_for(&shadow)),
+            format!(
+                "CREATE SCHEMA {}; CREATE TABLE {shadow} (LIKE {t} INCLUDING ALL); {}",
+                quote_ident(&work),
+                spec.statement_for(&shadow)
+            ),
             share,
             Effect::Metadata,
-            "the shadow table with the new schema (empty, so the ALTER is instant on it)",
+            "the shadow table with the new schema, in a schema of the run's own under the table's name (empty, so the ALTER is instant on it, and what it creates gets the names a plain ALTER gives)",
         ),
         e(
-            format!("CREATE PUBLICATION ... FOR TABLE {t}; CREATE_REPLICATION_SLOT ... TEMPORARY LOGICAL pgoutput"),
+            format!(
+                "CREATE PUBLICATION shadow_alter_{oid} FOR TABLE {t}; CREATE_REPLICATION_SLOT shadow_alter_{oid} LOGICAL pgoutput (EXPORT_SNAPSHOT)",
+                oid = table.oid
+            ),
             share,
             Effect::Metadata,
-            "follow every change from a consistent snapshot on",
+            "follow every change from a consistent snapshot on (a persistent slot, so a killed run resumes; dropped at the end)",
         ),
         e(
             format!("INSERT INTO {shadow} SELECT ... FROM ONLY {t} WHERE <key> > $1 ORDER BY <key> LIMIT <chunk>"),
@@ -579,9 +650,9 @@ fn engine_steps(table: &Table, spec: &AlterSpec) -> Vec<Step> {
         ),
         e(
             format!(
-                "LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; ALTER TABLE {t} RENAME TO {}; ALTER TABLE {shadow} RENAME TO {}",
+                "LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; ALTER TABLE {t} RENAME TO {}; ALTER TABLE {shadow} SET SCHEMA {}",
                 quote_ident(&fit(&table.name, "__sa_old_<timestamp>")),
-                quote_ident(&table.name)
+                quote_ident(&table.schema)
             ),
             LockMode::AccessExclusive,
             Effect::Metadata,
