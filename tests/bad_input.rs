@@ -7,19 +7,19 @@ mod support;
 
 use std::time::Duration;
 
-use shadow_alter::cli::{ConnArgs, CutoverArgs, RunArgs};
-use shadow_alter::migrate::MigrateError;
+use shadow_alter::engine::EngineError;
+use shadow_alter::engine::RunConfig as RunArgs;
 use tokio_postgres::Client;
 
 use support::migration::{run, shadow_copy_args as args};
 use support::workload::assert_nothing_left;
 use support::{connect, fresh_db, wait_until};
 
-async fn refused_with(a: RunArgs) -> MigrateError {
+async fn refused_with(a: RunArgs) -> EngineError {
     run(a).await.expect_err("the run must refuse")
 }
 
-async fn refused(url: &str, table: &str, alter: &str) -> MigrateError {
+async fn refused(url: &str, table: &str, alter: &str) -> EngineError {
     refused_with(args(url, table, alter)).await
 }
 
@@ -40,7 +40,7 @@ async fn definitions(c: &Client) -> Vec<String> {
 }
 
 /// Each case: the error, its exit code, and words the message must contain (cause and fix).
-fn check(cases: Vec<(MigrateError, u8, &[&str])>) {
+fn check(cases: Vec<(EngineError, u8, &[&str])>) {
     for (err, code, needles) in cases {
         assert_eq!(err.exit_code(), code, "{err}");
         for n in needles {
@@ -82,7 +82,7 @@ async fn bad_tables_alters_and_flags_are_refused_and_change_nothing() {
             &[&["--strategy", "shadow-copy"], extra].concat(),
         )
     };
-    let cases: Vec<(MigrateError, u8, &[&str])> = vec![
+    let cases: Vec<(EngineError, u8, &[&str])> = vec![
         // what the table is
         (
             refused(&url, "missing", "ADD COLUMN c int").await,
@@ -334,15 +334,9 @@ async fn a_second_run_on_the_same_table_is_refused_while_the_first_goes_on() {
             "backend pid",
         ],
     )]);
-    shadow_alter::migrate::commands::cutover(CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "t".into(),
-        at: None,
-    })
-    .await
-    .unwrap();
+    shadow_alter::ops::cutover(Some(&url), "t", None)
+        .await
+        .unwrap();
     first.await.unwrap().expect("the first run is unaffected");
     let v: String = c
         .query_one("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'v'", &[])

@@ -622,15 +622,9 @@ async fn verification_repairs_the_shadow_when_the_key_changes_type() {
         state("message LIKE '%repaired%no source row removed%no difference remains%'").await
     })
     .await;
-    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
-        conn: shadow_alter::cli::ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "t".into(),
-        at: None,
-    })
-    .await
-    .unwrap();
+    shadow_alter::ops::cutover(Some(&url), "t", None)
+        .await
+        .unwrap();
     migration.await.unwrap().expect("the swap");
     c.batch_execute(&format!("ALTER TABLE t_mirror {alter}"))
         .await

@@ -6,8 +6,7 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shadow_alter::cli::ConnArgs;
-use shadow_alter::migrate::MigrateError;
+use shadow_alter::engine::EngineError;
 
 use support::migration::{run, shadow_copy_args as args};
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers};
@@ -212,7 +211,7 @@ async fn identity_and_generated_columns_and_rename() {
     assert_nothing_left(&c).await;
 }
 
-async fn refused(url: &str, table: &str, alter: &str) -> MigrateError {
+async fn refused(url: &str, table: &str, alter: &str) -> EngineError {
     run(args(url, table, alter))
         .await
         .expect_err("the run must refuse")
@@ -388,15 +387,9 @@ async fn a_secondary_unique_constraint_keeps_changes_in_stream_order() {
         .unwrap();
         email.swap(a, b);
     }
-    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "users".into(),
-        at: None,
-    })
-    .await
-    .unwrap();
+    shadow_alter::ops::cutover(Some(&url), "users", None)
+        .await
+        .unwrap();
     migration
         .await
         .unwrap()

@@ -7,8 +7,7 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shadow_alter::cli::ConnArgs;
-use shadow_alter::migrate::MigrateError;
+use shadow_alter::engine::EngineError;
 use tokio_postgres::Client;
 
 use support::migration::{run, shadow_copy_args as args};
@@ -164,7 +163,7 @@ async fn the_run_stops_cleanly_before_retained_wal_passes_the_limit() {
         .unwrap()
         .expect_err("the guardrail stops the run");
     let _ = std::fs::remove_file(&pause);
-    assert!(matches!(err, MigrateError::Guardrail(_)), "{err}");
+    assert!(matches!(err, EngineError::Guardrail(_)), "{err}");
     assert_eq!(err.exit_code(), 7);
     assert!(
         err.to_string().contains("--max-retained-wal 4.0 MiB"),
@@ -327,15 +326,9 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
     assert!(state_matches(&c, "table_name = 'public.orders' AND phase = 'failed'").await);
 
     // the live run was not touched and still finishes
-    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "live".into(),
-        at: None,
-    })
-    .await
-    .unwrap();
+    shadow_alter::ops::cutover(Some(&url), "live", None)
+        .await
+        .unwrap();
     live.await.unwrap().expect("the live run finishes");
     let (ok, out) = cli(&url, &["cleanup", "--stale"]).await;
     assert!(ok && out.contains("nothing stale found"), "{out}");
@@ -388,15 +381,9 @@ async fn verify_finds_and_repairs_a_corrupted_shadow_under_writes() {
         writers.done.load(Ordering::Relaxed) > before,
         "writes went on meanwhile"
     );
-    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "orders".into(),
-        at: None,
-    })
-    .await
-    .unwrap();
+    shadow_alter::ops::cutover(Some(&url), "orders", None)
+        .await
+        .unwrap();
     migration.await.unwrap().expect("the swap");
     writers.stop().await;
     c.batch_execute("ALTER TABLE orders_mirror ALTER COLUMN qty TYPE bigint")
@@ -448,15 +435,9 @@ async fn periodic_verification_while_waiting_repairs_a_corrupted_shadow() {
         .await,
         0
     );
-    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "t".into(),
-        at: None,
-    })
-    .await
-    .unwrap();
+    shadow_alter::ops::cutover(Some(&url), "t", None)
+        .await
+        .unwrap();
     migration.await.unwrap().expect("the swap");
     assert_eq!(
         count(&c, "SELECT count(*) FROM t WHERE w = 'w' || id AND v = id").await,

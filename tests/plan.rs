@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shadow_alter::cli::{RunArgs, StrategyChoice};
-use shadow_alter::migrate::MigrateError;
+use shadow_alter::engine::config::Strategy as StrategyChoice;
+use shadow_alter::engine::EngineError;
+use shadow_alter::engine::RunConfig as RunArgs;
 use shadow_alter::plan::{self, Effect, LockMode, Strategy};
 use support::migration::run;
 use support::{connect, fresh_db, wait_until};
@@ -637,7 +638,7 @@ async fn failed_index_build_leaves_no_invalid_index() {
     ))
     .await
     .unwrap_err();
-    assert!(matches!(err, MigrateError::Data(_)), "{err}");
+    assert!(matches!(err, EngineError::Data(_)), "{err}");
     assert_eq!(err.exit_code(), 6);
     assert!(invalid_indexes(&c, "d").await.is_empty());
     let n: i64 = c
