@@ -285,54 +285,14 @@ pub async fn copy_table(
     // every query) behind it.
     let splitter = {
         let client = connect(config, "the copy splitter", opts.lock_timeout).await?;
-        let sql = sql.clone();
-        let snapshot = snapshot.to_string();
-        let chunk_size = opts.chunk_size.max(1);
-        let start = opts.resume_after.clone();
-        async move {
-            let mut lower: Option<Vec<String>> = start;
-            let mut seq = 0u64;
-            loop {
-                let (cond, params) = sql.range(lower.as_ref(), ">", None);
-                let q = format!(
-                    "SELECT {} FROM ONLY {} AS s{cond} ORDER BY {} OFFSET {} LIMIT 1",
-                    sql.key_text_list(),
-                    sql.source,
-                    sql.key_list,
-                    chunk_size - 1
-                );
-                let upper = with_lock_retry("finding the next chunk boundary", || async {
-                    begin_snapshot(&client, &snapshot, true).await?;
-                    let r = client.query_opt(&q, &params_ref(&params)).await;
-                    let _ = client.batch_execute("COMMIT").await;
-                    r
-                })
-                .await?
-                .map(|r| {
-                    (0..r.len())
-                        .map(|i| r.get::<_, String>(i))
-                        .collect::<Vec<_>>()
-                });
-                let done = upper.is_none();
-                seq += 1;
-                if tx
-                    .send(Chunk {
-                        seq,
-                        lower: lower.clone(),
-                        upper: upper.clone(),
-                    })
-                    .await
-                    .is_err()
-                {
-                    break; // workers stopped (an error is reported by them)
-                }
-                if done {
-                    break;
-                }
-                lower = upper;
-            }
-            Ok::<(), EngineError>(())
-        }
+        split(
+            client,
+            sql.clone(),
+            snapshot.to_string(),
+            opts.chunk_size.max(1),
+            opts.resume_after.clone(),
+            tx,
+        )
     };
 
     let split_result = splitter.await;
@@ -368,6 +328,54 @@ pub async fn copy_table(
     }
 }
 
+/// Cut the table into chunks of `chunk_size` keys after `start`, in key order, and hand them to
+/// the workers; stops when the workers have all stopped.
+async fn split(
+    client: Client,
+    sql: Arc<CopySql>,
+    snapshot: String,
+    chunk_size: u64,
+    start: Option<Vec<String>>,
+    tx: mpsc::Sender<Chunk>,
+) -> Result<(), EngineError> {
+    let mut lower: Option<Vec<String>> = start;
+    let mut seq = 0u64;
+    loop {
+        let (cond, params) = sql.range(lower.as_ref(), ">", None);
+        let q = format!(
+            "SELECT {} FROM ONLY {} AS s{cond} ORDER BY {} OFFSET {} LIMIT 1",
+            sql.key_text_list(),
+            sql.source,
+            sql.key_list,
+            chunk_size - 1
+        );
+        let upper = with_lock_retry("finding the next chunk boundary", || async {
+            begin_snapshot(&client, &snapshot, true).await?;
+            let r = client.query_opt(&q, &params_ref(&params)).await;
+            let _ = client.batch_execute("COMMIT").await;
+            r
+        })
+        .await?
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get::<_, String>(i))
+                .collect::<Vec<_>>()
+        });
+        let done = upper.is_none();
+        seq += 1;
+        let chunk = Chunk {
+            seq,
+            lower: lower.clone(),
+            upper: upper.clone(),
+        };
+        if tx.send(chunk).await.is_err() || done {
+            // the workers stopped (an error is reported by them), or that was the last chunk
+            return Ok(());
+        }
+        lower = upper;
+    }
+}
+
 /// Move the checkpoint's watermark to the upper bound of the longest run of completed chunks
 /// from the first one. The final chunk (no upper bound) is not recorded: the caller records the
 /// end of the copy.
@@ -376,22 +384,42 @@ async fn track_watermark(
     oid: u32,
     mut done: mpsc::UnboundedReceiver<(u64, Option<Vec<String>>)>,
 ) -> Result<(), EngineError> {
-    let mut completed = std::collections::BTreeMap::new();
-    let mut next = 1u64;
+    let mut watermark = Watermark::default();
     while let Some((seq, upper)) = done.recv().await {
-        completed.insert(seq, upper);
-        let mut mark = None;
-        while let Some(upper) = completed.remove(&next) {
-            next += 1;
-            if upper.is_some() {
-                mark = upper;
-            }
-        }
-        if let Some(key) = mark {
+        if let Some(key) = watermark.completed(seq, upper) {
             crate::engine::store::checkpoints::set_watermark(&client, oid, &key).await?;
         }
     }
     Ok(())
+}
+
+/// Where a resumed copy may continue: past the upper bound of the longest run of completed
+/// chunks from the first one (chunks complete out of order on several workers).
+#[derive(Debug, Default)]
+struct Watermark {
+    /// Completed chunks not yet contiguous with the first ones: seq -> upper bound.
+    completed: std::collections::BTreeMap<u64, Option<Vec<String>>>,
+    /// The first chunk not completed yet (chunks are numbered from 1).
+    next: u64,
+}
+
+impl Watermark {
+    /// Chunk `seq` (with upper bound `upper`; None for the last) completed: the new watermark
+    /// when it moved.
+    fn completed(&mut self, seq: u64, upper: Option<Vec<String>>) -> Option<Vec<String>> {
+        if self.next == 0 {
+            self.next = 1;
+        }
+        self.completed.insert(seq, upper);
+        let mut mark = None;
+        while let Some(upper) = self.completed.remove(&self.next) {
+            self.next += 1;
+            if upper.is_some() {
+                mark = upper;
+            }
+        }
+        mark
+    }
 }
 
 /// Run `f` (one short transaction); when it fails on `lock_timeout` (another session holds or
@@ -539,5 +567,49 @@ async fn find_bad_row(
             )))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> Option<Vec<String>> {
+        Some(vec![k.to_string()])
+    }
+
+    #[test]
+    fn the_watermark_moves_only_past_chunks_whose_predecessors_all_completed() {
+        let mut w = Watermark::default();
+        assert_eq!(w.completed(2, key("200")), None, "chunk 1 is still running");
+        assert_eq!(w.completed(3, key("300")), None);
+        assert_eq!(w.completed(1, key("100")), key("300"), "1, 2 and 3 are in");
+        assert_eq!(w.completed(5, key("500")), None);
+        assert_eq!(w.completed(4, key("400")), key("500"));
+        // the last chunk has no upper bound: the end of the copy is recorded apart
+        assert_eq!(w.completed(6, None), None);
+    }
+
+    #[test]
+    fn chunk_ranges_are_open_below_and_closed_above() {
+        let sql = CopySql {
+            on_conflict: String::new(),
+            source: "\"public\".\"t\"".into(),
+            insert_select: String::new(),
+            key_list: "s.\"a\", s.\"b\"".into(),
+            key_types: vec!["integer".into(), "text".into()],
+            key_cols: vec!["a".into(), "b".into()],
+        };
+        let lower = vec!["1".to_string(), "x".to_string()];
+        let upper = vec!["9".to_string(), "y".to_string()];
+        let (cond, params) = sql.range(Some(&lower), ">", Some(&upper));
+        assert_eq!(
+            cond,
+            " WHERE (s.\"a\", s.\"b\") > ($1::text::integer, $2::text::text) AND (s.\"a\", s.\"b\") <= ($3::text::integer, $4::text::text)"
+        );
+        assert_eq!(params, vec!["1", "x", "9", "y"]);
+        let (cond, params) = sql.range(None, ">", None);
+        assert!(cond.is_empty() && params.is_empty(), "the whole table");
+        assert_eq!(sql.key_text_list(), "s.\"a\"::text, s.\"b\"::text");
     }
 }

@@ -234,138 +234,160 @@ pub async fn window(
     old_name: &str,
     renamed_away: &[RenamedAway],
 ) -> String {
-    let (table, names, args) = (run.table, run.names, run.cfg);
-    let mut abort = run.abort.clone();
-    let window = args.soak.unwrap_or_default();
-    let oid = table.oid;
-    let result = async {
-            let new_oid = crate::catalog::resolve(run.control, &table.qualified())
-                .await?
-                .ok_or_else(|| EngineError::Internal("the new table is gone".into()))?;
-            let new_table = crate::catalog::load(run.control, new_oid).await?;
-            complete_mapping(run.control, &mut reverse, &table.schema, old_name, &new_table)
-                .await?;
-            let rev_names = names.reverse(old_name, oid);
-            let mut repl = soak.repl;
-            slot::start(&mut repl, &soak.slot, soak.consistent_point, &soak.publication).await?;
-            let client = connect(run.config, "applying the reverse stream").await?;
-            client
-                .batch_execute("SET synchronous_commit = local; SET session_replication_role = replica")
-                .await
-                .ctx("setting up the reverse apply session")?;
-            let applier = Applier::new(client, &new_table, &reverse, &rev_names);
-            let mut follower = Follower::start(
-                repl,
-                applier,
-                new_table.clone(),
-                rev_names.clone(),
-                soak.consistent_point,
-                Default::default(),
-                Some(soak.message.clone()),
-            );
-            let mut markers = Markers::new(&rev_names);
-            let deadline = Instant::now() + window;
-            let waiting = format!(
-                "soak window: {} is kept in sync from the new table until {}; `shadow-alter revert {}` swaps back, `shadow-alter cleanup {}` ends the window",
-                crate::sql::qualified(&table.schema, old_name),
-                chrono_free_time(window),
-                table.name,
-                table.name
-            );
-            run.state.phase(run.control, "soak", Some(&waiting)).await;
-            run.progress.println(&waiting);
-            loop {
-                let requests = run.requests.borrow().clone();
-                if requests.revert {
-                    break;
-                }
-                if requests.end_soak || requests.abort || *abort.borrow() || Instant::now() >= deadline {
-                    follower.stop().await?;
-                    return Ok::<Option<String>, EngineError>(None);
-                }
-                if follower.is_finished() {
-                    follower.stop().await?;
-                    return Err(EngineError::Internal("the reverse stream stopped".into()));
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = Run::aborted(&mut abort) => {}
-                }
-            }
-            // revert: the same swap, the other way
-            run.state.phase(run.control, "cutover", Some("reverting")).await;
-            let mut swapper = connect(run.config, "the revert").await?;
-            let opts = SwapOptions {
-                lock_timeout: args.lock_timeout,
-                attempts: args.swap_attempts,
-                drain_timeout: Duration::from_secs(5).max(args.lock_timeout),
-                proxies: run.proxies,
-                max_pause: args.max_pause,
-                message: None,
-                old_infix: REVERTED_INFIX,
-                restore_names: renamed_away,
-            };
-            let outcome = swap(
-                run.control,
-                &mut swapper,
-                &mut follower,
-                &mut markers,
-                &new_table,
-                &reverse,
-                &rev_names,
-                &opts,
-            )
-            .await?;
-            if let Err(e) = follower.stop().await {
-                tracing::warn!("stopping the reverse stream after the revert: {e}");
-            }
-            validate_foreign_keys(run.control, args.lock_timeout, &outcome.validate).await;
-            Ok(Some(format!(
-                "reverted: {} is the original table again, with every write made since the swap (lock held {} ms); the migrated table is kept as {}",
-                table.qualified(),
-                outcome.lock_held.as_millis(),
-                crate::sql::qualified(&table.schema, &outcome.old_name)
-            )))
-        }
-        .await;
-    drop_reverse(run.control, oid).await;
+    let result = keep_in_sync(run, soak, &mut reverse, old_name, renamed_away).await;
+    drop_reverse(run.control, run.table.oid).await;
+    let old = crate::sql::qualified(&run.table.schema, old_name);
+    let (lock_timeout, drop_old) = (run.cfg.lock_timeout, run.cfg.drop_old);
     if !matches!(result, Ok(Some(_))) {
         // no revert: the old table's identity columns are ALWAYS again, as they were
-        let old = crate::sql::qualified(&table.schema, old_name);
         for col in &reverse.identity_always {
             let sql = format!(
                 "ALTER TABLE {old} ALTER COLUMN {} SET GENERATED ALWAYS",
                 quote_ident(col)
             );
-            if let Err(e) = retry_lock(
-                run.control,
-                &sql,
-                args.lock_timeout,
-                "restoring an identity column of the old table",
-            )
-            .await
-            {
+            let what = "restoring an identity column of the old table";
+            if let Err(e) = retry_lock(run.control, &sql, lock_timeout, what).await {
                 tracing::warn!("{e}; run `{sql}`");
             }
         }
     }
     match result {
-            Ok(Some(msg)) => msg,
-            Ok(None) => {
-                let old = crate::sql::qualified(&table.schema, old_name);
-                if args.drop_old {
-                    match retry_lock(run.control, &format!("DROP TABLE {old}"), args.lock_timeout, "dropping the old table").await {
-                        Ok(()) => format!("soak window ended: the reverse stream is dropped, and so is the old table {old}"),
-                        Err(e) => format!("soak window ended: the reverse stream is dropped; the old table {old} could not be dropped: {e}"),
-                    }
-                } else {
-                    format!("soak window ended: the reverse stream is dropped; the old table is kept as {old}")
-                }
+        Ok(Some(msg)) => msg,
+        Ok(None) if drop_old => {
+            let sql = format!("DROP TABLE {old}");
+            match retry_lock(run.control, &sql, lock_timeout, "dropping the old table").await {
+                Ok(()) => format!("soak window ended: the reverse stream is dropped, and so is the old table {old}"),
+                Err(e) => format!("soak window ended: the reverse stream is dropped; the old table {old} could not be dropped: {e}"),
             }
-            Err(e) => format!(
-                "the soak window ended early: {e}; the migration stands, but it can no longer be reverted automatically"
-            ),
         }
+        Ok(None) => format!(
+            "soak window ended: the reverse stream is dropped; the old table is kept as {old}"
+        ),
+        Err(e) => format!(
+            "the soak window ended early: {e}; the migration stands, but it can no longer be reverted automatically"
+        ),
+    }
+}
+
+/// Follow the new table into the old one; when `revert` is asked for, swap back and say so
+/// (Some), otherwise end with the window (None).
+async fn keep_in_sync(
+    run: &mut Run<'_>,
+    soak: Soak,
+    reverse: &mut Mapping,
+    old_name: &str,
+    renamed_away: &[RenamedAway],
+) -> Result<Option<String>, EngineError> {
+    let (table, names) = (run.table, run.names);
+    let new_oid = crate::catalog::resolve(run.control, &table.qualified())
+        .await?
+        .ok_or_else(|| EngineError::Internal("the new table is gone".into()))?;
+    let new_table = crate::catalog::load(run.control, new_oid).await?;
+    complete_mapping(run.control, reverse, &table.schema, old_name, &new_table).await?;
+    let rev_names = names.reverse(old_name, table.oid);
+    let mut repl = soak.repl;
+    slot::start(
+        &mut repl,
+        &soak.slot,
+        soak.consistent_point,
+        &soak.publication,
+    )
+    .await?;
+    let client = connect(run.config, "applying the reverse stream").await?;
+    client
+        .batch_execute("SET synchronous_commit = local; SET session_replication_role = replica")
+        .await
+        .ctx("setting up the reverse apply session")?;
+    let applier = Applier::new(client, &new_table, reverse, &rev_names);
+    let mut follower = Follower::start(
+        repl,
+        applier,
+        new_table.clone(),
+        rev_names.clone(),
+        soak.consistent_point,
+        Default::default(),
+        Some(soak.message.clone()),
+    );
+    if !until_revert(run, &mut follower, old_name).await? {
+        follower.stop().await?;
+        return Ok(None);
+    }
+    // revert: the same swap, the other way
+    run.state
+        .phase(run.control, "cutover", Some("reverting"))
+        .await;
+    let mut swapper = connect(run.config, "the revert").await?;
+    let cfg = run.cfg;
+    let opts = SwapOptions {
+        lock_timeout: cfg.lock_timeout,
+        attempts: cfg.swap_attempts,
+        drain_timeout: Duration::from_secs(5).max(cfg.lock_timeout),
+        proxies: run.proxies,
+        max_pause: cfg.max_pause,
+        message: None,
+        old_infix: REVERTED_INFIX,
+        restore_names: renamed_away,
+    };
+    let mut markers = Markers::new(&rev_names);
+    let outcome = swap(
+        run.control,
+        &mut swapper,
+        &mut follower,
+        &mut markers,
+        &new_table,
+        reverse,
+        &rev_names,
+        &opts,
+    )
+    .await?;
+    if let Err(e) = follower.stop().await {
+        tracing::warn!("stopping the reverse stream after the revert: {e}");
+    }
+    validate_foreign_keys(run.control, cfg.lock_timeout, &outcome.validate).await;
+    Ok(Some(format!(
+        "reverted: {} is the original table again, with every write made since the swap (lock held {} ms); the migrated table is kept as {}",
+        table.qualified(),
+        outcome.lock_held.as_millis(),
+        crate::sql::qualified(&table.schema, &outcome.old_name)
+    )))
+}
+
+/// Keep following until `revert` is asked for (true) or the window ends (false: the window's
+/// time is up, `cleanup` or an abort ended it; the follower is stopped).
+async fn until_revert(
+    run: &mut Run<'_>,
+    follower: &mut Follower,
+    old_name: &str,
+) -> Result<bool, EngineError> {
+    let table = run.table;
+    let window = run.cfg.soak.unwrap_or_default();
+    let deadline = Instant::now() + window;
+    let waiting = format!(
+        "soak window: {} is kept in sync from the new table until {}; `shadow-alter revert {}` swaps back, `shadow-alter cleanup {}` ends the window",
+        crate::sql::qualified(&table.schema, old_name),
+        chrono_free_time(window),
+        table.name,
+        table.name
+    );
+    run.state.phase(run.control, "soak", Some(&waiting)).await;
+    run.progress.println(&waiting);
+    let mut abort = run.abort.clone();
+    loop {
+        let requests = run.requests.borrow().clone();
+        if requests.revert {
+            return Ok(true);
+        }
+        if requests.end_soak || requests.abort || *abort.borrow() || Instant::now() >= deadline {
+            return Ok(false);
+        }
+        if follower.is_finished() {
+            return Err(follower.failure().await);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = Run::aborted(&mut abort) => {}
+        }
+    }
 }
 
 /// "in 10m" style text for when a window ends (no clock formatting dependency).

@@ -117,7 +117,7 @@ impl Follower {
     }
 
     /// The follower's own error once it has stopped.
-    async fn failure(&mut self) -> EngineError {
+    pub async fn failure(&mut self) -> EngineError {
         let Some(handle) = self.handle.take() else {
             return EngineError::Internal("the change stream stopped".into());
         };
@@ -161,6 +161,27 @@ pub struct Windows {
     pub lenient_until: Option<Lsn>,
 }
 
+/// How one source transaction is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Replay,
+    Lenient,
+    Strict,
+}
+
+impl Windows {
+    /// The mode of the source transaction that commits at `final_lsn`.
+    pub fn mode(&self, final_lsn: Lsn) -> Mode {
+        if self.replay_until.is_some_and(|u| final_lsn < u) {
+            Mode::Replay
+        } else if self.lenient_until.is_some_and(|u| final_lsn < u) {
+            Mode::Lenient
+        } else {
+            Mode::Strict
+        }
+    }
+}
+
 struct Task {
     repl: ReplicationConn,
     applier: Applier,
@@ -201,12 +222,16 @@ impl Task {
 
     /// Choose how the source transaction committing at `final_lsn` is applied.
     async fn begin(&mut self, final_lsn: Lsn) -> Result<(), EngineError> {
-        self.replaying = self.replay_until.is_some_and(|u| final_lsn < u);
+        let windows = Windows {
+            replay_until: self.replay_until,
+            lenient_until: self.lenient_until,
+        };
+        let mode = windows.mode(final_lsn);
+        self.replaying = mode == Mode::Replay;
         if !self.replaying && !self.replay_over {
             self.end_replay().await?;
         }
-        let lenient = !self.replaying && self.lenient_until.is_some_and(|u| final_lsn < u);
-        self.applier.set_lenient(lenient).await
+        self.applier.set_lenient(mode == Mode::Lenient).await
     }
 
     async fn apply(&mut self, change: &Change) -> Result<(), EngineError> {
@@ -230,10 +255,7 @@ impl Task {
     }
 
     async fn follow(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), EngineError> {
-        let mut received = *self.applied.borrow();
-        let mut in_source_tx = false;
-        let mut last_commit_end = received;
-        let mut batch_started = Instant::now();
+        let mut at = Cursor::new(*self.applied.borrow());
         let mut lookahead: Option<XLogMessage> = None;
         let mut status = tokio::time::interval(STATUS_EVERY);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -245,14 +267,7 @@ impl Task {
                         biased;
                         _ = stop.changed() => return Ok(()),
                         _ = status.tick() => {
-                            // a batch kept open for more input that did not come (a keepalive was
-                            // waiting behind its last commit): commit it, at most a second late
-                            if !in_source_tx && self.applier.in_transaction() {
-                                self.applier.commit().await?;
-                                self.applied.send_replace(last_commit_end);
-                            }
-                            let applied = *self.applied.borrow();
-                            self.repl.send_status(received, applied, false).await.ctx("sending a standby status update")?;
+                            self.tick(&at).await?;
                             continue;
                         }
                         r = tokio::time::timeout(SILENCE_LIMIT, self.repl.recv()) => match r {
@@ -266,105 +281,191 @@ impl Task {
                 XLogMessage::Keepalive {
                     end,
                     reply_requested,
-                } => {
-                    received = received.max(end);
-                    if !self.replay_over
-                        && !in_source_tx
-                        && self.replay_until.is_some_and(|u| end >= u)
-                    {
-                        self.end_replay().await?;
-                    }
-                    self.stats.server_end.fetch_max(end.0, Ordering::Relaxed);
-                    if !in_source_tx && !self.applier.in_transaction() {
-                        self.applied.send_if_modified(|a| {
-                            let newer = end > *a;
-                            if newer {
-                                *a = end;
-                            }
-                            newer
-                        });
-                    }
-                    if reply_requested {
-                        let applied = *self.applied.borrow();
-                        self.repl
-                            .send_status(received, applied, false)
-                            .await
-                            .ctx("answering a keepalive")?;
-                    }
-                }
+                } => self.keepalive(&mut at, end, reply_requested).await?,
                 XLogMessage::Data { end, data, .. } => {
-                    received = received.max(end);
-                    match decode(&data).ctx("decoding a pgoutput message")? {
-                        LogicalMessage::Begin { final_lsn, .. } => {
-                            in_source_tx = true;
-                            self.begin(final_lsn).await?;
-                            if !self.applier.in_transaction() {
-                                batch_started = Instant::now();
-                            }
-                        }
-                        LogicalMessage::Commit { end_lsn, .. } => {
-                            in_source_tx = false;
-                            last_commit_end = end_lsn;
-                            self.applier.set_position(end_lsn);
-                            self.stats
-                                .transactions_applied
-                                .fetch_add(1, Ordering::Relaxed);
-                            let full = self.applier.pending() >= BATCH_CHANGES
-                                || batch_started.elapsed() >= BATCH_AGE;
-                            // more already waiting? keep the batch open unless it is full
-                            if !full {
-                                if let Some(next) = self.repl.recv().now_or_never() {
-                                    lookahead = Some(next.ctx("reading the replication stream")?);
-                                    continue;
-                                }
-                            }
-                            self.applier.commit().await?;
-                            self.applied.send_replace(last_commit_end);
-                        }
-                        LogicalMessage::Relation { id, columns, .. } if id == self.table.oid => {
-                            self.applier.set_relation(&self.table, &columns)?;
-                        }
-                        LogicalMessage::Insert { relation, new } if relation == self.table.oid => {
-                            self.apply(&Change::Insert(new)).await?;
-                            self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
-                        }
-                        LogicalMessage::Update { relation, old, new }
-                            if relation == self.table.oid =>
-                        {
-                            self.apply(&Change::Update { old, new }).await?;
-                            self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
-                        }
-                        LogicalMessage::Delete { relation, old } if relation == self.table.oid => {
-                            self.apply(&Change::Delete(old)).await?;
-                            self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
-                        }
-                        LogicalMessage::Truncate { relations, .. }
-                            if relations.contains(&self.table.oid) =>
-                        {
-                            self.apply(&Change::Truncate).await?;
-                            self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
-                        }
-                        LogicalMessage::Message { prefix, .. }
-                            if self.skip_until_message.as_deref() == Some(prefix.as_str()) =>
-                        {
-                            self.skip_until_message = None;
-                        }
-                        LogicalMessage::Message {
-                            prefix, content, ..
-                        } if prefix == self.names.marker_prefix => {
-                            let id: u64 = std::str::from_utf8(&content)
-                                .ok()
-                                .and_then(|s| s.parse().ok())
-                                .unwrap_or(0);
-                            // everything committed before the marker is in the stream before it
-                            self.applier.commit().await?;
-                            self.applied.send_replace(last_commit_end);
-                            self.marker.send_replace(id);
-                        }
-                        _ => {}
-                    }
+                    at.received = at.received.max(end);
+                    let m = decode(&data).ctx("decoding a pgoutput message")?;
+                    lookahead = self.logical(&mut at, m).await?;
                 }
             }
         }
+    }
+
+    /// Once a second: commit a batch kept open for input that did not come (a keepalive was
+    /// waiting behind its last commit), at most a second late, and tell the server where we are.
+    async fn tick(&mut self, at: &Cursor) -> Result<(), EngineError> {
+        if !at.in_source_tx && self.applier.in_transaction() {
+            self.applier.commit().await?;
+            self.applied.send_replace(at.last_commit_end);
+        }
+        let applied = *self.applied.borrow();
+        self.repl
+            .send_status(at.received, applied, false)
+            .await
+            .ctx("sending a standby status update")
+    }
+
+    async fn keepalive(
+        &mut self,
+        at: &mut Cursor,
+        end: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), EngineError> {
+        at.received = at.received.max(end);
+        if !self.replay_over && !at.in_source_tx && self.replay_until.is_some_and(|u| end >= u) {
+            self.end_replay().await?;
+        }
+        self.stats.server_end.fetch_max(end.0, Ordering::Relaxed);
+        if !at.in_source_tx && !self.applier.in_transaction() {
+            // nothing of ours is open: everything the server has sent is applied
+            self.applied.send_if_modified(|a| {
+                let newer = end > *a;
+                if newer {
+                    *a = end;
+                }
+                newer
+            });
+        }
+        if reply_requested {
+            let applied = *self.applied.borrow();
+            self.repl
+                .send_status(at.received, applied, false)
+                .await
+                .ctx("answering a keepalive")?;
+        }
+        Ok(())
+    }
+
+    /// One pgoutput message; a message read ahead (to keep a batch open) is handed back.
+    async fn logical(
+        &mut self,
+        at: &mut Cursor,
+        m: LogicalMessage,
+    ) -> Result<Option<XLogMessage>, EngineError> {
+        let ours = self.table.oid;
+        let change = match m {
+            LogicalMessage::Begin { final_lsn, .. } => {
+                at.in_source_tx = true;
+                self.begin(final_lsn).await?;
+                if !self.applier.in_transaction() {
+                    at.batch_started = Instant::now();
+                }
+                None
+            }
+            LogicalMessage::Commit { end_lsn, .. } => return self.commit(at, end_lsn).await,
+            LogicalMessage::Relation { id, columns, .. } if id == ours => {
+                self.applier.set_relation(&self.table, &columns)?;
+                None
+            }
+            LogicalMessage::Insert { relation, new } if relation == ours => {
+                Some(Change::Insert(new))
+            }
+            LogicalMessage::Update { relation, old, new } if relation == ours => {
+                Some(Change::Update { old, new })
+            }
+            LogicalMessage::Delete { relation, old } if relation == ours => {
+                Some(Change::Delete(old))
+            }
+            LogicalMessage::Truncate { relations, .. } if relations.contains(&ours) => {
+                Some(Change::Truncate)
+            }
+            LogicalMessage::Message { prefix, .. }
+                if self.skip_until_message.as_deref() == Some(prefix.as_str()) =>
+            {
+                self.skip_until_message = None;
+                None
+            }
+            LogicalMessage::Message {
+                prefix, content, ..
+            } if prefix == self.names.marker_prefix => {
+                let id: u64 = std::str::from_utf8(&content)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                // everything committed before the marker is in the stream before it
+                self.applier.commit().await?;
+                self.applied.send_replace(at.last_commit_end);
+                self.marker.send_replace(id);
+                None
+            }
+            _ => None,
+        };
+        if let Some(change) = change {
+            self.apply(&change).await?;
+            self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(None)
+    }
+
+    /// A source commit: the batch ends here once it is full or old, or nothing more waits.
+    async fn commit(
+        &mut self,
+        at: &mut Cursor,
+        end_lsn: Lsn,
+    ) -> Result<Option<XLogMessage>, EngineError> {
+        at.in_source_tx = false;
+        at.last_commit_end = end_lsn;
+        self.applier.set_position(end_lsn);
+        self.stats
+            .transactions_applied
+            .fetch_add(1, Ordering::Relaxed);
+        let full =
+            self.applier.pending() >= BATCH_CHANGES || at.batch_started.elapsed() >= BATCH_AGE;
+        // more already waiting? keep the batch open unless it is full
+        if !full {
+            if let Some(next) = self.repl.recv().now_or_never() {
+                return Ok(Some(next.ctx("reading the replication stream")?));
+            }
+        }
+        self.applier.commit().await?;
+        self.applied.send_replace(at.last_commit_end);
+        Ok(None)
+    }
+}
+
+/// Where the follower is in the stream.
+struct Cursor {
+    /// The furthest position the server has sent.
+    received: Lsn,
+    in_source_tx: bool,
+    /// The end of the last source commit seen.
+    last_commit_end: Lsn,
+    /// When the open target transaction began.
+    batch_started: Instant,
+}
+
+impl Cursor {
+    fn new(from: Lsn) -> Cursor {
+        Cursor {
+            received: from,
+            in_source_tx: false,
+            last_commit_end: from,
+            batch_started: Instant::now(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transaction_is_replayed_then_lenient_then_strict_by_its_commit_position() {
+        let w = Windows {
+            replay_until: Some(Lsn(100)),
+            lenient_until: Some(Lsn(200)),
+        };
+        assert_eq!(w.mode(Lsn(99)), Mode::Replay);
+        assert_eq!(w.mode(Lsn(100)), Mode::Lenient);
+        assert_eq!(w.mode(Lsn(199)), Mode::Lenient);
+        assert_eq!(w.mode(Lsn(200)), Mode::Strict);
+        assert_eq!(Windows::default().mode(Lsn(1)), Mode::Strict);
+        // a lenient window inside the replay window changes nothing
+        let w = Windows {
+            replay_until: Some(Lsn(300)),
+            lenient_until: Some(Lsn(200)),
+        };
+        assert_eq!(w.mode(Lsn(250)), Mode::Replay);
+        assert_eq!(w.mode(Lsn(300)), Mode::Strict);
     }
 }

@@ -215,33 +215,7 @@ pub async fn create(
         .transaction()
         .await
         .ctx("starting the shadow table transaction")?;
-    let work = names
-        .work_schema
-        .as_deref()
-        .ok_or_else(|| EngineError::Internal("a shadow table needs a work schema".into()))?;
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'; CREATE SCHEMA {w}; COMMENT ON SCHEMA {w} IS {c};
-         CREATE TABLE {shadow} (LIKE {} INCLUDING ALL); COMMENT ON TABLE {shadow} IS {c}",
-        lock_timeout.as_millis(),
-        table.qualified(),
-        w = quote_ident(work),
-        c = quote_literal(&names.marker_comment)
-    ))
-    .await
-    .map_err(|e| {
-        EngineError::Preflight(format!(
-            "cannot create the shadow table {shadow}: {}",
-            describe(&e)
-        ))
-    })?;
-    if !table.reloptions.is_empty() {
-        tx.batch_execute(&format!(
-            "ALTER TABLE {shadow} SET ({})",
-            table.reloptions.join(", ")
-        ))
-        .await
-        .ctx("copying storage parameters to the shadow table")?;
-    }
+    like_source(&tx, table, names, lock_timeout).await?;
     adjust::take_source_names(&tx, table.oid, &shadow, &names.schema).await?;
     // attnum -> source column name, before the ALTER (LIKE copies live columns by name)
     let before: HashMap<i16, String> = tx
@@ -338,6 +312,45 @@ pub async fn create(
         dropped: cols.dropped,
         renamed: cols.renamed,
     })
+}
+
+/// The work schema and, in it, the shadow: `LIKE` the source with everything, its storage
+/// parameters, and the comment that marks both as ours.
+async fn like_source(
+    tx: &Transaction<'_>,
+    table: &Table,
+    names: &Names,
+    lock_timeout: Duration,
+) -> Result<(), EngineError> {
+    let shadow = names.shadow_qualified();
+    let work = names
+        .work_schema
+        .as_deref()
+        .ok_or_else(|| EngineError::Internal("a shadow table needs a work schema".into()))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'; CREATE SCHEMA {w}; COMMENT ON SCHEMA {w} IS {c};
+         CREATE TABLE {shadow} (LIKE {} INCLUDING ALL); COMMENT ON TABLE {shadow} IS {c}",
+        lock_timeout.as_millis(),
+        table.qualified(),
+        w = quote_ident(work),
+        c = quote_literal(&names.marker_comment)
+    ))
+    .await
+    .map_err(|e| {
+        EngineError::Preflight(format!(
+            "cannot create the shadow table {shadow}: {}",
+            describe(&e)
+        ))
+    })?;
+    if !table.reloptions.is_empty() {
+        tx.batch_execute(&format!(
+            "ALTER TABLE {shadow} SET ({})",
+            table.reloptions.join(", ")
+        ))
+        .await
+        .ctx("copying storage parameters to the shadow table")?;
+    }
+    Ok(())
 }
 
 /// The shadow's unique index on the key (it must still have one after the ALTER), the key

@@ -35,19 +35,75 @@ pub(super) fn grant_sql(
 pub(super) const GRANTEE: &str =
     "CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END";
 
+/// A view over the table (or over such a view), as the swap re-creates it.
+struct View {
+    oid: u32,
+    /// Qualified and quoted.
+    name: String,
+    materialized: bool,
+    /// `pg_get_viewdef`, read with `search_path = pg_catalog` (every name qualified).
+    def: String,
+    options: String,
+    owner: String,
+    comment: Option<String>,
+    populated: bool,
+    /// Access method and tablespace of a materialized view, quoted ("" for the defaults).
+    am: String,
+    tablespace: String,
+}
+
+impl View {
+    fn kind(&self) -> &'static str {
+        if self.materialized {
+            "MATERIALIZED VIEW"
+        } else {
+            "VIEW"
+        }
+    }
+
+    /// The statement that re-creates it, with its options.
+    fn create_sql(&self) -> String {
+        let with = if self.options.is_empty() {
+            String::new()
+        } else {
+            format!(" WITH ({})", self.options)
+        };
+        let def = strip_semicolon(&self.def);
+        if !self.materialized {
+            return format!("CREATE VIEW {}{with} AS {def}", self.name);
+        }
+        let using = if self.am.is_empty() || self.am == "heap" {
+            String::new()
+        } else {
+            format!(" USING {}", self.am)
+        };
+        let ts = if self.tablespace.is_empty() {
+            String::new()
+        } else {
+            format!(" TABLESPACE {}", self.tablespace)
+        };
+        format!(
+            "CREATE MATERIALIZED VIEW {}{using}{with}{ts} AS {def} WITH {}DATA",
+            self.name,
+            if self.populated { "" } else { "NO " }
+        )
+    }
+}
+
 pub(super) async fn views(
     tx: &Transaction<'_>,
     oid: u32,
     c: &mut Carry,
 ) -> Result<(), EngineError> {
-    let rows = tx
+    let views: Vec<View> = tx
         .query(
             &format!(
-                "SELECT x.v, format('%I.%I', n.nspname, v.relname), v.relkind::text, pg_get_viewdef(x.v),
-                        coalesce(array_to_string(v.reloptions, ', '), ''), quote_ident(pg_get_userbyid(v.relowner)),
-                        obj_description(x.v, 'pg_class'), v.relispopulated,
-                        coalesce((SELECT quote_ident(amname) FROM pg_am WHERE oid = v.relam), ''),
-                        coalesce((SELECT quote_ident(spcname) FROM pg_tablespace WHERE oid = v.reltablespace), ''),
+                "SELECT x.v AS oid, format('%I.%I', n.nspname, v.relname) AS name, v.relkind = 'm' AS materialized,
+                        pg_get_viewdef(x.v) AS def, coalesce(array_to_string(v.reloptions, ', '), '') AS options,
+                        quote_ident(pg_get_userbyid(v.relowner)) AS owner, obj_description(x.v, 'pg_class') AS comment,
+                        v.relispopulated AS populated,
+                        coalesce((SELECT quote_ident(amname) FROM pg_am WHERE oid = v.relam), '') AS am,
+                        coalesce((SELECT quote_ident(spcname) FROM pg_tablespace WHERE oid = v.reltablespace), '') AS tablespace,
                         x.depth
                  FROM ({DEPENDENT_VIEWS}) x JOIN pg_class v ON v.oid = x.v JOIN pg_namespace n ON n.oid = v.relnamespace
                  ORDER BY x.depth, 2"
@@ -55,59 +111,65 @@ pub(super) async fn views(
             &[&oid],
         )
         .await
-        .ctx("reading dependent views")?;
-    for r in rows.iter().rev() {
-        let (name, kind): (String, String) = (r.get(1), r.get(2));
-        let what = if kind == "m" {
-            "MATERIALIZED VIEW"
-        } else {
-            "VIEW"
-        };
-        c.before.push(format!("DROP {what} {name}"));
+        .ctx("reading dependent views")?
+        .iter()
+        .map(|r| View {
+            oid: r.get("oid"),
+            name: r.get("name"),
+            materialized: r.get("materialized"),
+            def: r.get("def"),
+            options: r.get("options"),
+            owner: r.get("owner"),
+            comment: r.get("comment"),
+            populated: r.get("populated"),
+            am: r.get("am"),
+            tablespace: r.get("tablespace"),
+        })
+        .collect();
+    // views on views go first, and come back last
+    for v in views.iter().rev() {
+        c.before.push(format!("DROP {} {}", v.kind(), v.name));
     }
-    for r in &rows {
-        let view_oid: u32 = r.get(0);
-        let (name, kind, def, opts, owner): (String, String, String, String, String) =
-            (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
-        let comment: Option<String> = r.get(6);
-        let populated: bool = r.get(7);
-        let (am, space): (String, String) = (r.get(8), r.get(9));
-        let with = if opts.is_empty() {
-            String::new()
-        } else {
-            format!(" WITH ({opts})")
-        };
-        let def = strip_semicolon(&def);
-        let what = if kind == "m" {
-            let using = if am.is_empty() || am == "heap" {
-                String::new()
-            } else {
-                format!(" USING {am}")
-            };
-            let ts = if space.is_empty() {
-                String::new()
-            } else {
-                format!(" TABLESPACE {space}")
-            };
+    for v in &views {
+        c.after.push(v.create_sql());
+        c.after.push(format!(
+            "ALTER {} {} OWNER TO {}",
+            v.kind(),
+            v.name,
+            v.owner
+        ));
+        if let Some(text) = &v.comment {
             c.after.push(format!(
-                "CREATE MATERIALIZED VIEW {name}{using}{with}{ts} AS {def} WITH {}DATA",
-                if populated { "" } else { "NO " }
-            ));
-            "MATERIALIZED VIEW"
-        } else {
-            c.after.push(format!("CREATE VIEW {name}{with} AS {def}"));
-            "VIEW"
-        };
-        c.after
-            .push(format!("ALTER {what} {name} OWNER TO {owner}"));
-        if let Some(text) = comment {
-            c.after.push(format!(
-                "COMMENT ON {what} {name} IS {}",
-                quote_literal(&text)
+                "COMMENT ON {} {} IS {}",
+                v.kind(),
+                v.name,
+                quote_literal(text)
             ));
         }
-        // view defaults, column comments, grants, indexes and triggers of the view itself
-        for d in tx
+        view_parts(tx, v.oid, &v.name, c).await?;
+        c.summary.push(format!(
+            "{} {} re-created",
+            if v.materialized {
+                "materialized view"
+            } else {
+                "view"
+            },
+            v.name
+        ));
+    }
+    Ok(())
+}
+
+/// What belongs to a view itself: column defaults and comments, grants, the indexes of a
+/// materialized view, triggers.
+async fn view_parts(
+    tx: &Transaction<'_>,
+    view_oid: u32,
+    name: &str,
+    c: &mut Carry,
+) -> Result<(), EngineError> {
+    // view defaults, column comments, grants, indexes and triggers of the view itself
+    for d in tx
             .query(
                 "SELECT quote_ident(a.attname), pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
                  JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum WHERE d.adrelid = $1",
@@ -122,7 +184,7 @@ pub(super) async fn views(
                 d.get::<_, String>(1)
             ));
         }
-        for d in tx
+    for d in tx
             .query(
                 "SELECT quote_ident(attname), col_description(attrelid, attnum) FROM pg_attribute
                  WHERE attrelid = $1 AND attnum > 0 AND col_description(attrelid, attnum) IS NOT NULL",
@@ -137,8 +199,8 @@ pub(super) async fn views(
                 quote_literal(&d.get::<_, String>(1))
             ));
         }
-        object_grants(tx, view_oid, &name, &mut c.after).await?;
-        for d in tx
+    object_grants(tx, view_oid, name, &mut c.after).await?;
+    for d in tx
             .query(
                 "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = $1 ORDER BY indexrelid",
                 &[&view_oid],
@@ -148,16 +210,7 @@ pub(super) async fn views(
         {
             c.after.push(d.get(0));
         }
-        trigger_sql(tx, view_oid, &name, &mut c.after).await?;
-        c.summary.push(format!(
-            "{} {name} re-created",
-            if kind == "m" {
-                "materialized view"
-            } else {
-                "view"
-            }
-        ));
-    }
+    trigger_sql(tx, view_oid, name, &mut c.after).await?;
     Ok(())
 }
 
@@ -221,4 +274,49 @@ pub(super) async fn trigger_sql(
         names.push(tg);
     }
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(materialized: bool) -> View {
+        View {
+            oid: 1,
+            name: "\"app\".\"v\"".into(),
+            materialized,
+            def: " SELECT 1 AS x;".into(),
+            options: String::new(),
+            owner: "o".into(),
+            comment: None,
+            populated: false,
+            am: "heap".into(),
+            tablespace: String::new(),
+        }
+    }
+
+    #[test]
+    fn views_come_back_as_they_were() {
+        assert_eq!(
+            view(false).create_sql(),
+            "CREATE VIEW \"app\".\"v\" AS SELECT 1 AS x"
+        );
+        let mut v = view(false);
+        v.options = "security_barrier=true".into();
+        assert_eq!(
+            v.create_sql(),
+            "CREATE VIEW \"app\".\"v\" WITH (security_barrier=true) AS SELECT 1 AS x"
+        );
+        // a materialized view that was never refreshed stays unpopulated
+        assert_eq!(
+            view(true).create_sql(),
+            "CREATE MATERIALIZED VIEW \"app\".\"v\" AS SELECT 1 AS x WITH NO DATA"
+        );
+        let mut m = view(true);
+        m.populated = true;
+        m.tablespace = "fast".into();
+        assert!(m
+            .create_sql()
+            .ends_with("TABLESPACE fast AS SELECT 1 AS x WITH DATA"));
+    }
 }
