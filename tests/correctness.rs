@@ -12,11 +12,7 @@ use tokio_postgres::Client;
 use support::migration::{run, shadow_copy_args as args};
 use support::process::{exited, kill, output, spawn, wait_for_watermark};
 use support::workload::{assert_nothing_left, diff};
-use support::{connect, fresh_db, wait_until};
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.expect(sql).get(0)
-}
+use support::{connect, count, fresh_db, wait_until};
 
 /// Run the same statements on `t` and on `t_mirror`, in one transaction.
 async fn both(c: &Client, sql: &str) {

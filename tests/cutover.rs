@@ -13,13 +13,9 @@ use support::workload::{assert_nothing_left, create_orders, diff, start_writers_
 use support::{connect, fresh_db, wait_until};
 
 async fn column_type(c: &tokio_postgres::Client, table: &str, column: &str) -> String {
-    c.query_one(
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = $2",
-        &[&table, &column],
-    )
-    .await
-    .expect("column type")
-    .get(0)
+    support::column_type(c, table, column)
+        .await
+        .expect("the column is there")
 }
 
 async fn phase(c: &tokio_postgres::Client, table: &str) -> Option<(String, Option<String>)> {

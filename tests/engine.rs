@@ -6,8 +6,6 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shadow_alter::engine::EngineError;
-
 use support::migration::{run, shadow_copy_args as args};
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers};
 use support::{connect, fresh_db, wait_until};
@@ -211,11 +209,7 @@ async fn identity_and_generated_columns_and_rename() {
     assert_nothing_left(&c).await;
 }
 
-async fn refused(url: &str, table: &str, alter: &str) -> EngineError {
-    run(args(url, table, alter))
-        .await
-        .expect_err("the run must refuse")
-}
+use support::migration::refused;
 
 // Preflight refusals and bad input: tests/bad_input.rs.
 

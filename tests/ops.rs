@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 use support::migration::{run, shadow_copy_args as args};
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers};
-use support::{connect, fresh_db, wait_until};
+use support::{connect, count, fresh_db, wait_until};
 
 async fn state_matches(c: &Client, cond: &str) -> bool {
     c.query_opt(
@@ -23,10 +23,6 @@ async fn state_matches(c: &Client, cond: &str) -> bool {
     .ok()
     .flatten()
     .is_some()
-}
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
 fn temp_path(hint: &str) -> std::path::PathBuf {

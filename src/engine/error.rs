@@ -64,6 +64,13 @@ pub enum EngineError {
     /// What the run recorded in `shadow_alter.checkpoints` cannot be read back.
     #[error("the checkpoint: {0}")]
     Checkpoint(String),
+    /// Something did not happen in time: the stream did not catch up, a running process did
+    /// not answer an operator's request.
+    #[error("{0}")]
+    Timeout(String),
+    /// The swap's transaction failed on one of its statements and was rolled back.
+    #[error("the swap failed and was rolled back (the original table is untouched): {0}")]
+    SwapFailed(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

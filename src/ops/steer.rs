@@ -79,7 +79,7 @@ pub async fn abort(
             return Ok(());
         }
         if started.elapsed() > wait {
-            return Err(EngineError::Internal(format!(
+            return Err(EngineError::Timeout(format!(
                 "the running migration of {table} did not stop within {wait:?}; it was asked to and will stop at its next check"
             )));
         }
@@ -149,7 +149,7 @@ pub async fn verify(
             )));
         }
         if started.elapsed() > wait {
-            return Err(EngineError::Internal(format!(
+            return Err(EngineError::Timeout(format!(
                 "the running migration of {table} did not answer within {wait:?}; it verifies once caught up with the change stream"
             )));
         }
@@ -171,7 +171,7 @@ async fn request_and_wait(
             return Ok(msg);
         }
         if started.elapsed() >= wait {
-            return Err(EngineError::Internal(format!(
+            return Err(EngineError::Timeout(format!(
                 "the running process did not answer within {wait:?} (is it still running? see `shadow-alter status`)"
             )));
         }

@@ -57,3 +57,10 @@ pub fn shadow_copy_args(url: &str, table: &str, alter: &str) -> RunConfig {
         ],
     )
 }
+
+/// A shadow-copy run of `alter` on `table` that must be refused; its error.
+pub async fn refused(url: &str, table: &str, alter: &str) -> EngineError {
+    run(shadow_copy_args(url, table, alter))
+        .await
+        .expect_err("the run must refuse")
+}

@@ -190,3 +190,20 @@ pub async fn shadow_of(c: &tokio_postgres::Client, table: &str) -> String {
     .expect("the table exists")
     .get(0)
 }
+
+/// A single number from a query (`SELECT count(*) ...`).
+pub async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+/// The type of a column (`format_type`), None when the column is not there.
+pub async fn column_type(c: &tokio_postgres::Client, table: &str, column: &str) -> Option<String> {
+    c.query_opt(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+         WHERE attrelid = $1::text::regclass AND attname = $2 AND NOT attisdropped",
+        &[&table, &column],
+    )
+    .await
+    .expect("column type")
+    .map(|r| r.get(0))
+}

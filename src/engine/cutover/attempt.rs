@@ -247,8 +247,8 @@ async fn run_steps(tx: &Transaction<'_>, steps: &[String]) -> Result<(), Attempt
                     describe(&e)
                 )));
             }
-            return Err(AttemptError::Fatal(EngineError::Internal(format!(
-                "the swap failed and was rolled back (the original table is untouched): {s}: {}",
+            return Err(AttemptError::Fatal(EngineError::SwapFailed(format!(
+                "{s}: {}",
                 describe(&e)
             ))));
         }

@@ -91,18 +91,18 @@ pub async fn load(client: &Client, oid: u32) -> Result<Option<Checkpoint>, Engin
         return Ok(None);
     };
     let mapping: Mapping = serde_json::from_str(&r.get::<_, String>(3)).map_err(|e| {
-        EngineError::Internal(format!(
+        EngineError::Checkpoint(format!(
             "the checkpoint's column mapping is unreadable: {e}"
         ))
     })?;
     let validate: Vec<Validate> = serde_json::from_str(&r.get::<_, String>(9)).map_err(|e| {
-        EngineError::Internal(format!(
+        EngineError::Checkpoint(format!(
             "the checkpoint's foreign key list is unreadable: {e}"
         ))
     })?;
     let deferred: Option<crate::engine::indexes::Deferred> =
         serde_json::from_str(&r.get::<_, String>(10)).map_err(|e| {
-            EngineError::Internal(format!("the checkpoint's index list is unreadable: {e}"))
+            EngineError::Checkpoint(format!("the checkpoint's index list is unreadable: {e}"))
         })?;
     Ok(Some(Checkpoint {
         deferred: deferred.unwrap_or_default(),
@@ -131,9 +131,9 @@ pub async fn create(
     deferred: &crate::engine::indexes::Deferred,
 ) -> Result<(), EngineError> {
     let mapping = serde_json::to_string(mapping)
-        .map_err(|e| EngineError::Internal(format!("serializing the column mapping: {e}")))?;
+        .map_err(|e| EngineError::Checkpoint(format!("serializing the column mapping: {e}")))?;
     let deferred = serde_json::to_string(deferred)
-        .map_err(|e| EngineError::Internal(format!("serializing the index list: {e}")))?;
+        .map_err(|e| EngineError::Checkpoint(format!("serializing the index list: {e}")))?;
     client
         .execute(
             "INSERT INTO shadow_alter.checkpoints (table_oid, alter_sql, slot, consistent_point, mapping, deferred)
@@ -214,7 +214,7 @@ pub async fn record_swap(
     validate: &[Validate],
 ) -> Result<(), EngineError> {
     let validate = serde_json::to_string(validate)
-        .map_err(|e| EngineError::Internal(format!("serializing foreign keys: {e}")))?;
+        .map_err(|e| EngineError::Checkpoint(format!("serializing foreign keys: {e}")))?;
     tx.execute(
         "UPDATE shadow_alter.checkpoints SET swapped_to = $2, validate = $3::text::jsonb, new_oid = $4
          WHERE table_oid = $1",
@@ -316,7 +316,7 @@ pub async fn swapped(client: &Client, new_oid: u32) -> Result<Option<Swapped>, E
         .ctx("looking for a swapped run")?;
     let Some(r) = row else { return Ok(None) };
     let validate: Vec<Validate> = serde_json::from_str(&r.get::<_, String>(3)).map_err(|e| {
-        EngineError::Internal(format!(
+        EngineError::Checkpoint(format!(
             "the checkpoint's foreign key list is unreadable: {e}"
         ))
     })?;

@@ -234,7 +234,7 @@ async fn find_extras(
             .await?
             .is_none()
         {
-            return Err(EngineError::Internal(
+            return Err(EngineError::Timeout(
                 "verification: the change stream did not catch up within 60s".into(),
             ));
         }

@@ -129,7 +129,7 @@ async fn freeze(
                     Ok(Some(_)) => Ok(()),
                     Ok(None) => {
                         let _ = repairer.batch_execute("ROLLBACK").await;
-                        Err(EngineError::Internal(
+                        Err(EngineError::Timeout(
                             "verify: the change stream did not reach the marker within 30s (the table's writes were waiting, so the lock was released)".into(),
                         ))
                     }
