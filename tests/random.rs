@@ -65,6 +65,30 @@ fn table(reports: &[Report], elapsed: Duration) -> String {
             shown.join(" ")
         ));
     }
+    // the problems grouped by cause
+    let mut causes: BTreeMap<(Class, String), Vec<u64>> = BTreeMap::new();
+    for r in reports {
+        for p in &r.problems {
+            let seeds = causes.entry((p.class, p.sig.clone())).or_default();
+            if seeds.last() != Some(&r.seed) {
+                seeds.push(r.seed);
+            }
+        }
+    }
+    if !causes.is_empty() {
+        s.push_str("\n| class | cause | iterations | seeds |\n|---|---|---|---|\n");
+        for ((class, sig), seeds) in &causes {
+            let shown: Vec<String> = seeds.iter().take(15).map(|s| s.to_string()).collect();
+            s.push_str(&format!(
+                "| {} | {} | {} | {}{} |\n",
+                class.label(),
+                sig.replace('|', "/"),
+                seeds.len(),
+                shown.join(" "),
+                if seeds.len() > 15 { " ..." } else { "" }
+            ));
+        }
+    }
     s
 }
 

@@ -11,6 +11,8 @@ use super::shape::{lit, q};
 #[derive(Clone, Debug)]
 pub struct Problem {
     pub class: Class,
+    /// a short, stable description of the cause, to group failures by (the soak table)
+    pub sig: String,
     pub text: String,
 }
 
@@ -58,11 +60,58 @@ impl Class {
     }
 }
 
-pub fn problem(class: Class, text: impl Into<String>) -> Problem {
+pub fn problem(class: Class, sig: impl Into<String>, text: impl Into<String>) -> Problem {
     Problem {
         class,
+        sig: sig.into(),
         text: text.into(),
     }
+}
+
+/// An error message as a signature: numbers and quoted names replaced, cut short.
+pub fn normalize(msg: &str) -> String {
+    let msg = msg.trim_start_matches("error: ");
+    let mut out = String::new();
+    let mut quoted = false;
+    let mut depth = 0;
+    let mut last_digit = false;
+    for ch in msg.chars() {
+        // the contents of parentheses (keys, values of a failing row) vary from case to case
+        if !quoted && ch == '(' {
+            if depth == 0 {
+                out.push_str("(…)");
+            }
+            depth += 1;
+            continue;
+        }
+        if !quoted && ch == ')' && depth > 0 {
+            depth -= 1;
+            continue;
+        }
+        if depth > 0 {
+            continue;
+        }
+        if ch == '"' {
+            if !quoted {
+                out.push_str("\"…\"");
+            }
+            quoted = !quoted;
+            continue;
+        }
+        if quoted {
+            continue;
+        }
+        if ch.is_ascii_digit() {
+            if !last_digit {
+                out.push('#');
+            }
+            last_digit = true;
+            continue;
+        }
+        last_digit = false;
+        out.push(ch);
+    }
+    out.chars().take(110).collect()
 }
 
 /// Schema-qualified names in definitions, normalised: `mirror.` and `public.` removed.
@@ -171,11 +220,17 @@ pub fn compare_info(table: &Info, mirror: &Info, out: &mut Vec<Problem>) {
             .iter()
             .map(|c| c.replace("__sa_new", ""))
             .collect();
+        let names = renamed == mirror.columns;
         out.push(problem(
-            if renamed == mirror.columns {
+            if names {
                 Class::NamesDiffer
             } else {
                 Class::Differs
+            },
+            if names {
+                "sequence names in column defaults"
+            } else {
+                "column definitions"
             },
             format!(
                 "columns differ:\n      table:  {:?}\n      mirror: {:?}",
@@ -197,13 +252,22 @@ pub fn compare_info(table: &Info, mirror: &Info, out: &mut Vec<Problem>) {
             .filter(|c| !c.0.contains("__sa"))
             .cloned()
             .collect();
-        let class = if ours == mirror.constraints {
+        let validity = |v: &[(String, String, bool, String)]| {
+            sorted(
+                &v.iter()
+                    .map(|(n, t, _, d)| (n.clone(), t.clone(), d.clone()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (class, sig) = if ours == mirror.constraints {
             // a helper constraint of ours stayed on the table
-            Class::Leftovers
+            (Class::Leftovers, "helper constraint left on the table")
         } else if strip(&table.constraints) == strip(&mirror.constraints) {
-            Class::NamesDiffer
+            (Class::NamesDiffer, "constraint names")
+        } else if validity(&table.constraints) == validity(&mirror.constraints) {
+            (Class::Differs, "constraint validity (NOT VALID)")
         } else {
-            Class::Differs
+            (Class::Differs, "constraints")
         };
         let show = |v: &[(String, String, bool, String)]| {
             v.iter()
@@ -218,6 +282,7 @@ pub fn compare_info(table: &Info, mirror: &Info, out: &mut Vec<Problem>) {
         };
         out.push(problem(
             class,
+            sig,
             format!(
                 "constraints differ:\n      table:  {:?}\n      mirror: {:?}",
                 show(&table.constraints),
@@ -228,10 +293,10 @@ pub fn compare_info(table: &Info, mirror: &Info, out: &mut Vec<Problem>) {
     if table.indexes != mirror.indexes {
         let defs =
             |v: &[(String, String)]| sorted(&v.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>());
-        let class = if defs(&table.indexes) == defs(&mirror.indexes) {
-            Class::NamesDiffer
+        let (class, sig) = if defs(&table.indexes) == defs(&mirror.indexes) {
+            (Class::NamesDiffer, "index names")
         } else {
-            Class::Differs
+            (Class::Differs, "index definitions")
         };
         let show = |v: &[(String, String)]| {
             v.iter()
@@ -240,6 +305,7 @@ pub fn compare_info(table: &Info, mirror: &Info, out: &mut Vec<Problem>) {
         };
         out.push(problem(
             class,
+            sig,
             format!(
                 "indexes differ:\n      table:  {:?}\n      mirror: {:?}",
                 show(&table.indexes),
@@ -250,6 +316,7 @@ pub fn compare_info(table: &Info, mirror: &Info, out: &mut Vec<Problem>) {
     if table.sequences != mirror.sequences {
         out.push(problem(
             Class::NamesDiffer,
+            "sequence names",
             format!(
                 "owned sequences differ: table {:?}, mirror {:?}",
                 table.sequences, mirror.sequences
@@ -259,6 +326,7 @@ pub fn compare_info(table: &Info, mirror: &Info, out: &mut Vec<Problem>) {
     if table.replident != mirror.replident {
         out.push(problem(
             Class::Differs,
+            "replica identity",
             format!(
                 "replica identity differs: table {}, mirror {}",
                 table.replident, mirror.replident
@@ -280,6 +348,7 @@ pub async fn compare_rows(
     mirror: &str,
     cols: &[String],
     key: &[String],
+    large_cols: &[String],
     out: &mut Vec<Problem>,
 ) -> Result<i64, tokio_postgres::Error> {
     let full: Vec<String> = cols.iter().map(|n| format!("{}::text", q(n))).collect();
@@ -314,10 +383,55 @@ pub async fn compare_rows(
         |v: Vec<tokio_postgres::Row>| -> Vec<String> { v.iter().map(|r| r.get(0)).collect() };
     let only_table = rows(c.query(&sample(table, mirror), &[]).await?);
     let only_mirror = rows(c.query(&sample(mirror, table), &[]).await?);
+    // which keys are missing or extra, and which columns differ for the same key
+    let on: Vec<String> = key.iter().map(|k| format!("t.{0} = m.{0}", q(k))).collect();
+    let on = on.join(" AND ");
+    let per_col: Vec<String> = cols
+        .iter()
+        .map(|n| {
+            format!(
+                "count(*) FILTER (WHERE t.{0}::text IS DISTINCT FROM m.{0}::text)",
+                q(n)
+            )
+        })
+        .collect();
+    let r = c
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM {mirror} m WHERE {on})),
+                        (SELECT count(*) FROM {mirror} m WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {on})),
+                        (SELECT ARRAY[{}]::bigint[] FROM {table} t JOIN {mirror} m ON {on})",
+                per_col.join(", ")
+            ),
+            &[],
+        )
+        .await?;
+    let (extra, missing, counts): (i64, i64, Vec<i64>) = (r.get(0), r.get(1), r.get(2));
+    let differing: Vec<String> = cols
+        .iter()
+        .zip(&counts)
+        .filter(|(_, n)| **n > 0)
+        .map(|(c, n)| format!("{c} ({n})"))
+        .collect();
+    let large = !differing.is_empty()
+        && cols
+            .iter()
+            .zip(&counts)
+            .filter(|(_, n)| **n > 0)
+            .all(|(c, _)| large_cols.contains(c));
+    let sig = if extra > 0 || missing > 0 {
+        "rows: rows missing or extra"
+    } else if large {
+        "rows: large (TOASTed) values differ"
+    } else {
+        "rows: values differ"
+    };
     out.push(problem(
         Class::Differs,
+        sig,
         format!(
-            "rows differ: {a} only in the table, {b} only in the mirror ({n} vs {m} rows); columns ({})\n      table:  {}\n      mirror: {}",
+            "rows differ: {a} only in the table, {b} only in the mirror ({n} vs {m} rows); keys only in the table {extra}, only in the mirror {missing}; values differ for the same key in {:?}; columns ({})\n      table:  {}\n      mirror: {}",
+            differing,
             names.join(", "),
             only_table.join("\n              "),
             only_mirror.join("\n              ")
@@ -356,6 +470,7 @@ pub async fn leftovers(
     if !slots.is_empty() {
         out.push(problem(
             Class::Leftovers,
+            "leftover replication slot",
             format!("replication slots left: {slots:?}"),
         ));
     }
@@ -371,6 +486,7 @@ pub async fn leftovers(
     if !pubs.is_empty() {
         out.push(problem(
             Class::Leftovers,
+            "leftover publication",
             format!("publications left: {pubs:?}"),
         ));
     }
@@ -384,6 +500,7 @@ pub async fn leftovers(
     if old.len() as i64 > old_tables {
         out.push(problem(
             Class::Leftovers,
+            "leftover old table",
             format!("old tables left (expected {old_tables}): {old:?}"),
         ));
     }
@@ -411,6 +528,7 @@ pub async fn leftovers(
     if !marked.is_empty() {
         out.push(problem(
             Class::Leftovers,
+            "leftover objects with our names",
             format!("objects of ours left: {marked:?}"),
         ));
     }
@@ -433,6 +551,7 @@ pub async fn leftovers(
         if !cps.is_empty() {
             out.push(problem(
                 Class::Leftovers,
+                "leftover checkpoint row",
                 format!("checkpoint rows left: {cps:?}"),
             ));
         }

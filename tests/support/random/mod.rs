@@ -417,7 +417,12 @@ fn log_tail(log: &PathBuf, lines: usize) -> String {
 fn last_error(tail: &str) -> String {
     tail.lines()
         .rev()
-        .find(|l| l.contains("ERROR") || l.contains("error"))
+        .find(|l| l.starts_with("error:"))
+        .or_else(|| {
+            tail.lines()
+                .rev()
+                .find(|l| l.contains("ERROR") || l.contains("error"))
+        })
         .unwrap_or_else(|| tail.lines().last().unwrap_or(""))
         .chars()
         .take(300)
@@ -489,7 +494,11 @@ pub async fn iteration(seed: u64, mode: &Mode) -> Report {
     let (problems, summary, ok_run) = match result {
         Ok(r) => r,
         Err(e) => (
-            vec![problem(Class::Harness, e)],
+            vec![problem(
+                Class::Harness,
+                format!("harness: {}", check::normalize(&e)),
+                e,
+            )],
             format!("{} rows={rows}", shape.describe()),
             false,
         ),
@@ -738,11 +747,42 @@ async fn body(
     let c = connect(url).await;
     let mut problems = Vec::new();
     for r in &attempts.refused {
-        problems.push(problem(Class::RerunRefused, r.clone()));
+        problems.push(problem(
+            Class::RerunRefused,
+            "rerun refused after a kill (exit 3)",
+            r.clone(),
+        ));
     }
     for u in &stats.unexpected {
-        problems.push(problem(Class::AppErrors, format!("writer error: {u}")));
+        problems.push(problem(
+            Class::AppErrors,
+            format!("writer error {}", u.split(' ').next().unwrap_or_default()),
+            format!("writer error: {u}"),
+        ));
     }
+    // columns with large values, by their names after the ALTER
+    let large_pre: Vec<String> = shape
+        .cols
+        .iter()
+        .filter(|c| c.toast.is_some())
+        .map(|c| c.name.clone())
+        .collect();
+    let large_post: Vec<String> = shape
+        .cols
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.toast.is_some())
+        .map(|(i, c)| {
+            alter
+                .subs
+                .iter()
+                .find_map(|s| match &s.effect {
+                    Effect::Rename(Target::Col(j), to) if *j == i => Some(to.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| c.name.clone())
+        })
+        .collect();
     let live_key: Vec<String> = {
         let mut k = shape.key.names.clone();
         for s in &alter.subs {
@@ -766,6 +806,7 @@ async fn body(
             if phase != "done" && alter.kind != AlterKind::Probe {
                 problems.push(problem(
                     Class::Leftovers,
+                    format!("state row says {phase} after success"),
                     format!("the state row says {phase} ({msg}) after a successful run"),
                 ));
             }
@@ -773,6 +814,7 @@ async fn body(
         match try_sql(&c, &format!("ALTER TABLE {m} {body_sql}")).await {
             Err(e) => problems.push(problem(
                 Class::RunOkPlainFails,
+                "run succeeded, plain ALTER fails",
                 format!("the run succeeded but the plain ALTER fails: {e} (before the run: {fits_before:?})"),
             )),
             Ok(()) => {
@@ -795,7 +837,7 @@ async fn body(
                     .map(|r| r.get::<_, String>(0))
                     .filter(|n| !added.iter().any(|(a, k)| a == n && *k != Added::Comparable))
                     .collect();
-                check::compare_rows(&c, &t, &m, &cols, &live_key, &mut problems)
+                check::compare_rows(&c, &t, &m, &cols, &live_key, &large_post, &mut problems)
                     .await
                     .map_err(err)?;
                 for (name, kind) in &added {
@@ -816,6 +858,7 @@ async fn body(
                     if nonnull != all || (*kind == Added::Unique && distinct != all) {
                         problems.push(problem(
                             Class::Differs,
+                            "added volatile column: NULLs or duplicates",
                             format!("added column {name}: {all} rows, {nonnull} not null, {distinct} distinct"),
                         ));
                     }
@@ -845,9 +888,17 @@ async fn body(
             .iter()
             .map(|r| r.get::<_, String>(0))
             .collect();
-        check::compare_rows(&c, &t, &m, &cols, &shape.key.names, &mut changed)
-            .await
-            .map_err(err)?;
+        check::compare_rows(
+            &c,
+            &t,
+            &m,
+            &cols,
+            &shape.key.names,
+            &large_pre,
+            &mut changed,
+        )
+        .await
+        .map_err(err)?;
         for p in changed {
             problems.push(Problem {
                 class: if p.class == Class::NamesDiffer {
@@ -855,6 +906,7 @@ async fn body(
                 } else {
                     p.class
                 },
+                sig: format!("failed run changed the table: {}", p.sig),
                 text: format!(
                     "after the failed run the table is not as before: {}",
                     p.text
@@ -877,13 +929,14 @@ async fn body(
                     "  (the data fitted only after the writers changed it)"
                 );
             }
-            (Ok(()), Ok(())) => problems.push(problem(
-                Class::RunFailedPlainOk,
-                format!(
-                    "the run failed ({how}: {}) but the plain ALTER succeeds",
-                    last_error(&log_tail(&log, 40))
-                ),
-            )),
+            (Ok(()), Ok(())) => {
+                let error = last_error(&log_tail(&log, 40));
+                problems.push(problem(
+                    Class::RunFailedPlainOk,
+                    format!("run failed ({how}): {}", check::normalize(&error)),
+                    format!("the run failed ({how}: {error}) but the plain ALTER succeeds"),
+                ))
+            }
         }
         if fits_after.is_err() && fits_before.is_ok() {
             return Err(format!(
@@ -927,6 +980,7 @@ async fn sequences_ahead(
         if max.is_some_and(|m| m > last) {
             out.push(problem(
                 Class::Differs,
+                "sequence behind its column",
                 format!("sequence {seq} of column {col} is at {last}, behind the column's maximum {max:?}"),
             ));
         }
