@@ -101,7 +101,7 @@ async fn random_migrations_equal_the_plain_alter() {
     let start = Instant::now();
     let mut reports = Vec::new();
     for seed in seeds {
-        let r = random::iteration(seed, &random::SHORT).await;
+        let r = random::iteration(seed).await;
         print_report(&r);
         reports.push(r);
     }
@@ -135,7 +135,7 @@ async fn soak() {
     let mut reports = Vec::new();
     let mut seed = first;
     while start.elapsed() < limit {
-        let r = random::iteration(seed, &random::SOAK).await;
+        let r = random::iteration(seed).await;
         print_report(&r);
         reports.push(r);
         seed += 1;
