@@ -351,6 +351,9 @@ pub async fn compare_rows(
     large_cols: &[String],
     out: &mut Vec<Problem>,
 ) -> Result<i64, tokio_postgres::Error> {
+    if cols.is_empty() || key.is_empty() {
+        return Ok(0);
+    }
     let full: Vec<String> = cols.iter().map(|n| format!("{}::text", q(n))).collect();
     let list = full.join(", ");
     let r = c
