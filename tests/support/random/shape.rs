@@ -371,19 +371,13 @@ pub struct Shape {
     pub timezone: &'static str,
 }
 
-/// Table names, the long one (shadow and old names must be truncated) drawn less often.
-const TABLE_NAMES: [&str; 11] = [
+const TABLE_NAMES: [&str; 6] = [
     "t",
     "My Tbl",
     "Orders",
     "order items",
-    "tbl",
-    "t",
-    "My Tbl",
-    "Orders",
-    "order items",
-    "tbl",
     "a_table_with_a_rather_long_name_near_the_limit_of_63_bytes",
+    "tbl",
 ];
 const COL_NAMES: [&str; 24] = [
     "Qty", "My Col", "price", "order", "doc", "Big Text", "raw", "tags", "at", "flag", "day", "d2",
@@ -561,7 +555,7 @@ impl Shape {
                 q(&cols[c].name)
             ));
         }
-        let not_valid = if !ints.is_empty() && rng.gen_bool(0.2) {
+        let not_valid = if !ints.is_empty() && rng.gen_bool(0.4) {
             let c = ints[rng.gen_range(0..ints.len())];
             cols[c].negative_every = Some(rng.gen_range(20..60));
             Some((con_names.pop().unwrap_or("nv").to_string() + " nv", c))
