@@ -5,6 +5,11 @@
 //! reuse (two keys swapped through a temporary one), deletes, TRUNCATE with a refill,
 //! rollbacks and NULLs.
 //!
+//! Transactions are REPEATABLE READ: under READ COMMITTED the table's statement and the
+//! mirror's see different snapshots, and after a key reuse by another writer an update could
+//! hit a row in the mirror that its twin in the table skipped (the oracle would diverge
+//! without any help from the engine). A write conflict now fails the whole transaction.
+//!
 //! After the swap the table may have renamed or dropped columns: a statement then fails with
 //! 42703 (rolled back on both sides) and the writer switches to the new names for the table
 //! (the mirror keeps the old ones until the end).
@@ -450,7 +455,7 @@ impl Writer {
         let commit = self.rng.gen_bool(0.95);
         (
             format!(
-                "BEGIN; {}; {}",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ; {}; {}",
                 ops.join("; "),
                 if commit { "COMMIT" } else { "ROLLBACK" }
             ),
