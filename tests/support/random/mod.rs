@@ -860,7 +860,7 @@ async fn body(
                         ));
                     }
                 }
-                sequences_ahead(&c, &t, shape, &mut problems).await.map_err(err)?;
+                sequences_ahead(&c, &t, &live_key, &mut problems).await.map_err(err)?;
                 check::leftovers(&c, &t, if spec.drop_old { 0 } else { 1 }, &mut problems)
                     .await
                     .map_err(err)?;
@@ -958,7 +958,7 @@ async fn body(
 async fn sequences_ahead(
     c: &Client,
     t: &str,
-    shape: &Shape,
+    key: &[String],
     out: &mut Vec<Problem>,
 ) -> Result<(), tokio_postgres::Error> {
     let rows = c
@@ -976,7 +976,7 @@ async fn sequences_ahead(
         .await?;
     for r in rows {
         let (col, seq, last): (String, String, i64) = (r.get(0), r.get(1), r.get(2));
-        if shape.key.names.contains(&col) {
+        if key.contains(&col) {
             continue;
         }
         let max: Option<i64> = c
