@@ -38,6 +38,7 @@ pub enum Effect {
     Rename(Target, String),
     Add { name: String, added: Added },
     SetNotNull(usize),
+    DropDefault(usize),
     Other,
 }
 
@@ -403,7 +404,7 @@ fn candidates(shape: &Shape, rng: &mut StdRng) -> Vec<Sub> {
             g.push(
                 format!("ALTER COLUMN {n} DROP DEFAULT"),
                 false,
-                Effect::Other,
+                Effect::DropDefault(i),
                 None,
                 "drop-default",
             );

@@ -84,6 +84,8 @@ impl Spec {
                 Effect::Drop(Target::Col(c)) => cols[*c].post = None,
                 Effect::Rename(Target::Col(c), to) => cols[*c].post = Some(to.clone()),
                 Effect::Rename(Target::Key(k), to) => key_post[*k] = to.clone(),
+                // after the swap an insert that leaves the column out would get NULL
+                Effect::DropDefault(c) => cols[*c].has_default = false,
                 _ => {}
             }
         }
