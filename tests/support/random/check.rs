@@ -374,9 +374,16 @@ pub async fn compare_rows(
     let shown: Vec<String> = cols.iter().map(|n| show_expr(n)).collect();
     let names: Vec<String> = cols.iter().map(|n| q(n)).collect();
     let keys: Vec<String> = key.iter().map(|k| q(k)).collect();
+    let flist = cols
+        .iter()
+        .map(|n| format!("f.{}::text", q(n)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let sample = |from: &str, other: &str| {
         format!(
-            "SELECT ROW({})::text FROM (SELECT {} FROM {from} WHERE ROW({list}) IN (SELECT {list} FROM {from} EXCEPT ALL SELECT {list} FROM {other})) x ORDER BY {} LIMIT 6",
+            "SELECT ROW({})::text FROM (SELECT {} FROM {from} AS f WHERE EXISTS (
+                 SELECT 1 FROM (SELECT {list} FROM {from} EXCEPT ALL SELECT {list} FROM {other}) AS d
+                 WHERE ROW(d.*) IS NOT DISTINCT FROM ROW({flist}))) x ORDER BY {} LIMIT 6",
             shown.join(", "),
             names.join(", "),
             keys.join(", ")

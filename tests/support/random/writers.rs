@@ -9,6 +9,10 @@
 //! mirror's see different snapshots, and after a key reuse by another writer an update could
 //! hit a row in the mirror that its twin in the table skipped (the oracle would diverge
 //! without any help from the engine). A write conflict now fails the whole transaction.
+//! Each transaction first locks both tables (ROW EXCLUSIVE, as its writes would), so that its
+//! snapshot is taken after the lock: a statement that waited for the swap would otherwise run
+//! on the new table with a snapshot from before the swap, to which the rows the swap's
+//! transaction wrote are invisible (table rewrites are not MVCC-safe, a plain ALTER alike).
 //!
 //! After the swap the table may have renamed or dropped columns: a statement then fails with
 //! 42703 (rolled back on both sides) and the writer switches to the new names for the table
@@ -457,7 +461,9 @@ impl Writer {
         let commit = self.rng.gen_bool(0.95);
         (
             format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ; {}; {}",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ; LOCK TABLE {} IN ROW EXCLUSIVE MODE; LOCK TABLE {} IN ROW EXCLUSIVE MODE; {}; {}",
+                self.spec.table,
+                self.spec.mirror,
                 ops.join("; "),
                 if commit { "COMMIT" } else { "ROLLBACK" }
             ),
