@@ -18,8 +18,12 @@ use std::time::{Duration, Instant};
 use random::check::Class;
 use random::Report;
 
-/// Seeds of the short mode (change them only together with a note of why).
-const SHORT_SEEDS: [u64; 6] = [1, 2, 3, 4, 5, 6];
+/// Seeds of the short mode, each a case the soak found (they fail until issue 12 is fixed):
+/// 1060 a kill during the copy under key reuse (large values swapped after the resume),
+/// 1005 updates of a GENERATED ALWAYS identity key, 2 a NOT VALID check old rows violate,
+/// 1052 a uuid key changed to text under deletes, 1204 a long table name (the swap's names
+/// collide); 6 is a plain ALTER failing on the data, which the run must fail too.
+const SHORT_SEEDS: [u64; 6] = [1060, 1005, 2, 1052, 1204, 6];
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.trim().parse().ok())
