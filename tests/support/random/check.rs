@@ -500,6 +500,21 @@ pub async fn leftovers(
             format!("publications left: {pubs:?}"),
         ));
     }
+    // a run's work schema (shadow_alter_<oid>), where the shadow lives while it is filled
+    let schemas = list(
+        c.query(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'shadow\\_alter\\_%'",
+            &[],
+        )
+        .await?,
+    );
+    if !schemas.is_empty() {
+        out.push(problem(
+            Class::Leftovers,
+            "leftover work schema",
+            format!("work schemas left: {schemas:?}"),
+        ));
+    }
     let old = list(
         c.query(
             "SELECT relname::text FROM pg_class WHERE relkind = 'r' AND relname LIKE '%\\_\\_sa\\_old\\_%'",
