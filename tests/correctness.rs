@@ -433,6 +433,51 @@ async fn a_run_killed_right_after_its_swap_is_finished_by_a_rerun_of_any_strateg
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_right_after_the_swap_is_reopened_and_the_cleanup_finished() {
+    // a server restart right after the swap used to end the run with exit 0 and its slot,
+    // publication, work schema and old table left behind
+    let url = fresh_db("lostafterswap").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v int);
+         INSERT INTO t SELECT i, i FROM generate_series(1, 3000) i;",
+    )
+    .await
+    .unwrap();
+    let argv = [
+        "run",
+        "--table",
+        "t",
+        "--alter",
+        "ALTER COLUMN v TYPE bigint",
+        "--strategy",
+        "shadow-copy",
+        "--drop-old",
+        "--progress",
+        "none",
+    ];
+    let (code, out) = output(
+        &url,
+        &argv,
+        &[("SHADOW_ALTER_TEST_LOSE_CONNECTION_AFTER_SWAP", "1")],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(column_type(&c, "t", "v").await.as_deref(), Some("bigint"));
+    assert_eq!(count(&c, "SELECT count(*) FROM t").await, 3000);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_class WHERE strpos(relname, '__sa_old_') > 0"
+        )
+        .await,
+        0,
+        "--drop-old: the old table is dropped"
+    );
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_online_step_leaves_no_constraint_on_the_table() {
     let url = fresh_db("undo").await;
     let c = connect(&url).await;
