@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! main, cli  ->  ops, engine, proxy  ->  plan  ->  catalog  ->  db
-//!                engine  ->  replication  ->  wire
+//!                engine  ->  replication  ->  wire  ->  tls
+//!                                             db  ->  tls
 //! ```
 //!
 //! `db` opens sessions and owns the database error; `catalog` reads a table once; `plan` is pure
@@ -13,7 +14,8 @@
 //! migration, stage by stage (preflight, shadow, copy, indexes, follow, verify, cutover,
 //! teardown); `replication` is our walsender client and pgoutput decoder on the shared `wire`
 //! layer; `ops` are the operator commands; `proxy` is the wire-protocol proxy. `names` and
-//! `sql` are leaves everybody may use.
+//! `sql` are leaves everybody may use; `tls` (libpq's sslmode and friends on rustls) is the leaf
+//! under `db` and `wire`, so tokio-postgres sessions and our walsender share one TLS setup.
 
 pub mod catalog;
 pub mod cli;
@@ -26,4 +28,5 @@ pub mod progress;
 pub mod proxy;
 pub mod replication;
 pub mod sql;
+pub mod tls;
 pub mod wire;

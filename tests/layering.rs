@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! main, cli  ->  ops, engine, proxy  ->  plan  ->  catalog  ->  db
-//!                engine  ->  replication  ->  wire
+//!                engine  ->  replication  ->  wire  ->  tls
+//!                                             db  ->  tls
 //! ```
 //!
 //! and no two modules (files) import each other in a circle. Reads `use` lines and
@@ -25,6 +26,7 @@ fn allowed(layer: &str) -> &'static [&'static str] {
             "db",
             "replication",
             "wire",
+            "tls",
             "names",
             "sql",
             "progress",
@@ -38,17 +40,19 @@ fn allowed(layer: &str) -> &'static [&'static str] {
             "db",
             "replication",
             "wire",
+            "tls",
             "names",
             "sql",
             "progress",
         ],
-        "proxy" => &["wire", "names", "sql", "progress"],
+        "proxy" => &["wire", "tls", "names", "sql", "progress"],
         "plan" => &["catalog", "db", "names", "sql", "progress"],
         "catalog" => &["db", "names", "sql"],
-        "db" => &["sql"],
-        "replication" => &["wire", "sql"],
+        "db" => &["sql", "tls"],
+        "replication" => &["wire", "tls", "sql"],
         "names" => &["sql"],
-        "wire" | "sql" | "progress" => &[],
+        "wire" => &["tls"],
+        "tls" | "sql" | "progress" => &[],
         _ => &[],
     }
 }

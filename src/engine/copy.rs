@@ -166,7 +166,7 @@ impl CopySql {
 }
 
 async fn connect(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     what: &str,
     lock_timeout: Duration,
 ) -> Result<Client, EngineError> {
@@ -201,7 +201,7 @@ async fn begin_snapshot(
 /// connection already streams. Keep the client until the copy is done: its open transaction is
 /// what keeps the exported snapshot alive.
 pub async fn hold_snapshot(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     snapshot: &str,
 ) -> Result<(Client, String), EngineError> {
     let client = crate::db::connect(config, "holding the copy's snapshot").await?;
@@ -228,7 +228,7 @@ fn params_ref(p: &[String]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
 
 /// Copy every row visible in `snapshot`. `copied` counts rows as chunks commit.
 pub async fn copy_table(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     table: &Table,
     mapping: &Mapping,
     names: &Names,

@@ -34,7 +34,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// `online-steps` plan. Returns false when the plan needs the shadow copy (nothing was done).
 pub async fn run_without_copy(
     args: &RunConfig,
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
 ) -> Result<bool, EngineError> {
     let control = connect(config, "planning").await?;
     control
@@ -83,7 +83,7 @@ pub struct Options {
 /// Carry out the plan's steps in order on `config`'s database; `control` holds the per-table
 /// advisory lock for the duration.
 pub async fn execute(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     control: &Client,
     plan: &Plan,
     opts: &Options,

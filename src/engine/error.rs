@@ -85,6 +85,7 @@ impl EngineError {
             EngineError::Plan(e) if e.is_bad_input() => exit::BAD_INPUT,
             EngineError::Plan(e) if e.is_refusal() => exit::PREFLIGHT,
             EngineError::Db(DbError::ConnInfo(_)) => exit::BAD_INPUT,
+            EngineError::Db(DbError::Tls { .. }) => exit::PREFLIGHT,
             EngineError::Db(DbError::Locked { .. }) => exit::PREFLIGHT,
             EngineError::Preflight(_) => exit::PREFLIGHT,
             EngineError::Data(_) => exit::DATA,

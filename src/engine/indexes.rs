@@ -231,7 +231,7 @@ pub async fn defer(
 
 /// A session for index builds: generous memory, parallel workers, no statement timeout, and a
 /// server-side check that ends the build soon after this process goes away.
-async fn builder(config: &tokio_postgres::Config) -> Result<Client, EngineError> {
+async fn builder(config: &crate::db::ConnConfig) -> Result<Client, EngineError> {
     let client = crate::db::connect(config, "building the shadow table's indexes").await?;
     let small: bool = client
         .query_one(
@@ -285,7 +285,7 @@ fn build_error(ix: &DeferredIndex, e: tokio_postgres::Error) -> EngineError {
 /// Re-create every deferred index (in parallel on up to `BUILDERS` sessions), then attach the
 /// constraints and comments in one transaction. `built` counts the indexes done.
 pub async fn build(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     deferred: &Deferred,
     built: &AtomicU64,
 ) -> Result<(), EngineError> {

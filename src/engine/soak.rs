@@ -98,7 +98,7 @@ pub struct Soak {
 /// Publication of the shadow and a persistent slot, created before the swap.
 pub async fn prepare(
     control: &Client,
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     table: &Table,
     names: &Names,
 ) -> Result<Soak, EngineError> {
@@ -112,7 +112,7 @@ pub async fn prepare(
         .await
         .ctx("creating the reverse publication")?;
     crate::engine::store::checkpoints::drop_slot(control, &name).await?;
-    let mut repl = ReplicationConn::connect(config)
+    let mut repl = ReplicationConn::connect(&config.pg, &config.tls)
         .await
         .ctx("opening the reverse replication connection")?;
     let info = tokio::time::timeout(

@@ -331,7 +331,7 @@ impl Drop for GuardTask {
 
 /// Start the guard for a run whose slot is `slot`. Without limits, an always-open gate and no task.
 pub async fn spawn(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     limits: Limits,
     slot: String,
     table_oid: u32,
