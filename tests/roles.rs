@@ -62,7 +62,7 @@ async fn phase_is(c: &Client, phase: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_replication_role_migrates_under_writes_like_the_mirror() {
+async fn a_replication_role_migrates_under_writes_through_a_proxy_like_the_mirror() {
     let (c, role) = with_role("app_oracle", "REPLICATION").await;
     // on 16+, this role may mark its writes with replication origins (app_ops below may not)
     c.batch_execute(
@@ -77,13 +77,24 @@ async fn a_replication_role_migrates_under_writes_like_the_mirror() {
     create_orders(&app, 60_000).await;
     let (code, out) = output(&role, &["plan", "--table", "orders", "--alter", ALTER], &[]).await;
     assert_eq!(code, 0, "plan as the role: {out}");
-    let writers = start_writers(&role, 3, 60_000);
+    // the applications write through a proxy, which holds them at the swap
+    let proxy = support::proxy::start().await;
+    let writers = start_writers(&support::proxy::via(&role, proxy.addr), 3, 60_000);
     wait_until(Duration::from_secs(10), "writers to start", || async {
         writers.done.load(Ordering::Relaxed) > 50
     })
     .await;
     let before = writers.done.load(Ordering::Relaxed);
-    let args = run_args(&["--chunk-size", "4000", "--chunk-pause", "30ms", "--verify"]);
+    let console = support::proxy::console(proxy.addr);
+    let args = run_args(&[
+        "--chunk-size",
+        "4000",
+        "--chunk-pause",
+        "30ms",
+        "--verify",
+        "--proxy",
+        &console,
+    ]);
     let (code, log) = output(&role, &args, &[]).await;
     assert_eq!(code, 0, "run as the role: {log}");
     let during = writers.done.load(Ordering::Relaxed) - before;
