@@ -18,6 +18,9 @@ struct TlsServer {
     socket_dir: PathBuf,
     ca: PathBuf,
     other_ca: PathBuf,
+    /// A client certificate for role `certuser`, signed by `ca`, and its key.
+    client_cert: PathBuf,
+    client_key: PathBuf,
     major: u32,
 }
 
@@ -59,10 +62,17 @@ fn tls_server() -> &'static TlsServer {
         std::fs::create_dir_all(&pki).expect("pki dir");
         write(&pki.join("ca.crt"), &ca.pem());
         write(&pki.join("other-ca.crt"), &other.pem());
+        write(&dir.join("root.crt"), &ca.pem());
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name.push(DnType::CommonName, "certuser");
+        let client_key = KeyPair::generate().expect("client key");
+        let client = p.signed_by(&client_key, &ca, &ca_key).expect("client certificate");
+        write(&pki.join("client.crt"), &client.pem());
+        write(&pki.join("client.key"), &client_key.serialize_pem());
         {
             use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
             let owner = std::fs::metadata(dir).expect("data dir").uid();
-            for f in ["server.crt", "server.key"] {
+            for f in ["server.crt", "server.key", "root.crt"] {
                 let _ = chown(dir.join(f), Some(owner), None);
             }
             std::fs::set_permissions(dir.join("server.key"), PermissionsExt::from_mode(0o600))
@@ -71,13 +81,15 @@ fn tls_server() -> &'static TlsServer {
         write(
             &dir.join("pg_hba.conf"),
             "local all all trust\n\
+             hostssl all certuser 127.0.0.1/32 cert\n\
+             hostssl all certuser ::1/128 cert\n\
              hostssl all all 127.0.0.1/32 trust\n\
              hostssl all all ::1/128 trust\n",
         );
         let conf = std::fs::read_to_string(dir.join("postgresql.auto.conf")).expect("conf");
         write(
             &dir.join("postgresql.auto.conf"),
-            &format!("{conf}ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"),
+            &format!("{conf}ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'root.crt'\n"),
         );
         s.restart();
         TlsServer {
@@ -85,6 +97,8 @@ fn tls_server() -> &'static TlsServer {
             socket_dir: dir.clone(),
             ca: pki.join("ca.crt"),
             other_ca: pki.join("other-ca.crt"),
+            client_cert: pki.join("client.crt"),
+            client_key: pki.join("client.key"),
             major: s.major(),
         }
     })
@@ -284,4 +298,40 @@ async fn direct_tls_negotiation_where_the_server_supports_it() {
     let (code, out) = output(&u, &run_args("items"), &[]).await;
     assert_eq!(code, 0, "run with sslnegotiation=direct: {out}");
     assert_eq!(qty_type(&c).await.as_deref(), Some("bigint"));
+}
+
+#[tokio::test]
+async fn a_client_certificate_authenticates_the_role() {
+    let t = tls_server();
+    let c = local("postgres").await;
+    for sql in [
+        "CREATE ROLE certuser LOGIN",
+        "CREATE DATABASE tls_cert OWNER certuser",
+    ] {
+        c.batch_execute(sql).await.expect(sql);
+    }
+    let base = format!(
+        "postgres://certuser@localhost:{}/tls_cert?sslmode=verify-full&sslrootcert={}",
+        t.port,
+        t.ca.display()
+    );
+    let with_cert = format!(
+        "{base}&sslcert={}&sslkey={}",
+        t.client_cert.display(),
+        t.client_key.display()
+    );
+    let (code, out) = output(&with_cert, &["status"], &[]).await;
+    assert_eq!(code, 0, "status with a client certificate: {out}");
+    // the same from PGSSLCERT / PGSSLKEY
+    let (cert, key) = (
+        t.client_cert.display().to_string(),
+        t.client_key.display().to_string(),
+    );
+    let env = [("PGSSLCERT", cert.as_str()), ("PGSSLKEY", key.as_str())];
+    let (code, out) = output(&base, &["status"], &env).await;
+    assert_eq!(code, 0, "PGSSLCERT and PGSSLKEY: {out}");
+    // without one, pg_hba.conf's `cert` method refuses the role
+    let (code, out) = output(&base, &["status"], &[]).await;
+    assert_ne!(code, 0, "no client certificate: {out}");
+    assert!(out.contains("certificate"), "the reason: {out}");
 }
