@@ -266,6 +266,20 @@ async fn require_encrypts_without_a_root_certificate_and_pgssl_variables_work() 
     assert!(out.contains("no encryption"), "the server's reason: {out}");
     let (code, out) = output(&plain, &["status"], &[("PGSSLMODE", "allow")]).await;
     assert_eq!(code, 0, "allow falls back to TLS: {out}");
+    // sslrootcert=system: the platform's roots (here SSL_CERT_FILE, which the native store
+    // honours, holds our CA) and verify-full implied
+    let system = format!(
+        "postgres://postgres@localhost:{}/tls_req?sslrootcert=system",
+        t.port
+    );
+    let (code, out) = output(&system, &["status"], &[("SSL_CERT_FILE", ca.as_str())]).await;
+    assert_eq!(code, 0, "sslrootcert=system: {out}");
+    let (code, out) = output(&system, &["status"], &[("SSL_CERT_FILE", wrong.as_str())]).await;
+    assert_eq!(code, 3, "sslrootcert=system without our CA: {out}");
+    assert!(
+        out.contains("sslmode=verify-full, sslrootcert=system"),
+        "{out}"
+    );
     // a root certificate file that is not there is bad input, named
     let env = [
         ("PGSSLMODE", "verify-full"),

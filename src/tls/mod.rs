@@ -183,7 +183,12 @@ impl TlsSettings {
         let default_file = |name: &str| home.map(|h| h.join(".postgresql").join(name));
         let client = match (p.sslcert.as_deref(), p.sslkey.as_deref()) {
             (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
-            (Some(c), None) => default_file("postgresql.key").map(|k| (PathBuf::from(c), k)),
+            (Some(c), None) => {
+                let key = default_file("postgresql.key").ok_or_else(|| {
+                    TlsError::Setting(format!("sslcert={c} needs sslkey (or PGSSLKEY) too"))
+                })?;
+                Some((PathBuf::from(c), key))
+            }
             (None, key) => default_file("postgresql.crt")
                 .filter(|c| c.exists())
                 .and_then(|c| {
