@@ -202,10 +202,7 @@ async fn a_missing_privilege_is_named_with_the_statement_that_grants_it() {
     create_orders(&connect(&role).await, 100).await;
     let (code, out) = output(&role, &run_args(&[]), &[]).await;
     assert_eq!(code, 3, "{out}");
-    assert!(
-        out.contains(r#"ALTER ROLE "app_norepl" REPLICATION"#),
-        "{out}"
-    );
+    assert!(out.contains("ALTER ROLE app_norepl REPLICATION"), "{out}");
     assert_nothing_left(&c).await;
 
     // not the owner of the table
@@ -213,10 +210,7 @@ async fn a_missing_privilege_is_named_with_the_statement_that_grants_it() {
     create_orders(&c, 100).await;
     let (code, out) = output(&role, &run_args(&[]), &[]).await;
     assert_eq!(code, 3, "{out}");
-    assert!(
-        out.contains(r#"GRANT "postgres" TO "app_notowner""#),
-        "{out}"
-    );
+    assert!(out.contains("GRANT postgres TO app_notowner"), "{out}");
     assert_nothing_left(&c).await;
 
     // no CREATE in the database (where the run keeps its state and publication)
@@ -233,9 +227,7 @@ async fn a_missing_privilege_is_named_with_the_statement_that_grants_it() {
     let (code, out) = output(&role, &run_args(&[]), &[]).await;
     assert_eq!(code, 3, "{out}");
     assert!(
-        out.contains(&format!(
-            r#"GRANT CREATE ON DATABASE "{db}" TO "app_nocreate""#
-        )),
+        out.contains(&format!("GRANT CREATE ON DATABASE {db} TO app_nocreate")),
         "{out}"
     );
     assert_nothing_left(&c).await;
@@ -262,7 +254,7 @@ async fn a_missing_privilege_is_named_with_the_statement_that_grants_it() {
         .unwrap()
         .get(0);
     let fix = if major >= 15 {
-        r#"GRANT SET ON PARAMETER session_replication_role TO "app_trigger""#
+        "GRANT SET ON PARAMETER session_replication_role TO app_trigger"
     } else {
         "only a superuser"
     };

@@ -6,7 +6,6 @@ use tokio_postgres::Client;
 use crate::catalog::{self, Table};
 use crate::db::Ctx;
 use crate::engine::error::EngineError;
-use crate::sql::quote_ident;
 
 /// Oldest server we support: logical decoding messages in pgoutput arrived in 14.
 pub const MIN_SERVER_VERSION: i32 = 140_000;
@@ -23,7 +22,7 @@ pub async fn check_server(client: &Client) -> Result<(), EngineError> {
                     current_setting('max_wal_senders')::int,
                     (SELECT count(*) FROM pg_stat_replication)::int,
                     has_database_privilege(current_database(), 'CREATE'),
-                    current_database()::text",
+                    quote_ident(current_database()), quote_ident(current_user)",
             &[],
         )
         .await
@@ -35,8 +34,8 @@ pub async fn check_server(client: &Client) -> Result<(), EngineError> {
     let (max_slots, slots, max_senders, senders): (i32, i32, i32, i32) =
         (r.get(4), r.get(5), r.get(6), r.get(7));
     let can_create: bool = r.get(8);
-    let database: String = r.get(9);
-    let role = quote_ident(&user);
+    // as SQL would want them (PostgreSQL's quote_ident quotes only where needed)
+    let (database, role): (String, String) = (r.get(9), r.get(10));
     if version < MIN_SERVER_VERSION {
         return Err(EngineError::Preflight(format!(
             "PostgreSQL {}.{} is too old: shadow-alter needs 14 or newer",
@@ -57,8 +56,7 @@ pub async fn check_server(client: &Client) -> Result<(), EngineError> {
     }
     if !can_create {
         return Err(EngineError::Preflight(format!(
-            "role {user} cannot CREATE in database {database} (needed for the run's state schema and its publication): run `GRANT CREATE ON DATABASE {} TO {role}`",
-            quote_ident(&database)
+            "role {user} cannot CREATE in database {database} (needed for the run's state schema and its publication): run `GRANT CREATE ON DATABASE {database} TO {role}`"
         )));
     }
     if slots >= max_slots {
@@ -139,18 +137,18 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
     }
     let r = client
         .query_one(
-            "SELECT pg_has_role(current_user, $1::text, 'USAGE'), current_user::text",
-            &[&t.owner],
+            "SELECT pg_has_role(current_user, $1::text, 'USAGE'), current_user::text,
+                    quote_ident(current_user), quote_ident($1::text), quote_ident($2::text)",
+            &[&t.owner, &t.schema],
         )
         .await
         .ctx("checking table ownership")?;
     let (owner_ok, user): (bool, String) = (r.get(0), r.get(1));
+    let (role, owner, schema): (String, String, String) = (r.get(2), r.get(3), r.get(4));
     if !owner_ok {
         return Err(EngineError::Preflight(format!(
-            "role {user} is not the owner of {q} (owner: {}); run as the owner, or make {user} a member of it: `GRANT {} TO {}`",
-            t.owner,
-            quote_ident(&t.owner),
-            quote_ident(&user)
+            "role {user} is not the owner of {q} (owner: {}); run as the owner, or make {user} a member of it: `GRANT {owner} TO {role}`",
+            t.owner
         )));
     }
     let schema_ok = client
@@ -160,10 +158,8 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
         .get::<_, bool>(0);
     if !schema_ok {
         return Err(EngineError::Preflight(format!(
-            "role {user} cannot CREATE in schema {} (needed for the shadow table): run `GRANT CREATE ON SCHEMA {} TO {}`",
-            t.schema,
-            quote_ident(&t.schema),
-            quote_ident(&user)
+            "role {user} cannot CREATE in schema {} (needed for the shadow table): run `GRANT CREATE ON SCHEMA {schema} TO {role}`",
+            t.schema
         )));
     }
     Ok(t)

@@ -260,7 +260,7 @@ pub async fn check_privileges(control: &Client, table: &Table) -> Result<(), Eng
     }
     let r = control
         .query_one(
-            "SELECT current_user::text, current_setting('server_version_num')::int >= 150000,
+            "SELECT quote_ident(current_user), current_setting('server_version_num')::int >= 150000,
                     string_agg(quote_ident(tgname), ', ' ORDER BY tgname)
              FROM pg_trigger WHERE tgrelid = $1 AND NOT tgisinternal AND tgenabled = 'O'",
             &[&table.oid],
@@ -273,10 +273,7 @@ pub async fn check_privileges(control: &Client, table: &Table) -> Result<(), Eng
         return Ok(());
     };
     let fix = if grantable {
-        format!(
-            "run `GRANT SET ON PARAMETER session_replication_role TO {}` as a superuser",
-            quote_ident(&user)
-        )
+        format!("run `GRANT SET ON PARAMETER session_replication_role TO {user}` as a superuser")
     } else {
         "on PostgreSQL 14 only a superuser may set it".to_string()
     };

@@ -36,7 +36,7 @@ impl Origins {
                         has_function_privilege('pg_replication_origin_create(text)', 'EXECUTE')
                         AND has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE')
                         AND has_function_privilege('pg_replication_origin_drop(text)', 'EXECUTE'),
-                        current_user::text",
+                        quote_ident(current_user)",
                 &[],
             )
             .await
@@ -55,9 +55,8 @@ impl Origins {
                 "role {user} may not use replication origins, so the stream decodes the copy's own \
                  writes too (about a CPU-second per million rows on the server); to skip them, run \
                  `GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), \
-                 pg_replication_origin_session_setup(text), pg_replication_origin_drop(text) TO {}` \
-                 as a superuser",
-                crate::sql::quote_ident(&user)
+                 pg_replication_origin_session_setup(text), pg_replication_origin_drop(text) TO {user}` \
+                 as a superuser"
             );
             return Ok(None);
         }
