@@ -266,6 +266,21 @@ async fn require_encrypts_without_a_root_certificate_and_pgssl_variables_work() 
     assert!(out.contains("no encryption"), "the server's reason: {out}");
     let (code, out) = output(&plain, &["status"], &[("PGSSLMODE", "allow")]).await;
     assert_eq!(code, 0, "allow falls back to TLS: {out}");
+    // and so does the walsender client of a run
+    let back = [
+        "run",
+        "--table",
+        "items",
+        "--alter",
+        "ALTER COLUMN qty TYPE integer",
+        "--strategy",
+        "shadow-copy",
+        "--progress",
+        "none",
+    ];
+    let (code, out) = output(&plain, &back, &[("PGSSLMODE", "allow")]).await;
+    assert_eq!(code, 0, "run with allow: {out}");
+    assert_eq!(qty_type(&c).await.as_deref(), Some("integer"));
     // sslrootcert=system: the platform's roots (here SSL_CERT_FILE, which the native store
     // honours, holds our CA) and verify-full implied
     let system = format!(
