@@ -9,5 +9,6 @@
 pub mod checkpoints;
 pub mod migrations;
 pub mod operator;
+pub mod tuning;
 
 pub use migrations::ensure_schema;
