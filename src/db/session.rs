@@ -30,6 +30,29 @@ pub async fn connect(config: &ConnConfig, what: &str) -> Result<Client, DbError>
     Ok(client)
 }
 
+/// Cancels the running query of one session, over TLS the way the session itself connected (a
+/// plaintext CancelRequest would be refused by a `hostssl`-only server, and would carry the
+/// session's secret key in the clear).
+#[derive(Clone)]
+pub struct Canceller {
+    token: tokio_postgres::CancelToken,
+    tls: crate::tls::Tls,
+}
+
+impl Canceller {
+    pub fn new(client: &Client, config: &ConnConfig) -> Canceller {
+        Canceller {
+            token: client.cancel_token(),
+            tls: config.tls.clone(),
+        }
+    }
+
+    pub async fn cancel(&self) -> Result<(), tokio_postgres::Error> {
+        let connector = MakeRustlsConnect::new((*self.tls.config).clone());
+        self.token.cancel_query(connector).await
+    }
+}
+
 /// The server refused the connection as it was made (pg_hba.conf: `hostssl` only, say).
 fn is_auth_refusal(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| c.code().starts_with("28"))

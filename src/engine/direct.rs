@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::db::connect;
 use crate::db::DbError;
-use crate::db::{describe, Ctx};
+use crate::db::{describe, Canceller, Ctx};
 use crate::engine::config::RunConfig;
 use crate::engine::control::proxies::Proxies;
 use crate::engine::error::EngineError;
@@ -98,6 +98,7 @@ pub async fn execute(
         .batch_execute("SET application_name = 'shadow-alter'")
         .await
         .ctx("setting up the step session")?;
+    let canceller = Canceller::new(&worker, config);
     for dropped in drop_leftover_indexes(&worker, table).await? {
         tracing::warn!(
             "dropped index {dropped}, left behind by an earlier run that did not finish"
@@ -112,7 +113,7 @@ pub async fn execute(
             Err(EngineError::Aborted)
         } else {
             match &step.exec {
-                Exec::Locked => run_locked(&worker, step, opts, &mut abort)
+                Exec::Locked => run_locked(&worker, &canceller, step, opts, &mut abort)
                     .await
                     .map(|held| {
                         if step.lock.blocks_writes() {
@@ -120,7 +121,7 @@ pub async fn execute(
                         }
                     }),
                 Exec::BuildIndex { index } => {
-                    build_index(control, &worker, table, step, index, &mut abort).await
+                    build_index(control, &worker, &canceller, table, step, index, &mut abort).await
                 }
                 Exec::Engine => Err(EngineError::Internal(
                     "a shadow-copy step reached the step executor".into(),
@@ -173,6 +174,7 @@ pub async fn execute(
 /// lock was granted (roughly: the successful attempt's duration).
 async fn run_locked(
     client: &Client,
+    canceller: &Canceller,
     step: &Step,
     opts: &Options,
     abort: &mut watch::Receiver<bool>,
@@ -224,7 +226,7 @@ async fn run_locked(
             tokio::select! {
                 r = &mut fut => Some(r),
                 _ = abort.changed() => {
-                    let _ = client.cancel_token().cancel_query(NoTls).await;
+                    let _ = canceller.cancel().await;
                     let _ = fut.await;
                     None
                 }
@@ -340,6 +342,7 @@ fn step_error(step: &Step, e: tokio_postgres::Error) -> EngineError {
 async fn build_index(
     control: &Client,
     client: &Client,
+    canceller: &Canceller,
     table: &crate::catalog::Table,
     step: &Step,
     index: &str,
@@ -358,7 +361,7 @@ async fn build_index(
             r = &mut fut => break r.map_err(|e| step_error(step, e)),
             _ = tick.tick() => log_index_progress(control, table.oid).await,
             _ = abort.changed() => {
-                let _ = client.cancel_token().cancel_query(NoTls).await;
+                let _ = canceller.cancel().await;
                 let _ = (&mut fut).await;
                 break Err(EngineError::Aborted);
             }
