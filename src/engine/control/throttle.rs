@@ -33,6 +33,8 @@ use crate::progress::fmt_bytes;
 
 /// How often the limits are evaluated.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How often at most: near --max-retained-wal, the guard samples faster (see `pace`).
+const FASTEST_CHECK: Duration = Duration::from_millis(50);
 /// Longest one evaluation may take (the user's query included).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -100,14 +102,20 @@ pub enum Verdict {
     Stop(String),
 }
 
-/// Before anything is created: run the throttle query once (it must return one boolean) and warn
-/// when nothing bounds the WAL a slot may retain.
-pub async fn preflight(client: &Client, limits: &Limits) -> Result<(), EngineError> {
+/// Run the throttle query once: it must return one boolean.
+pub async fn check_query(client: &Client, limits: &Limits) -> Result<(), EngineError> {
     if let Some(q) = &limits.throttle_query {
         user_query(client, q)
             .await
             .map_err(|e| EngineError::BadInput(format!("--throttle-query: {e}")))?;
     }
+    Ok(())
+}
+
+/// Before anything is created: run the throttle query once (it must return one boolean) and warn
+/// when nothing bounds the WAL a slot may retain.
+pub async fn preflight(client: &Client, limits: &Limits) -> Result<(), EngineError> {
+    check_query(client, limits).await?;
     let keep: i64 = client
         .query_one(
             "SELECT pg_size_bytes(current_setting('max_slot_wal_keep_size'))",
@@ -156,8 +164,13 @@ async fn user_query(client: &Client, q: &str) -> Result<bool, String> {
     }
 }
 
-/// One evaluation of every limit.
-pub async fn check(client: &Client, limits: &Limits, slot: &str) -> Result<Verdict, EngineError> {
+/// One evaluation of every limit; `retained` gets the WAL the slot retains, when read.
+pub async fn check(
+    client: &Client,
+    limits: &Limits,
+    slot: &str,
+    retained_now: &mut Option<u64>,
+) -> Result<Verdict, EngineError> {
     if limits.max_retained_wal.is_some() || limits.throttle_retained_wal.is_some() {
         let row = client
             .query_opt(
@@ -177,6 +190,7 @@ pub async fn check(client: &Client, limits: &Limits, slot: &str) -> Result<Verdi
                 )));
             }
             let retained = retained.unwrap_or(0).max(0) as u64;
+            *retained_now = Some(retained);
             if let Some(hard) = limits.max_retained_wal {
                 if retained >= hard {
                     return Ok(Verdict::Stop(format!(
@@ -307,9 +321,34 @@ impl Gate {
     }
 }
 
+/// How long until the next evaluation. Far from --max-retained-wal, `CHECK_EVERY`; nearer, at
+/// most half the time the slot needs to reach the limit at the rate it grew since the last
+/// sample (never under `FASTEST_CHECK`), so one sample's worth of writes cannot carry it far
+/// past the limit.
+pub fn pace(prev: Option<(u64, Duration)>, retained: Option<u64>, hard: Option<u64>) -> Duration {
+    let (Some(hard), Some(now)) = (hard, retained) else {
+        return CHECK_EVERY;
+    };
+    let Some((before, elapsed)) = prev else {
+        return CHECK_EVERY;
+    };
+    let grown = now.saturating_sub(before);
+    if grown == 0 || elapsed.is_zero() {
+        return CHECK_EVERY;
+    }
+    let rate = grown as f64 / elapsed.as_secs_f64();
+    let to_limit = hard.saturating_sub(now) as f64 / rate;
+    Duration::from_secs_f64((to_limit / 2.0).max(0.0)).clamp(FASTEST_CHECK, CHECK_EVERY)
+}
+
 /// One check under a deadline; a failing check throttles (it must not let the copy run unchecked).
-async fn evaluate(client: &Client, limits: &Limits, slot: &str) -> Verdict {
-    match tokio::time::timeout(CHECK_TIMEOUT, check(client, limits, slot)).await {
+async fn evaluate(
+    client: &Client,
+    limits: &Limits,
+    slot: &str,
+    retained: &mut Option<u64>,
+) -> Verdict {
+    match tokio::time::timeout(CHECK_TIMEOUT, check(client, limits, slot, retained)).await {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => Verdict::Throttle(format!("guardrail check failed: {e}")),
         Err(_) => Verdict::Throttle(format!(
@@ -347,15 +386,17 @@ pub async fn spawn(
         .await
         .ctx("setting up the guardrail session")?;
     // the first verdict is in place before any chunk is copied
-    let v0 = evaluate(&client, &limits, &slot).await;
+    let mut retained = None;
+    let v0 = evaluate(&client, &limits, &slot, &mut retained).await;
     let (tx, rx) = watch::channel(v0.clone());
     let mut first = Some(v0);
     let handle = tokio::spawn(async move {
         let mut shown = Verdict::Go;
+        let mut last: Option<(u64, std::time::Instant)> = None;
         loop {
             let verdict = match first.take() {
                 Some(v) => v,
-                None => evaluate(&client, &limits, &slot).await,
+                None => evaluate(&client, &limits, &slot, &mut retained).await,
             };
             if verdict != shown {
                 let throttled = match &verdict {
@@ -387,8 +428,39 @@ pub async fn spawn(
                     return;
                 }
             }
-            tokio::time::sleep(CHECK_EVERY).await;
+            let prev = last.map(|(r, at)| (r, at.elapsed()));
+            let next = pace(prev, retained, limits.max_retained_wal);
+            last = retained.map(|r| (r, std::time::Instant::now()));
+            tokio::time::sleep(next).await;
         }
     });
     Ok((Gate(Some(rx)), GuardTask(Some(handle))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1 << 20;
+
+    #[test]
+    fn the_guard_samples_faster_as_the_slot_nears_its_limit() {
+        let half = Duration::from_millis(500);
+        // no limit, no history, no growth: the usual pace
+        assert_eq!(pace(None, Some(MB), Some(10 * MB)), CHECK_EVERY);
+        assert_eq!(pace(Some((MB, half)), Some(MB), Some(10 * MB)), CHECK_EVERY);
+        assert_eq!(pace(Some((MB, half)), Some(2 * MB), None), CHECK_EVERY);
+        // 9 MB/s with 1 MB to go: the limit is ~110 ms away, sample within ~55 ms
+        let p = pace(
+            Some((MB, half)),
+            Some(5 * MB + MB / 2),
+            Some(6 * MB + MB / 2),
+        );
+        assert!(p < Duration::from_millis(60) && p >= FASTEST_CHECK, "{p:?}");
+        // far from it: no faster than usual
+        assert_eq!(
+            pace(Some((0, half)), Some(MB), Some(1000 * MB)),
+            CHECK_EVERY
+        );
+    }
 }

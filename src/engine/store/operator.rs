@@ -32,6 +32,8 @@ pub struct Record {
     pub message: Option<String>,
     pub alter: String,
     pub throttled: Option<String>,
+    /// A copy-free run's step (and how far a concurrent index build is).
+    pub step: Option<String>,
     /// Seconds since the row was last written (a run silent for long may be gone).
     #[serde(skip)]
     pub silent_for: f64,
@@ -59,6 +61,7 @@ impl Record {
             message: r.get("message"),
             alter: r.get("alter_sql"),
             throttled: r.get("throttled"),
+            step: r.get("step"),
             silent_for: r.get("silent_for"),
         }
     }
@@ -92,7 +95,7 @@ pub async fn list(client: &Client) -> Result<Vec<Record>, DbError> {
                     postponed, cutover_requested_at::text AS cutover_requested_at, abort_requested, pid, host,
                     started_at::text AS started_at, updated_at::text AS updated_at,
                     finished_at::text AS finished_at, message, alter_sql,
-                    extract(epoch FROM now() - updated_at)::float8 AS silent_for, throttled
+                    extract(epoch FROM now() - updated_at)::float8 AS silent_for, throttled, step
              FROM shadow_alter.migrations ORDER BY started_at DESC",
             &[],
         )
@@ -142,20 +145,35 @@ pub async fn soaking(client: &Client, oid: u32) -> Result<Option<u32>, DbError> 
 }
 
 /// Ask for the cutover at `at` (anything PostgreSQL reads as timestamptz; now when None);
-/// returns when, as text. A time that does not parse is the database's error.
+/// `now`: even outside the cutover window. Returns when, as text. A time that does not parse
+/// is the database's error.
 pub async fn request_cutover(
     client: &Client,
     oid: u32,
     at: Option<&str>,
+    now: bool,
 ) -> Result<String, tokio_postgres::Error> {
     Ok(client
         .query_one(
-            "UPDATE shadow_alter.migrations SET cutover_requested_at = coalesce($2::text::timestamptz, now()), updated_at = now()
+            "UPDATE shadow_alter.migrations SET cutover_requested_at = coalesce($2::text::timestamptz, now()),
+                    cutover_now = cutover_now OR $3, updated_at = now()
              WHERE table_oid = $1 RETURNING cutover_requested_at::text AS at",
-            &[&oid, &at],
+            &[&oid, &at, &now],
         )
         .await?
         .get("at"))
+}
+
+/// Why the running migration of the table with `oid` says its swap waits, if it does.
+pub async fn postponed(client: &Client, oid: u32) -> Result<Option<String>, DbError> {
+    Ok(client
+        .query_opt(
+            "SELECT postponed FROM shadow_alter.migrations WHERE table_oid = $1",
+            &[&oid],
+        )
+        .await
+        .ctx("reading why the swap waits")?
+        .and_then(|r| r.get("postponed")))
 }
 
 pub async fn request_abort(client: &Client, oid: u32) -> Result<(), DbError> {
