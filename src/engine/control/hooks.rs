@@ -221,8 +221,16 @@ impl Hooks {
                 || name
                     .strip_prefix(event.name())
                     .is_some_and(|rest| rest.starts_with('.'));
-            if matches && is_executable(&e.path()).await {
+            if !matches {
+                continue;
+            }
+            if is_executable(&e.path()).await {
                 out.push(e.path());
+            } else {
+                tracing::warn!(
+                    "hook {} is not an executable file; skipped (chmod +x it)",
+                    e.path().display()
+                );
             }
         }
         out.sort();
@@ -244,7 +252,7 @@ impl Hooks {
         let mut first_error = None;
         for t in targets {
             if let Err(e) = self.run_one(&t, event, facts).await {
-                tracing::warn!("{event:?} hook: {e}", event = event.name());
+                tracing::warn!("{} hook: {e}", event.name());
                 first_error.get_or_insert(e);
             }
         }
