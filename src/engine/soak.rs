@@ -314,9 +314,7 @@ async fn keep_in_sync(
         return Ok(None);
     }
     // revert: the same swap, the other way
-    run.state
-        .phase(run.control, "cutover", Some("reverting"))
-        .await;
+    run.set_phase("cutover", Some("reverting")).await;
     let mut swapper = connect(run.config, "the revert").await?;
     let cfg = run.cfg;
     let opts = SwapOptions {
@@ -328,6 +326,7 @@ async fn keep_in_sync(
         message: None,
         old_infix: REVERTED_INFIX,
         restore_names: renamed_away,
+        metrics: Some(&run.metrics),
     };
     let mut markers = Markers::new(&rev_names);
     let outcome = swap(
@@ -370,7 +369,7 @@ async fn until_revert(
         table.name,
         table.name
     );
-    run.state.phase(run.control, "soak", Some(&waiting)).await;
+    run.set_phase("soak", Some(&waiting)).await;
     run.progress.println(&waiting);
     let mut abort = run.abort.clone();
     loop {
