@@ -85,7 +85,7 @@ pub struct RevertArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-#[command(group(clap::ArgGroup::new("what").required(true).args(["table", "stale"])))]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["table", "stale", "old_tables"])))]
 pub struct CleanupArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -94,6 +94,13 @@ pub struct CleanupArgs {
     /// Find and drop leftovers of runs that are no longer alive.
     #[arg(long)]
     pub stale: bool,
+    /// Drop the tables kept after swaps (`<t>__sa_old_<stamp>`) and reverts
+    /// (`<t>__sa_rev_<stamp>`) older than --older-than.
+    #[arg(long)]
+    pub old_tables: bool,
+    /// With --old-tables: only tables kept at least this long (e.g. 7d, 12h).
+    #[arg(long, value_parser = parse_duration, default_value = "7d", requires = "old_tables")]
+    pub older_than: Duration,
     /// Only list what would be dropped.
     #[arg(long)]
     pub dry_run: bool,
@@ -116,8 +123,11 @@ pub struct CutoverArgs {
     pub table: String,
     /// Swap at this time instead of now (anything PostgreSQL reads as timestamptz,
     /// e.g. '2026-11-22 02:30+01').
-    #[arg(long)]
+    #[arg(long, conflicts_with = "now")]
     pub at: Option<String>,
+    /// Swap now, even outside the run's --cutover-window.
+    #[arg(long)]
+    pub now: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -250,6 +260,26 @@ pub struct RunArgs {
     /// Throttle the copy while this query returns true (one row, one boolean).
     #[arg(long, value_name = "SQL")]
     pub throttle_query: Option<String>,
+    /// Serve the run's metrics in the Prometheus text format on this address (e.g.
+    /// 127.0.0.1:9187): rows copied, rate, ETA, phase, apply lag, retained WAL, throttling,
+    /// lock waits, swap attempts.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// A directory of executables named after the events (start, copy-done, caught-up,
+    /// before-cutover, after-cutover, success, failure, abort, status), called with the
+    /// migration's facts in SHADOW_ALTER_* variables. A before-cutover hook that exits
+    /// non-zero postpones the swap until it exits 0.
+    #[arg(long = "hook", value_name = "DIR")]
+    pub hook_dir: Option<PathBuf>,
+    /// A shell command called at every event (it reads $SHADOW_ALTER_EVENT).
+    #[arg(long, value_name = "CMD")]
+    pub hook_command: Option<String>,
+    /// How often the `status` hook is called.
+    #[arg(long, value_parser = parse_duration, default_value = "1m")]
+    pub hook_status_interval: Duration,
+    /// A hook still running after this long is killed (the run goes on).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub hook_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
@@ -350,7 +380,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// Parse "250ms", "2s", "1.5s", "3m", "1h" or a bare number of seconds.
+/// Parse "250ms", "2s", "1.5s", "3m", "1h", "7d" or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
@@ -365,9 +395,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" | "sec" => n,
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
+        "d" => n * 86400.0,
         _ => {
             return Err(format!(
-                "unknown unit '{unit}' in '{s}' (use ms, s, m or h)"
+                "unknown unit '{unit}' in '{s}' (use ms, s, m, h or d)"
             ))
         }
     };
@@ -414,6 +445,11 @@ impl From<RunArgs> for RunConfig {
             throttle_retained_wal: a.throttle_retained_wal,
             max_retained_wal: a.max_retained_wal,
             throttle_query: a.throttle_query,
+            metrics_listen: a.metrics_listen,
+            hook_dir: a.hook_dir,
+            hook_command: a.hook_command,
+            hook_status_interval: a.hook_status_interval,
+            hook_timeout: a.hook_timeout,
         }
     }
 }
@@ -436,6 +472,10 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("5 parsecs").is_err());
     }

@@ -53,6 +53,9 @@ fn main() -> ExitCode {
                 .await,
             ),
             Command::Status(a) => report(ops::status(a.conn.database_url.as_deref(), a.json).await),
+            Command::Cutover(a) if a.now => {
+                report(ops::cutover_now(a.conn.database_url.as_deref(), &a.table).await)
+            }
             Command::Cutover(a) => report(
                 ops::cutover(a.conn.database_url.as_deref(), &a.table, a.at.as_deref()).await,
             ),
@@ -80,6 +83,10 @@ fn main() -> ExitCode {
             Command::Revert(a) => {
                 report(ops::revert(a.conn.database_url.as_deref(), &a.table, a.wait).await)
             }
+            Command::Cleanup(a) if a.old_tables => report(
+                ops::cleanup_old_tables(a.conn.database_url.as_deref(), a.older_than, a.dry_run)
+                    .await,
+            ),
             Command::Cleanup(a) if a.stale => {
                 report(ops::cleanup_stale(a.conn.database_url.as_deref(), a.dry_run).await)
             }

@@ -48,4 +48,14 @@ pub struct RunConfig {
     pub throttle_retained_wal: Option<u64>,
     pub max_retained_wal: Option<u64>,
     pub throttle_query: Option<String>,
+    /// Serve the run's metrics (Prometheus text format) on this address.
+    pub metrics_listen: Option<String>,
+    /// A directory of executables named after the events (see `engine::control::hooks`).
+    pub hook_dir: Option<PathBuf>,
+    /// A shell command called for every event.
+    pub hook_command: Option<String>,
+    /// How often the `status` hook is called.
+    pub hook_status_interval: Duration,
+    /// Longest a hook may run before it is killed.
+    pub hook_timeout: Duration,
 }

@@ -13,6 +13,8 @@ use tokio_postgres::Client;
 
 use crate::catalog::Table;
 use crate::engine::config::RunConfig;
+use crate::engine::control::hooks::{Event, Facts, Hooks};
+use crate::engine::control::metrics::Metrics;
 use crate::engine::control::proxies::Proxies;
 use crate::engine::control::schedule::Schedule;
 use crate::engine::control::throttle::Limits;
@@ -44,6 +46,9 @@ pub struct Run<'a> {
     pub abort: watch::Receiver<bool>,
     pub progress: Progress,
     pub ledger: Ledger,
+    /// The run's live numbers (served with --metrics-listen, read by hooks).
+    pub metrics: Metrics,
+    pub hooks: Hooks,
     last_state_write: Option<Instant>,
 }
 
@@ -62,6 +67,8 @@ pub struct RunParts<'a> {
     pub origins: Option<Origins>,
     pub requests: watch::Receiver<Requests>,
     pub abort: watch::Receiver<bool>,
+    pub metrics: Metrics,
+    pub hooks: Hooks,
 }
 
 impl<'a> Run<'a> {
@@ -82,12 +89,20 @@ impl<'a> Run<'a> {
             requests: p.requests,
             abort: p.abort,
             ledger: Ledger::default(),
+            metrics: p.metrics,
+            hooks: p.hooks,
             last_state_write: None,
         }
     }
 
-    /// Publish progress to the state row, at most every 2 seconds.
+    /// Publish progress to the metrics, and to the state row at most every 2 seconds.
     pub async fn publish(&mut self, p: StateProgress) {
+        self.metrics
+            .set_copy(p.rows_copied, p.rows_total, p.rate, p.eta_seconds);
+        self.metrics.set_changes_applied(p.changes_applied);
+        if let Some(lag) = p.lag_bytes {
+            self.metrics.set_lag_bytes(lag);
+        }
         if self
             .last_state_write
             .is_some_and(|t| t.elapsed() < STATE_EVERY)
@@ -96,6 +111,30 @@ impl<'a> Run<'a> {
         }
         self.last_state_write = Some(Instant::now());
         self.state.progress(self.control, &p).await;
+    }
+
+    /// Enter `phase` (with why the swap waits, if it does): the state row and the metrics.
+    pub async fn set_phase(&self, phase: &str, postponed: Option<&str>) {
+        self.metrics.set_phase(phase);
+        self.state.phase(self.control, phase, postponed).await;
+    }
+
+    /// What hooks are told now.
+    pub fn facts(&self) -> Facts {
+        Facts {
+            table: format!("{}.{}", self.table.schema, self.table.name),
+            alter: self.cfg.alter.clone(),
+            strategy: "shadow-copy".into(),
+            elapsed: self.started.elapsed(),
+            now: self.metrics.snapshot(),
+            exit_code: None,
+            message: None,
+        }
+    }
+
+    /// Call the hooks of `event` (failures are logged, never fatal).
+    pub async fn notify(&self, event: Event) {
+        self.hooks.notify(event, &self.facts(), &self.metrics).await;
     }
 
     /// Err(Aborted) once Ctrl-C, SIGTERM or `shadow-alter abort` asked the run to stop.

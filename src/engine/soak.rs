@@ -393,9 +393,7 @@ async fn keep_in_sync(
         return Ok(None);
     }
     // revert: the same swap, the other way
-    run.state
-        .phase(run.control, "cutover", Some("reverting"))
-        .await;
+    run.set_phase("cutover", Some("reverting")).await;
     let mut swapper = connect(run.config, "the revert").await?;
     let cfg = run.cfg;
     let opts = SwapOptions {
@@ -407,6 +405,7 @@ async fn keep_in_sync(
         message: None,
         old_infix: REVERTED_INFIX,
         restore_names: renamed_away,
+        metrics: Some(&run.metrics),
     };
     let mut markers = Markers::new(&rev_names);
     let outcome = swap(
@@ -449,7 +448,7 @@ async fn until_revert(
         table.name,
         table.name
     );
-    run.state.phase(run.control, "soak", Some(&waiting)).await;
+    run.set_phase("soak", Some(&waiting)).await;
     run.progress.println(&waiting);
     let mut abort = run.abort.clone();
     loop {

@@ -1,20 +1,22 @@
 //! Operator commands: `status`, `cutover`, `abort`, `verify`, `revert`, `cleanup` (a soak window,
-//! or `--stale` leftovers) and `plan`. They read and steer migrations through their state in the
+//! `--stale` leftovers, or `--old-tables` kept after swaps) and `plan`. They read and steer migrations through their state in the
 //! database (`engine::store`), so they work from any machine that can reach it.
 //!
 //! Invariant: a command never touches what a live run owns; it writes a request into the run's
 //! state row, or acts itself only after taking the run's per-table advisory lock.
 
+mod old_tables;
 mod plan;
 mod stale;
 mod status;
 mod steer;
 mod tune;
 
+pub use old_tables::cleanup_old_tables;
 pub use plan::{plan, PlanFormat};
 pub use stale::cleanup_stale;
 pub use status::status;
-pub use steer::{abort, cutover, end_soak, revert, verify};
+pub use steer::{abort, cutover, cutover_now, end_soak, revert, verify};
 pub use tune::{throttle, ThrottleRequest};
 
 use tokio_postgres::Client;

@@ -7,7 +7,8 @@
 //! (preflight.rs) from before it creates anything until it has cleaned up, so for each table we
 //! take that lock ourselves first: if we cannot, a run is alive and its objects are skipped;
 //! if we can, no run can start on the table while we drop its leftovers. Old tables kept after
-//! a swap (`<t>__sa_old_<stamp>`) are the operator's and are only listed.
+//! a swap (`<t>__sa_old_<stamp>`) or a revert (`<t>__sa_rev_<stamp>`) are the operator's and
+//! are only listed (`cleanup --old-tables` drops them after a retention time).
 
 use std::collections::BTreeMap;
 
@@ -275,17 +276,28 @@ pub async fn cleanup_stale(database_url: Option<&str>, dry_run: bool) -> Result<
     }
     for r in client
         .query(
-            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind = 'r' AND c.relname LIKE '%\\_\\_sa\\_old\\_%' ORDER BY 1, 2",
+            "SELECT n.nspname::text, c.relname::text, c.relname LIKE '%\\_\\_sa\\_rev\\_%'
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p')
+               AND (c.relname LIKE '%\\_\\_sa\\_old\\_%' OR c.relname LIKE '%\\_\\_sa\\_rev\\_%')
+             ORDER BY 1, 2",
             &[],
         )
         .await
         .ctx("listing old tables")?
     {
-        println!(
-            "kept old table {} (the table before a swap; drop it when no longer needed)",
-            qualified(&r.get::<_, String>(0), &r.get::<_, String>(1))
-        );
+        let name = qualified(&r.get::<_, String>(0), &r.get::<_, String>(1));
+        if r.get::<_, bool>(2) {
+            println!(
+                "kept reverted table {name} (the migrated table a revert swapped out; drop it when no \
+                 longer needed, or with `cleanup --old-tables --older-than 7d`)"
+            );
+        } else {
+            println!(
+                "kept old table {name} (the table before a swap; drop it when no longer needed, or \
+                 with `cleanup --old-tables --older-than 7d`)"
+            );
+        }
     }
     if acted == 0 {
         println!("nothing stale found");

@@ -42,10 +42,16 @@ fn render(r: &Record) -> String {
         .lag_bytes
         .map(|x| format!(", lag {}", fmt_bytes(x)))
         .unwrap_or_default();
-    out.push_str(&format!(
-        "    rows copied {}{total}{rate}{eta}{lag}, changes applied {}\n",
-        r.rows_copied, r.changes_applied
-    ));
+    // a copy-free run copies nothing: its step says how far it is
+    if r.step.is_none() || r.rows_copied > 0 || r.rows_total.is_some() {
+        out.push_str(&format!(
+            "    rows copied {}{total}{rate}{eta}{lag}, changes applied {}\n",
+            r.rows_copied, r.changes_applied
+        ));
+    }
+    if let Some(s) = &r.step {
+        out.push_str(&format!("    step {s}\n"));
+    }
     if let Some(t) = &r.throttled {
         out.push_str(&format!("    {t}\n"));
     }
@@ -112,6 +118,7 @@ mod tests {
                 chunk_time_ms: None,
                 paused: false,
             }),
+            step: None,
             silent_for: 45.0,
         }
     }
@@ -145,6 +152,21 @@ mod tests {
         let text = render(&r);
         assert!(!text.contains("no update"));
         assert!(text.contains(", finished 2026-01-01 00:01:00+00"));
+    }
+
+    #[test]
+    fn a_copy_free_run_shows_its_step_instead_of_rows() {
+        let mut r = record();
+        r.rows_copied = 0;
+        r.rows_total = None;
+        r.phase = "steps".into();
+        r.step = Some("1/1: CREATE INDEX CONCURRENTLY i ON t (v) (building index: scanning table, blocks 5/10 (50%))".into());
+        let text = render(&r);
+        assert!(!text.contains("rows copied"), "{text}");
+        assert!(
+            text.contains("    step 1/1: CREATE INDEX CONCURRENTLY i ON t (v) (building index"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -26,9 +26,23 @@ pub async fn cutover(
     table: &str,
     at: Option<&str>,
 ) -> Result<(), EngineError> {
+    request_cutover(database_url, table, at, false).await
+}
+
+/// `shadow-alter cutover <table> --now`: swap as soon as caught up, even outside the window.
+pub async fn cutover_now(database_url: Option<&str>, table: &str) -> Result<(), EngineError> {
+    request_cutover(database_url, table, None, true).await
+}
+
+async fn request_cutover(
+    database_url: Option<&str>,
+    table: &str,
+    at: Option<&str>,
+    now: bool,
+) -> Result<(), EngineError> {
     let client = super::session(database_url, "cutover").await?;
     let (oid, phase) = super::running(&client, table).await?;
-    let at = operator::request_cutover(&client, oid, at)
+    let at = operator::request_cutover(&client, oid, at, now)
         .await
         .map_err(|e| {
             EngineError::BadInput(format!(
@@ -38,6 +52,14 @@ pub async fn cutover(
             ))
         })?;
     println!("cutover of {table} requested for {at} (the migration is in phase {phase}; it swaps once caught up)");
+    // a request does not open the window: say so, and how to override it
+    if let Some(waits) = operator::postponed(&client, oid).await? {
+        if waits.starts_with("outside the cutover window") && !now {
+            println!(
+                "the swap still waits: {waits} (`shadow-alter cutover --now` overrides the window)"
+            );
+        }
+    }
     Ok(())
 }
 

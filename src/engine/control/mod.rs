@@ -1,9 +1,12 @@
 //! What steers a run from outside its own data path: guardrails (`throttle`: pause file, replica
 //! lag, retained WAL, a throttle query), the cutover `schedule`, the `proxies`' admin consoles
-//! (hold and release clients around a swap) and process `signals`.
+//! (hold and release clients around a swap), process `signals`, and what the run tells the
+//! world: `metrics` (Prometheus) and `hooks` (programs called at its events).
 //!
 //! Invariant: a control never changes data; it opens or closes gates the stages wait at.
 
+pub mod hooks;
+pub mod metrics;
 pub mod proxies;
 pub mod schedule;
 pub mod signals;

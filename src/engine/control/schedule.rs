@@ -110,7 +110,7 @@ impl Schedule {
                 Some(_) => {}
             }
         }
-        if let Some(w) = self.window {
+        if let Some(w) = self.window.filter(|_| !req.cutover_now) {
             let minute: i32 = client
                 .query_one(
                     "SELECT (extract(hour FROM now() AT TIME ZONE $1) * 60 + extract(minute FROM now() AT TIME ZONE $1))::int",

@@ -34,6 +34,8 @@ use crate::progress::fmt_bytes;
 
 /// How often the limits are evaluated.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How often at most: near --max-retained-wal, the guard samples faster (see `pace`).
+const FASTEST_CHECK: Duration = Duration::from_millis(50);
 /// Longest one evaluation may take (the user's query included).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,14 +95,20 @@ pub enum Verdict {
     Stop(String),
 }
 
-/// Before anything is created: run the throttle query once (it must return one boolean) and warn
-/// when nothing bounds the WAL a slot may retain.
-pub async fn preflight(client: &Client, limits: &Limits) -> Result<(), EngineError> {
+/// Run the throttle query once: it must return one boolean.
+pub async fn check_query(client: &Client, limits: &Limits) -> Result<(), EngineError> {
     if let Some(q) = &limits.throttle_query {
         user_query(client, q)
             .await
             .map_err(|e| EngineError::BadInput(format!("--throttle-query: {e}")))?;
     }
+    Ok(())
+}
+
+/// Before anything is created: run the throttle query once (it must return one boolean) and warn
+/// when nothing bounds the WAL a slot may retain.
+pub async fn preflight(client: &Client, limits: &Limits) -> Result<(), EngineError> {
+    check_query(client, limits).await?;
     let keep: i64 = client
         .query_one(
             "SELECT pg_size_bytes(current_setting('max_slot_wal_keep_size'))",
@@ -149,8 +157,13 @@ async fn user_query(client: &Client, q: &str) -> Result<bool, String> {
     }
 }
 
-/// One evaluation of every limit.
-pub async fn check(client: &Client, limits: &Limits, slot: &str) -> Result<Verdict, EngineError> {
+/// One evaluation of every limit; `retained` gets the WAL the slot retains, when read.
+pub async fn check(
+    client: &Client,
+    limits: &Limits,
+    slot: &str,
+    retained_now: &mut Option<u64>,
+) -> Result<Verdict, EngineError> {
     if limits.max_retained_wal.is_some() || limits.throttle_retained_wal.is_some() {
         let row = client
             .query_opt(
@@ -170,6 +183,7 @@ pub async fn check(client: &Client, limits: &Limits, slot: &str) -> Result<Verdi
                 )));
             }
             let retained = retained.unwrap_or(0).max(0) as u64;
+            *retained_now = Some(retained);
             if let Some(hard) = limits.max_retained_wal {
                 if retained >= hard {
                     return Ok(Verdict::Stop(format!(
@@ -312,9 +326,34 @@ impl Gate {
     }
 }
 
+/// How long until the next evaluation. Far from --max-retained-wal, `CHECK_EVERY`; nearer, at
+/// most half the time the slot needs to reach the limit at the rate it grew since the last
+/// sample (never under `FASTEST_CHECK`), so one sample's worth of writes cannot carry it far
+/// past the limit.
+pub fn pace(prev: Option<(u64, Duration)>, retained: Option<u64>, hard: Option<u64>) -> Duration {
+    let (Some(hard), Some(now)) = (hard, retained) else {
+        return CHECK_EVERY;
+    };
+    let Some((before, elapsed)) = prev else {
+        return CHECK_EVERY;
+    };
+    let grown = now.saturating_sub(before);
+    if grown == 0 || elapsed.is_zero() {
+        return CHECK_EVERY;
+    }
+    let rate = grown as f64 / elapsed.as_secs_f64();
+    let to_limit = hard.saturating_sub(now) as f64 / rate;
+    Duration::from_secs_f64((to_limit / 2.0).max(0.0)).clamp(FASTEST_CHECK, CHECK_EVERY)
+}
+
 /// One check under a deadline; a failing check throttles (it must not let the copy run unchecked).
-async fn evaluate(client: &Client, limits: &Limits, slot: &str) -> Verdict {
-    match tokio::time::timeout(CHECK_TIMEOUT, check(client, limits, slot)).await {
+async fn evaluate(
+    client: &Client,
+    limits: &Limits,
+    slot: &str,
+    retained: &mut Option<u64>,
+) -> Verdict {
+    match tokio::time::timeout(CHECK_TIMEOUT, check(client, limits, slot, retained)).await {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => Verdict::Throttle(format!("guardrail check failed: {e}")),
         Err(_) => Verdict::Throttle(format!(
@@ -341,7 +380,7 @@ pub async fn spawn(
     limits: Limits,
     slot: String,
     table_oid: u32,
-    initial: Tuning,
+    initial: Option<Tuning>,
 ) -> Result<(Gate, GuardTask), EngineError> {
     let client = crate::db::connect(config, "checking the guardrails").await?;
     client
@@ -350,21 +389,40 @@ pub async fn spawn(
         )
         .await
         .ctx("setting up the guardrail session")?;
-    tuning::record(&client, table_oid, &initial).await;
+    if let Some(t) = &initial {
+        tuning::record(&client, table_oid, t).await;
+    }
     // the first verdict is in place before any chunk is copied
-    let v0 = with_pause(evaluate(&client, &limits, &slot).await, &initial);
+    let mut retained = None;
+    let v0 = with_pause(
+        evaluate(&client, &limits, &slot, &mut retained).await,
+        initial.as_ref(),
+    );
     let (tx, rx) = watch::channel(v0.clone());
-    let (tuning_tx, tuning_rx) = watch::channel(initial);
+    let copying = initial.is_some();
+    let (tuning_tx, tuning_rx) = watch::channel(initial.unwrap_or(Tuning {
+        chunk_size: 1,
+        chunk_pause_ms: 0,
+        workers: 1,
+        chunk_time_ms: None,
+        paused: false,
+    }));
     let mut first = Some(v0);
     let handle = tokio::spawn(async move {
         let mut shown = Verdict::Go;
+        let mut last: Option<(u64, std::time::Instant)> = None;
         loop {
             let verdict = match first.take() {
                 Some(v) => v,
                 None => {
-                    follow_tuning(&client, table_oid, &tuning_tx).await;
-                    let t = tuning_tx.borrow().clone();
-                    with_pause(evaluate(&client, &limits, &slot).await, &t)
+                    if copying {
+                        follow_tuning(&client, table_oid, &tuning_tx).await;
+                    }
+                    let t = copying.then(|| tuning_tx.borrow().clone());
+                    with_pause(
+                        evaluate(&client, &limits, &slot, &mut retained).await,
+                        t.as_ref(),
+                    )
                 }
             };
             if verdict != shown {
@@ -397,22 +455,25 @@ pub async fn spawn(
                     return;
                 }
             }
-            tokio::time::sleep(CHECK_EVERY).await;
+            let prev = last.map(|(r, at)| (r, at.elapsed()));
+            let next = pace(prev, retained, limits.max_retained_wal);
+            last = retained.map(|r| (r, std::time::Instant::now()));
+            tokio::time::sleep(next).await;
         }
     });
     Ok((
         Gate {
             verdict: Some(rx),
-            tuning: Some(tuning_rx),
+            tuning: copying.then_some(tuning_rx),
         },
         GuardTask(Some(handle)),
     ))
 }
 
 /// `shadow-alter throttle --pause` holds the copy like any other throttle.
-fn with_pause(v: Verdict, t: &Tuning) -> Verdict {
+fn with_pause(v: Verdict, t: Option<&Tuning>) -> Verdict {
     match v {
-        Verdict::Go if t.paused => {
+        Verdict::Go if t.is_some_and(|t| t.paused) => {
             Verdict::Throttle("paused by `shadow-alter throttle --pause`".into())
         }
         v => v,
@@ -428,5 +489,33 @@ async fn follow_tuning(client: &Client, oid: u32, tx: &watch::Sender<Tuning>) {
         }
         Ok(_) => {}
         Err(e) => tracing::debug!("reading the copy's live settings: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1 << 20;
+
+    #[test]
+    fn the_guard_samples_faster_as_the_slot_nears_its_limit() {
+        let half = Duration::from_millis(500);
+        // no limit, no history, no growth: the usual pace
+        assert_eq!(pace(None, Some(MB), Some(10 * MB)), CHECK_EVERY);
+        assert_eq!(pace(Some((MB, half)), Some(MB), Some(10 * MB)), CHECK_EVERY);
+        assert_eq!(pace(Some((MB, half)), Some(2 * MB), None), CHECK_EVERY);
+        // 9 MB/s with 1 MB to go: the limit is ~110 ms away, sample within ~55 ms
+        let p = pace(
+            Some((MB, half)),
+            Some(5 * MB + MB / 2),
+            Some(6 * MB + MB / 2),
+        );
+        assert!(p < Duration::from_millis(60) && p >= FASTEST_CHECK, "{p:?}");
+        // far from it: no faster than usual
+        assert_eq!(
+            pace(Some((0, half)), Some(MB), Some(1000 * MB)),
+            CHECK_EVERY
+        );
     }
 }

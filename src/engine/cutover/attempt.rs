@@ -22,8 +22,10 @@ use crate::sql::{qualified, quote_ident};
 
 /// Why an attempt did not go through.
 pub(super) enum AttemptError {
-    /// Another attempt may succeed (a lock not granted in time, a slow drain).
+    /// Another attempt may succeed (a slow drain).
     Retry(String),
+    /// A lock was not granted in time; another attempt may succeed.
+    LockWait(String),
     Fatal(EngineError),
 }
 
@@ -190,7 +192,7 @@ impl Attempt<'_> {
         } else {
             format!(" (with {})", others.join(", "))
         };
-        Err(AttemptError::Retry(format!(
+        Err(AttemptError::LockWait(format!(
             "the lock on {src}{others} was not granted within {lock_timeout:?}{blockers}"
         )))
     }
@@ -242,7 +244,7 @@ async fn run_steps(tx: &Transaction<'_>, steps: &[String]) -> Result<(), Attempt
     for s in steps {
         if let Err(e) = tx.batch_execute(s).await {
             if matches!(e.code().map(|c| c.code()), Some("55P03") | Some("40P01")) {
-                return Err(AttemptError::Retry(format!(
+                return Err(AttemptError::LockWait(format!(
                     "a lock the swap needs was not granted in time ({s}): {}",
                     describe(&e)
                 )));

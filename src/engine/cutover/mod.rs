@@ -13,6 +13,7 @@ pub mod carry;
 
 use crate::catalog::Table;
 use crate::db::Ctx;
+use crate::engine::control::metrics::Metrics;
 use crate::engine::control::proxies::Proxies;
 use crate::engine::error::EngineError;
 use crate::engine::follow::Follower;
@@ -44,6 +45,8 @@ pub struct SwapOptions<'a> {
     /// Names to give back to the incoming table's indexes and statistics (a revert: the names
     /// the migration's swap renamed away).
     pub restore_names: &'a [RenamedAway],
+    /// Where swap attempts and lock waits are counted.
+    pub metrics: Option<&'a Metrics>,
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +144,12 @@ pub async fn swap(
             }
             .run(swapper, follower, markers, lock_timeout)
             .await;
+            if let Some(m) = opts.metrics {
+                m.swap_attempt();
+                if matches!(result, Err(AttemptError::LockWait(_))) {
+                    m.lock_wait();
+                }
+            }
             let held_for = held.as_ref().map(|_| pause_started.elapsed());
             if let Some(h) = held {
                 h.resume().await;
@@ -157,7 +166,9 @@ pub async fn swap(
                         renamed_away: carried.renamed_away,
                     })
                 }
-                Err(AttemptError::Retry(reason)) => last_reason = reason,
+                Err(AttemptError::Retry(reason) | AttemptError::LockWait(reason)) => {
+                    last_reason = reason
+                }
                 Err(AttemptError::Fatal(e)) => return Err(e),
             }
         }

@@ -13,6 +13,7 @@ use super::copying::Copied;
 use super::start::Prepared;
 use crate::db::{connect, Ctx};
 use crate::engine::context::Run;
+use crate::engine::control::hooks::Event;
 use crate::engine::control::throttle::Gate;
 use crate::engine::cutover::Markers;
 use crate::engine::error::EngineError;
@@ -28,6 +29,8 @@ use crate::replication::Lsn;
 const CAUGHT_UP: Duration = Duration::from_millis(500);
 /// A stream that has not gained on the table in this long is reported as falling behind.
 const LAG_WINDOW: Duration = Duration::from_secs(60);
+/// How long a before-cutover hook that said "wait" is left alone before it is asked again.
+const HOOK_RETRY: Duration = Duration::from_secs(5);
 
 /// What the follow stage hands on to the swap.
 pub struct Following {
@@ -80,13 +83,14 @@ pub async fn until_cutover(
     f: &mut Following,
     gate: &mut Gate,
 ) -> Result<(), EngineError> {
-    run.state.phase(run.control, "catch-up", None).await;
+    run.set_phase("catch-up", None).await;
     run.progress.start_phase("catch-up", None);
     let mut caught_up = false;
     let mut last_verify: Option<Instant> = None;
     // (when, lag) a minute back, to tell a stream that is not catching up
     let mut lag_mark: (Instant, i64) = (Instant::now(), i64::MAX);
     let mut verify_answered: Option<SystemTime> = None;
+    let mut hook_said: Option<(Instant, String)> = None;
     let mut abort = run.abort.clone();
     loop {
         run.check_abort()?;
@@ -125,18 +129,22 @@ pub async fn until_cutover(
             _ = Run::aborted(&mut abort) => return Err(EngineError::Aborted),
             reason = gate.stopped() => return Err(EngineError::Guardrail(reason)),
         };
+        if let Some(rt) = rt {
+            run.metrics.set_lag_seconds(rt.as_secs_f64());
+        }
         if rt.is_none_or(|rt| rt > CAUGHT_UP) {
             continue;
         }
         if !caught_up {
             caught_up = true;
             tracing::info!("caught up: {applied} changes applied");
+            run.notify(Event::CaughtUp).await;
         }
         let requests = run.requests.borrow().clone();
         if let Some(at) = requests.verify_at.filter(|at| verify_answered != Some(*at)) {
             // `shadow-alter verify`: compare (and repair) now and answer through the state row
             verify_answered = Some(at);
-            run.state.phase(run.control, "verify", None).await;
+            run.set_phase("verify", None).await;
             let r = verify::check(run, &mut f.follower, &mut f.markers, &f.mapping).await;
             let (ok, text) = match &r {
                 Ok(msg) => (true, msg.clone()),
@@ -151,8 +159,12 @@ pub async fn until_cutover(
             Some(r) => Some(format!("throttled: {r}")),
             None => run.schedule.waiting_reason(run.control, &requests).await?,
         };
+        let waiting = match waiting {
+            Some(w) => Some(w),
+            None => before_cutover(run, &mut hook_said).await,
+        };
         let Some(reason) = waiting else { break };
-        run.state.phase(run.control, "waiting", Some(&reason)).await;
+        run.set_phase("waiting", Some(&reason)).await;
         run.progress
             .update(applied, None, &format!("caught up, {reason}"));
         if last_verify.is_none_or(|t| t.elapsed() >= run.cfg.verify_every) {
@@ -167,6 +179,32 @@ pub async fn until_cutover(
     }
     run.progress.finish_phase();
     Ok(())
+}
+
+/// The before-cutover hooks' verdict: None when they let the swap go, else why it waits (a hook
+/// that said wait is asked again after `HOOK_RETRY`).
+async fn before_cutover(run: &Run<'_>, said: &mut Option<(Instant, String)>) -> Option<String> {
+    if run.hooks.is_empty() {
+        return None;
+    }
+    if let Some((at, reason)) = said {
+        if at.elapsed() < HOOK_RETRY {
+            return Some(reason.clone());
+        }
+    }
+    match run.hooks.run(Event::BeforeCutover, &run.facts()).await {
+        Ok(()) => {
+            *said = None;
+            None
+        }
+        Err(e) => {
+            run.metrics.hook_failed();
+            let reason = format!("postponed by the before-cutover hook: {e}");
+            tracing::info!("{reason}; asking again in {HOOK_RETRY:?}");
+            *said = Some((Instant::now(), reason.clone()));
+            Some(reason)
+        }
+    }
 }
 
 /// Bytes of WAL between the server's current position and what is applied.

@@ -190,7 +190,7 @@ async fn copy_rows(
     (repl, at): (&mut ReplicationConn, Lsn),
 ) -> Result<u64, EngineError> {
     let (table, cfg) = (run.table, run.cfg);
-    run.state.phase(run.control, "copy", None).await;
+    run.set_phase("copy", None).await;
     let copied = Arc::new(AtomicU64::new(0));
     let opts = CopyOptions {
         chunk_size: cfg.chunk_size,
@@ -237,7 +237,7 @@ async fn copy_rows(
                 let eta = (rate > 0.0 && estimate > done).then(|| (estimate - done) as f64 / rate);
                 run.publish(StateProgress {
                     rows_copied: done as i64,
-                    rows_total: Some(estimate as i64),
+                    rows_total: (estimate > 0).then_some(estimate as i64),
                     rate: Some(rate),
                     eta_seconds: eta,
                     ..Default::default()
@@ -270,7 +270,7 @@ async fn build_indexes(
     if missing.is_empty() {
         return Ok(());
     }
-    run.state.phase(run.control, "indexes", None).await;
+    run.set_phase("indexes", None).await;
     run.progress.start_phase("indexes", None);
     let build_started = Instant::now();
     let built = AtomicU64::new(0);

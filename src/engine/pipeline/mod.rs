@@ -22,6 +22,8 @@ use std::time::Instant;
 use crate::db::{connect, conninfo, Ctx};
 use crate::engine::config::{RunConfig, Strategy};
 use crate::engine::context::{Run, RunParts};
+use crate::engine::control::hooks::{self, Event, HookSettings, Hooks};
+use crate::engine::control::metrics::{self, Metrics};
 use crate::engine::control::proxies::Proxies;
 use crate::engine::control::schedule::{Schedule, Window};
 use crate::engine::control::throttle::{self, Limits};
@@ -51,6 +53,22 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
         timezone: cfg.timezone.clone(),
     };
     let proxies = Proxies::new(cfg.proxies.clone()).map_err(EngineError::BadInput)?;
+    let hooks = Hooks::new(HookSettings {
+        dir: cfg.hook_dir.clone(),
+        command: cfg.hook_command.clone(),
+        timeout: cfg.hook_timeout,
+        status_every: Some(cfg.hook_status_interval),
+    })
+    .map_err(|e| EngineError::BadInput(e.to_string()))?;
+    let metrics = Metrics::new(&cfg.table);
+    let _endpoint = match &cfg.metrics_listen {
+        Some(addr) => Some(
+            metrics::serve(addr, metrics.clone())
+                .await
+                .map_err(|e| EngineError::BadInput(e.to_string()))?,
+        ),
+        None => None,
+    };
     let config =
         conninfo::resolve(cfg.database_url.as_deref()).map_err(crate::db::DbError::from)?;
     let started = Instant::now();
@@ -69,7 +87,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
     if cfg.strategy == Strategy::Auto
         && !cfg.postpone_cutover
         && cfg.cutover_window.is_none()
-        && direct::run_without_copy(&cfg, &config).await?
+        && direct::run_without_copy(&cfg, &config, &metrics, &hooks).await?
     {
         return Ok(());
     }
@@ -87,7 +105,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
     let names = Names::for_oid(table.oid, &table.schema, &table.name);
     let origins = Origins::detect(&control, table.oid).await?;
     let resume = start::resumable_or_cleared(&control, &table, &names, &cfg.alter).await?;
-    let state = State::start(&control, &table, &cfg.alter).await?;
+    let estimate = (table.row_estimate > 0).then_some(table.row_estimate);
+    let state = State::start(&control, &table, &cfg.alter, estimate).await?;
     tracing::info!(
         "migrating {} (~{} rows, {}) with: {}",
         table.qualified(),
@@ -112,8 +131,13 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
         origins,
         requests: watchers.requests.clone(),
         abort: watchers.abort.clone(),
+        metrics: metrics.clone(),
+        hooks: hooks.clone(),
     });
+    run.notify(Event::Start).await;
+    let ticker = hooks::status_ticker(&hooks, &metrics, run.facts(), started);
     let result = stages(&mut run, &spec, resume).await;
+    drop(ticker);
     drop(watchers);
     teardown::conclude(
         &config,
@@ -125,7 +149,22 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
         &result,
     )
     .await;
+    ended(&run, &result).await;
     result
+}
+
+/// The last hook of a run: success, abort or failure, with its exit code.
+async fn ended(run: &Run<'_>, result: &Result<(), EngineError>) {
+    let (event, phase) = match result {
+        Ok(()) => (Event::Success, "done"),
+        Err(EngineError::Aborted) => (Event::Abort, "aborted"),
+        Err(_) => (Event::Failure, "failed"),
+    };
+    run.metrics.set_phase(phase);
+    let mut facts = run.facts();
+    facts.exit_code = Some(result.as_ref().map_or_else(|e| e.exit_code(), |()| 0));
+    facts.message = result.as_ref().err().map(|e| e.to_string());
+    run.hooks.notify(event, &facts, &run.metrics).await;
 }
 
 /// The stages, in order; see the module header.
@@ -152,10 +191,17 @@ async fn stages(
         run.limits.clone(),
         prepared.slot.clone(),
         run.table.oid,
-        tuning,
+        Some(tuning),
     )
     .await?;
+    let slot = run
+        .cfg
+        .metrics_listen
+        .as_ref()
+        .map(|_| prepared.slot.clone());
+    let _sampler = metrics::sample(run.config, slot, gate.clone(), &run.metrics);
     let copied = copying::copy(run, &mut prepared, &mut gate).await?;
+    run.notify(Event::CopyDone).await;
     let mut following = catch_up::follow(run, prepared, copied).await?;
     catch_up::until_cutover(run, &mut following, &mut gate).await?;
     swap::swap(run, following, &mut gate).await

@@ -183,7 +183,7 @@ async fn prepare(
 ) -> Result<Prepared, EngineError> {
     let (table, names, cfg) = (run.table, run.names, run.cfg);
     // 1. shadow table with the new schema (all or nothing)
-    run.state.phase(run.control, "shadow", None).await;
+    run.set_phase("shadow", None).await;
     let mut ddl = connect(run.config, "creating the shadow table").await?;
     run.ledger.record(Created::Shadow);
     let mapping = shadow::create(&mut ddl, table, spec, names, cfg.lock_timeout).await?;

@@ -23,7 +23,7 @@ use crate::sql::quote_ident;
 
 pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Result<(), EngineError> {
     if run.cfg.verify {
-        run.state.phase(run.control, "verify", None).await;
+        run.set_phase("verify", None).await;
         verify::check(run, &mut f.follower, &mut f.markers, &f.mapping).await?;
     }
     if let Some(reason) = gate.stop_reason() {
@@ -38,7 +38,7 @@ pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Resul
         }
         None => None,
     };
-    run.state.phase(run.control, "cutover", None).await;
+    run.set_phase("cutover", None).await;
     let mut swapper = connect(run.config, "the swap").await?;
     let opts = SwapOptions {
         lock_timeout: run.cfg.lock_timeout,
@@ -49,6 +49,7 @@ pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Resul
         message: soak.as_ref().map(|s| s.message.clone()),
         old_infix: OLD_INFIX,
         restore_names: &[],
+        metrics: Some(&run.metrics),
     };
     let outcome = match cutover::swap(
         run.control,
@@ -81,6 +82,8 @@ pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Resul
             .await;
     }
     report(run, &outcome);
+    run.notify(crate::engine::control::hooks::Event::AfterCutover)
+        .await;
     let changes = f.follower.stats.changes_applied.load(Ordering::Relaxed);
 
     // the swap is committed: failures from here on are reported, not fatal

@@ -44,6 +44,8 @@ ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_result text;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS revert_requested_at timestamptz;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS soak_end_requested_at timestamptz;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS tuning jsonb;
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS step text;
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS cutover_now boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS shadow_alter.checkpoints (
     table_oid        oid PRIMARY KEY,
     alter_sql        text NOT NULL,
@@ -71,6 +73,8 @@ pub const FINAL_PHASES: [&str; 3] = ["done", "failed", "aborted"];
 pub struct Requests {
     /// `cutover` was run: swap once this time has come.
     pub cutover_at: Option<SystemTime>,
+    /// `cutover --now` was run: swap now, even outside the cutover window.
+    pub cutover_now: bool,
     pub abort: bool,
     /// `verify` was run at this time and is not answered yet.
     pub verify_at: Option<SystemTime>,
@@ -108,9 +112,15 @@ impl State {
         State { oid }
     }
 
-    /// Record a new run of `table` (replacing a finished or crashed run's row). A `cutover`
-    /// request made before this run started does not carry over.
-    pub async fn start(client: &Client, table: &Table, alter: &str) -> Result<State, EngineError> {
+    /// Record a new run of `table` (replacing a finished or crashed run's row), with the rows it
+    /// will copy when known (never a made-up 0). A `cutover` request made before this run
+    /// started does not carry over.
+    pub async fn start(
+        client: &Client,
+        table: &Table,
+        alter: &str,
+        rows_total: Option<i64>,
+    ) -> Result<State, EngineError> {
         ensure_schema(client).await?;
         let host = crate::engine::preflight::this_host();
         client
@@ -123,8 +133,9 @@ impl State {
                     cutover_requested_at = NULL, abort_requested = false, pid = EXCLUDED.pid,
                     host = EXCLUDED.host, started_at = now(), updated_at = now(), finished_at = NULL, message = NULL,
                     throttled = NULL, verify_requested_at = NULL, verify_finished_at = NULL, verify_ok = NULL,
-                    verify_result = NULL, revert_requested_at = NULL, soak_end_requested_at = NULL, tuning = NULL",
-                &[&table.oid, &format!("{}.{}", table.schema, table.name), &alter, &table.row_estimate, &(std::process::id() as i32), &host],
+                    verify_result = NULL, revert_requested_at = NULL, soak_end_requested_at = NULL, step = NULL,
+                    cutover_now = false, tuning = NULL",
+                &[&table.oid, &format!("{}.{}", table.schema, table.name), &alter, &rows_total, &(std::process::id() as i32), &host],
             )
             .await
             .ctx("recording the migration in shadow_alter.migrations")?;
@@ -145,6 +156,17 @@ impl State {
             )
             .await;
         Self::log("the phase", r);
+    }
+
+    /// The step a copy-free run is at (and how far it is), e.g. "1/2: CREATE INDEX ...".
+    pub async fn step(&self, client: &Client, phase: &str, step: &str) {
+        let r = client
+            .execute(
+                "UPDATE shadow_alter.migrations SET phase = $2, step = $3, updated_at = now() WHERE table_oid = $1",
+                &[&self.oid, &phase, &step],
+            )
+            .await;
+        Self::log("the step", r);
     }
 
     pub async fn message(&self, client: &Client, message: &str) {
@@ -175,7 +197,7 @@ impl State {
             .query_opt(
                 "SELECT cutover_requested_at, abort_requested,
                         CASE WHEN verify_requested_at > coalesce(verify_finished_at, '-infinity') THEN verify_requested_at END,
-                        revert_requested_at IS NOT NULL, soak_end_requested_at IS NOT NULL
+                        revert_requested_at IS NOT NULL, soak_end_requested_at IS NOT NULL, cutover_now
                  FROM shadow_alter.migrations WHERE table_oid = $1",
                 &[&self.oid],
             )
@@ -187,6 +209,7 @@ impl State {
                 verify_at: r.get(2),
                 revert: r.get(3),
                 end_soak: r.get(4),
+                cutover_now: r.get(5),
             },
             Ok(None) => Requests::default(),
             Err(e) => {

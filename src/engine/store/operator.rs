@@ -34,6 +34,8 @@ pub struct Record {
     pub throttled: Option<String>,
     /// The copy's settings in force (`shadow-alter throttle` changes them).
     pub copy_settings: Option<super::tuning::Tuning>,
+    /// A copy-free run's step (and how far a concurrent index build is).
+    pub step: Option<String>,
     /// Seconds since the row was last written (a run silent for long may be gone).
     #[serde(skip)]
     pub silent_for: f64,
@@ -64,6 +66,7 @@ impl Record {
             copy_settings: r
                 .get::<_, Option<String>>("tuning")
                 .and_then(|j| serde_json::from_str(&j).ok()),
+            step: r.get("step"),
             silent_for: r.get("silent_for"),
         }
     }
@@ -97,7 +100,7 @@ pub async fn list(client: &Client) -> Result<Vec<Record>, DbError> {
                     postponed, cutover_requested_at::text AS cutover_requested_at, abort_requested, pid, host,
                     started_at::text AS started_at, updated_at::text AS updated_at,
                     finished_at::text AS finished_at, message, alter_sql,
-                    extract(epoch FROM now() - updated_at)::float8 AS silent_for, throttled,
+                    extract(epoch FROM now() - updated_at)::float8 AS silent_for, throttled, step,
                     tuning::text AS tuning
              FROM shadow_alter.migrations ORDER BY started_at DESC",
             &[],
@@ -148,20 +151,35 @@ pub async fn soaking(client: &Client, oid: u32) -> Result<Option<u32>, DbError> 
 }
 
 /// Ask for the cutover at `at` (anything PostgreSQL reads as timestamptz; now when None);
-/// returns when, as text. A time that does not parse is the database's error.
+/// `now`: even outside the cutover window. Returns when, as text. A time that does not parse
+/// is the database's error.
 pub async fn request_cutover(
     client: &Client,
     oid: u32,
     at: Option<&str>,
+    now: bool,
 ) -> Result<String, tokio_postgres::Error> {
     Ok(client
         .query_one(
-            "UPDATE shadow_alter.migrations SET cutover_requested_at = coalesce($2::text::timestamptz, now()), updated_at = now()
+            "UPDATE shadow_alter.migrations SET cutover_requested_at = coalesce($2::text::timestamptz, now()),
+                    cutover_now = cutover_now OR $3, updated_at = now()
              WHERE table_oid = $1 RETURNING cutover_requested_at::text AS at",
-            &[&oid, &at],
+            &[&oid, &at, &now],
         )
         .await?
         .get("at"))
+}
+
+/// Why the running migration of the table with `oid` says its swap waits, if it does.
+pub async fn postponed(client: &Client, oid: u32) -> Result<Option<String>, DbError> {
+    Ok(client
+        .query_opt(
+            "SELECT postponed FROM shadow_alter.migrations WHERE table_oid = $1",
+            &[&oid],
+        )
+        .await
+        .ctx("reading why the swap waits")?
+        .and_then(|r| r.get("postponed")))
 }
 
 pub async fn request_abort(client: &Client, oid: u32) -> Result<(), DbError> {

@@ -1,0 +1,140 @@
+//! Concurrent index builds of a copy-free run: `CREATE INDEX CONCURRENTLY` with its progress
+//! (`pg_stat_progress_create_index`) in the state row, cancelled on abort; an unfinished build's
+//! invalid index is dropped on the way out, and a rerun drops what a killed run left.
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+use super::locked::step_error;
+use super::Steering;
+use crate::db::{describe, Ctx};
+use crate::engine::error::EngineError;
+use crate::plan::strategy::{Step, INDEX_SUFFIX};
+use crate::sql::{qualified, quote_ident};
+
+/// How often the build's progress is read.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// `CREATE INDEX CONCURRENTLY`; on failure or abort the (invalid) index is dropped. `label`
+/// names the step in the state row ("1/2: CREATE ...").
+pub(super) async fn build_index(
+    steer: &mut Steering<'_>,
+    client: &Client,
+    table: &crate::catalog::Table,
+    (step, index): (&Step, &str),
+    label: &str,
+) -> Result<(), EngineError> {
+    client
+        .batch_execute("SET lock_timeout = 0")
+        .await
+        .ctx("setting lock_timeout")?;
+    let fut = client.batch_execute(&step.sql);
+    tokio::pin!(fut);
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.tick().await;
+    let mut ticks = 0u32;
+    let result = loop {
+        tokio::select! {
+            r = &mut fut => break r.map_err(|e| step_error(step, e)),
+            _ = tick.tick() => {
+                ticks += 1;
+                if let Some(p) = index_progress(steer.control, table.oid).await {
+                    if ticks.is_multiple_of(5) {
+                        tracing::info!("index build: {p}");
+                    }
+                    steer.state.step(steer.control, "steps", &format!("{label} ({p})")).await;
+                }
+            }
+            _ = steer.abort.changed() => {
+                let _ = client.cancel_token().cancel_query(NoTls).await;
+                let _ = (&mut fut).await;
+                break Err(EngineError::Aborted);
+            }
+        }
+    };
+    if result.is_err() {
+        let name = qualified(&table.schema, index);
+        let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {name}");
+        let mut r = client.batch_execute(&drop).await;
+        // the cancel request for the build travels on its own connection: it can land on
+        // this DROP instead, when the build had just ended
+        for _ in 0..3 {
+            match &r {
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                    r = client.batch_execute(&drop).await;
+                }
+                _ => break,
+            }
+        }
+        match r {
+            Ok(()) => tracing::info!("dropped the unfinished index {name}"),
+            Err(e) => tracing::error!(
+                "could not drop the unfinished index {name}: {}; the next run drops it",
+                describe(&e)
+            ),
+        }
+    }
+    result
+}
+
+/// Where a concurrent build on the table with `oid` is, e.g. "building index: scanning table,
+/// blocks 120/500 (24%)"; None when no build reports (yet).
+async fn index_progress(control: &Client, oid: u32) -> Option<String> {
+    let r = control
+        .query_opt(
+            "SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total
+             FROM pg_stat_progress_create_index WHERE relid = $1",
+            &[&oid],
+        )
+        .await
+        .ok()??;
+    let phase: String = r.get(0);
+    let (blocks_done, blocks_total): (i64, i64) = (r.get(1), r.get(2));
+    let (tuples_done, tuples_total): (i64, i64) = (r.get(3), r.get(4));
+    let pct = |d: i64, t: i64| (d as f64 * 100.0 / t as f64).min(100.0);
+    Some(if blocks_total > 0 {
+        format!(
+            "{phase}, blocks {blocks_done}/{blocks_total} ({:.0}%)",
+            pct(blocks_done, blocks_total)
+        )
+    } else if tuples_total > 0 {
+        format!(
+            "{phase}, tuples {tuples_done}/{tuples_total} ({:.0}%)",
+            pct(tuples_done, tuples_total)
+        )
+    } else {
+        phase
+    })
+}
+
+/// Drop indexes a killed run left: named `*__sa_idx`, on this table, used by no constraint.
+pub(super) async fn drop_leftover_indexes(
+    client: &Client,
+    table: &crate::catalog::Table,
+) -> Result<Vec<String>, EngineError> {
+    let rows = client
+        .query(
+            "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE i.indrelid = $1 AND right(c.relname, length($2)) = $2
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
+            &[&table.oid, &INDEX_SUFFIX],
+        )
+        .await
+        .ctx("looking for unfinished indexes of an earlier run")?;
+    let mut out = Vec::new();
+    for r in rows {
+        let name: String = r.get(0);
+        let q = format!("{}.{}", quote_ident(&table.schema), quote_ident(&name));
+        client
+            .batch_execute("SET lock_timeout = 0")
+            .await
+            .ctx("setting lock_timeout")?;
+        client
+            .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {q}"))
+            .await
+            .ctx(format!("dropping the unfinished index {q}"))?;
+        out.push(q);
+    }
+    Ok(out)
+}

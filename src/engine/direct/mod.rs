@@ -1,0 +1,269 @@
+//! Carrying out `direct` and `online-steps` plans on the live table, without a copy: each
+//! locking step under a short `lock_timeout`, retried with backoff so no queue builds up behind
+//! us (and, with `--proxy`, taken while the proxies hold their clients at a transaction
+//! boundary, as the swap does: `locked`); `CREATE INDEX CONCURRENTLY` outside a transaction,
+//! with no lock_timeout (its waits for older transactions are lock waits, and its SHARE UPDATE
+//! EXCLUSIVE lock does not stop reads or writes: `index`).
+//!
+//! A copy-free run is recorded and steered like any other: its row in `shadow_alter.migrations`
+//! says which step it is at (and how far a concurrent build is), `shadow-alter abort` stops it,
+//! the guardrails (pause file, replica lag, throttle query) are waited for before each step,
+//! and its metrics and hooks are those of a shadow-copy run.
+//!
+//! Invariant: no invalid index of ours survives. A failed or interrupted concurrent build is
+//! dropped (`DROP INDEX CONCURRENTLY`) on the way out, and a rerun first drops leftovers of a
+//! killed run (indexes named `*__sa_idx` that no constraint uses).
+
+mod index;
+mod locked;
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::db::connect;
+use crate::db::Ctx;
+use crate::engine::config::RunConfig;
+use crate::engine::control::hooks::{Event, Facts, Hooks};
+use crate::engine::control::metrics::{self, Metrics};
+use crate::engine::control::proxies::Proxies;
+use crate::engine::control::throttle::{self, Gate, Limits};
+use crate::engine::control::watch as watchers;
+use crate::engine::error::EngineError;
+use crate::engine::preflight;
+use crate::engine::store::migrations::State;
+use crate::plan::strategy::{Exec, Step, Strategy};
+use crate::plan::Plan;
+use crate::progress::Progress;
+
+/// `shadow-alter run` without `--strategy shadow-copy`: plan, and carry out a `direct` or
+/// `online-steps` plan. Returns false when the plan needs the shadow copy (nothing was done).
+pub async fn run_without_copy(
+    args: &RunConfig,
+    config: &crate::db::ConnConfig,
+    metrics: &Metrics,
+    hooks: &Hooks,
+) -> Result<bool, EngineError> {
+    let started = Instant::now();
+    let control = connect(config, "planning").await?;
+    control
+        .batch_execute("SET application_name = 'shadow-alter'")
+        .await
+        .ctx("setting up the control session")?;
+    let plan = crate::plan::build(&control, &args.table, &args.alter).await?;
+    if plan.strategy == Strategy::ShadowCopy {
+        tracing::info!("plan: shadow-copy ({})", plan.reasons.join("; "));
+        return Ok(false);
+    }
+    tracing::info!(
+        "plan: {} in {} step(s), no copy ({})",
+        plan.strategy.as_str(),
+        plan.steps.len(),
+        plan.reasons.join("; ")
+    );
+    let limits = Limits::from_config(args)?;
+    throttle::check_query(&control, &limits).await?;
+    let table = &plan.table_info;
+    preflight::lock_table(&control, table).await?;
+    let state = State::start(&control, table, &args.alter, None).await?;
+    // Ctrl-C / SIGTERM, and `shadow-alter abort` written into the state row
+    let watch = watchers::spawn(config, table.oid);
+    // the guardrails a copy-free run honours (there is no slot, so no WAL limit)
+    let (gate, _guard) = throttle::spawn(config, limits, String::new(), table.oid, None).await?;
+    let _sampler = metrics::sample(config, None, gate.clone(), metrics);
+    let facts = |exit_code: Option<u8>, message: Option<String>| Facts {
+        table: format!("{}.{}", table.schema, table.name),
+        alter: args.alter.clone(),
+        strategy: plan.strategy.as_str().to_string(),
+        elapsed: started.elapsed(),
+        now: metrics.snapshot(),
+        exit_code,
+        message,
+    };
+    hooks
+        .notify(Event::Start, &facts(None, None), metrics)
+        .await;
+    let opts = Options {
+        lock_timeout: args.lock_timeout,
+        attempts: args.swap_attempts.max(1),
+        proxies: Proxies::new(args.proxies.clone()).map_err(EngineError::BadInput)?,
+        max_pause: args.max_pause,
+        metrics: metrics.clone(),
+    };
+    let mut steer = Steering {
+        control: &control,
+        state: &state,
+        metrics,
+        abort: watch.abort.clone(),
+        gate,
+    };
+    let mut progress = Progress::new(args.progress);
+    let r = execute(config, &plan, &opts, &mut steer, &mut progress).await;
+    drop(watch);
+    let (event, phase) = match &r {
+        Ok(()) => (Event::Success, "done"),
+        Err(EngineError::Aborted) => (Event::Abort, "aborted"),
+        Err(_) => (Event::Failure, "failed"),
+    };
+    let message = r.as_ref().err().map(|e| e.to_string());
+    metrics.set_phase(phase);
+    state.finish(&control, phase, message.as_deref()).await;
+    let code = r.as_ref().map_or_else(|e| e.exit_code(), |()| 0);
+    hooks
+        .notify(event, &facts(Some(code), message), metrics)
+        .await;
+    r.map(|()| true)
+}
+
+pub struct Options {
+    pub lock_timeout: Duration,
+    pub attempts: u32,
+    /// Proxies to hold at a transaction boundary while a write-blocking lock is taken, so no
+    /// application query queues behind it (none: lock_timeout alone bounds the queue).
+    pub proxies: Proxies,
+    /// Longest a proxy holds its clients for one attempt.
+    pub max_pause: Duration,
+    /// Where lock waits are counted.
+    pub metrics: Metrics,
+}
+
+/// What records and steers a copy-free run: its state row, its metrics, the abort signal and
+/// the guardrails' gate.
+pub struct Steering<'a> {
+    /// The session that holds the per-table advisory lock (and writes the state row).
+    pub control: &'a Client,
+    pub state: &'a State,
+    pub metrics: &'a Metrics,
+    pub abort: watch::Receiver<bool>,
+    pub gate: Gate,
+}
+
+impl Steering<'_> {
+    /// Enter the step `label` (phase `steps`), after waiting while a guardrail throttles.
+    async fn enter(&mut self, label: &str) -> Result<(), EngineError> {
+        if *self.abort.borrow() {
+            return Err(EngineError::Aborted);
+        }
+        if let Some(reason) = self.gate.throttled() {
+            tracing::info!("waiting before step {label}: throttled: {reason}");
+            self.metrics.set_phase("waiting");
+            self.state
+                .step(
+                    self.control,
+                    "waiting",
+                    &format!("{label} (waits to start)"),
+                )
+                .await;
+            tokio::select! {
+                _ = self.gate.wait_open() => {}
+                _ = crate::engine::context::Run::aborted(&mut self.abort) => {
+                    return Err(EngineError::Aborted)
+                }
+            }
+        }
+        self.metrics.set_phase("steps");
+        self.state.step(self.control, "steps", label).await;
+        Ok(())
+    }
+}
+
+/// Carry out the plan's steps in order on `config`'s database; `steer.control` holds the
+/// per-table advisory lock for the duration.
+pub async fn execute(
+    config: &crate::db::ConnConfig,
+    plan: &Plan,
+    opts: &Options,
+    steer: &mut Steering<'_>,
+    progress: &mut Progress,
+) -> Result<(), EngineError> {
+    let started = Instant::now();
+    let table = &plan.table_info;
+    let worker = connect(config, "running the steps").await?;
+    worker
+        .batch_execute("SET application_name = 'shadow-alter'")
+        .await
+        .ctx("setting up the step session")?;
+    for dropped in index::drop_leftover_indexes(&worker, table).await? {
+        tracing::warn!(
+            "dropped index {dropped}, left behind by an earlier run that did not finish"
+        );
+    }
+    let mut longest_lock = Duration::ZERO;
+    let n = plan.steps.len();
+    let mut done: Vec<&Step> = Vec::new();
+    for (i, step) in plan.steps.iter().enumerate() {
+        let t0 = Instant::now();
+        let label = format!("{}/{n}: {}", i + 1, step.sql);
+        let result = match steer.enter(&label).await {
+            Err(e) => Err(e),
+            Ok(()) => match &step.exec {
+                Exec::Locked => locked::run_locked(&worker, step, opts, &mut steer.abort)
+                    .await
+                    .map(|held| {
+                        if step.lock.blocks_writes() {
+                            longest_lock = longest_lock.max(held);
+                        }
+                    }),
+                Exec::BuildIndex { index } => {
+                    index::build_index(steer, &worker, table, (step, index), &label).await
+                }
+                Exec::Engine => Err(EngineError::Internal(
+                    "a shadow-copy step reached the step executor".into(),
+                )),
+            },
+        };
+        if let Err(e) = result {
+            // a plain ALTER that fails changes nothing: undo the steps already done
+            let left = locked::undo(&worker, &done, opts.lock_timeout).await;
+            if !left.is_empty() {
+                let msg = format!(
+                    "these earlier steps are done and could not be undone: {}",
+                    left.join("; ")
+                );
+                tracing::error!("{msg}");
+                steer.state.message(steer.control, &msg).await;
+            }
+            return Err(e);
+        }
+        done.push(step);
+        progress.println(&format!(
+            "step {}/{n} done in {} ms: {}",
+            i + 1,
+            t0.elapsed().as_millis(),
+            step.sql
+        ));
+    }
+    warn_invalid_indexes(&worker, table).await?;
+    let msg = format!(
+        "done in {:.1}s without a copy ({}): {n} step(s), longest write-blocking lock held {} ms",
+        started.elapsed().as_secs_f64(),
+        plan.strategy.as_str(),
+        longest_lock.as_millis()
+    );
+    progress.println(&msg);
+    steer.state.message(steer.control, &msg).await;
+    Ok(())
+}
+
+/// Invalid indexes left on the table are not ours (ours are dropped), but worth a word.
+async fn warn_invalid_indexes(
+    worker: &Client,
+    table: &crate::catalog::Table,
+) -> Result<(), EngineError> {
+    let invalid: i64 = worker
+        .query_one(
+            "SELECT count(*) FROM pg_index WHERE indrelid = $1 AND NOT indisvalid",
+            &[&table.oid],
+        )
+        .await
+        .ctx("checking for invalid indexes")?
+        .get(0);
+    if invalid > 0 {
+        tracing::warn!(
+            "{} has {invalid} invalid index(es) that this run did not create",
+            table.qualified()
+        );
+    }
+    Ok(())
+}
