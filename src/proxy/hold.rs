@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
-use super::Shared;
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HoldState {
     pub held: bool,
@@ -189,8 +187,7 @@ impl Gate {
 }
 
 /// Background task: releases a hold when its deadline passes.
-pub async fn reaper(shared: Arc<Shared>) {
-    let gate = &shared.gate;
+pub async fn reaper(gate: Arc<Gate>) {
     let mut rx = gate.state.subscribe();
     loop {
         let s = *rx.borrow_and_update();
@@ -212,7 +209,7 @@ pub async fn reaper(shared: Arc<Shared>) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::proxy::hold::*;
 
     #[tokio::test]
     async fn pause_waits_for_busy_sessions() {

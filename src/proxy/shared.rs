@@ -1,0 +1,34 @@
+//! What every session of one proxy shares: the configuration, the hold gate, the cancel-key map,
+//! the registry of clients and the counters the console reports.
+//!
+//! Invariant: built once by the listener before the first session starts, then only read
+//! (interior state lives in the gate, the map, the registry and the atomics).
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::cancel::CancelMap;
+use super::hold::Gate;
+use super::scram::Credentials;
+use super::session::registry::Registry;
+use crate::cli::UpstreamTls;
+
+pub struct Shared {
+    pub upstream: String,
+    pub listen: SocketAddr,
+    pub max_hold: Duration,
+    pub upstream_tls: UpstreamTls,
+    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    pub tls_connector: Option<tokio_rustls::TlsConnector>,
+    /// The admin console's login; `None`: the console is off.
+    pub admin: Option<Credentials>,
+    pub gate: Arc<Gate>,
+    pub cancels: CancelMap,
+    pub clients: Registry,
+    pub started: Instant,
+    pub next_id: AtomicU64,
+    /// Statements re-prepared and replayed after a result type change (see `reprepare`).
+    pub reprepared: AtomicU64,
+}
