@@ -9,11 +9,12 @@
 //! SCRAM-SHA-256 verifier (`scram`), encoders for the few backend messages the proxy writes
 //! itself (`messages`), the transparent re-preparation of named statements whose result type
 //! changed under a swap (`reprepare`: SQLSTATE 0A000 "cached plan must not change result
-//! type"), and the one error type (`error`). Frames are decoded by the wire layer's cursor only.
+//! type"), and the one error type (`error`). Frame headers are decoded only in the wire layer
+//! (`wire::frame::Header`, walked by `wire::Cursor` in the relay).
 //!
 //! Imports go one way: `listener` -> `session` -> `admin`, `reprepare` -> `shared` -> `hold`,
 //! `cancel`, `scram`, `session::registry`; `error`, `stream`, `messages` and `tls` sit below
-//! everything. This file only declares and re-exports.
+//! the rest. This file only declares and re-exports.
 //!
 //! Invariants:
 //! - Messages are forwarded as raw frames, in order, never re-encoded (BackendKeyData is the one

@@ -115,7 +115,12 @@ impl Cursor {
     /// The caller forwarded [`Cursor::ready`]: drop those bytes.
     #[inline]
     pub fn consume_ready(&mut self) {
-        self.buf.advance(self.ready);
+        if self.ready == self.buf.len() {
+            // the usual case: everything went; reuse the buffer from its start
+            self.buf.clear();
+        } else {
+            self.buf.advance(self.ready);
+        }
         self.ready = 0;
     }
 

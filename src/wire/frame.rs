@@ -46,14 +46,13 @@ impl Header {
     /// and at most `max`.
     #[inline]
     pub fn total(self, max: usize) -> Result<usize, WireError> {
-        let len =
-            usize::try_from(self.len)
-                .ok()
-                .filter(|&l| l >= 4)
-                .ok_or(WireError::BadLength {
-                    tag: self.tag as char,
-                    len: i64::from(self.len),
-                })?;
+        let len = usize::try_from(self.len)
+            .ok()
+            .filter(|&l| l >= 4)
+            .ok_or_else(|| WireError::BadLength {
+                tag: self.tag as char,
+                len: i64::from(self.len),
+            })?;
         if len > max {
             return Err(WireError::TooLarge {
                 tag: self.tag as char,
@@ -212,11 +211,13 @@ impl<'a> Reader<'a> {
     }
     /// A NUL-terminated string as bytes (in the client's encoding, not necessarily UTF-8).
     pub fn cstr_bytes(&mut self) -> Result<&'a [u8], WireError> {
-        let end = self.buf.iter().position(|&b| b == 0).ok_or_else(|| {
-            WireError::Protocol(format!("{} message: unterminated string", self.what))
-        })?;
-        let (s, rest) = self.buf.split_at(end);
-        self.buf = &rest[1..];
+        // CStr finds the NUL with the standard library's word-at-a-time memchr
+        let s = std::ffi::CStr::from_bytes_until_nul(self.buf)
+            .map_err(|_| {
+                WireError::Protocol(format!("{} message: unterminated string", self.what))
+            })?
+            .to_bytes();
+        self.buf = &self.buf[s.len() + 1..];
         Ok(s)
     }
     pub fn rest(&mut self) -> &'a [u8] {

@@ -63,11 +63,33 @@ pub fn target(frame: &[u8]) -> Option<(u8, &[u8])> {
     Some((r.u8().ok()?, r.cstr_bytes().ok()?))
 }
 
-/// Does SQL text mention `prepare` (any case)?
+/// Does SQL text mention `prepare` (any case)? Runs on every Query and Parse, so it skips
+/// eight bytes at a time until one of them is a `p` or `P`, and compares only there.
 pub fn mentions_prepare(text: &[u8]) -> bool {
-    const WORD: &[u8] = b"prepare";
-    text.windows(WORD.len())
-        .any(|w| w.eq_ignore_ascii_case(WORD))
+    const REST: &[u8] = b"repare";
+    const LOW: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    const CASE: u64 = u64::from_le_bytes([0x20; 8]);
+    const P: u64 = u64::from_le_bytes([b'p'; 8]);
+    let here = |i: usize| {
+        (text[i] | 0x20) == b'p'
+            && text
+                .get(i + 1..i + 1 + REST.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(REST))
+    };
+    let mut chunks = text.chunks_exact(8);
+    let mut at = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        // a zero byte in `x` is a byte that is 'p' once ASCII case is folded
+        let x = (u64::from_le_bytes(word) | CASE) ^ P;
+        if x.wrapping_sub(LOW) & !x & HIGH != 0 && (at..at + 8).any(here) {
+            return true;
+        }
+        at += 8;
+    }
+    (at..text.len()).any(here)
 }
 
 /// Is this ErrorResponse frame "cached plan must not change result type"?
@@ -284,5 +306,37 @@ pub(super) mod tests {
         assert!(mentions_prepare(b"PREPARE s AS SELECT 1"));
         assert!(mentions_prepare(b"deAllocate x; prepare y as select 1"));
         assert!(!mentions_prepare(b"SELECT * FROM t WHERE id = $1"));
+        assert!(mentions_prepare(b"prepare"));
+        assert!(mentions_prepare(b"x PrEpArE"));
+        assert!(!mentions_prepare(b"prepar"));
+        assert!(!mentions_prepare(b"pre pare"));
+        assert!(!mentions_prepare(b""));
+        // only ASCII letters fold: 0xd0 | 0x20 is not 'p'
+        assert!(!mentions_prepare(b"\xd0repare"));
+    }
+
+    /// The word-at-a-time scan agrees with the plain definition, wherever the word sits.
+    #[test]
+    fn prepare_scan_matches_the_definition() {
+        let plain = |t: &[u8]| t.windows(7).any(|w| w.eq_ignore_ascii_case(b"prepare"));
+        let alphabet = b"pPrReEaA xq\0\xf0\xd0\x70\x50;";
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 40) as usize;
+            let mut t: Vec<u8> = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            if next() % 4 == 0 && len >= 7 {
+                let at = (next() % (len as u64 - 6)) as usize;
+                t[at..at + 7].copy_from_slice(b"PrEpArE");
+            }
+            assert_eq!(mentions_prepare(&t), plain(&t), "{t:?}");
+        }
     }
 }

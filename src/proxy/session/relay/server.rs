@@ -61,10 +61,13 @@ impl<'a, R, UW, W> ServerSide<'a, R, UW, W> {
             let total = h
                 .total(SERVER_MESSAGE_LIMIT)
                 .map_err(ProxyError::server_frame)?;
-            let status = match (h.tag, cur.head(READY_LEN)) {
-                (b'Z', Some(z)) => z[READY_LEN - 1],
-                (b'Z', None) => return Ok(Stop::Input),
-                _ => 0,
+            let status = if h.tag == b'Z' {
+                match cur.head(READY_LEN) {
+                    Some(z) => z[READY_LEN - 1],
+                    None => return Ok(Stop::Input),
+                }
+            } else {
+                0
             };
             if let Some(t) = tr.as_deref_mut() {
                 let whole = cur.head(total);
