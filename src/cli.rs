@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::engine::config::{RunConfig, Strategy};
+pub use crate::progress::ProgressMode;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "shadow-alter",
@@ -241,16 +244,6 @@ pub enum PlanFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum ProgressMode {
-    /// A bar on a terminal, log lines otherwise.
-    Auto,
-    Bar,
-    Log,
-    Json,
-    None,
-}
-
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
 pub enum UpstreamTls {
     /// Plain TCP to the server.
@@ -344,6 +337,54 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("'{s}' is not a valid duration"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+impl From<StrategyChoice> for Strategy {
+    fn from(s: StrategyChoice) -> Strategy {
+        match s {
+            StrategyChoice::Auto => Strategy::Auto,
+            StrategyChoice::ShadowCopy => Strategy::ShadowCopy,
+        }
+    }
+}
+
+impl From<RunArgs> for RunConfig {
+    fn from(a: RunArgs) -> RunConfig {
+        RunConfig {
+            database_url: a.conn.database_url,
+            table: a.table,
+            alter: a.alter,
+            chunk_size: a.chunk_size,
+            chunk_pause: a.chunk_pause,
+            lock_timeout: a.lock_timeout,
+            swap_attempts: a.swap_attempts,
+            drop_old: a.drop_old,
+            soak: a.soak,
+            progress: a.progress,
+            proxies: a.proxies,
+            max_pause: a.max_pause,
+            postpone_cutover: a.postpone_cutover,
+            cutover_window: a.cutover_window,
+            timezone: a.timezone,
+            verify: a.verify,
+            verify_every: a.verify_every,
+            strategy: a.strategy.into(),
+            pause_file: a.pause_file,
+            max_replica_lag: a.max_replica_lag,
+            throttle_retained_wal: a.throttle_retained_wal,
+            max_retained_wal: a.max_retained_wal,
+            throttle_query: a.throttle_query,
+        }
+    }
+}
+
+impl From<PlanFormat> for crate::ops::PlanFormat {
+    fn from(f: PlanFormat) -> crate::ops::PlanFormat {
+        match f {
+            PlanFormat::Text => crate::ops::PlanFormat::Text,
+            PlanFormat::Json => crate::ops::PlanFormat::Json,
+        }
+    }
 }
 
 #[cfg(test)]

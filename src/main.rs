@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use shadow_alter::cli::{Cli, Command, LogFormat};
+use shadow_alter::ops;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -34,7 +35,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => match shadow_alter::migrate::run(args).await {
+            Command::Run(args) => match shadow_alter::engine::run(args.into()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -42,22 +43,38 @@ fn main() -> ExitCode {
                     ExitCode::from(e.exit_code())
                 }
             },
-            Command::Plan(args) => match shadow_alter::plan::command(args).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(e.exit_code())
-                }
-            },
-            Command::Status(args) => report(shadow_alter::migrate::commands::status(args).await),
-            Command::Cutover(args) => report(shadow_alter::migrate::commands::cutover(args).await),
-            Command::Abort(args) => report(shadow_alter::migrate::commands::abort(args).await),
-            Command::Verify(args) => report(shadow_alter::migrate::commands::verify(args).await),
-            Command::Revert(args) => report(shadow_alter::migrate::commands::revert(args).await),
-            Command::Cleanup(args) if args.stale => {
-                report(shadow_alter::migrate::stale::cleanup_stale(args).await)
+            Command::Plan(a) => report(
+                ops::plan(
+                    a.conn.database_url.as_deref(),
+                    &a.table,
+                    &a.alter,
+                    a.format.into(),
+                )
+                .await,
+            ),
+            Command::Status(a) => report(ops::status(a.conn.database_url.as_deref(), a.json).await),
+            Command::Cutover(a) => report(
+                ops::cutover(a.conn.database_url.as_deref(), &a.table, a.at.as_deref()).await,
+            ),
+            Command::Abort(a) => {
+                report(ops::abort(a.conn.database_url.as_deref(), &a.table, a.wait).await)
             }
-            Command::Cleanup(args) => report(shadow_alter::migrate::commands::end_soak(args).await),
+            Command::Verify(a) => {
+                report(ops::verify(a.conn.database_url.as_deref(), &a.table, a.wait).await)
+            }
+            Command::Revert(a) => {
+                report(ops::revert(a.conn.database_url.as_deref(), &a.table, a.wait).await)
+            }
+            Command::Cleanup(a) if a.stale => {
+                report(ops::cleanup_stale(a.conn.database_url.as_deref(), a.dry_run).await)
+            }
+            Command::Cleanup(a) => report(
+                ops::end_soak(
+                    a.conn.database_url.as_deref(),
+                    a.table.as_deref().unwrap_or_default(),
+                )
+                .await,
+            ),
             Command::Proxy(args) => match shadow_alter::proxy::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -69,7 +86,7 @@ fn main() -> ExitCode {
     })
 }
 
-fn report(r: Result<(), shadow_alter::migrate::MigrateError>) -> ExitCode {
+fn report(r: Result<(), shadow_alter::engine::EngineError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

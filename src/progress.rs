@@ -7,10 +7,19 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
-use crate::cli::ProgressMode;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Out {
+    Bar,
+    Log,
+    Json,
+    None,
+}
+
+/// Where progress goes (`--progress`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// A bar on a terminal, log lines otherwise.
+    Auto,
     Bar,
     Log,
     Json,

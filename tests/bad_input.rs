@@ -7,21 +7,19 @@ mod support;
 
 use std::time::Duration;
 
-use shadow_alter::cli::{ConnArgs, CutoverArgs, RunArgs};
-use shadow_alter::migrate::MigrateError;
+use shadow_alter::engine::EngineError;
+use shadow_alter::engine::RunConfig as RunArgs;
 use tokio_postgres::Client;
 
 use support::migration::{run, shadow_copy_args as args};
 use support::workload::assert_nothing_left;
 use support::{connect, fresh_db, wait_until};
 
-async fn refused_with(a: RunArgs) -> MigrateError {
+async fn refused_with(a: RunArgs) -> EngineError {
     run(a).await.expect_err("the run must refuse")
 }
 
-async fn refused(url: &str, table: &str, alter: &str) -> MigrateError {
-    refused_with(args(url, table, alter)).await
-}
+use support::migration::refused;
 
 /// Column names and types of every table in the database: the definition must not change.
 async fn definitions(c: &Client) -> Vec<String> {
@@ -40,7 +38,7 @@ async fn definitions(c: &Client) -> Vec<String> {
 }
 
 /// Each case: the error, its exit code, and words the message must contain (cause and fix).
-fn check(cases: Vec<(MigrateError, u8, &[&str])>) {
+fn check(cases: Vec<(EngineError, u8, &[&str])>) {
     for (err, code, needles) in cases {
         assert_eq!(err.exit_code(), code, "{err}");
         for n in needles {
@@ -48,6 +46,80 @@ fn check(cases: Vec<(MigrateError, u8, &[&str])>) {
         }
     }
 }
+
+/// A run that must be refused: on `table` with `alter` and these extra flags (the shadow copy is
+/// forced), with this exit code, and a message that says these words (cause and fix).
+struct Refusal {
+    why: &'static str,
+    table: &'static str,
+    alter: &'static str,
+    flags: &'static [&'static str],
+    exit: u8,
+    says: &'static [&'static str],
+}
+
+impl Refusal {
+    async fn check(&self, url: &str) {
+        let a = support::migration::run_args(
+            url,
+            self.table,
+            self.alter,
+            &[
+                &["--strategy", "shadow-copy", "--lock-timeout", "500ms"],
+                self.flags,
+            ]
+            .concat(),
+        );
+        let err = refused_with(a).await;
+        assert_eq!(err.exit_code(), self.exit, "{}: {err}", self.why);
+        for n in self.says {
+            assert!(
+                err.to_string().contains(n),
+                "{}: expected '{n}' in: {err}",
+                self.why
+            );
+        }
+    }
+}
+
+/// The catalogue (tests/dependents.rs covers what the swap carries; tests/engine.rs a USING cast
+/// that fails on existing data, exit 6).
+#[rustfmt::skip]
+const REFUSALS: &[Refusal] = &[
+    // what the table is
+    Refusal { why: "a table that does not exist", table: "missing", alter: "ADD COLUMN c int", flags: &[], exit: 2, says: &["does not exist"] },
+    Refusal { why: "a sequence", table: "seq", alter: "ADD COLUMN c int", flags: &[], exit: 2, says: &["is a sequence, not a table"] },
+    Refusal { why: "a view", table: "aview", alter: "ADD COLUMN c int", flags: &[], exit: 2, says: &["is a view, not a table"] },
+    Refusal { why: "no key", table: "nokey", alter: "ADD COLUMN c int", flags: &[], exit: 3, says: &["no primary key", "add a primary key"] },
+    Refusal { why: "only a unique index", table: "uniq", alter: "ADD COLUMN c int", flags: &[], exit: 3, says: &["REPLICA IDENTITY USING INDEX uniq_a"] },
+    Refusal { why: "replica identity nothing", table: "nothing", alter: "ADD COLUMN c int", flags: &[], exit: 3, says: &["REPLICA IDENTITY NOTHING", "REPLICA IDENTITY DEFAULT"] },
+    Refusal { why: "a partitioned table", table: "parted", alter: "ADD COLUMN c int", flags: &[], exit: 3, says: &["partitioned", "plain ALTER TABLE"] },
+    Refusal { why: "an unlogged table", table: "unlogged", alter: "ALTER COLUMN v TYPE bigint", flags: &[], exit: 3, says: &["UNLOGGED", "SET LOGGED"] },
+    // objects the swap cannot carry
+    Refusal { why: "a view uses the dropped column", table: "viewed", alter: "DROP COLUMN v", flags: &[], exit: 3, says: &["view v1 uses column v", "keep the columns"] },
+    Refusal { why: "a trigger uses the dropped column", table: "trig", alter: "DROP COLUMN v", flags: &[], exit: 3, says: &["trigger trig_noop on table trig uses column v"] },
+    Refusal { why: "a rule", table: "ruled", alter: "ADD COLUMN c int", flags: &[], exit: 3, says: &["rules: r on ruled", "re-create them"] },
+    Refusal { why: "a function returns the row type", table: "typed", alter: "ADD COLUMN c int", flags: &[], exit: 3, says: &["users of the table's row type: function typed_rows()"] },
+    Refusal { why: "the work schema's name is taken", table: "taken", alter: "ALTER COLUMN v TYPE bigint", flags: &[], exit: 3, says: &["already exists and was not created by shadow-alter for \"public\".\"taken\"", "rename or drop it"] },
+    // what the ALTER is
+    Refusal { why: "an ALTER that does not parse", table: "plain", alter: "ALTER COLUMN", flags: &[], exit: 2, says: &["does not parse"] },
+    Refusal { why: "an ALTER of another table", table: "plain", alter: "ALTER TABLE other ADD COLUMN c int", flags: &[], exit: 2, says: &["names table other"] },
+    Refusal { why: "two statements", table: "plain", alter: "ADD COLUMN c int; DROP TABLE plain", flags: &[], exit: 2, says: &["2 statements"] },
+    Refusal { why: "a column that does not exist", table: "plain", alter: "ALTER COLUMN nope TYPE int", flags: &[], exit: 2, says: &["fails on an empty copy", "column \"nope\""] },
+    Refusal { why: "a USING of the wrong type", table: "plain", alter: "ALTER COLUMN v TYPE int[] USING 1", flags: &[], exit: 2, says: &["fails on an empty copy"] },
+    Refusal { why: "dropping the key", table: "plain", alter: "DROP COLUMN id", flags: &[], exit: 3, says: &["key column", "must stay"] },
+    Refusal { why: "SET UNLOGGED", table: "plain", alter: "SET UNLOGGED", flags: &[], exit: 2, says: &["not supported"] },
+    // flags that contradict each other or would consume disk without bound
+    Refusal { why: "no rows per chunk", table: "plain", alter: "ALTER COLUMN v TYPE varchar(10)", flags: &["--chunk-size", "0"], exit: 2, says: &["--chunk-size"] },
+    Refusal { why: "no swap attempt", table: "plain", alter: "ALTER COLUMN v TYPE varchar(10)", flags: &["--swap-attempts", "0"], exit: 2, says: &["--swap-attempts"] },
+    Refusal { why: "verification every 0s", table: "plain", alter: "ALTER COLUMN v TYPE varchar(10)", flags: &["--verify-every", "0s"], exit: 2, says: &["--verify-every"] },
+    Refusal { why: "a throttle above the hard limit", table: "plain", alter: "ALTER COLUMN v TYPE varchar(10)", flags: &["--throttle-retained-wal", "2GB", "--max-retained-wal", "1GB"], exit: 2, says: &["--throttle-retained-wal", "must be below --max-retained-wal"] },
+    Refusal { why: "a WAL limit of 0", table: "plain", alter: "ALTER COLUMN v TYPE varchar(10)", flags: &["--max-retained-wal", "0"], exit: 2, says: &["--max-retained-wal"] },
+    Refusal { why: "a throttle query without a boolean", table: "plain", alter: "ALTER COLUMN v TYPE varchar(10)", flags: &["--throttle-query", "SELECT 1"], exit: 2, says: &["--throttle-query", "boolean"] },
+    Refusal { why: "a throttle query that does not parse", table: "plain", alter: "ALTER COLUMN v TYPE varchar(10)", flags: &["--throttle-query", "SELEC nonsense"], exit: 2, says: &["--throttle-query", "syntax error"] },
+    Refusal { why: "a window outside the day", table: "plain", alter: "ALTER COLUMN v TYPE varchar(10)", flags: &["--cutover-window", "25:00-26:00"], exit: 2, says: &["--cutover-window 25:00-26:00", "not a time of day"] },
+    Refusal { why: "a proxy that is not a URL", table: "plain", alter: "ALTER COLUMN v TYPE varchar(10)", flags: &["--proxy", "not a url"], exit: 2, says: &["proxy"] },
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tables_alters_and_flags_are_refused_and_change_nothing() {
@@ -67,202 +139,22 @@ async fn bad_tables_alters_and_flags_are_refused_and_change_nothing() {
          CREATE FUNCTION noop() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
          CREATE TRIGGER trig_noop BEFORE UPDATE OF v ON trig FOR EACH ROW EXECUTE FUNCTION noop();
          CREATE TABLE plain (id int PRIMARY KEY, v text); INSERT INTO plain VALUES (1, 'x');
-         CREATE TABLE taken (id int PRIMARY KEY, v int); CREATE TABLE taken__sa_new (x int);
+         CREATE TABLE taken (id int PRIMARY KEY, v int);
+         DO $$ BEGIN EXECUTE format('CREATE SCHEMA %I', 'shadow_alter_' || 'taken'::regclass::oid); END $$;
          CREATE SEQUENCE seq; CREATE VIEW aview AS SELECT 1 AS x;",
     )
     .await
     .unwrap();
     let before = definitions(&c).await;
-    let flags = |extra: &[&str]| {
-        support::migration::run_args(
-            &url,
-            "plain",
-            "ALTER COLUMN v TYPE varchar(10)",
-            &[&["--strategy", "shadow-copy"], extra].concat(),
-        )
-    };
-    let cases: Vec<(MigrateError, u8, &[&str])> = vec![
-        // what the table is
-        (
-            refused(&url, "missing", "ADD COLUMN c int").await,
-            2,
-            &["does not exist"],
-        ),
-        (
-            refused(&url, "seq", "ADD COLUMN c int").await,
-            2,
-            &["is a sequence, not a table"],
-        ),
-        (
-            refused(&url, "aview", "ADD COLUMN c int").await,
-            2,
-            &["is a view, not a table"],
-        ),
-        (
-            refused(&url, "nokey", "ADD COLUMN c int").await,
-            3,
-            &["no primary key", "add a primary key"],
-        ),
-        (
-            refused(&url, "uniq", "ADD COLUMN c int").await,
-            3,
-            &["REPLICA IDENTITY USING INDEX uniq_a"],
-        ),
-        (
-            refused(&url, "nothing", "ADD COLUMN c int").await,
-            3,
-            &["REPLICA IDENTITY NOTHING", "REPLICA IDENTITY DEFAULT"],
-        ),
-        (
-            refused(&url, "parted", "ADD COLUMN c int").await,
-            3,
-            &["partitioned", "plain ALTER TABLE"],
-        ),
-        (
-            refused(&url, "unlogged", "ALTER COLUMN v TYPE bigint").await,
-            3,
-            &["UNLOGGED", "SET LOGGED"],
-        ),
-        // objects the swap cannot carry (tests/dependents.rs covers what it carries)
-        (
-            refused(&url, "viewed", "DROP COLUMN v").await,
-            3,
-            &["view v1 uses column v", "keep the columns"],
-        ),
-        (
-            refused(&url, "trig", "DROP COLUMN v").await,
-            3,
-            &["trigger trig_noop on table trig uses column v"],
-        ),
-        (
-            refused(&url, "ruled", "ADD COLUMN c int").await,
-            3,
-            &["rules: r on ruled", "re-create them"],
-        ),
-        (
-            refused(&url, "typed", "ADD COLUMN c int").await,
-            3,
-            &["users of the table's row type: function typed_rows()"],
-        ),
-        (
-            refused(&url, "taken", "ALTER COLUMN v TYPE bigint").await,
-            3,
-            &[
-                "taken__sa_new\" already exists and was not created by shadow-alter",
-                "rename or drop it",
-            ],
-        ),
-        // what the ALTER is
-        (
-            refused(&url, "plain", "ALTER COLUMN").await,
-            2,
-            &["does not parse"],
-        ),
-        (
-            refused(&url, "plain", "ALTER TABLE other ADD COLUMN c int").await,
-            2,
-            &["names table other"],
-        ),
-        (
-            refused(&url, "plain", "ADD COLUMN c int; DROP TABLE plain").await,
-            2,
-            &["2 statements"],
-        ),
-        (
-            refused(&url, "plain", "ALTER COLUMN nope TYPE int").await,
-            2,
-            &["fails on an empty copy", "column \"nope\""],
-        ),
-        (
-            refused(&url, "plain", "ALTER COLUMN v TYPE int[] USING 1").await,
-            2,
-            &["fails on an empty copy"],
-        ),
-        (
-            refused(&url, "plain", "DROP COLUMN id").await,
-            3,
-            &["key column", "must stay"],
-        ),
-        (
-            refused(&url, "plain", "SET UNLOGGED").await,
-            2,
-            &["not supported"],
-        ),
-        // flags that contradict each other or would consume disk without bound
-        (
-            refused_with({
-                let mut a = flags(&[]);
-                a.chunk_size = 0;
-                a
-            })
-            .await,
-            2,
-            &["--chunk-size"],
-        ),
-        (
-            refused_with({
-                let mut a = flags(&[]);
-                a.swap_attempts = 0;
-                a
-            })
-            .await,
-            2,
-            &["--swap-attempts"],
-        ),
-        (
-            refused_with(flags(&["--verify-every", "0s"])).await,
-            2,
-            &["--verify-every"],
-        ),
-        (
-            refused_with(flags(&[
-                "--throttle-retained-wal",
-                "2GB",
-                "--max-retained-wal",
-                "1GB",
-            ]))
-            .await,
-            2,
-            &[
-                "--throttle-retained-wal",
-                "must be below --max-retained-wal",
-            ],
-        ),
-        (
-            refused_with(flags(&["--max-retained-wal", "0"])).await,
-            2,
-            &["--max-retained-wal"],
-        ),
-        (
-            refused_with(flags(&["--throttle-query", "SELECT 1"])).await,
-            2,
-            &["--throttle-query", "boolean"],
-        ),
-        (
-            refused_with(flags(&["--throttle-query", "SELEC nonsense"])).await,
-            2,
-            &["--throttle-query", "syntax error"],
-        ),
-        (
-            refused_with(flags(&["--cutover-window", "25:00-26:00"])).await,
-            2,
-            &["--cutover-window 25:00-26:00", "not a time of day"],
-        ),
-        (
-            refused_with(flags(&["--proxy", "not a url"])).await,
-            2,
-            &["proxy"],
-        ),
-    ];
-    check(cases);
+    for case in REFUSALS {
+        case.check(&url).await;
+    }
     assert_eq!(definitions(&c).await, before, "a table definition changed");
-    let ours: i64 = c
-        .query_one("SELECT count(*) FROM pg_class WHERE relname LIKE '%\\_\\_sa\\_new' AND relname <> 'taken__sa_new'", &[])
+    let taken = support::shadow_of(&c, "taken").await;
+    let work = taken.split('.').next().unwrap_or_default().to_string();
+    c.batch_execute(&format!("DROP SCHEMA {work}"))
         .await
-        .unwrap()
-        .get(0);
-    assert_eq!(ours, 0);
-    c.batch_execute("DROP TABLE taken__sa_new").await.unwrap();
+        .unwrap();
     assert_nothing_left(&c).await;
 }
 
@@ -335,15 +227,9 @@ async fn a_second_run_on_the_same_table_is_refused_while_the_first_goes_on() {
             "backend pid",
         ],
     )]);
-    shadow_alter::migrate::commands::cutover(CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "t".into(),
-        at: None,
-    })
-    .await
-    .unwrap();
+    shadow_alter::ops::cutover(Some(&url), "t", None)
+        .await
+        .unwrap();
     first.await.unwrap().expect("the first run is unaffected");
     let v: String = c
         .query_one("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'v'", &[])

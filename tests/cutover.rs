@@ -7,21 +7,15 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shadow_alter::cli::{AbortArgs, ConnArgs, CutoverArgs};
-
 use support::migration::{run, shadow_copy_args as args};
 use support::proxy::{console, start as proxy, status as proxy_status, via};
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers_on};
 use support::{connect, fresh_db, wait_until};
 
 async fn column_type(c: &tokio_postgres::Client, table: &str, column: &str) -> String {
-    c.query_one(
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = $2",
-        &[&table, &column],
-    )
-    .await
-    .expect("column type")
-    .get(0)
+    support::column_type(c, table, column)
+        .await
+        .expect("the column is there")
 }
 
 async fn phase(c: &tokio_postgres::Client, table: &str) -> Option<(String, Option<String>)> {
@@ -103,15 +97,9 @@ async fn a_transaction_that_does_not_finish_makes_the_cutover_give_up_cleanly() 
     app.batch_execute("BEGIN; UPDATE t SET v = v WHERE id = 1")
         .await
         .unwrap();
-    shadow_alter::migrate::commands::cutover(CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "t".into(),
-        at: None,
-    })
-    .await
-    .expect("cutover command");
+    shadow_alter::ops::cutover(Some(&url), "t", None)
+        .await
+        .expect("cutover command");
     let err = migration
         .await
         .unwrap()
@@ -221,15 +209,9 @@ async fn a_postponed_cutover_waits_for_the_command() {
         "no swap before the command"
     );
     assert!(!migration.is_finished());
-    shadow_alter::migrate::commands::cutover(CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "t".into(),
-        at: None,
-    })
-    .await
-    .expect("cutover command");
+    shadow_alter::ops::cutover(Some(&url), "t", None)
+        .await
+        .expect("cutover command");
     migration
         .await
         .unwrap()
@@ -271,15 +253,9 @@ async fn a_windowed_cutover_waits_outside_the_window_and_can_be_aborted() {
         },
     )
     .await;
-    shadow_alter::migrate::commands::abort(AbortArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "t".into(),
-        wait: Duration::from_secs(30),
-    })
-    .await
-    .expect("abort command");
+    shadow_alter::ops::abort(Some(&url), "t", Duration::from_secs(30))
+        .await
+        .expect("abort command");
     let err = migration.await.unwrap().expect_err("aborted");
     assert_eq!(err.exit_code(), 4);
     assert_eq!(column_type(&c, "t", "v").await, "integer");

@@ -6,9 +6,6 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shadow_alter::cli::ConnArgs;
-use shadow_alter::migrate::MigrateError;
-
 use support::migration::{run, shadow_copy_args as args};
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers};
 use support::{connect, fresh_db, wait_until};
@@ -133,10 +130,11 @@ async fn truncate_and_refill_during_the_migration() {
     let mut a = args(&url, "orders", "ALTER COLUMN qty TYPE bigint");
     a.chunk_size = 500;
     a.chunk_pause = Duration::from_millis(20);
+    let shadow = support::shadow_of(&c, "orders").await;
     let migration = tokio::spawn(run(a));
     // once the copy has started, truncate and refill both tables
     wait_until(Duration::from_secs(20), "the copy to start", || async {
-        c.query_one("SELECT count(*) FROM orders__sa_new", &[])
+        c.query_one(&format!("SELECT count(*) FROM {shadow}"), &[])
             .await
             .map(|r| r.get::<_, i64>(0) > 0)
             .unwrap_or(false)
@@ -211,11 +209,7 @@ async fn identity_and_generated_columns_and_rename() {
     assert_nothing_left(&c).await;
 }
 
-async fn refused(url: &str, table: &str, alter: &str) -> MigrateError {
-    run(args(url, table, alter))
-        .await
-        .expect_err("the run must refuse")
-}
+use support::migration::refused;
 
 // Preflight refusals and bad input: tests/bad_input.rs.
 
@@ -274,8 +268,9 @@ async fn a_killed_run_does_not_block_the_next_one() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the binary");
+    let shadow = support::shadow_of(&c, "orders").await;
     wait_until(Duration::from_secs(20), "the copy to start", || async {
-        c.query_one("SELECT count(*) FROM orders__sa_new", &[])
+        c.query_one(&format!("SELECT count(*) FROM {shadow}"), &[])
             .await
             .map(|r| r.get::<_, i64>(0) > 0)
             .unwrap_or(false)
@@ -386,15 +381,9 @@ async fn a_secondary_unique_constraint_keeps_changes_in_stream_order() {
         .unwrap();
         email.swap(a, b);
     }
-    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "users".into(),
-        at: None,
-    })
-    .await
-    .unwrap();
+    shadow_alter::ops::cutover(Some(&url), "users", None)
+        .await
+        .unwrap();
     migration
         .await
         .unwrap()

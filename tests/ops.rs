@@ -7,13 +7,12 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shadow_alter::cli::ConnArgs;
-use shadow_alter::migrate::MigrateError;
+use shadow_alter::engine::EngineError;
 use tokio_postgres::Client;
 
 use support::migration::{run, shadow_copy_args as args};
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers};
-use support::{connect, fresh_db, wait_until};
+use support::{connect, count, fresh_db, wait_until};
 
 async fn state_matches(c: &Client, cond: &str) -> bool {
     c.query_opt(
@@ -24,10 +23,6 @@ async fn state_matches(c: &Client, cond: &str) -> bool {
     .ok()
     .flatten()
     .is_some()
-}
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
 fn temp_path(hint: &str) -> std::path::PathBuf {
@@ -71,8 +66,9 @@ async fn a_pause_file_pauses_the_copy_until_it_is_removed() {
         },
     )
     .await;
+    let shadow = support::shadow_of(&c, "t").await;
     assert_eq!(
-        count(&c, "SELECT count(*) FROM t__sa_new").await,
+        count(&c, &format!("SELECT count(*) FROM {shadow}")).await,
         0,
         "nothing is copied while the pause file exists"
     );
@@ -110,7 +106,11 @@ async fn a_throttle_query_holds_the_copy_while_it_returns_true() {
         },
     )
     .await;
-    assert_eq!(count(&c, "SELECT count(*) FROM t__sa_new").await, 0);
+    let shadow = support::shadow_of(&c, "t").await;
+    assert_eq!(
+        count(&c, &format!("SELECT count(*) FROM {shadow}")).await,
+        0
+    );
     c.batch_execute("UPDATE busy SET flag = false")
         .await
         .unwrap();
@@ -159,7 +159,7 @@ async fn the_run_stops_cleanly_before_retained_wal_passes_the_limit() {
         .unwrap()
         .expect_err("the guardrail stops the run");
     let _ = std::fs::remove_file(&pause);
-    assert!(matches!(err, MigrateError::Guardrail(_)), "{err}");
+    assert!(matches!(err, EngineError::Guardrail(_)), "{err}");
     assert_eq!(err.exit_code(), 7);
     assert!(
         err.to_string().contains("--max-retained-wal 4.0 MiB"),
@@ -225,8 +225,11 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the binary");
+    let shadow = support::shadow_of(&c, "orders").await;
+    let work = shadow.split('.').next().unwrap_or_default().to_string();
+    let live_shadow = support::shadow_of(&c, "live").await;
     wait_until(Duration::from_secs(30), "the copy to start", || async {
-        c.query_one("SELECT count(*) FROM orders__sa_new", &[])
+        c.query_one(&format!("SELECT count(*) FROM {shadow}"), &[])
             .await
             .map(|r| r.get::<_, i64>(0) > 0)
             .unwrap_or(false)
@@ -252,7 +255,7 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
     let (ok, out) = cli(&url, &["cleanup", "--stale", "--dry-run"]).await;
     assert!(ok, "{out}");
     assert!(
-        out.contains(r#"would drop shadow table "public"."orders__sa_new""#),
+        out.contains(&format!("would drop shadow table {shadow}")),
         "{out}"
     );
     assert!(
@@ -264,13 +267,15 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
         "{out}"
     );
     assert!(
-        out.contains(r#"kept shadow table "public"."live__sa_new" (its run is alive)"#),
+        out.contains(&format!(
+            "kept shadow table {live_shadow} (its run is alive)"
+        )),
         "{out}"
     );
     assert_eq!(
         count(
             &c,
-            "SELECT count(*) FROM pg_class WHERE relname = 'orders__sa_new'"
+            &format!("SELECT count(*) FROM pg_class WHERE oid = to_regclass('{shadow}')")
         )
         .await,
         1,
@@ -280,7 +285,11 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
     let (ok, out) = cli(&url, &["cleanup", "--stale"]).await;
     assert!(ok, "{out}");
     assert!(
-        out.contains(r#"dropped shadow table "public"."orders__sa_new""#),
+        out.contains(&format!("dropped shadow table {shadow}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("dropped work schema {work}")),
         "{out}"
     );
     assert!(
@@ -294,7 +303,10 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
     assert_eq!(
         count(
             &c,
-            "SELECT count(*) FROM pg_class WHERE relname = 'orders__sa_new'"
+            &format!(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = '{}'",
+                work.trim_matches('"')
+            )
         )
         .await,
         0
@@ -310,15 +322,9 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
     assert!(state_matches(&c, "table_name = 'public.orders' AND phase = 'failed'").await);
 
     // the live run was not touched and still finishes
-    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "live".into(),
-        at: None,
-    })
-    .await
-    .unwrap();
+    shadow_alter::ops::cutover(Some(&url), "live", None)
+        .await
+        .unwrap();
     live.await.unwrap().expect("the live run finishes");
     let (ok, out) = cli(&url, &["cleanup", "--stale"]).await;
     assert!(ok && out.contains("nothing stale found"), "{out}");
@@ -352,10 +358,11 @@ async fn verify_finds_and_repairs_a_corrupted_shadow_under_writes() {
         },
     )
     .await;
-    c.batch_execute(
-        "UPDATE orders__sa_new SET qty = -999 WHERE id = 50000000; DELETE FROM orders__sa_new WHERE id = 50000001;
-         UPDATE orders__sa_new SET code = 'corrupt' WHERE id = (SELECT min(id) FROM orders__sa_new)",
-    )
+    let shadow = support::shadow_of(&c, "orders").await;
+    c.batch_execute(&format!(
+        "UPDATE {shadow} SET qty = -999 WHERE id = 50000000; DELETE FROM {shadow} WHERE id = 50000001;
+         UPDATE {shadow} SET code = 'corrupt' WHERE id = (SELECT min(id) FROM {shadow})",
+    ))
     .await
     .unwrap();
     let before = writers.done.load(Ordering::Relaxed);
@@ -370,15 +377,9 @@ async fn verify_finds_and_repairs_a_corrupted_shadow_under_writes() {
         writers.done.load(Ordering::Relaxed) > before,
         "writes went on meanwhile"
     );
-    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "orders".into(),
-        at: None,
-    })
-    .await
-    .unwrap();
+    shadow_alter::ops::cutover(Some(&url), "orders", None)
+        .await
+        .unwrap();
     migration.await.unwrap().expect("the swap");
     writers.stop().await;
     c.batch_execute("ALTER TABLE orders_mirror ALTER COLUMN qty TYPE bigint")
@@ -412,26 +413,27 @@ async fn periodic_verification_while_waiting_repairs_a_corrupted_shadow() {
     )
     .await;
     // something other than the stream changes the shadow: the next comparison repairs it
-    c.batch_execute("UPDATE t__sa_new SET w = 'corrupted' WHERE id = 4242")
-        .await
-        .unwrap();
+    let shadow = support::shadow_of(&c, "t").await;
+    c.batch_execute(&format!(
+        "UPDATE {shadow} SET w = 'corrupted' WHERE id = 4242"
+    ))
+    .await
+    .unwrap();
     wait_until(Duration::from_secs(30), "the repair", || {
         state_matches(&c, "message LIKE '%repaired 1 key range(s)%(id) in%'")
     })
     .await;
     assert_eq!(
-        count(&c, "SELECT count(*) FROM t__sa_new WHERE w = 'corrupted'").await,
+        count(
+            &c,
+            &format!("SELECT count(*) FROM {shadow} WHERE w = 'corrupted'")
+        )
+        .await,
         0
     );
-    shadow_alter::migrate::commands::cutover(shadow_alter::cli::CutoverArgs {
-        conn: ConnArgs {
-            database_url: Some(url.clone()),
-        },
-        table: "t".into(),
-        at: None,
-    })
-    .await
-    .unwrap();
+    shadow_alter::ops::cutover(Some(&url), "t", None)
+        .await
+        .unwrap();
     migration.await.unwrap().expect("the swap");
     assert_eq!(
         count(&c, "SELECT count(*) FROM t WHERE w = 'w' || id AND v = id").await,

@@ -6,12 +6,13 @@ mod support;
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
 
+use support::process::{exited, wait_for_watermark};
 use support::workload::{assert_nothing_left, create_orders, diff, start_writers};
 use support::{connect, fresh_db, wait_until};
 
@@ -48,43 +49,7 @@ fn spawn_run(url: &str, extra: &[&str]) -> Child {
 }
 
 async fn phase(c: &Client) -> String {
-    c.query_opt(
-        "SELECT phase FROM shadow_alter.migrations WHERE table_name = 'public.orders'",
-        &[],
-    )
-    .await
-    .ok()
-    .flatten()
-    .map(|r| r.get(0))
-    .unwrap_or_else(|| "-".into())
-}
-
-/// Wait for the child to exit within `limit`; None if it still runs.
-async fn exited(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for the run") {
-            return Some(status);
-        }
-        if start.elapsed() >= limit {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Wait until the copy has checkpointed at least one chunk.
-async fn wait_for_watermark(c: &Client) {
-    wait_until(Duration::from_secs(60), "the watermark to move", || async {
-        c.query_opt(
-            "SELECT 1 FROM shadow_alter.checkpoints WHERE watermark IS NOT NULL",
-            &[],
-        )
-        .await
-        .map(|r| r.is_some())
-        .unwrap_or(false)
-    })
-    .await;
+    support::process::phase(c, "public.orders").await
 }
 
 async fn assert_equals_oracle(c: &Client) {
@@ -179,8 +144,9 @@ async fn killed_in_every_phase_resumes_without_recopying() {
     wait_for_watermark(&c).await;
     child.kill().expect("kill -9");
     let _ = child.wait();
+    let shadow = support::shadow_of(&c, "orders").await;
     let copied_before: i64 = c
-        .query_one("SELECT count(*) FROM orders__sa_new", &[])
+        .query_one(&format!("SELECT count(*) FROM {shadow}"), &[])
         .await
         .unwrap()
         .get(0);

@@ -41,17 +41,6 @@ fn command(url: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
-async fn column_type(c: &Client, table: &str, column: &str) -> Option<String> {
-    c.query_opt(
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-         WHERE attrelid = $1::text::regclass AND attname = $2 AND NOT attisdropped",
-        &[&table, &column],
-    )
-    .await
-    .unwrap()
-    .map(|r| r.get(0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revert_swaps_back_with_every_write_made_after_the_swap() {
     let url = fresh_db("revert").await;
@@ -66,7 +55,7 @@ async fn revert_swaps_back_with_every_write_made_after_the_swap() {
     })
     .await;
     assert_eq!(
-        column_type(&c, "orders", "qty").await.as_deref(),
+        support::column_type(&c, "orders", "qty").await.as_deref(),
         Some("bigint")
     );
     // writes land on the new table during the window
@@ -94,10 +83,10 @@ async fn revert_swaps_back_with_every_write_made_after_the_swap() {
     .await;
     writers.stop().await;
     assert_eq!(
-        column_type(&c, "orders", "qty").await.as_deref(),
+        support::column_type(&c, "orders", "qty").await.as_deref(),
         Some("integer")
     );
-    assert_eq!(column_type(&c, "orders", "note").await, None);
+    assert_eq!(support::column_type(&c, "orders", "note").await, None);
     // the mirror was never altered: the reverted table must equal it row for row
     let (only_orders, only_mirror, rows) = diff(&c, "orders", "orders_mirror").await;
     assert_eq!((only_orders, only_mirror), (0, 0), "{rows} rows");
@@ -179,7 +168,7 @@ async fn the_old_table_follows_the_new_one_until_cleanup_ends_the_window() {
         .expect("join")
         .expect("the migration succeeded");
     assert_eq!(
-        column_type(&c, "orders", "qty").await.as_deref(),
+        support::column_type(&c, "orders", "qty").await.as_deref(),
         Some("bigint")
     );
     assert_nothing_left(&c).await;

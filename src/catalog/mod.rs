@@ -5,7 +5,7 @@
 
 use tokio_postgres::Client;
 
-use crate::migrate::error::{Ctx, MigrateError};
+use crate::db::{Ctx, DbError};
 
 #[derive(Debug, Clone)]
 pub struct Column {
@@ -144,7 +144,7 @@ impl Table {
 }
 
 /// Resolve `name` (as a user types it, search_path applies) to a table oid, or None.
-pub async fn resolve(client: &Client, name: &str) -> Result<Option<u32>, MigrateError> {
+pub async fn resolve(client: &Client, name: &str) -> Result<Option<u32>, DbError> {
     let row = client
         .query_one("SELECT to_regclass($1)::oid", &[&name])
         .await
@@ -153,7 +153,7 @@ pub async fn resolve(client: &Client, name: &str) -> Result<Option<u32>, Migrate
 }
 
 /// Read everything about the table with this oid.
-pub async fn load(client: &Client, oid: u32) -> Result<Table, MigrateError> {
+pub async fn load(client: &Client, oid: u32) -> Result<Table, DbError> {
     let r = client
         .query_one(
             "SELECT n.nspname, c.relname, c.relkind::text, c.relpersistence::text, c.relispartition,
@@ -240,10 +240,7 @@ fn first_char(s: String) -> char {
 }
 
 /// Indexes that can identify a row: unique, valid, not partial, no expressions, NOT NULL columns.
-async fn choose_key(
-    client: &Client,
-    t: &Table,
-) -> Result<(Option<Key>, Option<String>), MigrateError> {
+async fn choose_key(client: &Client, t: &Table) -> Result<(Option<Key>, Option<String>), DbError> {
     let rows = client
         .query(
             "SELECT i.indexrelid::regclass::text, i.indisprimary, i.indisreplident,
@@ -321,14 +318,14 @@ pub const DEPENDENT_VIEWS: &str = "WITH RECURSIVE dep(v, depth) AS (
      WHERE r.ev_class <> dep.v AND dep.depth < 64
   ) SELECT v, max(depth) AS depth FROM dep GROUP BY v";
 
-async fn dependents(client: &Client, oid: u32) -> Result<Dependents, MigrateError> {
+async fn dependents(client: &Client, oid: u32) -> Result<Dependents, DbError> {
     let list = |sql: String, what: &'static str| async move {
         let sql = sql.replace("DEPENDENT_VIEWS_SQL", DEPENDENT_VIEWS);
         let rows = client
             .query(&sql, &[&oid])
             .await
             .ctx(format!("reading {what}"))?;
-        Ok::<Vec<String>, MigrateError>(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        Ok::<Vec<String>, DbError>(rows.iter().map(|r| r.get::<_, String>(0)).collect())
     };
     Ok(Dependents {
         views: list(

@@ -13,7 +13,7 @@ use pg_query::{NodeEnum, NodeRef};
 use crate::sql::quote_ident;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PlanError {
+pub enum AlterError {
     #[error("the ALTER does not parse: {0}")]
     Syntax(String),
     #[error(
@@ -119,24 +119,37 @@ impl AlterSpec {
     pub fn statement_for(&self, target: &str) -> String {
         format!("ALTER TABLE {target} {}", self.body)
     }
+
+    /// Constraints the ALTER validates (`VALIDATE CONSTRAINT name`).
+    pub fn validated_constraints(&self) -> Vec<String> {
+        self.parts
+            .iter()
+            .filter(|p| p.subtype == Some(AlterTableType::AtValidateConstraint))
+            .filter_map(|p| p.cmd.as_ref().map(|c| c.name.clone()))
+            .collect()
+    }
 }
 
 /// Parse `input` (subcommands, or a whole `ALTER TABLE t ...`) for the table `schema.name`,
 /// refusing subcommands the shadow-copy engine cannot carry out.
-pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, PlanError> {
+pub fn parse_alter(input: &str, schema: &str, name: &str) -> Result<AlterSpec, AlterError> {
     parse(input, schema, name, true)
 }
 
 /// Like `parse_alter`, but accepts every ALTER TABLE subcommand: the planner classifies them all
 /// (instant ones like `OWNER TO` run directly; the rest it reports with the reason).
-pub fn parse_alter_for_plan(input: &str, schema: &str, name: &str) -> Result<AlterSpec, PlanError> {
+pub fn parse_alter_for_plan(
+    input: &str,
+    schema: &str,
+    name: &str,
+) -> Result<AlterSpec, AlterError> {
     parse(input, schema, name, false)
 }
 
-fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpec, PlanError> {
+fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpec, AlterError> {
     let trimmed = input.trim().trim_end_matches(';').trim();
     if trimmed.is_empty() {
-        return Err(PlanError::Syntax("--alter is empty".into()));
+        return Err(AlterError::Syntax("--alter is empty".into()));
     }
     let full = starts_with_words(trimmed, &["alter", "table"]);
     let stmt = if full {
@@ -150,43 +163,43 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
         )
     };
     let parsed = pg_query::parse(&stmt, pg_query::ParserOptions::DEFAULT)
-        .map_err(|e| PlanError::Syntax(strip_pg_query(e)))?;
+        .map_err(|e| AlterError::Syntax(strip_pg_query(e)))?;
     let stmts = &parsed.protobuf.stmts;
     if stmts.len() != 1 {
-        return Err(PlanError::StatementCount(stmts.len()));
+        return Err(AlterError::StatementCount(stmts.len()));
     }
     let node = stmts[0]
         .stmt
         .as_ref()
         .and_then(|s| s.node.as_ref())
-        .ok_or_else(|| PlanError::Syntax("empty statement".into()))?;
+        .ok_or_else(|| AlterError::Syntax("empty statement".into()))?;
     let tokens = pg_query::scan(&stmt)
-        .map_err(|e| PlanError::Syntax(strip_pg_query(e)))?
+        .map_err(|e| AlterError::Syntax(strip_pg_query(e)))?
         .tokens;
 
     let (relation, cmds, is_rename) = match node {
         NodeEnum::AlterTableStmt(a) => {
             if a.objtype != ObjectType::ObjectTable as i32 {
-                return Err(PlanError::NotAlterTable(object_type_name(a.objtype)));
+                return Err(AlterError::NotAlterTable(object_type_name(a.objtype)));
             }
             (a.relation.clone(), Some(&a.cmds), false)
         }
         NodeEnum::RenameStmt(r) => {
             if r.rename_type == ObjectType::ObjectTable as i32 {
-                return Err(PlanError::Unsupported(
+                return Err(AlterError::Unsupported(
                     "renaming the table (RENAME TO is instant and needs no migration: run it directly)".into(),
                 ));
             }
             if r.rename_type != ObjectType::ObjectColumn as i32
                 && r.rename_type != ObjectType::ObjectTabconstraint as i32
             {
-                return Err(PlanError::NotAlterTable(object_type_name(r.rename_type)));
+                return Err(AlterError::NotAlterTable(object_type_name(r.rename_type)));
             }
             (r.relation.clone(), None, true)
         }
         other => {
             let kind = format!("{other:?}");
-            return Err(PlanError::NotAlterTable(
+            return Err(AlterError::NotAlterTable(
                 kind.split('(')
                     .next()
                     .unwrap_or("another statement")
@@ -194,7 +207,7 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
             ));
         }
     };
-    let relation = relation.ok_or_else(|| PlanError::Syntax("no table named".into()))?;
+    let relation = relation.ok_or_else(|| AlterError::Syntax("no table named".into()))?;
     if relation.relname != name
         || !(relation.schemaname.is_empty() || relation.schemaname == schema)
     {
@@ -203,7 +216,7 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
         } else {
             format!("{}.{}", relation.schemaname, relation.relname)
         };
-        return Err(PlanError::OtherTable {
+        return Err(AlterError::OtherTable {
             named,
             table: format!("{schema}.{name}"),
         });
@@ -211,7 +224,7 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
 
     // The body starts after the (possibly qualified) table name.
     let name_end = end_of_qualified_name(&tokens, relation.location)
-        .ok_or_else(|| PlanError::Syntax("cannot find the table name in the statement".into()))?;
+        .ok_or_else(|| AlterError::Syntax("cannot find the table name in the statement".into()))?;
     let body = stmt[name_end..].trim().to_string();
 
     let mut spec = AlterSpec {
@@ -243,7 +256,7 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
     };
     let segments = split_top_level(&stmt, &tokens, name_end);
     if segments.len() != cmds.len() {
-        return Err(PlanError::Syntax(format!(
+        return Err(AlterError::Syntax(format!(
             "could not split the ALTER into its {} subcommands (found {})",
             cmds.len(),
             segments.len()
@@ -251,7 +264,7 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
     }
     for (cmd, seg) in cmds.iter().zip(&segments) {
         let Some(NodeEnum::AlterTableCmd(cmd)) = cmd.node.as_ref() else {
-            return Err(PlanError::Syntax("unexpected node in ALTER TABLE".into()));
+            return Err(AlterError::Syntax("unexpected node in ALTER TABLE".into()));
         };
         let subtype = AlterTableType::try_from(cmd.subtype).unwrap_or(AlterTableType::Undefined);
         if strict {
@@ -268,7 +281,7 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
                 Some(NodeEnum::ColumnDef(cd)) if cd.raw_default.is_some());
             if has_using {
                 let sql = using_text(&stmt, &tokens, seg.clone()).ok_or_else(|| {
-                    PlanError::Syntax(format!(
+                    AlterError::Syntax(format!(
                         "cannot find the USING expression of column {}",
                         cmd.name
                     ))
@@ -340,7 +353,7 @@ fn make_part(
     }
 }
 
-fn check_supported(t: AlterTableType, name: &str) -> Result<(), PlanError> {
+fn check_supported(t: AlterTableType, name: &str) -> Result<(), AlterError> {
     use AlterTableType as A;
     let why = match t {
         A::AtAttachPartition | A::AtDetachPartition | A::AtDetachPartitionFinalize => {
@@ -373,7 +386,7 @@ fn check_supported(t: AlterTableType, name: &str) -> Result<(), PlanError> {
         _ => return Ok(()),
     };
     let _ = name;
-    Err(PlanError::Unsupported(why.to_string()))
+    Err(AlterError::Unsupported(why.to_string()))
 }
 
 fn object_type_name(t: i32) -> String {
@@ -461,9 +474,9 @@ fn using_text(
 }
 
 /// The column names an expression reads (parsed, not guessed).
-pub fn expression_columns(expr: &str) -> Result<BTreeSet<String>, PlanError> {
+pub fn expression_columns(expr: &str) -> Result<BTreeSet<String>, AlterError> {
     let parsed = pg_query::parse(&format!("SELECT {expr}"), pg_query::ParserOptions::DEFAULT)
-        .map_err(|e| PlanError::Syntax(format!("USING expression: {}", strip_pg_query(e))))?;
+        .map_err(|e| AlterError::Syntax(format!("USING expression: {}", strip_pg_query(e))))?;
     let mut cols = BTreeSet::new();
     for (node, ..) in parsed.protobuf.nodes() {
         if let NodeRef::ColumnRef(c) = node {
@@ -516,11 +529,11 @@ mod tests {
     fn rejects_bad_input() {
         assert!(matches!(
             parse_alter("ALTER COLUMN", "public", "t"),
-            Err(PlanError::Syntax(_))
+            Err(AlterError::Syntax(_))
         ));
         assert!(matches!(
             parse_alter("ALTER TABLE other ADD COLUMN x int", "public", "t"),
-            Err(PlanError::OtherTable { .. })
+            Err(AlterError::OtherTable { .. })
         ));
         assert!(matches!(
             parse_alter(
@@ -528,19 +541,19 @@ mod tests {
                 "public",
                 "t"
             ),
-            Err(PlanError::StatementCount(2))
+            Err(AlterError::StatementCount(2))
         ));
         assert!(matches!(
             parse_alter("SET UNLOGGED", "public", "t"),
-            Err(PlanError::Unsupported(_))
+            Err(AlterError::Unsupported(_))
         ));
         assert!(matches!(
             parse_alter("ALTER TABLE t RENAME TO u", "public", "t"),
-            Err(PlanError::Unsupported(_))
+            Err(AlterError::Unsupported(_))
         ));
         assert!(matches!(
             parse_alter("", "public", "t"),
-            Err(PlanError::Syntax(_))
+            Err(AlterError::Syntax(_))
         ));
     }
 

@@ -1,31 +1,27 @@
 //! Planning an ALTER: parse it with the real PostgreSQL parser (pg_query), find out from the
 //! server what each subcommand does (locks, rewrite, index build, scan), choose the cheapest
 //! safe strategy (`direct`, `online-steps`, `shadow-copy`) and write the runbook around it.
-//! `execute` carries out `direct` and `online-steps` plans; `shadow-copy` plans go to the
-//! engine in `crate::migrate`.
+//! The engine carries plans out (`engine::direct` without a copy, the pipeline with one).
 //!
 //! Invariant: planning changes nothing. The only writes are to temporary tables in the
 //! planner's own session, which are dropped before it ends; the real table is only read.
 
 pub mod alter;
 pub mod classify;
-pub mod execute;
+mod error;
 pub mod runbook;
 pub mod strategy;
 pub mod text;
 
-pub use alter::{parse_alter, parse_alter_for_plan, AlterSpec, PlanError};
+pub use alter::{parse_alter, parse_alter_for_plan, AlterSpec};
 pub use classify::{Analysis, Effect, LockMode};
+pub use error::{AlterError, PlanError};
 pub use strategy::{Step, Strategy};
 
 use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::catalog::{self, Table};
-use crate::cli::{PlanArgs, PlanFormat};
-use crate::conninfo;
-use crate::migrate::error::MigrateError;
-use crate::migrate::run::connect;
 
 /// The plan as printed by `shadow-alter plan --format json` (field names are a stable interface).
 #[derive(Debug, Clone, Serialize)]
@@ -55,9 +51,9 @@ pub struct Plan {
 
 /// Look up the table and plan `alter` for it, on `client` (a session of its own: the planner
 /// creates temporary tables in it).
-pub async fn build(client: &Client, table_name: &str, alter: &str) -> Result<Plan, MigrateError> {
+pub async fn build(client: &Client, table_name: &str, alter: &str) -> Result<Plan, PlanError> {
     let oid = catalog::resolve(client, table_name).await?.ok_or_else(|| {
-        MigrateError::BadInput(format!(
+        PlanError::BadInput(format!(
             "table {table_name} does not exist (or is not on the search_path)"
         ))
     })?;
@@ -65,26 +61,25 @@ pub async fn build(client: &Client, table_name: &str, alter: &str) -> Result<Pla
     match (table.relkind, table.persistence) {
         ('r', 'p') | ('r', 'u') => {}
         ('p', _) => {
-            return Err(MigrateError::Preflight(format!(
+            return Err(PlanError::Refused(format!(
                 "{} is a partitioned table; planning for partitioned tables is not supported yet",
                 table.qualified()
             )))
         }
         ('r', _) => {
-            return Err(MigrateError::Preflight(format!(
+            return Err(PlanError::Refused(format!(
                 "{} is a temporary table",
                 table.qualified()
             )))
         }
         _ => {
-            return Err(MigrateError::BadInput(format!(
+            return Err(PlanError::BadInput(format!(
                 "{} is not a table",
                 table.qualified()
             )))
         }
     }
-    let spec = parse_alter_for_plan(alter, &table.schema, &table.name)
-        .map_err(|e| MigrateError::BadInput(e.to_string()))?;
+    let spec = parse_alter_for_plan(alter, &table.schema, &table.name)?;
     let real = classify::read_real(client, &table).await?;
     let mut analyses = classify::analyse(client, &table, &spec, &real).await?;
     let decision = strategy::decide(&table, &spec, &analyses, &real);
@@ -111,33 +106,4 @@ pub async fn build(client: &Client, table_name: &str, alter: &str) -> Result<Pla
         table_info: table,
         spec,
     })
-}
-
-/// `shadow-alter plan`: print the plan; change nothing.
-pub async fn command(args: PlanArgs) -> Result<(), MigrateError> {
-    let config = conninfo::resolve(args.conn.database_url.as_deref())
-        .map_err(|e| MigrateError::BadInput(e.to_string()))?;
-    let client = connect(&config, "planning").await?;
-    client
-        .batch_execute("SET application_name = 'shadow-alter plan'")
-        .await
-        .map_err(|e| MigrateError::Db {
-            context: "setting up the planner session".into(),
-            source: e,
-        })?;
-    let plan = build(&client, &args.table, &args.alter).await?;
-    let out = match args.format {
-        PlanFormat::Json => serde_json::to_string_pretty(&plan)
-            .map_err(|e| MigrateError::Internal(format!("rendering the plan as JSON: {e}")))?,
-        PlanFormat::Text => text::render(&plan),
-    };
-    // `plan ... | head` closes stdout early: that is not an error worth a panic
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    match writeln!(stdout, "{out}").and_then(|()| stdout.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(MigrateError::Internal(
-            format!("writing the plan to stdout: {e}"),
-        )),
-        _ => Ok(()),
-    }
 }

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use clap::Parser;
-use shadow_alter::cli::{Cli, Command, RunArgs};
-use shadow_alter::migrate::MigrateError;
+use shadow_alter::cli::{Cli, Command};
+use shadow_alter::engine::{EngineError, RunConfig};
 
 /// `shadow-alter run --database-url URL --table T --alter A --progress none <extra...>`.
-pub fn run_args(url: &str, table: &str, alter: &str, extra: &[&str]) -> RunArgs {
+pub fn run_args(url: &str, table: &str, alter: &str, extra: &[&str]) -> RunConfig {
     let mut argv = vec![
         "shadow-alter",
         "run",
@@ -24,25 +24,25 @@ pub fn run_args(url: &str, table: &str, alter: &str, extra: &[&str]) -> RunArgs 
     ];
     argv.extend_from_slice(extra);
     match Cli::try_parse_from(argv).expect("valid arguments").command {
-        Command::Run(a) => a,
+        Command::Run(a) => a.into(),
         _ => unreachable!("run"),
     }
 }
 
 /// Run a migration in-process, with logs in the test output and a 180 s deadline.
-pub async fn run(a: RunArgs) -> Result<(), MigrateError> {
+pub async fn run(a: RunConfig) -> Result<(), EngineError> {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("shadow_alter=info")
         .try_init();
-    tokio::time::timeout(Duration::from_secs(180), shadow_alter::migrate::run(a))
+    tokio::time::timeout(Duration::from_secs(180), shadow_alter::engine::run(a))
         .await
         .expect("the migration hung for 180s")
 }
 
 /// Arguments for suites that exercise the shadow copy and swap (tests/plan.rs covers the
 /// copy-free strategies).
-pub fn shadow_copy_args(url: &str, table: &str, alter: &str) -> RunArgs {
+pub fn shadow_copy_args(url: &str, table: &str, alter: &str) -> RunConfig {
     run_args(
         url,
         table,
@@ -56,4 +56,11 @@ pub fn shadow_copy_args(url: &str, table: &str, alter: &str) -> RunArgs {
             "shadow-copy",
         ],
     )
+}
+
+/// A shadow-copy run of `alter` on `table` that must be refused; its error.
+pub async fn refused(url: &str, table: &str, alter: &str) -> EngineError {
+    run(shadow_copy_args(url, table, alter))
+        .await
+        .expect_err("the run must refuse")
 }

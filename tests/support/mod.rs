@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod migration;
+pub mod process;
 pub mod proxy;
 pub mod workload;
 
@@ -176,4 +177,33 @@ where
 /// Path of the built `shadow-alter` binary (for end-to-end tests through the CLI).
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_shadow-alter"))
+}
+
+/// The qualified name of the shadow table of a run on `table` (in the run's work schema).
+pub async fn shadow_of(c: &tokio_postgres::Client, table: &str) -> String {
+    c.query_one(
+        "SELECT format('\"%s\".\"%s\"', 'shadow_alter_' || c.oid, replace(c.relname, '\"', '\"\"'))
+         FROM pg_class c WHERE c.oid = $1::text::regclass",
+        &[&table],
+    )
+    .await
+    .expect("the table exists")
+    .get(0)
+}
+
+/// A single number from a query (`SELECT count(*) ...`).
+pub async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+/// The type of a column (`format_type`), None when the column is not there.
+pub async fn column_type(c: &tokio_postgres::Client, table: &str, column: &str) -> Option<String> {
+    c.query_opt(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+         WHERE attrelid = $1::text::regclass AND attname = $2 AND NOT attisdropped",
+        &[&table, &column],
+    )
+    .await
+    .expect("column type")
+    .map(|r| r.get(0))
 }

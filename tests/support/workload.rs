@@ -187,11 +187,25 @@ pub async fn assert_nothing_left(c: &Client) {
     assert_eq!(pubs, 0, "a publication was left behind");
     let shadows: i64 = c
         .query_one(
-            "SELECT count(*) FROM pg_class WHERE relname LIKE '%\\_\\_sa\\_new'",
+            "SELECT count(*) FROM pg_class WHERE obj_description(oid, 'pg_class') LIKE 'shadow-alter shadow%'",
             &[],
         )
         .await
         .unwrap()
         .get(0);
     assert_eq!(shadows, 0, "a shadow table was left behind");
+    let schemas: Vec<String> = c
+        .query(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'shadow\\_alter\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        schemas.is_empty(),
+        "work schemas were left behind: {schemas:?}"
+    );
 }

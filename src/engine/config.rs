@@ -1,0 +1,47 @@
+//! What a run is asked to do: the engine's own settings, filled from the command line by `cli`
+//! (or by a program using the library).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::progress::ProgressMode;
+
+/// Which way to carry out the ALTER.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Whatever the plan chooses (direct, online steps or the shadow copy).
+    #[default]
+    Auto,
+    /// Always the shadow copy and swap.
+    ShadowCopy,
+}
+
+/// One migration's settings (see `shadow-alter run --help` for each).
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Connection string (URL or key=value), else DATABASE_URL and the PG* variables.
+    pub database_url: Option<String>,
+    pub table: String,
+    pub alter: String,
+    pub chunk_size: u64,
+    pub chunk_pause: Duration,
+    pub lock_timeout: Duration,
+    pub swap_attempts: u32,
+    pub drop_old: bool,
+    pub soak: Option<Duration>,
+    pub progress: ProgressMode,
+    /// Admin consoles of the proxies to hold during each swap attempt.
+    pub proxies: Vec<String>,
+    pub max_pause: Duration,
+    pub postpone_cutover: bool,
+    pub cutover_window: Option<String>,
+    pub timezone: String,
+    pub verify: bool,
+    pub verify_every: Duration,
+    pub strategy: Strategy,
+    pub pause_file: Option<PathBuf>,
+    pub max_replica_lag: Option<Duration>,
+    pub throttle_retained_wal: Option<u64>,
+    pub max_retained_wal: Option<u64>,
+    pub throttle_query: Option<String>,
+}

@@ -1,0 +1,394 @@
+//! Guardrails: whether the run may go on, must wait, or must stop.
+//!
+//! One task (`spawn`) evaluates the limits every `CHECK_EVERY` on its own session and publishes a
+//! verdict through a watch channel: copy workers wait before each chunk while it says
+//! "throttled", the catch-up loop holds the swap while it does, and the run stops (cleaning up,
+//! exit 7) when it says "stop". What is checked:
+//!
+//! - `--pause-file`: pause while the file exists;
+//! - `--max-replica-lag`: throttle while a standby's replay (or write) lag is larger; our own
+//!   walsenders (slots named `shadow_alter_*`) do not count;
+//! - `--throttle-retained-wal`: throttle while the WAL retained by our slot
+//!   (`pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)`) is larger;
+//! - `--throttle-query`: throttle while the user's query returns true;
+//! - `--max-retained-wal`: stop before our slot retains more than this (and when the server has
+//!   already invalidated the slot, `wal_status = 'lost'`).
+//!
+//! During the copy the slot's position cannot advance (the stream is applied after the copy), so
+//! throttling only slows the growth of retained WAL (the copy's own writes); the hard limit is
+//! what protects the disk. Invariant: the guard never changes anything in the database except
+//! the `throttled` column of its own migration row.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+use crate::db::{describe, Ctx};
+use crate::engine::config::RunConfig;
+use crate::engine::error::EngineError;
+use crate::progress::fmt_bytes;
+
+/// How often the limits are evaluated.
+const CHECK_EVERY: Duration = Duration::from_millis(500);
+/// Longest one evaluation may take (the user's query included).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The limits a run was given.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    pub pause_file: Option<PathBuf>,
+    pub max_replica_lag: Option<Duration>,
+    pub throttle_retained_wal: Option<u64>,
+    pub max_retained_wal: Option<u64>,
+    pub throttle_query: Option<String>,
+}
+
+impl Limits {
+    /// From the command line; refuses contradictory limits.
+    pub fn from_config(a: &RunConfig) -> Result<Limits, EngineError> {
+        let soft = a
+            .throttle_retained_wal
+            .or(a.max_retained_wal.map(|hard| hard / 2));
+        if let (Some(s), Some(h)) = (a.throttle_retained_wal, a.max_retained_wal) {
+            if s >= h {
+                return Err(EngineError::BadInput(format!(
+                    "--throttle-retained-wal ({}) must be below --max-retained-wal ({}): the run would stop before it slowed down",
+                    fmt_bytes(s as i64),
+                    fmt_bytes(h as i64)
+                )));
+            }
+        }
+        if a.max_retained_wal == Some(0) {
+            return Err(EngineError::BadInput(
+                "--max-retained-wal must be more than 0 bytes".into(),
+            ));
+        }
+        if let Some(q) = &a.throttle_query {
+            if q.trim().is_empty() {
+                return Err(EngineError::BadInput(
+                    "--throttle-query is empty; give a query returning one boolean".into(),
+                ));
+            }
+        }
+        Ok(Limits {
+            pause_file: a.pause_file.clone(),
+            max_replica_lag: a.max_replica_lag,
+            throttle_retained_wal: soft,
+            max_retained_wal: a.max_retained_wal,
+            throttle_query: a.throttle_query.clone(),
+        })
+    }
+
+    fn any(&self) -> bool {
+        self.pause_file.is_some()
+            || self.max_replica_lag.is_some()
+            || self.throttle_retained_wal.is_some()
+            || self.max_retained_wal.is_some()
+            || self.throttle_query.is_some()
+    }
+}
+
+/// What the guard says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Verdict {
+    #[default]
+    Go,
+    Throttle(String),
+    Stop(String),
+}
+
+/// Before anything is created: run the throttle query once (it must return one boolean) and warn
+/// when nothing bounds the WAL a slot may retain.
+pub async fn preflight(client: &Client, limits: &Limits) -> Result<(), EngineError> {
+    if let Some(q) = &limits.throttle_query {
+        user_query(client, q)
+            .await
+            .map_err(|e| EngineError::BadInput(format!("--throttle-query: {e}")))?;
+    }
+    let keep: i64 = client
+        .query_one(
+            "SELECT pg_size_bytes(current_setting('max_slot_wal_keep_size'))",
+            &[],
+        )
+        .await
+        .ctx("reading max_slot_wal_keep_size")?
+        .get(0);
+    if keep < 0 {
+        if limits.max_retained_wal.is_none() {
+            tracing::warn!(
+                "max_slot_wal_keep_size is -1 (unlimited): the replication slot of this run retains WAL until the \
+                 stream has applied it, so a stalled run could fill the disk; set --max-retained-wal (or \
+                 max_slot_wal_keep_size on the server)"
+            );
+        } else {
+            tracing::warn!(
+                "max_slot_wal_keep_size is -1 (unlimited): only --max-retained-wal bounds the WAL this run retains"
+            );
+        }
+    } else if let Some(h) = limits.max_retained_wal {
+        if h as i64 > keep {
+            tracing::warn!(
+                "--max-retained-wal ({}) is above max_slot_wal_keep_size ({}): the server invalidates the slot first, \
+                 which also stops the run",
+                fmt_bytes(h as i64),
+                fmt_bytes(keep)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The user's query, which must return exactly one boolean.
+async fn user_query(client: &Client, q: &str) -> Result<bool, String> {
+    let rows = client.query(q, &[]).await.map_err(|e| describe(&e))?;
+    match rows.as_slice() {
+        [r] if r.len() == 1 => r
+            .try_get::<_, Option<bool>>(0)
+            .map(|b| b.unwrap_or(false))
+            .map_err(|_| "the query must return a boolean".to_string()),
+        _ => Err(format!(
+            "the query must return one row with one boolean column (it returned {} rows)",
+            rows.len()
+        )),
+    }
+}
+
+/// One evaluation of every limit.
+pub async fn check(client: &Client, limits: &Limits, slot: &str) -> Result<Verdict, EngineError> {
+    if limits.max_retained_wal.is_some() || limits.throttle_retained_wal.is_some() {
+        let row = client
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8, coalesce(wal_status, '')
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .ctx("reading the WAL retained by the replication slot")?;
+        if let Some(r) = row {
+            let retained: Option<i64> = r.get(0);
+            let status: String = r.get(1);
+            if status == "lost" {
+                return Ok(Verdict::Stop(format!(
+                    "the server removed WAL that replication slot {slot} still needed (max_slot_wal_keep_size); \
+                     the change stream cannot be complete"
+                )));
+            }
+            let retained = retained.unwrap_or(0).max(0) as u64;
+            if let Some(hard) = limits.max_retained_wal {
+                if retained >= hard {
+                    return Ok(Verdict::Stop(format!(
+                        "replication slot {slot} retains {} of WAL, reaching --max-retained-wal {}; \
+                         rerun when writes are lighter, with a larger limit or more disk",
+                        fmt_bytes(retained as i64),
+                        fmt_bytes(hard as i64)
+                    )));
+                }
+            }
+            if let Some(soft) = limits.throttle_retained_wal {
+                if retained >= soft {
+                    return Ok(Verdict::Throttle(format!(
+                        "retained WAL {} is above {}",
+                        fmt_bytes(retained as i64),
+                        fmt_bytes(soft as i64)
+                    )));
+                }
+            }
+        }
+    }
+    if let Some(path) = &limits.pause_file {
+        if tokio::fs::try_exists(path).await.unwrap_or(false) {
+            return Ok(Verdict::Throttle(format!(
+                "pause file {} exists",
+                path.display()
+            )));
+        }
+    }
+    if let Some(max) = limits.max_replica_lag {
+        let r = client
+            .query_one(
+                "SELECT max(extract(epoch FROM coalesce(r.replay_lag, r.write_lag)))::float8,
+                        (array_agg(coalesce(nullif(r.application_name, ''), r.client_addr::text, r.pid::text)
+                                   ORDER BY coalesce(r.replay_lag, r.write_lag) DESC NULLS LAST))[1]
+                 FROM pg_stat_replication r
+                 WHERE r.pid NOT IN (SELECT active_pid FROM pg_replication_slots
+                                     WHERE slot_name LIKE 'shadow\\_alter\\_%' AND active_pid IS NOT NULL)",
+                &[],
+            )
+            .await
+            .ctx("reading standby lag from pg_stat_replication")?;
+        let lag: Option<f64> = r.get(0);
+        if let Some(lag) = lag.filter(|l| *l > max.as_secs_f64()) {
+            return Ok(Verdict::Throttle(format!(
+                "standby {} lags {lag:.1}s (limit {:.1}s)",
+                r.get::<_, Option<String>>(1).unwrap_or_default(),
+                max.as_secs_f64()
+            )));
+        }
+    }
+    if let Some(q) = &limits.throttle_query {
+        match user_query(client, q).await {
+            Ok(true) => return Ok(Verdict::Throttle("--throttle-query returned true".into())),
+            Ok(false) => {}
+            Err(e) => {
+                // a failing check must not let the copy run unchecked
+                return Ok(Verdict::Throttle(format!("--throttle-query failed: {e}")));
+            }
+        }
+    }
+    Ok(Verdict::Go)
+}
+
+/// The copy's and the catch-up loop's view of the guard.
+#[derive(Debug, Clone)]
+pub struct Gate(Option<watch::Receiver<Verdict>>);
+
+impl Gate {
+    /// A gate that is always open (no limits given).
+    pub fn open() -> Gate {
+        Gate(None)
+    }
+
+    /// Wait while throttled. Returns at once when open, or when the guard says stop (the run
+    /// notices that through `stopped`).
+    pub async fn wait_open(&mut self) {
+        let Some(rx) = &mut self.0 else { return };
+        loop {
+            if !matches!(*rx.borrow_and_update(), Verdict::Throttle(_)) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Why we wait now, if we do.
+    pub fn throttled(&self) -> Option<String> {
+        match self.0.as_ref().map(|rx| rx.borrow().clone()) {
+            Some(Verdict::Throttle(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Why the guard stopped the run, if it did.
+    pub fn stop_reason(&self) -> Option<String> {
+        match self.0.as_ref().map(|rx| rx.borrow().clone()) {
+            Some(Verdict::Stop(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Resolves when the guard says stop, with its reason (never without a guard).
+    pub async fn stopped(&mut self) -> String {
+        if let Some(rx) = &mut self.0 {
+            loop {
+                if let Verdict::Stop(r) = &*rx.borrow_and_update() {
+                    return r.clone();
+                }
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        }
+        std::future::pending::<String>().await
+    }
+
+    /// Resolves at the next change of the verdict (never without a guard).
+    pub async fn changed(&mut self) {
+        if let Some(rx) = &mut self.0 {
+            if rx.changed().await.is_ok() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    }
+}
+
+/// One check under a deadline; a failing check throttles (it must not let the copy run unchecked).
+async fn evaluate(client: &Client, limits: &Limits, slot: &str) -> Verdict {
+    match tokio::time::timeout(CHECK_TIMEOUT, check(client, limits, slot)).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => Verdict::Throttle(format!("guardrail check failed: {e}")),
+        Err(_) => Verdict::Throttle(format!(
+            "guardrail check took longer than {CHECK_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// The guard's task; stops when dropped.
+pub struct GuardTask(Option<JoinHandle<()>>);
+
+impl Drop for GuardTask {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// Start the guard for a run whose slot is `slot`. Without limits, an always-open gate and no task.
+pub async fn spawn(
+    config: &tokio_postgres::Config,
+    limits: Limits,
+    slot: String,
+    table_oid: u32,
+) -> Result<(Gate, GuardTask), EngineError> {
+    if !limits.any() {
+        return Ok((Gate::open(), GuardTask(None)));
+    }
+    let client = crate::db::connect(config, "checking the guardrails").await?;
+    client
+        .batch_execute(
+            "SET application_name = 'shadow-alter guard'; SET statement_timeout = '5s'; SET lock_timeout = '1s'",
+        )
+        .await
+        .ctx("setting up the guardrail session")?;
+    // the first verdict is in place before any chunk is copied
+    let v0 = evaluate(&client, &limits, &slot).await;
+    let (tx, rx) = watch::channel(v0.clone());
+    let mut first = Some(v0);
+    let handle = tokio::spawn(async move {
+        let mut shown = Verdict::Go;
+        loop {
+            let verdict = match first.take() {
+                Some(v) => v,
+                None => evaluate(&client, &limits, &slot).await,
+            };
+            if verdict != shown {
+                let throttled = match &verdict {
+                    Verdict::Go => {
+                        tracing::info!("no longer throttled: resuming");
+                        None
+                    }
+                    Verdict::Throttle(r) => {
+                        tracing::warn!("throttled: {r}");
+                        Some(format!("throttled: {r}"))
+                    }
+                    Verdict::Stop(r) => {
+                        tracing::error!("stopping: {r}");
+                        Some(format!("stopping: {r}"))
+                    }
+                };
+                if let Err(e) = client
+                    .execute(
+                        "UPDATE shadow_alter.migrations SET throttled = $2, updated_at = now() WHERE table_oid = $1",
+                        &[&table_oid, &throttled],
+                    )
+                    .await
+                {
+                    tracing::warn!("could not record the throttle state: {e}");
+                }
+                shown = verdict.clone();
+                let stop = matches!(verdict, Verdict::Stop(_));
+                if tx.send(verdict).is_err() || stop {
+                    return;
+                }
+            }
+            tokio::time::sleep(CHECK_EVERY).await;
+        }
+    });
+    Ok((Gate(Some(rx)), GuardTask(Some(handle))))
+}

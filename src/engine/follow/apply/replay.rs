@@ -1,0 +1,356 @@
+//! Idempotent apply, for the part of the stream a resumed run replays over rows the shadow may
+//! already hold in a newer state (rows copied after the resume, under a later snapshot S).
+//!
+//! Every change is turned into whole rows, so nothing is taken from the shadow:
+//! - an insert is an upsert of the row on the key;
+//! - an update removes the row at its old key when the key changed, then upserts the new row.
+//!   Unchanged TOAST values ('u') are read from the source *as of S*, at the new key, through
+//!   the snapshot the resumed copy used (`SnapshotReader`). When S has no row at that key, the
+//!   new row is not written: the key is empty at S, so a later change in the replay removes
+//!   whatever is there;
+//! - a delete removes the row if it is there;
+//! - a truncate truncates.
+//!
+//! Why replaying every change from the slot's position ends, at S, with the shadow equal to the
+//! source at S: take any key k. If some change up to S touches k, the last one decides: a
+//! delete, or a move away from k, leaves k empty (and so does the source at S); an insert or an
+//! update into k writes the whole row, and its unchanged TOAST values are those of the same
+//! source row at S, because no later change touched that row (it would have touched k). If no
+//! change touches k, the shadow's row at k came from the copy: rows before the watermark were
+//! exact at the slot's position and nothing changed them since; rows after it were copied at S.
+//! The shadow's own content is never trusted: after key reuse (two keys swapped through a
+//! temporary one) the row at a key may be another source row, and its unchanged TOAST value
+//! would be someone else's. Row counts are not checked here, so the strict mode takes over
+//! from S on. A run killed during the replay copies again after the watermark under a new
+//! snapshot and replays from where it got (`run.rs`): the argument holds again for the new S.
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::window::KeyValue;
+use super::{Applier, Change};
+use crate::db::Ctx;
+use crate::engine::error::EngineError;
+use crate::replication::{Lsn, TupleValue};
+use crate::sql::{quote_ident, quote_literal};
+
+/// Reads source rows as of the resumed copy's snapshot. `holder` keeps the exported snapshot
+/// alive (an open transaction that reads nothing, so it holds no lock on the table); each read
+/// is a short transaction of its own on `reader` that imports it.
+pub struct SnapshotReader {
+    holder: Client,
+    reader: Client,
+    snapshot: String,
+    /// The table's relfilenode, read before the snapshot was taken.
+    filenode: u32,
+}
+
+impl SnapshotReader {
+    pub fn new(holder: Client, reader: Client, snapshot: String, filenode: u32) -> SnapshotReader {
+        SnapshotReader {
+            holder,
+            reader,
+            snapshot,
+            filenode,
+        }
+    }
+
+    /// When the table's storage changed since the snapshot (a TRUNCATE, which is not MVCC-safe:
+    /// reads under the older snapshot see an empty table), the current WAL position: every
+    /// change before it may reach rows the replay could not write.
+    pub async fn truncated_since(&self, oid: u32) -> Result<Option<Lsn>, EngineError> {
+        truncated_since(&self.reader, oid, self.filenode).await
+    }
+
+    /// The text values of `columns` of the source row with `key`, as of the snapshot.
+    async fn row(
+        &self,
+        source: &str,
+        columns: &[(String, String)],
+        key_pos: &[usize],
+        key: &KeyValue,
+    ) -> Result<Option<Vec<Option<String>>>, EngineError> {
+        let cond: Vec<String> = key_pos
+            .iter()
+            .zip(key)
+            .map(|(&p, v)| {
+                let (name, ty) = &columns[p];
+                match v {
+                    Some(v) => format!("{} = {}::{ty}", quote_ident(name), quote_literal(v)),
+                    None => format!("{} IS NULL", quote_ident(name)),
+                }
+            })
+            .collect();
+        let select: Vec<String> = columns
+            .iter()
+            .map(|(name, _)| format!("{}::text", quote_ident(name)))
+            .collect();
+        let sql = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
+             SELECT {} FROM ONLY {source} WHERE {}; COMMIT",
+            quote_literal(&self.snapshot),
+            select.join(", "),
+            cond.join(" AND ")
+        );
+        let mut attempt = 0u32;
+        let messages = loop {
+            match self.reader.simple_query(&sql).await {
+                Ok(m) => break m,
+                Err(e) => {
+                    let _ = self.reader.batch_execute("ROLLBACK").await;
+                    // a strong lock on the source (a TRUNCATE or DDL waiting): back off, never queue
+                    if e.code().map(|c| c.code()) == Some("55P03") && attempt < 30 {
+                        attempt += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(
+                            100 * u64::from(attempt),
+                        ))
+                        .await;
+                        continue;
+                    }
+                    return Err(e).ctx("reading a source row as of the resumed copy's snapshot")?;
+                }
+            }
+        };
+        for m in messages {
+            if let SimpleQueryMessage::Row(r) = m {
+                let values = (0..columns.len())
+                    .map(|i| r.get(i).map(str::to_string))
+                    .collect();
+                return Ok(Some(values));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the snapshot's holder is still there (it is what keeps the snapshot valid).
+    pub fn is_alive(&self) -> bool {
+        !self.holder.is_closed()
+    }
+}
+
+/// The table's current relfilenode.
+pub async fn filenode(client: &Client, oid: u32) -> Result<u32, EngineError> {
+    Ok(client
+        .query_one(
+            "SELECT coalesce(pg_relation_filenode($1::oid), 0)::oid",
+            &[&oid],
+        )
+        .await
+        .ctx("reading the table's relfilenode")?
+        .get(0))
+}
+
+/// The current WAL insert position when the table's relfilenode is no longer `before`.
+pub async fn truncated_since(
+    client: &Client,
+    oid: u32,
+    before: u32,
+) -> Result<Option<Lsn>, EngineError> {
+    let r = client
+        .query_one(
+            "SELECT coalesce(pg_relation_filenode($1::oid), 0)::oid, pg_current_wal_insert_lsn()::text",
+            &[&oid],
+        )
+        .await
+        .ctx("checking whether the table was truncated")?;
+    let now: u32 = r.get(0);
+    if now == before {
+        return Ok(None);
+    }
+    Ok(Some(Lsn::parse(&r.get::<_, String>(1)).ok_or_else(
+        || EngineError::Internal("unreadable WAL position".into()),
+    )?))
+}
+
+/// A source row as SQL: `(SELECT <v0> AS "c0", ...) AS s`, with text parameters; its key values
+/// are parameters 1..=k (for lookups), the other values follow.
+struct Row {
+    from: String,
+    params: Vec<Option<String>>,
+}
+
+impl Applier {
+    /// The whole row `tuple` (no unchanged TOAST values left in it) as SQL.
+    fn replay_row(&self, tuple: &[TupleValue]) -> Result<Row, EngineError> {
+        let key = self.key_of(tuple)?;
+        // the key parameters are always referenced, so the server can type them
+        let mut values: Vec<String> = (1..=key.len())
+            .map(|i| format!("${i}::text AS __sa_k{i}"))
+            .collect();
+        let mut params: Vec<Option<String>> = key;
+        for (i, (name, ty)) in self.columns.iter().enumerate() {
+            let sql = match tuple.get(i).unwrap_or(&TupleValue::Null) {
+                TupleValue::Unchanged => {
+                    return Err(EngineError::Internal(
+                        "an unchanged TOAST value reached a whole-row replay".into(),
+                    ))
+                }
+                TupleValue::Null => format!("NULL::{ty}"),
+                v @ TupleValue::Text(_) => {
+                    params.push(Self::text(v)?);
+                    format!("${}::text::{ty}", params.len())
+                }
+            };
+            values.push(format!("{sql} AS {}", quote_ident(name)));
+        }
+        Ok(Row {
+            from: format!("(SELECT {}) AS s", values.join(", ")),
+            params,
+        })
+    }
+
+    /// `(t.k1, ...) = (SELECT <shadow key exprs> FROM (<source key at $first..>) AS s)`.
+    fn shadow_key_match(&self, first: usize) -> String {
+        let src: Vec<String> = self
+            .key_pos
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                let (name, ty) = &self.columns[p];
+                format!("${}::text::{ty} AS {}", first + i, quote_ident(name))
+            })
+            .collect();
+        let exprs = self.mapping.shadow_key_exprs();
+        let cols: Vec<String> = self
+            .mapping
+            .shadow_key
+            .iter()
+            .map(|c| format!("t.{}", quote_ident(c)))
+            .collect();
+        format!(
+            "({}) = (SELECT {} FROM (SELECT {}) AS s)",
+            cols.join(", "),
+            exprs.join(", "),
+            src.join(", ")
+        )
+    }
+
+    async fn replay_exec(
+        &mut self,
+        sql: &str,
+        params: &[Option<String>],
+    ) -> Result<u64, EngineError> {
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        self.client
+            .execute(sql, &refs)
+            .await
+            .map_err(|e| self.apply_error("replayed change", "(replay)", e))
+    }
+
+    /// Remove the row at `key` if it is there.
+    async fn replay_delete(&mut self, key: &KeyValue) -> Result<(), EngineError> {
+        let sql = format!(
+            "DELETE FROM {} AS t WHERE {}",
+            self.shadow,
+            self.shadow_key_match(1)
+        );
+        self.replay_exec(&sql, key).await.map(|_| ())
+    }
+
+    /// Insert the whole row, or overwrite every column of the row with its key.
+    async fn replay_upsert(&mut self, tuple: &[TupleValue]) -> Result<(), EngineError> {
+        let row = self.replay_row(tuple)?;
+        let keys: Vec<String> = self
+            .mapping
+            .shadow_key
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect();
+        let sets: Vec<String> = self
+            .mapping
+            .targets
+            .iter()
+            .filter(|t| !self.mapping.shadow_key.contains(&t.column))
+            .map(|t| format!("{0} = EXCLUDED.{0}", quote_ident(&t.column)))
+            .collect();
+        let conflict = if sets.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {}", sets.join(", "))
+        };
+        let sql = format!(
+            "INSERT INTO {} ({}){} SELECT {} FROM {} ON CONFLICT ({}) {conflict}",
+            self.shadow,
+            self.mapping.column_list(),
+            self.mapping.overriding_clause(),
+            self.mapping.expr_list(),
+            row.from,
+            keys.join(", ")
+        );
+        self.replay_exec(&sql, &row.params).await.map(|_| ())
+    }
+
+    /// `new` with its unchanged TOAST values filled in from the source as of the replay's
+    /// snapshot, or None when the snapshot has no row at its key.
+    async fn whole_row(
+        &mut self,
+        new: &[TupleValue],
+    ) -> Result<Option<Vec<TupleValue>>, EngineError> {
+        if !new.iter().any(|v| matches!(v, TupleValue::Unchanged)) {
+            return Ok(Some(new.to_vec()));
+        }
+        let reader = self.replay_source.as_ref().ok_or_else(|| {
+            EngineError::Internal(
+                "a replayed update has unchanged TOAST values but no snapshot to read them from"
+                    .into(),
+            )
+        })?;
+        let key = self.key_of(new)?;
+        let Some(at_snapshot) = reader
+            .row(&self.source, &self.columns, &self.key_pos, &key)
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            new.iter()
+                .zip(at_snapshot)
+                .map(|(v, s)| match v {
+                    TupleValue::Unchanged => match s {
+                        Some(text) => TupleValue::Text(text.into_bytes().into()),
+                        None => TupleValue::Null,
+                    },
+                    other => other.clone(),
+                })
+                .collect(),
+        ))
+    }
+
+    /// Apply one change idempotently (see the module header).
+    pub async fn apply_idempotent(&mut self, change: &Change) -> Result<(), EngineError> {
+        if self.columns.is_empty() && !matches!(change, Change::Truncate) {
+            return Err(EngineError::Stream(
+                "a change arrived before its Relation message".into(),
+            ));
+        }
+        self.begin_if_needed().await?;
+        self.flush_window().await?;
+        self.settle_all().await?;
+        self.pending += 1;
+        match change {
+            Change::Truncate => {
+                self.client
+                    .batch_execute(&format!("TRUNCATE {}", self.shadow))
+                    .await
+                    .ctx("replaying a TRUNCATE")?;
+            }
+            Change::Insert(new) => self.replay_upsert(new).await?,
+            Change::Delete(old) => {
+                let key = self.key_of(old)?;
+                self.replay_delete(&key).await?;
+            }
+            Change::Update { old, new } => {
+                let old_key = self.key_of(old.as_ref().unwrap_or(new))?;
+                let new_key = self.key_of(new)?;
+                if old_key != new_key {
+                    self.replay_delete(&old_key).await?;
+                }
+                if let Some(row) = self.whole_row(new).await? {
+                    self.replay_upsert(&row).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,471 @@
+//! The follower: one task that reads the replication stream, applies each change to the shadow
+//! table in order, and reports progress (applied position, markers) to the rest of the run.
+//!
+//! Reading and applying happen in the same task, so the server's WAL is the only buffer: memory
+//! stays bounded however far behind we are. Target transactions end at source commit boundaries
+//! once a batch is large or old enough, or the stream has nothing more to give right now; only
+//! then does the applied position (and the flush position reported to the server) advance.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub mod apply;
+pub mod slot;
+
+use crate::catalog::Table;
+use crate::engine::error::{EngineError, WireCtx};
+use crate::names::Names;
+use crate::replication::{decode, LogicalMessage, Lsn, ReplicationConn, XLogMessage};
+use apply::{Applier, Change};
+
+/// Largest number of changes in one target transaction.
+const BATCH_CHANGES: usize = 5_000;
+/// Longest a target transaction stays open.
+const BATCH_AGE: Duration = Duration::from_millis(200);
+/// How often we tell the server where we are.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// Silence from the server longer than this is an error (it sends keepalives far more often).
+const SILENCE_LIMIT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Default)]
+pub struct FollowStats {
+    pub changes_applied: AtomicU64,
+    pub transactions_applied: AtomicU64,
+    /// End of WAL as last reported by the server.
+    pub server_end: AtomicU64,
+}
+
+pub struct Follower {
+    /// Everything up to this position is durably applied.
+    pub applied: watch::Receiver<Lsn>,
+    /// The last marker whose preceding changes are durably applied.
+    pub marker: watch::Receiver<u64>,
+    pub stats: Arc<FollowStats>,
+    stop: watch::Sender<bool>,
+    /// None once `stop` took it; dropping a running Follower aborts its task, which closes the
+    /// replication connection (and with it the temporary slot).
+    handle: Option<JoinHandle<Result<(), EngineError>>>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        if let Some(h) = &self.handle {
+            h.abort();
+        }
+    }
+}
+
+impl Follower {
+    pub fn start(
+        repl: ReplicationConn,
+        applier: Applier,
+        table: Table,
+        names: Names,
+        from: Lsn,
+        windows: Windows,
+        skip_until_message: Option<String>,
+    ) -> Follower {
+        let (applied_tx, applied) = watch::channel(from);
+        let (marker_tx, marker) = watch::channel(0u64);
+        let (stop, stop_rx) = watch::channel(false);
+        let stats = Arc::new(FollowStats::default());
+        let task = Task {
+            repl,
+            applier,
+            table,
+            names,
+            applied: applied_tx,
+            marker: marker_tx,
+            stats: stats.clone(),
+            replay_until: windows.replay_until,
+            replay_over: windows.replay_until.is_none(),
+            lenient_until: windows.lenient_until,
+            replaying: false,
+            skip_until_message,
+        };
+        let handle = tokio::spawn(task.run(stop_rx));
+        Follower {
+            applied,
+            marker,
+            stats,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Wait until the change stream has been applied up to marker `id`, or fail after `limit`.
+    pub async fn wait_marker(&mut self, id: u64, limit: Duration) -> Result<bool, EngineError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if *self.marker.borrow_and_update() >= id {
+                return Ok(true);
+            }
+            if self.is_finished() {
+                return Err(self.failure().await);
+            }
+            match tokio::time::timeout_at(deadline, self.marker.changed()).await {
+                Err(_) => return Ok(false),
+                Ok(Err(_)) => return Err(self.failure().await),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    /// The follower's own error once it has stopped.
+    pub async fn failure(&mut self) -> EngineError {
+        let Some(handle) = self.handle.take() else {
+            return EngineError::Internal("the change stream stopped".into());
+        };
+        match handle.await {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) => EngineError::Internal("the change stream stopped".into()),
+            Err(e) => EngineError::Internal(format!("the change stream task failed: {e}")),
+        }
+    }
+
+    /// Whether the task has stopped (with an error, since it only ends when asked).
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Stop following: commit what is applied and close the replication connection (which drops
+    /// the temporary slot).
+    pub async fn stop(mut self) -> Result<(), EngineError> {
+        let _ = self.stop.send(true);
+        let Some(handle) = self.handle.take() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(Duration::from_secs(30), handle).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(EngineError::Internal(format!(
+                "the change stream task failed: {e}"
+            ))),
+            Err(_) => Err(EngineError::Internal(
+                "the change stream did not stop within 30s".into(),
+            )),
+        }
+    }
+}
+
+/// How the stream is applied, by the commit position of each source transaction: replayed
+/// idempotently before `replay_until` (a resumed copy, `apply/replay.rs`), leniently before
+/// `lenient_until` (`Applier::set_lenient`), strictly after both.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Windows {
+    pub replay_until: Option<Lsn>,
+    pub lenient_until: Option<Lsn>,
+}
+
+/// How one source transaction is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Replay,
+    Lenient,
+    Strict,
+}
+
+impl Windows {
+    /// The mode of the source transaction that commits at `final_lsn`.
+    pub fn mode(&self, final_lsn: Lsn) -> Mode {
+        if self.replay_until.is_some_and(|u| final_lsn < u) {
+            Mode::Replay
+        } else if self.lenient_until.is_some_and(|u| final_lsn < u) {
+            Mode::Lenient
+        } else {
+            Mode::Strict
+        }
+    }
+}
+
+struct Task {
+    repl: ReplicationConn,
+    applier: Applier,
+    table: Table,
+    names: Names,
+    applied: watch::Sender<Lsn>,
+    marker: watch::Sender<u64>,
+    stats: Arc<FollowStats>,
+    /// Source transactions committed before this LSN are replayed idempotently (a resumed copy).
+    replay_until: Option<Lsn>,
+    /// The replay window is behind us (its snapshot let go).
+    replay_over: bool,
+    /// Source transactions committed before this LSN are applied leniently (a TRUNCATE ran while
+    /// the copy or the replay read the table under an older snapshot).
+    lenient_until: Option<Lsn>,
+    replaying: bool,
+    /// Changes before a logical message with this prefix are not applied (the reverse stream
+    /// of a soak window: before the swap's message, the new table was written by us only).
+    skip_until_message: Option<String>,
+}
+
+impl Task {
+    /// Once the stream is past the replay window: let its snapshot go, and when the table was
+    /// truncated meanwhile, widen the lenient window to now.
+    async fn end_replay(&mut self) -> Result<(), EngineError> {
+        self.replay_over = true;
+        if let Some(at) = self.applier.end_replay(self.table.oid).await? {
+            let until = self.lenient_until.map_or(at, |l| l.max(at));
+            tracing::warn!(
+                "{} was truncated while the resumed copy read it under an older snapshot; changes before {until} are applied leniently",
+                self.table.qualified()
+            );
+            self.lenient_until = Some(until);
+            self.applier.record_lenient_until(until);
+        }
+        Ok(())
+    }
+
+    /// Choose how the source transaction committing at `final_lsn` is applied.
+    async fn begin(&mut self, final_lsn: Lsn) -> Result<(), EngineError> {
+        let windows = Windows {
+            replay_until: self.replay_until,
+            lenient_until: self.lenient_until,
+        };
+        let mode = windows.mode(final_lsn);
+        self.replaying = mode == Mode::Replay;
+        if !self.replaying && !self.replay_over {
+            self.end_replay().await?;
+        }
+        self.applier.set_lenient(mode == Mode::Lenient).await
+    }
+
+    async fn apply(&mut self, change: &Change) -> Result<(), EngineError> {
+        if self.skip_until_message.is_some() {
+            return Ok(());
+        }
+        if self.replaying {
+            self.applier.apply_idempotent(change).await
+        } else {
+            self.applier.apply(change).await
+        }
+    }
+
+    async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), EngineError> {
+        let result = self.follow(&mut stop).await;
+        if result.is_ok() {
+            self.applier.commit().await?;
+        }
+        self.repl.close().await;
+        result
+    }
+
+    async fn follow(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), EngineError> {
+        let mut at = Cursor::new(*self.applied.borrow());
+        let mut lookahead: Option<XLogMessage> = None;
+        let mut status = tokio::time::interval(STATUS_EVERY);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let msg = match lookahead.take() {
+                Some(m) => m,
+                None => {
+                    tokio::select! {
+                        biased;
+                        _ = stop.changed() => return Ok(()),
+                        _ = status.tick() => {
+                            self.tick(&at).await?;
+                            continue;
+                        }
+                        r = tokio::time::timeout(SILENCE_LIMIT, self.repl.recv()) => match r {
+                            Ok(r) => r.ctx("reading the replication stream")?,
+                            Err(_) => return Err(EngineError::Silent(format!("no message from the walsender in {SILENCE_LIMIT:?}; the server or the network stopped answering"))),
+                        },
+                    }
+                }
+            };
+            match msg {
+                XLogMessage::Keepalive {
+                    end,
+                    reply_requested,
+                } => self.keepalive(&mut at, end, reply_requested).await?,
+                XLogMessage::Data { end, data, .. } => {
+                    at.received = at.received.max(end);
+                    let m = decode(&data).ctx("decoding a pgoutput message")?;
+                    lookahead = self.logical(&mut at, m).await?;
+                }
+            }
+        }
+    }
+
+    /// Once a second: commit a batch kept open for input that did not come (a keepalive was
+    /// waiting behind its last commit), at most a second late, and tell the server where we are.
+    async fn tick(&mut self, at: &Cursor) -> Result<(), EngineError> {
+        if !at.in_source_tx && self.applier.in_transaction() {
+            self.applier.commit().await?;
+            self.applied.send_replace(at.last_commit_end);
+        }
+        let applied = *self.applied.borrow();
+        self.repl
+            .send_status(at.received, applied, false)
+            .await
+            .ctx("sending a standby status update")
+    }
+
+    async fn keepalive(
+        &mut self,
+        at: &mut Cursor,
+        end: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), EngineError> {
+        at.received = at.received.max(end);
+        if !self.replay_over && !at.in_source_tx && self.replay_until.is_some_and(|u| end >= u) {
+            self.end_replay().await?;
+        }
+        self.stats.server_end.fetch_max(end.0, Ordering::Relaxed);
+        if !at.in_source_tx && !self.applier.in_transaction() {
+            // nothing of ours is open: everything the server has sent is applied
+            self.applied.send_if_modified(|a| {
+                let newer = end > *a;
+                if newer {
+                    *a = end;
+                }
+                newer
+            });
+        }
+        if reply_requested {
+            let applied = *self.applied.borrow();
+            self.repl
+                .send_status(at.received, applied, false)
+                .await
+                .ctx("answering a keepalive")?;
+        }
+        Ok(())
+    }
+
+    /// One pgoutput message; a message read ahead (to keep a batch open) is handed back.
+    async fn logical(
+        &mut self,
+        at: &mut Cursor,
+        m: LogicalMessage,
+    ) -> Result<Option<XLogMessage>, EngineError> {
+        let ours = self.table.oid;
+        let change = match m {
+            LogicalMessage::Begin { final_lsn, .. } => {
+                at.in_source_tx = true;
+                self.begin(final_lsn).await?;
+                if !self.applier.in_transaction() {
+                    at.batch_started = Instant::now();
+                }
+                None
+            }
+            LogicalMessage::Commit { end_lsn, .. } => return self.commit(at, end_lsn).await,
+            LogicalMessage::Relation { id, columns, .. } if id == ours => {
+                self.applier.set_relation(&self.table, &columns)?;
+                None
+            }
+            LogicalMessage::Insert { relation, new } if relation == ours => {
+                Some(Change::Insert(new))
+            }
+            LogicalMessage::Update { relation, old, new } if relation == ours => {
+                Some(Change::Update { old, new })
+            }
+            LogicalMessage::Delete { relation, old } if relation == ours => {
+                Some(Change::Delete(old))
+            }
+            LogicalMessage::Truncate { relations, .. } if relations.contains(&ours) => {
+                Some(Change::Truncate)
+            }
+            LogicalMessage::Message { prefix, .. }
+                if self.skip_until_message.as_deref() == Some(prefix.as_str()) =>
+            {
+                self.skip_until_message = None;
+                None
+            }
+            LogicalMessage::Message {
+                prefix, content, ..
+            } if prefix == self.names.marker_prefix => {
+                let id: u64 = std::str::from_utf8(&content)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                // everything committed before the marker is in the stream before it
+                self.applier.commit().await?;
+                self.applied.send_replace(at.last_commit_end);
+                self.marker.send_replace(id);
+                None
+            }
+            _ => None,
+        };
+        if let Some(change) = change {
+            self.apply(&change).await?;
+            self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(None)
+    }
+
+    /// A source commit: the batch ends here once it is full or old, or nothing more waits.
+    async fn commit(
+        &mut self,
+        at: &mut Cursor,
+        end_lsn: Lsn,
+    ) -> Result<Option<XLogMessage>, EngineError> {
+        at.in_source_tx = false;
+        at.last_commit_end = end_lsn;
+        self.applier.set_position(end_lsn);
+        self.stats
+            .transactions_applied
+            .fetch_add(1, Ordering::Relaxed);
+        let full =
+            self.applier.pending() >= BATCH_CHANGES || at.batch_started.elapsed() >= BATCH_AGE;
+        // more already waiting? keep the batch open unless it is full
+        if !full {
+            if let Some(next) = self.repl.recv().now_or_never() {
+                return Ok(Some(next.ctx("reading the replication stream")?));
+            }
+        }
+        self.applier.commit().await?;
+        self.applied.send_replace(at.last_commit_end);
+        Ok(None)
+    }
+}
+
+/// Where the follower is in the stream.
+struct Cursor {
+    /// The furthest position the server has sent.
+    received: Lsn,
+    in_source_tx: bool,
+    /// The end of the last source commit seen.
+    last_commit_end: Lsn,
+    /// When the open target transaction began.
+    batch_started: Instant,
+}
+
+impl Cursor {
+    fn new(from: Lsn) -> Cursor {
+        Cursor {
+            received: from,
+            in_source_tx: false,
+            last_commit_end: from,
+            batch_started: Instant::now(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transaction_is_replayed_then_lenient_then_strict_by_its_commit_position() {
+        let w = Windows {
+            replay_until: Some(Lsn(100)),
+            lenient_until: Some(Lsn(200)),
+        };
+        assert_eq!(w.mode(Lsn(99)), Mode::Replay);
+        assert_eq!(w.mode(Lsn(100)), Mode::Lenient);
+        assert_eq!(w.mode(Lsn(199)), Mode::Lenient);
+        assert_eq!(w.mode(Lsn(200)), Mode::Strict);
+        assert_eq!(Windows::default().mode(Lsn(1)), Mode::Strict);
+        // a lenient window inside the replay window changes nothing
+        let w = Windows {
+            replay_until: Some(Lsn(300)),
+            lenient_until: Some(Lsn(200)),
+        };
+        assert_eq!(w.mode(Lsn(250)), Mode::Replay);
+        assert_eq!(w.mode(Lsn(300)), Mode::Strict);
+    }
+}

@@ -1,0 +1,163 @@
+//! The orchestrator: one migration, stage by stage, in data-path order. Imported by nobody but
+//! the engine's root; each stage lives in its own module and hands a typed result to the next:
+//!
+//! ```text
+//! start::open        -> Prepared   (shadow, publication, slot; or a checkpoint to resume)
+//! copying::copy      -> Copied     (rows under the snapshot, indexes built after them)
+//! catch_up::follow   -> Following  (the stream applied, until the schedule allows the swap)
+//! swap::swap         -> ()         (verify, swap, helpers dropped, soak window)
+//! ```
+//!
+//! Before any of it: a run killed right after its swap is finished, and a plan that needs no
+//! copy is carried out without one (`engine::direct`). After it, whatever happened,
+//! `teardown::conclude` disposes of what the ledger lists.
+
+mod catch_up;
+mod copying;
+mod start;
+mod swap;
+
+use std::time::Instant;
+
+use crate::db::{connect, conninfo, Ctx};
+use crate::engine::config::{RunConfig, Strategy};
+use crate::engine::context::{Run, RunParts};
+use crate::engine::control::proxies::Proxies;
+use crate::engine::control::schedule::{Schedule, Window};
+use crate::engine::control::throttle::{self, Limits};
+use crate::engine::control::watch;
+use crate::engine::error::EngineError;
+use crate::engine::store::migrations::State;
+use crate::engine::{direct, preflight, teardown};
+use crate::names::Names;
+use crate::plan::{parse_alter, AlterSpec};
+use crate::progress::fmt_bytes;
+
+/// Carry out one migration (see the module header).
+pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
+    check_settings(&cfg)?;
+    let limits = Limits::from_config(&cfg)?;
+    let schedule = Schedule {
+        postpone: cfg.postpone_cutover,
+        window: match &cfg.cutover_window {
+            Some(w) => Some(
+                Window::parse(w)
+                    .map_err(|e| EngineError::BadInput(format!("--cutover-window {w}: {e}")))?,
+            ),
+            None => None,
+        },
+        timezone: cfg.timezone.clone(),
+    };
+    let proxies = Proxies::new(cfg.proxies.clone()).map_err(EngineError::BadInput)?;
+    let config =
+        conninfo::resolve(cfg.database_url.as_deref()).map_err(crate::db::DbError::from)?;
+    let started = Instant::now();
+    let control = connect(&config, "the control session").await?;
+    control
+        .batch_execute("SET synchronous_commit = local; SET application_name = 'shadow-alter'")
+        .await
+        .ctx("setting up the control session")?;
+    // A run that died right after its swap committed is finished first, whatever the strategy:
+    // planning against the already new table would not see it, and its slot would stay.
+    if start::finish_swapped(&control, &cfg).await? {
+        return Ok(());
+    }
+    // Most ALTERs need no copy: run direct and online-steps plans without one (a scheduled
+    // cutover asks for the shadow copy, which honours the schedule).
+    if cfg.strategy == Strategy::Auto
+        && !cfg.postpone_cutover
+        && cfg.cutover_window.is_none()
+        && direct::run_without_copy(&cfg, &config).await?
+    {
+        return Ok(());
+    }
+
+    preflight::check_server(&control).await?;
+    let table = preflight::load_table(&control, &cfg.table).await?;
+    let spec = parse_alter(&cfg.alter, &table.schema, &table.name)
+        .map_err(crate::plan::PlanError::from)?;
+    schedule.validate(&control).await?;
+    throttle::preflight(&control, &limits).await?;
+    preflight::lock_table(&control, &table).await?;
+    let names = Names::for_oid(table.oid, &table.schema, &table.name);
+    let resume = start::resumable_or_cleared(&control, &table, &names, &cfg.alter).await?;
+    let state = State::start(&control, &table, &cfg.alter).await?;
+    tracing::info!(
+        "migrating {} (~{} rows, {}) with: {}",
+        table.qualified(),
+        table.row_estimate,
+        fmt_bytes(table.size_bytes),
+        spec.subcommands.join("; ")
+    );
+
+    // Ctrl-C / SIGTERM, and `shadow-alter abort` written into the state table, both abort
+    let watchers = watch::spawn(&config, table.oid);
+    let mut run = Run::new(RunParts {
+        cfg: &cfg,
+        config: &config,
+        control: &control,
+        table: &table,
+        names: &names,
+        started,
+        state: &state,
+        schedule: &schedule,
+        proxies: &proxies,
+        limits,
+        requests: watchers.requests.clone(),
+        abort: watchers.abort.clone(),
+    });
+    let result = stages(&mut run, &spec, resume).await;
+    drop(watchers);
+    teardown::conclude(
+        &config,
+        &control,
+        &state,
+        &names,
+        &run.ledger,
+        table.oid,
+        &result,
+    )
+    .await;
+    result
+}
+
+/// The stages, in order; see the module header.
+async fn stages(
+    run: &mut Run<'_>,
+    spec: &AlterSpec,
+    resume: Option<crate::engine::store::checkpoints::Checkpoint>,
+) -> Result<(), EngineError> {
+    let mut prepared = start::open(run, spec, resume).await?;
+    // guardrails from now on: the slot exists and retains WAL
+    let (mut gate, _guard) = throttle::spawn(
+        run.config,
+        run.limits.clone(),
+        prepared.slot.clone(),
+        run.table.oid,
+    )
+    .await?;
+    let copied = copying::copy(run, &mut prepared, &mut gate).await?;
+    let mut following = catch_up::follow(run, prepared, copied).await?;
+    catch_up::until_cutover(run, &mut following, &mut gate).await?;
+    swap::swap(run, following, &mut gate).await
+}
+
+/// Settings no run could work with.
+fn check_settings(cfg: &RunConfig) -> Result<(), EngineError> {
+    if cfg.chunk_size == 0 {
+        return Err(EngineError::BadInput(
+            "--chunk-size must be at least 1".into(),
+        ));
+    }
+    if cfg.swap_attempts == 0 {
+        return Err(EngineError::BadInput(
+            "--swap-attempts must be at least 1".into(),
+        ));
+    }
+    if cfg.verify_every.is_zero() {
+        return Err(EngineError::BadInput(
+            "--verify-every must be more than 0 (e.g. 10m)".into(),
+        ));
+    }
+    Ok(())
+}

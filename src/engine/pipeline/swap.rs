@@ -1,0 +1,169 @@
+//! The swap stage: a last comparison when asked for, planner statistics for the new table, the
+//! reverse stream of a soak window, the swap itself (`cutover`), then the helpers dropped and,
+//! with `--soak`, the window in which the old table is kept in sync for a revert.
+//!
+//! Invariant: once the swap commits, the ledger says so and nothing after it can undo it;
+//! failures after it are reported, not fatal.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::catch_up::Following;
+use crate::db::{connect, describe};
+use crate::engine::context::Run;
+use crate::engine::control::throttle::Gate;
+use crate::engine::cutover::{self, SwapOptions, SwapOutcome};
+use crate::engine::error::EngineError;
+use crate::engine::soak;
+use crate::engine::store::migrations::Progress as StateProgress;
+use crate::engine::teardown::{self, AfterSwap, Created};
+use crate::engine::verify;
+use crate::names::OLD_INFIX;
+use crate::sql::quote_ident;
+
+pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Result<(), EngineError> {
+    if run.cfg.verify {
+        run.state.phase(run.control, "verify", None).await;
+        verify::check(run, &mut f.follower, &mut f.markers, &f.mapping).await?;
+    }
+    if let Some(reason) = gate.stop_reason() {
+        return Err(EngineError::Guardrail(reason));
+    }
+    run.check_abort()?;
+    analyze(run).await;
+    let soak = match &f.reverse {
+        Some(_) => {
+            run.ledger.record(Created::ReverseStream);
+            Some(soak::prepare(run.control, run.config, run.table, run.names).await?)
+        }
+        None => None,
+    };
+    run.state.phase(run.control, "cutover", None).await;
+    let mut swapper = connect(run.config, "the swap").await?;
+    let opts = SwapOptions {
+        lock_timeout: run.cfg.lock_timeout,
+        attempts: run.cfg.swap_attempts,
+        drain_timeout: Duration::from_secs(5).max(run.cfg.lock_timeout),
+        proxies: run.proxies,
+        max_pause: run.cfg.max_pause,
+        message: soak.as_ref().map(|s| s.message.clone()),
+        old_infix: OLD_INFIX,
+        restore_names: &[],
+    };
+    let outcome = match cutover::swap(
+        run.control,
+        &mut swapper,
+        &mut f.follower,
+        &mut f.markers,
+        run.table,
+        &f.mapping,
+        run.names,
+        &opts,
+    )
+    .await
+    {
+        Ok(o) => o,
+        Err(e) => {
+            run.state.message(run.control, &e.to_string()).await;
+            return Err(e);
+        }
+    };
+    run.ledger.record(Created::Swap);
+    // test hook: die like a kill -9 right after the swap committed (tests/resume.rs)
+    if std::env::var_os("SHADOW_ALTER_TEST_DIE_AFTER_SWAP").is_some() {
+        std::process::abort();
+    }
+    report(run, &outcome);
+    let changes = f.follower.stats.changes_applied.load(Ordering::Relaxed);
+
+    // the swap is committed: failures from here on are reported, not fatal
+    if let Err(e) = f.follower.stop().await {
+        tracing::warn!("stopping the change stream after the swap: {e}");
+    }
+    teardown::after_swap(
+        run.control,
+        AfterSwap {
+            names: run.names,
+            oid: run.table.oid,
+            old_name: &outcome.old_name,
+            validate: &outcome.validate,
+            drop_old: run.cfg.drop_old && soak.is_none(),
+            lock_timeout: run.cfg.lock_timeout,
+        },
+    )
+    .await;
+    if let (Some(soak), Some(reverse)) = (soak, f.reverse) {
+        let msg = soak::window(run, soak, reverse, &outcome.old_name, &outcome.renamed_away).await;
+        run.progress.println(&msg);
+        run.state.message(run.control, &msg).await;
+        return Ok(());
+    }
+    let rows = f.rows;
+    run.state
+        .progress(
+            run.control,
+            &StateProgress {
+                rows_copied: rows as i64,
+                rows_total: Some(rows as i64),
+                lag_bytes: Some(0),
+                changes_applied: changes as i64,
+                ..Default::default()
+            },
+        )
+        .await;
+    run.progress.println(&format!(
+        "done in {:.1}s: {rows} rows copied, {changes} changes followed, write lock held {} ms{}, errors: 0",
+        run.started.elapsed().as_secs_f64(),
+        outcome.lock_held.as_millis(),
+        held(&outcome)
+    ));
+    Ok(())
+}
+
+/// The new table starts with planner statistics, not with whatever autovacuum gets to later.
+async fn analyze(run: &Run<'_>) {
+    let started = Instant::now();
+    match run
+        .control
+        .batch_execute(&format!("ANALYZE {}", run.names.shadow_qualified()))
+        .await
+    {
+        Err(e) => tracing::warn!(
+            "analyzing the new table failed ({}); run ANALYZE on it after the swap",
+            describe(&e)
+        ),
+        Ok(()) => tracing::info!(
+            "analyzed the new table in {:.1}s",
+            started.elapsed().as_secs_f64()
+        ),
+    }
+}
+
+fn held(outcome: &SwapOutcome) -> String {
+    outcome
+        .held
+        .map(|h| format!(", clients held {} ms", h.as_millis()))
+        .unwrap_or_default()
+}
+
+/// What the swap did, for the operator.
+fn report(run: &Run<'_>, outcome: &SwapOutcome) {
+    for what in &outcome.carried {
+        tracing::info!("carried across: {what}");
+    }
+    if !outcome.carried.is_empty() {
+        run.progress.println(&format!(
+            "carried across to the new table: {}",
+            outcome.carried.join("; ")
+        ));
+    }
+    run.progress.println(&format!(
+        "swapped: {} has the new schema; the old table is {}.{} (lock held {} ms{}, attempt {})",
+        run.table.qualified(),
+        quote_ident(&run.table.schema),
+        quote_ident(&outcome.old_name),
+        outcome.lock_held.as_millis(),
+        held(outcome),
+        outcome.attempts
+    ));
+}

@@ -1,0 +1,251 @@
+//! Preflight: everything that must hold before a run creates anything. Each refusal names the
+//! cause and the fix, and nothing has been changed when it is raised.
+
+use tokio_postgres::Client;
+
+use crate::catalog::{self, Table};
+use crate::db::Ctx;
+use crate::engine::error::EngineError;
+
+/// Oldest server we support: logical decoding messages in pgoutput arrived in 14.
+pub const MIN_SERVER_VERSION: i32 = 140_000;
+
+/// Server-level checks that do not depend on the table.
+pub async fn check_server(client: &Client) -> Result<(), EngineError> {
+    let r = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('wal_level'),
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+                    current_user::text,
+                    current_setting('max_replication_slots')::int,
+                    (SELECT count(*) FROM pg_replication_slots)::int,
+                    current_setting('max_wal_senders')::int,
+                    (SELECT count(*) FROM pg_stat_replication)::int,
+                    has_database_privilege(current_database(), 'CREATE')",
+            &[],
+        )
+        .await
+        .ctx("reading server settings")?;
+    let version: i32 = r.get(0);
+    let wal_level: String = r.get(1);
+    let can_replicate: Option<bool> = r.get(2);
+    let user: String = r.get(3);
+    let (max_slots, slots, max_senders, senders): (i32, i32, i32, i32) =
+        (r.get(4), r.get(5), r.get(6), r.get(7));
+    let can_create: bool = r.get(8);
+    if version < MIN_SERVER_VERSION {
+        return Err(EngineError::Preflight(format!(
+            "PostgreSQL {}.{} is too old: shadow-alter needs 14 or newer",
+            version / 10000,
+            version % 10000 / 100
+        )));
+    }
+    if wal_level != "logical" {
+        return Err(EngineError::Preflight(format!(
+            "wal_level is '{wal_level}', but following changes needs 'logical': run `ALTER SYSTEM SET wal_level = logical` and restart PostgreSQL"
+        )));
+    }
+    if can_replicate != Some(true) {
+        return Err(EngineError::Preflight(format!(
+            "role {user} lacks the REPLICATION privilege needed to follow changes: run `ALTER ROLE {user} REPLICATION` as a superuser"
+        )));
+    }
+    if !can_create {
+        return Err(EngineError::Preflight(format!(
+            "role {user} cannot CREATE in this database (needed for the publication): run `GRANT CREATE ON DATABASE ... TO {user}`"
+        )));
+    }
+    if slots >= max_slots {
+        return Err(EngineError::Preflight(format!(
+            "no free replication slot: {slots} of max_replication_slots={max_slots} are in use; drop an unused slot (SELECT * FROM pg_replication_slots) or raise the setting"
+        )));
+    }
+    if senders >= max_senders {
+        return Err(EngineError::Preflight(format!(
+            "no free WAL sender: {senders} of max_wal_senders={max_senders} are in use; raise max_wal_senders"
+        )));
+    }
+    Ok(())
+}
+
+/// Resolve and load the table, and refuse what the engine does not handle yet.
+pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineError> {
+    let oid = catalog::resolve(client, name).await?.ok_or_else(|| {
+        EngineError::BadInput(format!(
+            "table {name} does not exist (or is not on the search_path)"
+        ))
+    })?;
+    let t = catalog::load(client, oid).await?;
+    let q = t.qualified();
+    match t.relkind {
+        'r' => {}
+        'p' => {
+            return Err(EngineError::Preflight(format!(
+                "{q} is a partitioned table; migrating partitioned tables is not supported yet: use a plain ALTER TABLE, or migrate a copy of the data"
+            )))
+        }
+        other => {
+            let kind = match other {
+                'v' => "a view",
+                'm' => "a materialized view",
+                'f' => "a foreign table",
+                'S' => "a sequence",
+                'i' | 'I' => "an index",
+                _ => "not a table",
+            };
+            return Err(EngineError::BadInput(format!(
+                "{q} is {kind}, not a table"
+            )));
+        }
+    }
+    if t.is_partition {
+        return Err(EngineError::Preflight(format!(
+            "{q} is a partition; migrating a single partition is not supported yet: alter the partitioned table with a plain ALTER TABLE"
+        )));
+    }
+    match t.persistence {
+        'u' => {
+            return Err(EngineError::Preflight(format!(
+                "{q} is UNLOGGED: logical replication cannot follow its changes; run `ALTER TABLE {q} SET LOGGED` first, or use a plain ALTER TABLE"
+            )))
+        }
+        't' => {
+            return Err(EngineError::Preflight(format!(
+                "{q} is a temporary table, visible only to its own session: use a plain ALTER TABLE"
+            )))
+        }
+        _ => {}
+    }
+    if t.key.is_none() {
+        return Err(EngineError::Preflight(
+            t.key_problem
+                .clone()
+                .unwrap_or_else(|| format!("{q} has no usable key")),
+        ));
+    }
+    let deps = t.dependents.unsupported();
+    if !deps.is_empty() {
+        return Err(EngineError::Preflight(format!(
+            "{q} has objects that a swap would leave on the old table ({}); carrying them across is not supported yet, so nothing was changed. \
+             Drop them and re-create them after the migration, or use a plain ALTER TABLE",
+            deps.join("; ")
+        )));
+    }
+    let owner_ok = client
+        .query_one(
+            "SELECT pg_has_role(current_user, $1::text, 'USAGE')",
+            &[&t.owner],
+        )
+        .await
+        .ctx("checking table ownership")?
+        .get::<_, bool>(0);
+    if !owner_ok {
+        return Err(EngineError::Preflight(format!(
+            "the current role is not the owner of {q} (owner: {}); run as the owner or a member of its role",
+            t.owner
+        )));
+    }
+    let schema_ok = client
+        .query_one("SELECT has_schema_privilege($1, 'CREATE')", &[&t.schema])
+        .await
+        .ctx("checking schema privileges")?
+        .get::<_, bool>(0);
+    if !schema_ok {
+        return Err(EngineError::Preflight(format!(
+            "the current role cannot CREATE in schema {} (needed for the shadow table)",
+            t.schema
+        )));
+    }
+    Ok(t)
+}
+
+/// How long a run waits for the per-table lock of a run that was just killed.
+const KILLED_RUN_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// The name of this machine, as runs record it in `shadow_alter.migrations`.
+pub fn this_host() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
+}
+
+/// Whether process `pid` of this machine is gone.
+fn process_gone(pid: i32) -> bool {
+    pid > 0
+        && std::path::Path::new("/proc").is_dir()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Advisory lock that makes a second run on the same table refuse. Held by the control session.
+/// A run killed a moment ago may still hold it until its server session notices: we wait a few
+/// seconds for it, and end that session at once when the run recorded this machine and a
+/// process id that no longer exists.
+pub async fn lock_table(client: &Client, t: &Table) -> Result<(), EngineError> {
+    let started = std::time::Instant::now();
+    let mut terminated = false;
+    loop {
+        // classid 0x5a5a5a5a marks our locks; objid is the table oid
+        let got: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(1515870810, $1::oid::int)",
+                &[&t.oid],
+            )
+            .await
+            .ctx("taking the per-table advisory lock")?
+            .get(0);
+        if got {
+            return Ok(());
+        }
+        let holder = client
+            .query_opt(
+                "SELECT l.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local')
+                 FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+                 WHERE l.locktype = 'advisory' AND l.classid = 1515870810 AND l.objid = $1::oid AND l.granted LIMIT 1",
+                &[&t.oid],
+            )
+            .await
+            .ctx("finding the other run")?;
+        let Some(holder) = holder else { continue };
+        let backend: i32 = holder.get(0);
+        if !terminated {
+            if let Some(pid) = killed_run_here(client, t.oid).await {
+                tracing::warn!(
+                    "the run that holds {} (process {pid} on this machine) is gone; ending its server session {backend}",
+                    t.qualified()
+                );
+                terminated = client
+                    .query_one("SELECT pg_terminate_backend($1)", &[&backend])
+                    .await
+                    .map(|r| r.get::<_, bool>(0))
+                    .unwrap_or(false);
+            }
+        }
+        if started.elapsed() >= KILLED_RUN_GRACE {
+            return Err(EngineError::Preflight(format!(
+                "another shadow-alter run is already working on {} (backend pid {backend}, application '{}', from {})",
+                t.qualified(),
+                holder.get::<_, String>(1),
+                holder.get::<_, String>(2)
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The process id of the run recorded for this table when it ran on this machine and is gone.
+async fn killed_run_here(client: &Client, oid: u32) -> Option<i32> {
+    let row = client
+        .query_opt(
+            "SELECT pid, host FROM shadow_alter.migrations WHERE table_oid = $1",
+            &[&oid],
+        )
+        .await
+        .ok()??;
+    let (pid, host): (Option<i32>, Option<String>) = (row.get(0), row.get(1));
+    let pid = pid?;
+    (host.as_deref() == Some(this_host().as_str()) && process_gone(pid)).then_some(pid)
+}

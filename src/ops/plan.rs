@@ -1,0 +1,43 @@
+//! `shadow-alter plan`: print what the planner decides for an ALTER, as a runbook for people or
+//! JSON for scripts. Changes nothing.
+
+use std::io::Write;
+
+use crate::engine::EngineError;
+
+/// How the plan is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanFormat {
+    Text,
+    Json,
+}
+
+pub async fn plan(
+    database_url: Option<&str>,
+    table: &str,
+    alter: &str,
+    format: PlanFormat,
+) -> Result<(), EngineError> {
+    let client = super::session(database_url, "planning").await?;
+    client
+        .batch_execute("SET application_name = 'shadow-alter plan'")
+        .await
+        .map_err(|e| crate::db::DbError::Query {
+            context: "setting up the planner session".into(),
+            source: e,
+        })?;
+    let plan = crate::plan::build(&client, table, alter).await?;
+    let out = match format {
+        PlanFormat::Json => serde_json::to_string_pretty(&plan)
+            .map_err(|e| EngineError::Internal(format!("rendering the plan as JSON: {e}")))?,
+        PlanFormat::Text => crate::plan::text::render(&plan),
+    };
+    // `plan ... | head` closes stdout early: that is not an error worth a panic
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{out}").and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(EngineError::Internal(
+            format!("writing the plan to stdout: {e}"),
+        )),
+        _ => Ok(()),
+    }
+}

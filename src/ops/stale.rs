@@ -1,0 +1,271 @@
+//! `shadow-alter cleanup --stale`: find what runs that are no longer alive left in this database
+//! (replication slots `shadow_alter_<oid>`, publications `shadow_alter_<oid>`, shadow tables
+//! and work schemas `shadow_alter_<oid>` marked by their comment, half-built `*__sa_idx` indexes, unfinished rows in
+//! `shadow_alter.migrations`) and drop them, printing each; `--dry-run` only lists.
+//!
+//! Invariant: nothing of a live run is touched. Every run holds the per-table advisory lock
+//! (preflight.rs) from before it creates anything until it has cleaned up, so for each table we
+//! take that lock ourselves first: if we cannot, a run is alive and its objects are skipped;
+//! if we can, no run can start on the table while we drop its leftovers. Old tables kept after
+//! a swap (`<t>__sa_old_<stamp>`) are the operator's and are only listed.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::Client;
+
+use crate::db::{describe, Ctx};
+use crate::engine::store::operator;
+use crate::engine::EngineError;
+use crate::names::{oid_of, LOCK_CLASS, SHADOW_COMMENT};
+use crate::sql::{qualified, quote_ident};
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Leftover {
+    /// Slot name, and the backend using it (if any).
+    Slot(String, Option<i32>),
+    Publication(String),
+    /// Schema and name.
+    Table(String, String),
+    /// Schema and name.
+    Index(String, String),
+    /// A run's work schema (what is left in it goes too).
+    Schema(String),
+    /// An unfinished migration row (table name).
+    StateRow(String),
+}
+
+impl Leftover {
+    fn describe(&self) -> String {
+        match self {
+            Leftover::Slot(s, _) => format!("replication slot {s}"),
+            Leftover::Publication(p) => format!("publication {p}"),
+            Leftover::Table(s, t) => format!("shadow table {}", qualified(s, t)),
+            Leftover::Index(s, i) => format!("index {}", qualified(s, i)),
+            Leftover::Schema(s) => format!("work schema {}", quote_ident(s)),
+            Leftover::StateRow(t) => format!("unfinished migration record of {t}"),
+        }
+    }
+}
+
+async fn find(client: &Client) -> Result<BTreeMap<u32, Vec<Leftover>>, EngineError> {
+    let mut by_table: BTreeMap<u32, Vec<Leftover>> = BTreeMap::new();
+    for r in client
+        .query(
+            "SELECT slot_name::text, active_pid FROM pg_replication_slots
+             WHERE slot_name LIKE 'shadow\\_alter\\_%' AND database = current_database()",
+            &[],
+        )
+        .await
+        .ctx("listing replication slots")?
+    {
+        let name: String = r.get(0);
+        if let Some(oid) = oid_of(&name) {
+            by_table
+                .entry(oid)
+                .or_default()
+                .push(Leftover::Slot(name, r.get(1)));
+        }
+    }
+    for r in client
+        .query(
+            "SELECT pubname::text FROM pg_publication WHERE pubname LIKE 'shadow\\_alter\\_%'",
+            &[],
+        )
+        .await
+        .ctx("listing publications")?
+    {
+        let name: String = r.get(0);
+        if let Some(oid) = oid_of(&name) {
+            by_table
+                .entry(oid)
+                .or_default()
+                .push(Leftover::Publication(name));
+        }
+    }
+    for r in client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, obj_description(c.oid, 'pg_class')
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r' AND obj_description(c.oid, 'pg_class') LIKE $1",
+            &[&format!("{SHADOW_COMMENT}%")],
+        )
+        .await
+        .ctx("listing shadow tables")?
+    {
+        let comment: String = r.get(2);
+        if let Some(oid) = comment
+            .strip_prefix(SHADOW_COMMENT)
+            .and_then(|o| o.trim().parse::<u32>().ok())
+        {
+            by_table
+                .entry(oid)
+                .or_default()
+                .push(Leftover::Table(r.get(0), r.get(1)));
+        }
+    }
+    for r in client
+        .query(
+            "SELECT nspname::text, obj_description(oid, 'pg_namespace') FROM pg_namespace
+             WHERE obj_description(oid, 'pg_namespace') LIKE $1",
+            &[&format!("{SHADOW_COMMENT}%")],
+        )
+        .await
+        .ctx("listing work schemas")?
+    {
+        let comment: String = r.get(1);
+        if let Some(oid) = comment
+            .strip_prefix(SHADOW_COMMENT)
+            .and_then(|o| o.trim().parse::<u32>().ok())
+        {
+            by_table
+                .entry(oid)
+                .or_default()
+                .push(Leftover::Schema(r.get(0)));
+        }
+    }
+    // indexes a killed online-steps run left: built (or half-built) but not attached to a constraint
+    for r in client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, i.indrelid
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relname LIKE '%\\_\\_sa\\_idx'
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
+            &[],
+        )
+        .await
+        .ctx("listing leftover indexes")?
+    {
+        by_table
+            .entry(r.get(2))
+            .or_default()
+            .push(Leftover::Index(r.get(0), r.get(1)));
+    }
+    for (oid, name) in operator::unfinished(client).await? {
+        by_table
+            .entry(oid)
+            .or_default()
+            .push(Leftover::StateRow(name));
+    }
+    Ok(by_table)
+}
+
+async fn drop_one(client: &Client, l: &Leftover, oid: u32) -> Result<(), tokio_postgres::Error> {
+    match l {
+        Leftover::Slot(name, _) => client
+            .execute("SELECT pg_drop_replication_slot($1)", &[name])
+            .await
+            .map(|_| ()),
+        Leftover::Publication(p) => {
+            client
+                .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(p)))
+                .await
+        }
+        Leftover::Table(s, t) => {
+            client
+                .batch_execute(&format!(
+                    "SET lock_timeout = '5s'; DROP TABLE IF EXISTS {}; RESET lock_timeout",
+                    qualified(s, t)
+                ))
+                .await
+        }
+        Leftover::Index(s, i) => {
+            client
+                .batch_execute(&format!(
+                    "DROP INDEX CONCURRENTLY IF EXISTS {}",
+                    qualified(s, i)
+                ))
+                .await
+        }
+        Leftover::Schema(s) => {
+            // marked by our comment: everything in it is the run's
+            client
+                .batch_execute(&format!(
+                    "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS {} CASCADE; RESET lock_timeout",
+                    quote_ident(s)
+                ))
+                .await
+        }
+        Leftover::StateRow(_) => operator::mark_stale(client, oid).await,
+    }
+}
+
+/// `shadow-alter cleanup --stale [--dry-run]`
+pub async fn cleanup_stale(database_url: Option<&str>, dry_run: bool) -> Result<(), EngineError> {
+    let client = super::session(database_url, "cleanup --stale").await?;
+    let found = find(&client).await?;
+    let verb = if dry_run { "would drop" } else { "dropped" };
+    let mut acted = 0usize;
+    let mut failures = Vec::new();
+    for (oid, mut leftovers) in found {
+        leftovers.sort();
+        // the lock a live run holds; holding it ourselves keeps a new run off the table meanwhile
+        let free: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, $2::oid::int)",
+                &[&LOCK_CLASS, &oid],
+            )
+            .await
+            .ctx("checking whether a run is alive")?
+            .get(0);
+        if !free {
+            for l in &leftovers {
+                println!("kept {} (its run is alive)", l.describe());
+            }
+            continue;
+        }
+        for l in &leftovers {
+            if let Leftover::Slot(name, Some(pid)) = l {
+                println!("kept replication slot {name}: in use by backend pid {pid} (stop it with pg_terminate_backend({pid}) and rerun)");
+                continue;
+            }
+            acted += 1;
+            if dry_run {
+                println!("{verb} {}", l.describe());
+                continue;
+            }
+            match drop_one(&client, l, oid).await {
+                Ok(()) => {
+                    tracing::info!("dropped {}", l.describe());
+                    println!("{verb} {}", l.describe());
+                }
+                Err(e) => {
+                    let msg = format!("{}: {}", l.describe(), describe(&e));
+                    eprintln!("could not drop {msg}");
+                    failures.push(msg);
+                }
+            }
+        }
+        client
+            .query_one(
+                "SELECT pg_advisory_unlock($1, $2::oid::int)",
+                &[&LOCK_CLASS, &oid],
+            )
+            .await
+            .ctx("releasing the per-table advisory lock")?;
+    }
+    for r in client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r' AND c.relname LIKE '%\\_\\_sa\\_old\\_%' ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .ctx("listing old tables")?
+    {
+        println!(
+            "kept old table {} (the table before a swap; drop it when no longer needed)",
+            qualified(&r.get::<_, String>(0), &r.get::<_, String>(1))
+        );
+    }
+    if acted == 0 {
+        println!("nothing stale found");
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(EngineError::Internal(format!(
+            "cleanup --stale could not drop {}",
+            failures.join("; ")
+        )))
+    }
+}

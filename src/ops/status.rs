@@ -1,0 +1,151 @@
+//! `shadow-alter status [--json]`: every recorded migration, for people or for scripts.
+
+use serde_json::json;
+
+use crate::engine::store::operator::{self, Record};
+use crate::engine::EngineError;
+use crate::progress::{fmt_bytes, fmt_secs};
+
+/// A run that has not written its row for this long may be gone.
+const SILENT_AFTER_SECS: f64 = 30.0;
+
+pub async fn status(database_url: Option<&str>, as_json: bool) -> Result<(), EngineError> {
+    let client = super::session(database_url, "status").await?;
+    let records = operator::list(&client).await?;
+    if as_json {
+        println!("{}", json!({ "migrations": records }));
+        return Ok(());
+    }
+    if records.is_empty() {
+        println!("no migrations recorded in this database");
+        return Ok(());
+    }
+    for r in &records {
+        print!("{}", render(r));
+    }
+    Ok(())
+}
+
+/// One migration as text, a line per fact.
+fn render(r: &Record) -> String {
+    let mut out = format!("{}  [{}]  {}\n", r.table, r.phase, r.alter);
+    let total = r.rows_total.map(|t| format!("/{t}")).unwrap_or_default();
+    let rate = r
+        .rate_per_s
+        .map(|x| format!(", {x:.0} rows/s"))
+        .unwrap_or_default();
+    let eta = r
+        .eta_s
+        .map(|x| format!(", ETA {}", fmt_secs(x)))
+        .unwrap_or_default();
+    let lag = r
+        .lag_bytes
+        .map(|x| format!(", lag {}", fmt_bytes(x)))
+        .unwrap_or_default();
+    out.push_str(&format!(
+        "    rows copied {}{total}{rate}{eta}{lag}, changes applied {}\n",
+        r.rows_copied, r.changes_applied
+    ));
+    if let Some(t) = &r.throttled {
+        out.push_str(&format!("    {t}\n"));
+    }
+    if let Some(p) = &r.postponed {
+        out.push_str(&format!("    cutover waits: {p}\n"));
+    }
+    if let Some(at) = &r.cutover_requested_at {
+        out.push_str(&format!("    cutover requested for {at}\n"));
+    }
+    if r.is_running() && r.silent_for > SILENT_AFTER_SECS {
+        out.push_str(&format!(
+            "    no update for {} (is process {} still running?)\n",
+            fmt_secs(r.silent_for),
+            r.pid.unwrap_or(0)
+        ));
+    }
+    out.push_str(&format!(
+        "    started {}, updated {}{}\n",
+        r.started_at,
+        r.updated_at,
+        r.finished_at
+            .as_ref()
+            .map(|f| format!(", finished {f}"))
+            .unwrap_or_default()
+    ));
+    if let Some(m) = &r.message {
+        out.push_str(&format!("    {m}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            table: "public.orders".into(),
+            phase: "copy".into(),
+            rows_copied: 500,
+            rows_total: Some(1000),
+            rate_per_s: Some(250.0),
+            eta_s: Some(2.0),
+            lag_bytes: None,
+            changes_applied: 7,
+            postponed: None,
+            cutover_requested_at: None,
+            abort_requested: false,
+            pid: Some(42),
+            host: Some("h".into()),
+            started_at: "2026-01-01 00:00:00+00".into(),
+            updated_at: "2026-01-01 00:00:02+00".into(),
+            finished_at: None,
+            message: None,
+            alter: "ALTER COLUMN qty TYPE bigint".into(),
+            throttled: Some("throttled: pause file /tmp/x exists".into()),
+            silent_for: 45.0,
+        }
+    }
+
+    #[test]
+    fn a_running_migration_shows_progress_throttle_and_silence() {
+        let text = render(&record());
+        assert!(text.starts_with("public.orders  [copy]  ALTER COLUMN qty TYPE bigint\n"));
+        assert!(
+            text.contains("rows copied 500/1000, 250 rows/s, ETA 2s, changes applied 7"),
+            "{text}"
+        );
+        assert!(text.contains("    throttled: pause file /tmp/x exists\n"));
+        assert!(
+            text.contains("no update for 45s (is process 42 still running?)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_finished_migration_is_not_called_silent() {
+        let mut r = record();
+        r.phase = "done".into();
+        r.finished_at = Some("2026-01-01 00:01:00+00".into());
+        let text = render(&r);
+        assert!(!text.contains("no update"));
+        assert!(text.contains(", finished 2026-01-01 00:01:00+00"));
+    }
+
+    #[test]
+    fn json_keeps_its_field_names() {
+        let v = serde_json::to_value(record()).unwrap();
+        for k in [
+            "table",
+            "phase",
+            "rows_copied",
+            "rate_per_s",
+            "eta_s",
+            "alter",
+            "throttled",
+            "pid",
+        ] {
+            assert!(v.get(k).is_some(), "{k} in {v}");
+        }
+        assert!(v.get("silent_for").is_none());
+    }
+}
