@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::message::frontend;
-use shadow_alter::cli::{ProxyArgs, UpstreamTls};
-use shadow_alter::proxy::RunningProxy;
+use shadow_alter::proxy::{ProxyConfig, RunningProxy, UpstreamTls};
 use shadow_alter::wire::{put_frame, split_frame, MAX_MESSAGE_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -48,7 +47,7 @@ pub async fn proxy() -> TestProxy {
 
 pub async fn proxy_with(o: Opts) -> TestProxy {
     let s = support::server();
-    let args = ProxyArgs {
+    let args = ProxyConfig {
         listen: "127.0.0.1:0".into(),
         upstream: format!("127.0.0.1:{}", s.port),
         admin_user: (!o.no_admin).then(|| ADMIN_USER.to_string()),

@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::cancel::CancelMap;
+use super::config::{ProxyConfig, UpstreamTls};
 use super::error::ProxyError;
 use super::hold::{self, Gate};
 use super::scram::Credentials;
@@ -24,7 +25,6 @@ use super::session;
 use super::session::registry::Registry;
 use super::shared::Shared;
 use super::tls;
-use crate::cli::{ProxyArgs, UpstreamTls};
 
 type Queue = mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>;
 
@@ -52,7 +52,7 @@ impl RunningProxy {
 }
 
 /// Bind the listener and start accepting connections on the current runtime.
-pub async fn start(args: &ProxyArgs) -> Result<RunningProxy, ProxyError> {
+pub async fn start(args: &ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let admin = match (&args.admin_user, &args.admin_password) {
         (Some(u), Some(p)) => Some(Credentials::new(u, p)),
         (None, None) => None,
@@ -95,7 +95,7 @@ pub async fn start(args: &ProxyArgs) -> Result<RunningProxy, ProxyError> {
 }
 
 /// Run the proxy until the listener fails or the process is interrupted (Ctrl-C / SIGTERM).
-pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
+pub async fn run(args: ProxyConfig) -> Result<(), ProxyError> {
     let proxy = start(&args).await?;
     tracing::info!(
         listen = %proxy.local_addr(),

@@ -58,6 +58,7 @@
 
 mod admin;
 mod cancel;
+mod config;
 mod error;
 mod hold;
 mod listener;
@@ -69,6 +70,7 @@ mod shared;
 mod stream;
 mod tls;
 
+pub use config::{ProxyConfig, UpstreamTls};
 pub use error::ProxyError;
 pub use hold::Gate;
 pub use listener::{run, start, RunningProxy};

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::cancel::CancelMap;
+use super::config::UpstreamTls;
 use super::hold::Gate;
 use super::scram::Credentials;
 use super::session::registry::Registry;
-use crate::cli::UpstreamTls;
 
 pub struct Shared {
     pub upstream: String,

@@ -117,7 +117,7 @@ fn show_status(shared: &Shared, out: &mut BytesMut) {
 async fn pause(shared: &Shared, arg: Option<&str>, out: &mut BytesMut) {
     let mut limit = shared.max_hold;
     if let Some(a) = arg {
-        match crate::cli::parse_duration(a) {
+        match crate::units::parse_duration(a) {
             Ok(d) if d > shared.max_hold => {
                 let msg = format!(
                     "PAUSE deadline {d:?} is over --max-hold; using {:?}",

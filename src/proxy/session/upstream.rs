@@ -11,7 +11,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::cli::UpstreamTls;
+use crate::proxy::config::UpstreamTls;
 use crate::proxy::error::ProxyError;
 use crate::proxy::shared::Shared;
 use crate::proxy::stream::{MaybeTls, UpStream};

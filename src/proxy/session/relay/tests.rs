@@ -11,8 +11,8 @@ use bytes::BytesMut;
 use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use crate::cli::UpstreamTls;
 use crate::proxy::cancel::CancelMap;
+use crate::proxy::config::UpstreamTls;
 use crate::proxy::error::ProxyError;
 use crate::proxy::hold::Gate;
 use crate::proxy::reprepare::Reprepare;
