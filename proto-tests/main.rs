@@ -10,5 +10,6 @@ mod clients;
 mod common;
 mod differential;
 mod hold;
+mod refresh;
 mod reprepare;
 mod robustness;

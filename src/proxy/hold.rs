@@ -31,6 +31,10 @@ pub struct Gate {
     quiet: Notify,
     pub holds_total: AtomicU64,
     pub holds_expired: AtomicU64,
+    /// Swap epoch: advanced when a hold ends by RESUME or its deadline (a swap may have
+    /// committed meanwhile) and by SWAPPED, always before held sessions wake. Each session
+    /// checks its prepared statements once per epoch, at its next boundary.
+    epoch: AtomicU64,
 }
 
 /// What a PAUSE that did not reach quiescence ran into.
@@ -57,7 +61,19 @@ impl Gate {
             quiet: Notify::new(),
             holds_total: AtomicU64::new(0),
             holds_expired: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
+    }
+
+    /// The current swap epoch (see the field).
+    #[inline]
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// A table was swapped (SWAPPED): every session checks its statements at its next boundary.
+    pub fn swapped(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn snapshot(&self) -> HoldState {
@@ -90,6 +106,7 @@ impl Gate {
             }
             s.held = false;
             s.deadline = None;
+            self.epoch.fetch_add(1, Ordering::AcqRel);
             self.held.store(false, Ordering::SeqCst);
             true
         })
@@ -114,6 +131,7 @@ impl Gate {
             Some(d) if s.held && d <= now => {
                 s.held = false;
                 s.deadline = None;
+                self.epoch.fetch_add(1, Ordering::AcqRel);
                 self.held.store(false, Ordering::SeqCst);
                 true
             }

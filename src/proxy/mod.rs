@@ -52,7 +52,10 @@
 //!   After success the hold lasts until `RESUME` or its deadline, whichever comes first (then the
 //!   proxy releases by itself). PAUSE while paused renews the deadline; it is idempotent.
 //! - `RESUME`: release the hold (idempotent; succeeds when not paused). Held requests go to
-//!   PostgreSQL in arrival order. Returns `RESUME`.
+//!   PostgreSQL in arrival order. Returns `RESUME`. Releasing a hold (by RESUME or its deadline)
+//!   also counts as a possible swap: each session re-checks its prepared statements at its next
+//!   transaction boundary and prepares again those whose result type changed (`reprepare`).
+//! - `SWAPPED`: the same re-check without a hold, for a swap done outside PAUSE/RESUME.
 //!
 //! Any other command fails with SQLSTATE 42601 and the session stays usable.
 

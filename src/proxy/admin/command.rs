@@ -14,6 +14,8 @@ pub enum Command<'a> {
     /// PAUSE, with its deadline argument as typed (quotes removed), if any.
     Pause(Option<&'a str>),
     Resume,
+    /// A table was swapped outside a PAUSE/RESUME: sessions re-check their statements.
+    Swapped,
     /// Anything else: the trimmed text.
     Unknown(&'a str),
 }
@@ -31,6 +33,7 @@ impl<'a> Command<'a> {
             (w, None, _) if is(w, "PAUSE") => Command::Pause(None),
             (w, Some(arg), None) if is(w, "PAUSE") => Command::Pause(Some(arg.trim_matches('\''))),
             (w, None, _) if is(w, "RESUME") => Command::Resume,
+            (w, None, _) if is(w, "SWAPPED") => Command::Swapped,
             _ => Command::Unknown(text),
         }
     }
@@ -48,6 +51,7 @@ mod tests {
         assert_eq!(Command::parse("resume"), Command::Resume);
         assert_eq!(Command::parse("RESUME;"), Command::Resume);
         assert_eq!(Command::parse("\tPAUSE\n"), Command::Pause(None));
+        assert_eq!(Command::parse("swapped;"), Command::Swapped);
     }
 
     #[test]

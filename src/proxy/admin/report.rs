@@ -27,9 +27,14 @@ pub async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) {
             }
             messages::command_complete(out, "RESUME");
         }
+        Command::Swapped => {
+            shared.gate.swapped();
+            tracing::info!("told of a swap: sessions re-check their prepared statements");
+            messages::command_complete(out, "SWAPPED");
+        }
         Command::Unknown(text) => {
             let msg = format!(
-                "unknown admin console command \"{text}\": the console knows SHOW CLIENTS, SHOW STATUS, PAUSE [deadline], RESUME"
+                "unknown admin console command \"{text}\": the console knows SHOW CLIENTS, SHOW STATUS, SHOW STATS, PAUSE [deadline], RESUME, SWAPPED"
             );
             messages::error(out, "ERROR", "42601", &msg);
         }

@@ -13,6 +13,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
+use super::refresh::{self as machine, Outcome};
 use super::retry::{Retry, Step};
 use super::tracker::Tracker;
 use crate::proxy::error::ProxyError;
@@ -134,6 +135,68 @@ where
                 return Ok(false);
             }
         };
+    }
+}
+
+/// Run the refresh the client side started (its probe is written): read the answers, send
+/// what the machine asks, and release the claim whatever happens. Returns how many statements
+/// were prepared again.
+pub async fn refresh<UR, UW, CW>(
+    rp: &Reprepare,
+    ur: &mut UR,
+    uw: &tokio::sync::Mutex<UW>,
+    cw: &mut CW,
+    buf: &mut BytesMut,
+) -> Result<usize, ProxyError>
+where
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let machine = rp.lock().take_refresh();
+    let r = match machine {
+        Some(m) => tokio::time::timeout(RETRY_TIMEOUT, drive_refresh(m, ur, uw, cw, buf))
+            .await
+            .map_err(|_| ProxyError::Timeout("re-preparing statements after a swap"))
+            .and_then(|r| r),
+        None => Ok(Outcome::default()),
+    };
+    rp.lock().end_refresh(r.as_ref().ok());
+    rp.release_claim();
+    let out = r?;
+    if !out.refreshed.is_empty() || !out.kept.is_empty() {
+        tracing::info!(
+            refreshed = out.refreshed.len(),
+            kept = out.kept.len(),
+            "statements checked after a swap"
+        );
+    }
+    Ok(out.refreshed.len())
+}
+
+async fn drive_refresh<UR, UW, CW>(
+    mut m: machine::Refresh,
+    ur: &mut UR,
+    uw: &tokio::sync::Mutex<UW>,
+    cw: &mut CW,
+    buf: &mut BytesMut,
+) -> Result<Outcome, ProxyError>
+where
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    loop {
+        let f = next_answer(ur, cw, buf).await?;
+        match m.on_answer(f.tag, &f.raw) {
+            machine::Step::Read => {}
+            machine::Step::Send(bytes) => {
+                let mut w = uw.lock().await;
+                w.write_all(&bytes).await?;
+                w.flush().await?;
+            }
+            machine::Step::Done(out) => return Ok(out),
+        }
     }
 }
 

@@ -1,5 +1,11 @@
 //! Transparent re-preparation of named statements whose result shape changed under them.
 //!
+//! Two paths. Before the error (`refresh`): when the proxy is told of a swap (RESUME after a
+//! PAUSE, or SWAPPED), each session checks its statements, protocol-level and SQL `PREPARE`
+//! alike, at its next transaction boundary and prepares the stale ones again before its next
+//! request goes up, so a statement inside a transaction block never meets the error. After the
+//! error (below): for a swap the proxy was not told of.
+//!
 //! After a swap that adds a column, a statement prepared before it (`SELECT * FROM t ...`) fails
 //! at its next Bind with SQLSTATE 0A000 "cached plan must not change result type". This module
 //! owns, per session, the registry of named statements (their Parse messages, and the row shape
@@ -39,22 +45,25 @@
 //!   `MAX_RETAINED`; beyond that the proxy simply does not retry. Every wait is bounded by
 //!   `RETRY_TIMEOUT`.
 //!
-//! Not covered (the error reaches the client): SQL-level `PREPARE`/`EXECUTE` through the simple
-//! protocol; batches that start with something other than the Bind (e.g. `Describe S` first, or
-//! Parse of another statement), or that were sent with a Flush and no Sync yet; a stale Bind
+//! Not covered by the replay after the error (the error reaches the client): SQL-level
+//! `PREPARE`/`EXECUTE` (the refresh covers it); batches that start with something other than
+//! the Bind (e.g. `Describe S` first, or Parse of another statement), or that were sent with a Flush and no Sync yet; a stale Bind
 //! that is not the first message of its batch (earlier statements of the batch may have run);
 //! a pipeline where a later batch already ran. A wrapped statement yields the rows of the inner
 //! query in the order the inner query produces them (PostgreSQL scans a CTE in order).
 //!
-//! Layout: `message` decodes the fields involved, `tracker` is the per-session state machine fed
-//! by the relay (frames in, verdicts out), `retry` the state machine of one retry (answers in,
-//! messages to send out); all three are pure and unit-tested with message sequences. `io` holds
+//! Layout: `message` decodes the fields involved, `sqltext` recognises SQL PREPARE/DEALLOCATE,
+//! `tracker` is the per-session state machine fed by the relay (frames in, verdicts out),
+//! `retry` the state machine of one retry and `refresh` that of one check after a swap (answers
+//! in, messages to send out); all are pure and unit-tested with message sequences. `io` holds
 //! the shared tracker and drives a retry over the sockets.
 
 mod io;
 mod message;
+mod refresh;
 mod retry;
+mod sqltext;
 mod tracker;
 
-pub use io::{retry, Reprepare};
+pub use io::{refresh, retry, Reprepare};
 pub use tracker::{Backend, Settle, Tracker, MAX_INSPECT};

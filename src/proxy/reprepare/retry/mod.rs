@@ -298,6 +298,11 @@ fn trial(parse: &[u8]) -> Option<BytesMut> {
 /// `old` (a RowDescription body), by position:
 /// `WITH shadow_alter_q(c1, .., cN) AS (<query>) SELECT c1 AS "name1", .. FROM shadow_alter_q`.
 pub fn wrap_parse(parse: &[u8], old: &[u8]) -> Option<Vec<u8>> {
+    wrap_parse_cast(parse, old, &[])
+}
+
+/// [`wrap_parse`], with column `i` cast to `casts[i]` where given (`c1::int4 AS "id"`).
+pub fn wrap_parse_cast(parse: &[u8], old: &[u8], casts: &[Option<&str>]) -> Option<Vec<u8>> {
     let (name, rest) = cstr(parse.get(Header::SIZE..)?)?;
     let (query, types) = cstr(rest)?;
     let mut end = query.len();
@@ -322,7 +327,12 @@ pub fn wrap_parse(parse: &[u8], old: &[u8]) -> Option<Vec<u8>> {
         if i > 0 {
             q.extend_from_slice(b", ");
         }
-        q.extend_from_slice(format!("c{} AS \"", i + 1).as_bytes());
+        q.extend_from_slice(format!("c{}", i + 1).as_bytes());
+        if let Some(Some(t)) = casts.get(i) {
+            q.extend_from_slice(b"::");
+            q.extend_from_slice(t.as_bytes());
+        }
+        q.extend_from_slice(b" AS \"");
         for &c in n.iter() {
             if c == b'"' {
                 q.push(b'"');

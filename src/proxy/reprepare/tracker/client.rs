@@ -6,9 +6,10 @@
 //! whole when it was at most `MAX_INSPECT` bytes and the tracker asked for it.
 
 use super::super::message::{
-    bind_names, mentions_prepare, parse_name_and_text, query_text, target,
+    bind_names, bind_result_formats, mentions_prepare, parse_name_and_text, query_text, target,
 };
-use super::{Candidate, Op, Open, Tracker, MAX_RETAINED};
+use super::super::sqltext::{classify, SqlOp};
+use super::{Candidate, Op, Open, SqlStmt, Tracker, MAX_RETAINED};
 
 impl Tracker {
     /// Does the client side need frame `tag` whole in its buffer (up to `MAX_INSPECT`)?
@@ -51,8 +52,7 @@ impl Tracker {
         match tag {
             b'Q' => {
                 match frame.and_then(query_text) {
-                    Some(text) if !mentions_prepare(text) => {}
-                    Some(_) => self.disable("SQL text mentions PREPARE"),
+                    Some(text) => self.sql_text(text),
                     None => self.disable("a query too large to inspect"),
                 }
                 self.end_batch();
@@ -81,6 +81,26 @@ impl Tracker {
         }
     }
 
+    /// A Query: track the SQL-level statements it creates or removes; any other mention of
+    /// PREPARE turns re-preparation off (the text may create statements unseen).
+    fn sql_text(&mut self, text: &[u8]) {
+        let seq = self.seq_sent + 1;
+        let op = match classify(text) {
+            Some(SqlOp::Prepare { name, ident }) => Op::SqlPrepare(
+                name.into(),
+                SqlStmt {
+                    ident: ident.into(),
+                    text: text.into(),
+                },
+            ),
+            Some(SqlOp::Deallocate(name)) => Op::SqlForget(name.into()),
+            Some(SqlOp::All) => Op::ForgetAll,
+            None if mentions_prepare(text) => return self.disable("SQL text mentions PREPARE"),
+            None => return,
+        };
+        self.ops.push_back((seq, op));
+    }
+
     fn sync(&mut self, frame: Option<&[u8]>) {
         self.retain(frame);
         let seq = self.seq_sent + 1;
@@ -90,6 +110,15 @@ impl Tracker {
             ..
         } = self.open
         {
+            // hints for a refresh after a swap: how this client runs the statement
+            let bind = &self.arena[start..];
+            if let (Some((_, name)), Some(formats)) = (bind_names(bind), bind_result_formats(bind))
+            {
+                if let Some(s) = self.stmts.get_mut(name) {
+                    s.self_describing = self_describing;
+                    s.formats = formats;
+                }
+            }
             self.candidates.push_back(Candidate {
                 seq,
                 start,

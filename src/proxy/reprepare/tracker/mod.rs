@@ -14,6 +14,7 @@
 //!   they reach the client unchanged unless the replay replaces them.
 
 mod client;
+mod refresh;
 mod server;
 #[cfg(test)]
 mod tests;
@@ -37,6 +38,17 @@ struct Stmt {
     /// The client's Parse message, whole.
     parse: Box<[u8]>,
     shape: Option<Shape>,
+    /// Its last execution described the portal first (hint for a refresh).
+    self_describing: bool,
+    /// Result-format count of its last Bind (hint for a refresh).
+    formats: i16,
+}
+
+/// A statement prepared with SQL `PREPARE`: the name as typed and the whole Query text.
+#[derive(Debug)]
+struct SqlStmt {
+    ident: Box<[u8]>,
+    text: Box<[u8]>,
 }
 
 #[derive(Debug)]
@@ -52,6 +64,12 @@ enum Op {
     Parse(Box<[u8]>, Box<[u8]>),
     Close(Box<[u8]>),
     Shape(Box<[u8]>, Capture),
+    /// SQL `PREPARE` (server name, statement).
+    SqlPrepare(Box<[u8]>, SqlStmt),
+    /// SQL `DEALLOCATE name`.
+    SqlForget(Box<[u8]>),
+    /// `DEALLOCATE ALL` / `DISCARD ALL`.
+    ForgetAll,
 }
 
 /// The batch the client is sending (messages since the last Sync).
@@ -109,7 +127,10 @@ pub enum Settle {
 pub struct Tracker {
     disabled: bool,
     stmts: HashMap<Box<[u8]>, Stmt>,
+    sql: HashMap<Box<[u8]>, SqlStmt>,
     stmt_bytes: usize,
+    /// The swap epoch this session's statements were last checked at (see `refresh`).
+    epoch: u64,
     /// Registry changes by batch number, applied when the batch's ReadyForQuery arrives.
     ops: VecDeque<(u64, Op)>,
     // client side
@@ -130,6 +151,11 @@ pub struct Tracker {
     suppressed: Vec<u8>,
     suppressed_status: Vec<u8>,
     claimed: bool,
+    /// A refresh in progress (the stream is claimed) and its probe, until the client side
+    /// has written it.
+    refresh: Option<super::refresh::Refresh>,
+    refreshing: bool,
+    probe: Option<bytes::BytesMut>,
 }
 
 impl Default for Tracker {
@@ -137,7 +163,9 @@ impl Default for Tracker {
         Tracker {
             disabled: false,
             stmts: HashMap::new(),
+            sql: HashMap::new(),
             stmt_bytes: 0,
+            epoch: 0,
             ops: VecDeque::new(),
             seq_sent: 0,
             open: Open::Empty,
@@ -155,6 +183,9 @@ impl Default for Tracker {
             suppressed: Vec::new(),
             suppressed_status: Vec::new(),
             claimed: false,
+            refresh: None,
+            refreshing: false,
+            probe: None,
         }
     }
 }
@@ -176,6 +207,7 @@ impl Tracker {
         }
         self.disabled = true;
         self.stmts.clear();
+        self.sql.clear();
         self.stmt_bytes = 0;
         self.ops.clear();
         self.candidates.clear();
@@ -188,6 +220,12 @@ impl Tracker {
     fn forget(&mut self, name: &[u8]) {
         if let Some(s) = self.stmts.remove(name) {
             self.stmt_bytes -= Self::cost(name, &s);
+        }
+    }
+
+    fn forget_sql(&mut self, name: &[u8]) {
+        if let Some(s) = self.sql.remove(name) {
+            self.stmt_bytes -= name.len() + s.ident.len() + s.text.len();
         }
     }
 

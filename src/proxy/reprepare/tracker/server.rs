@@ -139,7 +139,12 @@ impl Tracker {
             Op::Parse(name, parse) => {
                 self.forget(&name);
                 if !error {
-                    let s = Stmt { parse, shape: None };
+                    let s = Stmt {
+                        parse,
+                        shape: None,
+                        self_describing: false,
+                        formats: 0,
+                    };
                     let c = Self::cost(&name, &s);
                     if self.stmt_bytes + c <= MAX_REGISTRY {
                         self.stmt_bytes += c;
@@ -159,6 +164,24 @@ impl Tracker {
                 }
             }
             Op::Shape(..) => {}
+            Op::SqlPrepare(name, stmt) => {
+                let c = name.len() + stmt.ident.len() + stmt.text.len();
+                if !error && self.stmt_bytes + c <= MAX_REGISTRY {
+                    self.stmt_bytes += c;
+                    self.sql.insert(name, stmt);
+                }
+            }
+            Op::SqlForget(name) if !error => {
+                self.forget(&name);
+                self.forget_sql(&name);
+            }
+            Op::SqlForget(_) => {}
+            Op::ForgetAll if !error => {
+                self.stmts.clear();
+                self.sql.clear();
+                self.stmt_bytes = 0;
+            }
+            Op::ForgetAll => {}
         }
     }
 }

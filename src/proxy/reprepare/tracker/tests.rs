@@ -436,10 +436,34 @@ fn an_answer_too_large_to_keep_releases_the_kept_ones() {
 }
 
 #[test]
+fn sql_prepare_and_deallocate_are_tracked() {
+    let mut t = Tracker::default();
+    prepare(&mut t, "s1", &[("id", 23)]);
+    send(&mut t, &[query("PREPARE P AS SELECT * FROM t")]);
+    assert!(!t.disabled);
+    assert!(t.sql.is_empty(), "recorded once the server answered");
+    answer(&mut t, &[frame(b'C', b"PREPARE\0"), IDLE.to_vec()]);
+    assert_eq!(&*t.sql[&b"p"[..]].ident, b"P");
+    // a failed PREPARE is not recorded
+    send(&mut t, &[query("PREPARE q AS SELECT nothing")]);
+    answer(&mut t, &[frame(b'E', b"SERROR\0C42703\0\0"), IDLE.to_vec()]);
+    assert!(!t.sql.contains_key(&b"q"[..]));
+    send(&mut t, &[query("DEALLOCATE p")]);
+    answer(&mut t, &[frame(b'C', b"DEALLOCATE\0"), IDLE.to_vec()]);
+    assert!(t.sql.is_empty());
+    send(&mut t, &[query("DISCARD ALL")]);
+    answer(&mut t, &[frame(b'C', b"DISCARD ALL\0"), IDLE.to_vec()]);
+    assert!(
+        t.stmts.is_empty(),
+        "DISCARD ALL drops protocol-level statements too"
+    );
+}
+
+#[test]
 fn prepare_in_sql_text_turns_retries_off_for_good() {
     let mut t = Tracker::default();
     prepare(&mut t, "s1", &[("id", 23)]);
-    send(&mut t, &[query("PREPARE p AS SELECT 1")]);
+    send(&mut t, &[query("SELECT 1; PREPARE p AS SELECT 1")]);
     assert!(t.disabled);
     assert!(t.stmts.is_empty());
     assert!(!t.client_wants_whole(b'Q'));

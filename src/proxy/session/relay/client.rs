@@ -82,8 +82,17 @@ impl<'a, R, W> ClientSide<'a, R, W> {
             if !entry.exempt {
                 // replication connections are never held nor counted
                 let s = st.get_or_insert_with(|| entry.state());
-                if s.starts_request(h.tag) && !shared.gate.try_enter() {
-                    break Stop::Held;
+                if s.starts_request(h.tag) {
+                    // after a swap, re-prepare before the first request at a boundary goes up
+                    let epoch = shared.gate.epoch();
+                    if let Some(t) = tr.as_deref_mut().filter(|t| t.refresh_due(epoch)) {
+                        if t.begin_refresh(epoch) {
+                            break Stop::Refresh;
+                        }
+                    }
+                    if !shared.gate.try_enter() {
+                        break Stop::Held;
+                    }
                 }
                 let ignored = s.sent(h.tag);
                 if let (true, Some(t)) = (ignored > 0, tr.as_deref_mut()) {
@@ -118,6 +127,14 @@ where
             w.flush().await?;
             cur.consume_ready();
         }
+        if stop == Stop::Refresh {
+            let probe = self.session.rp.lock().take_probe();
+            if let Some(probe) = probe {
+                w.write_all(&probe).await?;
+                w.flush().await?;
+            }
+            return Ok(Stop::Parked);
+        }
         Ok(stop)
     }
 
@@ -138,7 +155,7 @@ where
                 entry.state().held_since = None;
                 released
             }
-            Stop::Input | Stop::Retry => Ok(true),
+            Stop::Input | Stop::Retry | Stop::Refresh => Ok(true),
         }
     }
 }

@@ -46,6 +46,9 @@ enum Stop {
     Parked,
     /// A kept ReadyForQuery settled a failed batch and the stream is claimed: run the retry.
     Retry,
+    /// A swap happened: the client side has started re-preparing the session's statements
+    /// (it writes the probe, then parks); the upstream side runs the refresh.
+    Refresh,
 }
 
 /// One direction of the relay.

@@ -58,6 +58,10 @@ impl<'a, R, UW, W> ServerSide<'a, R, UW, W> {
             let Some(h) = cur.header() else {
                 return Ok(Stop::Input);
             };
+            if tr.as_ref().is_some_and(|t| t.refreshing()) {
+                // the answers from here on are the refresh's own
+                return Ok(Stop::Refresh);
+            }
             let total = h
                 .total(SERVER_MESSAGE_LIMIT)
                 .map_err(ProxyError::server_frame)?;
@@ -129,10 +133,28 @@ where
     }
 
     async fn resume(&mut self, stop: Stop, cur: &mut Cursor) -> Result<bool, ProxyError> {
+        let session = self.session;
+        if stop == Stop::Refresh {
+            let buf = cur.at_front().ok_or_else(|| {
+                ProxyError::UpstreamProtocol("a refresh started inside a message".into())
+            })?;
+            let n = reprepare::refresh(
+                session.rp,
+                &mut self.src,
+                self.upstream,
+                &mut self.client,
+                buf,
+            )
+            .await?;
+            session
+                .shared
+                .reprepared
+                .fetch_add(n as u64, Ordering::Relaxed);
+            return Ok(true);
+        }
         if stop != Stop::Retry {
             return Ok(true);
         }
-        let session = self.session;
         let buf = cur.at_front().ok_or_else(|| {
             ProxyError::UpstreamProtocol(
                 "a statement re-preparation started inside a message".into(),
