@@ -267,6 +267,14 @@ impl Refresh {
                 .as_ref()
                 .is_some_and(|o| o.extended_by(&new) && o.columns() == ncols);
             let plain_ok = formats_fit && (old.is_none() || *self_describing || same_columns);
+            tracing::debug!(
+                known = old.is_some(),
+                self_describing,
+                formats,
+                same_columns,
+                wrapped,
+                "a trial after a swap"
+            );
             if (wrapped && same_columns && formats_fit) || (!wrapped && plain_ok) {
                 self.chosen[s.item] = Some(parse.clone());
                 continue;
@@ -310,6 +318,11 @@ impl Refresh {
                     let Some((_, rest)) = parse.get(Header::SIZE..).and_then(cstr) else {
                         continue;
                     };
+                    tracing::debug!(
+                        statement = %String::from_utf8_lossy(name),
+                        query = %String::from_utf8_lossy(cstr(rest).map_or(rest, |q| q.0)),
+                        "re-preparing after a swap"
+                    );
                     put_frame(&mut out, b'C', |b| {
                         b.put_u8(b'S');
                         put_cstr(b, name);

@@ -9,7 +9,7 @@ use super::super::message::{
     bind_names, bind_result_formats, mentions_prepare, parse_name_and_text, query_text, target,
 };
 use super::super::sqltext::{classify, SqlOp};
-use super::{Candidate, Op, Open, SqlStmt, Tracker, MAX_RETAINED};
+use super::{Bound, Candidate, Op, Open, SqlStmt, Tracker, MAX_RETAINED};
 
 impl Tracker {
     /// Does the client side need frame `tag` whole in its buffer (up to `MAX_INSPECT`)?
@@ -19,11 +19,8 @@ impl Tracker {
         }
         match tag {
             b'P' | b'Q' | b'C' | b'D' | b'E' | b'S' | b'H' => true,
-            b'B' => match self.open {
-                Open::Empty => !self.stmts.is_empty(),
-                Open::Candidate { .. } => true,
-                Open::Plain => false,
-            },
+            // every Bind: which statement a portal runs, and how the client reads its rows
+            b'B' => true,
             _ => matches!(self.open, Open::Candidate { .. }),
         }
     }
@@ -41,6 +38,9 @@ impl Tracker {
                 self.seq_sent += 1;
             }
             return;
+        }
+        if tag == b'B' {
+            self.note_bind(frame);
         }
         if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C') && self.open == Open::Empty {
             self.open = Open::Plain;
@@ -62,7 +62,9 @@ impl Tracker {
             b'P' => self.parse(frame),
             b'D' => self.describe(frame),
             b'E' => {
-                self.row_sources += 1;
+                // Execute never answers with a RowDescription: only Describes count as row
+                // sources (asyncpg executes in the batch that describes the statement)
+                self.note_execute();
                 if let Open::Candidate { executed, .. } = &mut self.open {
                     *executed = true;
                 }
@@ -110,15 +112,6 @@ impl Tracker {
             ..
         } = self.open
         {
-            // hints for a refresh after a swap: how this client runs the statement
-            let bind = &self.arena[start..];
-            if let (Some((_, name)), Some(formats)) = (bind_names(bind), bind_result_formats(bind))
-            {
-                if let Some(s) = self.stmts.get_mut(name) {
-                    s.self_describing = self_describing;
-                    s.formats = formats;
-                }
-            }
             self.candidates.push_back(Candidate {
                 seq,
                 start,
@@ -126,12 +119,6 @@ impl Tracker {
                 self_describing,
             });
             self.open = Open::Plain;
-        }
-        if self.row_sources == 1 {
-            if let Some(name) = self.describe_stmt.take() {
-                self.ops
-                    .push_back((seq, Op::Shape(name, super::Capture::Waiting)));
-            }
         }
         self.end_batch();
     }
@@ -154,9 +141,31 @@ impl Tracker {
     fn describe(&mut self, frame: Option<&[u8]>) {
         self.row_sources += 1;
         let target = frame.and_then(target);
-        if let Some((b'S', name)) = target {
+        // the batch's first Describe gets the batch's first RowDescription/NoData (only
+        // Describes are answered with one, in order), even when the client flushes and waits
+        // for it before it sends the rest of the batch (asyncpg)
+        // (a portal's description is its statement's, when the portal was bound in this batch:
+        // pgjdbc describes the portal of a statement's first execution and caches that)
+        let described = match target {
+            Some((b'S', name)) => {
+                if let Some(b) = self.bound.as_mut().filter(|b| &*b.stmt == name) {
+                    b.described = true;
+                }
+                Some(name)
+            }
+            Some((b'P', portal)) => match &mut self.bound {
+                Some(b) if &*b.portal == portal => {
+                    b.described = true;
+                    Some(&*b.stmt)
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        if let (1, Some(name)) = (self.row_sources, described) {
             if !name.is_empty() {
-                self.describe_stmt = Some(name.into());
+                let op = Op::Shape(name.into(), super::Capture::Waiting);
+                self.ops.push_back((self.seq_sent + 1, op));
             }
         }
         if let (
@@ -178,6 +187,30 @@ impl Tracker {
             }
         }
         self.retain(frame);
+    }
+
+    /// Any Bind: remember which statement the portal runs and its result-format count.
+    fn note_bind(&mut self, frame: Option<&[u8]>) {
+        self.bound = frame.and_then(|f| {
+            let (portal, stmt) = bind_names(f)?;
+            Some(Bound {
+                portal: portal.into(),
+                stmt: stmt.into(),
+                formats: bind_result_formats(f)?,
+                described: false,
+            })
+        });
+    }
+
+    /// An Execute: the bound statement's hints for a refresh (does the client describe what it
+    /// runs, how many format codes does it send).
+    fn note_execute(&mut self) {
+        if let Some(b) = self.bound.take() {
+            if let Some(s) = self.stmts.get_mut(&b.stmt) {
+                s.self_describing = b.described;
+                s.formats = b.formats;
+            }
+        }
     }
 
     /// The first message of a batch is a Bind: retain the batch if it binds a known statement.
@@ -216,7 +249,7 @@ impl Tracker {
         self.abort_candidate();
         self.open = Open::Empty;
         self.row_sources = 0;
-        self.describe_stmt = None;
+        self.bound = None;
         self.seq_sent += 1;
     }
 

@@ -85,6 +85,16 @@ enum Open {
     },
 }
 
+/// The last Bind the client sent, until its Execute.
+#[derive(Debug)]
+struct Bound {
+    portal: Box<[u8]>,
+    stmt: Box<[u8]>,
+    formats: i16,
+    /// The portal (or statement) was described before the Execute.
+    described: bool,
+}
+
 /// A sent batch that may be replayed: it starts with a Bind of a registered statement.
 #[derive(Debug)]
 struct Candidate {
@@ -137,7 +147,7 @@ pub struct Tracker {
     seq_sent: u64,
     open: Open,
     row_sources: u32,
-    describe_stmt: Option<Box<[u8]>>,
+    bound: Option<Bound>,
     mid_frame: bool,
     arena: Vec<u8>,
     candidates: VecDeque<Candidate>,
@@ -170,7 +180,7 @@ impl Default for Tracker {
             seq_sent: 0,
             open: Open::Empty,
             row_sources: 0,
-            describe_stmt: None,
+            bound: None,
             mid_frame: false,
             arena: Vec::new(),
             candidates: VecDeque::new(),

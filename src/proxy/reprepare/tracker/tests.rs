@@ -104,6 +104,75 @@ fn a_prepared_statement_is_registered_with_its_shape() {
 }
 
 #[test]
+fn asyncpg_describes_and_executes_in_one_batch() {
+    // asyncpg: Parse, Describe S, Flush, then Bind, Execute, Sync of its first execution
+    let mut t = Tracker::default();
+    let flush = frame(b'H', b"");
+    send(
+        &mut t,
+        &[
+            parse("a1", "SELECT * FROM t"),
+            describe(b'S', "a1"),
+            flush,
+            bind("a1"),
+            execute(),
+            sync(),
+        ],
+    );
+    let rd = frame(b'T', &rowdesc(&[("id", 23)]));
+    let row = frame(b'D', b"\0\x01\0\0\0\x011");
+    answer(
+        &mut t,
+        &[
+            tag(b'1'),
+            frame(b't', b"\0\0"),
+            rd,
+            tag(b'2'),
+            row,
+            frame(b'C', b"SELECT 1\0"),
+            IDLE.to_vec(),
+        ],
+    );
+    let s = t.stmts.get(&b"a1"[..]).expect("registered");
+    assert_eq!(s.shape, Some(Shape::Rows(rowdesc(&[("id", 23)]).into())));
+    // its next executions tell how it reads results
+    send(&mut t, &[bind("a1"), execute(), sync()]);
+    let s = t.stmts.get(&b"a1"[..]).expect("registered");
+    assert!(!s.self_describing);
+}
+
+#[test]
+fn pgjdbc_learns_the_shape_from_the_portal_and_pipelines_binds() {
+    // pgjdbc: the first execution describes the portal; later ones run BEGIN and the statement
+    // in one batch, with a format code per column
+    let mut t = Tracker::default();
+    send(
+        &mut t,
+        &[
+            parse("S_2", "SELECT * FROM t"),
+            bind("S_2"),
+            describe(b'P', ""),
+            execute(),
+            sync(),
+        ],
+    );
+    let rd = frame(b'T', &rowdesc(&[("id", 23)]));
+    answer(&mut t, &[tag(b'1'), tag(b'2'), rd, IDLE.to_vec()]);
+    let s = t.stmts.get(&b"S_2"[..]).expect("registered");
+    assert_eq!(s.shape, Some(Shape::Rows(rowdesc(&[("id", 23)]).into())));
+    send(&mut t, &[parse("S_1", "BEGIN"), sync()]);
+    answer(&mut t, &[tag(b'1'), IDLE.to_vec()]);
+    let b = b"\0S_2\0\0\0\0\0\0\x01\0\x01".to_vec();
+    send(
+        &mut t,
+        &[bind("S_1"), execute(), frame(b'B', &b), execute(), sync()],
+    );
+    let s = t.stmts.get(&b"S_2"[..]).expect("registered");
+    assert!(!s.self_describing);
+    assert_eq!(s.formats, 1);
+}
+
+#[test]
 fn a_statement_without_rows_is_registered_as_no_data() {
     let mut t = Tracker::default();
     send(
@@ -521,15 +590,14 @@ fn re_preparing_a_name_replaces_it() {
 }
 
 #[test]
-fn a_shape_is_captured_only_from_a_batch_with_one_row_source() {
+fn a_shape_is_captured_only_from_a_batch_with_one_describe() {
     let mut t = Tracker::default();
     send(
         &mut t,
         &[
             parse("s1", "SELECT 1"),
+            describe(b'P', "opened earlier"),
             describe(b'S', "s1"),
-            bind("s1"),
-            execute(),
             sync(),
         ],
     );
@@ -539,12 +607,16 @@ fn a_shape_is_captured_only_from_a_batch_with_one_row_source() {
         &[
             tag(b'1'),
             frame(b't', b"\0\0"),
+            rd.clone(),
             rd,
-            tag(b'2'),
             IDLE.to_vec(),
         ],
     );
-    assert_eq!(t.stmts[&b"s1"[..]].shape, None);
+    assert_eq!(
+        t.stmts[&b"s1"[..]].shape,
+        None,
+        "the first description answers the portal's Describe"
+    );
 }
 
 #[test]
@@ -578,10 +650,9 @@ fn syncs_swallowed_by_copy_are_uncounted() {
 #[test]
 fn what_each_side_needs_whole() {
     let mut t = Tracker::default();
-    for tag in *b"PQCDESH" {
+    for tag in *b"PQCDESHB" {
         assert!(t.client_wants_whole(tag), "{}", tag as char);
     }
-    assert!(!t.client_wants_whole(b'B'), "no statement registered yet");
     assert!(!t.client_wants_whole(b'd'));
     prepare(&mut t, "s1", &[("id", 23)]);
     assert!(t.client_wants_whole(b'B'));
