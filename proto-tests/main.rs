@@ -10,6 +10,7 @@ mod clients;
 mod common;
 mod differential;
 mod hold;
+mod libraries;
 mod refresh;
 mod reprepare;
 mod robustness;

@@ -5,8 +5,9 @@
 #   proto-tests/setup.sh
 #
 # Installs: PostgreSQL server and client (initdb, psql, pgbench), pgbouncer, python3 + pip with
-# psycopg 3 (binary wheel, from PyPI), Node.js + npm with node-postgres (pinned by
-# proto-tests/node/package-lock.json, from npm).
+# psycopg 3 (binary wheel), asyncpg and SQLAlchemy (from PyPI), Node.js + npm with node-postgres
+# and postgres.js (pinned by proto-tests/node/package-lock.json, from npm), a JDK and pgjdbc
+# (Debian's libpostgresql-jdbc-java).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -23,6 +24,8 @@ have psql || need_apt+=(postgresql-client)
 have python3 || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 have node || need_apt+=(nodejs)
+have javac || need_apt+=(default-jdk-headless)
+[ -f /usr/share/java/postgresql.jar ] || need_apt+=(libpostgresql-jdbc-java)
 have npm || need_apt+=(npm)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -42,8 +45,14 @@ if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
     || python3 -m pip install --quiet --break-system-packages 'psycopg[binary]>=3.1'
 fi
 
-# node-postgres, exactly as locked
-if [ ! -d "$HERE/node/node_modules/pg" ]; then
+# asyncpg and SQLAlchemy (its asyncio extension needs greenlet)
+if ! python3 -c 'import asyncpg, sqlalchemy, greenlet' >/dev/null 2>&1; then
+  python3 -m pip install --quiet 'asyncpg>=0.29' 'sqlalchemy>=2.0' greenlet \
+    || python3 -m pip install --quiet --break-system-packages 'asyncpg>=0.29' 'sqlalchemy>=2.0' greenlet
+fi
+
+# node-postgres and postgres.js, exactly as locked
+if [ ! -d "$HERE/node/node_modules/pg" ] || [ ! -d "$HERE/node/node_modules/postgres" ]; then
   (cd "$HERE/node" && npm ci --no-audit --no-fund --silent)
 fi
 
@@ -52,3 +61,7 @@ echo "  PostgreSQL: $(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
 echo "  pgbouncer:  $( (pgbouncer --version 2>/dev/null || /usr/sbin/pgbouncer --version) | head -n1)"
 echo "  psycopg:    $(python3 -c 'import psycopg; print(psycopg.__version__)')"
 echo "  node-pg:    $(cd "$HERE/node" && node -p 'require("pg/package.json").version')"
+echo "  postgres.js: $(cd "$HERE/node" && node -p 'require("postgres/package.json").version')"
+echo "  asyncpg:    $(python3 -c 'import asyncpg; print(asyncpg.__version__)')"
+echo "  SQLAlchemy: $(python3 -c 'import sqlalchemy; print(sqlalchemy.__version__)')"
+echo "  pgjdbc:     $(ls /usr/share/java/postgresql-[0-9]*.jar 2>/dev/null | head -n1)"
