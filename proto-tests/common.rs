@@ -39,6 +39,7 @@ pub struct Opts {
     pub upstream_tls: UpstreamTls,
     pub max_hold: Option<Duration>,
     pub no_admin: bool,
+    pub metrics_listen: Option<String>,
 }
 
 pub async fn proxy() -> TestProxy {
@@ -56,6 +57,7 @@ pub async fn proxy_with(o: Opts) -> TestProxy {
         tls_key: o.tls.as_ref().map(|t| t.1.clone()),
         upstream_tls: o.upstream_tls,
         max_hold: o.max_hold.unwrap_or(Duration::from_secs(30)),
+        metrics_listen: o.metrics_listen.clone(),
     };
     let running = shadow_alter::proxy::start(&args)
         .await

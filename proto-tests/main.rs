@@ -14,3 +14,4 @@ mod libraries;
 mod refresh;
 mod reprepare;
 mod robustness;
+mod stats;

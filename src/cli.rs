@@ -272,6 +272,10 @@ pub struct ProxyArgs {
     /// Longest a hold may keep a client's request waiting before the proxy releases by itself.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub max_hold: Duration,
+    /// Serve Prometheus metrics (the numbers of SHOW STATS and SHOW STATUS) on this address,
+    /// e.g. 127.0.0.1:9187, at GET /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 impl From<StrategyChoice> for Strategy {
@@ -333,6 +337,7 @@ impl From<ProxyArgs> for ProxyConfig {
             tls_key: a.tls_key,
             upstream_tls: a.upstream_tls,
             max_hold: a.max_hold,
+            metrics_listen: a.metrics_listen,
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct ProxyConfig {
     pub upstream_tls: UpstreamTls,
     /// Longest a hold may keep a client's request waiting before the proxy releases by itself.
     pub max_hold: Duration,
+    /// Address for Prometheus metrics over HTTP (`GET /metrics`); `None`: off.
+    pub metrics_listen: Option<String>,
 }
 
 impl ProxyConfig {
@@ -46,6 +48,7 @@ impl ProxyConfig {
             tls_key: None,
             upstream_tls: UpstreamTls::Disable,
             max_hold: Duration::from_secs(2),
+            metrics_listen: None,
         }
     }
 }

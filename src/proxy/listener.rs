@@ -20,10 +20,12 @@ use super::cancel::CancelMap;
 use super::config::{ProxyConfig, UpstreamTls};
 use super::error::ProxyError;
 use super::hold::{self, Gate};
+use super::metrics;
 use super::scram::Credentials;
 use super::session;
 use super::session::registry::Registry;
 use super::shared::Shared;
+use super::stats::Stats;
 use super::tls;
 
 type Queue = mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>;
@@ -88,9 +90,32 @@ pub async fn start(args: &ProxyConfig) -> Result<RunningProxy, ProxyError> {
         started: Instant::now(),
         next_id: AtomicU64::new(1),
         reprepared: AtomicU64::new(0),
+        stats: Stats::default(),
     });
+    let metrics = match &args.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ProxyError::Listen {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            tracing::info!(listen = %addr, "metrics at GET /metrics");
+            Some(l)
+        }
+        None => None,
+    };
     tokio::spawn(hold::reaper(shared.gate.clone()));
-    let task = tokio::spawn(accept_loop(listener, shared));
+    // the metrics endpoint lives and stops with the accept loop
+    let task = tokio::spawn(async move {
+        match metrics {
+            Some(m) => tokio::select! {
+                r = accept_loop(listener, shared.clone()) => r,
+                () = metrics::serve(m, shared.clone()) => Ok(()),
+            },
+            None => accept_loop(listener, shared).await,
+        }
+    });
     Ok(RunningProxy { local_addr, task })
 }
 

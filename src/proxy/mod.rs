@@ -2,7 +2,9 @@
 //! pooler) that forwards PostgreSQL protocol 3.0 unchanged, holds clients at transaction
 //! boundaries during a cutover, and answers an admin console.
 //!
-//! Owns: starting the proxy and accepting clients (`listener`), what sessions share (`shared`),
+//! Owns: starting the proxy and accepting clients (`listener`), its settings (`config`), what
+//! sessions share (`shared`), per-database statistics (`stats`) and their Prometheus endpoint
+//! (`metrics`),
 //! the startup phase, the one relay loop and the registry of each session (`session`), the hold
 //! gate shared by all sessions (`hold`), cancel-key mapping (`cancel`), TLS on both sides
 //! (`tls`) and the client/upstream stream types (`stream`), the admin console (`admin`) and its
@@ -45,6 +47,13 @@
 //!   (NULL when not paused), `clients`, `clients_in_transaction`, `clients_held`, `upstream`,
 //!   `listen`, `holds_total`, `holds_expired`, `statements_reprepared` (replays after SQLSTATE
 //!   0A000, see `reprepare`), `uptime_s`, `version`.
+//! - `SHOW STATS`: one row per database (like PgBouncer's): `database`, `total_xact_count`
+//!   (transactions and statements outside one), `total_query_count` (requests answered),
+//!   `total_received`, `total_sent` (bytes from and to clients), `total_reprepared`,
+//!   `total_holds`, `avg_hold_wait_us`, `max_hold_wait_us` (a held request's wait for the
+//!   release), `held_p50_us`, `held_p99_us`, `held_max_us` (a held request from its first byte
+//!   to its answer, over the latest 4096). The same numbers are Prometheus metrics at
+//!   `GET /metrics` on `--metrics-listen` (`shadow_alter_proxy_*`, label `database`).
 //! - `PAUSE [deadline]` (deadline like `500ms`, `5s`, `1m`; default and upper bound:
 //!   `--max-hold`): start (or renew) a hold and return `PAUSE` once no client is inside a
 //!   transaction. New requests at a boundary wait in the proxy. If clients are still inside a
@@ -66,10 +75,12 @@ mod error;
 mod hold;
 mod listener;
 mod messages;
+mod metrics;
 mod reprepare;
 mod scram;
 mod session;
 mod shared;
+mod stats;
 mod stream;
 mod tls;
 

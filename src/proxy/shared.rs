@@ -14,6 +14,7 @@ use super::config::UpstreamTls;
 use super::hold::Gate;
 use super::scram::Credentials;
 use super::session::registry::Registry;
+use super::stats::{Stats, Totals};
 
 pub struct Shared {
     pub upstream: String,
@@ -31,4 +32,15 @@ pub struct Shared {
     pub next_id: AtomicU64,
     /// Statements re-prepared and replayed after a result type change (see `reprepare`).
     pub reprepared: AtomicU64,
+    /// Per-database counters and hold timings (SHOW STATS, metrics).
+    pub stats: Stats,
+}
+
+impl Shared {
+    /// Every database's statistics, live sessions included (SHOW STATS, metrics).
+    pub fn stats_report(&self) -> Vec<(String, Totals)> {
+        let live = self.clients.snapshot();
+        self.stats
+            .report(live.iter().map(|e| (e.database.as_str(), &e.counters)))
+    }
 }

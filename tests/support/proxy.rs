@@ -34,6 +34,7 @@ pub async fn start() -> Proxy {
         tls_key: None,
         upstream_tls: UpstreamTls::Disable,
         max_hold: Duration::from_secs(5),
+        metrics_listen: None,
     })
     .await
     .expect("start a proxy");

@@ -11,6 +11,7 @@ pub enum Command<'a> {
     Empty,
     ShowClients,
     ShowStatus,
+    ShowStats,
     /// PAUSE, with its deadline argument as typed (quotes removed), if any.
     Pause(Option<&'a str>),
     Resume,
@@ -30,6 +31,7 @@ impl<'a> Command<'a> {
             (None, _, _) => Command::Empty,
             (w, s, None) if is(w, "SHOW") && is(s, "CLIENTS") => Command::ShowClients,
             (w, s, None) if is(w, "SHOW") && is(s, "STATUS") => Command::ShowStatus,
+            (w, s, None) if is(w, "SHOW") && is(s, "STATS") => Command::ShowStats,
             (w, None, _) if is(w, "PAUSE") => Command::Pause(None),
             (w, Some(arg), None) if is(w, "PAUSE") => Command::Pause(Some(arg.trim_matches('\''))),
             (w, None, _) if is(w, "RESUME") => Command::Resume,
@@ -52,6 +54,7 @@ mod tests {
         assert_eq!(Command::parse("RESUME;"), Command::Resume);
         assert_eq!(Command::parse("\tPAUSE\n"), Command::Pause(None));
         assert_eq!(Command::parse("swapped;"), Command::Swapped);
+        assert_eq!(Command::parse("show stats"), Command::ShowStats);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod command;
 mod report;
+mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -20,6 +20,7 @@ pub async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) {
         Command::Empty => messages::empty_query(out),
         Command::ShowClients => show_clients(shared, out),
         Command::ShowStatus => show_status(shared, out),
+        Command::ShowStats => super::stats::show_stats(shared, out),
         Command::Pause(arg) => pause(shared, arg, out).await,
         Command::Resume => {
             if shared.gate.release() {

@@ -7,7 +7,7 @@
 //! ReadyForQuery said idle (`I`) and no Query, Sync, FunctionCall or extended-query message sent
 //! since is unanswered. (The relay keeps the gate's busy count in step with `busy`.)
 
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 /// Is `tag` a frontend message that starts (or continues) a request answered by ReadyForQuery?
 /// `Some(true)`: it is answered by exactly one ReadyForQuery (Query, Sync, FunctionCall);
@@ -36,6 +36,8 @@ pub struct SessionState {
     pub busy: bool,
     /// Since when the session's next request waits for a release.
     pub held_since: Option<SystemTime>,
+    /// A released request's first byte arrived then; its answer is not through yet.
+    pub held_request: Option<Instant>,
 }
 
 impl Default for SessionState {
@@ -47,6 +49,7 @@ impl Default for SessionState {
             status: b'I',
             busy: false,
             held_since: None,
+            held_request: None,
         }
     }
 }

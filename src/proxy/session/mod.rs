@@ -50,6 +50,9 @@ impl Drop for SessionGuard {
             self.shared.gate.leave();
         }
         drop(st);
+        self.shared
+            .stats
+            .session_ended(&self.entry.database, &self.entry.counters);
         self.shared.clients.remove(self.entry.id);
         if let Some(k) = self.client_key {
             self.shared.cancels.remove(k);

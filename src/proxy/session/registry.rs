@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use super::boundary::SessionState;
+use crate::proxy::stats::Counters;
 
 /// A proxied client.
 pub struct ClientEntry {
@@ -22,6 +23,8 @@ pub struct ClientEntry {
     /// Replication connections are never held and never counted as inside a transaction.
     pub exempt: bool,
     state: Mutex<SessionState>,
+    /// This session's counts for SHOW STATS (moved into the totals when it ends).
+    pub counters: Counters,
 }
 
 impl ClientEntry {
@@ -42,6 +45,7 @@ impl ClientEntry {
             connected: SystemTime::now(),
             exempt,
             state: Mutex::new(SessionState::default()),
+            counters: Counters::default(),
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::sync::MutexGuard;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -17,6 +17,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::reprepare::MAX_INSPECT;
 use crate::proxy::session::boundary::SessionState;
 use crate::proxy::shared::Shared;
+use crate::proxy::stats::Counters;
 use crate::wire::{Cursor, MAX_MESSAGE_LEN};
 
 /// PostgreSQL's limit for messages that never carry data (Sync, Flush, Close, ...).
@@ -125,6 +126,8 @@ where
         if !cur.ready().is_empty() {
             w.write_all(cur.ready()).await?;
             w.flush().await?;
+            let n = cur.ready().len() as u64;
+            Counters::add(&self.session.entry.counters.bytes_in, n);
             cur.consume_ready();
         }
         if stop == Stop::Refresh {
@@ -150,9 +153,16 @@ where
                 Ok(true)
             }
             Stop::Held => {
+                let since = Instant::now();
                 entry.state().held_since = Some(SystemTime::now());
                 let released = wait_while_held(self.session.shared, &mut self.src, cur).await;
-                entry.state().held_since = None;
+                {
+                    let mut st = entry.state();
+                    st.held_since = None;
+                    st.held_request = Some(since);
+                }
+                let stats = &self.session.shared.stats;
+                stats.hold_released(&entry.database, since.elapsed());
                 released
             }
             Stop::Input | Stop::Retry | Stop::Refresh => Ok(true),

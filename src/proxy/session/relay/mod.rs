@@ -28,6 +28,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::messages::send_error;
 use crate::proxy::reprepare::Reprepare;
 use crate::proxy::shared::Shared;
+use crate::proxy::stats::Counters;
 use crate::proxy::stream::{ClientStream, MaybeTls, UpStream};
 use crate::wire::Cursor;
 
@@ -90,8 +91,19 @@ struct Session<'a> {
 impl Session<'_> {
     /// A ReadyForQuery with `status` passed from the server to the client.
     fn ready_for_query(&self, status: u8) {
-        if self.entry.state().ready(status) {
+        let c = &self.entry.counters;
+        Counters::add(&c.queries, 1);
+        let (reached, held) = {
+            let mut st = self.entry.state();
+            (st.ready(status), st.held_request.take())
+        };
+        if reached {
+            Counters::add(&c.xacts, 1);
             self.shared.gate.leave();
+        }
+        if let Some(since) = held {
+            let db = &self.entry.database;
+            self.shared.stats.held_answered(db, since.elapsed());
         }
     }
 }

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::{Session, Side, Stop};
 use crate::proxy::error::ProxyError;
 use crate::proxy::reprepare::{self, Backend, Settle, Tracker, MAX_INSPECT};
+use crate::proxy::stats::Counters;
 use crate::wire::Cursor;
 
 /// The server's messages are not limited by the proxy (PostgreSQL bounds them itself).
@@ -123,6 +124,8 @@ where
         if !cur.ready().is_empty() {
             self.client.write_all(cur.ready()).await?;
             self.client.flush().await?;
+            let n = cur.ready().len() as u64;
+            Counters::add(&self.session.entry.counters.bytes_out, n);
             cur.consume_ready();
         }
         Ok(stop)
@@ -150,6 +153,7 @@ where
                 .shared
                 .reprepared
                 .fetch_add(n as u64, Ordering::Relaxed);
+            Counters::add(&session.entry.counters.reprepared, n as u64);
             return Ok(true);
         }
         if stop != Stop::Retry {
@@ -171,6 +175,7 @@ where
         .await?;
         if replayed {
             session.shared.reprepared.fetch_add(1, Ordering::Relaxed);
+            Counters::add(&session.entry.counters.reprepared, 1);
         }
         Ok(true)
     }

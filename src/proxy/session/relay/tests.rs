@@ -39,6 +39,7 @@ fn shared() -> Shared {
         started: Instant::now(),
         next_id: AtomicU64::new(1),
         reprepared: AtomicU64::new(0),
+        stats: Default::default(),
     }
 }
 
