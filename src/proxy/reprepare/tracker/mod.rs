@@ -14,6 +14,8 @@
 //!   they reach the client unchanged unless the replay replaces them.
 
 mod client;
+#[cfg(test)]
+mod client_tests;
 mod refresh;
 mod server;
 #[cfg(test)]

@@ -3,77 +3,77 @@
 use super::*;
 use crate::proxy::reprepare::message::tests::{frame, rowdesc};
 
-const IDLE: &[u8] = b"Z\0\0\0\x05I";
+pub(super) const IDLE: &[u8] = b"Z\0\0\0\x05I";
 const IN_TX: &[u8] = b"Z\0\0\0\x05T";
 
-fn parse(name: &str, sql: &str) -> Vec<u8> {
+pub(super) fn parse(name: &str, sql: &str) -> Vec<u8> {
     frame(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
 }
 
 /// Bind of `stmt` to the unnamed portal, no parameters, one binary result format.
-fn bind(stmt: &str) -> Vec<u8> {
+pub(super) fn bind(stmt: &str) -> Vec<u8> {
     frame(b'B', format!("\0{stmt}\0\0\0\0\0\0\x01\0\x01").as_bytes())
 }
 
-fn describe(kind: u8, name: &str) -> Vec<u8> {
+pub(super) fn describe(kind: u8, name: &str) -> Vec<u8> {
     let mut b = vec![kind];
     b.extend_from_slice(name.as_bytes());
     b.push(0);
     frame(b'D', &b)
 }
 
-fn close(kind: u8, name: &str) -> Vec<u8> {
+pub(super) fn close(kind: u8, name: &str) -> Vec<u8> {
     let mut b = vec![kind];
     b.extend_from_slice(name.as_bytes());
     b.push(0);
     frame(b'C', &b)
 }
 
-fn execute() -> Vec<u8> {
+pub(super) fn execute() -> Vec<u8> {
     frame(b'E', b"\0\0\0\0\0")
 }
 
-fn sync() -> Vec<u8> {
+pub(super) fn sync() -> Vec<u8> {
     frame(b'S', b"")
 }
 
-fn query(sql: &str) -> Vec<u8> {
+pub(super) fn query(sql: &str) -> Vec<u8> {
     frame(b'Q', format!("{sql}\0").as_bytes())
 }
 
-fn plan_changed() -> Vec<u8> {
+pub(super) fn plan_changed() -> Vec<u8> {
     frame(
         b'E',
         b"SERROR\0C0A000\0Mcached plan must not change result type\0RRevalidateCachedQuery\0\0",
     )
 }
 
-fn other_error() -> Vec<u8> {
+pub(super) fn other_error() -> Vec<u8> {
     frame(b'E', b"SERROR\0C42P01\0Mrelation \"t\" does not exist\0\0")
 }
 
-fn tag(tag: u8) -> Vec<u8> {
+pub(super) fn tag(tag: u8) -> Vec<u8> {
     frame(tag, b"")
 }
 
 /// The client sends these frames, each whole.
-fn send(t: &mut Tracker, frames: &[Vec<u8>]) {
+pub(super) fn send(t: &mut Tracker, frames: &[Vec<u8>]) {
     for f in frames {
         t.client_frame(f[0], Some(f));
     }
 }
 
 /// The server answers with these frames, each whole; the tracker's verdicts.
-fn answer(t: &mut Tracker, frames: &[Vec<u8>]) -> Vec<Backend> {
+pub(super) fn answer(t: &mut Tracker, frames: &[Vec<u8>]) -> Vec<Backend> {
     frames.iter().map(|f| t.on_backend(f[0], Some(f))).collect()
 }
 
-fn forwarded(n: usize) -> Vec<Backend> {
+pub(super) fn forwarded(n: usize) -> Vec<Backend> {
     (0..n).map(|_| Backend::Forward).collect()
 }
 
 /// Prepare `name` with a Describe, as libpq and tokio-postgres do, and answer it.
-fn prepare(t: &mut Tracker, name: &str, cols: &[(&str, u32)]) {
+pub(super) fn prepare(t: &mut Tracker, name: &str, cols: &[(&str, u32)]) {
     send(
         t,
         &[parse(name, "SELECT * FROM t"), describe(b'S', name), sync()],
@@ -84,12 +84,12 @@ fn prepare(t: &mut Tracker, name: &str, cols: &[(&str, u32)]) {
 }
 
 /// A Bind + Execute + Sync of `stmt`, answered with the plan-changed error.
-fn failing_batch(t: &mut Tracker, stmt: &str) -> Vec<Backend> {
+pub(super) fn failing_batch(t: &mut Tracker, stmt: &str) -> Vec<Backend> {
     send(t, &[bind(stmt), execute(), sync()]);
     answer(t, &[plan_changed(), IDLE.to_vec()])
 }
 
-fn kept() -> Vec<Backend> {
+pub(super) fn kept() -> Vec<Backend> {
     vec![Backend::Suppress, Backend::Suppress]
 }
 
@@ -101,75 +101,6 @@ fn a_prepared_statement_is_registered_with_its_shape() {
     assert_eq!(s.shape, Some(Shape::Rows(rowdesc(&[("id", 23)]).into())));
     assert_eq!(&s.parse[..], &parse("s1", "SELECT * FROM t")[..]);
     assert_eq!(t.stmt_bytes, Tracker::cost(b"s1", s));
-}
-
-#[test]
-fn asyncpg_describes_and_executes_in_one_batch() {
-    // asyncpg: Parse, Describe S, Flush, then Bind, Execute, Sync of its first execution
-    let mut t = Tracker::default();
-    let flush = frame(b'H', b"");
-    send(
-        &mut t,
-        &[
-            parse("a1", "SELECT * FROM t"),
-            describe(b'S', "a1"),
-            flush,
-            bind("a1"),
-            execute(),
-            sync(),
-        ],
-    );
-    let rd = frame(b'T', &rowdesc(&[("id", 23)]));
-    let row = frame(b'D', b"\0\x01\0\0\0\x011");
-    answer(
-        &mut t,
-        &[
-            tag(b'1'),
-            frame(b't', b"\0\0"),
-            rd,
-            tag(b'2'),
-            row,
-            frame(b'C', b"SELECT 1\0"),
-            IDLE.to_vec(),
-        ],
-    );
-    let s = t.stmts.get(&b"a1"[..]).expect("registered");
-    assert_eq!(s.shape, Some(Shape::Rows(rowdesc(&[("id", 23)]).into())));
-    // its next executions tell how it reads results
-    send(&mut t, &[bind("a1"), execute(), sync()]);
-    let s = t.stmts.get(&b"a1"[..]).expect("registered");
-    assert!(!s.self_describing);
-}
-
-#[test]
-fn pgjdbc_learns_the_shape_from_the_portal_and_pipelines_binds() {
-    // pgjdbc: the first execution describes the portal; later ones run BEGIN and the statement
-    // in one batch, with a format code per column
-    let mut t = Tracker::default();
-    send(
-        &mut t,
-        &[
-            parse("S_2", "SELECT * FROM t"),
-            bind("S_2"),
-            describe(b'P', ""),
-            execute(),
-            sync(),
-        ],
-    );
-    let rd = frame(b'T', &rowdesc(&[("id", 23)]));
-    answer(&mut t, &[tag(b'1'), tag(b'2'), rd, IDLE.to_vec()]);
-    let s = t.stmts.get(&b"S_2"[..]).expect("registered");
-    assert_eq!(s.shape, Some(Shape::Rows(rowdesc(&[("id", 23)]).into())));
-    send(&mut t, &[parse("S_1", "BEGIN"), sync()]);
-    answer(&mut t, &[tag(b'1'), IDLE.to_vec()]);
-    let b = b"\0S_2\0\0\0\0\0\0\x01\0\x01".to_vec();
-    send(
-        &mut t,
-        &[bind("S_1"), execute(), frame(b'B', &b), execute(), sync()],
-    );
-    let s = t.stmts.get(&b"S_2"[..]).expect("registered");
-    assert!(!s.self_describing);
-    assert_eq!(s.formats, 1);
 }
 
 #[test]
@@ -502,30 +433,6 @@ fn an_answer_too_large_to_keep_releases_the_kept_ones() {
     assert_eq!(answer(&mut t, &[plan_changed()]), [Backend::Suppress]);
     assert_eq!(t.on_backend(b'D', None), Backend::GiveUp);
     assert_eq!(t.take_give_up().0, plan_changed());
-}
-
-#[test]
-fn sql_prepare_and_deallocate_are_tracked() {
-    let mut t = Tracker::default();
-    prepare(&mut t, "s1", &[("id", 23)]);
-    send(&mut t, &[query("PREPARE P AS SELECT * FROM t")]);
-    assert!(!t.disabled);
-    assert!(t.sql.is_empty(), "recorded once the server answered");
-    answer(&mut t, &[frame(b'C', b"PREPARE\0"), IDLE.to_vec()]);
-    assert_eq!(&*t.sql[&b"p"[..]].ident, b"P");
-    // a failed PREPARE is not recorded
-    send(&mut t, &[query("PREPARE q AS SELECT nothing")]);
-    answer(&mut t, &[frame(b'E', b"SERROR\0C42703\0\0"), IDLE.to_vec()]);
-    assert!(!t.sql.contains_key(&b"q"[..]));
-    send(&mut t, &[query("DEALLOCATE p")]);
-    answer(&mut t, &[frame(b'C', b"DEALLOCATE\0"), IDLE.to_vec()]);
-    assert!(t.sql.is_empty());
-    send(&mut t, &[query("DISCARD ALL")]);
-    answer(&mut t, &[frame(b'C', b"DISCARD ALL\0"), IDLE.to_vec()]);
-    assert!(
-        t.stmts.is_empty(),
-        "DISCARD ALL drops protocol-level statements too"
-    );
 }
 
 #[test]
