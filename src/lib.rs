@@ -12,8 +12,8 @@
 //! analysis of an ALTER (it never writes to the user's table); `engine` carries out one
 //! migration, stage by stage (preflight, shadow, copy, indexes, follow, verify, cutover,
 //! teardown); `replication` is our walsender client and pgoutput decoder on the shared `wire`
-//! layer; `ops` are the operator commands; `proxy` is the wire-protocol proxy. `names` and
-//! `sql` are leaves everybody may use.
+//! layer; `ops` are the operator commands; `proxy` is the wire-protocol proxy. `names`, `sql`
+//! and `units` (durations and sizes as people write them) are leaves everybody may use.
 
 pub mod catalog;
 pub mod cli;
@@ -26,4 +26,5 @@ pub mod progress;
 pub mod proxy;
 pub mod replication;
 pub mod sql;
+pub mod units;
 pub mod wire;
