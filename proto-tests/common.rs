@@ -1,5 +1,6 @@
 //! Shared helpers for the proxy tests: starting a proxy in-process, the admin console, a raw
-//! protocol connection for differential tests, and message builders.
+//! protocol connection for differential tests, and message builders (postgres-protocol's
+//! frontend encoders; FunctionCall, which it lacks, through the crate's own frame encoder).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -8,8 +9,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use shadow_alter::cli::{ProxyArgs, UpstreamTls};
-use shadow_alter::proxy::RunningProxy;
+use postgres_protocol::message::frontend;
+use shadow_alter::proxy::{ProxyConfig, RunningProxy, UpstreamTls};
+use shadow_alter::wire::{put_frame, split_frame, MAX_MESSAGE_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -37,6 +39,7 @@ pub struct Opts {
     pub upstream_tls: UpstreamTls,
     pub max_hold: Option<Duration>,
     pub no_admin: bool,
+    pub metrics_listen: Option<String>,
 }
 
 pub async fn proxy() -> TestProxy {
@@ -45,7 +48,7 @@ pub async fn proxy() -> TestProxy {
 
 pub async fn proxy_with(o: Opts) -> TestProxy {
     let s = support::server();
-    let args = ProxyArgs {
+    let args = ProxyConfig {
         listen: "127.0.0.1:0".into(),
         upstream: format!("127.0.0.1:{}", s.port),
         admin_user: (!o.no_admin).then(|| ADMIN_USER.to_string()),
@@ -54,6 +57,7 @@ pub async fn proxy_with(o: Opts) -> TestProxy {
         tls_key: o.tls.as_ref().map(|t| t.1.clone()),
         upstream_tls: o.upstream_tls,
         max_hold: o.max_hold.unwrap_or(Duration::from_secs(30)),
+        metrics_listen: o.metrics_listen.clone(),
     };
     let running = shadow_alter::proxy::start(&args)
         .await
@@ -190,21 +194,15 @@ impl RawConn {
             startup: Vec::new(),
         };
         let mut b = BytesMut::new();
-        b.put_i32(0);
-        b.put_i32(196_608);
-        for (k, v) in [
-            ("user", "postgres"),
-            ("database", db),
-            ("application_name", "proto-test"),
-        ] {
-            b.put_slice(k.as_bytes());
-            b.put_u8(0);
-            b.put_slice(v.as_bytes());
-            b.put_u8(0);
-        }
-        b.put_u8(0);
-        let len = b.len() as i32;
-        b[..4].copy_from_slice(&len.to_be_bytes());
+        frontend::startup_message(
+            [
+                ("user", "postgres"),
+                ("database", db),
+                ("application_name", "proto-test"),
+            ],
+            &mut b,
+        )
+        .expect("startup message");
         c.send(&b).await;
         loop {
             let m = c.recv().await.expect("startup message");
@@ -228,16 +226,12 @@ impl RawConn {
     /// Next message, or None at end of stream.
     pub async fn recv(&mut self) -> Option<Msg> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if self.buf.len() > len {
-                    let raw = self.buf.split_to(len + 1);
-                    return Some(Msg {
-                        tag: raw[0],
-                        body: raw[5..].to_vec(),
-                    });
-                }
+            let frame = split_frame(&mut self.buf, MAX_MESSAGE_LEN).expect("a valid message");
+            if let Some(f) = frame {
+                return Some(Msg {
+                    tag: f.tag,
+                    body: f.body().to_vec(),
+                });
             }
             let n = tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.buf))
                 .await
@@ -286,104 +280,101 @@ impl RawConn {
 // ---------------------------------------------------------------------------------------------
 // frontend message builders
 
-fn frame(tag: u8, f: impl FnOnce(&mut BytesMut)) -> Vec<u8> {
+/// Run one of postgres-protocol's encoders into a fresh message.
+fn encode(f: impl FnOnce(&mut BytesMut) -> std::io::Result<()>) -> Vec<u8> {
     let mut b = BytesMut::new();
-    b.put_u8(tag);
-    b.put_i32(0);
-    f(&mut b);
-    let len = (b.len() - 1) as i32;
-    b[1..5].copy_from_slice(&len.to_be_bytes());
+    f(&mut b).expect("encode a message");
     b.to_vec()
 }
 
-fn cstr(b: &mut BytesMut, s: &str) {
-    b.put_slice(s.as_bytes());
-    b.put_u8(0);
-}
-
 pub fn query(sql: &str) -> Vec<u8> {
-    frame(b'Q', |b| cstr(b, sql))
+    encode(|b| frontend::query(sql, b))
 }
 
 pub fn parse(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
-    frame(b'P', |b| {
-        cstr(b, name);
-        cstr(b, sql);
-        b.put_i16(types.len() as i16);
-        for t in types {
-            b.put_u32(*t);
-        }
-    })
+    encode(|b| frontend::parse(name, sql, types.iter().copied(), b))
 }
 
 /// Bind with text parameters and text results.
 pub fn bind(portal: &str, stmt: &str, params: &[Option<&[u8]>]) -> Vec<u8> {
-    frame(b'B', |b| {
-        cstr(b, portal);
-        cstr(b, stmt);
-        b.put_i16(0);
-        b.put_i16(params.len() as i16);
-        for p in params {
-            match p {
+    encode(|b| {
+        frontend::bind(
+            portal,
+            stmt,
+            std::iter::empty::<i16>(),
+            params.iter(),
+            |p, buf| match p {
                 Some(v) => {
-                    b.put_i32(v.len() as i32);
-                    b.put_slice(v);
+                    buf.put_slice(v);
+                    Ok(postgres_protocol::IsNull::No)
                 }
-                None => b.put_i32(-1),
-            }
-        }
-        b.put_i16(0);
+                None => Ok(postgres_protocol::IsNull::Yes),
+            },
+            std::iter::empty::<i16>(),
+            b,
+        )
+        .map_err(|e| match e {
+            frontend::BindError::Conversion(e) => std::io::Error::other(e),
+            frontend::BindError::Serialization(e) => e,
+        })
     })
 }
 
 pub fn describe(kind: u8, name: &str) -> Vec<u8> {
-    frame(b'D', |b| {
-        b.put_u8(kind);
-        cstr(b, name);
-    })
+    encode(|b| frontend::describe(kind, name, b))
 }
 
 pub fn close(kind: u8, name: &str) -> Vec<u8> {
-    frame(b'C', |b| {
-        b.put_u8(kind);
-        cstr(b, name);
-    })
+    encode(|b| frontend::close(kind, name, b))
 }
 
 pub fn execute(portal: &str, max_rows: i32) -> Vec<u8> {
-    frame(b'E', |b| {
-        cstr(b, portal);
-        b.put_i32(max_rows);
-    })
+    encode(|b| frontend::execute(portal, max_rows, b))
 }
 
 pub fn sync() -> Vec<u8> {
-    frame(b'S', |_| {})
+    encode(|b| {
+        frontend::sync(b);
+        Ok(())
+    })
 }
 
 pub fn flush() -> Vec<u8> {
-    frame(b'H', |_| {})
+    encode(|b| {
+        frontend::flush(b);
+        Ok(())
+    })
 }
 
 pub fn terminate() -> Vec<u8> {
-    frame(b'X', |_| {})
+    encode(|b| {
+        frontend::terminate(b);
+        Ok(())
+    })
 }
 
 pub fn copy_data(data: &[u8]) -> Vec<u8> {
-    frame(b'd', |b| b.put_slice(data))
+    encode(|b| {
+        frontend::CopyData::new(data)?.write(b);
+        Ok(())
+    })
 }
 
 pub fn copy_done() -> Vec<u8> {
-    frame(b'c', |_| {})
+    encode(|b| {
+        frontend::copy_done(b);
+        Ok(())
+    })
 }
 
 pub fn copy_fail(msg: &str) -> Vec<u8> {
-    frame(b'f', |b| cstr(b, msg))
+    encode(|b| frontend::copy_fail(msg, b))
 }
 
 /// FunctionCall with text arguments and a text result.
 pub fn function_call(oid: u32, args: &[&str]) -> Vec<u8> {
-    frame(b'F', |b| {
+    let mut b = BytesMut::new();
+    put_frame(&mut b, b'F', |b| {
         b.put_u32(oid);
         b.put_i16(0);
         b.put_i16(args.len() as i16);
@@ -392,7 +383,8 @@ pub fn function_call(oid: u32, args: &[&str]) -> Vec<u8> {
             b.put_slice(a.as_bytes());
         }
         b.put_i16(0);
-    })
+    });
+    b.to_vec()
 }
 
 pub fn cat(parts: &[Vec<u8>]) -> Vec<u8> {

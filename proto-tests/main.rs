@@ -10,5 +10,8 @@ mod clients;
 mod common;
 mod differential;
 mod hold;
+mod libraries;
+mod refresh;
 mod reprepare;
 mod robustness;
+mod stats;

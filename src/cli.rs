@@ -7,6 +7,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::config::{RunConfig, Strategy};
 pub use crate::progress::ProgressMode;
+use crate::proxy::{ProxyConfig, UpstreamTls};
+use crate::units::{parse_duration, parse_size};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -312,17 +314,6 @@ pub enum PlanFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
-pub enum UpstreamTls {
-    /// Plain TCP to the server.
-    #[default]
-    Disable,
-    /// TLS if the server offers it, plain otherwise.
-    Prefer,
-    /// TLS or fail.
-    Require,
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct ProxyArgs {
     /// Address to accept client connections on.
@@ -349,63 +340,10 @@ pub struct ProxyArgs {
     /// Longest a hold may keep a client's request waiting before the proxy releases by itself.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub max_hold: Duration,
-}
-
-/// Parse "512MB", "2GB", "64kB", "1TB" (PostgreSQL units, powers of 1024) or a bare number of bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => (&t[..i], t[i..].trim()),
-        None => (t, ""),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (try 512MB, 2GB)"))?;
-    let mult: f64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1024.0,
-        "mb" | "m" => 1024.0 * 1024.0,
-        "gb" | "g" => 1024.0 * 1024.0 * 1024.0,
-        "tb" | "t" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => {
-            return Err(format!(
-                "unknown unit '{unit}' in '{s}' (use kB, MB, GB or TB)"
-            ))
-        }
-    };
-    let bytes = n * mult;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("'{s}' is not a valid size"));
-    }
-    Ok(bytes as u64)
-}
-
-/// Parse "250ms", "2s", "1.5s", "3m", "1h", "7d" or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => (&s[..i], s[i..].trim()),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration (try 500ms, 2s, 5m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" | "sec" => n,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => {
-            return Err(format!(
-                "unknown unit '{unit}' in '{s}' (use ms, s, m, h or d)"
-            ))
-        }
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("'{s}' is not a valid duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    /// Serve Prometheus metrics (the numbers of SHOW STATS and SHOW STATUS) on this address,
+    /// e.g. 127.0.0.1:9187, at GET /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 impl From<StrategyChoice> for Strategy {
@@ -463,30 +401,18 @@ impl From<PlanFormat> for crate::ops::PlanFormat {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(
-            parse_duration("7d").unwrap(),
-            Duration::from_secs(7 * 86400)
-        );
-        assert!(parse_duration("abc").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512").unwrap(), 512);
-        assert_eq!(parse_size("64kB").unwrap(), 64 * 1024);
-        assert_eq!(parse_size("2GB").unwrap(), 2 << 30);
-        assert_eq!(parse_size("1.5MB").unwrap(), 3 << 19);
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("3 furlongs").is_err());
+impl From<ProxyArgs> for ProxyConfig {
+    fn from(a: ProxyArgs) -> ProxyConfig {
+        ProxyConfig {
+            listen: a.listen,
+            upstream: a.upstream,
+            admin_user: a.admin_user,
+            admin_password: a.admin_password,
+            tls_cert: a.tls_cert,
+            tls_key: a.tls_key,
+            upstream_tls: a.upstream_tls,
+            max_hold: a.max_hold,
+            metrics_listen: a.metrics_listen,
+        }
     }
 }

@@ -13,9 +13,10 @@
 //! analysis of an ALTER (it never writes to the user's table); `engine` carries out one
 //! migration, stage by stage (preflight, shadow, copy, indexes, follow, verify, cutover,
 //! teardown); `replication` is our walsender client and pgoutput decoder on the shared `wire`
-//! layer; `ops` are the operator commands; `proxy` is the wire-protocol proxy. `names` and
-//! `sql` are leaves everybody may use; `tls` (libpq's sslmode and friends on rustls) is the leaf
-//! under `db` and `wire`, so tokio-postgres sessions and our walsender share one TLS setup.
+//! layer; `ops` are the operator commands; `proxy` is the wire-protocol proxy. `names`, `sql`
+//! and `units` (durations and sizes as people write them) are leaves everybody may use; `tls`
+//! (libpq's sslmode and friends on rustls) is the leaf under `db` and `wire`, so tokio-postgres
+//! sessions and our walsender share one TLS setup.
 
 pub mod catalog;
 pub mod cli;
@@ -29,4 +30,5 @@ pub mod proxy;
 pub mod replication;
 pub mod sql;
 pub mod tls;
+pub mod units;
 pub mod wire;

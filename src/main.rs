@@ -97,7 +97,7 @@ fn main() -> ExitCode {
                 )
                 .await,
             ),
-            Command::Proxy(args) => match shadow_alter::proxy::run(args).await {
+            Command::Proxy(args) => match shadow_alter::proxy::run(args.into()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -67,7 +67,7 @@ impl CancelMap {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::proxy::cancel::*;
 
     #[test]
     fn issue_lookup_remove() {

@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
-use super::Shared;
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HoldState {
     pub held: bool,
@@ -33,6 +31,10 @@ pub struct Gate {
     quiet: Notify,
     pub holds_total: AtomicU64,
     pub holds_expired: AtomicU64,
+    /// Swap epoch: advanced when a hold ends by RESUME or its deadline (a swap may have
+    /// committed meanwhile) and by SWAPPED, always before held sessions wake. Each session
+    /// checks its prepared statements once per epoch, at its next boundary.
+    epoch: AtomicU64,
 }
 
 /// What a PAUSE that did not reach quiescence ran into.
@@ -59,7 +61,19 @@ impl Gate {
             quiet: Notify::new(),
             holds_total: AtomicU64::new(0),
             holds_expired: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
+    }
+
+    /// The current swap epoch (see the field).
+    #[inline]
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// A table was swapped (SWAPPED): every session checks its statements at its next boundary.
+    pub fn swapped(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn snapshot(&self) -> HoldState {
@@ -92,6 +106,7 @@ impl Gate {
             }
             s.held = false;
             s.deadline = None;
+            self.epoch.fetch_add(1, Ordering::AcqRel);
             self.held.store(false, Ordering::SeqCst);
             true
         })
@@ -116,6 +131,7 @@ impl Gate {
             Some(d) if s.held && d <= now => {
                 s.held = false;
                 s.deadline = None;
+                self.epoch.fetch_add(1, Ordering::AcqRel);
                 self.held.store(false, Ordering::SeqCst);
                 true
             }
@@ -189,8 +205,7 @@ impl Gate {
 }
 
 /// Background task: releases a hold when its deadline passes.
-pub async fn reaper(shared: Arc<Shared>) {
-    let gate = &shared.gate;
+pub async fn reaper(gate: Arc<Gate>) {
     let mut rx = gate.state.subscribe();
     loop {
         let s = *rx.borrow_and_update();
@@ -212,7 +227,7 @@ pub async fn reaper(shared: Arc<Shared>) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::proxy::hold::*;
 
     #[tokio::test]
     async fn pause_waits_for_busy_sessions() {

@@ -1,39 +1,25 @@
-//! Encoders for the few backend messages the proxy writes itself (errors, the console's
-//! results, authentication requests), and the frontend tag table used to validate clients.
-//! Everything else crosses the proxy as raw frames.
+//! Encoders for the few backend messages the proxy writes itself (errors, the console's results,
+//! authentication requests, the rewritten BackendKeyData), and [`send_error`]. Everything else
+//! crosses the proxy as raw frames. `postgres-protocol` encodes frontend messages only, so these
+//! build on the wire layer's one frame encoder, [`put_frame`].
+//!
+//! Invariant: every message is complete and its length is computed, never copied from input.
+
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-/// PostgreSQL's limit for messages that never carry data (Sync, Flush, Close, ...).
-pub const SMALL_MESSAGE_LIMIT: usize = 10_000;
+use crate::wire::frame::{put_cstr, put_frame};
 
-/// The largest message a frontend may declare for `tag`, or `None` for a tag that does not
-/// exist in protocol 3.0 (mirrors the checks in PostgreSQL's `SocketBackend`).
-pub fn frontend_limit(tag: u8) -> Option<usize> {
-    match tag {
-        b'Q' | b'P' | b'B' | b'F' | b'd' | b'p' => Some(crate::wire::MAX_MESSAGE_LEN),
-        b'C' | b'D' | b'E' | b'H' | b'S' | b'X' | b'c' | b'f' => Some(SMALL_MESSAGE_LIMIT),
-        _ => None,
-    }
-}
-
-/// Start a message: tag plus a length placeholder; `finish` fills the length in.
-fn begin(buf: &mut BytesMut, tag: u8) -> usize {
-    let at = buf.len();
-    buf.put_u8(tag);
-    buf.put_i32(0);
-    at
-}
-
-fn finish(buf: &mut BytesMut, at: usize) {
-    let len = (buf.len() - at - 1) as i32;
-    buf[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
-}
-
+/// A string field; a NUL inside would end the field early: no message we build contains one,
+/// but be safe.
 fn cstr(buf: &mut BytesMut, s: &str) {
-    // a NUL inside would end the field early; no message we build contains one, but be safe
-    buf.put_slice(s.replace('\0', " ").as_bytes());
-    buf.put_u8(0);
+    if s.contains('\0') {
+        put_cstr(buf, s.replace('\0', " ").as_bytes());
+    } else {
+        put_cstr(buf, s.as_bytes());
+    }
 }
 
 /// ErrorResponse (or NoticeResponse with `tag` = b'N').
@@ -45,21 +31,22 @@ pub fn error_fields(
     message: &str,
     hint: Option<&str>,
 ) {
-    let at = begin(buf, tag);
-    buf.put_u8(b'S');
-    cstr(buf, severity);
-    buf.put_u8(b'V');
-    cstr(buf, severity);
-    buf.put_u8(b'C');
-    cstr(buf, code);
-    buf.put_u8(b'M');
-    cstr(buf, message);
-    if let Some(h) = hint {
-        buf.put_u8(b'H');
-        cstr(buf, h);
-    }
-    buf.put_u8(0);
-    finish(buf, at);
+    put_frame(buf, tag, |b| {
+        for (field, value) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code),
+            (b'M', message),
+        ] {
+            b.put_u8(field);
+            cstr(b, value);
+        }
+        if let Some(h) = hint {
+            b.put_u8(b'H');
+            cstr(b, h);
+        }
+        b.put_u8(0);
+    });
 }
 
 pub fn error(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
@@ -72,118 +59,100 @@ pub fn notice(buf: &mut BytesMut, message: &str) {
 
 /// Authentication request: `code` plus its payload (salt, mechanisms, SASL data).
 pub fn auth(buf: &mut BytesMut, code: i32, payload: &[u8]) {
-    let at = begin(buf, b'R');
-    buf.put_i32(code);
-    buf.put_slice(payload);
-    finish(buf, at);
+    put_frame(buf, b'R', |b| {
+        b.put_i32(code);
+        b.put_slice(payload);
+    });
 }
 
 pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
-    let at = begin(buf, b'S');
-    cstr(buf, name);
-    cstr(buf, value);
-    finish(buf, at);
+    put_frame(buf, b'S', |b| {
+        cstr(b, name);
+        cstr(b, value);
+    });
 }
 
 pub fn backend_key_data(buf: &mut BytesMut, pid: i32, key: i32) {
-    let at = begin(buf, b'K');
-    buf.put_i32(pid);
-    buf.put_i32(key);
-    finish(buf, at);
+    put_frame(buf, b'K', |b| {
+        b.put_i32(pid);
+        b.put_i32(key);
+    });
 }
 
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
-    let at = begin(buf, b'Z');
-    buf.put_u8(status);
-    finish(buf, at);
+    put_frame(buf, b'Z', |b| b.put_u8(status));
 }
 
 /// RowDescription with every column of type text.
 pub fn row_description(buf: &mut BytesMut, columns: &[&str]) {
-    let at = begin(buf, b'T');
-    buf.put_i16(columns.len() as i16);
-    for c in columns {
-        cstr(buf, c);
-        buf.put_u32(0); // table oid
-        buf.put_i16(0); // attribute number
-        buf.put_u32(25); // text
-        buf.put_i16(-1);
-        buf.put_i32(-1);
-        buf.put_i16(0); // text format
-    }
-    finish(buf, at);
+    put_frame(buf, b'T', |b| {
+        b.put_i16(columns.len() as i16);
+        for c in columns {
+            cstr(b, c);
+            b.put_u32(0); // table oid
+            b.put_i16(0); // attribute number
+            b.put_u32(25); // text
+            b.put_i16(-1);
+            b.put_i32(-1);
+            b.put_i16(0); // text format
+        }
+    });
 }
 
 pub fn data_row(buf: &mut BytesMut, values: &[Option<String>]) {
-    let at = begin(buf, b'D');
-    buf.put_i16(values.len() as i16);
-    for v in values {
-        match v {
-            Some(s) => {
-                buf.put_i32(s.len() as i32);
-                buf.put_slice(s.as_bytes());
+    put_frame(buf, b'D', |b| {
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(s) => {
+                    b.put_i32(s.len() as i32);
+                    b.put_slice(s.as_bytes());
+                }
+                None => b.put_i32(-1),
             }
-            None => buf.put_i32(-1),
         }
-    }
-    finish(buf, at);
+    });
 }
 
 pub fn command_complete(buf: &mut BytesMut, tag: &str) {
-    let at = begin(buf, b'C');
-    cstr(buf, tag);
-    finish(buf, at);
+    put_frame(buf, b'C', |b| cstr(b, tag));
 }
 
 pub fn empty_query(buf: &mut BytesMut) {
-    let at = begin(buf, b'I');
-    finish(buf, at);
+    put_frame(buf, b'I', |_| {});
 }
 
 /// NegotiateProtocolVersion: the newest minor version we speak (3.0) and the options we ignored.
 pub fn negotiate_protocol_version(buf: &mut BytesMut, unrecognized: &[&str]) {
-    let at = begin(buf, b'v');
-    buf.put_i32(crate::wire::startup::PROTOCOL_3_0);
-    buf.put_i32(unrecognized.len() as i32);
-    for o in unrecognized {
-        cstr(buf, o);
-    }
-    finish(buf, at);
+    put_frame(buf, b'v', |b| {
+        b.put_i32(crate::wire::startup::PROTOCOL_3_0);
+        b.put_i32(unrecognized.len() as i32);
+        for o in unrecognized {
+            cstr(b, o);
+        }
+    });
 }
 
-/// Format a time as `YYYY-MM-DD HH:MM:SS.mmm+00` (UTC), like a timestamptz in text form.
-pub fn utc_timestamp(t: std::time::SystemTime) -> String {
-    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // civil-from-days (Howard Hinnant's algorithm)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}+00",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+/// Write one ErrorResponse to a client and flush it (best effort, bounded in time).
+pub async fn send_error<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    severity: &str,
+    code: &str,
+    message: &str,
+) {
+    let mut b = BytesMut::new();
+    error(&mut b, severity, code, message);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        w.write_all(&b).await?;
+        w.flush().await
+    })
+    .await;
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps() {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
-        assert_eq!(utc_timestamp(t), "2023-11-14 22:13:20.123+00");
-    }
+    use crate::proxy::messages::*;
+    use crate::wire::ServerError;
 
     #[test]
     fn frames_have_right_lengths() {
@@ -193,5 +162,34 @@ mod tests {
         let mut b = BytesMut::new();
         command_complete(&mut b, "PAUSE");
         assert_eq!(&b[..], b"C\0\0\0\x0aPAUSE\0");
+    }
+
+    #[test]
+    fn errors_decode_to_what_was_encoded() {
+        let mut b = BytesMut::new();
+        error_fields(
+            &mut b,
+            b'E',
+            "FATAL",
+            "08P01",
+            "bad\0message",
+            Some("a hint"),
+        );
+        let e = ServerError::parse(&b[5..]);
+        assert_eq!(e.severity, "FATAL");
+        assert_eq!(e.code, "08P01");
+        assert_eq!(e.message, "bad message");
+        assert_eq!(e.hint.as_deref(), Some("a hint"));
+        assert_eq!(
+            i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize,
+            b.len() - 1
+        );
+    }
+
+    #[test]
+    fn data_rows_carry_nulls() {
+        let mut b = BytesMut::new();
+        data_row(&mut b, &[Some("ab".into()), None]);
+        assert_eq!(&b[..], b"D\0\0\0\x10\0\x02\0\0\0\x02ab\xff\xff\xff\xff");
     }
 }

@@ -63,6 +63,22 @@ impl Secret {
     }
 }
 
+/// A login the proxy checks itself (the admin console's): the user name and the verifier of
+/// its password.
+pub struct Credentials {
+    pub user: String,
+    pub secret: Secret,
+}
+
+impl Credentials {
+    pub fn new(user: &str, password: &str) -> Credentials {
+        Credentials {
+            user: user.to_string(),
+            secret: Secret::new(password),
+        }
+    }
+}
+
 /// One exchange, between client-first and client-final.
 pub struct Exchange {
     client_first_bare: String,
@@ -191,7 +207,7 @@ impl Exchange {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::proxy::scram::*;
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
     fn run(server_pw: &str, client_pw: &str) -> Result<(), ScramError> {

@@ -4,6 +4,9 @@
 //! Upstream TLS follows libpq's `sslmode=prefer`/`require`: the link is encrypted but the
 //! server certificate is not verified (no CA is configured for the upstream). Use it against
 //! eavesdropping on the network path, not against an active man in the middle.
+//!
+//! Invariant: the upstream connector still checks the handshake signatures; only the
+//! certificate chain goes unverified.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use super::ProxyError;
+use super::error::ProxyError;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -21,28 +24,36 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// TLS acceptor for clients, from a PEM certificate chain and a PEM private key.
 pub fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, ProxyError> {
     let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| ProxyError::Tls(format!("cannot read {}: {e}", p.display())))
+        std::fs::read(p).map_err(|source| ProxyError::TlsRead {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let pem = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| ProxyError::TlsPem { path: p, source }
     };
     let cert_pem = read(cert)?;
     let key_pem = read(key)?;
     let certs = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ProxyError::Tls(format!("{}: {e}", cert.display())))?;
+        .map_err(pem(cert))?;
     if certs.is_empty() {
-        return Err(ProxyError::Tls(format!(
-            "{}: no PEM certificate found",
-            cert.display()
-        )));
+        return Err(ProxyError::TlsMissing {
+            path: cert.to_path_buf(),
+            what: "certificate",
+        });
     }
     let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| ProxyError::Tls(format!("{}: {e}", key.display())))?
-        .ok_or_else(|| ProxyError::Tls(format!("{}: no PEM private key found", key.display())))?;
+        .map_err(pem(key))?
+        .ok_or_else(|| ProxyError::TlsMissing {
+            path: key.to_path_buf(),
+            what: "private key",
+        })?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ProxyError::Tls(e.to_string()))?
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| ProxyError::Tls(e.to_string()))?;
+        .with_single_cert(certs, key)?;
     // PostgreSQL 17 clients with sslnegotiation=direct require this ALPN protocol.
     config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
@@ -52,8 +63,7 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, Pr
 pub fn connector() -> Result<tokio_rustls::TlsConnector, ProxyError> {
     let provider = provider();
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ProxyError::Tls(e.to_string()))?
+        .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
         .with_no_client_auth();
@@ -61,13 +71,15 @@ pub fn connector() -> Result<tokio_rustls::TlsConnector, ProxyError> {
 }
 
 /// The server name to present upstream (SNI), from a `host:port` address.
-pub fn server_name(upstream: &str) -> Result<ServerName<'static>, String> {
+pub fn server_name(upstream: &str) -> Result<ServerName<'static>, ProxyError> {
     let host = match upstream.rsplit_once(':') {
         Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
         None => upstream,
     };
-    ServerName::try_from(host.to_string())
-        .map_err(|e| format!("'{host}' is not a valid TLS server name: {e}"))
+    ServerName::try_from(host.to_string()).map_err(|source| ProxyError::UpstreamName {
+        host: host.to_string(),
+        source,
+    })
 }
 
 /// Accepts any server certificate but still checks the handshake signatures.
@@ -116,5 +128,38 @@ impl ServerCertVerifier for NoVerify {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::proxy::tls::*;
+
+    #[test]
+    fn server_names_come_from_the_host_part() {
+        assert!(server_name("db.example.com:5432").is_ok());
+        assert!(server_name("127.0.0.1:5432").is_ok());
+        assert!(server_name("[::1]:5432").is_ok());
+        let e = server_name("bad host:5432").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("upstream: 'bad host' is not a valid TLS server name"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let e = acceptor(
+            Path::new("/nonexistent/cert.pem"),
+            Path::new("/nonexistent/key.pem"),
+        )
+        .err()
+        .expect("no such file");
+        assert!(
+            e.to_string()
+                .starts_with("TLS setup: cannot read /nonexistent/cert.pem: "),
+            "{e}"
+        );
     }
 }

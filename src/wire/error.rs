@@ -90,7 +90,7 @@ impl fmt::Display for ServerError {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::wire::error::*;
 
     #[test]
     fn parses_fields_and_ignores_truncation() {

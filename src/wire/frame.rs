@@ -1,12 +1,68 @@
 //! Message framing: a tag byte, a 4-byte big-endian length that counts itself, then the body.
+//!
+//! Owns the crate's one decoder of a frame header ([`Header::parse`], length checks in
+//! [`Header::total`]), whole-frame reads ([`split_frame`], [`read_frame`]), the bounds-checked
+//! body reader ([`Reader`]), and the one encoder of a frame header ([`put_frame`]), for the
+//! messages `postgres-protocol` has no encoder for: backend messages, and frontend messages
+//! rebuilt from a client's own bytes (which need not be UTF-8). The relay's cursor over a stream
+//! of frames is in [`super::cursor`].
+//!
+//! Invariant: a declared length is checked (at least 4, at most the caller's limit) before any
+//! byte of the body is trusted; an incomplete frame stays in the caller's buffer.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::WireError;
 
 /// The largest message we accept. PostgreSQL itself refuses allocations past 1 GiB.
 pub const MAX_MESSAGE_LEN: usize = 1 << 30;
+
+/// The 5-byte head of a frame: its tag and its declared length (which counts itself, not the
+/// tag). Parsing never fails; [`Header::total`] decides whether the length is acceptable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub tag: u8,
+    pub len: i32,
+}
+
+impl Header {
+    /// Bytes in a header.
+    pub const SIZE: usize = 5;
+
+    /// The header at the front of `buf`, or `None` while fewer than 5 bytes are there.
+    #[inline]
+    pub fn parse(buf: &[u8]) -> Option<Header> {
+        match *buf {
+            [tag, a, b, c, d, ..] => Some(Header {
+                tag,
+                len: i32::from_be_bytes([a, b, c, d]),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The whole frame's size (tag included), if the declared length is possible (at least 4)
+    /// and at most `max`.
+    #[inline]
+    pub fn total(self, max: usize) -> Result<usize, WireError> {
+        let len = usize::try_from(self.len)
+            .ok()
+            .filter(|&l| l >= 4)
+            .ok_or_else(|| WireError::BadLength {
+                tag: self.tag as char,
+                len: i64::from(self.len),
+            })?;
+        if len > max {
+            return Err(WireError::TooLarge {
+                tag: self.tag as char,
+                len,
+                max,
+            });
+        }
+        Ok(len + 1)
+    }
+}
 
 /// One complete tagged message. `raw` holds the whole frame (tag, length, body) so it can be
 /// forwarded without re-encoding.
@@ -18,32 +74,13 @@ pub struct Frame {
 
 impl Frame {
     pub fn body(&self) -> &[u8] {
-        &self.raw[5..]
+        &self.raw[Header::SIZE..]
     }
 }
 
 /// Length of the frame at the front of `buf` (tag included), if its header is complete.
 pub fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, WireError> {
-    if buf.len() < 5 {
-        return Ok(None);
-    }
-    let tag = buf[0];
-    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as i64;
-    if len < 4 {
-        return Err(WireError::BadLength {
-            tag: tag as char,
-            len,
-        });
-    }
-    let len = len as usize;
-    if len > max {
-        return Err(WireError::TooLarge {
-            tag: tag as char,
-            len,
-            max,
-        });
-    }
-    Ok(Some(len + 1))
+    Header::parse(buf).map(|h| h.total(max)).transpose()
 }
 
 /// Split one complete message off the front of `buf`, or `None` if more bytes are needed.
@@ -78,6 +115,28 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             return Err(WireError::Closed);
         }
     }
+}
+
+/// Append one message to `buf`: `tag`, the length, then whatever `body` writes.
+///
+/// For messages the proxy builds itself, whose bodies are far below 1 GiB (console results,
+/// errors, a client's Parse of at most the inspected size); the length is computed, never taken
+/// from the input.
+pub fn put_frame(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    let at = buf.len();
+    buf.put_u8(tag);
+    buf.put_i32(0);
+    body(buf);
+    let len = buf.len() - at - 1;
+    debug_assert!(len <= MAX_MESSAGE_LEN, "a built message of {len} bytes");
+    let len = i32::try_from(len).unwrap_or(i32::MAX);
+    buf[at + 1..at + Header::SIZE].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Append a NUL-terminated string to a message body.
+pub fn put_cstr(buf: &mut BytesMut, s: &[u8]) {
+    buf.put_slice(s);
+    buf.put_u8(0);
 }
 
 /// A cursor over a message body, for decoders. Every read checks bounds.
@@ -146,13 +205,19 @@ impl<'a> Reader<'a> {
     }
     /// A NUL-terminated string.
     pub fn cstr(&mut self) -> Result<&'a str, WireError> {
-        let end = self.buf.iter().position(|&b| b == 0).ok_or_else(|| {
-            WireError::Protocol(format!("{} message: unterminated string", self.what))
-        })?;
-        let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| {
-            WireError::Protocol(format!("{} message: string is not UTF-8", self.what))
-        })?;
-        self.buf = &self.buf[end + 1..];
+        let raw = self.cstr_bytes()?;
+        std::str::from_utf8(raw)
+            .map_err(|_| WireError::Protocol(format!("{} message: string is not UTF-8", self.what)))
+    }
+    /// A NUL-terminated string as bytes (in the client's encoding, not necessarily UTF-8).
+    pub fn cstr_bytes(&mut self) -> Result<&'a [u8], WireError> {
+        // CStr finds the NUL with the standard library's word-at-a-time memchr
+        let s = std::ffi::CStr::from_bytes_until_nul(self.buf)
+            .map_err(|_| {
+                WireError::Protocol(format!("{} message: unterminated string", self.what))
+            })?
+            .to_bytes();
+        self.buf = &self.buf[s.len() + 1..];
         Ok(s)
     }
     pub fn rest(&mut self) -> &'a [u8] {
@@ -162,7 +227,7 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::wire::frame::*;
 
     #[test]
     fn splits_complete_frames_and_waits_for_partial_ones() {
@@ -179,13 +244,42 @@ mod tests {
         let mut b = BytesMut::from(&b"Q\0\0\0\x02"[..]);
         assert!(matches!(
             split_frame(&mut b, 100),
-            Err(WireError::BadLength { .. })
+            Err(WireError::BadLength { len: 2, .. })
         ));
         let mut b = BytesMut::from(&b"Q\x7f\0\0\0"[..]);
         assert!(matches!(
             split_frame(&mut b, 100),
             Err(WireError::TooLarge { .. })
         ));
+        // a negative length (top bit set) is impossible, not huge
+        let h = Header::parse(b"D\xff\xff\xff\xfe").unwrap();
+        assert!(matches!(
+            h.total(MAX_MESSAGE_LEN),
+            Err(WireError::BadLength { len: -2, .. })
+        ));
+    }
+
+    #[test]
+    fn header_needs_five_bytes_and_counts_the_tag() {
+        assert_eq!(Header::parse(b"Z\0\0\0"), None);
+        let h = Header::parse(b"Z\0\0\0\x05I").unwrap();
+        assert_eq!(h, Header { tag: b'Z', len: 5 });
+        assert_eq!(h.total(5).unwrap(), 6);
+        assert!(h.total(4).is_err());
+        // the smallest possible message: a body-less Sync
+        assert_eq!(Header::parse(b"S\0\0\0\x04").unwrap().total(4).unwrap(), 5);
+    }
+
+    #[test]
+    fn put_frame_writes_the_length_of_what_the_body_wrote() {
+        let mut b = BytesMut::from(&b"xx"[..]);
+        put_frame(&mut b, b'C', |b| put_cstr(b, b"SELECT 1"));
+        assert_eq!(&b[..], b"xxC\0\0\0\x0dSELECT 1\0");
+        let h = Header::parse(&b[2..]).unwrap();
+        assert_eq!(h.total(MAX_MESSAGE_LEN).unwrap(), b.len() - 2);
+        let mut e = BytesMut::new();
+        put_frame(&mut e, b'S', |_| {});
+        assert_eq!(&e[..], b"S\0\0\0\x04");
     }
 
     #[test]
@@ -194,5 +288,9 @@ mod tests {
         assert_eq!(r.cstr().unwrap(), "ab");
         assert_eq!(r.u8().unwrap(), 1);
         assert!(r.i32().is_err());
+        let mut r = Reader::new(b"\xe9t\xe9\0", "test");
+        assert!(Reader::new(b"\xe9t\xe9\0", "test").cstr().is_err());
+        assert_eq!(r.cstr_bytes().unwrap(), b"\xe9t\xe9");
+        assert!(Reader::new(b"no end", "test").cstr_bytes().is_err());
     }
 }

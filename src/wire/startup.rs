@@ -125,7 +125,7 @@ pub async fn read_startup<R: AsyncRead + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::wire::startup::*;
 
     #[test]
     fn roundtrip() {

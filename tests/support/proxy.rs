@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use shadow_alter::cli::{ProxyArgs, UpstreamTls};
-use shadow_alter::proxy::RunningProxy;
+use shadow_alter::proxy::{ProxyConfig, RunningProxy, UpstreamTls};
 
 pub const ADMIN: &str = "admin";
 pub const PASSWORD: &str = "console-secret";
@@ -26,7 +25,7 @@ impl Drop for Proxy {
 
 pub async fn start() -> Proxy {
     let s = super::server();
-    let running = shadow_alter::proxy::start(&ProxyArgs {
+    let running = shadow_alter::proxy::start(&ProxyConfig {
         listen: "127.0.0.1:0".into(),
         upstream: format!("127.0.0.1:{}", s.port),
         admin_user: Some(ADMIN.into()),
@@ -35,6 +34,7 @@ pub async fn start() -> Proxy {
         tls_key: None,
         upstream_tls: UpstreamTls::Disable,
         max_hold: Duration::from_secs(5),
+        metrics_listen: None,
     })
     .await
     .expect("start a proxy");

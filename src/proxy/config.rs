@@ -1,0 +1,54 @@
+//! What a proxy is told to do: addresses, the console's login, TLS on both sides, the longest
+//! hold. The command line (or a test) builds one; the proxy never reads the command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// TLS towards the upstream server.
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq, Default)]
+pub enum UpstreamTls {
+    /// Plain TCP to the server.
+    #[default]
+    Disable,
+    /// TLS if the server offers it, plain otherwise.
+    Prefer,
+    /// TLS or fail.
+    Require,
+}
+
+/// Everything [`start`](super::start) needs to run a proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Address to accept client connections on (port 0: any free port).
+    pub listen: String,
+    /// PostgreSQL server to forward to (host:port).
+    pub upstream: String,
+    /// The admin console's user; the console is on only when user and password are both set.
+    pub admin_user: Option<String>,
+    pub admin_password: Option<String>,
+    /// PEM certificate chain and private key offered to clients that ask for TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub upstream_tls: UpstreamTls,
+    /// Longest a hold may keep a client's request waiting before the proxy releases by itself.
+    pub max_hold: Duration,
+    /// Address for Prometheus metrics over HTTP (`GET /metrics`); `None`: off.
+    pub metrics_listen: Option<String>,
+}
+
+impl ProxyConfig {
+    /// A proxy from `listen` to `upstream` with no console, no TLS and a 2 s hold limit.
+    pub fn new(listen: impl Into<String>, upstream: impl Into<String>) -> ProxyConfig {
+        ProxyConfig {
+            listen: listen.into(),
+            upstream: upstream.into(),
+            admin_user: None,
+            admin_password: None,
+            tls_cert: None,
+            tls_key: None,
+            upstream_tls: UpstreamTls::Disable,
+            max_hold: Duration::from_secs(2),
+            metrics_listen: None,
+        }
+    }
+}

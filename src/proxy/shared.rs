@@ -1,0 +1,46 @@
+//! What every session of one proxy shares: the configuration, the hold gate, the cancel-key map,
+//! the registry of clients and the counters the console reports.
+//!
+//! Invariant: built once by the listener before the first session starts, then only read
+//! (interior state lives in the gate, the map, the registry and the atomics).
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::cancel::CancelMap;
+use super::config::UpstreamTls;
+use super::hold::Gate;
+use super::scram::Credentials;
+use super::session::registry::Registry;
+use super::stats::{Stats, Totals};
+
+pub struct Shared {
+    pub upstream: String,
+    pub listen: SocketAddr,
+    pub max_hold: Duration,
+    pub upstream_tls: UpstreamTls,
+    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    pub tls_connector: Option<tokio_rustls::TlsConnector>,
+    /// The admin console's login; `None`: the console is off.
+    pub admin: Option<Credentials>,
+    pub gate: Arc<Gate>,
+    pub cancels: CancelMap,
+    pub clients: Registry,
+    pub started: Instant,
+    pub next_id: AtomicU64,
+    /// Statements re-prepared and replayed after a result type change (see `reprepare`).
+    pub reprepared: AtomicU64,
+    /// Per-database counters and hold timings (SHOW STATS, metrics).
+    pub stats: Stats,
+}
+
+impl Shared {
+    /// Every database's statistics, live sessions included (SHOW STATS, metrics).
+    pub fn stats_report(&self) -> Vec<(String, Totals)> {
+        let live = self.clients.snapshot();
+        self.stats
+            .report(live.iter().map(|e| (e.database.as_str(), &e.counters)))
+    }
+}
