@@ -9,6 +9,7 @@
 pub mod alter;
 pub mod classify;
 mod error;
+pub mod inline;
 pub mod runbook;
 pub mod strategy;
 pub mod text;

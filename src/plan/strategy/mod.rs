@@ -13,6 +13,7 @@
 use pg_query::protobuf::AlterTableType as A;
 use serde::Serialize;
 
+mod column;
 mod steps;
 
 use super::alter::{AlterSpec, Part};
@@ -108,7 +109,15 @@ pub fn decide(
     let mut cannot = !reasons.is_empty();
     if !cannot {
         for (part, a) in spec.parts.iter().zip(analyses) {
-            match split(&t, table, part, a, &mut names) {
+            let new_column =
+                (part.subtype == Some(A::AtAddColumn) && a.blocking && a.effect != Effect::Rewrite)
+                    .then(|| column::new_column(&t, table, part, a, &mut names))
+                    .flatten();
+            let split = match new_column {
+                Some(s) => s,
+                None => split(&t, table, part, a, &mut names),
+            };
+            match split {
                 Split::Keep if a.effect == Effect::Metadata => pending.push((part, a)),
                 Split::Keep => {
                     flush(&t, &mut pending, &mut steps);
