@@ -26,7 +26,10 @@ pub async fn plan(
             context: "setting up the planner session".into(),
             source: e,
         })?;
-    let plan = crate::plan::build(&client, table, alter).await?;
+    let mut plan = crate::plan::build(&client, table, alter).await?;
+    // an ALTER that would fail on the rows the table has is refused here (exit 6)
+    let checks = crate::plan::precheck::run(&client, &plan.table_info, &plan.spec).await?;
+    plan.runbook.preflight.extend(checks);
     let out = match format {
         PlanFormat::Json => serde_json::to_string_pretty(&plan)
             .map_err(|e| EngineError::Internal(format!("rendering the plan as JSON: {e}")))?,

@@ -10,6 +10,7 @@ pub mod alter;
 pub mod classify;
 mod error;
 pub mod inline;
+pub mod precheck;
 pub mod runbook;
 pub mod strategy;
 pub mod text;

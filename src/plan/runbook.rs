@@ -221,16 +221,16 @@ pub fn runbook(
     );
     if strategy == Strategy::ShadowCopy {
         rollback.push(format!(
-            "-- the old table is kept as {}.<name>__sa_old_<timestamp> (unless --drop-old): swap it back\nBEGIN; ALTER TABLE {t} RENAME TO {}; ALTER TABLE {} RENAME TO {}; COMMIT;",
-            quote_ident(&table.schema),
-            quote_ident(&format!("{}__sa_rolled_back", table.name)),
-            qualified(&table.schema, &format!("{}__sa_old_<timestamp>", table.name)),
-            quote_ident(&table.name)
-        ));
+            "-- within a soak window (run with --soak 30m): `shadow-alter revert {tq}` swaps back to the old table, kept in sync by reverse replication, so no write made since the swap is lost"
+        , tq = shell_quote(&t)));
+        rollback.push(
+            "-- without one, renaming the old table back is no rollback: it lacks every write made since the swap, and the views, foreign keys pointing in, sequence ownership and publication membership moved to the new table stay there; migrate back instead (below)".into(),
+        );
         irreversible.push(
-            "writes made after the swap are only in the new table; swapping back loses them unless you copy them over".into(),
+            "writes made after the swap are only in the new table; only `revert` during a soak window keeps them when going back".into(),
         );
     }
+    let mut inverse = Vec::new();
     for part in parts.iter().rev() {
         let col = part.name();
         let qc = quote_ident(col);
@@ -250,11 +250,7 @@ pub fn runbook(
                     "DROP COLUMN {col}: its values are gone; a rollback can re-add the column but not its data"
                 ));
                 if !key.is_empty() {
-                    backup.push(format!(
-                        "CREATE TABLE {} AS SELECT {}, {qc} FROM {t};",
-                        qualified(&table.schema, &format!("{}_{col}_backup", table.name)),
-                        key.join(", ")
-                    ));
+                    backup.push(backup_table(table, &key, col));
                 }
                 table.column(col).map(|c| {
                     alter(format!("ADD COLUMN {qc} {}{}", c.type_sql, real.defaults.get(col).map(|d| format!(" DEFAULT {d}")).unwrap_or_default()))
@@ -270,11 +266,7 @@ pub fn runbook(
                     format!("ALTER COLUMN {col} TYPE: changing back fails once values that only fit the new type are written")
                 });
                 if converts && !key.is_empty() {
-                    backup.push(format!(
-                        "CREATE TABLE {} AS SELECT {}, {qc} FROM {t};",
-                        qualified(&table.schema, &format!("{}_{col}_backup", table.name)),
-                        key.join(", ")
-                    ));
+                    backup.push(backup_table(table, &key, col));
                 }
                 table.column(col).map(|c| alter(format!("ALTER COLUMN {qc} TYPE {}", c.type_sql)))
             }
@@ -307,13 +299,24 @@ pub fn runbook(
         };
         match undo {
             Some(u) if strategy != Strategy::ShadowCopy => rollback.push(u),
-            Some(_) => {}
+            Some(u) => inverse.push(
+                u.trim_start_matches(&format!("ALTER TABLE {t} "))
+                    .trim_end_matches(';')
+                    .to_string(),
+            ),
             None if strategy != Strategy::ShadowCopy => rollback.push(format!(
                 "-- `{}`: no automatic undo; restore the previous setting by hand",
                 part.sql
             )),
             None => {}
         }
+    }
+    if !inverse.is_empty() {
+        rollback.push(format!(
+            "shadow-alter run --table {} --alter {}",
+            shell_quote(&t),
+            shell_quote(&inverse.join(", "))
+        ));
     }
     if !backup.is_empty() {
         backup.push(dump);
@@ -329,4 +332,19 @@ pub fn runbook(
 
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// `CREATE TABLE <t>_<col>_backup AS SELECT <key>, <col> FROM <t>`, naming each column once
+/// (the column may be part of the key).
+fn backup_table(table: &Table, key: &[String], col: &str) -> String {
+    let mut cols = key.to_vec();
+    if !cols.contains(&quote_ident(col)) {
+        cols.push(quote_ident(col));
+    }
+    format!(
+        "CREATE TABLE {} AS SELECT {} FROM {};",
+        qualified(&table.schema, &format!("{}_{col}_backup", table.name)),
+        cols.join(", "),
+        table.qualified()
+    )
 }
