@@ -5,11 +5,13 @@
 //! Invariant: a command never touches what a live run owns; it writes a request into the run's
 //! state row, or acts itself only after taking the run's per-table advisory lock.
 
+mod migrate;
 mod plan;
 mod stale;
 mod status;
 mod steer;
 
+pub use migrate::{lint, plan_files, LintOutput};
 pub use plan::{plan, PlanFormat};
 pub use stale::cleanup_stale;
 pub use status::status;

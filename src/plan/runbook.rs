@@ -111,6 +111,10 @@ pub struct Runbook {
     pub irreversible: Vec<String>,
     /// Take these before destructive steps.
     pub backup: Vec<String>,
+    /// The statements that undo the ALTER, as SQL whatever the strategy (a migration file's
+    /// generated rollback; run through the tool they are planned online again).
+    #[serde(skip)]
+    pub undo: Vec<String>,
 }
 
 pub fn runbook(
@@ -231,6 +235,7 @@ pub fn runbook(
         );
     }
     let mut inverse = Vec::new();
+    let mut undo_sql = Vec::new();
     for part in parts.iter().rev() {
         let col = part.name();
         let qc = quote_ident(col);
@@ -283,11 +288,11 @@ pub fn runbook(
             }
             (Some(A::AtAddConstraint), _) => part.constraint().map(|c| {
                 let name = if c.conname.is_empty() {
-                    "<the constraint's name>".to_string()
+                    default_constraint_name(&table.name, c)
                 } else {
-                    quote_ident(&c.conname)
+                    c.conname.clone()
                 };
-                alter(format!("DROP CONSTRAINT {name}"))
+                alter(format!("DROP CONSTRAINT {}", quote_ident(&name)))
             }),
             (Some(A::AtDropConstraint), _) => real.constraint_defs.get(col).map(|d| {
                 irreversible.push(format!(
@@ -297,6 +302,9 @@ pub fn runbook(
             }),
             _ => None,
         };
+        if let Some(u) = &undo {
+            undo_sql.push(u.clone());
+        }
         match undo {
             Some(u) if strategy != Strategy::ShadowCopy => rollback.push(u),
             Some(u) => inverse.push(
@@ -327,6 +335,7 @@ pub fn runbook(
         rollback,
         irreversible,
         backup,
+        undo: undo_sql,
     }
 }
 
@@ -347,4 +356,22 @@ fn backup_table(table: &Table, key: &[String], col: &str) -> String {
         cols.join(", "),
         table.qualified()
     )
+}
+
+/// The name PostgreSQL gives an unnamed constraint (before any numbering to avoid a clash): a
+/// check after its column when it reads exactly one, a key or foreign key after its columns.
+fn default_constraint_name(table: &str, c: &pg_query::protobuf::Constraint) -> String {
+    use pg_query::protobuf::ConstrType as C;
+    let cols = |n: &[pg_query::protobuf::Node]| super::classify::string_list(n).join("_");
+    let (base, suffix) = match C::try_from(c.contype) {
+        Ok(C::ConstrPrimary) => (table.to_string(), "_pkey"),
+        Ok(C::ConstrUnique) => (format!("{table}_{}", cols(&c.keys)), "_key"),
+        Ok(C::ConstrExclusion) => (table.to_string(), "_excl"),
+        Ok(C::ConstrForeign) => (format!("{table}_{}", cols(&c.fk_attrs)), "_fkey"),
+        _ => match super::strategy::check_columns(c).as_slice() {
+            [one] => (format!("{table}_{one}"), "_check"),
+            _ => (table.to_string(), "_check"),
+        },
+    };
+    crate::names::fit(&base, suffix)
 }

@@ -293,8 +293,10 @@ pub async fn analyse(
     table: &Table,
     spec: &AlterSpec,
     real: &RealCatalog,
+    earlier: &[AlterSpec],
 ) -> Result<Vec<Analysis>, PlanError> {
     let clone = Clones::create(probe, table, spec).await?;
+    clone.apply_earlier(probe, earlier).await;
     let result = analyse_parts(probe, table, spec, real, &clone).await;
     // The session ends soon anyway; dropping now keeps the probe tidy if it is reused.
     let _ = probe.batch_execute("DISCARD TEMP").await;

@@ -179,6 +179,17 @@ impl Clones {
         }))
     }
 
+    /// Apply the ALTERs a migration file makes before the one planned, subcommand by
+    /// subcommand; one the copy cannot take (a foreign key to a real table) is left out.
+    pub(super) async fn apply_earlier(&self, probe: &Client, earlier: &[AlterSpec]) {
+        for part in earlier.iter().flat_map(|s| &s.parts) {
+            let stmt = format!("ALTER TABLE {} {}", self.main_regclass(), part.sql);
+            if let Err(e) = probe.batch_execute(&stmt).await {
+                tracing::debug!("the copy cannot take `{}`: {}", part.sql, describe(&e));
+            }
+        }
+    }
+
     pub(super) fn main_regclass(&self) -> String {
         format!("pg_temp.{}", quote_ident(&self.main_name))
     }

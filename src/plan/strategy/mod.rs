@@ -274,6 +274,11 @@ fn flush(t: &str, pending: &mut Vec<(&Part, &Analysis)>, steps: &mut Vec<Step>) 
     pending.clear();
 }
 
+/// The distinct columns a CHECK expression reads, in order.
+pub fn check_columns(c: &pg_query::protobuf::Constraint) -> Vec<String> {
+    steps::expr_columns(c)
+}
+
 /// A literal for the runbook (kept here so steps and runbook quote the same way).
 pub fn lit(s: &str) -> String {
     quote_literal(s)

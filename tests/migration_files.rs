@@ -1,0 +1,223 @@
+//! Migration files: `lint` on a directory without a server (findings, exit codes, formats), and
+//! `plan` of a migration over three tables, whose generated rollback, applied after the
+//! migration, gives back the schema of before (pg_dump --schema-only compared).
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use shadow_alter::plan::migration::{self, Source};
+use support::{binary, connect, fresh_db};
+
+const V1: &str = "SET lock_timeout = '2s';\nALTER TABLE orders ADD COLUMN region text;\n";
+const V2: &str = "-- status, an index, a foreign key, a backfill
+ALTER TABLE orders ADD COLUMN priority int DEFAULT 0;
+CREATE INDEX orders_priority_idx ON orders (priority);
+ALTER TABLE orders ADD CONSTRAINT orders_customer_fk FOREIGN KEY (customer_id) REFERENCES customers (id);
+UPDATE orders SET status = 'new' WHERE status IS NULL;
+ALTER TABLE orders ALTER COLUMN status SET NOT NULL;
+ALTER TABLE accounts ALTER COLUMN balance TYPE bigint;
+DROP INDEX orders_note_idx;
+CREATE TABLE audit (id bigserial PRIMARY KEY, at timestamptz DEFAULT now());
+CREATE INDEX ON audit (at);
+ALTER TABLE customers ADD CONSTRAINT customers_email_key UNIQUE (email);
+";
+
+fn write_migrations(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("V1__region.sql"), V1).unwrap();
+    std::fs::write(dir.join("V2__status.sql"), V2).unwrap();
+    std::fs::write(dir.join("V2__status.down.sql"), "SELECT 1;").unwrap();
+    std::fs::write(dir.join("README.md"), "not a migration").unwrap();
+}
+
+fn shadow_alter(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("PGHOST")
+        .env_remove("PGPORT")
+        .output()
+        .expect("run shadow-alter")
+}
+
+#[test]
+fn lint_finds_the_traps_in_a_directory_without_a_server() {
+    let dir = std::env::temp_dir().join(format!("sa-lint-{}", std::process::id()));
+    write_migrations(&dir);
+    let d = dir.to_str().unwrap();
+    let out = shadow_alter(&["lint", "--format", "json", d]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let found: Vec<(String, u64, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let file = f["file"].as_str().unwrap();
+            (
+                file.rsplit('/').next().unwrap().to_string(),
+                f["line"].as_u64().unwrap(),
+                f["rule"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("V2__status.sql", 2, "require-lock-timeout"),
+        ("V2__status.sql", 3, "require-concurrent-index-creation"),
+        ("V2__status.sql", 4, "adding-foreign-key-constraint"),
+        ("V2__status.sql", 5, "batch-backfill"),
+        ("V2__status.sql", 6, "setting-not-nullable-field"),
+        ("V2__status.sql", 7, "changing-column-type"),
+        ("V2__status.sql", 8, "require-concurrent-index-deletion"),
+        ("V2__status.sql", 11, "disallowed-unique-constraint"),
+    ];
+    let want: Vec<(String, u64, String)> = want
+        .iter()
+        .map(|(f, l, r)| (f.to_string(), *l, r.to_string()))
+        .collect();
+    assert_eq!(found, want);
+    // only warnings in V1 + a lock_timeout: nothing at error level
+    let v1 = dir.join("V1__region.sql");
+    let out = shadow_alter(&["lint", v1.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = shadow_alter(&["lint", "--fail-on", "warning", "--format", "github", d]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with("::error file=")
+            && l.contains("line=3,title=require-concurrent-index-creation::")),
+        "{text}"
+    );
+    let out = shadow_alter(&["lint", "/nonexistent/x.sql"]);
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const SETUP: &str = "
+    CREATE TABLE customers (id int PRIMARY KEY, email text);
+    INSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 1000) g;
+    CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, qty int, status text, note text);
+    INSERT INTO orders SELECT g, 1 + g % 1000, g % 5, NULL, 'n' FROM generate_series(1, 20000) g;
+    CREATE INDEX orders_note_idx ON orders (note);
+    CREATE TABLE accounts (id int PRIMARY KEY, balance int);
+    INSERT INTO accounts SELECT g, g FROM generate_series(1, 1000) g;";
+
+fn schema(url: &str) -> String {
+    let out = Command::new(support::server().bin_dir.join("pg_dump"))
+        .args(["--schema-only", url])
+        .output()
+        .expect("pg_dump");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Run a SQL file statement by statement, as psql does (outside a transaction).
+async fn run_file(c: &tokio_postgres::Client, name: &str, text: &str) {
+    let src = Source {
+        name: name.into(),
+        text: text.into(),
+    };
+    for s in migration::statements(&src) {
+        c.batch_execute(&s.sql)
+            .await
+            .unwrap_or_else(|e| panic!("{name}:{}: {}: {e:?}", s.line, s.sql));
+    }
+}
+
+#[tokio::test]
+async fn a_migration_is_planned_per_statement_and_its_rollback_restores_the_schema() {
+    let url = fresh_db("migfiles").await;
+    let c = connect(&url).await;
+    c.batch_execute(SETUP).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("sa-plan-{}", std::process::id()));
+    write_migrations(&dir);
+    let rollback = dir.join("rollback.sql");
+    let out = Command::new(binary())
+        .args([
+            "plan",
+            "--database-url",
+            &url,
+            "--format",
+            "json",
+            "--rollback-out",
+        ])
+        .arg(&rollback)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<(u64, String, String)> = v["statements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["line"].as_u64().unwrap(),
+                s["action"].as_str().unwrap().to_string(),
+                s["strategy"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        (1, "as-written", ""),
+        (2, "alter-table", "direct"),
+        (2, "alter-table", "direct"),
+        (3, "concurrently", ""),
+        (4, "alter-table", "online-steps"),
+        (5, "batched-backfill", ""),
+        (6, "alter-table", "online-steps"),
+        (7, "alter-table", "shadow-copy"),
+        (8, "concurrently", ""),
+        (9, "as-written", ""),
+        (10, "as-written", ""),
+        (11, "alter-table", "online-steps"),
+    ];
+    let want: Vec<(u64, String, String)> = want
+        .iter()
+        .map(|(l, a, s)| (*l, a.to_string(), s.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    for s in v["statements"].as_array().unwrap() {
+        if s["action"] != "as-written" {
+            assert_eq!(s["blocking"], false, "{s}");
+        }
+    }
+
+    let before = schema(&url);
+    run_file(&c, "V1", V1).await;
+    run_file(&c, "V2", V2).await;
+    assert_ne!(before, schema(&url));
+    // the backfill's rollback reads the backup the plan asks for
+    c.batch_execute(
+        "CREATE TABLE public.orders_backfill_5_backup AS SELECT id, status FROM orders WHERE false",
+    )
+    .await
+    .unwrap();
+    let text = std::fs::read_to_string(&rollback).unwrap();
+    run_file(&c, "rollback.sql", &text).await;
+    c.batch_execute("DROP TABLE public.orders_backfill_5_backup")
+        .await
+        .unwrap();
+    assert_eq!(before, schema(&url), "rollback.sql:\n{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
