@@ -97,7 +97,7 @@ async fn password_methods_are_relayed() {
         );
     }
     // libpq (psql) with SCRAM through the proxy
-    let out = Command::new(support::server().bin_dir.join("psql"))
+    let out = Command::new(support::client_tool("psql"))
         .args([
             "-X",
             "-At",
@@ -150,7 +150,7 @@ async fn tls_client_to_proxy_with_plain_upstream() {
     })
     .await;
     let url = via(&support::fresh_db("tls").await, p.addr);
-    let psql = support::server().bin_dir.join("psql");
+    let psql = support::client_tool("psql");
     let admin_conn = admin(p.addr).await;
     // SCRAM over TLS: libpq sends the gs2 flag 'y' (it could bind, the server offered no PLUS)
     let scram = format!("{}?sslmode=require", role_url(&url, "scram_user", PW));

@@ -26,7 +26,7 @@ async fn run(cmd: &mut Command, limit: Duration) -> (bool, String, String) {
 }
 
 fn pg_tool(name: &str) -> PathBuf {
-    support::server().bin_dir.join(name)
+    support::client_tool(name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

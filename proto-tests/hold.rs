@@ -286,7 +286,7 @@ async fn pgbench_sees_no_failures_while_holds_cycle() {
     let url = support::fresh_db("bench_hold").await;
     let s = support::server();
     let db = db_name(&url);
-    let pgbench = s.bin_dir.join("pgbench");
+    let pgbench = support::client_tool("pgbench");
     let out = tokio::process::Command::new(&pgbench)
         .args([
             "-i",

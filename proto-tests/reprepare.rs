@@ -308,7 +308,7 @@ async fn pgbench_prepared_select_star_during_swaps() {
     )
     .expect("write script");
     let port = p.addr.port().to_string();
-    let mut cmd = Command::new(support::server().bin_dir.join("pgbench"));
+    let mut cmd = Command::new(support::client_tool("pgbench"));
     cmd.args([
         "-n",
         "-c",

@@ -50,6 +50,17 @@ pub fn reverse_stream(oid: u32) -> String {
     format!("{PREFIX}{oid}_rev")
 }
 
+/// Prefix of the replication origins of a run's writing sessions (`<prefix><n>`). Origins are
+/// shared by the cluster's databases, so the name carries the database's oid as well.
+pub fn origin_prefix(oid: u32, database: u32) -> String {
+    format!("{}{database}_o", origin_table_part(oid))
+}
+
+/// The part of an origin's name before the database's oid.
+pub fn origin_table_part(oid: u32) -> String {
+    format!("{PREFIX}{oid}_d")
+}
+
 /// The table oid encoded in `shadow_alter_<oid>` or `shadow_alter_<oid>_<anything>`.
 pub fn oid_of(name: &str) -> Option<u32> {
     name.strip_prefix(PREFIX)?.split('_').next()?.parse().ok()
@@ -140,6 +151,10 @@ mod tests {
     fn oids_come_back_from_the_names_they_are_in() {
         assert_eq!(oid_of(&work_schema(16384)), Some(16384));
         assert_eq!(oid_of(&reverse_stream(16384)), Some(16384));
+        assert_eq!(
+            oid_of(&format!("{}2", origin_prefix(16384, 5))),
+            Some(16384)
+        );
         assert_eq!(oid_of("shadow_alter_x"), None);
         assert_eq!(oid_of("other_16384"), None);
     }

@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 use support::migration::{run, shadow_copy_args as args};
 use support::process::{exited, kill, output, spawn, wait_for_watermark};
 use support::workload::{assert_nothing_left, diff};
-use support::{connect, count, fresh_db, wait_until};
+use support::{column_type, connect, count, fresh_db, wait_until};
 
 /// Run the same statements on `t` and on `t_mirror`, in one transaction.
 async fn both(c: &Client, sql: &str) {
@@ -294,6 +294,78 @@ async fn a_truncate_while_a_resumed_copy_runs_ends_equal_to_the_mirror() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_after_a_resumed_copys_snapshot_to_rows_a_truncate_hid_from_it_are_lenient() {
+    // The resumed copy has started (its snapshot is taken); rows it has not read yet are updated
+    // after that snapshot and then truncated away, so it never copies them: the updates, applied
+    // by the stream after the replay window, find no row in the shadow.
+    let url = fresh_db("trunresume2").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, big text, v int);
+         INSERT INTO t SELECT i, repeat(md5(i::text), 20), i FROM generate_series(1, 20000) i;
+         CREATE TABLE t_mirror (LIKE t INCLUDING ALL); INSERT INTO t_mirror SELECT * FROM t;",
+    )
+    .await
+    .unwrap();
+    let run_args = [
+        "run",
+        "--table",
+        "t",
+        "--alter",
+        "ALTER COLUMN v TYPE bigint",
+        "--strategy",
+        "shadow-copy",
+        "--chunk-size",
+        "500",
+        "--chunk-pause",
+        "150ms",
+        "--progress",
+        "none",
+    ];
+    let child = spawn(&url, &run_args);
+    wait_for_watermark(&c).await;
+    kill(child);
+    let first: i64 = c
+        .query_one(
+            "SELECT watermark[1]::bigint FROM shadow_alter.checkpoints",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut child = spawn(&url, &run_args);
+    // a chunk past the killed run's watermark: the resumed copy's snapshot exists
+    wait_until(
+        Duration::from_secs(60),
+        "the resumed copy to move",
+        || async {
+            c.query_opt(
+                "SELECT 1 FROM shadow_alter.checkpoints WHERE watermark[1]::bigint > $1",
+                &[&first],
+            )
+            .await
+            .map(|r| r.is_some())
+            .unwrap_or(false)
+        },
+    )
+    .await;
+    both(&c, "UPDATE t SET v = v + 1 WHERE id > 15000").await;
+    both(&c, "TRUNCATE t").await;
+    both(
+        &c,
+        "INSERT INTO t SELECT i, 'q', i FROM generate_series(1, 300) i",
+    )
+    .await;
+    let status = exited(&mut child, Duration::from_secs(120)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    c.batch_execute("ALTER TABLE t_mirror ALTER COLUMN v TYPE bigint")
+        .await
+        .unwrap();
+    assert_eq!(diff(&c, "t", "t_mirror").await, (0, 0, 300));
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_killed_right_after_its_swap_is_finished_by_a_rerun_of_any_strategy() {
     let url = fresh_db("afterswap").await;
     let c = connect(&url).await;
@@ -356,6 +428,51 @@ async fn a_run_killed_right_after_its_swap_is_finished_by_a_rerun_of_any_strateg
         )
         .await,
         0
+    );
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_right_after_the_swap_is_reopened_and_the_cleanup_finished() {
+    // a server restart right after the swap used to end the run with exit 0 and its slot,
+    // publication, work schema and old table left behind
+    let url = fresh_db("lostafterswap").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v int);
+         INSERT INTO t SELECT i, i FROM generate_series(1, 3000) i;",
+    )
+    .await
+    .unwrap();
+    let argv = [
+        "run",
+        "--table",
+        "t",
+        "--alter",
+        "ALTER COLUMN v TYPE bigint",
+        "--strategy",
+        "shadow-copy",
+        "--drop-old",
+        "--progress",
+        "none",
+    ];
+    let (code, out) = output(
+        &url,
+        &argv,
+        &[("SHADOW_ALTER_TEST_LOSE_CONNECTION_AFTER_SWAP", "1")],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(column_type(&c, "t", "v").await.as_deref(), Some("bigint"));
+    assert_eq!(count(&c, "SELECT count(*) FROM t").await, 3000);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_class WHERE strpos(relname, '__sa_old_') > 0"
+        )
+        .await,
+        0,
+        "--drop-old: the old table is dropped"
     );
     assert_nothing_left(&c).await;
 }
@@ -488,6 +605,40 @@ async fn names_come_out_as_a_plain_alter_leaves_them() {
     .await
     .expect("ON CONFLICT ON CONSTRAINT names the primary key");
     assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_names_cut_to_63_bytes_still_step_aside_to_distinct_names() {
+    // the old table and its primary key index share their first 40 bytes: cut to fit the swap's
+    // suffix, both would be renamed to the same name
+    let url = fresh_db("longnames").await;
+    let c = connect(&url).await;
+    let t = "a_table_with_a_rather_long_name_near_the_limit_of_63_bytes";
+    c.batch_execute(&format!(
+        "CREATE TABLE {t} (id int PRIMARY KEY, v int, n int GENERATED BY DEFAULT AS IDENTITY);
+         CREATE INDEX {t}_v ON {t} (v);
+         CREATE STATISTICS {t}_s ON v, n FROM {t};
+         INSERT INTO {t} (id, v) SELECT i, i FROM generate_series(1, 1000) i;"
+    ))
+    .await
+    .unwrap();
+    run(args(&url, t, "ALTER COLUMN v TYPE bigint"))
+        .await
+        .expect("the swap renames the old table's objects to free names");
+    assert_eq!(column_type(&c, t, "v").await.as_deref(), Some("bigint"));
+    let aside: Vec<String> = c
+        .query(
+            "SELECT relname::text FROM pg_class WHERE strpos(relname, '__sa_old_') > 0 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // the table, its key index, its index on v and its identity sequence
+    assert_eq!(aside.len(), 4, "{aside:?}");
+    assert_eq!(count(&c, &format!("SELECT count(*) FROM {t}")).await, 1000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -503,7 +503,9 @@ async fn triggers_keep_their_enabled_state_and_fire_on_the_new_table() {
 async fn grants_owner_security_comments_statistics_and_publications_are_carried() {
     let url = fresh_db("acl").await;
     let c = connect(&url).await;
-    c.batch_execute(
+    // column lists and row filters in publications arrived in PostgreSQL 15
+    let v15 = support::server().major() >= 15;
+    c.batch_execute(&format!(
         "CREATE ROLE app; CREATE ROLE reader; CREATE ROLE tableowner;
          GRANT CREATE ON SCHEMA public TO tableowner;
          CREATE TABLE t (id int PRIMARY KEY, a int, b int, note text);
@@ -519,11 +521,17 @@ async fn grants_owner_security_comments_statistics_and_publications_are_carried(
          ALTER TABLE t ALTER COLUMN a SET STATISTICS 500; ALTER TABLE t ALTER COLUMN b SET (n_distinct = 11);
          CREATE STATISTICS t_ab (ndistinct, dependencies) ON a, b FROM t;
          CREATE PUBLICATION plain_pub FOR TABLE t;
-         CREATE PUBLICATION filtered_pub FOR TABLE t (id, a, note) WHERE (a > 3);",
-    )
+         CREATE PUBLICATION filtered_pub FOR TABLE {};",
+        if v15 { "t (id, a, note) WHERE (a > 3)" } else { "t" }
+    ))
     .await
     .unwrap();
-    let facts = "SELECT array[
+    let publications = if v15 {
+        "SELECT string_agg(pubname || ' ' || coalesce(array_to_string(attnames, ','), '') || ' ' || coalesce(rowfilter, ''), '; ' ORDER BY pubname) FROM pg_publication_tables WHERE tablename = 't'"
+    } else {
+        "SELECT string_agg(pubname, '; ' ORDER BY pubname) FROM pg_publication_tables WHERE tablename = 't'"
+    };
+    let facts = &format!("SELECT array[
         (SELECT array_to_string(relacl, ',') FROM pg_class WHERE oid = 't'::regclass),
         (SELECT array_to_string(attacl, ',') FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'note'),
         pg_get_userbyid((SELECT relowner FROM pg_class WHERE oid = 't'::regclass)),
@@ -533,8 +541,8 @@ async fn grants_owner_security_comments_statistics_and_publications_are_carried(
         obj_description('t'::regclass, 'pg_class'), col_description('t'::regclass, 4),
         (SELECT string_agg(attname::text || '=' || attstattarget::text || '/' || coalesce((SELECT string_agg(o, ',') FROM unnest(attoptions) o WHERE o LIKE 'n\\_distinct%'), ''), ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = 't'::regclass AND attnum > 0),
         (SELECT string_agg(stxname || ' ' || pg_get_statisticsobjdef(oid), ',') FROM pg_statistic_ext WHERE stxrelid = 't'::regclass),
-        (SELECT string_agg(pubname || ' ' || coalesce(array_to_string(attnames, ','), '') || ' ' || coalesce(rowfilter, ''), '; ' ORDER BY pubname) FROM pg_publication_tables WHERE tablename = 't')
-    ]";
+        ({publications})
+    ]");
     let before: Vec<Option<String>> = one(&c, facts).await;
     migrate(&url, "t", "ALTER COLUMN id TYPE bigint").await;
     assert_eq!(before, one::<Vec<Option<String>>>(&c, facts).await);

@@ -799,3 +799,73 @@ async fn direct_alter_holds_the_proxies_while_it_takes_its_lock() {
     assert_eq!(status["paused"], "off", "{status:?}");
     drop(proxy);
 }
+
+/// What an ALTER costs changed between versions; the plan comes from the server in use, and what
+/// an older server does not have is refused as bad input (exit 2) by that server.
+#[tokio::test]
+async fn alters_are_classified_by_the_server_version_in_use() {
+    let major = support::server().major();
+    let url = fresh_db("versions").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE g (id int PRIMARY KEY, i int, s int GENERATED ALWAYS AS (i * 2) STORED);
+         INSERT INTO g (id, i) SELECT x, x FROM generate_series(1, 100) x;",
+    )
+    .await
+    .unwrap();
+    // (ALTER, first version that has it, effect and strategy there)
+    let cases: &[(&str, u32, Effect, Strategy)] = &[
+        // 18: generated columns are virtual unless STORED (before, STORED was required)
+        (
+            "ADD COLUMN v int GENERATED ALWAYS AS (i * 3)",
+            18,
+            M,
+            Strategy::Direct,
+        ),
+        (
+            "ADD COLUMN v int GENERATED ALWAYS AS (i * 3) VIRTUAL",
+            18,
+            M,
+            Strategy::Direct,
+        ),
+        // 17: a stored generated column's expression can change, rewriting the table
+        (
+            "ALTER COLUMN s SET EXPRESSION AS (i * 4)",
+            17,
+            R,
+            Strategy::ShadowCopy,
+        ),
+        // 18: NOT NULL as a NOT VALID constraint, no scan
+        (
+            "ADD CONSTRAINT g_i_nn NOT NULL i NOT VALID",
+            18,
+            M,
+            Strategy::Direct,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (alter, since, effect, strategy) in cases {
+        match plan::build(&c, "g", alter).await {
+            Ok(p) if major >= *since => {
+                let got = (p.subcommands[0].effect, p.strategy);
+                if got != (*effect, *strategy) || !p.subcommands[0].verified {
+                    wrong.push(format!(
+                        "{alter}: got {got:?}, want {:?}",
+                        (effect, strategy)
+                    ));
+                }
+            }
+            Ok(p) => wrong.push(format!(
+                "{alter}: PostgreSQL {major} has no such ALTER, yet planned {:?}",
+                p.strategy
+            )),
+            Err(e) if major < *since && e.is_bad_input() => {}
+            Err(e) => wrong.push(format!("{alter}: {e} (bad input: {})", e.is_bad_input())),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "PostgreSQL {major}:\n{}",
+        wrong.join("\n")
+    );
+}

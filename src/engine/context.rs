@@ -17,6 +17,7 @@ use crate::engine::control::proxies::Proxies;
 use crate::engine::control::schedule::Schedule;
 use crate::engine::control::throttle::Limits;
 use crate::engine::error::EngineError;
+use crate::engine::follow::origin::Origins;
 use crate::engine::store::migrations::{Progress as StateProgress, Requests, State};
 use crate::engine::teardown::Ledger;
 use crate::names::Names;
@@ -37,6 +38,8 @@ pub struct Run<'a> {
     pub schedule: &'a Schedule,
     pub proxies: &'a Proxies,
     pub limits: Limits,
+    /// Replication origins that keep the run's own writes out of its stream (16+).
+    pub origins: Option<Origins>,
     pub requests: watch::Receiver<Requests>,
     pub abort: watch::Receiver<bool>,
     pub progress: Progress,
@@ -56,6 +59,7 @@ pub struct RunParts<'a> {
     pub schedule: &'a Schedule,
     pub proxies: &'a Proxies,
     pub limits: Limits,
+    pub origins: Option<Origins>,
     pub requests: watch::Receiver<Requests>,
     pub abort: watch::Receiver<bool>,
 }
@@ -74,6 +78,7 @@ impl<'a> Run<'a> {
             schedule: p.schedule,
             proxies: p.proxies,
             limits: p.limits,
+            origins: p.origins,
             requests: p.requests,
             abort: p.abort,
             ledger: Ledger::default(),

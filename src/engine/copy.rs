@@ -36,6 +36,8 @@ pub struct CopyOptions {
     pub upsert: bool,
     /// Record the watermark in this table's checkpoint as chunks complete.
     pub checkpoint: Option<u32>,
+    /// Mark the workers' writes with the run's origins (worker n: origin n).
+    pub origins: Option<crate::engine::follow::origin::Origins>,
 }
 
 /// A key range: lower bound exclusive, upper bound inclusive; None means unbounded. Chunks are
@@ -250,6 +252,9 @@ pub async fn copy_table(
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..opts.workers.max(1) {
         let client = connect(config, "a copy worker", opts.lock_timeout).await?;
+        if let Some(o) = &opts.origins {
+            o.mark(&client, w).await?;
+        }
         let rx = rx.clone();
         let sql = sql.clone();
         let snapshot = snapshot.to_string();

@@ -71,6 +71,9 @@ pub enum EngineError {
     /// The swap's transaction failed on one of its statements and was rolled back.
     #[error("the swap failed and was rolled back (the original table is untouched): {0}")]
     SwapFailed(String),
+    /// The swap committed; what it left to clean up could not be removed.
+    #[error("the swap committed: {0}")]
+    CleanupPending(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

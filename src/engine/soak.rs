@@ -291,6 +291,7 @@ async fn keep_in_sync(
         &soak.slot,
         soak.consistent_point,
         &soak.publication,
+        false,
     )
     .await?;
     let client = connect(run.config, "applying the reverse stream").await?;

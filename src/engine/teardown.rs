@@ -12,6 +12,7 @@ use tokio_postgres::Client;
 use crate::db::{connect, describe, retry_lock};
 use crate::engine::cutover::carry::Validate;
 use crate::engine::error::EngineError;
+use crate::engine::follow::origin;
 use crate::engine::shadow;
 use crate::engine::store::checkpoints;
 use crate::engine::store::migrations::State;
@@ -137,6 +138,7 @@ pub async fn cleanup(config: &tokio_postgres::Config, names: &Names, ledger: &Le
         drop_stream(&client, &reverse, &reverse).await;
     }
     if ledger.has(Created::Slot) {
+        origin::drop_all(&client, oid).await;
         match checkpoints::drop_slot(&client, &names.slot).await {
             Ok(_) => {}
             Err(e) => tracing::error!(
@@ -192,6 +194,7 @@ pub async fn after_swap(control: &Client, a: AfterSwap<'_>) {
     if let Err(e) = checkpoints::drop_slot(control, &a.names.slot).await {
         tracing::warn!("{e}; drop the slot with `shadow-alter cleanup --stale` (it retains WAL)");
     }
+    origin::drop_all(control, a.oid).await;
     if let Err(e) = shadow::drop_work_schema(control, a.names).await {
         tracing::warn!(
             "dropping the run's work schema {}: {}; drop it by hand",

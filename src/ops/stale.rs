@@ -30,6 +30,8 @@ enum Leftover {
     Index(String, String),
     /// A run's work schema (what is left in it goes too).
     Schema(String),
+    /// A replication origin of a run's writing session.
+    Origin(String),
     /// An unfinished migration row (table name).
     StateRow(String),
 }
@@ -42,6 +44,7 @@ impl Leftover {
             Leftover::Table(s, t) => format!("shadow table {}", qualified(s, t)),
             Leftover::Index(s, i) => format!("index {}", qualified(s, i)),
             Leftover::Schema(s) => format!("work schema {}", quote_ident(s)),
+            Leftover::Origin(o) => format!("replication origin {o}"),
             Leftover::StateRow(t) => format!("unfinished migration record of {t}"),
         }
     }
@@ -123,6 +126,29 @@ async fn find(client: &Client) -> Result<BTreeMap<u32, Vec<Leftover>>, EngineErr
                 .push(Leftover::Schema(r.get(0)));
         }
     }
+    // origins of a run's writing sessions (pg_replication_origin needs no privilege to read)
+    if let Ok(rows) = client
+        .query(
+            "SELECT roname, (SELECT oid FROM pg_database WHERE datname = current_database())
+             FROM pg_replication_origin WHERE starts_with(roname, 'shadow_alter_')",
+            &[],
+        )
+        .await
+    {
+        for r in rows {
+            let name: String = r.get(0);
+            let database: u32 = r.get(1);
+            // origins are the cluster's: only this database's runs are ours to judge
+            if let Some(oid) = oid_of(&name)
+                .filter(|oid| name.starts_with(&crate::names::origin_prefix(*oid, database)))
+            {
+                by_table
+                    .entry(oid)
+                    .or_default()
+                    .push(Leftover::Origin(name));
+            }
+        }
+    }
     // indexes a killed online-steps run left: built (or half-built) but not attached to a constraint
     for r in client
         .query(
@@ -186,6 +212,10 @@ async fn drop_one(client: &Client, l: &Leftover, oid: u32) -> Result<(), tokio_p
                 .await
         }
         Leftover::StateRow(_) => operator::mark_stale(client, oid).await,
+        Leftover::Origin(o) => client
+            .execute("SELECT pg_replication_origin_drop($1)", &[o])
+            .await
+            .map(|_| ()),
     }
 }
 

@@ -109,6 +109,7 @@ async fn remove_leftovers(client: &Client, oid: u32) -> Result<Vec<String>, Engi
         removed.push(format!("replication slot {}", names.slot));
     }
     checkpoints::delete(client, oid).await?;
+    crate::engine::follow::origin::drop_all(client, oid).await;
     operator::mark_aborted(client, oid).await?;
     Ok(removed)
 }

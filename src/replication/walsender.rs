@@ -84,16 +84,19 @@ impl ReplicationConn {
         })
     }
 
-    /// Start streaming from `from` for `publication`, with logical messages enabled.
+    /// Start streaming from `from` for `publication`, with logical messages enabled; with
+    /// `skip_origins`, changes written under a replication origin are not decoded (16+).
     pub async fn start(
         &mut self,
         slot: &str,
         from: Lsn,
         publication: &str,
+        skip_origins: bool,
     ) -> Result<(), WireError> {
         let pubs = quote_literal(&format!("\"{publication}\""));
+        let origin = if skip_origins { ", origin 'none'" } else { "" };
         let sql = format!(
-            "START_REPLICATION SLOT \"{slot}\" LOGICAL {from} (proto_version '1', publication_names {pubs}, messages 'true')"
+            "START_REPLICATION SLOT \"{slot}\" LOGICAL {from} (proto_version '1', publication_names {pubs}, messages 'true'{origin})"
         );
         self.conn.start_copy_both(&sql).await
     }

@@ -9,6 +9,7 @@ pub mod process;
 pub mod proxy;
 pub mod workload;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,8 +19,49 @@ use std::time::{Duration, Instant};
 pub struct Server {
     pub url: String,
     pub data_dir: PathBuf,
+    /// The server binaries (`PG_BIN`, else what `scripts/pg-throwaway` found).
     pub bin_dir: PathBuf,
     pub port: u16,
+    /// `postgres --version` of those binaries, e.g. "17.10".
+    pub version: String,
+}
+
+impl Server {
+    /// The major version, e.g. 17.
+    pub fn major(&self) -> u32 {
+        self.version
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("server version {:?}", self.version))
+    }
+}
+
+/// A client program (psql, pgbench): from the server's bin dir when it has one, else from
+/// `PG_CLIENT_BIN`, the newest `/usr/lib/postgresql/*/bin`, or `PATH`. Server packages of other
+/// versions (scripts/pg-versions) ship no client programs; the system's client talks to any of them.
+pub fn client_tool(name: &str) -> PathBuf {
+    let server_own = server().bin_dir.join(name);
+    if server_own.is_file() {
+        return server_own;
+    }
+    if let Some(dir) = std::env::var_os("PG_CLIENT_BIN") {
+        return PathBuf::from(dir).join(name);
+    }
+    let mut debian: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin").join(name))
+        .filter(|p| p.is_file())
+        .collect();
+    debian.sort_by_key(|p| {
+        p.components()
+            .nth(4)
+            .and_then(|c| c.as_os_str().to_str()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    debian.pop().unwrap_or_else(|| PathBuf::from(name))
 }
 
 impl Server {
@@ -71,6 +113,14 @@ fn script() -> PathBuf {
 pub fn server() -> &'static Server {
     SERVER.get_or_init(|| {
         let s = start_server(&[]);
+        // once per test binary, past the test harness's output capture, so CI logs say which
+        // server the suite ran against
+        let _ = writeln!(
+            std::io::stderr(),
+            "test server: PostgreSQL {} ({})",
+            s.version,
+            s.bin_dir.display()
+        );
         let _ = DATA_DIR.set(s.data_dir.clone());
         unsafe {
             libc::atexit(stop_server);
@@ -123,6 +173,7 @@ pub fn start_server(settings: &[(&str, &str)]) -> Server {
             data_dir: dir,
             bin_dir: PathBuf::from(get("PG_BIN")),
             port,
+            version: get("SERVER_VERSION"),
         }
     }
 }

@@ -208,4 +208,19 @@ pub async fn assert_nothing_left(c: &Client) {
         schemas.is_empty(),
         "work schemas were left behind: {schemas:?}"
     );
+    let origins: Vec<String> = c
+        .query(
+            "SELECT roname::text FROM pg_replication_origin WHERE roname LIKE 'shadow\\_alter\\_%\\_d'
+               || (SELECT oid FROM pg_database WHERE datname = current_database()) || '\\_o%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        origins.is_empty(),
+        "replication origins were left behind: {origins:?}"
+    );
 }

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub mod apply;
+pub mod origin;
 pub mod slot;
 
 use crate::catalog::Table;
@@ -222,16 +223,21 @@ impl Task {
 
     /// Choose how the source transaction committing at `final_lsn` is applied.
     async fn begin(&mut self, final_lsn: Lsn) -> Result<(), EngineError> {
-        let windows = Windows {
-            replay_until: self.replay_until,
-            lenient_until: self.lenient_until,
-        };
-        let mode = windows.mode(final_lsn);
-        self.replaying = mode == Mode::Replay;
-        if !self.replaying && !self.replay_over {
+        // Past the replay window, end it first: a TRUNCATE it finds widens the lenient window,
+        // and this very transaction may be one that reaches rows the truncate hid from the copy.
+        if !self.replay_over && self.windows().mode(final_lsn) != Mode::Replay {
             self.end_replay().await?;
         }
+        let mode = self.windows().mode(final_lsn);
+        self.replaying = mode == Mode::Replay;
         self.applier.set_lenient(mode == Mode::Lenient).await
+    }
+
+    fn windows(&self) -> Windows {
+        Windows {
+            replay_until: self.replay_until,
+            lenient_until: self.lenient_until,
+        }
     }
 
     async fn apply(&mut self, change: &Change) -> Result<(), EngineError> {

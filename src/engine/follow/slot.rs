@@ -57,10 +57,11 @@ pub async fn start(
     slot: &str,
     from: Lsn,
     publication: &str,
+    skip_origins: bool,
 ) -> Result<(), EngineError> {
     let mut attempt = 0;
     loop {
-        match repl.start(slot, from, publication).await {
+        match repl.start(slot, from, publication, skip_origins).await {
             Ok(()) => return Ok(()),
             Err(e) if e.sqlstate() == Some("55006") && attempt < 50 => {
                 attempt += 1;

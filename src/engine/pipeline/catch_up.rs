@@ -49,6 +49,10 @@ pub async fn follow(
         .batch_execute("SET synchronous_commit = local")
         .await
         .ctx("setting up the apply session")?;
+    // after the copy's workers: the origin numbers above theirs
+    if let Some(o) = &run.origins {
+        o.mark(&apply_client, super::copying::WORKERS).await?;
+    }
     let applier = Applier::new(apply_client, run.table, &p.mapping, run.names)
         .with_checkpoint(run.table.oid)
         .with_replay_source(copied.replay_source);

@@ -29,7 +29,7 @@ use crate::replication::{Lsn, ReplicationConn};
 /// How often a started but not yet read stream tells the server we are alive.
 const KEEPALIVE: Duration = Duration::from_secs(5);
 /// Copy sessions running at once.
-const WORKERS: usize = 2;
+pub(super) const WORKERS: usize = 2;
 
 /// What the copy stage hands on.
 pub struct Copied {
@@ -90,7 +90,14 @@ pub async fn copy(
     // The stream starts now: the walsender decodes (and skips) the WAL the copy writes while the
     // copy runs, instead of after it. On a busy table the walsender simply waits, and the
     // server's WAL stays the only buffer.
-    slot::start(&mut p.repl, &p.slot, p.from, &run.names.publication).await?;
+    slot::start(
+        &mut p.repl,
+        &p.slot,
+        p.from,
+        &run.names.publication,
+        run.origins.is_some(),
+    )
+    .await?;
     let rows = match source {
         Some(s) => {
             let rows = copy_rows(run, &p.mapping, &s, gate, (&mut p.repl, p.from)).await?;
@@ -190,6 +197,7 @@ async fn copy_rows(
         resume_after: s.after.clone(),
         upsert: s.upsert,
         checkpoint: Some(table.oid),
+        origins: run.origins.clone(),
     };
     let estimate = table.row_estimate.max(0) as u64;
     run.progress.start_phase("copy", Some(estimate));

@@ -27,6 +27,7 @@ use crate::engine::control::schedule::{Schedule, Window};
 use crate::engine::control::throttle::{self, Limits};
 use crate::engine::control::watch;
 use crate::engine::error::EngineError;
+use crate::engine::follow::origin::Origins;
 use crate::engine::store::migrations::State;
 use crate::engine::{direct, preflight, teardown};
 use crate::names::Names;
@@ -80,6 +81,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
     throttle::preflight(&control, &limits).await?;
     preflight::lock_table(&control, &table).await?;
     let names = Names::for_oid(table.oid, &table.schema, &table.name);
+    let origins = Origins::detect(&control, table.oid).await?;
     let resume = start::resumable_or_cleared(&control, &table, &names, &cfg.alter).await?;
     let state = State::start(&control, &table, &cfg.alter).await?;
     tracing::info!(
@@ -103,6 +105,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
         schedule: &schedule,
         proxies: &proxies,
         limits,
+        origins,
         requests: watchers.requests.clone(),
         abort: watchers.abort.clone(),
     });

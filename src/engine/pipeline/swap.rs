@@ -73,6 +73,13 @@ pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Resul
     if std::env::var_os("SHADOW_ALTER_TEST_DIE_AFTER_SWAP").is_some() {
         std::process::abort();
     }
+    // test hook: the server ends our session right after the swap (a restart, a failover)
+    if std::env::var_os("SHADOW_ALTER_TEST_LOSE_CONNECTION_AFTER_SWAP").is_some() {
+        let _ = run
+            .control
+            .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
+            .await;
+    }
     report(run, &outcome);
     let changes = f.follower.stats.changes_applied.load(Ordering::Relaxed);
 
@@ -92,6 +99,9 @@ pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Resul
         },
     )
     .await;
+    if run.control.is_closed() && soak.is_none() {
+        return finish_after_lost_connection(run).await;
+    }
     if let (Some(soak), Some(reverse)) = (soak, f.reverse) {
         let msg = soak::window(run, soak, reverse, &outcome.old_name, &outcome.renamed_away).await;
         run.progress.println(&msg);
@@ -118,6 +128,39 @@ pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Resul
         held(&outcome)
     ));
     Ok(())
+}
+
+/// How long a run whose connection was lost right after its swap keeps trying to reach the
+/// server again (a restart or a failover takes seconds) to finish the cleanup.
+const RECONNECT_FOR: Duration = Duration::from_secs(60);
+
+/// The swap committed, but the connection was lost before the cleanup finished (the slot would
+/// retain WAL): reconnect and finish it as a rerun would. Every step is idempotent.
+async fn finish_after_lost_connection(run: &Run<'_>) -> Result<(), EngineError> {
+    tracing::warn!(
+        "the connection to the server was lost after the swap committed; reconnecting to finish the cleanup"
+    );
+    let deadline = Instant::now() + RECONNECT_FOR;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match connect(run.config, "finishing the cleanup after the swap").await {
+            Ok(c) => match super::start::finish_swapped(&c, run.cfg).await {
+                Ok(_) if !c.is_closed() => return Ok(()),
+                Ok(_) => last = "the connection was lost again".into(),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Err(EngineError::CleanupPending(format!(
+        "{} has the new schema, but the connection to the server was lost before the cleanup \
+         finished and was not back within {RECONNECT_FOR:?} ({last}); its replication slot {} \
+         retains WAL until you rerun the same command (it finishes the cleanup) or run \
+         `shadow-alter cleanup --stale`",
+        run.table.qualified(),
+        run.names.slot
+    )))
 }
 
 /// The new table starts with planner statistics, not with whatever autovacuum gets to later.

@@ -59,6 +59,8 @@ use sql::{params, Bound, Extras};
 /// Chunks hashed per marker round trip.
 const CHUNKS_PER_ROUND: usize = 16;
 const ATTEMPTS: usize = 3;
+/// The repair session's replication origin number.
+const REPAIR_ORIGIN: usize = 99;
 
 #[derive(Debug, Clone, Default)]
 pub struct Report {
@@ -307,6 +309,10 @@ pub async fn check(
     let mut settled = Settled::default();
     if !report.differences.is_empty() || report.unsettled > 0 {
         let repairer = connect(run.config, "repairing the shadow table").await?;
+        if let Some(o) = &run.origins {
+            // a number no copy worker or applier uses
+            o.mark(&repairer, REPAIR_ORIGIN).await?;
+        }
         let env = repair::Env {
             control: run.control,
             table: run.table,

@@ -258,13 +258,14 @@ pub async fn prepare(
     table::grants(tx, oid, shadow_oid, &src, &gone, &mut c).await?;
     table::publications(tx, oid, &src, old_name, &table.schema, &gone, &mut c).await?;
     table::column_settings(tx, oid, &src, &gone, &mut c).await?;
-    names::sequence_names(tx, mapping, &shadow, old_suffix, &mut c).await?;
+    let mut aside = names::Aside::new(&table.schema, old_suffix, old_name);
+    names::sequence_names(tx, mapping, &shadow, &mut aside, &mut c).await?;
     names::object_names(
         tx,
         oid,
         shadow_oid,
         &table.schema,
-        old_suffix,
+        &mut aside,
         restore,
         &mut c,
     )

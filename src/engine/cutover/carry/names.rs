@@ -2,6 +2,8 @@
 //! aside (a suffix), the new table's keep the names a plain ALTER gives (or, at a revert, get
 //! back the ones they had), and statistics objects move into the table's schema.
 
+use std::collections::HashSet;
+
 use tokio_postgres::Transaction;
 
 use super::Carry;
@@ -11,13 +13,90 @@ use crate::engine::shadow::Mapping;
 use crate::names::fit;
 use crate::sql::quote_ident;
 
+/// The names the old table's objects step aside to: `<name><suffix>`, cut to 63 bytes. Cutting
+/// can make two of them equal (a table and its `_pkey` with long names share their first 40
+/// bytes), or equal to a name already taken in the schema: those get `<name><suffix>_<n>`.
+/// Relations (the table, its indexes and sequences) and statistics objects are separate name
+/// spaces, as in PostgreSQL.
+pub(super) struct Aside<'a> {
+    schema: &'a str,
+    suffix: &'a str,
+    relations: HashSet<String>,
+    statistics: HashSet<String>,
+}
+
+impl<'a> Aside<'a> {
+    /// `table_aside` is the name the table itself steps aside to.
+    pub(super) fn new(schema: &'a str, suffix: &'a str, table_aside: &str) -> Aside<'a> {
+        Aside {
+            schema,
+            suffix,
+            relations: HashSet::from([table_aside.to_string()]),
+            statistics: HashSet::new(),
+        }
+    }
+
+    /// A free name for the relation (index, sequence) `name` of the old table.
+    async fn relation(&mut self, tx: &Transaction<'_>, name: &str) -> Result<String, EngineError> {
+        self.pick(tx, name, false).await
+    }
+
+    async fn pick(
+        &mut self,
+        tx: &Transaction<'_>,
+        name: &str,
+        statistics: bool,
+    ) -> Result<String, EngineError> {
+        for candidate in candidates(name, self.suffix) {
+            let chosen = if statistics {
+                &self.statistics
+            } else {
+                &self.relations
+            };
+            if chosen.contains(&candidate) {
+                continue;
+            }
+            let sql = if statistics {
+                "SELECT EXISTS (SELECT 1 FROM pg_statistic_ext s JOIN pg_namespace n ON n.oid = s.stxnamespace
+                                WHERE n.nspname = $1 AND s.stxname = $2)"
+            } else {
+                "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                WHERE n.nspname = $1 AND c.relname = $2)"
+            };
+            let taken: bool = tx
+                .query_one(sql, &[&self.schema, &candidate])
+                .await
+                .ctx("looking for a free name for an object of the old table")?
+                .get(0);
+            if !taken {
+                if statistics {
+                    self.statistics.insert(candidate.clone());
+                } else {
+                    self.relations.insert(candidate.clone());
+                }
+                return Ok(candidate);
+            }
+        }
+        Err(EngineError::Internal(format!(
+            "no free name for {name} in schema {}",
+            self.schema
+        )))
+    }
+}
+
+/// `<name><suffix>`, then `<name><suffix>_1`, `_2`, ... each cut to 63 bytes.
+fn candidates<'s>(name: &'s str, suffix: &'s str) -> impl Iterator<Item = String> + 's {
+    std::iter::once(fit(name, suffix))
+        .chain((1..1000).map(move |n| fit(name, &format!("{suffix}_{n}"))))
+}
+
 /// The new table's identity sequences take the names of the old table's (renamed out of the way
 /// first, while the new table is still in its own schema).
 pub(super) async fn sequence_names(
     tx: &Transaction<'_>,
     mapping: &Mapping,
     shadow: &str,
-    old_suffix: &str,
+    aside: &mut Aside<'_>,
     c: &mut Carry,
 ) -> Result<(), EngineError> {
     for (old_seq, col) in &mapping.identity_sync {
@@ -32,9 +111,10 @@ pub(super) async fn sequence_names(
             .ctx("reading identity sequence names")?;
         let (old_bare, new_seq, new_bare): (String, String, String) =
             (r.get(0), r.get(1), r.get(2));
+        let away = aside.relation(tx, &old_bare).await?;
         c.make_room.push(format!(
             "ALTER SEQUENCE {old_seq} RENAME TO {}",
-            quote_ident(&fit(&old_bare, old_suffix))
+            quote_ident(&away)
         ));
         if new_bare != old_bare {
             c.make_room.push(format!(
@@ -66,7 +146,7 @@ pub(super) async fn object_names(
     oid: u32,
     shadow_oid: u32,
     schema: &str,
-    old_suffix: &str,
+    aside: &mut Aside<'_>,
     restore: &[RenamedAway],
     c: &mut Carry,
 ) -> Result<(), EngineError> {
@@ -86,10 +166,11 @@ pub(super) async fn object_names(
     {
         let (id, name, q, statistics): (u32, String, String, bool) =
             (r.get(0), r.get(1), r.get(2), r.get(3));
+        let away = aside.pick(tx, &name, statistics).await?;
         c.make_room.push(format!(
             "ALTER {} {q} RENAME TO {}",
             if statistics { "STATISTICS" } else { "INDEX" },
-            quote_ident(&fit(&name, old_suffix))
+            quote_ident(&away)
         ));
         c.renamed_away.push(RenamedAway {
             statistics,
@@ -137,4 +218,30 @@ pub(super) async fn object_names(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_cut_to_the_same_bytes_get_numbered_candidates() {
+        let table = "a_table_with_a_rather_long_name_near_the_limit_of_63_bytes";
+        let index = format!("{table}_pkey");
+        let suffix = "__sa_old_20261130_004806572";
+        let first: Vec<String> = candidates(table, suffix).take(3).collect();
+        assert_eq!(first[0], candidates(&index, suffix).next().unwrap());
+        assert!(first.iter().all(|c| c.len() <= 63 && c.contains(suffix)));
+        assert_ne!(first[0], first[1]);
+        assert!(first[1].ends_with(&format!("{suffix}_1")));
+        assert!(first[2].ends_with(&format!("{suffix}_2")));
+    }
+
+    #[test]
+    fn short_names_step_aside_with_the_suffix_only() {
+        assert_eq!(
+            candidates("orders_pkey", "__sa_old_1").next().unwrap(),
+            "orders_pkey__sa_old_1"
+        );
+    }
 }
