@@ -42,6 +42,9 @@ pub enum Command {
     Plan(PlanArgs),
     /// Check migration files against PostgreSQL's locking rules, without a server (for CI).
     Lint(LintArgs),
+    /// Carry out migration files statement by statement the way `plan FILE...` shows, recording
+    /// each applied file; a rerun continues where a failure stopped it.
+    Apply(ApplyArgs),
     /// Forward PostgreSQL connections, holding them at transaction boundaries during a swap.
     Proxy(ProxyArgs),
     /// Show every migration recorded in the database: phase, progress, lag, why a cutover waits.
@@ -273,6 +276,68 @@ pub struct LintArgs {
     /// when given: lint needs no server).
     #[arg(long)]
     pub database_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Migration files or directories, as for `plan`, applied in order.
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
+    /// lock_timeout of every lock taken (retried with backoff), and of each ALTER's swap.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub lock_timeout: Duration,
+    /// Admin console of a proxy the applications use (repeatable), as for `run`.
+    #[arg(long = "proxy", value_name = "URL")]
+    pub proxies: Vec<String>,
+    /// Longest a client may be held by the proxies during a swap attempt.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    pub max_pause: Duration,
+    /// Keys per batch of a backfill UPDATE.
+    #[arg(long, default_value_t = 5000)]
+    pub batch_size: i64,
+    /// Pause between backfill batches.
+    #[arg(long, value_parser = parse_duration, default_value = "50ms")]
+    pub batch_pause: Duration,
+    /// Progress display on stderr.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+}
+
+impl ApplyArgs {
+    /// The `run` options each ALTER TABLE of the files runs with (run's defaults otherwise).
+    pub fn run_config(&self) -> Result<RunConfig, clap::Error> {
+        let lock = format!("{}ms", self.lock_timeout.as_millis());
+        let pause = format!("{}ms", self.max_pause.as_millis());
+        let progress = self
+            .progress
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_else(|| "auto".into());
+        let mut argv = vec![
+            "shadow-alter",
+            "run",
+            "--table",
+            "-",
+            "--alter",
+            "-",
+            "--lock-timeout",
+            &lock,
+            "--max-pause",
+            &pause,
+            "--progress",
+            &progress,
+        ];
+        for p in &self.proxies {
+            argv.extend(["--proxy", p.as_str()]);
+        }
+        let Command::Run(mut run) = Cli::try_parse_from(argv)?.command else {
+            return Err(clap::Error::new(clap::error::ErrorKind::InvalidSubcommand));
+        };
+        run.conn = self.conn.clone();
+        Ok(run.into())
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

@@ -61,6 +61,20 @@ fn main() -> ExitCode {
                 )
                 .await,
             ),
+            Command::Apply(a) => {
+                let cfg = match a.run_config() {
+                    Ok(run) => shadow_alter::engine::apply::ApplyConfig {
+                        run,
+                        batch_size: a.batch_size,
+                        batch_pause: a.batch_pause,
+                    },
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                report(ops::apply(&a.files, &cfg).await)
+            }
             Command::Lint(a) => {
                 let output = match a.format {
                     LintFormat::Text => ops::LintOutput::Text,

@@ -221,3 +221,134 @@ async fn a_migration_is_planned_per_statement_and_its_rollback_restores_the_sche
     assert_eq!(before, schema(&url), "rollback.sql:\n{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn apply(url: &str, args: &[&str]) -> Output {
+    let mut a = vec![
+        "apply",
+        "--database-url",
+        url,
+        "--progress",
+        "none",
+        "--lock-timeout",
+        "300ms",
+    ];
+    a.extend_from_slice(args);
+    Command::new(binary())
+        .args(a)
+        .output()
+        .expect("run shadow-alter apply")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_carries_out_a_migration_under_writes_records_it_and_resumes_after_a_failure() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let url = fresh_db("migapply").await;
+    let c = connect(&url).await;
+    c.batch_execute(SETUP).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("sa-apply-{}", std::process::id()));
+    write_migrations(&dir);
+    let d = dir.to_str().unwrap().to_string();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (worst, writes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let writer = {
+        let (url, stop, worst, writes) = (url.clone(), stop.clone(), worst.clone(), writes.clone());
+        tokio::spawn(async move {
+            let w = connect(&url).await;
+            let mut id = 1_000_000i64;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                let t0 = std::time::Instant::now();
+                // writes that stay valid before and after every statement of the migration
+                w.batch_execute(&format!(
+                    "INSERT INTO orders (id, customer_id, qty, status, note) VALUES ({id}, 1, 1, 'new', 'w');
+                     UPDATE accounts SET balance = balance + 1 WHERE id = {};",
+                    1 + id % 1000
+                ))
+                .await
+                .unwrap();
+                worst.fetch_max(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+                writes.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let out = apply(&url, &[&d]);
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let worst = worst.load(Ordering::Relaxed);
+    eprintln!(
+        "{} writes during apply, the slowest took {worst} ms",
+        writes.load(Ordering::Relaxed)
+    );
+    assert!(worst < 1500, "a write waited {worst} ms");
+    let nulls: i64 = c
+        .query_one("SELECT count(*) FROM orders WHERE status IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(nulls, 0, "the backfill missed rows");
+    let rows: Vec<(String, i32, bool)> = c
+        .query(
+            "SELECT file, steps_done, finished FROM shadow_alter.applied ORDER BY file",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("V1__region.sql".to_string(), 2, true),
+            ("V2__status.sql".to_string(), 10, true)
+        ]
+    );
+    // a rerun skips what is applied; a changed file is refused
+    assert!(apply(&url, &[&d]).status.success());
+    std::fs::write(dir.join("V2__status.sql"), format!("{V2}-- edited\n")).unwrap();
+    let out = apply(&url, &[&d]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(dir.join("V2__status.sql"), V2).unwrap();
+
+    // a failure stops the file, says what is done, and a rerun continues there
+    std::fs::write(
+        dir.join("V3__checks.sql"),
+        "ALTER TABLE customers ADD CONSTRAINT email_present CHECK (email IS NOT NULL);\nALTER TABLE orders ADD CONSTRAINT qty_small CHECK (qty < 3);\n",
+    )
+    .unwrap();
+    let out = apply(&url, &[&d]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(
+        err.contains("V3__checks.sql:2 failed") && err.contains("done: V3__checks.sql:1"),
+        "{err}"
+    );
+    c.batch_execute("UPDATE orders SET qty = 0 WHERE qty >= 3")
+        .await
+        .unwrap();
+    let out = apply(&url, &[&d]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM pg_constraint WHERE conname IN ('email_present', 'qty_small') AND convalidated", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -190,3 +190,12 @@ async fn verify(url: &str, all: &[Statement], findings: &mut [Finding]) -> Resul
     }
     Ok(())
 }
+
+/// `shadow-alter apply FILE...`.
+pub async fn apply(
+    paths: &[PathBuf],
+    cfg: &crate::engine::apply::ApplyConfig,
+) -> Result<(), EngineError> {
+    let sources = sources(paths)?;
+    crate::engine::apply::apply(cfg, &sources).await
+}

@@ -11,7 +11,7 @@ mod stale;
 mod status;
 mod steer;
 
-pub use migrate::{lint, plan_files, LintOutput};
+pub use migrate::{apply, lint, plan_files, LintOutput};
 pub use plan::{plan, PlanFormat};
 pub use stale::cleanup_stale;
 pub use status::status;
