@@ -250,12 +250,22 @@ async fn backfill(
         .ctx("reading the key's type")?
         .get(0);
     let lit = |v: &str| format!("{}::{key_type}", quote_literal(v));
+    // The rows there now: rows inserted later are the application's (a backfill that chased
+    // them would not end while inserts go on).
+    let end: Option<String> = client
+        .query_one(&format!("SELECT max({k})::text FROM {t}"), &[])
+        .await
+        .ctx("finding the backfill's last key")?
+        .get(0);
+    let Some(end) = end else {
+        return Ok(()); // an empty table
+    };
     let mut rows = 0u64;
     loop {
-        let after = last
-            .as_deref()
-            .map(|l| format!(" WHERE {k} > {}", lit(l)))
-            .unwrap_or_default();
+        let after = match last.as_deref() {
+            Some(l) => format!(" WHERE {k} > {} AND {k} <= {}", lit(l), lit(&end)),
+            None => format!(" WHERE {k} <= {}", lit(&end)),
+        };
         let upper: Option<String> = client
             .query_one(
                 &format!(
