@@ -32,6 +32,8 @@ pub enum LogFormat {
     Json,
 }
 
+// parsed once per process: the size of `run`'s arguments costs nothing worth a Box
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply an ALTER TABLE to a live table: directly or in online steps when that is safe (see
@@ -51,6 +53,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Let a postponed migration swap now, or at a given time.
     Cutover(CutoverArgs),
+    /// Change a running copy's chunk size, pause, workers or chunk time, or pause and resume it.
+    Throttle(ThrottleArgs),
     /// Stop a migration and drop everything it created; the original table is untouched.
     Abort(AbortArgs),
     /// Compare a running migration's shadow with its source now, repair differing chunks, and
@@ -123,6 +127,32 @@ pub struct CutoverArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct ThrottleArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// The table whose copy to change.
+    pub table: String,
+    /// Rows per chunk from the next chunk on.
+    #[arg(long)]
+    pub chunk_size: Option<u64>,
+    /// Pause after each chunk (e.g. 0ms, 200ms).
+    #[arg(long, value_parser = parse_duration)]
+    pub chunk_pause: Option<Duration>,
+    /// Copy sessions at once (1 to 32).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Size chunks to take about this long (0 stops sizing by time).
+    #[arg(long, value_parser = parse_duration)]
+    pub chunk_time: Option<Duration>,
+    /// Hold the copy (like the pause file) until --resume.
+    #[arg(long)]
+    pub pause: bool,
+    /// Let a held copy go on.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct AbortArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -158,6 +188,14 @@ pub struct RunArgs {
     /// Pause between copy chunks (e.g. 0ms, 50ms), to leave room for production traffic.
     #[arg(long, value_parser = parse_duration, default_value = "0ms")]
     pub chunk_pause: Duration,
+    /// Size copy chunks so that each takes about this long (e.g. 500ms); --chunk-size is then
+    /// only the first chunk's size.
+    #[arg(long, value_parser = parse_duration)]
+    pub chunk_time: Option<Duration>,
+    /// Copy sessions running at once (default: the server's cores when it runs on this machine,
+    /// else half its max_worker_processes; between 2 and 8).
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// lock_timeout for each attempt to take the swap lock.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub lock_timeout: Duration,
@@ -460,6 +498,8 @@ impl From<RunArgs> for RunConfig {
             alter: a.alter,
             chunk_size: a.chunk_size,
             chunk_pause: a.chunk_pause,
+            chunk_time: a.chunk_time,
+            workers: a.workers,
             lock_timeout: a.lock_timeout,
             swap_attempts: a.swap_attempts,
             drop_old: a.drop_old,

@@ -99,6 +99,21 @@ fn main() -> ExitCode {
             Command::Cutover(a) => report(
                 ops::cutover(a.conn.database_url.as_deref(), &a.table, a.at.as_deref()).await,
             ),
+            Command::Throttle(a) => report(
+                ops::throttle(
+                    a.conn.database_url.as_deref(),
+                    &a.table,
+                    &ops::ThrottleRequest {
+                        chunk_size: a.chunk_size,
+                        chunk_pause: a.chunk_pause,
+                        workers: a.workers,
+                        chunk_time: a.chunk_time,
+                        pause: a.pause,
+                        resume: a.resume,
+                    },
+                )
+                .await,
+            ),
             Command::Abort(a) => {
                 report(ops::abort(a.conn.database_url.as_deref(), &a.table, a.wait).await)
             }

@@ -441,3 +441,95 @@ async fn periodic_verification_while_waiting_repairs_a_corrupted_shadow() {
     );
     assert_nothing_left(&c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttle_changes_a_running_copy_from_another_process() {
+    use support::process::{exited, output, spawn};
+    let url = fresh_db("throttle").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v int);
+         INSERT INTO t SELECT i, i FROM generate_series(1, 20000) i;",
+    )
+    .await
+    .unwrap();
+    // at these settings the copy would take 200 chunks x 2 s: the run only ends in time if it
+    // follows the new ones
+    let mut child = spawn(
+        &url,
+        &[
+            "run",
+            "--table",
+            "t",
+            "--alter",
+            "ALTER COLUMN v TYPE bigint",
+            "--strategy",
+            "shadow-copy",
+            "--chunk-size",
+            "100",
+            "--chunk-pause",
+            "2s",
+            "--workers",
+            "1",
+            "--progress",
+            "none",
+        ],
+    );
+    wait_until(Duration::from_secs(60), "the copy", || async {
+        state_matches(&c, "phase = 'copy' AND tuning IS NOT NULL").await
+    })
+    .await;
+    let (code, out) = output(&url, &["status"], &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("copy: chunk size 100, pause between chunks 2000 ms, 1 copy worker"),
+        "{out}"
+    );
+
+    // refused values change nothing
+    let (code, out) = output(&url, &["throttle", "t", "--workers", "0"], &[]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("give 1 to 32"), "{out}");
+
+    // a pause holds the copy like the pause file does
+    let (code, out) = output(&url, &["throttle", "t", "--pause"], &[]).await;
+    assert_eq!(code, 0, "{out}");
+    wait_until(Duration::from_secs(10), "the run to hold", || async {
+        state_matches(&c, "throttled LIKE '%paused by%'").await
+    })
+    .await;
+
+    let (code, out) = output(
+        &url,
+        &[
+            "throttle",
+            "t",
+            "--resume",
+            "--chunk-size",
+            "5000",
+            "--chunk-pause",
+            "0ms",
+            "--workers",
+            "3",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("chunk size 5000, pause between chunks 0 ms, 3 copy workers"),
+        "{out}"
+    );
+    let status = exited(&mut child, Duration::from_secs(60)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t").await, 20000);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE v <> id").await,
+        0,
+        "every row copied once, with its value"
+    );
+
+    let (code, out) = output(&url, &["throttle", "t", "--workers", "2"], &[]).await;
+    assert_eq!(code, 2, "a finished migration is not throttled: {out}");
+    assert_nothing_left(&c).await;
+}

@@ -22,8 +22,10 @@ use random::Report;
 /// 1060 a kill during the copy under key reuse (large values swapped after the resume),
 /// 1005 updates of a GENERATED ALWAYS identity key, 2 a NOT VALID check old rows violate,
 /// 1052 a uuid key changed to text under deletes, 1204 a long table name (the swap's names
-/// collide); 6 is a plain ALTER failing on the data, which the run must fail too.
-const SHORT_SEEDS: [u64; 6] = [1060, 1005, 2, 1052, 1204, 6];
+/// collide); 6 is a plain ALTER failing on the data, which the run must fail too; 3128 a server
+/// restart in the copy under key swaps through a USING expression over a TOASTed column, 3017 a
+/// restart right after the swap.
+const SHORT_SEEDS: [u64; 8] = [1060, 1005, 2, 1052, 1204, 6, 3128, 3017];
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.trim().parse().ok())

@@ -25,6 +25,10 @@ pub struct RunConfig {
     pub alter: String,
     pub chunk_size: u64,
     pub chunk_pause: Duration,
+    /// Size chunks to take about this long.
+    pub chunk_time: Option<Duration>,
+    /// Copy workers; None: from the server (`pipeline::default_workers`).
+    pub workers: Option<usize>,
     pub lock_timeout: Duration,
     pub swap_attempts: u32,
     pub drop_old: bool,

@@ -96,20 +96,34 @@ pub async fn conclude(
         }
         Disposal::Remove => cleanup(config, names, ledger, oid).await,
     }
-    match result {
-        Ok(()) => state.finish(control, "done", None).await,
-        Err(EngineError::Aborted) => {
-            state
-                .finish(
-                    control,
-                    "aborted",
-                    Some("aborted by the operator; nothing was swapped"),
-                )
-                .await
+    let (phase, message) = match result {
+        Ok(()) => ("done", None),
+        Err(EngineError::Aborted) => (
+            "aborted",
+            Some("aborted by the operator; nothing was swapped".to_string()),
+        ),
+        Err(e) => ("failed", Some(e.to_string())),
+    };
+    if !state.finish(control, phase, message.as_deref()).await {
+        // the session is gone (a server restart): the outcome still belongs in the row, which
+        // `status` and a rerun read
+        let deadline = tokio::time::Instant::now() + OUTCOME_RETRY_FOR;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(c) = connect(config, "recording the outcome").await {
+                if state.finish(&c, phase, message.as_deref()).await {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        Err(e) => state.finish(control, "failed", Some(&e.to_string())).await,
+        tracing::warn!(
+            "the outcome ({phase}) could not be recorded in shadow_alter.migrations; `status` shows the last phase written"
+        );
     }
 }
+
+/// How long the end of a run keeps trying to record its outcome when its session is gone.
+const OUTCOME_RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// Remove what a failed run created; the original table was never touched.
 pub async fn cleanup(config: &tokio_postgres::Config, names: &Names, ledger: &Ledger, oid: u32) {
@@ -189,7 +203,7 @@ pub struct AfterSwap<'a> {
 /// After the swap committed (now or before an interruption): drop the publication, the slot and
 /// the work schema, validate the foreign keys added NOT VALID, drop the old table when asked,
 /// and forget the checkpoint. Failures here are reported, not fatal.
-pub async fn after_swap(control: &Client, a: AfterSwap<'_>) {
+pub async fn after_swap(control: &Client, a: &AfterSwap<'_>) {
     drop_publication(control, &a.names.publication).await;
     if let Err(e) = checkpoints::drop_slot(control, &a.names.slot).await {
         tracing::warn!("{e}; drop the slot with `shadow-alter cleanup --stale` (it retains WAL)");

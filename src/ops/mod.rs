@@ -10,12 +10,14 @@ mod plan;
 mod stale;
 mod status;
 mod steer;
+mod tune;
 
 pub use migrate::{apply, lint, plan_files, LintOutput};
 pub use plan::{plan, PlanFormat};
 pub use stale::cleanup_stale;
 pub use status::status;
 pub use steer::{abort, cutover, end_soak, revert, verify};
+pub use tune::{throttle, ThrottleRequest};
 
 use tokio_postgres::Client;
 

@@ -49,6 +49,9 @@ fn render(r: &Record) -> String {
     if let Some(t) = &r.throttled {
         out.push_str(&format!("    {t}\n"));
     }
+    if let (Some(t), true) = (&r.copy_settings, r.is_running()) {
+        out.push_str(&format!("    copy: {}\n", t.describe()));
+    }
     if let Some(p) = &r.postponed {
         out.push_str(&format!("    cutover waits: {p}\n"));
     }
@@ -102,6 +105,13 @@ mod tests {
             message: None,
             alter: "ALTER COLUMN qty TYPE bigint".into(),
             throttled: Some("throttled: pause file /tmp/x exists".into()),
+            copy_settings: Some(crate::engine::store::tuning::Tuning {
+                chunk_size: 5000,
+                chunk_pause_ms: 20,
+                workers: 3,
+                chunk_time_ms: None,
+                paused: false,
+            }),
             silent_for: 45.0,
         }
     }
@@ -115,6 +125,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("    throttled: pause file /tmp/x exists\n"));
+        assert!(
+            text.contains(
+                "    copy: chunk size 5000, pause between chunks 20 ms, 3 copy workers\n"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("no update for 45s (is process 42 still running?)"),
             "{text}"

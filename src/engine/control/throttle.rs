@@ -29,6 +29,7 @@ use tokio_postgres::Client;
 use crate::db::{describe, Ctx};
 use crate::engine::config::RunConfig;
 use crate::engine::error::EngineError;
+use crate::engine::store::tuning::{self, Tuning};
 use crate::progress::fmt_bytes;
 
 /// How often the limits are evaluated.
@@ -80,14 +81,6 @@ impl Limits {
             max_retained_wal: a.max_retained_wal,
             throttle_query: a.throttle_query.clone(),
         })
-    }
-
-    fn any(&self) -> bool {
-        self.pause_file.is_some()
-            || self.max_replica_lag.is_some()
-            || self.throttle_retained_wal.is_some()
-            || self.max_retained_wal.is_some()
-            || self.throttle_query.is_some()
     }
 }
 
@@ -241,20 +234,32 @@ pub async fn check(client: &Client, limits: &Limits, slot: &str) -> Result<Verdi
     Ok(Verdict::Go)
 }
 
-/// The copy's and the catch-up loop's view of the guard.
+/// The copy's and the catch-up loop's view of the guard: its verdict and the copy's live
+/// settings (`shadow-alter throttle`).
 #[derive(Debug, Clone)]
-pub struct Gate(Option<watch::Receiver<Verdict>>);
+pub struct Gate {
+    verdict: Option<watch::Receiver<Verdict>>,
+    tuning: Option<watch::Receiver<Tuning>>,
+}
 
 impl Gate {
-    /// A gate that is always open (no limits given).
+    /// A gate that is always open, with the settings fixed (no guard).
     pub fn open() -> Gate {
-        Gate(None)
+        Gate {
+            verdict: None,
+            tuning: None,
+        }
+    }
+
+    /// The copy's live settings, when a guard publishes them.
+    pub fn tuning(&self) -> Option<watch::Receiver<Tuning>> {
+        self.tuning.clone()
     }
 
     /// Wait while throttled. Returns at once when open, or when the guard says stop (the run
     /// notices that through `stopped`).
     pub async fn wait_open(&mut self) {
-        let Some(rx) = &mut self.0 else { return };
+        let Some(rx) = &mut self.verdict else { return };
         loop {
             if !matches!(*rx.borrow_and_update(), Verdict::Throttle(_)) {
                 return;
@@ -267,7 +272,7 @@ impl Gate {
 
     /// Why we wait now, if we do.
     pub fn throttled(&self) -> Option<String> {
-        match self.0.as_ref().map(|rx| rx.borrow().clone()) {
+        match self.verdict.as_ref().map(|rx| rx.borrow().clone()) {
             Some(Verdict::Throttle(r)) => Some(r),
             _ => None,
         }
@@ -275,7 +280,7 @@ impl Gate {
 
     /// Why the guard stopped the run, if it did.
     pub fn stop_reason(&self) -> Option<String> {
-        match self.0.as_ref().map(|rx| rx.borrow().clone()) {
+        match self.verdict.as_ref().map(|rx| rx.borrow().clone()) {
             Some(Verdict::Stop(r)) => Some(r),
             _ => None,
         }
@@ -283,7 +288,7 @@ impl Gate {
 
     /// Resolves when the guard says stop, with its reason (never without a guard).
     pub async fn stopped(&mut self) -> String {
-        if let Some(rx) = &mut self.0 {
+        if let Some(rx) = &mut self.verdict {
             loop {
                 if let Verdict::Stop(r) = &*rx.borrow_and_update() {
                     return r.clone();
@@ -298,7 +303,7 @@ impl Gate {
 
     /// Resolves at the next change of the verdict (never without a guard).
     pub async fn changed(&mut self) {
-        if let Some(rx) = &mut self.0 {
+        if let Some(rx) = &mut self.verdict {
             if rx.changed().await.is_ok() {
                 return;
             }
@@ -329,16 +334,15 @@ impl Drop for GuardTask {
     }
 }
 
-/// Start the guard for a run whose slot is `slot`. Without limits, an always-open gate and no task.
+/// Start the guard for a run whose slot is `slot`: it evaluates the limits and follows the
+/// copy's live settings, starting from `initial` (recorded in the run's state row).
 pub async fn spawn(
     config: &tokio_postgres::Config,
     limits: Limits,
     slot: String,
     table_oid: u32,
+    initial: Tuning,
 ) -> Result<(Gate, GuardTask), EngineError> {
-    if !limits.any() {
-        return Ok((Gate::open(), GuardTask(None)));
-    }
     let client = crate::db::connect(config, "checking the guardrails").await?;
     client
         .batch_execute(
@@ -346,16 +350,22 @@ pub async fn spawn(
         )
         .await
         .ctx("setting up the guardrail session")?;
+    tuning::record(&client, table_oid, &initial).await;
     // the first verdict is in place before any chunk is copied
-    let v0 = evaluate(&client, &limits, &slot).await;
+    let v0 = with_pause(evaluate(&client, &limits, &slot).await, &initial);
     let (tx, rx) = watch::channel(v0.clone());
+    let (tuning_tx, tuning_rx) = watch::channel(initial);
     let mut first = Some(v0);
     let handle = tokio::spawn(async move {
         let mut shown = Verdict::Go;
         loop {
             let verdict = match first.take() {
                 Some(v) => v,
-                None => evaluate(&client, &limits, &slot).await,
+                None => {
+                    follow_tuning(&client, table_oid, &tuning_tx).await;
+                    let t = tuning_tx.borrow().clone();
+                    with_pause(evaluate(&client, &limits, &slot).await, &t)
+                }
             };
             if verdict != shown {
                 let throttled = match &verdict {
@@ -390,5 +400,33 @@ pub async fn spawn(
             tokio::time::sleep(CHECK_EVERY).await;
         }
     });
-    Ok((Gate(Some(rx)), GuardTask(Some(handle))))
+    Ok((
+        Gate {
+            verdict: Some(rx),
+            tuning: Some(tuning_rx),
+        },
+        GuardTask(Some(handle)),
+    ))
+}
+
+/// `shadow-alter throttle --pause` holds the copy like any other throttle.
+fn with_pause(v: Verdict, t: &Tuning) -> Verdict {
+    match v {
+        Verdict::Go if t.paused => {
+            Verdict::Throttle("paused by `shadow-alter throttle --pause`".into())
+        }
+        v => v,
+    }
+}
+
+/// Publish the settings `throttle` recorded, when they changed; a failed read keeps the old ones.
+async fn follow_tuning(client: &Client, oid: u32, tx: &watch::Sender<Tuning>) {
+    match tuning::read(client, oid).await {
+        Ok(Some(t)) if t != *tx.borrow() => {
+            tracing::info!("copy settings changed: {}", t.describe());
+            tx.send_replace(t);
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!("reading the copy's live settings: {e}"),
+    }
 }

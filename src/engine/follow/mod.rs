@@ -86,6 +86,7 @@ impl Follower {
             replay_until: windows.replay_until,
             replay_over: windows.replay_until.is_none(),
             lenient_until: windows.lenient_until,
+            replay_snapshot: windows.replay_snapshot,
             replaying: false,
             skip_until_message,
         };
@@ -154,12 +155,54 @@ impl Follower {
 }
 
 /// How the stream is applied, by the commit position of each source transaction: replayed
-/// idempotently before `replay_until` (a resumed copy, `apply/replay.rs`), leniently before
-/// `lenient_until` (`Applier::set_lenient`), strictly after both.
-#[derive(Debug, Clone, Copy, Default)]
+/// idempotently before `replay_until` when the resumed copy's snapshot saw it (a resumed copy,
+/// `apply/replay.rs`), leniently before `lenient_until` (`Applier::set_lenient`), strictly
+/// otherwise.
+#[derive(Debug, Clone, Default)]
 pub struct Windows {
     pub replay_until: Option<Lsn>,
     pub lenient_until: Option<Lsn>,
+    /// The transactions the resumed copy's snapshot saw. A transaction can write its commit
+    /// record before `replay_until` and still be running when the snapshot is taken (it leaves
+    /// the list of running transactions a moment after its commit record): its rows were read
+    /// without it, so it is applied like any later one, not replayed from that snapshot.
+    pub replay_snapshot: Option<XidSnapshot>,
+}
+
+/// A snapshot's view of transaction ids (`pg_current_snapshot()`: `xmin:xmax:xip,...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XidSnapshot {
+    xmin: u64,
+    xmax: u64,
+    xip: Vec<u64>,
+}
+
+impl XidSnapshot {
+    pub fn parse(s: &str) -> Option<XidSnapshot> {
+        let mut parts = s.trim().splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        (xmin <= xmax).then_some(XidSnapshot { xmin, xmax, xip })
+    }
+
+    /// Whether the snapshot sees the committed transaction with this (32-bit) id. The stream's
+    /// ids are 32 bits and recent: an id is placed within 2^31 of xmax, as PostgreSQL compares
+    /// them.
+    pub fn sees(&self, xid: u32) -> bool {
+        let behind = (self.xmax as u32).wrapping_sub(xid) as i32;
+        if behind <= 0 {
+            return false;
+        }
+        let full = self.xmax - behind as u64;
+        !self.xip.contains(&full)
+    }
 }
 
 /// How one source transaction is applied.
@@ -171,9 +214,11 @@ pub enum Mode {
 }
 
 impl Windows {
-    /// The mode of the source transaction that commits at `final_lsn`.
-    pub fn mode(&self, final_lsn: Lsn) -> Mode {
-        if self.replay_until.is_some_and(|u| final_lsn < u) {
+    /// The mode of the source transaction `xid` that commits at `final_lsn`.
+    pub fn mode(&self, final_lsn: Lsn, xid: u32) -> Mode {
+        if self.replay_until.is_some_and(|u| final_lsn < u)
+            && self.replay_snapshot.as_ref().is_none_or(|s| s.sees(xid))
+        {
             Mode::Replay
         } else if self.lenient_until.is_some_and(|u| final_lsn < u) {
             Mode::Lenient
@@ -198,6 +243,8 @@ struct Task {
     /// Source transactions committed before this LSN are applied leniently (a TRUNCATE ran while
     /// the copy or the replay read the table under an older snapshot).
     lenient_until: Option<Lsn>,
+    /// The transactions the replay's snapshot saw (see `Windows`).
+    replay_snapshot: Option<XidSnapshot>,
     replaying: bool,
     /// Changes before a logical message with this prefix are not applied (the reverse stream
     /// of a soak window: before the swap's message, the new table was written by us only).
@@ -221,14 +268,14 @@ impl Task {
         Ok(())
     }
 
-    /// Choose how the source transaction committing at `final_lsn` is applied.
-    async fn begin(&mut self, final_lsn: Lsn) -> Result<(), EngineError> {
+    /// Choose how the source transaction `xid` committing at `final_lsn` is applied.
+    async fn begin(&mut self, final_lsn: Lsn, xid: u32) -> Result<(), EngineError> {
         // Past the replay window, end it first: a TRUNCATE it finds widens the lenient window,
         // and this very transaction may be one that reaches rows the truncate hid from the copy.
-        if !self.replay_over && self.windows().mode(final_lsn) != Mode::Replay {
+        if !self.replay_over && self.replay_until.is_none_or(|u| final_lsn >= u) {
             self.end_replay().await?;
         }
-        let mode = self.windows().mode(final_lsn);
+        let mode = self.windows().mode(final_lsn, xid);
         self.replaying = mode == Mode::Replay;
         self.applier.set_lenient(mode == Mode::Lenient).await
     }
@@ -237,6 +284,7 @@ impl Task {
         Windows {
             replay_until: self.replay_until,
             lenient_until: self.lenient_until,
+            replay_snapshot: self.replay_snapshot.clone(),
         }
     }
 
@@ -350,9 +398,9 @@ impl Task {
     ) -> Result<Option<XLogMessage>, EngineError> {
         let ours = self.table.oid;
         let change = match m {
-            LogicalMessage::Begin { final_lsn, .. } => {
+            LogicalMessage::Begin { final_lsn, xid, .. } => {
                 at.in_source_tx = true;
-                self.begin(final_lsn).await?;
+                self.begin(final_lsn, xid).await?;
                 if !self.applier.in_transaction() {
                     at.batch_started = Instant::now();
                 }
@@ -460,18 +508,60 @@ mod tests {
         let w = Windows {
             replay_until: Some(Lsn(100)),
             lenient_until: Some(Lsn(200)),
+            replay_snapshot: None,
         };
-        assert_eq!(w.mode(Lsn(99)), Mode::Replay);
-        assert_eq!(w.mode(Lsn(100)), Mode::Lenient);
-        assert_eq!(w.mode(Lsn(199)), Mode::Lenient);
-        assert_eq!(w.mode(Lsn(200)), Mode::Strict);
-        assert_eq!(Windows::default().mode(Lsn(1)), Mode::Strict);
+        assert_eq!(w.mode(Lsn(99), 7), Mode::Replay);
+        assert_eq!(w.mode(Lsn(100), 7), Mode::Lenient);
+        assert_eq!(w.mode(Lsn(199), 7), Mode::Lenient);
+        assert_eq!(w.mode(Lsn(200), 7), Mode::Strict);
+        assert_eq!(Windows::default().mode(Lsn(1), 7), Mode::Strict);
         // a lenient window inside the replay window changes nothing
         let w = Windows {
             replay_until: Some(Lsn(300)),
             lenient_until: Some(Lsn(200)),
+            replay_snapshot: None,
         };
-        assert_eq!(w.mode(Lsn(250)), Mode::Replay);
-        assert_eq!(w.mode(Lsn(300)), Mode::Strict);
+        assert_eq!(w.mode(Lsn(250), 7), Mode::Replay);
+        assert_eq!(w.mode(Lsn(300), 7), Mode::Strict);
+    }
+
+    #[test]
+    fn a_transaction_the_replay_snapshot_did_not_see_is_not_replayed() {
+        // 705 committed before the window's end but was still running for the snapshot
+        let w = Windows {
+            replay_until: Some(Lsn(300)),
+            lenient_until: None,
+            replay_snapshot: XidSnapshot::parse("700:710:705,708"),
+        };
+        assert_eq!(w.mode(Lsn(250), 704), Mode::Replay);
+        assert_eq!(w.mode(Lsn(250), 705), Mode::Strict);
+        assert_eq!(w.mode(Lsn(250), 709), Mode::Replay);
+        assert_eq!(w.mode(Lsn(250), 710), Mode::Strict, "at or past xmax");
+    }
+
+    #[test]
+    fn snapshots_parse_and_place_32_bit_ids_in_their_epoch() {
+        assert_eq!(
+            XidSnapshot::parse("10:10:"),
+            Some(XidSnapshot {
+                xmin: 10,
+                xmax: 10,
+                xip: vec![]
+            })
+        );
+        assert_eq!(XidSnapshot::parse("10:5:"), None);
+        assert_eq!(XidSnapshot::parse("a:b:"), None);
+        // epoch 1: xmax is 2^32 + 5; id 3 is 2^32 + 3 (seen), id 4294967290 the previous epoch's
+        let s = XidSnapshot::parse(&format!(
+            "{}:{}:{}",
+            (1u64 << 32) - 10,
+            (1u64 << 32) + 5,
+            (1u64 << 32) + 3
+        ))
+        .unwrap();
+        assert!(!s.sees(3), "in progress");
+        assert!(s.sees(4));
+        assert!(s.sees(4_294_967_290));
+        assert!(!s.sees(5), "at xmax");
     }
 }

@@ -49,9 +49,9 @@ pub async fn follow(
         .batch_execute("SET synchronous_commit = local")
         .await
         .ctx("setting up the apply session")?;
-    // after the copy's workers: the origin numbers above theirs
     if let Some(o) = &run.origins {
-        o.mark(&apply_client, super::copying::WORKERS).await?;
+        o.mark(&apply_client, crate::engine::copy::APPLY_ORIGIN)
+            .await?;
     }
     let applier = Applier::new(apply_client, run.table, &p.mapping, run.names)
         .with_checkpoint(run.table.oid)

@@ -20,7 +20,7 @@ use crate::engine::control::throttle::Gate;
 use crate::engine::copy::{self, copy_table, CopyOptions};
 use crate::engine::error::{EngineError, WireCtx};
 use crate::engine::follow::apply::{self, SnapshotReader};
-use crate::engine::follow::{slot, Windows};
+use crate::engine::follow::{slot, Windows, XidSnapshot};
 use crate::engine::indexes::{self, Deferred};
 use crate::engine::store::checkpoints::{self, Checkpoint};
 use crate::engine::store::migrations::Progress as StateProgress;
@@ -28,8 +28,8 @@ use crate::replication::{Lsn, ReplicationConn};
 
 /// How often a started but not yet read stream tells the server we are alive.
 const KEEPALIVE: Duration = Duration::from_secs(5);
-/// Copy sessions running at once.
-pub(super) const WORKERS: usize = 2;
+/// Copy sessions when the gate publishes no settings (never in a run: the guard always does).
+const WORKERS: usize = 2;
 
 /// What the copy stage hands on.
 pub struct Copied {
@@ -56,6 +56,7 @@ pub async fn copy(
     let mut windows = Windows {
         replay_until: p.resumed.as_ref().and_then(|cp| cp.replay_until),
         lenient_until: p.resumed.as_ref().and_then(|cp| cp.lenient_until),
+        replay_snapshot: None,
     };
     let mut replay_source = None;
     let source = match (&p.resumed, &p.snapshot) {
@@ -75,8 +76,9 @@ pub async fn copy(
             // a resumed copy upserts: the shadow needs its key index (and any other one a
             // killed run did not finish) first
             build_indexes(run, &p.deferred, &mut p.repl, None, 0).await?;
-            let (snapshot, until, reader) = resumed_snapshot(run, cp).await?;
+            let (snapshot, until, seen, reader) = resumed_snapshot(run, cp).await?;
             windows.replay_until = Some(until);
+            windows.replay_snapshot = Some(seen);
             replay_source = Some(reader);
             Some(Source {
                 snapshot,
@@ -125,7 +127,7 @@ pub async fn copy(
 async fn resumed_snapshot(
     run: &Run<'_>,
     cp: &Checkpoint,
-) -> Result<(String, Lsn, SnapshotReader), EngineError> {
+) -> Result<(String, Lsn, XidSnapshot, SnapshotReader), EngineError> {
     let holder = connect(run.config, "holding the resumed copy's snapshot").await?;
     let filenode = apply::filenode(&holder, run.table.oid).await?;
     holder
@@ -136,7 +138,7 @@ async fn resumed_snapshot(
         .ctx("starting the resumed copy's snapshot")?;
     let row = holder
         .query_one(
-            "SELECT pg_export_snapshot(), pg_current_wal_insert_lsn()::text",
+            "SELECT pg_export_snapshot(), pg_current_wal_insert_lsn()::text, pg_current_snapshot()::text",
             &[],
         )
         .await
@@ -146,6 +148,8 @@ async fn resumed_snapshot(
     let until = cp.replay_until.map_or(until, |u| u.max(until));
     checkpoints::set_replay_until(run.control, run.table.oid, until).await?;
     let snapshot: String = row.get(0);
+    let seen = XidSnapshot::parse(&row.get::<_, String>(2))
+        .ok_or_else(|| EngineError::Internal("unreadable snapshot".into()))?;
     let reader = connect(run.config, "reading rows as of the resumed copy's snapshot").await?;
     reader
         .batch_execute(&format!(
@@ -155,7 +159,7 @@ async fn resumed_snapshot(
         .await
         .ctx("setting up the snapshot reader")?;
     let reader = SnapshotReader::new(holder, reader, snapshot.clone(), filenode);
-    Ok((snapshot, until, reader))
+    Ok((snapshot, until, seen, reader))
 }
 
 /// A TRUNCATE during a first copy left later chunks empty (the copy's older snapshot sees an

@@ -29,6 +29,7 @@ use crate::engine::control::watch;
 use crate::engine::error::EngineError;
 use crate::engine::follow::origin::Origins;
 use crate::engine::store::migrations::State;
+use crate::engine::store::tuning::Tuning;
 use crate::engine::{direct, preflight, teardown};
 use crate::names::Names;
 use crate::plan::{parse_alter, AlterSpec};
@@ -132,11 +133,23 @@ async fn stages(
 ) -> Result<(), EngineError> {
     let mut prepared = start::open(run, spec, resume).await?;
     // guardrails from now on: the slot exists and retains WAL
+    let tuning = Tuning {
+        chunk_size: run.cfg.chunk_size,
+        chunk_pause_ms: run.cfg.chunk_pause.as_millis() as u64,
+        workers: match run.cfg.workers {
+            Some(w) => w,
+            None => default_workers(run.control).await,
+        },
+        chunk_time_ms: run.cfg.chunk_time.map(|d| d.as_millis() as u64),
+        paused: false,
+    };
+    tracing::info!("copy: {}", tuning.describe());
     let (mut gate, _guard) = throttle::spawn(
         run.config,
         run.limits.clone(),
         prepared.slot.clone(),
         run.table.oid,
+        tuning,
     )
     .await?;
     let copied = copying::copy(run, &mut prepared, &mut gate).await?;
@@ -145,12 +158,43 @@ async fn stages(
     swap::swap(run, following, &mut gate).await
 }
 
+/// Copy workers when `--workers` is not given: the server's cores when it runs on this machine
+/// (a loopback or Unix-socket connection), else half its `max_worker_processes` (which DBAs
+/// size by cores); between 2 and 8.
+async fn default_workers(control: &tokio_postgres::Client) -> usize {
+    let r = control
+        .query_one(
+            "SELECT current_setting('max_worker_processes')::int,
+                    coalesce(host(inet_server_addr()) IN ('127.0.0.1', '::1'), true)",
+            &[],
+        )
+        .await;
+    let n = match r {
+        Ok(r) if r.get::<_, bool>(1) => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
+        Ok(r) => (r.get::<_, i32>(0).max(0) as usize) / 2,
+        Err(e) => {
+            tracing::debug!("reading max_worker_processes: {e}");
+            2
+        }
+    };
+    n.clamp(2, 8)
+}
+
 /// Settings no run could work with.
 fn check_settings(cfg: &RunConfig) -> Result<(), EngineError> {
-    if cfg.chunk_size == 0 {
-        return Err(EngineError::BadInput(
-            "--chunk-size must be at least 1".into(),
-        ));
+    let tuning = Tuning {
+        chunk_size: cfg.chunk_size,
+        chunk_pause_ms: cfg.chunk_pause.as_millis() as u64,
+        workers: cfg.workers.unwrap_or(2),
+        chunk_time_ms: cfg.chunk_time.map(|d| d.as_millis() as u64),
+        paused: false,
+    };
+    if let Err(e) = tuning.validate() {
+        return Err(EngineError::BadInput(format!(
+            "--chunk-size / --workers / --chunk-time: {e}"
+        )));
     }
     if cfg.swap_attempts == 0 {
         return Err(EngineError::BadInput(

@@ -78,7 +78,7 @@ pub async fn finish_swapped(control: &Client, cfg: &RunConfig) -> Result<bool, E
     );
     teardown::after_swap(
         control,
-        AfterSwap {
+        &AfterSwap {
             names: &names,
             oid: done.old_oid,
             old_name: &done.old_name,

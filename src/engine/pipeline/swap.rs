@@ -87,20 +87,17 @@ pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Resul
     if let Err(e) = f.follower.stop().await {
         tracing::warn!("stopping the change stream after the swap: {e}");
     }
-    teardown::after_swap(
-        run.control,
-        AfterSwap {
-            names: run.names,
-            oid: run.table.oid,
-            old_name: &outcome.old_name,
-            validate: &outcome.validate,
-            drop_old: run.cfg.drop_old && soak.is_none(),
-            lock_timeout: run.cfg.lock_timeout,
-        },
-    )
-    .await;
-    if run.control.is_closed() && soak.is_none() {
-        return finish_after_lost_connection(run).await;
+    let after = AfterSwap {
+        names: run.names,
+        oid: run.table.oid,
+        old_name: &outcome.old_name,
+        validate: &outcome.validate,
+        drop_old: run.cfg.drop_old && soak.is_none(),
+        lock_timeout: run.cfg.lock_timeout,
+    };
+    teardown::after_swap(run.control, &after).await;
+    if soak.is_none() && lost(run.control).await {
+        finish_after_lost_connection(run, &after).await?;
     }
     if let (Some(soak), Some(reverse)) = (soak, f.reverse) {
         let msg = soak::window(run, soak, reverse, &outcome.old_name, &outcome.renamed_away).await;
@@ -134,9 +131,18 @@ pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Resul
 /// server again (a restart or a failover takes seconds) to finish the cleanup.
 const RECONNECT_FOR: Duration = Duration::from_secs(60);
 
-/// The swap committed, but the connection was lost before the cleanup finished (the slot would
-/// retain WAL): reconnect and finish it as a rerun would. Every step is idempotent.
-async fn finish_after_lost_connection(run: &Run<'_>) -> Result<(), EngineError> {
+/// The session is gone, or the server ended it (a restart, a failover): a step of the cleanup
+/// may have failed with it.
+async fn lost(control: &tokio_postgres::Client) -> bool {
+    control.is_closed() || control.simple_query("SELECT 1").await.is_err()
+}
+
+/// The swap committed, but the connection was lost while the cleanup ran (the slot would retain
+/// WAL): reconnect and run the cleanup again. Every step is idempotent.
+async fn finish_after_lost_connection(
+    run: &Run<'_>,
+    after: &AfterSwap<'_>,
+) -> Result<(), EngineError> {
     tracing::warn!(
         "the connection to the server was lost after the swap committed; reconnecting to finish the cleanup"
     );
@@ -144,11 +150,14 @@ async fn finish_after_lost_connection(run: &Run<'_>) -> Result<(), EngineError> 
     let mut last = String::new();
     while Instant::now() < deadline {
         match connect(run.config, "finishing the cleanup after the swap").await {
-            Ok(c) => match super::start::finish_swapped(&c, run.cfg).await {
-                Ok(_) if !c.is_closed() => return Ok(()),
-                Ok(_) => last = "the connection was lost again".into(),
-                Err(e) => last = e.to_string(),
-            },
+            Ok(c) => {
+                teardown::after_swap(&c, after).await;
+                if !lost(&c).await {
+                    tracing::info!("the cleanup after the swap is finished");
+                    return Ok(());
+                }
+                last = "the connection was lost again".into();
+            }
             Err(e) => last = e.to_string(),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -43,6 +43,7 @@ ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_ok boolean;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_result text;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS revert_requested_at timestamptz;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS soak_end_requested_at timestamptz;
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS tuning jsonb;
 CREATE TABLE IF NOT EXISTS shadow_alter.checkpoints (
     table_oid        oid PRIMARY KEY,
     alter_sql        text NOT NULL,
@@ -122,7 +123,7 @@ impl State {
                     cutover_requested_at = NULL, abort_requested = false, pid = EXCLUDED.pid,
                     host = EXCLUDED.host, started_at = now(), updated_at = now(), finished_at = NULL, message = NULL,
                     throttled = NULL, verify_requested_at = NULL, verify_finished_at = NULL, verify_ok = NULL,
-                    verify_result = NULL, revert_requested_at = NULL, soak_end_requested_at = NULL",
+                    verify_result = NULL, revert_requested_at = NULL, soak_end_requested_at = NULL, tuning = NULL",
                 &[&table.oid, &format!("{}.{}", table.schema, table.name), &alter, &table.row_estimate, &(std::process::id() as i32), &host],
             )
             .await
@@ -207,7 +208,8 @@ impl State {
         Self::log("the verification result", r);
     }
 
-    pub async fn finish(&self, client: &Client, phase: &str, message: Option<&str>) {
+    /// Record the outcome; false when it could not be written.
+    pub async fn finish(&self, client: &Client, phase: &str, message: Option<&str>) -> bool {
         let r = client
             .execute(
                 "UPDATE shadow_alter.migrations SET phase = $2, message = coalesce($3, message), postponed = NULL,
@@ -215,6 +217,8 @@ impl State {
                 &[&self.oid, &phase, &message],
             )
             .await;
+        let written = r.is_ok();
         Self::log("the outcome", r);
+        written
     }
 }

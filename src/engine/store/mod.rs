@@ -10,5 +10,6 @@ pub mod applied;
 pub mod checkpoints;
 pub mod migrations;
 pub mod operator;
+pub mod tuning;
 
 pub use migrations::ensure_schema;

@@ -32,6 +32,8 @@ pub struct Record {
     pub message: Option<String>,
     pub alter: String,
     pub throttled: Option<String>,
+    /// The copy's settings in force (`shadow-alter throttle` changes them).
+    pub copy_settings: Option<super::tuning::Tuning>,
     /// Seconds since the row was last written (a run silent for long may be gone).
     #[serde(skip)]
     pub silent_for: f64,
@@ -59,6 +61,9 @@ impl Record {
             message: r.get("message"),
             alter: r.get("alter_sql"),
             throttled: r.get("throttled"),
+            copy_settings: r
+                .get::<_, Option<String>>("tuning")
+                .and_then(|j| serde_json::from_str(&j).ok()),
             silent_for: r.get("silent_for"),
         }
     }
@@ -92,7 +97,8 @@ pub async fn list(client: &Client) -> Result<Vec<Record>, DbError> {
                     postponed, cutover_requested_at::text AS cutover_requested_at, abort_requested, pid, host,
                     started_at::text AS started_at, updated_at::text AS updated_at,
                     finished_at::text AS finished_at, message, alter_sql,
-                    extract(epoch FROM now() - updated_at)::float8 AS silent_for, throttled
+                    extract(epoch FROM now() - updated_at)::float8 AS silent_for, throttled,
+                    tuning::text AS tuning
              FROM shadow_alter.migrations ORDER BY started_at DESC",
             &[],
         )

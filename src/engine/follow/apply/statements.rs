@@ -175,16 +175,19 @@ impl Shape<'_> {
             .filter(|(_, u)| **u)
             .map(|((n, _), _)| n.as_str())
             .collect();
-        // a plain column whose source value did not change keeps its shadow value
+        // a column computed only from source values that did not change keeps its shadow value,
+        // as the row keeps it under a plain ALTER: a USING expression over an unchanged TOAST
+        // value gives what it gave before, and a column that reads nothing (an added column's
+        // default) is not evaluated again by an update. Reading the source row instead would
+        // read it as it is now, and by now it may have moved to another key (or be gone).
         let targets: Vec<_> = self
             .mapping
             .targets
             .iter()
             .filter(|t| {
-                !(t.plain
-                    && t.reads
-                        .iter()
-                        .all(|r| unchanged_names.contains(&r.as_str())))
+                !t.reads
+                    .iter()
+                    .all(|r| unchanged_names.contains(&r.as_str()))
             })
             .collect();
         if targets.is_empty() {
@@ -337,6 +340,33 @@ mod tests {
             sql.contains("(SELECT x.\"big\" FROM ONLY p.t AS x WHERE x.\"id\" = u.a0::integer)"),
             "{sql}"
         );
+    }
+
+    #[test]
+    fn a_using_expression_over_an_unchanged_toasted_column_keeps_its_shadow_value() {
+        // the row may have moved on by the time the change is applied: nothing is read from
+        // the source, and a column that reads nothing (a default) is not evaluated again
+        let m = mapping(vec![
+            target("id", "\"id\"", &["id"], true),
+            target("big", "upper(\"big\")", &["big"], false),
+            target("qty", "\"qty\"", &["qty"], true),
+            target("added", "clock_timestamp()", &[], false),
+        ]);
+        let cols = columns();
+        let shape = Shape {
+            shadow: "s.t",
+            source: "p.t",
+            mapping: &m,
+            columns: &cols,
+            key_pos: &[0],
+        };
+        let (sql, _) = shape
+            .sql(&StmtKey::Update(vec![false, true, false]))
+            .unwrap();
+        assert!(!sql.contains("\"big\" = "), "{sql}");
+        assert!(!sql.contains("\"added\" = "), "{sql}");
+        assert!(!sql.contains("FROM ONLY p.t"), "{sql}");
+        assert!(sql.contains("\"qty\" = n.x"), "{sql}");
     }
 
     #[test]

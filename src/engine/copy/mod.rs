@@ -1,0 +1,240 @@
+//! The bulk copy: keyset-paginated chunks by key, every chunk in its own transaction that imports
+//! the replication slot's exported snapshot, so the copy sees the table exactly as of the slot's
+//! consistent point and the stream carries everything after it (no lost, no resurrected rows).
+//!
+//! Each chunk is one server-side `INSERT INTO shadow SELECT <mapped expressions> FROM src`:
+//! values never travel through the client, and the server applies the same assignment casts and
+//! USING expressions as a plain ALTER would. A chunk that fails is bisected to name the row.
+
+mod chunk;
+mod split;
+mod sql;
+
+pub use sql::hold_snapshot;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use chunk::copy_chunk;
+use split::{split, track_watermark, Sizer};
+use sql::{connect, CopySql};
+
+use crate::catalog::Table;
+use crate::engine::error::EngineError;
+use crate::engine::shadow::Mapping;
+use crate::engine::store::tuning::{Tuning, MAX_WORKERS};
+use crate::names::Names;
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    pub chunk_size: u64,
+    pub chunk_pause: Duration,
+    pub workers: usize,
+    /// lock_timeout for each chunk; a chunk that times out is retried after a pause.
+    pub lock_timeout: Duration,
+    /// Guardrails: every worker waits here before each chunk while the run is throttled.
+    pub gate: crate::engine::control::throttle::Gate,
+    /// A resumed copy starts after this key (the watermark) ...
+    pub resume_after: Option<Vec<String>>,
+    /// ... and upserts: chunks past the watermark may already be there.
+    pub upsert: bool,
+    /// Record the watermark in this table's checkpoint as chunks complete.
+    pub checkpoint: Option<u32>,
+    /// Mark the workers' writes with the run's origins (worker n: origin n + 1).
+    pub origins: Option<crate::engine::follow::origin::Origins>,
+}
+
+/// A key range: lower bound exclusive, upper bound inclusive; None means unbounded. Chunks are
+/// numbered in key order, for the watermark.
+#[derive(Debug, Clone)]
+struct Chunk {
+    seq: u64,
+    lower: Option<Vec<String>>,
+    upper: Option<Vec<String>>,
+}
+
+/// Origin numbers: the apply session takes 0, copy worker `w` takes `w + 1`.
+pub const APPLY_ORIGIN: usize = 0;
+
+/// Copy every row visible in `snapshot`. `copied` counts rows as chunks commit. The number of
+/// workers, the chunk size and the pause follow the settings in force (`shadow-alter throttle`)
+/// when the gate publishes them, else `opts`.
+pub async fn copy_table(
+    config: &tokio_postgres::Config,
+    table: &Table,
+    mapping: &Mapping,
+    names: &Names,
+    snapshot: &str,
+    opts: &CopyOptions,
+    copied: Arc<AtomicU64>,
+) -> Result<u64, EngineError> {
+    let sql = Arc::new(CopySql::new(table, mapping, names, opts.upsert)?);
+    let (tuning, _fixed) = match opts.gate.tuning() {
+        Some(rx) => (rx, None),
+        None => {
+            let (tx, rx) = watch::channel(Tuning {
+                chunk_size: opts.chunk_size.max(1),
+                chunk_pause_ms: opts.chunk_pause.as_millis() as u64,
+                workers: opts.workers.max(1),
+                chunk_time_ms: None,
+                paused: false,
+            });
+            (rx, Some(tx))
+        }
+    };
+    let (tx, rx) = mpsc::channel::<Chunk>(MAX_WORKERS);
+    // chunks report completion here; the watermark moves past a chunk once all before it are in
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<(u64, Option<Vec<String>>)>();
+    let tracker = match opts.checkpoint {
+        Some(oid) => {
+            let client = connect(config, "recording copy progress", opts.lock_timeout).await?;
+            Some(tokio::spawn(track_watermark(client, oid, done_rx)))
+        }
+        None => None,
+    };
+    let sizer = Arc::new(Mutex::new(Sizer::default()));
+    let shared = Arc::new(Worker {
+        config: config.clone(),
+        opts: opts.clone(),
+        sql: sql.clone(),
+        snapshot: snapshot.to_string(),
+        rx: tokio::sync::Mutex::new(rx),
+        copied,
+        done: done_tx,
+        sizer: sizer.clone(),
+    });
+
+    // The splitter finds chunk boundaries under the same snapshot, one short transaction per
+    // boundary: holding a lock on the source for the whole copy would queue any DDL (and then
+    // every query) behind it. It stops when the workers have all stopped (its send fails).
+    let client = connect(config, "the copy splitter", opts.lock_timeout).await?;
+    let splitter = tokio::spawn(split(
+        client,
+        sql,
+        snapshot.to_string(),
+        tuning.clone(),
+        sizer,
+        opts.resume_after.clone(),
+        tx,
+    ));
+
+    let mut workers = tokio::task::JoinSet::new();
+    let mut spawned = 0;
+    let mut live = tuning.clone();
+    let mut following = true;
+    let mut total = 0;
+    let mut first_err = None;
+    loop {
+        let want = live.borrow_and_update().workers.clamp(1, MAX_WORKERS);
+        if first_err.is_none() {
+            while spawned < want {
+                workers.spawn(shared.clone().run(spawned, tuning.clone()));
+                spawned += 1;
+            }
+        }
+        tokio::select! {
+            r = workers.join_next() => match r {
+                None => break,
+                Some(Ok(Ok(n))) => total += n,
+                Some(Ok(Err(e))) => {
+                    first_err.get_or_insert(e);
+                    workers.abort_all();
+                }
+                Some(Err(e)) if e.is_cancelled() => {}
+                Some(Err(e)) => {
+                    first_err.get_or_insert(EngineError::Internal(format!("copy worker panicked: {e}")));
+                    workers.abort_all();
+                }
+            },
+            r = live.changed(), if following => following = r.is_ok(),
+        }
+    }
+    // no worker holds the receiver any more: the splitter's next send fails
+    drop(shared);
+    match splitter.await {
+        Ok(Err(e)) => {
+            first_err.get_or_insert(e);
+        }
+        Err(e) if !e.is_cancelled() => {
+            first_err.get_or_insert(EngineError::Internal(format!(
+                "copy splitter panicked: {e}"
+            )));
+        }
+        _ => {}
+    }
+    if let Some(t) = tracker {
+        match t.await {
+            Ok(Err(e)) if first_err.is_none() => first_err = Some(e),
+            _ => {}
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
+}
+
+/// What every copy worker shares.
+struct Worker {
+    config: tokio_postgres::Config,
+    opts: CopyOptions,
+    sql: Arc<CopySql>,
+    snapshot: String,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Chunk>>,
+    copied: Arc<AtomicU64>,
+    done: mpsc::UnboundedSender<(u64, Option<Vec<String>>)>,
+    sizer: Arc<Mutex<Sizer>>,
+}
+
+/// How often a worker beyond the number in force looks whether the copy is over.
+const PARKED_CHECK: Duration = Duration::from_millis(200);
+
+impl Worker {
+    /// Worker `w`: takes chunks while `w` is below the number of workers in force (and the gate
+    /// is open), waits while it is not; returns the rows it copied once the chunks run out.
+    async fn run(
+        self: Arc<Self>,
+        w: usize,
+        mut tuning: watch::Receiver<Tuning>,
+    ) -> Result<u64, EngineError> {
+        let client = connect(&self.config, "a copy worker", self.opts.lock_timeout).await?;
+        if let Some(o) = &self.opts.origins {
+            o.mark(&client, w + 1).await?;
+        }
+        let mut gate = self.opts.gate.clone();
+        let mut total = 0u64;
+        loop {
+            while w >= tuning.borrow_and_update().workers {
+                if self.chunks_ran_out().await {
+                    return Ok(total);
+                }
+                let _ = tokio::time::timeout(PARKED_CHECK, tuning.changed()).await;
+            }
+            gate.wait_open().await;
+            let chunk = { self.rx.lock().await.recv().await };
+            let Some(chunk) = chunk else { break };
+            let started = Instant::now();
+            let n = copy_chunk(&client, &self.sql, &self.snapshot, &chunk).await?;
+            if let Ok(mut s) = self.sizer.lock() {
+                s.observe(n, started.elapsed());
+            }
+            let _ = self.done.send((chunk.seq, chunk.upper.clone()));
+            total += n;
+            self.copied.fetch_add(n, Ordering::Relaxed);
+            tracing::trace!(worker = w, rows = n, "chunk copied");
+            let pause = tuning.borrow().chunk_pause();
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        Ok(total)
+    }
+
+    /// The splitter is done and every chunk was taken.
+    async fn chunks_ran_out(&self) -> bool {
+        let rx = self.rx.lock().await;
+        rx.is_closed() && rx.is_empty()
+    }
+}
