@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::config::{RunConfig, Strategy};
+pub use crate::plan::migration::lint::Severity;
 pub use crate::progress::ProgressMode;
 use crate::proxy::{ProxyConfig, UpstreamTls};
 use crate::units::{parse_duration, parse_size};
@@ -43,6 +44,11 @@ pub enum Command {
     /// Show what an ALTER would lock, scan or rewrite, the strategy `run` would use, and a
     /// runbook. Changes nothing.
     Plan(PlanArgs),
+    /// Check migration files against PostgreSQL's locking rules, without a server (for CI).
+    Lint(LintArgs),
+    /// Carry out migration files statement by statement the way `plan FILE...` shows, recording
+    /// each applied file; a rerun continues where a failure stopped it.
+    Apply(ApplyArgs),
     /// Forward PostgreSQL connections, holding them at transaction boundaries during a swap.
     Proxy(ProxyArgs),
     /// Show every migration recorded in the database: phase, progress, lag, why a cutover waits.
@@ -297,21 +303,119 @@ pub enum StrategyChoice {
 pub struct PlanArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
+    /// Migration files to plan, in order, instead of --table/--alter (`-`: standard input; a
+    /// directory: its versioned migrations, `V3__x.sql` or `0003_x.up.sql`, in version order).
+    #[arg(value_name = "FILE", conflicts_with_all = ["table", "alter"])]
+    pub files: Vec<PathBuf>,
     /// The table, optionally schema-qualified (public.orders).
-    #[arg(long)]
-    pub table: String,
+    #[arg(long, required_unless_present = "files", requires = "alter")]
+    pub table: Option<String>,
     /// The ALTER, as for `run`.
-    #[arg(long)]
-    pub alter: String,
-    /// `text`: a runbook for people; `json`: the same, for scripts (stable field names).
+    #[arg(long, required_unless_present = "files", requires = "table")]
+    pub alter: Option<String>,
+    /// `text`: a runbook for people; `json`: the same, for scripts (stable field names);
+    /// `markdown`: a migration's runbook for a pull request.
     #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
     pub format: PlanFormat,
+    /// Write the migration's rollback (its down migration, as SQL) to this file.
+    #[arg(long, value_name = "PATH", requires = "files")]
+    pub rollback_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum PlanFormat {
     Text,
     Json,
+    Markdown,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LintArgs {
+    /// Migration files or directories, as for `plan`.
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
+    /// The PostgreSQL major version the migrations will run on (its locking rules apply).
+    #[arg(long, default_value_t = 15)]
+    pub pg_version: u32,
+    /// Exit 1 when a finding is at least this severe.
+    #[arg(long, value_enum, default_value_t = Severity::Error)]
+    pub fail_on: Severity,
+    #[arg(long, value_enum, default_value_t = LintFormat::Text)]
+    pub format: LintFormat,
+    /// Verify the findings about ALTER TABLE on empty copies of the tables on this server (only
+    /// when given: lint needs no server).
+    #[arg(long)]
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Migration files or directories, as for `plan`, applied in order.
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
+    /// lock_timeout of every lock taken (retried with backoff), and of each ALTER's swap.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub lock_timeout: Duration,
+    /// Admin console of a proxy the applications use (repeatable), as for `run`.
+    #[arg(long = "proxy", value_name = "URL")]
+    pub proxies: Vec<String>,
+    /// Longest a client may be held by the proxies during a swap attempt.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    pub max_pause: Duration,
+    /// Keys per batch of a backfill UPDATE.
+    #[arg(long, default_value_t = 5000)]
+    pub batch_size: i64,
+    /// Pause between backfill batches.
+    #[arg(long, value_parser = parse_duration, default_value = "50ms")]
+    pub batch_pause: Duration,
+    /// Progress display on stderr.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+}
+
+impl ApplyArgs {
+    /// The `run` options each ALTER TABLE of the files runs with (run's defaults otherwise).
+    pub fn run_config(&self) -> Result<RunConfig, clap::Error> {
+        let lock = format!("{}ms", self.lock_timeout.as_millis());
+        let pause = format!("{}ms", self.max_pause.as_millis());
+        let progress = self
+            .progress
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_else(|| "auto".into());
+        let mut argv = vec![
+            "shadow-alter",
+            "run",
+            "--table",
+            "-",
+            "--alter",
+            "-",
+            "--lock-timeout",
+            &lock,
+            "--max-pause",
+            &pause,
+            "--progress",
+            &progress,
+        ];
+        for p in &self.proxies {
+            argv.extend(["--proxy", p.as_str()]);
+        }
+        let Command::Run(mut run) = Cli::try_parse_from(argv)?.command else {
+            return Err(clap::Error::new(clap::error::ErrorKind::InvalidSubcommand));
+        };
+        run.conn = self.conn.clone();
+        Ok(run.into())
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LintFormat {
+    Text,
+    Json,
+    /// GitHub Actions workflow annotations.
+    Github,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -397,6 +501,7 @@ impl From<PlanFormat> for crate::ops::PlanFormat {
         match f {
             PlanFormat::Text => crate::ops::PlanFormat::Text,
             PlanFormat::Json => crate::ops::PlanFormat::Json,
+            PlanFormat::Markdown => crate::ops::PlanFormat::Markdown,
         }
     }
 }

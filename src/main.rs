@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use shadow_alter::cli::{Cli, Command, LogFormat};
+use shadow_alter::cli::{Cli, Command, LintFormat, LogFormat};
 use shadow_alter::ops;
 use tracing_subscriber::EnvFilter;
 
@@ -43,15 +43,58 @@ fn main() -> ExitCode {
                     ExitCode::from(e.exit_code())
                 }
             },
+            Command::Plan(a) if !a.files.is_empty() => report(
+                ops::plan_files(
+                    a.conn.database_url.as_deref(),
+                    &a.files,
+                    a.format.into(),
+                    a.rollback_out.as_deref(),
+                )
+                .await,
+            ),
             Command::Plan(a) => report(
                 ops::plan(
                     a.conn.database_url.as_deref(),
-                    &a.table,
-                    &a.alter,
+                    a.table.as_deref().unwrap_or_default(),
+                    a.alter.as_deref().unwrap_or_default(),
                     a.format.into(),
                 )
                 .await,
             ),
+            Command::Apply(a) => {
+                let cfg = match a.run_config() {
+                    Ok(run) => shadow_alter::engine::apply::ApplyConfig {
+                        run,
+                        batch_size: a.batch_size,
+                        batch_pause: a.batch_pause,
+                    },
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                report(ops::apply(&a.files, &cfg).await)
+            }
+            Command::Lint(a) => {
+                let output = match a.format {
+                    LintFormat::Text => ops::LintOutput::Text,
+                    LintFormat::Json => ops::LintOutput::Json,
+                    LintFormat::Github => ops::LintOutput::Github,
+                };
+                match ops::lint(
+                    &a.files,
+                    a.pg_version,
+                    a.fail_on,
+                    output,
+                    a.database_url.as_deref(),
+                )
+                .await
+                {
+                    Ok(false) => ExitCode::SUCCESS,
+                    Ok(true) => ExitCode::from(1),
+                    Err(e) => report(Err(e)),
+                }
+            }
             Command::Status(a) => report(ops::status(a.conn.database_url.as_deref(), a.json).await),
             Command::Cutover(a) if a.now => {
                 report(ops::cutover_now(a.conn.database_url.as_deref(), &a.table).await)

@@ -230,7 +230,6 @@ async fn strategies_split_blocking_work_into_online_steps() {
 
     for alter in [
         "ALTER COLUMN i TYPE bigint",
-        "ADD COLUMN a int CHECK (a > 0)",
         "ADD COLUMN z int, ALTER COLUMN n TYPE numeric(12,4)",
     ] {
         let p = plan_for(&c, "t", alter).await;

@@ -84,6 +84,7 @@ impl EngineError {
             EngineError::BadInput(_) => exit::BAD_INPUT,
             EngineError::Plan(e) if e.is_bad_input() => exit::BAD_INPUT,
             EngineError::Plan(e) if e.is_refusal() => exit::PREFLIGHT,
+            EngineError::Plan(e) if e.is_data() => exit::DATA,
             EngineError::Db(DbError::ConnInfo(_)) => exit::BAD_INPUT,
             EngineError::Db(DbError::Tls { .. }) => exit::PREFLIGHT,
             EngineError::Db(DbError::Locked { .. }) => exit::PREFLIGHT,

@@ -11,6 +11,7 @@
 //! untouched and serving, and whatever the run created is removed on the way out, or kept for a
 //! resume when the server went away.
 
+pub mod apply;
 pub mod config;
 pub mod context;
 pub mod control;

@@ -5,6 +5,7 @@
 //! Invariant: a command never touches what a live run owns; it writes a request into the run's
 //! state row, or acts itself only after taking the run's per-table advisory lock.
 
+mod migrate;
 mod old_tables;
 mod plan;
 mod stale;
@@ -12,6 +13,7 @@ mod status;
 mod steer;
 mod tune;
 
+pub use migrate::{apply, lint, plan_files, LintOutput};
 pub use old_tables::cleanup_old_tables;
 pub use plan::{plan, PlanFormat};
 pub use stale::cleanup_stale;

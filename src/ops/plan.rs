@@ -10,6 +10,7 @@ use crate::engine::EngineError;
 pub enum PlanFormat {
     Text,
     Json,
+    Markdown,
 }
 
 pub async fn plan(
@@ -26,13 +27,20 @@ pub async fn plan(
             context: "setting up the planner session".into(),
             source: e,
         })?;
-    let plan = crate::plan::build(&client, table, alter).await?;
+    let mut plan = crate::plan::build(&client, table, alter).await?;
+    // an ALTER that would fail on the rows the table has is refused here (exit 6)
+    let checks = crate::plan::precheck::run(&client, &plan.table_info, &plan.spec, None).await?;
+    plan.runbook.preflight.extend(checks);
     let out = match format {
         PlanFormat::Json => serde_json::to_string_pretty(&plan)
             .map_err(|e| EngineError::Internal(format!("rendering the plan as JSON: {e}")))?,
-        PlanFormat::Text => crate::plan::text::render(&plan),
+        PlanFormat::Text | PlanFormat::Markdown => crate::plan::text::render(&plan),
     };
-    // `plan ... | head` closes stdout early: that is not an error worth a panic
+    print(&out)
+}
+
+/// Write to stdout; `plan ... | head` closes it early, which is not an error worth a panic.
+pub(super) fn print(out: &str) -> Result<(), EngineError> {
     let mut stdout = std::io::stdout().lock();
     match writeln!(stdout, "{out}").and_then(|()| stdout.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(EngineError::Internal(

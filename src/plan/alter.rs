@@ -58,6 +58,8 @@ pub struct Part {
     pub references: Vec<(String, String, std::ops::Range<usize>)>,
     /// Byte offset in `sql` right after the first keyword (`ADD`), where `CONSTRAINT name` fits.
     pub after_first_word: usize,
+    /// `ADD COLUMN`: the constraints written in the column definition, with their text.
+    pub inline: Vec<super::inline::Inline>,
 }
 
 impl Part {
@@ -100,6 +102,14 @@ impl Part {
     pub fn name(&self) -> &str {
         match (&self.cmd, &self.rename) {
             (_, Some((_, old, _))) => old,
+            // `ALTER CONSTRAINT name ...` carries its name in the constraint node
+            (Some(c), None) if c.name.is_empty() => {
+                match c.def.as_ref().and_then(|d| d.node.as_ref()) {
+                    Some(NodeEnum::AtalterConstraint(k)) => &k.conname,
+                    Some(NodeEnum::Constraint(k)) => &k.conname,
+                    _ => "",
+                }
+            }
             (Some(c), None) => &c.name,
             _ => "",
         }
@@ -250,6 +260,7 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
                 )),
                 references: Vec::new(),
                 after_first_word,
+                inline: Vec::new(),
             });
         }
         return Ok(spec);
@@ -318,9 +329,13 @@ fn make_part(
     let mut references = Vec::new();
     let mut found = Vec::new();
     let mut constraints = Vec::new();
+    let mut inline = Vec::new();
     match cmd.def.as_ref().and_then(|d| d.node.as_ref()) {
         Some(NodeEnum::Constraint(c)) => constraints.push(c.as_ref()),
         Some(NodeEnum::ColumnDef(cd)) => {
+            if AlterTableType::try_from(cmd.subtype) == Ok(AlterTableType::AtAddColumn) {
+                inline = super::inline::collect(stmt, tokens, start..end, cd);
+            }
             for n in &cd.constraints {
                 if let Some(NodeEnum::Constraint(c)) = n.node.as_ref() {
                     constraints.push(c.as_ref());
@@ -350,6 +365,7 @@ fn make_part(
         rename: None,
         references,
         after_first_word,
+        inline,
     }
 }
 

@@ -15,6 +15,9 @@ pub enum PlanError {
     /// The table cannot be planned for (a kind the planner does not handle yet).
     #[error("preflight refused: {0}")]
     Refused(String),
+    /// The ALTER would fail on the rows the table has now (found by a pre-check).
+    #[error("{0}")]
+    WillFail(String),
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("{0}")]
@@ -28,6 +31,11 @@ impl PlanError {
             self,
             PlanError::Alter(_) | PlanError::BadInput(_) | PlanError::Db(DbError::ConnInfo(_))
         )
+    }
+
+    /// The ALTER would fail on existing data (exit 6).
+    pub fn is_data(&self) -> bool {
+        matches!(self, PlanError::WillFail(_))
     }
 
     /// The table cannot be planned for as it is (exit 3).

@@ -9,6 +9,9 @@
 pub mod alter;
 pub mod classify;
 mod error;
+pub mod inline;
+pub mod migration;
+pub mod precheck;
 pub mod runbook;
 pub mod strategy;
 pub mod text;
@@ -52,6 +55,17 @@ pub struct Plan {
 /// Look up the table and plan `alter` for it, on `client` (a session of its own: the planner
 /// creates temporary tables in it).
 pub async fn build(client: &Client, table_name: &str, alter: &str) -> Result<Plan, PlanError> {
+    build_after(client, table_name, alter, &[]).await
+}
+
+/// Like `build`, for an ALTER that follows `earlier` ALTERs of the same table (a migration
+/// file): they are applied to the empty copy first, so a column or constraint they add is there.
+pub async fn build_after(
+    client: &Client,
+    table_name: &str,
+    alter: &str,
+    earlier: &[String],
+) -> Result<Plan, PlanError> {
     let oid = catalog::resolve(client, table_name).await?.ok_or_else(|| {
         PlanError::BadInput(format!(
             "table {table_name} does not exist (or is not on the search_path)"
@@ -81,7 +95,11 @@ pub async fn build(client: &Client, table_name: &str, alter: &str) -> Result<Pla
     }
     let spec = parse_alter_for_plan(alter, &table.schema, &table.name)?;
     let real = classify::read_real(client, &table).await?;
-    let mut analyses = classify::analyse(client, &table, &spec, &real).await?;
+    let earlier = earlier
+        .iter()
+        .map(|e| parse_alter_for_plan(e, &table.schema, &table.name))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut analyses = classify::analyse(client, &table, &spec, &real, &earlier).await?;
     let decision = strategy::decide(&table, &spec, &analyses, &real);
     let estimate = runbook::estimate(&table, &real, decision.strategy, &decision.steps, &analyses);
     let book = runbook::runbook(&table, &real, decision.strategy, &spec.parts, &analyses);

@@ -111,6 +111,10 @@ pub struct Runbook {
     pub irreversible: Vec<String>,
     /// Take these before destructive steps.
     pub backup: Vec<String>,
+    /// The statements that undo the ALTER, as SQL whatever the strategy (a migration file's
+    /// generated rollback; run through the tool they are planned online again).
+    #[serde(skip)]
+    pub undo: Vec<String>,
 }
 
 pub fn runbook(
@@ -221,16 +225,17 @@ pub fn runbook(
     );
     if strategy == Strategy::ShadowCopy {
         rollback.push(format!(
-            "-- the old table is kept as {}.<name>__sa_old_<timestamp> (unless --drop-old): swap it back\nBEGIN; ALTER TABLE {t} RENAME TO {}; ALTER TABLE {} RENAME TO {}; COMMIT;",
-            quote_ident(&table.schema),
-            quote_ident(&format!("{}__sa_rolled_back", table.name)),
-            qualified(&table.schema, &format!("{}__sa_old_<timestamp>", table.name)),
-            quote_ident(&table.name)
-        ));
+            "-- within a soak window (run with --soak 30m): `shadow-alter revert {tq}` swaps back to the old table, kept in sync by reverse replication, so no write made since the swap is lost"
+        , tq = shell_quote(&t)));
+        rollback.push(
+            "-- without one, renaming the old table back is no rollback: it lacks every write made since the swap, and the views, foreign keys pointing in, sequence ownership and publication membership moved to the new table stay there; migrate back instead (below)".into(),
+        );
         irreversible.push(
-            "writes made after the swap are only in the new table; swapping back loses them unless you copy them over".into(),
+            "writes made after the swap are only in the new table; only `revert` during a soak window keeps them when going back".into(),
         );
     }
+    let mut inverse = Vec::new();
+    let mut undo_sql = Vec::new();
     for part in parts.iter().rev() {
         let col = part.name();
         let qc = quote_ident(col);
@@ -250,11 +255,7 @@ pub fn runbook(
                     "DROP COLUMN {col}: its values are gone; a rollback can re-add the column but not its data"
                 ));
                 if !key.is_empty() {
-                    backup.push(format!(
-                        "CREATE TABLE {} AS SELECT {}, {qc} FROM {t};",
-                        qualified(&table.schema, &format!("{}_{col}_backup", table.name)),
-                        key.join(", ")
-                    ));
+                    backup.push(backup_table(table, &key, col));
                 }
                 table.column(col).map(|c| {
                     alter(format!("ADD COLUMN {qc} {}{}", c.type_sql, real.defaults.get(col).map(|d| format!(" DEFAULT {d}")).unwrap_or_default()))
@@ -270,11 +271,7 @@ pub fn runbook(
                     format!("ALTER COLUMN {col} TYPE: changing back fails once values that only fit the new type are written")
                 });
                 if converts && !key.is_empty() {
-                    backup.push(format!(
-                        "CREATE TABLE {} AS SELECT {}, {qc} FROM {t};",
-                        qualified(&table.schema, &format!("{}_{col}_backup", table.name)),
-                        key.join(", ")
-                    ));
+                    backup.push(backup_table(table, &key, col));
                 }
                 table.column(col).map(|c| alter(format!("ALTER COLUMN {qc} TYPE {}", c.type_sql)))
             }
@@ -291,11 +288,11 @@ pub fn runbook(
             }
             (Some(A::AtAddConstraint), _) => part.constraint().map(|c| {
                 let name = if c.conname.is_empty() {
-                    "<the constraint's name>".to_string()
+                    default_constraint_name(&table.name, c)
                 } else {
-                    quote_ident(&c.conname)
+                    c.conname.clone()
                 };
-                alter(format!("DROP CONSTRAINT {name}"))
+                alter(format!("DROP CONSTRAINT {}", quote_ident(&name)))
             }),
             (Some(A::AtDropConstraint), _) => real.constraint_defs.get(col).map(|d| {
                 irreversible.push(format!(
@@ -305,15 +302,29 @@ pub fn runbook(
             }),
             _ => None,
         };
+        if let Some(u) = &undo {
+            undo_sql.push(u.clone());
+        }
         match undo {
             Some(u) if strategy != Strategy::ShadowCopy => rollback.push(u),
-            Some(_) => {}
+            Some(u) => inverse.push(
+                u.trim_start_matches(&format!("ALTER TABLE {t} "))
+                    .trim_end_matches(';')
+                    .to_string(),
+            ),
             None if strategy != Strategy::ShadowCopy => rollback.push(format!(
                 "-- `{}`: no automatic undo; restore the previous setting by hand",
                 part.sql
             )),
             None => {}
         }
+    }
+    if !inverse.is_empty() {
+        rollback.push(format!(
+            "shadow-alter run --table {} --alter {}",
+            shell_quote(&t),
+            shell_quote(&inverse.join(", "))
+        ));
     }
     if !backup.is_empty() {
         backup.push(dump);
@@ -324,9 +335,43 @@ pub fn runbook(
         rollback,
         irreversible,
         backup,
+        undo: undo_sql,
     }
 }
 
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// `CREATE TABLE <t>_<col>_backup AS SELECT <key>, <col> FROM <t>`, naming each column once
+/// (the column may be part of the key).
+fn backup_table(table: &Table, key: &[String], col: &str) -> String {
+    let mut cols = key.to_vec();
+    if !cols.contains(&quote_ident(col)) {
+        cols.push(quote_ident(col));
+    }
+    format!(
+        "CREATE TABLE {} AS SELECT {} FROM {};",
+        qualified(&table.schema, &format!("{}_{col}_backup", table.name)),
+        cols.join(", "),
+        table.qualified()
+    )
+}
+
+/// The name PostgreSQL gives an unnamed constraint (before any numbering to avoid a clash): a
+/// check after its column when it reads exactly one, a key or foreign key after its columns.
+fn default_constraint_name(table: &str, c: &pg_query::protobuf::Constraint) -> String {
+    use pg_query::protobuf::ConstrType as C;
+    let cols = |n: &[pg_query::protobuf::Node]| super::classify::string_list(n).join("_");
+    let (base, suffix) = match C::try_from(c.contype) {
+        Ok(C::ConstrPrimary) => (table.to_string(), "_pkey"),
+        Ok(C::ConstrUnique) => (format!("{table}_{}", cols(&c.keys)), "_key"),
+        Ok(C::ConstrExclusion) => (table.to_string(), "_excl"),
+        Ok(C::ConstrForeign) => (format!("{table}_{}", cols(&c.fk_attrs)), "_fkey"),
+        _ => match super::strategy::check_columns(c).as_slice() {
+            [one] => (format!("{table}_{one}"), "_check"),
+            _ => (table.to_string(), "_check"),
+        },
+    };
+    crate::names::fit(&base, suffix)
 }

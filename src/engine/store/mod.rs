@@ -6,6 +6,7 @@
 //! an applied position written in the same transaction as the changes it covers, the swap in
 //! the swap's own transaction); state rows are advisory and never fail a run.
 
+pub mod applied;
 pub mod checkpoints;
 pub mod migrations;
 pub mod operator;

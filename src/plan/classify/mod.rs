@@ -10,16 +10,19 @@
 //! clones live in the probe session's temporary schema and are dropped before it ends.
 
 mod probe;
+mod rules;
 
 use probe::Clones;
+pub use rules::rule_lock;
+use rules::{fk_target_lock, no_op_note, rule_effect, scan_reason, unprobeable};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use pg_query::protobuf::{AlterTableType as A, ConstrType};
+use pg_query::protobuf::AlterTableType as A;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use super::alter::{AlterSpec, Part};
+use super::alter::AlterSpec;
 use super::PlanError;
 use crate::catalog::Table;
 use crate::db::Ctx;
@@ -146,6 +149,8 @@ pub enum ScanReason {
     PrimaryKeyNullable(Vec<String>),
     /// A new column with constraints that every row must be checked against.
     NewColumnConstraints,
+    /// The server scanned the empty copy, for a reason the rules above do not name.
+    Observed,
 }
 
 /// What the real table's catalog says, for the rules.
@@ -165,6 +170,13 @@ pub struct RealCatalog {
     /// Its relfilenode now (a plan that copies nothing leaves it unchanged).
     pub relfilenode: u32,
     pub server_version: String,
+    /// The tablespace its data is in (the database's default when it names none).
+    pub tablespace: String,
+    /// Its table access method, and the server's `default_table_access_method`.
+    pub access_method: String,
+    pub default_access_method: String,
+    /// Foreign key name -> the table it references (qualified).
+    pub fk_targets: HashMap<String, String>,
 }
 
 pub async fn read_real(client: &Client, t: &Table) -> Result<RealCatalog, PlanError> {
@@ -206,6 +218,32 @@ pub async fn read_real(client: &Client, t: &Table) -> Result<RealCatalog, PlanEr
         .await
         .ctx("reading the table's size")?;
     let (heap_bytes, relfilenode, server_version) = (r.get(0), r.get(1), r.get(2));
+    let r = client
+        .query_one(
+            "SELECT coalesce(ts.spcname, dts.spcname)::text, coalesce(am.amname::text, ''),
+                    current_setting('default_table_access_method')
+             FROM pg_class c LEFT JOIN pg_tablespace ts ON ts.oid = c.reltablespace
+             LEFT JOIN pg_am am ON am.oid = c.relam
+             CROSS JOIN pg_database d JOIN pg_tablespace dts ON dts.oid = d.dattablespace
+             WHERE c.oid = $1 AND d.datname = current_database()",
+            &[&t.oid],
+        )
+        .await
+        .ctx("reading the table's tablespace and access method")?;
+    let (tablespace, access_method, default_access_method) = (r.get(0), r.get(1), r.get(2));
+    let fk_targets = client
+        .query(
+            "SELECT c.conname::text, quote_ident(n.nspname) || '.' || quote_ident(r.relname)
+             FROM pg_constraint c JOIN pg_class r ON r.oid = c.confrelid
+             JOIN pg_namespace n ON n.oid = r.relnamespace
+             WHERE c.conrelid = $1 AND c.contype = 'f'",
+            &[&t.oid],
+        )
+        .await
+        .ctx("reading the table's foreign keys")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     let validated_not_null_checks = client
         .query(
             "SELECT a.attname::text FROM pg_attribute a
@@ -242,6 +280,10 @@ pub async fn read_real(client: &Client, t: &Table) -> Result<RealCatalog, PlanEr
         heap_bytes,
         relfilenode,
         server_version,
+        tablespace,
+        access_method,
+        default_access_method,
+        fk_targets,
     })
 }
 
@@ -251,8 +293,10 @@ pub async fn analyse(
     table: &Table,
     spec: &AlterSpec,
     real: &RealCatalog,
+    earlier: &[AlterSpec],
 ) -> Result<Vec<Analysis>, PlanError> {
     let clone = Clones::create(probe, table, spec).await?;
+    clone.apply_earlier(probe, earlier).await;
     let result = analyse_parts(probe, table, spec, real, &clone).await;
     // The session ends soon anyway; dropping now keeps the probe tidy if it is reused.
     let _ = probe.batch_execute("DISCARD TEMP").await;
@@ -292,7 +336,12 @@ async fn analyse_parts(
                 .entry(name)
                 .or_insert(LockMode::ShareRowExclusive);
         }
+        if let Some((target, mode)) = fk_target_lock(part, real) {
+            let e = rule_locks.entry(target).or_insert(mode);
+            *e = (*e).max(mode);
+        }
         let mut locks = rule_locks.clone();
+        let mut observed_scan = false;
         let why_not = unprobeable(part, real).or_else(|| {
             (!clone.can_probe(part)).then(|| "a referenced table could not be copied".to_string())
         });
@@ -303,6 +352,7 @@ async fn analyse_parts(
             None => match clone.observe(probe, part).await? {
                 Ok(obs) => {
                     a.verified = true;
+                    observed_scan = obs.scan;
                     if obs.rewrite {
                         a.effect = Effect::Rewrite;
                     } else if obs.index_build {
@@ -332,13 +382,16 @@ async fn analyse_parts(
         }
         // What an empty table cannot show.
         if !a.verified {
-            a.effect = a.effect.max(rule_effect(part, table));
+            a.effect = a.effect.max(rule_effect(part, table, real));
         }
         if let Some(reason) = scan_reason(part, table, real) {
             a.effect = a.effect.max(Effect::Scan);
             a.scan = Some(reason);
+        } else if observed_scan && a.effect == Effect::Metadata {
+            a.effect = Effect::Scan;
+            a.scan = Some(ScanReason::Observed);
         }
-        if let Some(n) = no_op_note(part, table) {
+        if let Some(n) = no_op_note(part, table, real) {
             a.notes.push(n);
         }
         a.tables = locks
@@ -359,43 +412,6 @@ async fn analyse_parts(
     Ok(out)
 }
 
-fn no_op_note(part: &Part, table: &Table) -> Option<String> {
-    if part.subtype == Some(A::AtSetNotNull) {
-        if let Some(c) = table.column(part.name()) {
-            if c.not_null {
-                return Some(format!("{} is already NOT NULL: nothing to do", c.name));
-            }
-        }
-    }
-    if part.subtype == Some(A::AtAddColumn) {
-        if let Some(cd) = part.column_def() {
-            let not_null =
-                constraints_of(cd).any(|c| c.contype == ConstrType::ConstrNotnull as i32);
-            let default = cd.raw_default.is_some()
-                || constraints_of(cd).any(|c| {
-                    c.contype == ConstrType::ConstrDefault as i32
-                        || c.contype == ConstrType::ConstrIdentity as i32
-                        || c.contype == ConstrType::ConstrGenerated as i32
-                });
-            if not_null && !default && table.row_estimate > 0 {
-                return Some(
-                    "a NOT NULL column without a default fails on a table that has rows".into(),
-                );
-            }
-        }
-    }
-    None
-}
-
-fn constraints_of(
-    cd: &pg_query::protobuf::ColumnDef,
-) -> impl Iterator<Item = &pg_query::protobuf::Constraint> {
-    cd.constraints.iter().filter_map(|n| match n.node.as_ref() {
-        Some(pg_query::NodeEnum::Constraint(c)) => Some(c.as_ref()),
-        _ => None,
-    })
-}
-
 /// Names of String nodes (column lists in constraints).
 pub fn string_list(nodes: &[pg_query::protobuf::Node]) -> Vec<String> {
     nodes
@@ -405,178 +421,4 @@ pub fn string_list(nodes: &[pg_query::protobuf::Node]) -> Vec<String> {
             _ => None,
         })
         .collect()
-}
-
-/// Why this subcommand reads every row, if it does (and an empty clone cannot show it).
-fn scan_reason(part: &Part, table: &Table, real: &RealCatalog) -> Option<ScanReason> {
-    match part.subtype? {
-        A::AtSetNotNull => {
-            let col = part.name();
-            let already = table.column(col).is_some_and(|c| c.not_null);
-            (!already && !real.validated_not_null_checks.contains(col))
-                .then(|| ScanReason::SetNotNull(col.to_string()))
-        }
-        A::AtValidateConstraint => Some(ScanReason::Validate),
-        A::AtAddConstraint => {
-            let c = part.constraint()?;
-            let t = ConstrType::try_from(c.contype).ok()?;
-            match t {
-                ConstrType::ConstrCheck | ConstrType::ConstrForeign => {
-                    (!c.skip_validation).then_some(ScanReason::ValidateNew)
-                }
-                ConstrType::ConstrPrimary => {
-                    let cols = if c.indexname.is_empty() {
-                        string_list(&c.keys)
-                    } else {
-                        real.index_columns
-                            .get(&c.indexname)
-                            .cloned()
-                            .unwrap_or_default()
-                    };
-                    let nullable: Vec<String> = cols
-                        .into_iter()
-                        .filter(|k| table.column(k).is_some_and(|col| !col.not_null))
-                        .collect();
-                    (!nullable.is_empty()).then_some(ScanReason::PrimaryKeyNullable(nullable))
-                }
-                _ => None,
-            }
-        }
-        A::AtAddColumn => {
-            let cd = part.column_def()?;
-            let has_default = cd.raw_default.is_some()
-                || constraints_of(cd).any(|c| c.contype == ConstrType::ConstrDefault as i32);
-            let scans = constraints_of(cd).any(|c| {
-                let validated = c.contype == ConstrType::ConstrCheck as i32
-                    || c.contype == ConstrType::ConstrForeign as i32;
-                (validated && !c.skip_validation)
-                    || (c.contype == ConstrType::ConstrNotnull as i32 && !has_default)
-            });
-            scans.then_some(ScanReason::NewColumnConstraints)
-        }
-        _ => None,
-    }
-}
-
-/// Effect from the rules, for subcommands the empty clone could not run.
-fn rule_effect(part: &Part, table: &Table) -> Effect {
-    match part.subtype {
-        Some(A::AtSetLogged) => {
-            if table.persistence == 'u' {
-                Effect::Rewrite
-            } else {
-                Effect::Metadata
-            }
-        }
-        Some(A::AtSetUnLogged) => {
-            if table.persistence == 'p' {
-                Effect::Rewrite
-            } else {
-                Effect::Metadata
-            }
-        }
-        Some(A::AtSetTableSpace) | Some(A::AtSetAccessMethod) => Effect::Rewrite,
-        Some(A::AtAddConstraint) => match part.constraint() {
-            Some(c)
-                if c.indexname.is_empty()
-                    && [
-                        ConstrType::ConstrPrimary as i32,
-                        ConstrType::ConstrUnique as i32,
-                        ConstrType::ConstrExclusion as i32,
-                    ]
-                    .contains(&c.contype) =>
-            {
-                Effect::IndexBuild
-            }
-            _ => Effect::Metadata,
-        },
-        _ => Effect::Metadata,
-    }
-}
-
-/// PostgreSQL 15's lock level per subcommand (AlterTableGetLockLevel), for what is not probed.
-pub fn rule_lock(part: &Part) -> LockMode {
-    use LockMode as L;
-    let Some(t) = part.subtype else {
-        return L::AccessExclusive; // RENAME COLUMN / CONSTRAINT
-    };
-    match t {
-        A::AtAddConstraint => match part.constraint().map(|c| c.contype) {
-            Some(x) if x == ConstrType::ConstrForeign as i32 => L::ShareRowExclusive,
-            _ => L::AccessExclusive,
-        },
-        A::AtValidateConstraint
-        | A::AtSetStatistics
-        | A::AtClusterOn
-        | A::AtDropCluster
-        | A::AtSetOptions
-        | A::AtResetOptions => L::ShareUpdateExclusive,
-        A::AtEnableTrig
-        | A::AtEnableAlwaysTrig
-        | A::AtEnableReplicaTrig
-        | A::AtDisableTrig
-        | A::AtEnableTrigAll
-        | A::AtDisableTrigAll
-        | A::AtEnableTrigUser
-        | A::AtDisableTrigUser => L::ShareRowExclusive,
-        A::AtSetRelOptions | A::AtResetRelOptions => L::ShareUpdateExclusive,
-        _ => L::AccessExclusive,
-    }
-}
-
-/// Why a subcommand cannot be applied to the empty clone, if it cannot.
-fn unprobeable(part: &Part, real: &RealCatalog) -> Option<String> {
-    let t = part.subtype;
-    if matches!(
-        t,
-        Some(A::AtSetLogged)
-            | Some(A::AtSetUnLogged)
-            | Some(A::AtSetTableSpace)
-            | Some(A::AtSetAccessMethod)
-            | Some(A::AtAttachPartition)
-            | Some(A::AtDetachPartition)
-            | Some(A::AtDetachPartitionFinalize)
-            | Some(A::AtAddInherit)
-            | Some(A::AtDropInherit)
-            | Some(A::AtAddOf)
-            | Some(A::AtDropOf)
-            | Some(A::AtChangeOwner)
-            | Some(A::AtGenericOptions)
-            | Some(A::AtAlterColumnGenericOptions)
-    ) {
-        return Some("a temporary copy cannot show it".into());
-    }
-    if matches!(
-        t,
-        Some(A::AtEnableTrig)
-            | Some(A::AtEnableAlwaysTrig)
-            | Some(A::AtEnableReplicaTrig)
-            | Some(A::AtDisableTrig)
-            | Some(A::AtEnableTrigAll)
-            | Some(A::AtDisableTrigAll)
-            | Some(A::AtEnableTrigUser)
-            | Some(A::AtDisableTrigUser)
-            | Some(A::AtEnableRule)
-            | Some(A::AtEnableAlwaysRule)
-            | Some(A::AtEnableReplicaRule)
-            | Some(A::AtDisableRule)
-    ) {
-        return Some("triggers and rules are not copied".into());
-    }
-    let names_constraint = matches!(
-        t,
-        Some(A::AtDropConstraint) | Some(A::AtValidateConstraint) | Some(A::AtAlterConstraint)
-    ) || matches!(part.rename, Some((false, ..)));
-    if names_constraint && real.constraints.get(part.name()) == Some(&'f') {
-        return Some("foreign keys are not copied".into());
-    }
-    // only foreign keys name other tables
-    if part
-        .references
-        .iter()
-        .any(|(s, n, _)| s == "pg_temp" || n.is_empty())
-    {
-        return Some("the referenced table cannot be copied".into());
-    }
-    None
 }

@@ -17,6 +17,8 @@ use crate::sql::quote_ident;
 pub(super) struct Observed {
     pub(super) rewrite: bool,
     pub(super) index_build: bool,
+    /// It read the table through (a validation): counted in the session's scan statistics.
+    pub(super) scan: bool,
     /// clone relname -> strongest mode held.
     pub(super) locks: Vec<(String, LockMode)>,
 }
@@ -166,32 +168,47 @@ impl Clones {
             *e = (*e).max(m);
         }
         let rewrite = before.0 != after.0;
+        let scan = after.2 > before.2;
         let old: HashSet<u32> = before.1.iter().copied().collect();
         let index_build = after.1.iter().any(|f| !old.contains(f));
         Ok(Ok(Observed {
             rewrite,
             index_build,
+            scan,
             locks: modes.into_iter().collect(),
         }))
+    }
+
+    /// Apply the ALTERs a migration file makes before the one planned, subcommand by
+    /// subcommand; one the copy cannot take (a foreign key to a real table) is left out.
+    pub(super) async fn apply_earlier(&self, probe: &Client, earlier: &[AlterSpec]) {
+        for part in earlier.iter().flat_map(|s| &s.parts) {
+            let stmt = format!("ALTER TABLE {} {}", self.main_regclass(), part.sql);
+            if let Err(e) = probe.batch_execute(&stmt).await {
+                tracing::debug!("the copy cannot take `{}`: {}", part.sql, describe(&e));
+            }
+        }
     }
 
     pub(super) fn main_regclass(&self) -> String {
         format!("pg_temp.{}", quote_ident(&self.main_name))
     }
 
-    /// (table relfilenode, index relfilenodes) of the main clone.
-    pub(super) async fn storage(&self, probe: &Client) -> Result<(u32, Vec<u32>), PlanError> {
+    /// (table relfilenode, index relfilenodes, sequential scans so far in this transaction) of
+    /// the main clone. A validation scans even an empty table, and the count shows it.
+    pub(super) async fn storage(&self, probe: &Client) -> Result<(u32, Vec<u32>, i64), PlanError> {
         let r = probe
             .query_one(
                 "SELECT c.relfilenode,
                         array(SELECT ic.relfilenode FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
-                              WHERE i.indrelid = c.oid)
+                              WHERE i.indrelid = c.oid),
+                        pg_stat_get_xact_numscans(c.oid)
                  FROM pg_class c WHERE c.oid = $1",
                 &[&self.main],
             )
             .await
             .ctx("reading the copy's storage")?;
-        Ok((r.get(0), r.get(1)))
+        Ok((r.get(0), r.get(1), r.get(2)))
     }
 }
 
@@ -262,6 +279,27 @@ pub(super) async fn clone_table(
                     tracing::debug!("could not give the copy's index the name {want}: {e}");
                 }
             }
+        }
+    }
+    // LIKE copies CHECK constraints as validated: a NOT VALID one must stay so, or the copy
+    // scans where the table does not (a type change re-checks validated constraints).
+    let not_valid = probe
+        .query(
+            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint
+             WHERE conrelid = $1 AND contype = 'c' AND NOT convalidated",
+            &[&real_oid],
+        )
+        .await
+        .ctx("reading NOT VALID checks")?;
+    for r in &not_valid {
+        let (con, def): (String, String) = (r.get(0), r.get(1));
+        let sql = format!(
+            "ALTER TABLE pg_temp.{t} DROP CONSTRAINT IF EXISTS {c}, ADD CONSTRAINT {c} {def}",
+            t = quote_ident(name),
+            c = quote_ident(&con)
+        );
+        if let Err(e) = probe.batch_execute(&sql).await {
+            tracing::debug!("could not keep {con} NOT VALID on the copy: {e}");
         }
     }
     Ok(oid)

@@ -13,6 +13,7 @@
 use pg_query::protobuf::AlterTableType as A;
 use serde::Serialize;
 
+mod column;
 mod steps;
 
 use super::alter::{AlterSpec, Part};
@@ -108,7 +109,15 @@ pub fn decide(
     let mut cannot = !reasons.is_empty();
     if !cannot {
         for (part, a) in spec.parts.iter().zip(analyses) {
-            match split(&t, table, part, a, &mut names) {
+            let new_column =
+                (part.subtype == Some(A::AtAddColumn) && a.blocking && a.effect != Effect::Rewrite)
+                    .then(|| column::new_column(&t, table, part, a, &mut names))
+                    .flatten();
+            let split = match new_column {
+                Some(s) => s,
+                None => split(&t, table, part, a, &mut names),
+            };
+            match split {
                 Split::Keep if a.effect == Effect::Metadata => pending.push((part, a)),
                 Split::Keep => {
                     flush(&t, &mut pending, &mut steps);
@@ -263,6 +272,11 @@ fn flush(t: &str, pending: &mut Vec<(&Part, &Analysis)>, steps: &mut Vec<Step>) 
         locks: Default::default(),
     });
     pending.clear();
+}
+
+/// The distinct columns a CHECK expression reads, in order.
+pub fn check_columns(c: &pg_query::protobuf::Constraint) -> Vec<String> {
+    steps::expr_columns(c)
 }
 
 /// A literal for the runbook (kept here so steps and runbook quote the same way).

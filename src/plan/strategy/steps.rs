@@ -33,7 +33,11 @@ impl<'a> Names<'a> {
             used: Vec::new(),
         }
     }
-    fn pick(&mut self, base: &str, suffix: &str) -> String {
+    /// A name the user chose: kept, and not chosen again for another constraint.
+    pub(super) fn take(&mut self, name: &str) {
+        self.used.push(name.to_string());
+    }
+    pub(super) fn pick(&mut self, base: &str, suffix: &str) -> String {
         let mut n = 0;
         loop {
             let s = if n == 0 {
@@ -61,7 +65,10 @@ pub(super) fn split(t: &str, table: &Table, part: &Part, a: &Analysis, names: &m
         Effect::Scan if !a.blocking => Split::Keep,
         Effect::Scan => match &a.scan {
             Some(ScanReason::SetNotNull(col)) => Split::Steps(not_null_steps(t, table, col)),
-            Some(ScanReason::ValidateNew) => validate_new(t, table, part, a, names),
+            Some(ScanReason::ValidateNew) => match validate_new(t, table, part, a, names) {
+                Ok(s) => Split::Steps(s),
+                Err(why) => Split::Cannot(why),
+            },
             Some(ScanReason::PrimaryKeyNullable(cols)) => {
                 let mut s: Vec<Step> = cols.iter().flat_map(|c| not_null_steps(t, table, c)).collect();
                 if part.constraint().is_some_and(|c| !c.indexname.is_empty()) {
@@ -84,6 +91,10 @@ pub(super) fn split(t: &str, table: &Table, part: &Part, a: &Analysis, names: &m
                 }
             }
             Some(ScanReason::Validate) => Split::Keep,
+            Some(ScanReason::Observed) => Split::Cannot(format!(
+                "scans every row under {} (seen on the empty copy) and cannot be split",
+                a.lock.as_str()
+            )),
             Some(ScanReason::NewColumnConstraints) | None => Split::Cannot(format!(
                 "scans every row under {} and cannot be split (add the column first, then the constraint NOT VALID + VALIDATE)",
                 a.lock.as_str()
@@ -181,9 +192,9 @@ pub(super) fn validate_new(
     part: &Part,
     a: &Analysis,
     names: &mut Names,
-) -> Split {
+) -> Result<Vec<Step>, String> {
     let Some(c) = part.constraint() else {
-        return Split::Cannot("scans every row and cannot be split".into());
+        return Err("scans every row and cannot be split".into());
     };
     let fk = c.contype == ConstrType::ConstrForeign as i32;
     let (name, add) = if c.conname.is_empty() {
@@ -192,10 +203,11 @@ pub(super) fn validate_new(
         } else {
             expr_columns(c)
         };
-        let base = match cols.first() {
-            Some(_) if fk => format!("{}_{}", table.name, cols.join("_")),
-            Some(col) => format!("{}_{col}", table.name),
-            None => table.name.clone(),
+        // PostgreSQL names a check after its column only when it reads exactly one
+        let base = match cols.as_slice() {
+            [_, ..] if fk => format!("{}_{}", table.name, cols.join("_")),
+            [col] => format!("{}_{col}", table.name),
+            _ => table.name.clone(),
         };
         let name = names.pick(&base, if fk { "_fkey" } else { "_check" });
         let rest = part.sql.get(part.after_first_word..).unwrap_or("");
@@ -219,7 +231,7 @@ pub(super) fn validate_new(
                 )
             }),
     );
-    Split::Steps(vec![
+    Ok(vec![
         step(
             format!("ALTER TABLE {t} {add} NOT VALID"),
             a.lock,
@@ -242,15 +254,18 @@ pub(super) fn validate_new(
     ])
 }
 
+/// The distinct columns an expression reads, in order.
 pub(super) fn expr_columns(c: &pg_query::protobuf::Constraint) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out: Vec<String> = Vec::new();
     if let Some(n) = c.raw_expr.as_ref().and_then(|e| e.node.as_ref()) {
         for (node, ..) in n.nodes() {
             if let pg_query::NodeRef::ColumnRef(cr) = node {
                 if let Some(Some(pg_query::NodeEnum::String(s))) =
                     cr.fields.last().map(|f| f.node.as_ref())
                 {
-                    out.push(s.sval.clone());
+                    if !out.contains(&s.sval) {
+                        out.push(s.sval.clone());
+                    }
                 }
             }
         }
