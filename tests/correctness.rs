@@ -478,6 +478,43 @@ async fn a_connection_lost_right_after_the_swap_is_reopened_and_the_cleanup_fini
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_of_an_alter_a_finished_run_applied_is_done_not_applied_twice() {
+    // a deploy script that reruns the command after a kill at the very end of the run (the
+    // cleanup done, the process not yet exited) must not fail on the already-altered table
+    let url = fresh_db("rerundone").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v int, gone text);
+         INSERT INTO t SELECT i, i, 'x' FROM generate_series(1, 1000) i;",
+    )
+    .await
+    .unwrap();
+    let argv = [
+        "run",
+        "--table",
+        "t",
+        "--alter",
+        "ALTER COLUMN v TYPE bigint, DROP COLUMN gone",
+        "--drop-old",
+        "--progress",
+        "none",
+    ];
+    let (code, out) = output(&url, &argv, &[("SHADOW_ALTER_TEST_DIE_AFTER_SWAP", "1")]).await;
+    assert_ne!(code, 0, "{out}");
+    // the first rerun finishes the killed run's cleanup; the second finds nothing to do
+    for _ in 0..2 {
+        let (code, out) = output(&url, &argv, &[]).await;
+        assert_eq!(code, 0, "{out}");
+    }
+    let (code, out) = output(&url, &argv, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("already applied"), "{out}");
+    assert_eq!(column_type(&c, "t", "v").await.as_deref(), Some("bigint"));
+    assert_eq!(column_type(&c, "t", "gone").await, None);
+    assert_nothing_left(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_online_step_leaves_no_constraint_on_the_table() {
     let url = fresh_db("undo").await;
     let c = connect(&url).await;

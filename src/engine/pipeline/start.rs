@@ -8,7 +8,7 @@
 use tokio_postgres::Client;
 
 use crate::catalog::Table;
-use crate::db::{connect, retry_lock, Ctx};
+use crate::db::{connect, retry_lock, Ctx, DbError};
 use crate::engine::config::RunConfig;
 use crate::engine::context::Run;
 use crate::engine::cutover::carry;
@@ -52,7 +52,7 @@ pub async fn finish_swapped(control: &Client, cfg: &RunConfig) -> Result<bool, E
         return Ok(false);
     };
     let Some(done) = checkpoints::swapped(control, oid).await? else {
-        return Ok(false);
+        return already_applied(control, oid, &cfg.alter).await;
     };
     let table = crate::catalog::load(control, oid).await?;
     // the killed run's lock (and that of any other process finishing it) is per old table
@@ -108,6 +108,44 @@ pub async fn finish_swapped(control: &Client, cfg: &RunConfig) -> Result<bool, E
     }
     println!("now running this ALTER on the new table");
     Ok(false)
+}
+
+/// A run of this same ALTER swapped this very table in and finished its cleanup (it may have been
+/// killed right after): there is nothing left to do, as there would be nothing left for a plain
+/// ALTER that had committed.
+async fn already_applied(control: &Client, oid: u32, alter: &str) -> Result<bool, EngineError> {
+    let row = control
+        .query_opt(
+            "SELECT finished_at::text FROM shadow_alter.migrations
+             WHERE to_regclass('shadow_alter.migrations') IS NOT NULL AND new_oid = $1 AND alter_sql = $2
+             ORDER BY started_at DESC LIMIT 1",
+            &[&oid, &alter],
+        )
+        .await;
+    let row = match row {
+        Ok(r) => r,
+        // no state schema yet, or one from before the column existed: no run of ours did it
+        Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+                || e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) =>
+        {
+            return Ok(false)
+        }
+        Err(e) => {
+            return Err(DbError::Query {
+                context: "reading earlier runs".into(),
+                source: e,
+            }
+            .into())
+        }
+    };
+    let Some(row) = row else { return Ok(false) };
+    let finished: Option<String> = row.get(0);
+    println!(
+        "done: this ALTER was already applied to the table by an earlier run (its swap committed{}); nothing to do",
+        finished.map(|f| format!(", finished {f}")).unwrap_or_default()
+    );
+    Ok(true)
 }
 
 /// The checkpoint of a killed run of this ALTER to resume, or None, in which case whatever an

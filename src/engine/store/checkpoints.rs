@@ -222,6 +222,14 @@ pub async fn record_swap(
     )
     .await
     .ctx("recording the swap")?;
+    // the state row remembers the new table past the checkpoint's removal: a rerun of the same
+    // ALTER after the run ended (or was killed at its very end) is then known to be done
+    tx.execute(
+        "UPDATE shadow_alter.migrations SET new_oid = $2 WHERE table_oid = $1",
+        &[&oid, &new_oid],
+    )
+    .await
+    .ctx("recording the swap in the state row")?;
     Ok(())
 }
 

@@ -44,6 +44,7 @@ ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS verify_result text;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS revert_requested_at timestamptz;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS soak_end_requested_at timestamptz;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS tuning jsonb;
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS new_oid oid;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS step text;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS cutover_now boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS shadow_alter.checkpoints (
@@ -134,7 +135,7 @@ impl State {
                     host = EXCLUDED.host, started_at = now(), updated_at = now(), finished_at = NULL, message = NULL,
                     throttled = NULL, verify_requested_at = NULL, verify_finished_at = NULL, verify_ok = NULL,
                     verify_result = NULL, revert_requested_at = NULL, soak_end_requested_at = NULL, step = NULL,
-                    cutover_now = false, tuning = NULL",
+                    cutover_now = false, tuning = NULL, new_oid = NULL",
                 &[&table.oid, &format!("{}.{}", table.schema, table.name), &alter, &rows_total, &(std::process::id() as i32), &host],
             )
             .await
