@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! main, cli  ->  ops, engine, proxy  ->  plan  ->  catalog  ->  db
-//!                engine  ->  replication  ->  wire
+//!                engine  ->  replication  ->  wire  ->  tls
+//!                                             db  ->  tls
 //! ```
 //!
 //! `db` opens sessions and owns the database error; `catalog` reads a table once; `plan` is pure
@@ -13,7 +14,9 @@
 //! migration, stage by stage (preflight, shadow, copy, indexes, follow, verify, cutover,
 //! teardown); `replication` is our walsender client and pgoutput decoder on the shared `wire`
 //! layer; `ops` are the operator commands; `proxy` is the wire-protocol proxy. `names`, `sql`
-//! and `units` (durations and sizes as people write them) are leaves everybody may use.
+//! and `units` (durations and sizes as people write them) are leaves everybody may use; `tls`
+//! (libpq's sslmode and friends on rustls) is the leaf under `db` and `wire`, so tokio-postgres
+//! sessions and our walsender share one TLS setup.
 
 pub mod catalog;
 pub mod cli;
@@ -26,5 +29,6 @@ pub mod progress;
 pub mod proxy;
 pub mod replication;
 pub mod sql;
+pub mod tls;
 pub mod units;
 pub mod wire;

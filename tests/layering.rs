@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! main, cli  ->  ops, engine, proxy  ->  plan  ->  catalog  ->  db
-//!                engine  ->  replication  ->  wire
+//!                engine  ->  replication  ->  wire  ->  tls
+//!                                             db  ->  tls
 //! ```
 //!
 //! and no two modules (files) import each other in a circle. Reads `use` lines and
@@ -25,6 +26,7 @@ fn allowed(layer: &str) -> &'static [&'static str] {
             "db",
             "replication",
             "wire",
+            "tls",
             "names",
             "sql",
             "units",
@@ -39,18 +41,20 @@ fn allowed(layer: &str) -> &'static [&'static str] {
             "db",
             "replication",
             "wire",
+            "tls",
             "names",
             "sql",
             "units",
             "progress",
         ],
-        "proxy" => &["wire", "names", "sql", "units", "progress"],
+        "proxy" => &["wire", "tls", "names", "sql", "units", "progress"],
         "plan" => &["catalog", "db", "names", "sql", "units", "progress"],
         "catalog" => &["db", "names", "sql", "units"],
-        "db" => &["sql", "units"],
-        "replication" => &["wire", "sql", "units"],
+        "db" => &["sql", "tls", "units"],
+        "replication" => &["wire", "tls", "sql", "units"],
         "names" => &["sql", "units"],
-        "wire" | "sql" | "units" | "progress" => &[],
+        "wire" => &["tls"],
+        "tls" | "sql" | "units" | "progress" => &[],
         _ => &[],
     }
 }

@@ -1,5 +1,5 @@
 //! The database layer's error: a failed statement with what we were doing, a connection string
-//! that does not parse, a lock that stayed taken.
+//! that does not parse, TLS that did not verify, a lock that stayed taken.
 
 use super::conninfo::ConnInfoError;
 
@@ -13,6 +13,13 @@ pub enum DbError {
     },
     #[error(transparent)]
     ConnInfo(#[from] ConnInfoError),
+    /// The server's certificate did not verify, or the server refused TLS the settings require.
+    #[error("connecting for {what}: {source}")]
+    Tls {
+        what: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
     #[error(
         "{what}: the table stayed locked by other sessions ({last}); retry when it is less busy"
     )]

@@ -1,5 +1,6 @@
-//! Talking to PostgreSQL as a client: connection settings the way users give them (`conninfo`),
-//! opening a session (`connect`, the one function every session of the tool goes through),
+//! Talking to PostgreSQL as a client: connection settings the way users give them (`conninfo`,
+//! TLS included), opening a session (`connect`, the one function every session of the tool goes
+//! through, over TLS the way libpq would),
 //! running a statement that needs a lock on a live table (`retry_lock`), and the database error
 //! type with the context of what we were doing.
 //!
@@ -10,5 +11,6 @@ pub mod conninfo;
 mod error;
 mod session;
 
+pub use conninfo::ConnConfig;
 pub use error::{describe, is_lost_state, Ctx, DbError};
-pub use session::{connect, retry_lock};
+pub use session::{connect, retry_lock, Canceller};

@@ -31,7 +31,7 @@ const STATE_EVERY: Duration = Duration::from_secs(2);
 pub struct Run<'a> {
     pub cfg: &'a RunConfig,
     /// Where the database is, for the sessions stages open.
-    pub config: &'a tokio_postgres::Config,
+    pub config: &'a crate::db::ConnConfig,
     pub control: &'a Client,
     pub table: &'a Table,
     pub names: &'a Names,
@@ -55,7 +55,7 @@ pub struct Run<'a> {
 /// Everything a `Run` is made of (named, so the pipeline's call reads as what it is).
 pub struct RunParts<'a> {
     pub cfg: &'a RunConfig,
-    pub config: &'a tokio_postgres::Config,
+    pub config: &'a crate::db::ConnConfig,
     pub control: &'a Client,
     pub table: &'a Table,
     pub names: &'a Names,

@@ -86,6 +86,7 @@ impl EngineError {
             EngineError::Plan(e) if e.is_refusal() => exit::PREFLIGHT,
             EngineError::Plan(e) if e.is_data() => exit::DATA,
             EngineError::Db(DbError::ConnInfo(_)) => exit::BAD_INPUT,
+            EngineError::Db(DbError::Tls { .. }) => exit::PREFLIGHT,
             EngineError::Db(DbError::Locked { .. }) => exit::PREFLIGHT,
             EngineError::Preflight(_) => exit::PREFLIGHT,
             EngineError::Data(_) => exit::DATA,

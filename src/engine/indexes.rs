@@ -16,10 +16,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::db::DbError;
-use crate::db::{describe, Ctx};
+use crate::db::{describe, Canceller, Ctx};
 use crate::engine::error::EngineError;
 use crate::names::Names;
 use crate::sql::{quote_ident, quote_literal};
@@ -231,7 +231,7 @@ pub async fn defer(
 
 /// A session for index builds: generous memory, parallel workers, no statement timeout, and a
 /// server-side check that ends the build soon after this process goes away.
-async fn builder(config: &tokio_postgres::Config) -> Result<Client, EngineError> {
+async fn builder(config: &crate::db::ConnConfig) -> Result<Client, EngineError> {
     let client = crate::db::connect(config, "building the shadow table's indexes").await?;
     let small: bool = client
         .query_one(
@@ -285,7 +285,7 @@ fn build_error(ix: &DeferredIndex, e: tokio_postgres::Error) -> EngineError {
 /// Re-create every deferred index (in parallel on up to `BUILDERS` sessions), then attach the
 /// constraints and comments in one transaction. `built` counts the indexes done.
 pub async fn build(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     deferred: &Deferred,
     built: &AtomicU64,
 ) -> Result<(), EngineError> {
@@ -306,7 +306,7 @@ pub async fn build(
     }
     // an error, or the run dropping this future (abort), stops the other builds at once, so the
     // cleanup can drop the shadow instead of waiting for them
-    let mut guard = CancelOnDrop(clients.iter().map(|c| c.cancel_token()).collect());
+    let mut guard = CancelOnDrop(clients.iter().map(|c| Canceller::new(c, config)).collect());
     let queue = std::sync::Mutex::new(parallel.into_iter());
     let workers = clients.iter().map(|client| {
         let queue = &queue;
@@ -326,7 +326,7 @@ pub async fn build(
     });
     if let Err(e) = futures_util::future::try_join_all(workers).await {
         for c in std::mem::take(&mut guard.0) {
-            let _ = c.cancel_query(NoTls).await;
+            let _ = c.cancel().await;
         }
         return Err(e);
     }
@@ -335,7 +335,7 @@ pub async fn build(
     // constraints (brief now that their indexes exist) and comments, all or nothing
     let mut client = clients.swap_remove(0);
     drop(clients);
-    guard.0 = vec![client.cancel_token()];
+    guard.0 = vec![Canceller::new(&client, config)];
     let tx = client
         .transaction()
         .await
@@ -394,7 +394,7 @@ pub async fn build(
 }
 
 /// Cancels the queries of its sessions when dropped while armed (non-empty).
-struct CancelOnDrop(Vec<tokio_postgres::CancelToken>);
+struct CancelOnDrop(Vec<Canceller>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
@@ -405,7 +405,7 @@ impl Drop for CancelOnDrop {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for t in tokens {
-                    if let Err(e) = t.cancel_query(NoTls).await {
+                    if let Err(e) = t.cancel().await {
                         tracing::debug!("cancelling an index build: {e}");
                     }
                 }

@@ -21,7 +21,8 @@ pub async fn check_server(client: &Client) -> Result<(), EngineError> {
                     (SELECT count(*) FROM pg_replication_slots)::int,
                     current_setting('max_wal_senders')::int,
                     (SELECT count(*) FROM pg_stat_replication)::int,
-                    has_database_privilege(current_database(), 'CREATE')",
+                    has_database_privilege(current_database(), 'CREATE'),
+                    quote_ident(current_database()), quote_ident(current_user)",
             &[],
         )
         .await
@@ -33,6 +34,8 @@ pub async fn check_server(client: &Client) -> Result<(), EngineError> {
     let (max_slots, slots, max_senders, senders): (i32, i32, i32, i32) =
         (r.get(4), r.get(5), r.get(6), r.get(7));
     let can_create: bool = r.get(8);
+    // as SQL would want them (PostgreSQL's quote_ident quotes only where needed)
+    let (database, role): (String, String) = (r.get(9), r.get(10));
     if version < MIN_SERVER_VERSION {
         return Err(EngineError::Preflight(format!(
             "PostgreSQL {}.{} is too old: shadow-alter needs 14 or newer",
@@ -47,12 +50,13 @@ pub async fn check_server(client: &Client) -> Result<(), EngineError> {
     }
     if can_replicate != Some(true) {
         return Err(EngineError::Preflight(format!(
-            "role {user} lacks the REPLICATION privilege needed to follow changes: run `ALTER ROLE {user} REPLICATION` as a superuser"
+            "role {user} lacks the REPLICATION privilege needed to follow changes: run `ALTER ROLE {role} REPLICATION` as a superuser \
+             (on a managed service, grant the provider's replication role instead, for example `GRANT rds_replication TO {role}`)"
         )));
     }
     if !can_create {
         return Err(EngineError::Preflight(format!(
-            "role {user} cannot CREATE in this database (needed for the publication): run `GRANT CREATE ON DATABASE ... TO {user}`"
+            "role {user} cannot CREATE in database {database} (needed for the run's state schema and its publication): run `GRANT CREATE ON DATABASE {database} TO {role}`"
         )));
     }
     if slots >= max_slots {
@@ -131,17 +135,19 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
             deps.join("; ")
         )));
     }
-    let owner_ok = client
+    let r = client
         .query_one(
-            "SELECT pg_has_role(current_user, $1::text, 'USAGE')",
-            &[&t.owner],
+            "SELECT pg_has_role(current_user, $1::text, 'USAGE'), current_user::text,
+                    quote_ident(current_user), quote_ident($1::text), quote_ident($2::text)",
+            &[&t.owner, &t.schema],
         )
         .await
-        .ctx("checking table ownership")?
-        .get::<_, bool>(0);
+        .ctx("checking table ownership")?;
+    let (owner_ok, user): (bool, String) = (r.get(0), r.get(1));
+    let (role, owner, schema): (String, String, String) = (r.get(2), r.get(3), r.get(4));
     if !owner_ok {
         return Err(EngineError::Preflight(format!(
-            "the current role is not the owner of {q} (owner: {}); run as the owner or a member of its role",
+            "role {user} is not the owner of {q} (owner: {}); run as the owner, or make {user} a member of it: `GRANT {owner} TO {role}`",
             t.owner
         )));
     }
@@ -152,7 +158,7 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
         .get::<_, bool>(0);
     if !schema_ok {
         return Err(EngineError::Preflight(format!(
-            "the current role cannot CREATE in schema {} (needed for the shadow table)",
+            "role {user} cannot CREATE in schema {} (needed for the shadow table): run `GRANT CREATE ON SCHEMA {schema} TO {role}`",
             t.schema
         )));
     }

@@ -98,7 +98,7 @@ pub struct Soak {
 /// Publication of the shadow and a persistent slot, created before the swap.
 pub async fn prepare(
     control: &Client,
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     table: &Table,
     names: &Names,
 ) -> Result<Soak, EngineError> {
@@ -112,7 +112,7 @@ pub async fn prepare(
         .await
         .ctx("creating the reverse publication")?;
     crate::engine::store::checkpoints::drop_slot(control, &name).await?;
-    let mut repl = ReplicationConn::connect(config)
+    let mut repl = ReplicationConn::connect(&config.pg, &config.tls)
         .await
         .ctx("opening the reverse replication connection")?;
     let info = tokio::time::timeout(
@@ -224,6 +224,84 @@ pub async fn complete_mapping(
     Ok(())
 }
 
+/// Whether this role may `SET session_replication_role` (superusers; from 15 on, roles granted
+/// SET on the parameter).
+async fn may_set_replica_role(client: &Client) -> Result<bool, EngineError> {
+    let r = client
+        .query_one(
+            "SELECT rolsuper, current_setting('server_version_num')::int >= 150000
+             FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .ctx("checking the role's attributes")?;
+    let (superuser, grantable): (bool, bool) = (r.get(0), r.get(1));
+    if superuser || !grantable {
+        return Ok(superuser);
+    }
+    Ok(client
+        .query_one(
+            "SELECT has_parameter_privilege('session_replication_role', 'SET')",
+            &[],
+        )
+        .await
+        .ctx("checking the SET privilege on session_replication_role")?
+        .get(0))
+}
+
+/// Before anything is created for a run with `--soak`: the reverse stream replays the
+/// applications' writes into the old table with `session_replication_role = replica`, so its
+/// triggers do not fire a second time. A role that may not set it (not a superuser, no GRANT
+/// SET) is fine when the table has no trigger that replica mode would silence; otherwise it is
+/// refused with the GRANT that fixes it.
+pub async fn check_privileges(control: &Client, table: &Table) -> Result<(), EngineError> {
+    if may_set_replica_role(control).await? {
+        return Ok(());
+    }
+    let r = control
+        .query_one(
+            "SELECT quote_ident(current_user), current_setting('server_version_num')::int >= 150000,
+                    string_agg(quote_ident(tgname), ', ' ORDER BY tgname)
+             FROM pg_trigger WHERE tgrelid = $1 AND NOT tgisinternal AND tgenabled = 'O'",
+            &[&table.oid],
+        )
+        .await
+        .ctx("reading the table's triggers")?;
+    let (user, grantable, triggers): (String, bool, Option<String>) =
+        (r.get(0), r.get(1), r.get(2));
+    let Some(triggers) = triggers else {
+        return Ok(());
+    };
+    let fix = if grantable {
+        format!("run `GRANT SET ON PARAMETER session_replication_role TO {user}` as a superuser")
+    } else {
+        "on PostgreSQL 14 only a superuser may set it".to_string()
+    };
+    Err(EngineError::Preflight(format!(
+        "--soak: role {user} may not SET session_replication_role, which keeps the triggers of {} \
+         ({triggers}) from firing a second time while the old table follows the new one: {fix}, \
+         or run without --soak",
+        table.qualified()
+    )))
+}
+
+/// Replica mode for the reverse apply session, when the role may; `check_privileges` made sure
+/// the old table has no trigger it would silence otherwise.
+async fn replica_role(client: &Client) -> Result<(), EngineError> {
+    if may_set_replica_role(client).await? {
+        client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+            .ctx("setting up the reverse apply session")?;
+        return Ok(());
+    }
+    tracing::info!(
+        "the reverse stream applies without session_replication_role = replica (the role may not \
+         set it, and the old table has no trigger it would silence)"
+    );
+    Ok(())
+}
+
 /// The soak window: follow the new table into the old one until the window ends, `cleanup`
 /// ends it or `revert` swaps back. Returns what happened, for the operator. The migration
 /// itself has succeeded whatever happens here.
@@ -296,9 +374,10 @@ async fn keep_in_sync(
     .await?;
     let client = connect(run.config, "applying the reverse stream").await?;
     client
-        .batch_execute("SET synchronous_commit = local; SET session_replication_role = replica")
+        .batch_execute("SET synchronous_commit = local")
         .await
         .ctx("setting up the reverse apply session")?;
+    replica_role(&client).await?;
     let applier = Applier::new(client, &new_table, reverse, &rev_names);
     let mut follower = Follower::start(
         repl,

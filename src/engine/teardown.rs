@@ -73,7 +73,7 @@ impl Ledger {
 
 /// The end of a run: dispose of what it created and record its outcome in its state row.
 pub async fn conclude(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     control: &Client,
     state: &State,
     names: &Names,
@@ -126,7 +126,7 @@ pub async fn conclude(
 const OUTCOME_RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// Remove what a failed run created; the original table was never touched.
-pub async fn cleanup(config: &tokio_postgres::Config, names: &Names, ledger: &Ledger, oid: u32) {
+pub async fn cleanup(config: &crate::db::ConnConfig, names: &Names, ledger: &Ledger, oid: u32) {
     let client = match connect(config, "cleanup").await {
         Ok(c) => c,
         Err(e) => {

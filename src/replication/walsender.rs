@@ -7,6 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::Lsn;
 use crate::sql::quote_literal;
+use crate::tls::Tls;
 use crate::wire::client::ClientConn;
 use crate::wire::frame::Reader;
 use crate::wire::{ServerError, WireError};
@@ -41,12 +42,16 @@ fn pg_now() -> i64 {
 }
 
 impl ReplicationConn {
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<ReplicationConn, WireError> {
+    pub async fn connect(
+        config: &tokio_postgres::Config,
+        tls: &Tls,
+    ) -> Result<ReplicationConn, WireError> {
         // The slot's exported snapshot lives in this session's open transaction for the whole
         // copy: a role's idle_in_transaction_session_timeout must not end it, and waits are
         // bounded by our own timeouts instead of the role's statement and lock timeouts.
         let conn = ClientConn::connect(
             config,
+            tls,
             &[
                 ("replication", "database"),
                 ("options", "-c idle_in_transaction_session_timeout=0 -c statement_timeout=0 -c lock_timeout=0"),

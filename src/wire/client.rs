@@ -1,5 +1,6 @@
 //! The client side of one protocol connection, for the places where tokio-postgres cannot go
-//! (a `replication=database` walsender session). Connects over TCP or a Unix socket, relays
+//! (a `replication=database` walsender session). Connects over TCP (in TLS the libpq way, on the
+//! same rustls stream as tokio-postgres' sessions) or a Unix socket, relays
 //! authentication (trust, cleartext, MD5, SCRAM-SHA-256) and runs simple queries.
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use tokio_postgres::config::Host;
 use super::frame::{read_frame, Frame, Reader, MAX_MESSAGE_LEN};
 use super::startup::{StartupPacket, PROTOCOL_3_0};
 use super::{ServerError, WireError};
+use crate::tls::{negotiate, SslMode, Tls};
 
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
@@ -32,10 +34,11 @@ pub struct ClientConn {
 pub type TextRow = Vec<Option<String>>;
 
 impl ClientConn {
-    /// Connect with the settings of `config` (first host that answers), sending `extra` startup
-    /// parameters as well (for example `replication=database`).
+    /// Connect with the settings of `config` (first host that answers) and TLS as `tls` says,
+    /// sending `extra` startup parameters as well (for example `replication=database`).
     pub async fn connect(
         config: &tokio_postgres::Config,
+        tls: &Tls,
         extra: &[(&str, &str)],
     ) -> Result<ClientConn, WireError> {
         let timeout = config
@@ -46,38 +49,79 @@ impl ClientConn {
         let mut last_err = WireError::Protocol("no host to connect to".into());
         for (i, host) in config.get_hosts().iter().enumerate() {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            let stream: Result<Box<dyn Stream>, WireError> = match host {
-                Host::Tcp(h) => tokio::time::timeout(
+            // libpq's allow: plaintext first, TLS if the server refuses that
+            let attempts: &[bool] = match tls.settings.mode {
+                SslMode::Disable => &[false],
+                SslMode::Allow => &[false, true],
+                _ => &[true],
+            };
+            for (n, &use_tls) in attempts.iter().enumerate() {
+                let open = Self::open(host, port, tls, use_tls, timeout);
+                let started = match open.await {
+                    Ok(s) => tokio::time::timeout(timeout, Self::startup(s, config, extra))
+                        .await
+                        .map_err(|_| WireError::Timeout(timeout, "startup and authentication"))
+                        .and_then(|r| r),
+                    Err(e) => Err(e),
+                };
+                match started {
+                    Ok(c) => return Ok(c),
+                    // a refusal by pg_hba.conf (hostssl only) is worth the TLS attempt of allow
+                    Err(e)
+                        if n + 1 < attempts.len()
+                            && e.sqlstate().is_some_and(|c| c.starts_with("28")) =>
+                    {
+                        last_err = e
+                    }
+                    Err(e @ (WireError::Tls(_) | WireError::Server(_) | WireError::Auth(_))) => {
+                        return Err(e)
+                    }
+                    Err(e) => {
+                        last_err = e;
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    /// A connected stream to one host, in TLS when `use_tls` and the settings want it (never over
+    /// a Unix-domain socket, like libpq).
+    async fn open(
+        host: &Host,
+        port: u16,
+        tls: &Tls,
+        use_tls: bool,
+        timeout: Duration,
+    ) -> Result<Box<dyn Stream>, WireError> {
+        match host {
+            Host::Tcp(h) => {
+                let tcp = tokio::time::timeout(
                     timeout,
                     tokio::net::TcpStream::connect((h.as_str(), port)),
                 )
                 .await
-                .map_err(|_| WireError::Timeout(timeout, "TCP connect"))
-                .and_then(|r| r.map_err(WireError::from))
-                .map(|s| {
-                    let _ = s.set_nodelay(true);
-                    Box::new(s) as Box<dyn Stream>
-                }),
-                #[cfg(unix)]
-                Host::Unix(dir) => {
-                    let path = dir.join(format!(".s.PGSQL.{port}"));
-                    tokio::time::timeout(timeout, tokio::net::UnixStream::connect(path))
-                        .await
-                        .map_err(|_| WireError::Timeout(timeout, "Unix socket connect"))
-                        .and_then(|r| r.map_err(WireError::from))
-                        .map(|s| Box::new(s) as Box<dyn Stream>)
-                }
-            };
-            match stream {
-                Ok(s) => {
-                    return tokio::time::timeout(timeout, Self::startup(s, config, extra))
-                        .await
-                        .map_err(|_| WireError::Timeout(timeout, "startup and authentication"))?
-                }
-                Err(e) => last_err = e,
+                .map_err(|_| WireError::Timeout(timeout, "TCP connect"))??;
+                let _ = tcp.set_nodelay(true);
+                let target = format!("{h}:{port}");
+                let negotiated = tokio::time::timeout(
+                    timeout,
+                    negotiate(tcp, &tls.settings, &tls.config, use_tls, h, &target),
+                )
+                .await
+                .map_err(|_| WireError::Timeout(timeout, "TLS negotiation"))??;
+                Ok(Box::new(negotiated))
+            }
+            #[cfg(unix)]
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                let s = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(path))
+                    .await
+                    .map_err(|_| WireError::Timeout(timeout, "Unix socket connect"))??;
+                Ok(Box::new(s))
             }
         }
-        Err(last_err)
     }
 
     async fn startup(
@@ -85,14 +129,6 @@ impl ClientConn {
         config: &tokio_postgres::Config,
         extra: &[(&str, &str)],
     ) -> Result<ClientConn, WireError> {
-        if matches!(
-            config.get_ssl_mode(),
-            tokio_postgres::config::SslMode::Require
-        ) {
-            return Err(WireError::Protocol(
-                "sslmode=require is not supported for the replication connection yet; use sslmode=prefer or disable".into(),
-            ));
-        }
         let user = config.get_user().unwrap_or("postgres").to_string();
         let mut params = vec![("user".to_string(), user.clone())];
         if let Some(db) = config.get_dbname() {

@@ -19,6 +19,8 @@ pub enum WireError {
     Server(ServerError),
     #[error("authentication: {0}")]
     Auth(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("network I/O: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -322,7 +322,7 @@ impl Drop for Sampler {
 /// Keep the numbers the stages do not write themselves up to date, every second: why the gate
 /// throttles, and (with `slot`, on a session of its own) the WAL the run's slot retains.
 pub fn sample(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     slot: Option<String>,
     gate: Gate,
     metrics: &Metrics,

@@ -376,7 +376,7 @@ impl Drop for GuardTask {
 /// Start the guard for a run whose slot is `slot`: it evaluates the limits and follows the
 /// copy's live settings, starting from `initial` (recorded in the run's state row).
 pub async fn spawn(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     limits: Limits,
     slot: String,
     table_oid: u32,

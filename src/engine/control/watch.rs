@@ -34,7 +34,7 @@ impl Drop for Watchers {
 }
 
 /// Start watching signals, and the state row of the table with `oid`.
-pub fn spawn(config: &tokio_postgres::Config, oid: u32) -> Watchers {
+pub fn spawn(config: &crate::db::ConnConfig, oid: u32) -> Watchers {
     let (abort_tx, abort) = watch::channel(false);
     let abort_tx = std::sync::Arc::new(abort_tx);
     let signal_tx = abort_tx.clone();

@@ -62,7 +62,7 @@ pub const APPLY_ORIGIN: usize = 0;
 /// workers, the chunk size and the pause follow the settings in force (`shadow-alter throttle`)
 /// when the gate publishes them, else `opts`.
 pub async fn copy_table(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     table: &Table,
     mapping: &Mapping,
     names: &Names,
@@ -178,7 +178,7 @@ pub async fn copy_table(
 
 /// What every copy worker shares.
 struct Worker {
-    config: tokio_postgres::Config,
+    config: crate::db::ConnConfig,
     opts: CopyOptions,
     sql: Arc<CopySql>,
     snapshot: String,

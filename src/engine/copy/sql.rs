@@ -129,7 +129,7 @@ impl CopySql {
 }
 
 pub(super) async fn connect(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     what: &str,
     lock_timeout: Duration,
 ) -> Result<Client, EngineError> {
@@ -164,7 +164,7 @@ pub(super) async fn begin_snapshot(
 /// connection already streams. Keep the client until the copy is done: its open transaction is
 /// what keeps the exported snapshot alive.
 pub async fn hold_snapshot(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     snapshot: &str,
 ) -> Result<(Client, String), EngineError> {
     let client = crate::db::connect(config, "holding the copy's snapshot").await?;

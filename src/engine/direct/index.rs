@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+use crate::db::Canceller;
 
 use super::locked::step_error;
 use super::Steering;
@@ -21,6 +23,7 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 pub(super) async fn build_index(
     steer: &mut Steering<'_>,
     client: &Client,
+    canceller: &Canceller,
     table: &crate::catalog::Table,
     (step, index): (&Step, &str),
     label: &str,
@@ -47,7 +50,7 @@ pub(super) async fn build_index(
                 }
             }
             _ = steer.abort.changed() => {
-                let _ = client.cancel_token().cancel_query(NoTls).await;
+                let _ = canceller.cancel().await;
                 let _ = (&mut fut).await;
                 break Err(EngineError::Aborted);
             }

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+use crate::db::Canceller;
 
 use super::Options;
 use crate::db::{describe, DbError};
@@ -20,6 +22,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// lock was granted (roughly: the successful attempt's duration).
 pub(super) async fn run_locked(
     client: &Client,
+    canceller: &Canceller,
     step: &Step,
     opts: &Options,
     abort: &mut watch::Receiver<bool>,
@@ -71,7 +74,7 @@ pub(super) async fn run_locked(
             tokio::select! {
                 r = &mut fut => Some(r),
                 _ = abort.changed() => {
-                    let _ = client.cancel_token().cancel_query(NoTls).await;
+                    let _ = canceller.cancel().await;
                     let _ = fut.await;
                     None
                 }

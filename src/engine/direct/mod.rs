@@ -41,7 +41,7 @@ use crate::progress::Progress;
 /// `online-steps` plan. Returns false when the plan needs the shadow copy (nothing was done).
 pub async fn run_without_copy(
     args: &RunConfig,
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     metrics: &Metrics,
     hooks: &Hooks,
 ) -> Result<bool, EngineError> {
@@ -171,7 +171,7 @@ impl Steering<'_> {
 /// Carry out the plan's steps in order on `config`'s database; `steer.control` holds the
 /// per-table advisory lock for the duration.
 pub async fn execute(
-    config: &tokio_postgres::Config,
+    config: &crate::db::ConnConfig,
     plan: &Plan,
     opts: &Options,
     steer: &mut Steering<'_>,
@@ -180,6 +180,7 @@ pub async fn execute(
     let started = Instant::now();
     let table = &plan.table_info;
     let worker = connect(config, "running the steps").await?;
+    let canceller = crate::db::Canceller::new(&worker, config);
     worker
         .batch_execute("SET application_name = 'shadow-alter'")
         .await
@@ -198,15 +199,18 @@ pub async fn execute(
         let result = match steer.enter(&label).await {
             Err(e) => Err(e),
             Ok(()) => match &step.exec {
-                Exec::Locked => locked::run_locked(&worker, step, opts, &mut steer.abort)
-                    .await
-                    .map(|held| {
-                        if step.lock.blocks_writes() {
-                            longest_lock = longest_lock.max(held);
-                        }
-                    }),
+                Exec::Locked => {
+                    locked::run_locked(&worker, &canceller, step, opts, &mut steer.abort)
+                        .await
+                        .map(|held| {
+                            if step.lock.blocks_writes() {
+                                longest_lock = longest_lock.max(held);
+                            }
+                        })
+                }
                 Exec::BuildIndex { index } => {
-                    index::build_index(steer, &worker, table, (step, index), &label).await
+                    index::build_index(steer, &worker, &canceller, table, (step, index), &label)
+                        .await
                 }
                 Exec::Engine => Err(EngineError::Internal(
                     "a shadow-copy step reached the step executor".into(),

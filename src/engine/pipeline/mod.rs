@@ -94,6 +94,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
 
     preflight::check_server(&control).await?;
     let table = preflight::load_table(&control, &cfg.table).await?;
+    if cfg.soak.is_some() {
+        crate::engine::soak::check_privileges(&control, &table).await?;
+    }
     let spec = parse_alter(&cfg.alter, &table.schema, &table.name)
         .map_err(crate::plan::PlanError::from)?;
     schedule.validate(&control).await?;

@@ -185,7 +185,7 @@ pub async fn open(
             run.ledger.record(Created::Shadow);
             run.ledger.record(Created::Publication);
             run.ledger.record(Created::Slot);
-            let repl = ReplicationConn::connect(run.config)
+            let repl = ReplicationConn::connect(&run.config.pg, &run.config.tls)
                 .await
                 .ctx("opening the replication connection")?;
             Prepared {
@@ -251,7 +251,7 @@ async fn prepare(
     .await?;
 
     // 3. persistent slot + exported snapshot
-    let mut repl = ReplicationConn::connect(run.config)
+    let mut repl = ReplicationConn::connect(&run.config.pg, &run.config.tls)
         .await
         .ctx("opening the replication connection")?;
     run.ledger.record(Created::Slot);
