@@ -103,10 +103,27 @@ pub async fn copy(
     let rows = match source {
         Some(s) => {
             let rows = copy_rows(run, &p.mapping, &s, gate, (&mut p.repl, p.from)).await?;
-            if p.resumed.is_none() {
-                if let Some(at) = truncated_during_copy(run, p.filenode_before).await? {
-                    windows.lenient_until = Some(windows.lenient_until.map_or(at, |l| l.max(at)));
+            // a TRUNCATE while the copy read left later chunks empty (its older snapshot sees an
+            // empty table after it): changes before now may reach rows it did not copy, also
+            // those of transactions the resumed copy's snapshot did not see, which are applied,
+            // not replayed
+            let truncated = match (&p.resumed, &replay_source) {
+                (None, _) => truncated_during_copy(run, p.filenode_before).await?,
+                (Some(_), Some(reader)) => {
+                    let at = reader.truncated_since(run.table.oid).await?;
+                    if let Some(at) = at {
+                        tracing::warn!(
+                            "{} was truncated while the resumed copy read it; changes before {at} are applied leniently",
+                            run.table.qualified()
+                        );
+                        checkpoints::set_lenient_until(run.control, run.table.oid, at).await?;
+                    }
+                    at
                 }
+                (Some(_), None) => None,
+            };
+            if let Some(at) = truncated {
+                windows.lenient_until = Some(windows.lenient_until.map_or(at, |l| l.max(at)));
             }
             checkpoints::set_copy_done(run.control, run.table.oid).await?;
             rows
