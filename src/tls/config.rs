@@ -196,10 +196,10 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
-/// `prefer`/`require` without a root certificate: encrypted, the certificate not checked (the
-/// handshake's signatures still are).
+/// `prefer`/`require` without a root certificate (and the proxy's unverified upstream):
+/// encrypted, the certificate not checked (the handshake's signatures still are).
 #[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
+pub struct EncryptOnly(pub Arc<CryptoProvider>);
 
 impl ServerCertVerifier for EncryptOnly {
     fn verify_server_cert(

@@ -15,7 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use config::client_config;
+pub use config::{client_config, EncryptOnly};
 pub use stream::{negotiate, MaybeTls};
 
 /// libpq's `sslmode`, all six of them.
