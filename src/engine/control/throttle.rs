@@ -400,13 +400,9 @@ pub async fn spawn(
     );
     let (tx, rx) = watch::channel(v0.clone());
     let copying = initial.is_some();
-    let (tuning_tx, tuning_rx) = watch::channel(initial.unwrap_or(Tuning {
-        chunk_size: 1,
-        chunk_pause_ms: 0,
-        workers: 1,
-        chunk_time_ms: None,
-        paused: false,
-    }));
+    // a copy-free run has no copy settings: a placeholder nobody reads
+    let (tuning_tx, tuning_rx) =
+        watch::channel(initial.unwrap_or(Tuning::new(1, Duration::ZERO, 1, None)));
     let mut first = Some(v0);
     let handle = tokio::spawn(async move {
         let mut shown = Verdict::Go;

@@ -74,13 +74,12 @@ pub async fn copy_table(
     let (tuning, _fixed) = match opts.gate.tuning() {
         Some(rx) => (rx, None),
         None => {
-            let (tx, rx) = watch::channel(Tuning {
-                chunk_size: opts.chunk_size.max(1),
-                chunk_pause_ms: opts.chunk_pause.as_millis() as u64,
-                workers: opts.workers.max(1),
-                chunk_time_ms: None,
-                paused: false,
-            });
+            let (tx, rx) = watch::channel(Tuning::new(
+                opts.chunk_size.max(1),
+                opts.chunk_pause,
+                opts.workers.max(1),
+                None,
+            ));
             (rx, Some(tx))
         }
     };

@@ -175,16 +175,16 @@ async fn stages(
 ) -> Result<(), EngineError> {
     let mut prepared = start::open(run, spec, resume).await?;
     // guardrails from now on: the slot exists and retains WAL
-    let tuning = Tuning {
-        chunk_size: run.cfg.chunk_size,
-        chunk_pause_ms: run.cfg.chunk_pause.as_millis() as u64,
-        workers: match run.cfg.workers {
-            Some(w) => w,
-            None => default_workers(run.control).await,
-        },
-        chunk_time_ms: run.cfg.chunk_time.map(|d| d.as_millis() as u64),
-        paused: false,
+    let workers = match run.cfg.workers {
+        Some(w) => w,
+        None => default_workers(run.control).await,
     };
+    let tuning = Tuning::new(
+        run.cfg.chunk_size,
+        run.cfg.chunk_pause,
+        workers,
+        run.cfg.chunk_time,
+    );
     tracing::info!("copy: {}", tuning.describe());
     let (mut gate, _guard) = throttle::spawn(
         run.config,
@@ -233,13 +233,12 @@ async fn default_workers(control: &tokio_postgres::Client) -> usize {
 
 /// Settings no run could work with.
 fn check_settings(cfg: &RunConfig) -> Result<(), EngineError> {
-    let tuning = Tuning {
-        chunk_size: cfg.chunk_size,
-        chunk_pause_ms: cfg.chunk_pause.as_millis() as u64,
-        workers: cfg.workers.unwrap_or(2),
-        chunk_time_ms: cfg.chunk_time.map(|d| d.as_millis() as u64),
-        paused: false,
-    };
+    let tuning = Tuning::new(
+        cfg.chunk_size,
+        cfg.chunk_pause,
+        cfg.workers.unwrap_or(2),
+        cfg.chunk_time,
+    );
     if let Err(e) = tuning.validate() {
         return Err(EngineError::BadInput(format!(
             "--chunk-size / --workers / --chunk-time: {e}"

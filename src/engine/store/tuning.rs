@@ -51,6 +51,22 @@ impl Change {
 }
 
 impl Tuning {
+    /// The settings a copy starts with (not paused).
+    pub fn new(
+        chunk_size: u64,
+        chunk_pause: Duration,
+        workers: usize,
+        chunk_time: Option<Duration>,
+    ) -> Tuning {
+        Tuning {
+            chunk_size,
+            chunk_pause_ms: chunk_pause.as_millis() as u64,
+            workers,
+            chunk_time_ms: chunk_time.map(|d| d.as_millis() as u64),
+            paused: false,
+        }
+    }
+
     pub fn chunk_pause(&self) -> Duration {
         Duration::from_millis(self.chunk_pause_ms)
     }
