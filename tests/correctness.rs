@@ -239,6 +239,23 @@ async fn a_truncate_during_the_copy_after_changes_to_rows_not_copied_yet() {
     assert_nothing_left(&c).await;
 }
 
+/// A copy of `t` slow enough (500-row chunks, 150 ms apart) for a test to act while it runs.
+const SLOW_COPY_OF_T: [&str; 13] = [
+    "run",
+    "--table",
+    "t",
+    "--alter",
+    "ALTER COLUMN v TYPE bigint",
+    "--strategy",
+    "shadow-copy",
+    "--chunk-size",
+    "500",
+    "--chunk-pause",
+    "150ms",
+    "--progress",
+    "none",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncate_while_a_resumed_copy_runs_ends_equal_to_the_mirror() {
     let url = fresh_db("trunresume").await;
@@ -251,21 +268,7 @@ async fn a_truncate_while_a_resumed_copy_runs_ends_equal_to_the_mirror() {
     )
     .await
     .unwrap();
-    let run_args = [
-        "run",
-        "--table",
-        "t",
-        "--alter",
-        "ALTER COLUMN v TYPE bigint",
-        "--strategy",
-        "shadow-copy",
-        "--chunk-size",
-        "500",
-        "--chunk-pause",
-        "150ms",
-        "--progress",
-        "none",
-    ];
+    let run_args = SLOW_COPY_OF_T;
     let child = spawn(&url, &run_args);
     wait_for_watermark(&c).await;
     both(&c, "UPDATE t SET v = v + 1 WHERE id % 11 = 0").await;
@@ -307,21 +310,7 @@ async fn changes_after_a_resumed_copys_snapshot_to_rows_a_truncate_hid_from_it_a
     )
     .await
     .unwrap();
-    let run_args = [
-        "run",
-        "--table",
-        "t",
-        "--alter",
-        "ALTER COLUMN v TYPE bigint",
-        "--strategy",
-        "shadow-copy",
-        "--chunk-size",
-        "500",
-        "--chunk-pause",
-        "150ms",
-        "--progress",
-        "none",
-    ];
+    let run_args = SLOW_COPY_OF_T;
     let child = spawn(&url, &run_args);
     wait_for_watermark(&c).await;
     kill(child);
