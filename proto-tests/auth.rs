@@ -241,7 +241,7 @@ async fn tls_to_upstream() {
         c.batch_execute(&sql).await.expect("enable ssl");
     }
     let p = proxy_with(Opts {
-        upstream_tls: shadow_alter::proxy::UpstreamTls::Require,
+        upstream_tls: Some(shadow_alter::tls::SslMode::Require),
         ..Opts::default()
     })
     .await;

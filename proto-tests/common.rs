@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::message::frontend;
-use shadow_alter::proxy::{ProxyConfig, RunningProxy, UpstreamTls};
+use shadow_alter::proxy::{ProxyConfig, RunningProxy};
+use shadow_alter::tls::{SslMode, TlsSettings};
 use shadow_alter::wire::{put_frame, split_frame, MAX_MESSAGE_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -36,7 +37,8 @@ impl Drop for TestProxy {
 #[derive(Default, Clone)]
 pub struct Opts {
     pub tls: Option<(PathBuf, PathBuf)>,
-    pub upstream_tls: UpstreamTls,
+    /// TLS towards the server (`None`: plain).
+    pub upstream_tls: Option<SslMode>,
     pub max_hold: Option<Duration>,
     pub no_admin: bool,
     pub metrics_listen: Option<String>,
@@ -55,7 +57,10 @@ pub async fn proxy_with(o: Opts) -> TestProxy {
         admin_password: (!o.no_admin).then(|| ADMIN_PASSWORD.to_string()),
         tls_cert: o.tls.as_ref().map(|t| t.0.clone()),
         tls_key: o.tls.as_ref().map(|t| t.1.clone()),
-        upstream_tls: o.upstream_tls,
+        upstream_tls: TlsSettings {
+            mode: o.upstream_tls.unwrap_or(SslMode::Disable),
+            ..TlsSettings::default()
+        },
         max_hold: o.max_hold.unwrap_or(Duration::from_secs(30)),
         metrics_listen: o.metrics_listen.clone(),
     };

@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::engine::config::{RunConfig, Strategy};
 pub use crate::plan::migration::lint::Severity;
 pub use crate::progress::ProgressMode;
-use crate::proxy::{ProxyConfig, UpstreamTls};
+use crate::proxy::ProxyConfig;
+use crate::tls::{RootCert, SslMode, TlsSettings};
 use crate::units::{parse_duration, parse_size};
 
 #[derive(Debug, Parser)]
@@ -438,9 +439,21 @@ pub struct ProxyArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// TLS towards the upstream server.
-    #[arg(long, value_enum, default_value_t = UpstreamTls::Disable)]
-    pub upstream_tls: UpstreamTls,
+    /// TLS towards the upstream server, as libpq's sslmode: disable, prefer, require, verify-ca
+    /// or verify-full (the certificate must name the --upstream host).
+    #[arg(long, value_name = "MODE", value_parser = str::parse::<SslMode>, default_value = "disable")]
+    pub upstream_tls: SslMode,
+    /// The CA certificate (PEM file) that signed the server's, or `system` for the platform's
+    /// trusted roots; with it, `require` verifies the chain too (as libpq does).
+    #[arg(long, value_name = "FILE|system")]
+    pub upstream_tls_root_cert: Option<String>,
+    /// A client certificate (PEM) to present to the server, for `cert` authentication of the
+    /// proxy's own TLS session.
+    #[arg(long, value_name = "FILE", requires = "upstream_tls_client_key")]
+    pub upstream_tls_client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --upstream-tls-client-cert.
+    #[arg(long, value_name = "FILE", requires = "upstream_tls_client_cert")]
+    pub upstream_tls_client_key: Option<PathBuf>,
     /// Longest a hold may keep a client's request waiting before the proxy releases by itself.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub max_hold: Duration,
@@ -515,7 +528,15 @@ impl From<ProxyArgs> for ProxyConfig {
             admin_password: a.admin_password,
             tls_cert: a.tls_cert,
             tls_key: a.tls_key,
-            upstream_tls: a.upstream_tls,
+            upstream_tls: TlsSettings {
+                mode: a.upstream_tls,
+                root: a.upstream_tls_root_cert.map(|r| match r.as_str() {
+                    "system" => RootCert::System,
+                    file => RootCert::File(file.into()),
+                }),
+                client: a.upstream_tls_client_cert.zip(a.upstream_tls_client_key),
+                direct: false,
+            },
             max_hold: a.max_hold,
             metrics_listen: a.metrics_listen,
         }

@@ -364,3 +364,65 @@ async fn a_client_certificate_authenticates_the_role() {
     assert_ne!(code, 0, "no client certificate: {out}");
     assert!(out.contains("certificate"), "the reason: {out}");
 }
+
+/// The proxy's `--upstream-tls verify-full`: relays over verified TLS when the certificate is
+/// signed by the given CA and names the upstream host, and turns clients away with the reason
+/// when it is not (another CA; the right CA but an address the certificate does not name).
+#[tokio::test]
+async fn the_proxy_verifies_the_server_certificate_like_libpq() {
+    use shadow_alter::proxy::ProxyConfig;
+    use shadow_alter::tls::{RootCert, SslMode, TlsSettings};
+    let t = tls_server();
+    fresh("tls_proxy").await;
+    let proxy = |mode: SslMode, ca: &Path, host: &str| {
+        let config = ProxyConfig {
+            upstream_tls: TlsSettings {
+                mode,
+                root: Some(RootCert::File(ca.to_path_buf())),
+                ..TlsSettings::default()
+            },
+            ..ProxyConfig::new("127.0.0.1:0", format!("{host}:{}", t.port))
+        };
+        support::proxy::start_with(config)
+    };
+    let through = |p: &support::proxy::Proxy| {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/tls_proxy?sslmode=disable",
+            p.addr.port()
+        )
+    };
+    let good = proxy(SslMode::VerifyFull, &t.ca, "localhost").await;
+    let c = support::connect(&through(&good)).await;
+    let ssl: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(ssl, "the proxy's session to the server is not encrypted");
+    for (ca, host, what) in [
+        (&t.other_ca, "localhost", "not signed by a CA"),
+        (&t.ca, "127.0.0.1", "not valid for the host name"),
+    ] {
+        let bad = proxy(SslMode::VerifyFull, ca, host).await;
+        let err = match tokio_postgres::connect(&through(&bad), tokio_postgres::NoTls).await {
+            Ok(_) => panic!(
+                "the proxy relayed to a server whose certificate does not verify ({host}, {})",
+                ca.display()
+            ),
+            Err(e) => e,
+        };
+        let text = err
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| err.to_string());
+        for part in ["sslmode=verify-full", what] {
+            assert!(text.contains(part), "{part:?} not in: {text}");
+        }
+    }
+    // verify-ca checks the chain only: by address is accepted
+    let by_address = proxy(SslMode::VerifyCa, &t.ca, "127.0.0.1").await;
+    support::connect(&through(&by_address)).await;
+}

@@ -4,17 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// TLS towards the upstream server.
-#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq, Default)]
-pub enum UpstreamTls {
-    /// Plain TCP to the server.
-    #[default]
-    Disable,
-    /// TLS if the server offers it, plain otherwise.
-    Prefer,
-    /// TLS or fail.
-    Require,
-}
+use crate::tls::{SslMode, TlsSettings};
 
 /// Everything [`start`](super::start) needs to run a proxy.
 #[derive(Debug, Clone)]
@@ -29,7 +19,9 @@ pub struct ProxyConfig {
     /// PEM certificate chain and private key offered to clients that ask for TLS.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
-    pub upstream_tls: UpstreamTls,
+    /// TLS towards the server, with libpq's meaning of the mode and the root certificate
+    /// (`verify-full` checks the chain and that the certificate names the `upstream` host).
+    pub upstream_tls: TlsSettings,
     /// Longest a hold may keep a client's request waiting before the proxy releases by itself.
     pub max_hold: Duration,
     /// Address for Prometheus metrics over HTTP (`GET /metrics`); `None`: off.
@@ -46,7 +38,10 @@ impl ProxyConfig {
             admin_password: None,
             tls_cert: None,
             tls_key: None,
-            upstream_tls: UpstreamTls::Disable,
+            upstream_tls: TlsSettings {
+                mode: SslMode::Disable,
+                ..TlsSettings::default()
+            },
             max_hold: Duration::from_secs(2),
             metrics_listen: None,
         }

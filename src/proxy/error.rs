@@ -68,10 +68,10 @@ pub enum ProxyError {
         #[source]
         source: rustls::pki_types::InvalidDnsNameError,
     },
-    #[error("upstream: the server does not accept TLS and --upstream-tls is require")]
-    UpstreamTlsRefused,
-    #[error("upstream: unexpected answer {0:#x} to SSLRequest")]
-    UpstreamSslAnswer(u8),
+    /// Setting up or negotiating TLS towards the server (the message names the server, the mode
+    /// and what did not verify).
+    #[error("upstream: {0}")]
+    UpstreamTls(#[from] crate::tls::TlsError),
     /// The server broke the protocol (or closed at a point where that is one).
     #[error("upstream: {0}")]
     UpstreamProtocol(String),

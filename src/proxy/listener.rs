@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::cancel::CancelMap;
-use super::config::{ProxyConfig, UpstreamTls};
+use super::config::ProxyConfig;
 use super::error::ProxyError;
 use super::hold::{self, Gate};
 use super::metrics;
@@ -64,10 +64,7 @@ pub async fn start(args: &ProxyConfig) -> Result<RunningProxy, ProxyError> {
         (Some(c), Some(k)) => Some(tls::acceptor(c, k)?),
         _ => None,
     };
-    let tls_connector = match args.upstream_tls {
-        UpstreamTls::Disable => None,
-        _ => Some(tls::connector()?),
-    };
+    let upstream_tls = tls::upstream(&args.upstream_tls, &args.upstream)?;
     let listen_error = |source| ProxyError::Listen {
         addr: args.listen.clone(),
         source,
@@ -80,9 +77,8 @@ pub async fn start(args: &ProxyConfig) -> Result<RunningProxy, ProxyError> {
         upstream: args.upstream.clone(),
         listen: local_addr,
         max_hold: args.max_hold,
-        upstream_tls: args.upstream_tls,
+        upstream_tls,
         tls_acceptor,
-        tls_connector,
         admin,
         gate: Arc::new(Gate::new()),
         cancels: CancelMap::default(),

@@ -84,7 +84,7 @@ mod stats;
 mod stream;
 mod tls;
 
-pub use config::{ProxyConfig, UpstreamTls};
+pub use config::ProxyConfig;
 pub use error::ProxyError;
 pub use hold::Gate;
 pub use listener::{run, start, RunningProxy};

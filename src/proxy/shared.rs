@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::cancel::CancelMap;
-use super::config::UpstreamTls;
 use super::hold::Gate;
 use super::scram::Credentials;
 use super::session::registry::Registry;
@@ -20,9 +19,10 @@ pub struct Shared {
     pub upstream: String,
     pub listen: SocketAddr,
     pub max_hold: Duration,
-    pub upstream_tls: UpstreamTls,
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
-    pub tls_connector: Option<tokio_rustls::TlsConnector>,
+    /// TLS towards the server (settings and the rustls configuration built from them);
+    /// `None`: plain TCP (`--upstream-tls disable`).
+    pub upstream_tls: Option<crate::tls::Tls>,
     /// The admin console's login; `None`: the console is off.
     pub admin: Option<Credentials>,
     pub gate: Arc<Gate>,

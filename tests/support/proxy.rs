@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use shadow_alter::proxy::{ProxyConfig, RunningProxy, UpstreamTls};
+use shadow_alter::proxy::{ProxyConfig, RunningProxy};
 
 pub const ADMIN: &str = "admin";
 pub const PASSWORD: &str = "console-secret";
@@ -25,16 +25,20 @@ impl Drop for Proxy {
 
 pub async fn start() -> Proxy {
     let s = super::server();
+    start_with(ProxyConfig::new(
+        "127.0.0.1:0",
+        format!("127.0.0.1:{}", s.port),
+    ))
+    .await
+}
+
+/// A proxy with `config`, and the test console login.
+pub async fn start_with(config: ProxyConfig) -> Proxy {
     let running = shadow_alter::proxy::start(&ProxyConfig {
-        listen: "127.0.0.1:0".into(),
-        upstream: format!("127.0.0.1:{}", s.port),
         admin_user: Some(ADMIN.into()),
         admin_password: Some(PASSWORD.into()),
-        tls_cert: None,
-        tls_key: None,
-        upstream_tls: UpstreamTls::Disable,
         max_hold: Duration::from_secs(5),
-        metrics_listen: None,
+        ..config
     })
     .await
     .expect("start a proxy");

@@ -1,17 +1,15 @@
 //! Connections to the upstream server: one per session, and a short-lived one per forwarded
-//! cancel request; TLS as `--upstream-tls` says.
+//! cancel request; TLS as `--upstream-tls` says (the engine's TLS layer negotiates and verifies,
+//! so the proxy's `verify-full` is libpq's).
 //!
 //! Invariant: every connect, TLS handshake and cancel round trip is bounded by
 //! `CONNECT_TIMEOUT`.
 
 use std::time::Duration;
 
-use bytes::BytesMut;
-use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::proxy::config::UpstreamTls;
 use crate::proxy::error::ProxyError;
 use crate::proxy::shared::Shared;
 use crate::proxy::stream::{MaybeTls, UpStream};
@@ -23,32 +21,24 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connect to the upstream server, with TLS as --upstream-tls says.
 pub async fn connect_upstream(shared: &Shared) -> Result<UpStream, ProxyError> {
     let fut = async {
-        let mut tcp = TcpStream::connect(&shared.upstream)
+        let tcp = TcpStream::connect(&shared.upstream)
             .await
             .map_err(|source| ProxyError::UpstreamConnect {
                 addr: shared.upstream.clone(),
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        let connector = match (&shared.tls_connector, shared.upstream_tls) {
-            (Some(c), UpstreamTls::Prefer | UpstreamTls::Require) => c,
-            _ => return Ok(MaybeTls::Plain(tcp)),
+        let Some(t) = &shared.upstream_tls else {
+            return Ok(MaybeTls::Plain(tcp));
         };
-        let mut request = BytesMut::with_capacity(8);
-        frontend::ssl_request(&mut request);
-        tcp.write_all(&request).await?;
-        let mut answer = [0u8; 1];
-        tcp.read_exact(&mut answer).await?;
-        match answer[0] {
-            b'S' => {
-                let name = tls::server_name(&shared.upstream)?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok(MaybeTls::Tls(Box::new(tls)))
-            }
-            b'N' if shared.upstream_tls == UpstreamTls::Prefer => Ok(MaybeTls::Plain(tcp)),
-            b'N' => Err(ProxyError::UpstreamTlsRefused),
-            other => Err(ProxyError::UpstreamSslAnswer(other)),
-        }
+        let host = tls::upstream_host(&shared.upstream);
+        let stream =
+            crate::tls::negotiate(tcp, &t.settings, &t.config, true, host, &shared.upstream)
+                .await?;
+        Ok(match stream {
+            crate::tls::MaybeTls::Plain(s) => MaybeTls::Plain(s),
+            crate::tls::MaybeTls::Tls(s) => MaybeTls::Tls(s),
+        })
     };
     tokio::time::timeout(CONNECT_TIMEOUT, fut)
         .await

@@ -12,7 +12,6 @@ use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use crate::proxy::cancel::CancelMap;
-use crate::proxy::config::UpstreamTls;
 use crate::proxy::error::ProxyError;
 use crate::proxy::hold::Gate;
 use crate::proxy::reprepare::Reprepare;
@@ -29,9 +28,8 @@ fn shared() -> Shared {
         upstream: addr.to_string(),
         listen: addr,
         max_hold: Duration::from_secs(30),
-        upstream_tls: UpstreamTls::Disable,
+        upstream_tls: None,
         tls_acceptor: None,
-        tls_connector: None,
         admin: None,
         gate: Arc::new(Gate::new()),
         cancels: CancelMap::default(),
