@@ -88,6 +88,7 @@ impl Follower {
             lenient_until: windows.lenient_until,
             replay_snapshot: windows.replay_snapshot,
             replaying: false,
+            replayed: (0, None),
             skip_until_message,
         };
         let handle = tokio::spawn(task.run(stop_rx));
@@ -246,6 +247,8 @@ struct Task {
     /// The transactions the replay's snapshot saw (see `Windows`).
     replay_snapshot: Option<XidSnapshot>,
     replaying: bool,
+    /// Changes replayed so far, and when the first one was (for the replay's rate in the log).
+    replayed: (u64, Option<std::time::Instant>),
     /// Changes before a logical message with this prefix are not applied (the reverse stream
     /// of a soak window: before the swap's message, the new table was written by us only).
     skip_until_message: Option<String>,
@@ -256,6 +259,13 @@ impl Task {
     /// truncated meanwhile, widen the lenient window to now.
     async fn end_replay(&mut self) -> Result<(), EngineError> {
         self.replay_over = true;
+        if let (n, Some(started)) = self.replayed {
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                "replayed {n} changes from before the resumed copy's snapshot in {secs:.1}s ({:.0} changes/s)",
+                n as f64 / secs.max(1e-3)
+            );
+        }
         if let Some(at) = self.applier.end_replay(self.table.oid).await? {
             let until = self.lenient_until.map_or(at, |l| l.max(at));
             tracing::warn!(
@@ -277,6 +287,7 @@ impl Task {
         }
         let mode = self.windows().mode(final_lsn, xid);
         self.replaying = mode == Mode::Replay;
+        self.applier.set_replaying(self.replaying).await?;
         self.applier.set_lenient(mode == Mode::Lenient).await
     }
 
@@ -293,6 +304,8 @@ impl Task {
             return Ok(());
         }
         if self.replaying {
+            self.replayed.0 += 1;
+            self.replayed.1.get_or_insert_with(std::time::Instant::now);
             self.applier.apply_idempotent(change).await
         } else {
             self.applier.apply(change).await

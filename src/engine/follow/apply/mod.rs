@@ -92,6 +92,9 @@ pub struct Applier {
     recorded: Option<Lsn>,
     /// Lenient mode (see `set_lenient`).
     lenient: bool,
+    /// Idempotent mode, for a resumed copy's replay (see `replay`): rows are whole-row upserts
+    /// and deletes that may find nothing, so counts are checked as in lenient mode.
+    replaying: bool,
     /// The end of the lenient window, recorded in the checkpoint with the next commit.
     lenient_until: Option<Lsn>,
     lenient_recorded: Option<Lsn>,
@@ -118,6 +121,7 @@ impl Applier {
             position: None,
             recorded: None,
             lenient: false,
+            replaying: false,
             lenient_until: None,
             lenient_recorded: None,
             replay_source: None,
@@ -148,6 +152,16 @@ impl Applier {
         if lenient != self.lenient {
             self.flush_window().await?;
             self.lenient = lenient;
+        }
+        Ok(())
+    }
+
+    /// Idempotent mode for the replay window of a resumed copy (see `apply_idempotent`); rows
+    /// gathered in the other mode are sent first, so each statement is counted as its mode says.
+    pub async fn set_replaying(&mut self, replaying: bool) -> Result<(), EngineError> {
+        if replaying != self.replaying {
+            self.flush_window().await?;
+            self.replaying = replaying;
         }
         Ok(())
     }
@@ -342,6 +356,17 @@ impl Applier {
                 (StmtKey::Delete, key.clone(), vec![key])
             }
         };
+        self.push(key, params, touched).await
+    }
+
+    /// Gather one row of statement kind `key` into the window (sending the window first when the
+    /// row touches a key already in it, or when rows may not be reordered).
+    async fn push(
+        &mut self,
+        key: StmtKey,
+        params: Vec<Option<String>>,
+        touched: Vec<KeyValue>,
+    ) -> Result<(), EngineError> {
         let Some(stmt) = self.statement(&key).await? else {
             return Ok(());
         };
@@ -376,7 +401,7 @@ impl Applier {
                 what,
                 rows,
                 keys,
-                lenient: self.lenient,
+                lenient: self.lenient || self.replaying,
             });
             while self.in_flight.len() > PIPELINE_DEPTH {
                 self.settle_one().await?;

@@ -11,6 +11,10 @@
 //! - a delete removes the row if it is there;
 //! - a truncate truncates.
 //!
+//! The rows go through the same window as the strict apply (array statements, pipelined): a
+//! window holds each key at most once, so the last change to a key is the last one applied to
+//! it, and changes to different keys commute. Only the counts differ: a delete may find no row.
+//!
 //! Why replaying every change from the slot's position ends, at S, with the shadow equal to the
 //! source at S: take any key k. If some change up to S touches k, the last one decides: a
 //! delete, or a move away from k, leaves k empty (and so does the source at S); an insert or an
@@ -24,9 +28,9 @@
 //! from S on. A run killed during the replay copies again after the watermark under a new
 //! snapshot and replays from where it got (`run.rs`): the argument holds again for the new S.
 
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+use super::statements::StmtKey;
 use super::window::KeyValue;
 use super::{Applier, Change};
 use crate::db::Ctx;
@@ -162,125 +166,7 @@ pub async fn truncated_since(
     )?))
 }
 
-/// A source row as SQL: `(SELECT <v0> AS "c0", ...) AS s`, with text parameters; its key values
-/// are parameters 1..=k (for lookups), the other values follow.
-struct Row {
-    from: String,
-    params: Vec<Option<String>>,
-}
-
 impl Applier {
-    /// The whole row `tuple` (no unchanged TOAST values left in it) as SQL.
-    fn replay_row(&self, tuple: &[TupleValue]) -> Result<Row, EngineError> {
-        let key = self.key_of(tuple)?;
-        // the key parameters are always referenced, so the server can type them
-        let mut values: Vec<String> = (1..=key.len())
-            .map(|i| format!("${i}::text AS __sa_k{i}"))
-            .collect();
-        let mut params: Vec<Option<String>> = key;
-        for (i, (name, ty)) in self.columns.iter().enumerate() {
-            let sql = match tuple.get(i).unwrap_or(&TupleValue::Null) {
-                TupleValue::Unchanged => {
-                    return Err(EngineError::Internal(
-                        "an unchanged TOAST value reached a whole-row replay".into(),
-                    ))
-                }
-                TupleValue::Null => format!("NULL::{ty}"),
-                v @ TupleValue::Text(_) => {
-                    params.push(Self::text(v)?);
-                    format!("${}::text::{ty}", params.len())
-                }
-            };
-            values.push(format!("{sql} AS {}", quote_ident(name)));
-        }
-        Ok(Row {
-            from: format!("(SELECT {}) AS s", values.join(", ")),
-            params,
-        })
-    }
-
-    /// `(t.k1, ...) = (SELECT <shadow key exprs> FROM (<source key at $first..>) AS s)`.
-    fn shadow_key_match(&self, first: usize) -> String {
-        let src: Vec<String> = self
-            .key_pos
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| {
-                let (name, ty) = &self.columns[p];
-                format!("${}::text::{ty} AS {}", first + i, quote_ident(name))
-            })
-            .collect();
-        let exprs = self.mapping.shadow_key_exprs();
-        let cols: Vec<String> = self
-            .mapping
-            .shadow_key
-            .iter()
-            .map(|c| format!("t.{}", quote_ident(c)))
-            .collect();
-        format!(
-            "({}) = (SELECT {} FROM (SELECT {}) AS s)",
-            cols.join(", "),
-            exprs.join(", "),
-            src.join(", ")
-        )
-    }
-
-    async fn replay_exec(
-        &mut self,
-        sql: &str,
-        params: &[Option<String>],
-    ) -> Result<u64, EngineError> {
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        self.client
-            .execute(sql, &refs)
-            .await
-            .map_err(|e| self.apply_error("replayed change", "(replay)", e))
-    }
-
-    /// Remove the row at `key` if it is there.
-    async fn replay_delete(&mut self, key: &KeyValue) -> Result<(), EngineError> {
-        let sql = format!(
-            "DELETE FROM {} AS t WHERE {}",
-            self.shadow,
-            self.shadow_key_match(1)
-        );
-        self.replay_exec(&sql, key).await.map(|_| ())
-    }
-
-    /// Insert the whole row, or overwrite every column of the row with its key.
-    async fn replay_upsert(&mut self, tuple: &[TupleValue]) -> Result<(), EngineError> {
-        let row = self.replay_row(tuple)?;
-        let keys: Vec<String> = self
-            .mapping
-            .shadow_key
-            .iter()
-            .map(|c| quote_ident(c))
-            .collect();
-        let sets: Vec<String> = self
-            .mapping
-            .targets
-            .iter()
-            .filter(|t| !self.mapping.shadow_key.contains(&t.column))
-            .map(|t| format!("{0} = EXCLUDED.{0}", quote_ident(&t.column)))
-            .collect();
-        let conflict = if sets.is_empty() {
-            "DO NOTHING".to_string()
-        } else {
-            format!("DO UPDATE SET {}", sets.join(", "))
-        };
-        let sql = format!(
-            "INSERT INTO {} ({}){} SELECT {} FROM {} ON CONFLICT ({}) {conflict}",
-            self.shadow,
-            self.mapping.column_list(),
-            self.mapping.overriding_clause(),
-            self.mapping.expr_list(),
-            row.from,
-            keys.join(", ")
-        );
-        self.replay_exec(&sql, &row.params).await.map(|_| ())
-    }
-
     /// `new` with its unchanged TOAST values filled in from the source as of the replay's
     /// snapshot, or None when the snapshot has no row at its key.
     async fn whole_row(
@@ -317,7 +203,9 @@ impl Applier {
         ))
     }
 
-    /// Apply one change idempotently (see the module header).
+    /// Apply one change idempotently (see the module header), batched like the strict apply:
+    /// rows gather in the window as whole-row upserts and deletes, and a key seen again sends
+    /// the window first, so the changes to one key keep their order.
     pub async fn apply_idempotent(&mut self, change: &Change) -> Result<(), EngineError> {
         if self.columns.is_empty() && !matches!(change, Change::Truncate) {
             return Err(EngineError::Stream(
@@ -325,11 +213,11 @@ impl Applier {
             ));
         }
         self.begin_if_needed().await?;
-        self.flush_window().await?;
-        self.settle_all().await?;
         self.pending += 1;
         match change {
             Change::Truncate => {
+                self.flush_window().await?;
+                self.settle_all().await?;
                 self.client
                     .batch_execute(&format!("TRUNCATE {}", self.shadow))
                     .await
@@ -338,13 +226,14 @@ impl Applier {
             Change::Insert(new) => self.replay_upsert(new).await?,
             Change::Delete(old) => {
                 let key = self.key_of(old)?;
-                self.replay_delete(&key).await?;
+                self.push(StmtKey::Delete, key.clone(), vec![key]).await?;
             }
             Change::Update { old, new } => {
                 let old_key = self.key_of(old.as_ref().unwrap_or(new))?;
                 let new_key = self.key_of(new)?;
                 if old_key != new_key {
-                    self.replay_delete(&old_key).await?;
+                    self.push(StmtKey::Delete, old_key.clone(), vec![old_key])
+                        .await?;
                 }
                 if let Some(row) = self.whole_row(new).await? {
                     self.replay_upsert(&row).await?;
@@ -352,5 +241,20 @@ impl Applier {
             }
         }
         Ok(())
+    }
+
+    /// Insert the whole row, or overwrite every column of the row with its key.
+    async fn replay_upsert(&mut self, tuple: &[TupleValue]) -> Result<(), EngineError> {
+        if tuple.iter().any(|v| matches!(v, TupleValue::Unchanged)) {
+            return Err(EngineError::Internal(
+                "an unchanged TOAST value reached a whole-row replay".into(),
+            ));
+        }
+        let params = tuple
+            .iter()
+            .map(Self::text)
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = self.key_of(tuple)?;
+        self.push(StmtKey::Upsert, params, vec![key]).await
     }
 }
