@@ -92,6 +92,9 @@ pub async fn until_cutover(
     let mut verify_answered: Option<SystemTime> = None;
     let mut hook_said: Option<(Instant, String)> = None;
     let mut abort = run.abort.clone();
+    // a request (`cutover`, `verify`) ends the wait below at once instead of at its next second
+    let mut requested = run.requests.clone();
+    let mut watching = true;
     loop {
         run.check_abort()?;
         if let Some(reason) = gate.stop_reason() {
@@ -175,6 +178,8 @@ pub async fn until_cutover(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = Run::aborted(&mut abort) => return Err(EngineError::Aborted),
             _ = gate.changed() => {}
+            // the watcher may be gone (it could not connect): then only the second is left
+            r = requested.changed(), if watching => watching = r.is_ok(),
         }
     }
     run.progress.finish_phase();
