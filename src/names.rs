@@ -39,6 +39,33 @@ pub fn fit(base: &str, suffix: &str) -> String {
     format!("{b}{suffix}")
 }
 
+/// The name PostgreSQL makes for an object named after a table (`name1`), optionally its columns
+/// (`name2`, already joined with `_`), and a label (`check`, `key`, `fkey`, `pkey`...), as its
+/// `makeObjectName` does: when the whole is longer than 63 bytes, the longer of the two names
+/// loses a byte at a time until it fits (never splitting a character), so both keep a part.
+pub fn object_name(name1: &str, name2: Option<&str>, label: &str) -> String {
+    let overhead = label.len() + 1 + usize::from(name2.is_some());
+    let avail = MAX_IDENT.saturating_sub(overhead);
+    let (mut n1, mut n2) = (name1.len(), name2.map_or(0, str::len));
+    while n1 + n2 > avail {
+        if n1 > n2 {
+            n1 -= 1;
+        } else {
+            n2 -= 1;
+        }
+    }
+    let clip = |s: &str, mut n: usize| {
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        s[..n].to_string()
+    };
+    match name2 {
+        Some(n) => format!("{}_{}_{label}", clip(name1, n1), clip(n, n2)),
+        None => format!("{}_{label}", clip(name1, n1)),
+    }
+}
+
 /// The work schema of a run on the table with this oid.
 pub fn work_schema(oid: u32) -> String {
     format!("{PREFIX}{oid}")
@@ -145,6 +172,26 @@ mod tests {
         let n = fit(&wide, "_seq");
         assert!(n.len() <= 63 && n.ends_with("_seq"));
         assert_eq!(fit("t", "_pkey"), "t_pkey");
+    }
+
+    #[test]
+    fn object_names_shorten_the_longer_part_like_postgresql() {
+        let table = "a_table_with_a_rather_long_name_near_the_limit_of_63_bytes";
+        // what PostgreSQL 15 named `ADD CHECK (price > -5)` on that table
+        assert_eq!(
+            object_name(table, Some("price"), "check"),
+            "a_table_with_a_rather_long_name_near_the_limit_of_6_price_check"
+        );
+        assert_eq!(
+            object_name(table, None, "pkey"),
+            "a_table_with_a_rather_long_name_near_the_limit_of_63_bytes_pkey"
+        );
+        assert_eq!(object_name("t", Some("a_b"), "key"), "t_a_b_key");
+        // two long parts are shortened alike, and a character is never split
+        let long = "é".repeat(40);
+        let n = object_name(&long, Some(&long), "fkey");
+        assert!(n.len() <= MAX_IDENT && n.ends_with("_fkey"), "{n}");
+        assert!(n.starts_with("éé"), "{n}");
     }
 
     #[test]

@@ -870,3 +870,58 @@ async fn alters_are_classified_by_the_server_version_in_use() {
         wrong.join("\n")
     );
 }
+
+/// The names of a table's constraints and indexes.
+async fn constraint_and_index_names(c: &Client, t: &str) -> BTreeSet<String> {
+    c.query(
+        "SELECT conname::text FROM pg_constraint WHERE conrelid = $1::text::regclass
+         UNION SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = $1::text::regclass",
+        &[&t],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test]
+async fn unnamed_constraints_get_the_names_postgresql_gives_even_on_long_table_names() {
+    // Past 63 bytes PostgreSQL shortens the longer of table and column names, so both keep a
+    // part: a plan that cut "<table>_<column>" from the end named the check differently
+    let t = "a_table_with_a_rather_long_name_near_the_limit_of_63_bytes";
+    let setup = format!(
+        "CREATE TABLE parent_of_long (id int PRIMARY KEY); INSERT INTO parent_of_long VALUES (1);
+         CREATE TABLE {t} (id int PRIMARY KEY, price int, parent_ref int, code int);
+         INSERT INTO {t} SELECT g, g, 1, g FROM generate_series(1, 1000) g;"
+    );
+    let alters = [
+        "ADD CHECK (price > -5)",
+        "ADD FOREIGN KEY (parent_ref) REFERENCES parent_of_long (id)",
+        "ADD UNIQUE (code)",
+        "ADD COLUMN extra int CHECK (extra > 0)",
+        "ADD CHECK (price > -6)",
+    ];
+    let ours_url = fresh_db("longcons_ours").await;
+    let ours = connect(&ours_url).await;
+    let plain = connect(&fresh_db("longcons_plain").await).await;
+    for c in [&ours, &plain] {
+        c.batch_execute(&setup).await.unwrap();
+    }
+    for alter in alters {
+        let p = plan_for(&ours, t, alter).await;
+        assert_ne!(p.strategy, Strategy::ShadowCopy, "{alter}: {p:?}");
+        run(run_args(&ours_url, t, alter))
+            .await
+            .unwrap_or_else(|e| panic!("{alter}: {e}"));
+        plain
+            .batch_execute(&format!("ALTER TABLE {t} {alter}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            constraint_and_index_names(&ours, t).await,
+            constraint_and_index_names(&plain, t).await,
+            "after {alter}"
+        );
+    }
+}

@@ -363,15 +363,32 @@ fn backup_table(table: &Table, key: &[String], col: &str) -> String {
 fn default_constraint_name(table: &str, c: &pg_query::protobuf::Constraint) -> String {
     use pg_query::protobuf::ConstrType as C;
     let cols = |n: &[pg_query::protobuf::Node]| super::classify::string_list(n).join("_");
-    let (base, suffix) = match C::try_from(c.contype) {
-        Ok(C::ConstrPrimary) => (table.to_string(), "_pkey"),
-        Ok(C::ConstrUnique) => (format!("{table}_{}", cols(&c.keys)), "_key"),
-        Ok(C::ConstrExclusion) => (table.to_string(), "_excl"),
-        Ok(C::ConstrForeign) => (format!("{table}_{}", cols(&c.fk_attrs)), "_fkey"),
+    let (columns, label) = match C::try_from(c.contype) {
+        Ok(C::ConstrPrimary) => (None, "pkey"),
+        Ok(C::ConstrUnique) => (Some(cols(&c.keys)), "key"),
+        Ok(C::ConstrExclusion) => {
+            // each element is (index element, operator): named after the element's column
+            let names: Vec<String> = c
+                .exclusions
+                .iter()
+                .filter_map(|e| match e.node.as_ref() {
+                    Some(pg_query::NodeEnum::List(l)) => l.items.first(),
+                    _ => None,
+                })
+                .map(|e| match e.node.as_ref() {
+                    Some(pg_query::NodeEnum::IndexElem(ie)) if !ie.name.is_empty() => {
+                        ie.name.clone()
+                    }
+                    _ => "expr".to_string(),
+                })
+                .collect();
+            (Some(names.join("_")), "excl")
+        }
+        Ok(C::ConstrForeign) => (Some(cols(&c.fk_attrs)), "fkey"),
         _ => match super::strategy::check_columns(c).as_slice() {
-            [one] => (format!("{table}_{one}"), "_check"),
-            _ => (table.to_string(), "_check"),
+            [one] => (Some(one.clone()), "check"),
+            _ => (None, "check"),
         },
     };
-    crate::names::fit(&base, suffix)
+    crate::names::object_name(table, columns.as_deref(), label)
 }

@@ -72,9 +72,10 @@ pub fn default_index_name(sql: &str) -> Option<String> {
             _ => None,
         })
         .collect();
-    Some(crate::names::fit(
-        &format!("{table}_{}", cols.join("_")),
-        "_idx",
+    Some(crate::names::object_name(
+        table,
+        Some(&cols.join("_")),
+        "idx",
     ))
 }
 

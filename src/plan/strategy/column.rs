@@ -121,12 +121,12 @@ fn constraint_steps(
     } else {
         match i.contype {
             ConstrType::ConstrCheck => match i.columns.as_slice() {
-                [col] => names.pick(&format!("{}_{col}", table.name), "_check"),
-                _ => names.pick(&table.name, "_check"),
+                [col] => names.pick(&table.name, Some(col), "check"),
+                _ => names.pick(&table.name, None, "check"),
             },
-            ConstrType::ConstrForeign => names.pick(&format!("{}_{column}", table.name), "_fkey"),
-            ConstrType::ConstrUnique => names.pick(&format!("{}_{column}", table.name), "_key"),
-            _ => names.pick(&table.name, "_pkey"),
+            ConstrType::ConstrForeign => names.pick(&table.name, Some(column), "fkey"),
+            ConstrType::ConstrUnique => names.pick(&table.name, Some(column), "key"),
+            _ => names.pick(&table.name, None, "pkey"),
         }
     };
     let cannot = || {

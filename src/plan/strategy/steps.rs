@@ -37,15 +37,17 @@ impl<'a> Names<'a> {
     pub(super) fn take(&mut self, name: &str) {
         self.used.push(name.to_string());
     }
-    pub(super) fn pick(&mut self, base: &str, suffix: &str) -> String {
+    /// The name PostgreSQL would choose for a new constraint of `table` (over `columns`, joined
+    /// with `_`, when its kind names them) with `label`, numbered past the names in use.
+    pub(super) fn pick(&mut self, table: &str, columns: Option<&str>, label: &str) -> String {
         let mut n = 0;
         loop {
-            let s = if n == 0 {
-                suffix.to_string()
+            let l = if n == 0 {
+                label.to_string()
             } else {
-                format!("{suffix}{n}")
+                format!("{label}{n}")
             };
-            let name = fit(base, &s);
+            let name = crate::names::object_name(table, columns, &l);
             if !self.real.constraints.contains_key(&name)
                 && !self.real.index_columns.contains_key(&name)
                 && !self.used.contains(&name)
@@ -204,12 +206,13 @@ pub(super) fn validate_new(
             expr_columns(c)
         };
         // PostgreSQL names a check after its column only when it reads exactly one
-        let base = match cols.as_slice() {
-            [_, ..] if fk => format!("{}_{}", table.name, cols.join("_")),
-            [col] => format!("{}_{col}", table.name),
-            _ => table.name.clone(),
+        let joined = cols.join("_");
+        let columns = match cols.as_slice() {
+            [_, ..] if fk => Some(joined.as_str()),
+            [col] => Some(col.as_str()),
+            _ => None,
         };
-        let name = names.pick(&base, if fk { "_fkey" } else { "_check" });
+        let name = names.pick(&table.name, columns, if fk { "fkey" } else { "check" });
         let rest = part.sql.get(part.after_first_word..).unwrap_or("");
         (
             name.clone(),
@@ -312,9 +315,9 @@ pub(super) fn unique_steps(
     let name = if !c.conname.is_empty() {
         c.conname.clone()
     } else if pk {
-        names.pick(&table.name, "_pkey")
+        names.pick(&table.name, None, "pkey")
     } else {
-        names.pick(&format!("{}_{}", table.name, keys.join("_")), "_key")
+        names.pick(&table.name, Some(&keys.join("_")), "key")
     };
     let index = fit(&name, INDEX_SUFFIX);
     let cols = |v: &[String]| {
