@@ -498,6 +498,20 @@ async fn a_rerun_of_an_alter_a_finished_run_applied_is_done_not_applied_twice() 
     let (code, out) = output(&url, &argv, &[]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("already applied"), "{out}");
+    // a kill after the cleanup but before the outcome was written (seed 5346): the state row
+    // still says cutover; the rerun that finds the ALTER applied records it as done
+    c.batch_execute("UPDATE shadow_alter.migrations SET phase = 'cutover', finished_at = NULL")
+        .await
+        .unwrap();
+    let (code, out) = output(&url, &argv, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("already applied"), "{out}");
+    let phase: String = c
+        .query_one("SELECT phase FROM shadow_alter.migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(phase, "done");
     assert_eq!(column_type(&c, "t", "v").await.as_deref(), Some("bigint"));
     assert_eq!(column_type(&c, "t", "gone").await, None);
     assert_nothing_left(&c).await;

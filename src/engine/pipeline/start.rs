@@ -116,7 +116,7 @@ pub async fn finish_swapped(control: &Client, cfg: &RunConfig) -> Result<bool, E
 async fn already_applied(control: &Client, oid: u32, alter: &str) -> Result<bool, EngineError> {
     let row = control
         .query_opt(
-            "SELECT finished_at::text FROM shadow_alter.migrations
+            "SELECT finished_at::text, table_oid, phase FROM shadow_alter.migrations
              WHERE to_regclass('shadow_alter.migrations') IS NOT NULL AND new_oid = $1 AND alter_sql = $2
              ORDER BY started_at DESC LIMIT 1",
             &[&oid, &alter],
@@ -141,6 +141,17 @@ async fn already_applied(control: &Client, oid: u32, alter: &str) -> Result<bool
     };
     let Some(row) = row else { return Ok(false) };
     let finished: Option<String> = row.get(0);
+    let phase: String = row.get(2);
+    if !crate::engine::store::migrations::FINAL_PHASES.contains(&phase.as_str()) {
+        // killed after its cleanup (the checkpoint is removed last) but before its outcome
+        State::for_oid(row.get(1))
+            .finish(
+                control,
+                "done",
+                Some("the swap had committed; its outcome was recorded by a rerun"),
+            )
+            .await;
+    }
     println!(
         "done: this ALTER was already applied to the table by an earlier run (its swap committed{}); nothing to do",
         finished.map(|f| format!(", finished {f}")).unwrap_or_default()
