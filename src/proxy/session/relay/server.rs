@@ -2,7 +2,8 @@
 //! re-preparation tracker keep or release answers, and forwards; runs a retry when the tracker
 //! asks for one.
 //!
-//! Invariant: a frame the tracker keeps is taken out of the stream before anything after it is
+//! Invariant: a ReadyForQuery is exactly 6 bytes (anything else ends the session), so its status
+//! byte is its own and it is always whole when inspected. A frame the tracker keeps is taken out of the stream before anything after it is
 //! forwarded, and kept answers that are released go back into the stream at the point where the
 //! tracker gave up, so the client sees the server's answers in the server's order.
 
@@ -67,6 +68,13 @@ impl<'a, R, UW, W> ServerSide<'a, R, UW, W> {
                 .total(SERVER_MESSAGE_LIMIT)
                 .map_err(ProxyError::server_frame)?;
             let status = if h.tag == b'Z' {
+                if total != READY_LEN {
+                    // its status would be read from the next frame, and a kept one could be
+                    // taken out of the stream in part
+                    return Err(ProxyError::UpstreamProtocol(format!(
+                        "ReadyForQuery of {total} bytes"
+                    )));
+                }
                 match cur.head(READY_LEN) {
                     Some(z) => z[READY_LEN - 1],
                     None => return Ok(Stop::Input),
