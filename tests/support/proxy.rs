@@ -35,6 +35,8 @@ pub async fn start() -> Proxy {
         upstream_tls: UpstreamTls::Disable,
         max_hold: Duration::from_secs(5),
         metrics_listen: None,
+        max_clients: shadow_alter::proxy::DEFAULT_MAX_CLIENTS,
+        client_login_timeout: shadow_alter::proxy::DEFAULT_LOGIN_TIMEOUT,
     })
     .await
     .expect("start a proxy");

@@ -3,20 +3,15 @@
 //! request in the proxy until release; a malformed message ends the session with 08P01.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use crate::proxy::cancel::CancelMap;
-use crate::proxy::config::UpstreamTls;
 use crate::proxy::error::ProxyError;
-use crate::proxy::hold::Gate;
 use crate::proxy::reprepare::Reprepare;
-use crate::proxy::session::registry::{ClientEntry, Registry};
+use crate::proxy::session::registry::ClientEntry;
 use crate::proxy::session::relay::{run, Session};
 use crate::proxy::shared::Shared;
 use crate::wire::{split_frame, Cursor, MAX_MESSAGE_LEN};
@@ -24,23 +19,7 @@ use crate::wire::{split_frame, Cursor, MAX_MESSAGE_LEN};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn shared() -> Shared {
-    let addr: SocketAddr = "127.0.0.1:9".parse().expect("address");
-    Shared {
-        upstream: addr.to_string(),
-        listen: addr,
-        max_hold: Duration::from_secs(30),
-        upstream_tls: UpstreamTls::Disable,
-        tls_acceptor: None,
-        tls_connector: None,
-        admin: None,
-        gate: Arc::new(Gate::new()),
-        cancels: CancelMap::default(),
-        clients: Registry::default(),
-        started: Instant::now(),
-        next_id: AtomicU64::new(1),
-        reprepared: AtomicU64::new(0),
-        stats: Default::default(),
-    }
+    Shared::detached()
 }
 
 fn entry() -> ClientEntry {
@@ -263,4 +242,28 @@ async fn the_server_closing_ends_the_session() {
         .expect("the relay stops");
     r.expect("a clean end");
     drop(app);
+}
+
+/// A ReadyForQuery is 6 bytes: a shorter one would have its status read from the next frame,
+/// a longer one could be taken out of the stream in part while a failed batch is kept.
+#[tokio::test]
+async fn a_ready_for_query_of_another_length_ends_the_session() {
+    for z in [&b"Z\0\0\0\x04"[..], b"Z\0\0\0\x07Ixx"] {
+        let (shared, entry) = (shared(), entry());
+        let Pipes {
+            app,
+            mut db,
+            proxy_client,
+            proxy_server,
+        } = pipes();
+        db.write_all(z).await.expect("write");
+        let r = tokio::time::timeout(WAIT, relay(&shared, &entry, proxy_client, proxy_server))
+            .await
+            .expect("the relay stops");
+        assert!(
+            matches!(&r, Err(ProxyError::UpstreamProtocol(m)) if m.contains("ReadyForQuery")),
+            "{r:?}"
+        );
+        drop(app);
+    }
 }
