@@ -188,7 +188,10 @@ where
         r = pump(&mut to_client, ubuf) => r,
     };
     if let Err(ProxyError::ClientProtocol(msg)) = &result {
-        send_error(to_client.client(), "FATAL", "08P01", msg).await;
+        // never inside a frame the server was still sending (found by fuzzing)
+        if to_client.at_boundary() {
+            send_error(to_client.client(), "FATAL", "08P01", msg).await;
+        }
     }
     result
 }

@@ -267,3 +267,33 @@ async fn a_ready_for_query_of_another_length_ends_the_session() {
         drop(app);
     }
 }
+
+/// Found by fuzzing (fuzz/regressions/relay/error-inside-a-server-frame): a client's protocol
+/// violation while a large server frame was streaming put the proxy's ErrorResponse inside
+/// that frame, so the client read garbage. The session still ends, without the message.
+#[tokio::test]
+async fn no_error_is_spliced_into_a_frame_the_server_is_sending() {
+    let (shared, entry) = (shared(), entry());
+    let Pipes {
+        mut app,
+        mut db,
+        proxy_client,
+        proxy_server,
+    } = pipes();
+    // a 100-byte DataRow of which 20 bytes arrived
+    let mut row = msg(b'D', &[7; 95]);
+    row.truncate(20);
+    let relay = relay(&shared, &entry, proxy_client, proxy_server);
+    let session = async {
+        db.write_all(&row).await.expect("write");
+        assert_eq!(read_exactly(&mut app, 20).await, row);
+        app.write_all(b"z\0\0\0\x04").await.expect("write");
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, app.read_to_end(&mut rest)).await;
+        rest
+    };
+    let (r, rest) = tokio::join!(relay, session);
+    assert!(matches!(r, Err(ProxyError::ClientProtocol(_))), "{r:?}");
+    assert!(rest.is_empty(), "sent inside the server's frame: {rest:?}");
+    drop(db);
+}
