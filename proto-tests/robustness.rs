@@ -292,12 +292,35 @@ async fn idle_client(addr: std::net::SocketAddr, db: &str) -> RawConn {
     c
 }
 
+/// Raise this process's open-file limit (and so the proxy process's, which inherits it) to at
+/// least `n`: many systems start with a soft limit of 1024.
+fn raise_open_files(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < n {
+            assert!(
+                lim.rlim_max >= n,
+                "the hard open-file limit {} is below {n}",
+                lim.rlim_max
+            );
+            lim.rlim_cur = n;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_idle_clients_cost_little_memory() {
     use futures_util::StreamExt;
     const CLIENTS: usize = 1000;
     /// Growth of the proxy's resident memory per idle client, at most.
     const MAX_PER_CLIENT_KIB: u64 = 64;
+    raise_open_files(3 * CLIENTS as u64);
     // a server of its own, with room for every client's backend
     let server = support::start_server(&[("max_connections", "1100")]);
     let p = ProxyProcess::start(server.port, &["--max-clients", "2000"]).await;
