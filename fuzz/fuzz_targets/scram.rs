@@ -34,6 +34,11 @@ fuzz_target!(|input: &[u8]| {
     } else {
         first
     };
+    if password.contains(&0) {
+        // HMAC pads a short key with zeros, so "pw" and "pw\0" are the same key; a PostgreSQL
+        // password never holds a NUL (found by this target: not a flaw of the exchange)
+        return;
+    }
     let mut client = ScramSha256::new(password, ChannelBinding::unsupported());
     let ex = ScramExchange::start(&secret, client.message()).expect("a real client-first");
     client
