@@ -42,6 +42,8 @@ pub struct Opts {
     pub max_hold: Option<Duration>,
     pub no_admin: bool,
     pub metrics_listen: Option<String>,
+    pub max_clients: Option<usize>,
+    pub login_timeout: Option<Duration>,
 }
 
 pub async fn proxy() -> TestProxy {
@@ -63,6 +65,12 @@ pub async fn proxy_with(o: Opts) -> TestProxy {
         },
         max_hold: o.max_hold.unwrap_or(Duration::from_secs(30)),
         metrics_listen: o.metrics_listen.clone(),
+        max_clients: o
+            .max_clients
+            .unwrap_or(shadow_alter::proxy::DEFAULT_MAX_CLIENTS),
+        client_login_timeout: o
+            .login_timeout
+            .unwrap_or(shadow_alter::proxy::DEFAULT_LOGIN_TIMEOUT),
     };
     let running = shadow_alter::proxy::start(&args)
         .await
@@ -394,4 +402,51 @@ pub fn function_call(oid: u32, args: &[&str]) -> Vec<u8> {
 
 pub fn cat(parts: &[Vec<u8>]) -> Vec<u8> {
     parts.concat()
+}
+
+// ---------------------------------------------------------------------------------------------
+// the proxy as a process of its own (to measure its memory)
+
+/// A `shadow-alter proxy` process in front of the server on `upstream_port`; killed on drop.
+pub struct ProxyProcess {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl ProxyProcess {
+    pub async fn start(upstream_port: u16, extra: &[&str]) -> ProxyProcess {
+        let port = free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_shadow-alter"))
+            .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", &format!("127.0.0.1:{upstream_port}")])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start shadow-alter proxy");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        support::wait_until(WAIT, "the proxy process to listen", || async move {
+            TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        ProxyProcess { child, addr }
+    }
+
+    /// The process's resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the proxy's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -283,3 +283,214 @@ async fn gssenc_and_ssl_refused_then_protocol_negotiation_matches_direct() {
     s.read_exact(&mut head).await.expect("answer");
     assert_eq!(head[0], b'v');
 }
+
+/// Log in through the proxy and run one query; the connection stays open (idle).
+async fn idle_client(addr: std::net::SocketAddr, db: &str) -> RawConn {
+    let mut c = RawConn::connect(addr, db).await;
+    c.send(&query("SELECT 1")).await;
+    c.until_ready(1).await;
+    c
+}
+
+/// Raise this process's open-file limit (and so the proxy process's, which inherits it) to at
+/// least `n`: many systems start with a soft limit of 1024.
+fn raise_open_files(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < n {
+            assert!(
+                lim.rlim_max >= n,
+                "the hard open-file limit {} is below {n}",
+                lim.rlim_max
+            );
+            lim.rlim_cur = n;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_clients_cost_little_memory() {
+    use futures_util::StreamExt;
+    const CLIENTS: usize = 1000;
+    /// Growth of the proxy's resident memory per idle client, at most.
+    const MAX_PER_CLIENT_KIB: u64 = 64;
+    raise_open_files(3 * CLIENTS as u64);
+    // a server of its own, with room for every client's backend
+    let server = support::start_server(&[("max_connections", "1100")]);
+    let p = ProxyProcess::start(server.port, &["--max-clients", "2000"]).await;
+    for _ in 0..10 {
+        drop(idle_client(p.addr, "postgres").await);
+    }
+    let before = p.rss_kib();
+    let clients: Vec<RawConn> = futures_util::stream::iter(0..CLIENTS)
+        .map(|_| idle_client(p.addr, "postgres"))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let after = p.rss_kib();
+    let per_client = (after.saturating_sub(before) * 1024) / CLIENTS as u64;
+    eprintln!(
+        "proxy RSS: {before} KiB before, {after} KiB with {CLIENTS} idle clients: {:.1} KiB per client",
+        per_client as f64 / 1024.0
+    );
+    assert!(
+        per_client <= MAX_PER_CLIENT_KIB * 1024,
+        "{per_client} bytes per idle client"
+    );
+    // and the proxy still serves
+    drop(idle_client(p.addr, "postgres").await);
+    drop(clients);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gigabyte_declared_length_does_not_grow_the_proxy() {
+    use tokio::io::AsyncReadExt;
+    /// The proxy's resident memory may grow by at most this much.
+    const MAX_GROWTH_KIB: u64 = 4 * 1024;
+    const SENT: usize = 16 << 20;
+    let p = ProxyProcess::start(support::server().port, &[]).await;
+    let url = support::fresh_db("hugelength").await;
+    let db = db_name(&url);
+    for _ in 0..5 {
+        drop(idle_client(p.addr, &db).await);
+    }
+    let before = p.rss_kib();
+
+    // a startup packet declaring 1 GiB: refused, the connection closed
+    let mut s = tokio::net::TcpStream::connect(p.addr)
+        .await
+        .expect("connect");
+    let mut packet = 0x4000_0000i32.to_be_bytes().to_vec();
+    packet.extend_from_slice(&[0, 3, 0, 0]);
+    packet.resize(64 * 1024, b'x');
+    let _ = s.write_all(&packet).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the proxy kept a 1 GiB startup packet open");
+
+    // a Query declaring just under 1 GiB (PostgreSQL's own limit): streamed, not buffered
+    let mut c = RawConn::connect(p.addr, &db).await;
+    let mut head = vec![b'Q'];
+    head.extend_from_slice(&0x3fff_fff0i32.to_be_bytes());
+    c.send(&head).await;
+    let chunk = vec![b' '; 64 * 1024];
+    for _ in 0..SENT / chunk.len() {
+        c.send(&chunk).await;
+    }
+    let streaming = p.rss_kib();
+    drop(c);
+    // a Query declaring over 1 GiB: refused at once
+    let mut c = RawConn::connect(p.addr, &db).await;
+    c.send(b"Q\x7f\xff\xff\xff").await;
+    let m = c.recv().await.expect("an error");
+    assert_eq!(m.sqlstate().as_deref(), Some("08P01"));
+    let after = p.rss_kib();
+    eprintln!(
+        "proxy RSS: {before} KiB before, {streaming} KiB after streaming {} MiB of a 1 GiB Query, {after} KiB at the end",
+        SENT >> 20
+    );
+    for rss in [streaming, after] {
+        assert!(
+            rss.saturating_sub(before) <= MAX_GROWTH_KIB,
+            "grew from {before} to {rss} KiB"
+        );
+    }
+    drop(idle_client(p.addr, &db).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_clients_is_refused_with_53300_and_others_carry_on() {
+    let p = proxy_with(Opts {
+        max_clients: Some(3),
+        ..Opts::default()
+    })
+    .await;
+    let url = via(&support::fresh_db("maxclients").await, p.addr);
+    let first = support::connect(&url).await;
+    first
+        .batch_execute("BEGIN; CREATE TEMP TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await
+        .expect("begin");
+    let second = support::connect(&url).await;
+    let third = support::connect(&url).await;
+    let refused = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("a fourth client is refused");
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+        "{refused}"
+    );
+    // the clients already in go on, the one in a transaction included
+    first
+        .batch_execute("INSERT INTO t VALUES (2); COMMIT")
+        .await
+        .expect("the transaction goes on");
+    second.batch_execute("SELECT 1").await.expect("second");
+    // once one leaves, a new client gets in
+    drop(third);
+    support::wait_until(WAIT, "a slot to free up", || {
+        let url = url.clone();
+        async move {
+            tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_loris_startup_is_closed_at_the_login_timeout() {
+    use tokio::io::AsyncReadExt;
+    const LOGIN_TIMEOUT: Duration = Duration::from_secs(1);
+    let p = proxy_with(Opts {
+        login_timeout: Some(LOGIN_TIMEOUT),
+        ..Opts::default()
+    })
+    .await;
+    let url = support::fresh_db("slowloris").await;
+    let healthy = support::connect(&via(&url, p.addr)).await;
+    healthy
+        .batch_execute("BEGIN; CREATE TEMP TABLE t (x int)")
+        .await
+        .expect("begin");
+    // one sends half a startup packet, one nothing at all
+    let started = Instant::now();
+    let mut half = tokio::net::TcpStream::connect(p.addr)
+        .await
+        .expect("connect");
+    half.write_all(b"\0\0\0\x28\0\x03\0\0us")
+        .await
+        .expect("half");
+    let mut silent = tokio::net::TcpStream::connect(p.addr)
+        .await
+        .expect("connect");
+    // the healthy client's transaction runs meanwhile
+    for i in 0..20 {
+        healthy
+            .execute("INSERT INTO t VALUES ($1)", &[&i])
+            .await
+            .expect("insert while the slow clients wait");
+    }
+    for s in [&mut half, &mut silent] {
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+            .await
+            .expect("closed by the login timeout")
+            .ok();
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= LOGIN_TIMEOUT - Duration::from_millis(100),
+        "closed after {waited:?}, before the login timeout"
+    );
+    healthy.batch_execute("COMMIT").await.expect("commit");
+}

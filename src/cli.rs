@@ -461,6 +461,14 @@ pub struct ProxyArgs {
     /// e.g. 127.0.0.1:9187, at GET /metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// Most client connections at once (like PgBouncer's max_client_conn); one more is answered
+    /// with SQLSTATE 53300 (too_many_connections) and closed. Console logins are not counted.
+    #[arg(long, value_name = "N", default_value_t = crate::proxy::DEFAULT_MAX_CLIENTS)]
+    pub max_clients: usize,
+    /// Longest a client may take from connecting to logged in (TLS, startup packet,
+    /// authentication) before the proxy closes it.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub client_login_timeout: Duration,
 }
 
 impl From<StrategyChoice> for Strategy {
@@ -539,6 +547,8 @@ impl From<ProxyArgs> for ProxyConfig {
             },
             max_hold: a.max_hold,
             metrics_listen: a.metrics_listen,
+            max_clients: a.max_clients,
+            client_login_timeout: a.client_login_timeout,
         }
     }
 }

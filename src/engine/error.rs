@@ -53,6 +53,16 @@ pub enum EngineError {
     /// lost connection, the run keeps its progress for a resume.
     #[error("{0}")]
     Silent(String),
+    /// A message of the replication stream could not be decoded (cut short, or of a kind this
+    /// build does not know). Nothing of its transaction was applied (the open batch is rolled
+    /// back and the flush position never passed the last applied commit), and the slot still
+    /// holds it: the run keeps its progress for a resume.
+    #[error("the replication stream could not be decoded after {at}: {source}; nothing of that transaction was applied, and the replication slot keeps it for a resume")]
+    Undecodable {
+        at: crate::replication::Lsn,
+        #[source]
+        source: Box<WireError>,
+    },
     /// The shadow no longer matches what the stream says it holds: a bug, or something other
     /// than the run wrote it. Nothing was swapped.
     #[error("{0}; the shadow diverged, nothing was swapped")]
@@ -111,6 +121,12 @@ impl EngineError {
             EngineError::Silent(_) => true,
             _ => false,
         }
+    }
+
+    /// The run keeps what it has done for a resume: the connection was lost, or the stream held
+    /// a message this build cannot decode (the slot still has it).
+    pub fn keeps_progress(&self) -> bool {
+        self.is_connection_loss() || matches!(self, EngineError::Undecodable { .. })
     }
 
     /// The SQLSTATE, when the database refused something.

@@ -53,7 +53,8 @@ impl Ledger {
 pub enum Disposal {
     /// Nothing to remove (a success, or the swap committed).
     Nothing,
-    /// The server or the network went away: keep the progress for a resume.
+    /// The server or the network went away, or the stream held a message we cannot decode:
+    /// keep the progress for a resume.
     KeepForResume,
     /// Remove everything the ledger lists.
     Remove,
@@ -65,7 +66,7 @@ impl Ledger {
         match result {
             _ if self.has(Created::Swap) => Disposal::Nothing,
             Ok(()) => Disposal::Nothing,
-            Err(e) if e.is_connection_loss() && self.has(Created::Slot) => Disposal::KeepForResume,
+            Err(e) if e.keeps_progress() && self.has(Created::Slot) => Disposal::KeepForResume,
             Err(_) => Disposal::Remove,
         }
     }
@@ -85,7 +86,8 @@ pub async fn conclude(
         Disposal::Nothing => {}
         Disposal::KeepForResume => {
             if let Err(e) = result {
-                // the server restarted or the network went away: keep what is done
+                // the server restarted, the network went away, or the stream needs a build
+                // that can decode it: keep what is done
                 tracing::error!(
                     "{e}; the progress is kept (replication slot {}, shadow table {}): \
                      run the same command again to resume, or `shadow-alter cleanup --stale` to drop it",
@@ -273,6 +275,26 @@ mod tests {
             Disposal::Remove
         );
         assert_eq!(l.disposal(&Ok(())), Disposal::Nothing);
+    }
+
+    #[test]
+    fn an_undecodable_stream_keeps_the_slot_for_a_resume() {
+        let mut l = Ledger::default();
+        for c in [Created::Shadow, Created::Publication, Created::Slot] {
+            l.record(c);
+        }
+        let e = EngineError::Undecodable {
+            at: crate::replication::Lsn(0x16_0000_0028),
+            source: Box::new(crate::wire::WireError::Protocol(
+                "unknown pgoutput message 'S'".into(),
+            )),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("16/28") && text.contains("unknown pgoutput message"),
+            "{text}"
+        );
+        assert_eq!(l.disposal(&Err(e)), Disposal::KeepForResume);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What a proxy is told to do: addresses, the console's login, TLS on both sides, the longest
-//! hold. The command line (or a test) builds one; the proxy never reads the command line.
+//! hold, and the limits a hostile or runaway client meets (clients at once, time to log in).
+//! The command line (or a test) builds one; the proxy never reads the command line.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,7 +27,18 @@ pub struct ProxyConfig {
     pub max_hold: Duration,
     /// Address for Prometheus metrics over HTTP (`GET /metrics`); `None`: off.
     pub metrics_listen: Option<String>,
+    /// Most client connections at once (console logins excepted); one more is answered with
+    /// SQLSTATE 53300 and closed.
+    pub max_clients: usize,
+    /// Longest a client may take from connecting to its first ReadyForQuery (TLS, startup
+    /// packet, authentication).
+    pub client_login_timeout: Duration,
 }
+
+/// Default of [`ProxyConfig::max_clients`].
+pub const DEFAULT_MAX_CLIENTS: usize = 5_000;
+/// Default of [`ProxyConfig::client_login_timeout`].
+pub const DEFAULT_LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl ProxyConfig {
     /// A proxy from `listen` to `upstream` with no console, no TLS and a 2 s hold limit.
@@ -44,6 +56,8 @@ impl ProxyConfig {
             },
             max_hold: Duration::from_secs(2),
             metrics_listen: None,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            client_login_timeout: DEFAULT_LOGIN_TIMEOUT,
         }
     }
 }

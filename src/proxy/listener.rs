@@ -9,7 +9,7 @@
 //! the workers' queues; each worker then stops and drops its sessions.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,9 @@ pub async fn start(args: &ProxyConfig) -> Result<RunningProxy, ProxyError> {
         next_id: AtomicU64::new(1),
         reprepared: AtomicU64::new(0),
         stats: Stats::default(),
+        connections: AtomicUsize::new(0),
+        max_clients: args.max_clients,
+        login_timeout: args.client_login_timeout,
     });
     let metrics = match &args.metrics_listen {
         Some(addr) => {

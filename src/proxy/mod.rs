@@ -84,7 +84,14 @@ mod stats;
 mod stream;
 mod tls;
 
-pub use config::ProxyConfig;
+pub use config::{ProxyConfig, DEFAULT_LOGIN_TIMEOUT, DEFAULT_MAX_CLIENTS};
 pub use error::ProxyError;
 pub use hold::Gate;
 pub use listener::{run, start, RunningProxy};
+
+// The pure decoders and state machines behind a session, public so that the fuzz targets and
+// property tests drive exactly the code the proxy runs.
+pub use admin::Command as ConsoleCommand;
+pub use reprepare::{Backend, Settle, Tracker, MAX_INSPECT};
+pub use scram::{Exchange as ScramExchange, ScramError, Secret as ScramSecret};
+pub use session::{relay_detached, route as route_startup, Route};

@@ -5,7 +5,7 @@
 //! (interior state lives in the gate, the map, the registry and the atomics).
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,9 +34,37 @@ pub struct Shared {
     pub reprepared: AtomicU64,
     /// Per-database counters and hold timings (SHOW STATS, metrics).
     pub stats: Stats,
+    /// Client connections open now (from accept to close, in any phase).
+    pub connections: AtomicUsize,
+    pub max_clients: usize,
+    pub login_timeout: Duration,
 }
 
 impl Shared {
+    /// A proxy's shared state with default settings and no listener, console or TLS: for
+    /// driving sessions over in-memory streams (tests, fuzzing).
+    pub fn detached() -> Shared {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9));
+        Shared {
+            upstream: addr.to_string(),
+            listen: addr,
+            max_hold: Duration::from_secs(30),
+            upstream_tls: None,
+            tls_acceptor: None,
+            admin: None,
+            gate: Arc::new(Gate::new()),
+            cancels: CancelMap::default(),
+            clients: Registry::default(),
+            started: Instant::now(),
+            next_id: AtomicU64::new(1),
+            reprepared: AtomicU64::new(0),
+            stats: Stats::default(),
+            connections: AtomicUsize::new(0),
+            max_clients: super::config::DEFAULT_MAX_CLIENTS,
+            login_timeout: super::config::DEFAULT_LOGIN_TIMEOUT,
+        }
+    }
+
     /// Every database's statistics, live sessions included (SHOW STATS, metrics).
     pub fn stats_report(&self) -> Vec<(String, Totals)> {
         let live = self.clients.snapshot();

@@ -111,7 +111,8 @@ pub fn decode(data: &Bytes) -> Result<LogicalMessage, WireError> {
             let name = r.cstr()?.to_string();
             let replica_identity = r.u8()?;
             let n = r.i16()?;
-            let mut columns = Vec::with_capacity(n.max(0) as usize);
+            // a declared count is a claim: each column takes at least 10 bytes of the message
+            let mut columns = Vec::with_capacity(capacity(n, r.remaining() / 10));
             for _ in 0..n {
                 let flags = r.u8()?;
                 columns.push(RelationColumn {
@@ -174,7 +175,7 @@ pub fn decode(data: &Bytes) -> Result<LogicalMessage, WireError> {
         b'T' => {
             let n = r.u32()?;
             let options = r.u8()?;
-            let mut relations = Vec::with_capacity(n.min(1024) as usize);
+            let mut relations = Vec::with_capacity(capacity(n, r.remaining() / 4));
             for _ in 0..n {
                 relations.push(r.u32()?);
             }
@@ -207,6 +208,11 @@ pub fn decode(data: &Bytes) -> Result<LogicalMessage, WireError> {
     })
 }
 
+/// Room for a declared count of items, at most `room` (what the rest of the message can hold).
+fn capacity(declared: impl TryInto<usize>, room: usize) -> usize {
+    declared.try_into().map_or(0, |n: usize| n.min(room))
+}
+
 fn expect(got: u8, want: u8, what: &str) -> Result<(), WireError> {
     if got != want {
         return Err(WireError::Protocol(format!(
@@ -220,7 +226,8 @@ fn expect(got: u8, want: u8, what: &str) -> Result<(), WireError> {
 /// A TupleData: column count, then per column 'n' (null), 'u' (unchanged TOAST), 't' + text.
 fn tuple(r: &mut Reader<'_>, whole: &Bytes) -> Result<Vec<TupleValue>, WireError> {
     let n = r.i16()?;
-    let mut values = Vec::with_capacity(n.max(0) as usize);
+    // each value takes at least its kind byte
+    let mut values = Vec::with_capacity(capacity(n, r.remaining()));
     for _ in 0..n {
         values.push(match r.u8()? {
             b'n' => TupleValue::Null,
@@ -301,6 +308,30 @@ mod tests {
         ] {
             assert!(decode(&Bytes::copy_from_slice(raw)).is_err(), "{raw:?}");
         }
+    }
+
+    /// The kinds of decoding error the follower stops on: every one is a protocol violation that
+    /// names what was wrong (the run's error says "decoding a pgoutput message: ...").
+    #[test]
+    fn decoding_errors_say_what_was_wrong() {
+        let kind = |raw: &[u8]| match decode(&Bytes::copy_from_slice(raw)) {
+            Err(WireError::Protocol(m)) => m,
+            other => panic!("{raw:?}: {other:?}"),
+        };
+        // cut short inside a field, and a declared count larger than the message
+        assert!(kind(b"B\0\0\0").contains("truncated"));
+        assert!(kind(b"R\0\0\0\x01s\0t\0d\x7f\xff").contains("truncated"));
+        assert!(kind(b"T\xff\xff\xff\xff\0").contains("truncated"));
+        // streamed transactions (protocol 2) are never requested: unknown here
+        for tag in *b"SEcAbPKrz" {
+            assert!(kind(&[tag]).contains("unknown pgoutput message"), "{tag}");
+        }
+        assert!(kind(b"").contains("truncated"));
+        assert!(kind(b"I\0\0\0\x01X").contains("expected 'N'"));
+        assert!(kind(b"D\0\0\0\x01N").contains("expected 'K' or 'O'"));
+        assert!(kind(b"I\0\0\0\x01N\0\x01x").contains("unknown kind"));
+        assert!(kind(b"I\0\0\0\x01N\0\x01b").contains("binary"));
+        assert!(kind(b"I\0\0\0\x01N\0\x01t\xff\xff\xff\xff").contains("negative length"));
     }
 
     #[test]

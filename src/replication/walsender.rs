@@ -1,5 +1,6 @@
 //! Our walsender client: a `replication=database` connection that creates a temporary logical
 //! slot with an exported snapshot, streams pgoutput changes, and sends standby status updates.
+//! The decoding of one stream frame (XLogData, keepalive) is pure: [`XLogMessage::parse`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,7 +10,7 @@ use super::Lsn;
 use crate::sql::quote_literal;
 use crate::tls::Tls;
 use crate::wire::client::ClientConn;
-use crate::wire::frame::Reader;
+use crate::wire::frame::{Frame, Header, Reader};
 use crate::wire::{ServerError, WireError};
 
 /// What `CREATE_REPLICATION_SLOT` returned.
@@ -26,6 +27,54 @@ pub struct SlotInfo {
 pub enum XLogMessage {
     Data { start: Lsn, end: Lsn, data: Bytes },
     Keepalive { end: Lsn, reply_requested: bool },
+}
+
+/// Bytes before the WAL data in an XLogData message: 'w', start, end, send time.
+const XLOG_HEADER: usize = 1 + 8 + 8 + 8;
+
+impl XLogMessage {
+    /// One frame of the replication stream: `Ok(None)` for a notice or a parameter status
+    /// (skipped), an error for the server's error, the end of the stream, or anything malformed.
+    /// The WAL data is a slice of the frame, never read past its end.
+    pub fn parse(f: &Frame) -> Result<Option<XLogMessage>, WireError> {
+        match f.tag {
+            b'd' => {
+                let body = f.raw.slice(Header::SIZE..);
+                let mut r = Reader::new(&body, "CopyData");
+                match r.u8()? {
+                    b'w' => {
+                        let start = Lsn(r.u64()?);
+                        let end = Lsn(r.u64()?);
+                        let _time = r.i64()?;
+                        let data = body.slice(XLOG_HEADER..);
+                        Ok(Some(XLogMessage::Data { start, end, data }))
+                    }
+                    b'k' => {
+                        let end = Lsn(r.u64()?);
+                        let _time = r.i64()?;
+                        let reply_requested = r.u8()? == 1;
+                        Ok(Some(XLogMessage::Keepalive {
+                            end,
+                            reply_requested,
+                        }))
+                    }
+                    other => Err(WireError::Protocol(format!(
+                        "unknown replication message {:?}",
+                        other as char
+                    ))),
+                }
+            }
+            b'E' => Err(WireError::Server(ServerError::parse(f.body()))),
+            b'c' => Err(WireError::Protocol(
+                "the server ended the replication stream".into(),
+            )),
+            b'N' | b'S' => Ok(None),
+            other => Err(WireError::Protocol(format!(
+                "unexpected message {:?} in the replication stream",
+                other as char
+            ))),
+        }
+    }
 }
 
 pub struct ReplicationConn {
@@ -110,48 +159,8 @@ impl ReplicationConn {
     pub async fn recv(&mut self) -> Result<XLogMessage, WireError> {
         loop {
             let f = self.conn.read().await?;
-            match f.tag {
-                b'd' => {
-                    let body = f.raw.slice(5..);
-                    let mut r = Reader::new(&body, "CopyData");
-                    match r.u8()? {
-                        b'w' => {
-                            let start = Lsn(r.u64()?);
-                            let end = Lsn(r.u64()?);
-                            let _time = r.i64()?;
-                            let data = body.slice(25..);
-                            return Ok(XLogMessage::Data { start, end, data });
-                        }
-                        b'k' => {
-                            let end = Lsn(r.u64()?);
-                            let _time = r.i64()?;
-                            let reply_requested = r.u8()? == 1;
-                            return Ok(XLogMessage::Keepalive {
-                                end,
-                                reply_requested,
-                            });
-                        }
-                        other => {
-                            return Err(WireError::Protocol(format!(
-                                "unknown replication message {:?}",
-                                other as char
-                            )))
-                        }
-                    }
-                }
-                b'E' => return Err(WireError::Server(ServerError::parse(f.body()))),
-                b'c' => {
-                    return Err(WireError::Protocol(
-                        "the server ended the replication stream".into(),
-                    ))
-                }
-                b'N' | b'S' => {}
-                other => {
-                    return Err(WireError::Protocol(format!(
-                        "unexpected message {:?} in the replication stream",
-                        other as char
-                    )))
-                }
+            if let Some(m) = XLogMessage::parse(&f)? {
+                return Ok(m);
             }
         }
     }
@@ -175,5 +184,53 @@ impl ReplicationConn {
 
     pub async fn close(self) {
         self.conn.terminate().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body: &[u8]) -> Frame {
+        let mut raw = vec![b'd'];
+        raw.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        raw.extend_from_slice(body);
+        Frame {
+            tag: b'd',
+            raw: Bytes::from(raw),
+        }
+    }
+
+    #[test]
+    fn xlogdata_and_keepalive_decode_and_short_ones_are_errors() {
+        let mut w = vec![b'w'];
+        w.extend_from_slice(&1u64.to_be_bytes());
+        w.extend_from_slice(&2u64.to_be_bytes());
+        w.extend_from_slice(&3i64.to_be_bytes());
+        w.extend_from_slice(b"B..");
+        match XLogMessage::parse(&frame(&w)).unwrap() {
+            Some(XLogMessage::Data { start, end, data }) => {
+                assert_eq!((start, end), (Lsn(1), Lsn(2)));
+                assert_eq!(&data[..], b"B..");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut k = vec![b'k'];
+        k.extend_from_slice(&9u64.to_be_bytes());
+        k.extend_from_slice(&0i64.to_be_bytes());
+        k.push(1);
+        assert!(matches!(
+            XLogMessage::parse(&frame(&k)).unwrap(),
+            Some(XLogMessage::Keepalive {
+                end: Lsn(9),
+                reply_requested: true
+            })
+        ));
+        for short in [&w[..24], &k[..17], b"", b"x"] {
+            assert!(matches!(
+                XLogMessage::parse(&frame(short)),
+                Err(WireError::Protocol(_))
+            ));
+        }
     }
 }

@@ -17,6 +17,9 @@ use super::WireError;
 
 /// The largest message we accept. PostgreSQL itself refuses allocations past 1 GiB.
 pub const MAX_MESSAGE_LEN: usize = 1 << 30;
+/// Room reserved ahead for an incomplete frame: a declared length is a claim, not a fact, so
+/// the buffer grows with the bytes that actually arrive, never by the declared length at once.
+pub const RESERVE_AHEAD: usize = 64 * 1024;
 
 /// The 5-byte head of a frame: its tag and its declared length (which counts itself, not the
 /// tag). Parsing never fails; [`Header::total`] decides whether the length is acceptable.
@@ -91,7 +94,7 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Wire
             Ok(Some(Frame { tag: raw[0], raw }))
         }
         Some(total) => {
-            buf.reserve(total - buf.len());
+            buf.reserve((total - buf.len()).min(RESERVE_AHEAD));
             Ok(None)
         }
         None => Ok(None),
@@ -257,6 +260,14 @@ mod tests {
             h.total(MAX_MESSAGE_LEN),
             Err(WireError::BadLength { len: -2, .. })
         ));
+    }
+
+    #[test]
+    fn a_huge_declared_length_reserves_a_bounded_amount() {
+        // a Query declaring almost 1 GiB, of which 5 bytes arrived
+        let mut b = BytesMut::from(&b"Q\x3f\xff\xff\xff"[..]);
+        assert!(split_frame(&mut b, MAX_MESSAGE_LEN).unwrap().is_none());
+        assert!(b.capacity() <= RESERVE_AHEAD + 5, "{}", b.capacity());
     }
 
     #[test]

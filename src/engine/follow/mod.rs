@@ -22,6 +22,7 @@ use crate::catalog::Table;
 use crate::engine::error::{EngineError, WireCtx};
 use crate::names::Names;
 use crate::replication::{decode, LogicalMessage, Lsn, ReplicationConn, XLogMessage};
+use crate::wire::WireError;
 use apply::{Applier, Change};
 
 /// Largest number of changes in one target transaction.
@@ -338,7 +339,7 @@ impl Task {
                             continue;
                         }
                         r = tokio::time::timeout(SILENCE_LIMIT, self.repl.recv()) => match r {
-                            Ok(r) => r.ctx("reading the replication stream")?,
+                            Ok(r) => r.map_err(|e| read_error(e, at.last_commit_end))?,
                             Err(_) => return Err(EngineError::Silent(format!("no message from the walsender in {SILENCE_LIMIT:?}; the server or the network stopped answering"))),
                         },
                     }
@@ -351,7 +352,8 @@ impl Task {
                 } => self.keepalive(&mut at, end, reply_requested).await?,
                 XLogMessage::Data { end, data, .. } => {
                     at.received = at.received.max(end);
-                    let m = decode(&data).ctx("decoding a pgoutput message")?;
+                    // a message we cannot decode stops the run before any of it is applied
+                    let m = decode(&data).map_err(|e| undecodable(e, at.last_commit_end))?;
                     lookahead = self.logical(&mut at, m).await?;
                 }
             }
@@ -481,12 +483,32 @@ impl Task {
         // more already waiting? keep the batch open unless it is full
         if !full {
             if let Some(next) = self.repl.recv().now_or_never() {
-                return Ok(Some(next.ctx("reading the replication stream")?));
+                return Ok(Some(next.map_err(|e| read_error(e, at.last_commit_end))?));
             }
         }
         self.applier.commit().await?;
         self.applied.send_replace(at.last_commit_end);
         Ok(None)
+    }
+}
+
+/// A message we cannot decode, after the last commit `at` (nothing after it was applied).
+fn undecodable(e: WireError, at: Lsn) -> EngineError {
+    EngineError::Undecodable {
+        at,
+        source: Box::new(e),
+    }
+}
+
+/// An error reading the stream: a frame we cannot decode is `Undecodable` (the slot keeps it),
+/// anything else (the server's error, a lost connection) keeps its wire error.
+fn read_error(e: WireError, at: Lsn) -> EngineError {
+    match e {
+        WireError::Protocol(_) => undecodable(e, at),
+        e => EngineError::Wire {
+            context: "reading the replication stream".into(),
+            source: Box::new(e),
+        },
     }
 }
 

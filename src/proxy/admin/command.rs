@@ -1,7 +1,8 @@
 //! The admin console's command language: what a Query's text asks for. Pure; the console runs
 //! the result.
 //!
-//! Invariant: case-insensitive, surrounding whitespace and trailing semicolons ignored; anything
+//! Invariant: case-insensitive, surrounding whitespace and trailing semicolons (with any
+//! whitespace between them) ignored; anything
 //! not recognised is `Unknown` with the text as typed (trimmed), never an error here.
 
 /// One console command.
@@ -23,7 +24,9 @@ pub enum Command<'a> {
 
 impl<'a> Command<'a> {
     pub fn parse(sql: &'a str) -> Command<'a> {
-        let text = sql.trim().trim_end_matches(';').trim();
+        let text = sql
+            .trim_end_matches(|c: char| c == ';' || c.is_whitespace())
+            .trim_start();
         let mut words = text.split_whitespace();
         let (first, second, third) = (words.next(), words.next(), words.next());
         let is = |w: Option<&str>, k: &str| w.is_some_and(|w| w.eq_ignore_ascii_case(k));
@@ -73,6 +76,10 @@ mod tests {
     fn empty_and_unknown() {
         assert_eq!(Command::parse(""), Command::Empty);
         assert_eq!(Command::parse(" ; "), Command::Empty);
+        // found by fuzzing: semicolons with whitespace between them are all trailing
+        assert_eq!(Command::parse(";\n\n\n"), Command::Empty);
+        assert_eq!(Command::parse("PAUSE ;\n ;;"), Command::Pause(None));
+        assert_eq!(Command::parse("resume ; ;"), Command::Resume);
         assert_eq!(Command::parse("SELECT 1;"), Command::Unknown("SELECT 1"));
         assert_eq!(Command::parse("SHOW"), Command::Unknown("SHOW"));
         assert_eq!(

@@ -6,6 +6,7 @@
 //! Invariant: a console session never touches the upstream server and is never held.
 
 mod command;
+pub use command::Command;
 mod report;
 mod stats;
 

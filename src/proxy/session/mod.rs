@@ -4,6 +4,11 @@
 //! transaction-boundary tracking (`boundary`) for holds, and the registry the console reads
 //! (`registry`).
 //!
+//! Limits: every connection counts against `--max-clients` from accept to close (console
+//! logins are let in over it, so an operator can always look); one over the limit gets its
+//! startup answered with SQLSTATE 53300 and is closed. From accept to the first ReadyForQuery a
+//! client has `--client-login-timeout` in all (TLS, startup packet, authentication).
+//!
 //! Invariant: a proxied session is in the registry, the cancel map and (while busy) the gate's
 //! busy count exactly as long as it runs: the [`SessionGuard`] settles all three when the
 //! session ends, however it ends.
@@ -17,7 +22,6 @@ mod upstream;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -30,10 +34,29 @@ use super::shared::Shared;
 use super::stream::ClientStream;
 use crate::wire::WireError;
 use registry::ClientEntry;
-use startup::{Route, Startup};
+pub use relay::relay_detached;
+use startup::Startup;
+pub use startup::{route, Route};
 
-/// Longest the startup phase (TLS, startup packet, authentication) may take.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// SQLSTATE too_many_connections.
+const TOO_MANY_CONNECTIONS: &str = "53300";
+
+/// Counts a client connection from accept to close (`Shared::connections`).
+struct ConnectionSlot(Arc<Shared>);
+
+impl ConnectionSlot {
+    /// Take a slot; returns it and how many connections are open with it.
+    fn take(shared: &Arc<Shared>) -> (ConnectionSlot, usize) {
+        let n = shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        (ConnectionSlot(shared.clone()), n)
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Removes a session from the registry, the cancel map and the gate's busy count when it ends.
 struct SessionGuard {
@@ -73,15 +96,27 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) {
 }
 
 async fn serve(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) -> Result<(), ProxyError> {
+    let (_slot, open) = ConnectionSlot::take(&shared);
+    let deadline = tokio::time::Instant::now() + shared.login_timeout;
     let mut buf = BytesMut::with_capacity(1024);
     let (mut stream, startup) =
-        tokio::time::timeout(STARTUP_TIMEOUT, startup::negotiate(&shared, tcp, &mut buf))
+        tokio::time::timeout_at(deadline, startup::negotiate(&shared, tcp, &mut buf))
             .await
             .map_err(|_| ProxyError::Timeout("startup negotiation"))??;
     let Some(startup) = startup else {
         return Ok(());
     };
-    match startup::route(startup.version, &startup.params) {
+    let route = startup::route(startup.version, &startup.params);
+    if open > shared.max_clients && route != Route::Console {
+        let msg = format!(
+            "sorry, too many clients already (the proxy's --max-clients is {})",
+            shared.max_clients
+        );
+        send_error(&mut stream, "FATAL", TOO_MANY_CONNECTIONS, &msg).await;
+        tracing::warn!(%addr, open, "client refused: --max-clients reached");
+        return Ok(());
+    }
+    match route {
         Route::Refuse { code, message } => {
             send_error(&mut stream, "FATAL", code, &message).await;
             Ok(())
@@ -98,7 +133,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) -> Result<
                 database,
                 exempt,
             };
-            proxied(shared, stream, buf, startup, client).await
+            proxied(shared, stream, buf, startup, client, deadline).await
         }
     }
 }
@@ -118,6 +153,7 @@ async fn proxied(
     mut buf: BytesMut,
     startup: Startup,
     client: Client,
+    deadline: tokio::time::Instant,
 ) -> Result<(), ProxyError> {
     let mut upstream = match upstream::connect_upstream(&shared).await {
         Ok(u) => u,
@@ -130,8 +166,8 @@ async fn proxied(
     upstream.write_all(&startup.raw).await?;
     upstream.flush().await?;
     let mut ubuf = BytesMut::with_capacity(8192);
-    let client_key = tokio::time::timeout(
-        STARTUP_TIMEOUT,
+    let client_key = tokio::time::timeout_at(
+        deadline,
         startup::relay_auth(&shared, &mut stream, &mut buf, &mut upstream, &mut ubuf),
     )
     .await

@@ -30,6 +30,26 @@ fn sql_prepare_and_deallocate_are_tracked() {
     );
 }
 
+/// Found by fuzzing (fuzz/regressions/reprepare_tracker/prepare-twice): two PREPAREs of one
+/// name that both succeeded (a server out of step, or a replayed capture) counted the name's
+/// bytes twice, and the registry's count drifted from what it held.
+#[test]
+fn a_second_prepare_of_a_name_replaces_the_first() {
+    let mut t = Tracker::default();
+    for _ in 0..2 {
+        send(
+            &mut t,
+            &[query("PREPARE q(int) AS SELECT * FROM k WHERE id = $1")],
+        );
+        answer(&mut t, &[frame(b'C', b"PREPARE\0"), IDLE.to_vec()]);
+        t.check_invariants().expect("consistent bookkeeping");
+    }
+    assert_eq!(t.sql.len(), 1);
+    send(&mut t, &[query("DEALLOCATE q")]);
+    answer(&mut t, &[frame(b'C', b"DEALLOCATE\0"), IDLE.to_vec()]);
+    assert_eq!(t.stmt_bytes, 0);
+}
+
 #[test]
 fn asyncpg_describes_and_executes_in_one_batch() {
     // asyncpg: Parse, Describe S, Flush, then Bind, Execute, Sync of its first execution

@@ -208,6 +208,52 @@ impl Tracker {
         self.claimed
     }
 
+    /// Whether re-preparation is off for this session (it never comes back on).
+    pub fn disabled(&self) -> bool {
+        self.disabled
+    }
+
+    /// The named statements the registry holds, each with the client's Parse message.
+    pub fn registered(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.stmts.iter().map(|(n, s)| (&n[..], &s.parse[..]))
+    }
+
+    /// Check the bookkeeping behind the module invariants: the registry's byte count is what
+    /// it holds, within `MAX_REGISTRY`; retained bytes stay within `MAX_RETAINED`, and every
+    /// retained batch lies inside them, in batch order.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let held: usize = self
+            .stmts
+            .iter()
+            .map(|(n, s)| Self::cost(n, s))
+            .sum::<usize>()
+            + self
+                .sql
+                .iter()
+                .map(|(n, s)| n.len() + s.ident.len() + s.text.len())
+                .sum::<usize>();
+        if held != self.stmt_bytes || held > MAX_REGISTRY {
+            return Err(format!(
+                "registry holds {held} bytes, counts {}",
+                self.stmt_bytes
+            ));
+        }
+        if self.arena.len() > MAX_RETAINED {
+            return Err(format!("{} bytes retained", self.arena.len()));
+        }
+        let mut last = (0, 0);
+        for c in &self.candidates {
+            if c.seq <= last.0 || c.start < last.1 || c.start > c.end || c.end > self.arena.len() {
+                return Err(format!("retained batch {c:?} out of order or place"));
+            }
+            last = (c.seq, c.end);
+        }
+        if self.disabled && !(self.stmts.is_empty() && self.candidates.is_empty()) {
+            return Err("disabled, yet statements or batches are kept".into());
+        }
+        Ok(())
+    }
+
     /// The retry is over: the client side may forward again.
     pub fn release_claim(&mut self) {
         self.claimed = false;

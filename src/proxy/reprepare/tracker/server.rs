@@ -164,13 +164,17 @@ impl Tracker {
                 }
             }
             Op::Shape(..) => {}
-            Op::SqlPrepare(name, stmt) => {
+            Op::SqlPrepare(name, stmt) if !error => {
+                // one statement per name: a PREPARE that succeeded replaces what the registry
+                // held under that name (found by fuzzing: it was counted twice)
+                self.forget_sql(&name);
                 let c = name.len() + stmt.ident.len() + stmt.text.len();
-                if !error && self.stmt_bytes + c <= MAX_REGISTRY {
+                if self.stmt_bytes + c <= MAX_REGISTRY {
                     self.stmt_bytes += c;
                     self.sql.insert(name, stmt);
                 }
             }
+            Op::SqlPrepare(..) => {}
             Op::SqlForget(name) if !error => {
                 self.forget(&name);
                 self.forget_sql(&name);

@@ -139,6 +139,33 @@ pub async fn relay(
     }
 }
 
+/// The relay between two in-memory (or any) streams with a detached proxy's settings
+/// ([`Shared::detached`]), after authentication: what the fuzz target and the robustness tests
+/// drive with arbitrary bytes. Returns when either side closes or fails.
+pub async fn relay_detached<C, U>(client: C, upstream: U) -> Result<(), ProxyError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let shared = Shared::detached();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 10));
+    let entry = ClientEntry::new(1, addr, "detached".into(), "detached".into(), false, false);
+    let rp = Reprepare::default();
+    let session = Session {
+        shared: &shared,
+        entry: &entry,
+        rp: &rp,
+    };
+    let bufs = (Cursor::new(BytesMut::new()), Cursor::new(BytesMut::new()));
+    run(
+        session,
+        tokio::io::split(client),
+        tokio::io::split(upstream),
+        bufs,
+    )
+    .await
+}
+
 async fn run<CR, CW, UR, UW>(
     session: Session<'_>,
     (cr, cw): (CR, CW),
@@ -161,7 +188,10 @@ where
         r = pump(&mut to_client, ubuf) => r,
     };
     if let Err(ProxyError::ClientProtocol(msg)) = &result {
-        send_error(to_client.client(), "FATAL", "08P01", msg).await;
+        // never inside a frame the server was still sending (found by fuzzing)
+        if to_client.at_boundary() {
+            send_error(to_client.client(), "FATAL", "08P01", msg).await;
+        }
     }
     result
 }

@@ -2,7 +2,8 @@
 //! re-preparation tracker keep or release answers, and forwards; runs a retry when the tracker
 //! asks for one.
 //!
-//! Invariant: a frame the tracker keeps is taken out of the stream before anything after it is
+//! Invariant: a ReadyForQuery is exactly 6 bytes (anything else ends the session), so its status
+//! byte is its own and it is always whole when inspected. A frame the tracker keeps is taken out of the stream before anything after it is
 //! forwarded, and kept answers that are released go back into the stream at the point where the
 //! tracker gave up, so the client sees the server's answers in the server's order.
 
@@ -28,6 +29,9 @@ pub struct ServerSide<'a, R, UW, W> {
     /// For a retry, which writes to the server itself.
     upstream: &'a tokio::sync::Mutex<UW>,
     client: W,
+    /// What the client received so far ends at a frame boundary: no write was cut short (by
+    /// the session ending while it ran) and no frame is streaming through.
+    at_boundary: bool,
 }
 
 impl<'a, R, UW, W> ServerSide<'a, R, UW, W> {
@@ -42,7 +46,14 @@ impl<'a, R, UW, W> ServerSide<'a, R, UW, W> {
             src,
             upstream,
             client,
+            at_boundary: true,
         }
+    }
+
+    /// Whether a message of the proxy's own may be sent to the client now: what it received
+    /// so far ends at a frame boundary.
+    pub fn at_boundary(&self) -> bool {
+        self.at_boundary
     }
 
     /// The client's writer (for a last error once the relay has stopped).
@@ -67,6 +78,13 @@ impl<'a, R, UW, W> ServerSide<'a, R, UW, W> {
                 .total(SERVER_MESSAGE_LIMIT)
                 .map_err(ProxyError::server_frame)?;
             let status = if h.tag == b'Z' {
+                if total != READY_LEN {
+                    // its status would be read from the next frame, and a kept one could be
+                    // taken out of the stream in part
+                    return Err(ProxyError::UpstreamProtocol(format!(
+                        "ReadyForQuery of {total} bytes"
+                    )));
+                }
                 match cur.head(READY_LEN) {
                     Some(z) => z[READY_LEN - 1],
                     None => return Ok(Stop::Input),
@@ -122,12 +140,14 @@ where
     async fn forward(&mut self, cur: &mut Cursor) -> Result<Stop, ProxyError> {
         let stop = self.inspect(cur)?;
         if !cur.ready().is_empty() {
+            self.at_boundary = false;
             self.client.write_all(cur.ready()).await?;
             self.client.flush().await?;
             let n = cur.ready().len() as u64;
             Counters::add(&self.session.entry.counters.bytes_out, n);
             cur.consume_ready();
         }
+        self.at_boundary = !cur.mid_frame();
         Ok(stop)
     }
 
@@ -136,6 +156,22 @@ where
     }
 
     async fn resume(&mut self, stop: Stop, cur: &mut Cursor) -> Result<bool, ProxyError> {
+        // a retry or a refresh writes to the client: cut short, it leaves it inside a frame
+        self.at_boundary = false;
+        let resumed = self.run_stop(stop, cur).await;
+        self.at_boundary = resumed.is_ok() && !cur.mid_frame();
+        resumed
+    }
+}
+
+impl<R, UW, W> ServerSide<'_, R, UW, W>
+where
+    R: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    /// A retry or a refresh, when `stop` asks for one.
+    async fn run_stop(&mut self, stop: Stop, cur: &mut Cursor) -> Result<bool, ProxyError> {
         let session = self.session;
         if stop == Stop::Refresh {
             let buf = cur.at_front().ok_or_else(|| {

@@ -3,19 +3,15 @@
 //! request in the proxy until release; a malformed message ends the session with 08P01.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use crate::proxy::cancel::CancelMap;
 use crate::proxy::error::ProxyError;
-use crate::proxy::hold::Gate;
 use crate::proxy::reprepare::Reprepare;
-use crate::proxy::session::registry::{ClientEntry, Registry};
+use crate::proxy::session::registry::ClientEntry;
 use crate::proxy::session::relay::{run, Session};
 use crate::proxy::shared::Shared;
 use crate::wire::{split_frame, Cursor, MAX_MESSAGE_LEN};
@@ -23,22 +19,7 @@ use crate::wire::{split_frame, Cursor, MAX_MESSAGE_LEN};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn shared() -> Shared {
-    let addr: SocketAddr = "127.0.0.1:9".parse().expect("address");
-    Shared {
-        upstream: addr.to_string(),
-        listen: addr,
-        max_hold: Duration::from_secs(30),
-        upstream_tls: None,
-        tls_acceptor: None,
-        admin: None,
-        gate: Arc::new(Gate::new()),
-        cancels: CancelMap::default(),
-        clients: Registry::default(),
-        started: Instant::now(),
-        next_id: AtomicU64::new(1),
-        reprepared: AtomicU64::new(0),
-        stats: Default::default(),
-    }
+    Shared::detached()
 }
 
 fn entry() -> ClientEntry {
@@ -261,4 +242,58 @@ async fn the_server_closing_ends_the_session() {
         .expect("the relay stops");
     r.expect("a clean end");
     drop(app);
+}
+
+/// A ReadyForQuery is 6 bytes: a shorter one would have its status read from the next frame,
+/// a longer one could be taken out of the stream in part while a failed batch is kept.
+#[tokio::test]
+async fn a_ready_for_query_of_another_length_ends_the_session() {
+    for z in [&b"Z\0\0\0\x04"[..], b"Z\0\0\0\x07Ixx"] {
+        let (shared, entry) = (shared(), entry());
+        let Pipes {
+            app,
+            mut db,
+            proxy_client,
+            proxy_server,
+        } = pipes();
+        db.write_all(z).await.expect("write");
+        let r = tokio::time::timeout(WAIT, relay(&shared, &entry, proxy_client, proxy_server))
+            .await
+            .expect("the relay stops");
+        assert!(
+            matches!(&r, Err(ProxyError::UpstreamProtocol(m)) if m.contains("ReadyForQuery")),
+            "{r:?}"
+        );
+        drop(app);
+    }
+}
+
+/// Found by fuzzing (fuzz/regressions/relay/error-inside-a-server-frame): a client's protocol
+/// violation while a large server frame was streaming put the proxy's ErrorResponse inside
+/// that frame, so the client read garbage. The session still ends, without the message.
+#[tokio::test]
+async fn no_error_is_spliced_into_a_frame_the_server_is_sending() {
+    let (shared, entry) = (shared(), entry());
+    let Pipes {
+        mut app,
+        mut db,
+        proxy_client,
+        proxy_server,
+    } = pipes();
+    // a 100-byte DataRow of which 20 bytes arrived
+    let mut row = msg(b'D', &[7; 95]);
+    row.truncate(20);
+    let relay = relay(&shared, &entry, proxy_client, proxy_server);
+    let session = async {
+        db.write_all(&row).await.expect("write");
+        assert_eq!(read_exactly(&mut app, 20).await, row);
+        app.write_all(b"z\0\0\0\x04").await.expect("write");
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, app.read_to_end(&mut rest)).await;
+        rest
+    };
+    let (r, rest) = tokio::join!(relay, session);
+    assert!(matches!(r, Err(ProxyError::ClientProtocol(_))), "{r:?}");
+    assert!(rest.is_empty(), "sent inside the server's frame: {rest:?}");
+    drop(db);
 }
