@@ -170,13 +170,20 @@ impl Ty {
                 rng.gen_range(0..60),
                 rng.gen_range(0..60)
             )),
-            // the canonical output form, so interval -> text is exact
-            Ty::Interval => lit(&format!(
-                "{} days {:02}:{:02}:00",
-                rng.gen_range(2..30),
-                rng.gen_range(0..24),
-                rng.gen_range(0..60)
-            )),
+            // the canonical output form, so interval -> text is exact (a whole number of days
+            // is written without its time: '28 days', not '28 days 00:00:00', seed 6335)
+            Ty::Interval => {
+                let (d, h, m) = (
+                    rng.gen_range(2..30),
+                    rng.gen_range(0..24),
+                    rng.gen_range(0..60),
+                );
+                if (h, m) == (0, 0) {
+                    lit(&format!("{d} days"))
+                } else {
+                    lit(&format!("{d} days {h:02}:{m:02}:00"))
+                }
+            }
             Ty::Uuid => lit(&uuid_of(rng.gen::<u64>() as i64 & 0xffff_ffff_ffff, 0xa)),
             Ty::Mood => lit(["sad", "ok", "happy"][rng.gen_range(0..3)]),
             Ty::IntArr => lit(&format!("{{{n},{},NULL}}", n % 11)),
