@@ -18,13 +18,15 @@ use super::{explain, SslMode, TlsError, TlsSettings};
 /// The SSLRequest packet: length 8, code 1234.5679.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
-/// A connection in plaintext or in TLS (the same stream type tokio-postgres' adapter uses).
-pub enum MaybeTls<S> {
+/// A connection in plaintext or in TLS: by default the client side, the same stream type
+/// tokio-postgres' adapter uses; the proxy also names its server side (`T` a rustls server
+/// stream).
+pub enum MaybeTls<S, T = TlsStream<S>> {
     Plain(S),
-    Tls(Box<TlsStream<S>>),
+    Tls(Box<T>),
 }
 
-impl<S> MaybeTls<S> {
+impl<S, T> MaybeTls<S, T> {
     pub fn is_tls(&self) -> bool {
         matches!(self, MaybeTls::Tls(_))
     }
@@ -75,7 +77,7 @@ where
         })
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<S> {
+impl<S: AsyncRead + Unpin, T: AsyncRead + Unpin> AsyncRead for MaybeTls<S, T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -88,7 +90,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
+impl<S: AsyncWrite + Unpin, T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<S, T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -32,13 +32,10 @@ pub async fn connect_upstream(shared: &Shared) -> Result<UpStream, ProxyError> {
             return Ok(MaybeTls::Plain(tcp));
         };
         let host = tls::upstream_host(&shared.upstream);
-        let stream =
+        Ok(
             crate::tls::negotiate(tcp, &t.settings, &t.config, true, host, &shared.upstream)
-                .await?;
-        Ok(match stream {
-            crate::tls::MaybeTls::Plain(s) => MaybeTls::Plain(s),
-            crate::tls::MaybeTls::Tls(s) => MaybeTls::Tls(s),
-        })
+                .await?,
+        )
     };
     tokio::time::timeout(CONNECT_TIMEOUT, fut)
         .await
