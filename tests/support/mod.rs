@@ -98,6 +98,7 @@ extern "C" fn stop_server() {
     if let Some(dir) = DATA_DIR.get() {
         let _ = Command::new(script()).arg("stop").arg(dir).status();
         let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_file(dir.with_extension("initdb.log"));
     }
 }
 
@@ -200,13 +201,26 @@ pub async fn fresh_db(hint: &str) -> String {
 
 /// A plain tokio-postgres client whose connection task runs in the background.
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
+    let (c, conn) = match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+        Ok(c) => c,
+        // a refused connection to the shared server means it died: say why (disk full, a crash)
+        Err(e) => panic!("connect: {e:?}\n{}", server_log_tail()),
+    };
     tokio::spawn(async move {
         let _ = conn.await;
     });
     c
+}
+
+/// The last lines of the shared server's log, for failure messages.
+pub fn server_log_tail() -> String {
+    let Some(s) = SERVER.get() else {
+        return String::new();
+    };
+    let log = std::fs::read_to_string(s.data_dir.join("server.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    format!("last lines of the test server's log ({}):\n{tail}", s.data_dir.display())
 }
 
 /// Wait until `f` returns true, polling; panics with `what` after `limit`.
