@@ -253,6 +253,11 @@ pub struct RunArgs {
     /// `auto`: the plan's strategy (direct, online-steps or shadow-copy); `shadow-copy`: always copy.
     #[arg(long, value_enum, default_value_t = StrategyChoice::Auto)]
     pub strategy: StrategyChoice,
+    /// Run it even when a subcommand breaks code written for the table's current shape (a
+    /// rename, a drop, a narrowed type: `plan` names each); without it, `run` refuses those
+    /// before changing anything. Use it once no running code depends on the old shape.
+    #[arg(long)]
+    pub allow_breaking: bool,
     /// Pause the copy (and hold the swap) while this file exists.
     #[arg(long, value_name = "PATH")]
     pub pause_file: Option<PathBuf>,
@@ -374,6 +379,9 @@ pub struct ApplyArgs {
     /// Progress display on stderr.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
+    /// Apply ALTERs that break code written for a table's current shape (as for `run`).
+    #[arg(long)]
+    pub allow_breaking: bool,
 }
 
 impl ApplyArgs {
@@ -402,6 +410,9 @@ impl ApplyArgs {
         ];
         for p in &self.proxies {
             argv.extend(["--proxy", p.as_str()]);
+        }
+        if self.allow_breaking {
+            argv.push("--allow-breaking");
         }
         let Command::Run(mut run) = Cli::try_parse_from(argv)?.command else {
             return Err(clap::Error::new(clap::error::ErrorKind::InvalidSubcommand));
@@ -503,6 +514,7 @@ impl From<RunArgs> for RunConfig {
             verify: a.verify,
             verify_every: a.verify_every,
             strategy: a.strategy.into(),
+            allow_breaking: a.allow_breaking,
             pause_file: a.pause_file,
             max_replica_lag: a.max_replica_lag,
             throttle_retained_wal: a.throttle_retained_wal,

@@ -253,6 +253,7 @@ async fn a_killed_run_does_not_block_the_next_one() {
     let mut child = std::process::Command::new(support::binary())
         .args([
             "run",
+            "--allow-breaking",
             "--table",
             "orders",
             "--alter",
@@ -303,6 +304,7 @@ async fn drop_old_and_exit_codes_through_the_binary() {
     let out = std::process::Command::new(support::binary())
         .args([
             "run",
+            "--allow-breaking",
             "--table",
             "t",
             "--alter",

@@ -274,6 +274,7 @@ async fn a_migration_is_planned_per_statement_and_its_rollback_restores_the_sche
 fn apply(url: &str, args: &[&str]) -> Output {
     let mut a = vec![
         "apply",
+        "--allow-breaking",
         "--database-url",
         url,
         "--progress",

@@ -185,8 +185,9 @@ async fn cli(url: &str, argv: &[&str]) -> (bool, String) {
 }
 
 fn cli_blocking(url: &str, argv: &[String]) -> (bool, String) {
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let out = std::process::Command::new(support::binary())
-        .args(argv)
+        .args(support::process::allowing_breaking(&argv))
         .env("DATABASE_URL", url)
         .output()
         .expect("run the binary");
@@ -210,6 +211,7 @@ async fn cleanup_stale_removes_what_a_killed_run_left_and_spares_a_live_one() {
     let mut child = std::process::Command::new(support::binary())
         .args([
             "run",
+            "--allow-breaking",
             "--table",
             "orders",
             "--alter",

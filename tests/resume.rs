@@ -24,6 +24,7 @@ fn spawn_run(url: &str, extra: &[&str]) -> Child {
     Command::new(support::binary())
         .args([
             "run",
+            "--allow-breaking",
             "--table",
             "orders",
             "--alter",
@@ -220,6 +221,7 @@ async fn a_run_that_dies_right_after_the_swap_finishes_its_cleanup_when_rerun() 
     let mut child = Command::new(support::binary())
         .args([
             "run",
+            "--allow-breaking",
             "--table",
             "orders",
             "--alter",

@@ -27,7 +27,7 @@ async fn phase_is(c: &Client, phase: &str) -> bool {
 
 fn command(url: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(support::binary())
-        .args(args)
+        .args(support::process::allowing_breaking(args))
         .env("DATABASE_URL", url)
         .output()
         .expect("run the binary");

@@ -43,6 +43,9 @@ pub struct RunConfig {
     pub verify: bool,
     pub verify_every: Duration,
     pub strategy: Strategy,
+    /// Run subcommands that break code written for the table's old shape (a rename, a drop, a
+    /// narrowed type); without it `run` refuses them before changing anything.
+    pub allow_breaking: bool,
     pub pause_file: Option<PathBuf>,
     pub max_replica_lag: Option<Duration>,
     pub throttle_retained_wal: Option<u64>,

@@ -255,3 +255,26 @@ async fn killed_run_here(client: &Client, oid: u32) -> Option<i32> {
     let pid = pid?;
     (host.as_deref() == Some(this_host().as_str()) && process_gone(pid)).then_some(pid)
 }
+
+/// Refuse an ALTER that breaks code written for the table's current shape unless the run says
+/// `--allow-breaking` (then, and for what only may break, say so in the log). Changes nothing.
+pub async fn check_breaking(
+    client: &Client,
+    cfg: &crate::engine::config::RunConfig,
+) -> Result<(), EngineError> {
+    use crate::plan::breaking::{refusal, Level};
+    let (spec, verdicts) = crate::plan::breaking_changes(client, &cfg.table, &cfg.alter).await?;
+    let Some(spec) = spec else { return Ok(()) };
+    for (p, v) in spec.parts.iter().zip(&verdicts) {
+        if let Some(b) = v
+            .as_ref()
+            .filter(|b| cfg.allow_breaking || b.level == Level::MayBreak)
+        {
+            tracing::warn!("`{}` {}", p.sql, b.line());
+        }
+    }
+    match refusal(&spec, &verdicts) {
+        Some(msg) if !cfg.allow_breaking => Err(EngineError::BadInput(msg)),
+        _ => Ok(()),
+    }
+}

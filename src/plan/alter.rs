@@ -197,7 +197,9 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
         NodeEnum::RenameStmt(r) => {
             if r.rename_type == ObjectType::ObjectTable as i32 {
                 return Err(AlterError::Unsupported(
-                    "renaming the table (RENAME TO is instant and needs no migration: run it directly)".into(),
+                    "renaming the table (RENAME TO is instant and needs no migration: run it directly; \
+                     it breaks running code that names the table, which gets `relation ... does not exist` (42P01), \
+                     unless a view under the old name stands in until that code is gone)".into(),
                 ));
             }
             if r.rename_type != ObjectType::ObjectColumn as i32

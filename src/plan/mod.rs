@@ -7,6 +7,7 @@
 //! planner's own session, which are dropped before it ends; the real table is only read.
 
 pub mod alter;
+pub mod breaking;
 pub mod classify;
 mod error;
 pub mod inline;
@@ -100,7 +101,24 @@ pub async fn build_after(
         .map(|e| parse_alter_for_plan(e, &table.schema, &table.name))
         .collect::<Result<Vec<_>, _>>()?;
     let mut analyses = classify::analyse(client, &table, &spec, &real, &earlier).await?;
-    let decision = strategy::decide(&table, &spec, &analyses, &real);
+    let verdicts = breaking::assess(&spec, &table.name, &table.columns, &real.defaults);
+    for (a, v) in analyses.iter_mut().zip(verdicts) {
+        a.breaking = v;
+    }
+    let mut decision = strategy::decide(&table, &spec, &analyses, &real);
+    decision.reasons.extend(analyses.iter().filter_map(|a| {
+        let b = a.breaking.as_ref()?;
+        Some(format!(
+            "`{}` {}{}",
+            a.sql,
+            b.line(),
+            if b.level == breaking::Level::Breaks {
+                "; `run` refuses it unless --allow-breaking (see the expand/contract path below)"
+            } else {
+                ""
+            }
+        ))
+    }));
     let estimate = runbook::estimate(&table, &real, decision.strategy, &decision.steps, &analyses);
     let book = runbook::runbook(&table, &real, decision.strategy, &spec.parts, &analyses);
     let mut steps = decision.steps;
@@ -124,4 +142,24 @@ pub async fn build_after(
         table_info: table,
         spec,
     })
+}
+
+/// What `run` checks before it changes anything: the subcommands of `alter` that break code
+/// written for the table's current shape (`breaking::refusal` words the refusal). Empty when
+/// the table or the ALTER is not valid: the run's own checks name those problems.
+pub async fn breaking_changes(
+    client: &Client,
+    table_name: &str,
+    alter: &str,
+) -> Result<(Option<AlterSpec>, Vec<Option<breaking::Breaking>>), PlanError> {
+    let Some(oid) = catalog::resolve(client, table_name).await? else {
+        return Ok((None, Vec::new()));
+    };
+    let table = catalog::load(client, oid).await?;
+    let Ok(spec) = parse_alter_for_plan(alter, &table.schema, &table.name) else {
+        return Ok((None, Vec::new()));
+    };
+    let defaults = classify::read_defaults(client, oid).await?;
+    let verdicts = breaking::assess(&spec, &table.name, &table.columns, &defaults);
+    Ok((Some(spec), verdicts))
 }

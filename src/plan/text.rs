@@ -49,6 +49,26 @@ pub fn render(p: &Plan) -> String {
         for n in &a.notes {
             let _ = writeln!(o, "      note: {n}");
         }
+        if let Some(b) = &a.breaking {
+            let _ = writeln!(o, "      {}: {}", b.level.as_str().to_uppercase(), b.line());
+        }
+    }
+    let paths: Vec<_> = p
+        .subcommands
+        .iter()
+        .filter_map(|a| Some((a, a.breaking.as_ref()?)))
+        .collect();
+    if !paths.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nExpand/contract (keeps code written for the old shape working):"
+        );
+        for (a, b) in paths {
+            let _ = writeln!(o, "  {}:", a.sql);
+            for (i, s) in b.expand_contract.iter().enumerate() {
+                let _ = writeln!(o, "    {}. {s}", i + 1);
+            }
+        }
     }
 
     let _ = writeln!(o, "\nSteps:");

@@ -8,7 +8,9 @@ use clap::Parser;
 use shadow_alter::cli::{Cli, Command};
 use shadow_alter::engine::{EngineError, RunConfig};
 
-/// `shadow-alter run --database-url URL --table T --alter A --progress none <extra...>`.
+/// `shadow-alter run --database-url URL --table T --alter A --progress none --allow-breaking
+/// <extra...>`: these tests are about carrying ALTERs out (no application depends on their
+/// tables' old shape); the refusal of breaking changes is tested in tests/breaking.rs.
 pub fn run_args(url: &str, table: &str, alter: &str, extra: &[&str]) -> RunConfig {
     let mut argv = vec![
         "shadow-alter",
@@ -21,6 +23,7 @@ pub fn run_args(url: &str, table: &str, alter: &str, extra: &[&str]) -> RunConfi
         alter,
         "--progress",
         "none",
+        "--allow-breaking",
     ];
     argv.extend_from_slice(extra);
     match Cli::try_parse_from(argv).expect("valid arguments").command {

@@ -9,10 +9,22 @@ use tokio_postgres::Client;
 
 use super::{binary, wait_until};
 
-/// `shadow-alter <args>` against `url`, in the background (logs on the test's stderr).
+/// `args` for a `run` or `apply` of a test about carrying ALTERs out: with `--allow-breaking`
+/// (no application depends on the test table's old shape; tests/breaking.rs tests the refusal).
+pub fn allowing_breaking<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut args = args.to_vec();
+    if matches!(args.first(), Some(&"run") | Some(&"apply")) && !args.contains(&"--allow-breaking")
+    {
+        args.insert(1, "--allow-breaking");
+    }
+    args
+}
+
+/// `shadow-alter <args>` against `url`, in the background (logs on the test's stderr); a `run`
+/// or `apply` gets `--allow-breaking`.
 pub fn spawn(url: &str, args: &[&str]) -> Child {
     Command::new(binary())
-        .args(args)
+        .args(allowing_breaking(args))
         .env("DATABASE_URL", url)
         .env("RUST_LOG", "shadow_alter=info")
         .stdout(Stdio::null())
@@ -41,8 +53,14 @@ pub fn kill(mut child: Child) {
     let _ = child.wait();
 }
 
-/// Run `shadow-alter <args>` to its end: exit code and everything it printed.
+/// Run `shadow-alter <args>` to its end: exit code and everything it printed; a `run` or
+/// `apply` gets `--allow-breaking`.
 pub async fn output(url: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    output_as_is(url, &allowing_breaking(args), env).await
+}
+
+/// `output` with exactly `args`.
+pub async fn output_as_is(url: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let url = url.to_string();
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let env: Vec<(String, String)> = env

@@ -82,6 +82,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
     if start::finish_swapped(&control, &cfg).await? {
         return Ok(());
     }
+    preflight::check_breaking(&control, &cfg).await?;
     // Most ALTERs need no copy: run direct and online-steps plans without one (a scheduled
     // cutover asks for the shadow copy, which honours the schedule).
     if cfg.strategy == Strategy::Auto

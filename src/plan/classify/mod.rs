@@ -132,6 +132,8 @@ pub struct Analysis {
     /// True when the locks and rewrite/index facts were observed on the server.
     pub verified: bool,
     pub notes: Vec<String>,
+    /// Whether code written for the old shape keeps working (null when it does).
+    pub breaking: Option<super::breaking::Breaking>,
     /// Why it scans, when it does (drives the online-steps split).
     #[serde(skip)]
     pub scan: Option<ScanReason>,
@@ -179,6 +181,25 @@ pub struct RealCatalog {
     pub fk_targets: HashMap<String, String>,
 }
 
+/// The table's column defaults: column -> expression (generated columns are not defaults).
+pub async fn read_defaults(
+    client: &Client,
+    oid: u32,
+) -> Result<HashMap<String, String>, PlanError> {
+    Ok(client
+        .query(
+            "SELECT a.attname::text, pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
+             JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+             WHERE d.adrelid = $1 AND a.attgenerated = ''",
+            &[&oid],
+        )
+        .await
+        .ctx("reading column defaults")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
 pub async fn read_real(client: &Client, t: &Table) -> Result<RealCatalog, PlanError> {
     let rows = client
         .query(
@@ -197,18 +218,7 @@ pub async fn read_real(client: &Client, t: &Table) -> Result<RealCatalog, PlanEr
         })
         .collect();
     let constraint_defs = rows.iter().map(|r| (r.get(0), r.get(2))).collect();
-    let defaults = client
-        .query(
-            "SELECT a.attname::text, pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
-             JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-             WHERE d.adrelid = $1 AND a.attgenerated = ''",
-            &[&t.oid],
-        )
-        .await
-        .ctx("reading column defaults")?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let defaults = read_defaults(client, t.oid).await?;
     let r = client
         .query_one(
             "SELECT pg_relation_size($1::oid::regclass), relfilenode, current_setting('server_version')
@@ -322,6 +332,7 @@ async fn analyse_parts(
             blocking: false,
             verified: false,
             notes: Vec::new(),
+            breaking: None,
             scan: None,
         };
         let mut rule_locks: BTreeMap<String, LockMode> = BTreeMap::new();

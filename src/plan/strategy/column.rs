@@ -193,6 +193,7 @@ fn analysis(sql: &str, lock: LockMode, tables: Vec<String>, effect: Effect) -> A
         blocking: lock.blocks_writes(),
         verified: false,
         notes: Vec::new(),
+        breaking: None,
         scan: None,
     }
 }

@@ -608,6 +608,8 @@ async fn body(
 
     let mut args: Vec<String> = [
         "run",
+        // the oracle is the plain ALTER, whether it breaks old code or not
+        "--allow-breaking",
         "--table",
         &shape.qualified("public"),
         "--alter",
