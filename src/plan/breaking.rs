@@ -296,6 +296,14 @@ fn type_change(old: &Column, new: &TypeName, using: bool) -> Option<Breaking> {
             format!("no error: reads return {new_shown} (with an offset), and old values are taken in the server's TimeZone"),
             "00000",
         ),
+        (None, _) if !builtin(&from) || !builtin(&to) => verdict(
+            // a domain, an enum, an extension's type: what old code's values and comparisons
+            // do depends on its casts and operators, which the plan does not know
+            Level::MayBreak,
+            format!("reads, writes or compares {name} as {old_shown}"),
+            format!("depends on the casts between {old_shown} and {new_shown}: old code's values must be valid {new_shown}"),
+            "22P02",
+        ),
         (None, _) if from.0 == to.0 && from.0.starts_with("time") => verdict(
             Level::MayBreak,
             format!("writes {name} with more fractional digits than {new_shown} keeps"),
@@ -327,6 +335,41 @@ fn type_change(old: &Column, new: &TypeName, using: bool) -> Option<Breaking> {
     }
 }
 
+/// Types whose casts and operators the verdicts know (PostgreSQL's own, without a domain).
+fn builtin(t: &Ty) -> bool {
+    const KNOWN: &[&str] = &[
+        "int2",
+        "int4",
+        "int8",
+        "numeric",
+        "float4",
+        "float8",
+        "text",
+        "varchar",
+        "bpchar",
+        "bool",
+        "date",
+        "timestamp",
+        "timestamptz",
+        "time",
+        "timetz",
+        "interval",
+        "uuid",
+        "json",
+        "jsonb",
+        "bytea",
+        "inet",
+        "cidr",
+        "macaddr",
+        "money",
+        "bit",
+        "varbit",
+        "xml",
+        "oid",
+    ];
+    KNOWN.contains(&t.0.trim_end_matches("[]"))
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Widening {
     /// Same values, same representation (varchar(10) -> varchar(20), varchar -> text).
@@ -337,6 +380,13 @@ enum Widening {
 
 /// Whether every value of `from` is a value of `to`, read the same way.
 fn widens(from: &Ty, to: &Ty) -> Option<Widening> {
+    if let (Some(f), Some(t)) = (from.0.strip_suffix("[]"), to.0.strip_suffix("[]")) {
+        // arrays widen as their elements do
+        return widens(
+            &(f.to_string(), from.1.clone()),
+            &(t.to_string(), to.1.clone()),
+        );
+    }
     let (f, t) = (from.0.as_str(), to.0.as_str());
     let rank = |n: &str| {
         ["int2", "int4", "int8", "numeric"]
@@ -557,6 +607,8 @@ mod tests {
             col("price", "numeric(10,2)", false),
             col("at", "timestamp without time zone", false),
             col("flag", "boolean", false),
+            col("dom", "posint", false),
+            col("tags", "integer[]", false),
         ];
         let mut defaults = HashMap::new();
         defaults.insert("flag".to_string(), "false".to_string());
@@ -600,6 +652,21 @@ mod tests {
             level("ALTER COLUMN at TYPE timestamp(3)"),
             Some(Level::MayBreak)
         );
+        // a domain or enum on either side: its casts decide, which the plan cannot know
+        assert_eq!(level("ALTER COLUMN qty TYPE posint"), Some(Level::MayBreak));
+        assert_eq!(
+            level("ALTER COLUMN tags TYPE bigint[]"),
+            Some(Level::MayBreak)
+        );
+        assert_eq!(
+            level("ALTER COLUMN tags TYPE smallint[]"),
+            Some(Level::Breaks)
+        );
+        assert_eq!(
+            level("ALTER COLUMN full_name TYPE mood USING full_name::mood"),
+            Some(Level::MayBreak)
+        );
+        assert_eq!(level("ALTER COLUMN dom TYPE bigint"), Some(Level::MayBreak));
         // every value fits, but readers see another type
         assert_eq!(level("ALTER COLUMN qty TYPE bigint"), Some(Level::MayBreak));
         assert_eq!(level("ALTER COLUMN qty TYPE int8"), Some(Level::MayBreak));
