@@ -248,3 +248,216 @@ async fn allowed_breaking_changes_fail_old_code_exactly_as_the_plan_said() {
         );
     }
 }
+
+/// Run `stmts` as one transaction under a short lock_timeout, as the runbook says.
+async fn in_one_transaction(c: &Client, stmts: &Value) {
+    let stmts: Vec<&str> = stmts
+        .as_array()
+        .expect("statements")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let sql = format!(
+        "BEGIN; SET LOCAL lock_timeout = '5s'; {}; COMMIT",
+        stmts.join("; ")
+    );
+    c.batch_execute(&sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Code that keeps running while the table changes: `sql(i)` for i = 0, 1, ... as role
+/// `breaking_app` with `search_path`, until told to stop; `ran` counts the statements run.
+/// Returns (statements run, errors).
+fn keep_running(
+    url: &str,
+    search_path: &'static str,
+    sql: fn(i64) -> String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ran: std::sync::Arc<std::sync::atomic::AtomicI64>,
+) -> tokio::task::JoinHandle<(i64, Vec<String>)> {
+    let url = url.to_string();
+    tokio::spawn(async move {
+        let c = connect(&url).await;
+        c.batch_execute(&format!(
+            "SET ROLE breaking_app; SET search_path = {search_path}"
+        ))
+        .await
+        .expect("the application's session");
+        let (mut n, mut errors) = (0, Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Err(e) = c.batch_execute(&sql(n)).await {
+                errors.push(
+                    e.as_db_error()
+                        .map_or(e.to_string(), |d| d.message().to_string()),
+                );
+            }
+            n += 1;
+            ran.store(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        (n, errors)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expand_contract_runbook_keeps_old_and_new_code_working() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    // wait until the application has run `more` statements beyond `from`
+    async fn ran_more(ran: &AtomicI64, more: i64) {
+        let from = ran.load(Ordering::Relaxed);
+        support::wait_until(
+            std::time::Duration::from_secs(30),
+            "the application to run",
+            || async { ran.load(Ordering::Relaxed) >= from + more },
+        )
+        .await;
+    }
+    let url = fresh_db("expandcontract").await;
+    let c = connect(&url).await;
+    c.batch_execute(SETUP).await.expect("setup");
+    c.batch_execute(
+        "DO $$ BEGIN CREATE ROLE breaking_app; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON people TO breaking_app;",
+    )
+    .await
+    .expect("the application's role");
+
+    // a rename: old code keeps naming full_name through the old version
+    let p = plan_json(&url, "RENAME COLUMN full_name TO name").await;
+    let x = &p["expand_contract"];
+    assert_eq!(x["version_schema"], "people_v_old", "{p}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let ran = Arc::new(AtomicI64::new(0));
+    let old = keep_running(
+        &url,
+        "people_v_old, public",
+        |i| {
+            format!(
+                "INSERT INTO people (id, full_name) VALUES ({}, 'old {i}');
+                 UPDATE people SET full_name = full_name || '.' WHERE id = {};
+                 SELECT full_name FROM people WHERE id = {}",
+                10_000 + i,
+                1 + i % 500,
+                10_000 + i
+            )
+        },
+        stop.clone(),
+        ran.clone(),
+    );
+    ran_more(&ran, 20).await;
+    in_one_transaction(&c, &x["expand"]).await;
+    for v in x["verify"].as_array().expect("verify") {
+        c.batch_execute(v[1].as_str().expect("sql"))
+            .await
+            .expect("verify query");
+    }
+    // new code names the column by its new name, on the table
+    c.batch_execute("INSERT INTO people (id, name) VALUES (20000, 'new')")
+        .await
+        .expect("new code");
+    ran_more(&ran, 20).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ran, errors) = old.await.expect("old code");
+    assert!(
+        errors.is_empty(),
+        "old code failed {} of {ran} times: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+    let old_view = connect(&url).await;
+    old_view
+        .batch_execute("SET search_path = people_v_old, public")
+        .await
+        .expect("search_path");
+    let new_row: String = old_view
+        .query_one("SELECT full_name FROM people WHERE id = 20000", &[])
+        .await
+        .expect("old code reads new code's row")
+        .get(0);
+    assert_eq!(new_row, "new");
+    let old_rows: i64 = c
+        .query_one("SELECT count(*) FROM people WHERE name LIKE 'old %'", &[])
+        .await
+        .expect("new code reads old code's rows")
+        .get(0);
+    assert_eq!(
+        old_rows, ran,
+        "every row old code inserted is there under the new name"
+    );
+
+    // the rollback gives the old shape back with the writes of both
+    in_one_transaction(&c, &x["rollback"]).await;
+    let names: Vec<String> = shape(&c).await.into_iter().map(|(n, _)| n).collect();
+    assert!(
+        names.contains(&"full_name".to_string()) && !names.contains(&"name".to_string()),
+        "{names:?}"
+    );
+    let kept: i64 = c
+        .query_one(
+            "SELECT count(*) FROM people WHERE id = 20000 OR full_name LIKE 'old %'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(kept, ran + 1);
+
+    // a drop: new code stops seeing legacy at once, old code keeps writing it until the contract
+    let p = plan_json(&url, "DROP COLUMN legacy").await;
+    let x = &p["expand_contract"];
+    assert_eq!(x["version_schema"], "people_v_new", "{p}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let ran = Arc::new(AtomicI64::new(0));
+    let old = keep_running(
+        &url,
+        "public",
+        |i| {
+            format!(
+                "UPDATE people SET legacy = 'still {i}' WHERE id = {}",
+                1 + i % 500
+            )
+        },
+        stop.clone(),
+        ran.clone(),
+    );
+    ran_more(&ran, 20).await;
+    in_one_transaction(&c, &x["expand"]).await;
+    let new_code = connect(&url).await;
+    new_code
+        .batch_execute(
+            "SET ROLE breaking_app; SET search_path = people_v_new, public;
+             INSERT INTO people (id, full_name) VALUES (30000, 'new code')",
+        )
+        .await
+        .expect("new code writes without legacy");
+    let cols = new_code
+        .query("SELECT * FROM people WHERE id = 30000", &[])
+        .await
+        .expect("new code reads");
+    assert!(
+        cols[0].columns().iter().all(|c| c.name() != "legacy"),
+        "new code sees legacy"
+    );
+    ran_more(&ran, 20).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ran, errors) = old.await.expect("old code");
+    assert!(
+        errors.is_empty(),
+        "old code failed {} of {ran} times: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+    in_one_transaction(&c, &x["contract"]).await;
+    let names: Vec<String> = shape(&c).await.into_iter().map(|(n, _)| n).collect();
+    assert!(!names.contains(&"legacy".to_string()), "{names:?}");
+    let schemas: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'people_v_%'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(schemas, 0, "the contract leaves no version schema");
+}

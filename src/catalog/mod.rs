@@ -133,6 +133,33 @@ pub struct Table {
     pub dependents: Dependents,
 }
 
+#[cfg(test)]
+impl Table {
+    /// A plain table with no columns, for unit tests of pure logic.
+    pub fn for_tests(schema: &str, name: &str) -> Table {
+        Table {
+            oid: 1,
+            schema: schema.into(),
+            name: name.into(),
+            relkind: 'r',
+            persistence: 'p',
+            is_partition: false,
+            owner: "owner".into(),
+            replica_identity: 'd',
+            row_estimate: 0,
+            size_bytes: 0,
+            reloptions: vec![],
+            comment: None,
+            rls_enabled: false,
+            columns: vec![],
+            key: None,
+            key_problem: None,
+            sequences: vec![],
+            dependents: Dependents::default(),
+        }
+    }
+}
+
 impl Table {
     pub fn qualified(&self) -> String {
         crate::sql::qualified(&self.schema, &self.name)

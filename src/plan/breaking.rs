@@ -103,7 +103,8 @@ pub fn refusal(spec: &AlterSpec, verdicts: &[Option<Breaking>]) -> Option<String
     }
     Some(format!(
         "the ALTER breaks application code that is still running on the old shape, so nothing was changed:\n  {}\n  \
-         Deploy code that no longer depends on the old shape first (the expand/contract steps above), \
+         Deploy code that no longer depends on the old shape first (the expand/contract steps above; \
+         for a rename or a drop `shadow-alter plan` prints them as SQL, with both shapes live), \
          or pass --allow-breaking if no running code uses it",
         breaking.join("\n  ")
     ))

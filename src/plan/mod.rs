@@ -10,6 +10,7 @@ pub mod alter;
 pub mod breaking;
 pub mod classify;
 mod error;
+pub mod expand;
 pub mod inline;
 pub mod migration;
 pub mod precheck;
@@ -43,6 +44,8 @@ pub struct Plan {
     pub reasons: Vec<String>,
     /// What each subcommand would do as a plain ALTER (the evidence for the strategy).
     pub subcommands: Vec<Analysis>,
+    /// For a breaking rename or drop: the SQL that makes it with both shapes live.
+    pub expand_contract: Option<expand::ExpandContract>,
     pub server_version: String,
     #[serde(skip)]
     pub table_info: Table,
@@ -105,6 +108,16 @@ pub async fn build_after(
     for (a, v) in analyses.iter_mut().zip(verdicts) {
         a.breaking = v;
     }
+    let expand_contract = if analyses.iter().any(|a| {
+        a.breaking
+            .as_ref()
+            .is_some_and(|b| b.level == breaking::Level::Breaks)
+    }) {
+        let grants = table_grants(client, oid).await?;
+        expand::path(&spec, &table, &grants)
+    } else {
+        None
+    };
     let mut decision = strategy::decide(&table, &spec, &analyses, &real);
     decision.reasons.extend(analyses.iter().filter_map(|a| {
         let b = a.breaking.as_ref()?;
@@ -137,6 +150,7 @@ pub async fn build_after(
         runbook: book,
         reasons: decision.reasons,
         subcommands: analyses,
+        expand_contract,
         server_version: real.server_version.clone(),
         relfilenode: real.relfilenode,
         table_info: table,
@@ -162,4 +176,22 @@ pub async fn breaking_changes(
     let defaults = classify::read_defaults(client, oid).await?;
     let verdicts = breaking::assess(&spec, &table.name, &table.columns, &defaults);
     Ok((Some(spec), verdicts))
+}
+
+/// The table's privileges other than its owner's: (grantee or PUBLIC, privilege).
+async fn table_grants(client: &Client, oid: u32) -> Result<Vec<(String, String)>, PlanError> {
+    use crate::db::Ctx;
+    Ok(client
+        .query(
+            "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END,
+                    a.privilege_type
+             FROM pg_class c, aclexplode(c.relacl) a
+             WHERE c.oid = $1 AND a.grantee <> c.relowner ORDER BY 1, 2",
+            &[&oid],
+        )
+        .await
+        .ctx("reading the table's privileges")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }

@@ -58,7 +58,9 @@ pub fn render(p: &Plan) -> String {
         .iter()
         .filter_map(|a| Some((a, a.breaking.as_ref()?)))
         .collect();
-    if !paths.is_empty() {
+    if let Some(x) = &p.expand_contract {
+        expand_contract(&mut o, x);
+    } else if !paths.is_empty() {
         let _ = writeln!(
             o,
             "\nExpand/contract (keeps code written for the old shape working):"
@@ -142,4 +144,44 @@ pub fn render(p: &Plan) -> String {
         p.table
     );
     o
+}
+
+/// The expand/contract runbook as SQL, step by step.
+fn expand_contract(o: &mut String, x: &super::expand::ExpandContract) {
+    let tx = |o: &mut String, stmts: &[String]| {
+        let _ = writeln!(o, "       BEGIN; SET LOCAL lock_timeout = '1s';");
+        for s in stmts {
+            let _ = writeln!(o, "       {s};");
+        }
+        let _ = writeln!(o, "       COMMIT;  -- on a lock timeout: run it again");
+    };
+    let _ = writeln!(
+        o,
+        "\nExpand/contract runbook (both shapes live; schema {} is for {} code):",
+        x.version_schema, x.version_for
+    );
+    let _ = writeln!(o, "  1. Expand, one transaction:");
+    tx(o, &x.expand);
+    let _ = writeln!(
+        o,
+        "  2. Old code: {}\n     New code: {}",
+        x.old_code, x.new_code
+    );
+    let _ = writeln!(o, "  3. Verify:");
+    for (what, sql) in &x.verify {
+        let _ = writeln!(o, "       {sql};  -- {what}");
+    }
+    let _ = writeln!(
+        o,
+        "  4. Deploy the new code; once no running code uses the old shape, contract:"
+    );
+    tx(o, &x.contract);
+    let _ = writeln!(
+        o,
+        "  Rollback before the contract (writes through either shape are kept):"
+    );
+    tx(o, &x.rollback);
+    for n in &x.notes {
+        let _ = writeln!(o, "  note: {n}");
+    }
 }

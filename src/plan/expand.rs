@@ -1,0 +1,304 @@
+//! The expand/contract runbook for a breaking rename or drop: the SQL that makes the change while
+//! code written for the old shape keeps working, as pgroll and Reshape do it, with a schema of
+//! views per shape. Code chooses its shape with `search_path`.
+//!
+//! - `RENAME COLUMN a TO b`: the table gets the new name; the *old* version is a schema holding
+//!   a view of the table that shows `b AS a` (a simple view: PostgreSQL writes through it).
+//!   Old code runs with `search_path = <old version>, <schema>`; new code uses the table.
+//! - `DROP COLUMN c`: the table keeps `c` until the contract (nullable, so new code may leave it
+//!   out); the *new* version is a schema holding a view without `c`. Old code uses the table;
+//!   new code runs with `search_path = <new version>, <schema>`.
+//!
+//! Expand and contract are each one transaction under `lock_timeout` (retry on timeout), so no
+//! moment exists where either code sees a shape it does not know.
+//!
+//! Invariant: pure; the statements, run in order, leave the table as the plain ALTER would after
+//! the contract, and as it was before after the rollback.
+
+use serde::Serialize;
+
+use super::alter::{AlterSpec, Part};
+use crate::catalog::Table;
+use crate::sql::{quote_ident, quote_literal};
+use pg_query::protobuf::AlterTableType as A;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExpandContract {
+    /// The version schema this path creates.
+    pub version_schema: String,
+    /// Which code runs on that schema: "old" (a rename) or "new" (a drop).
+    pub version_for: &'static str,
+    /// One transaction: the change and the version schema.
+    pub expand: Vec<String>,
+    /// How old and new code reach their shape.
+    pub old_code: String,
+    pub new_code: String,
+    /// Once no code uses the old shape: one transaction.
+    pub contract: Vec<String>,
+    /// Before the contract, back to the old shape (writes through either version are kept).
+    pub rollback: Vec<String>,
+    /// Queries that show the expand worked, each with what to expect.
+    pub verify: Vec<(String, String)>,
+    /// What to know before running it.
+    pub notes: Vec<String>,
+}
+
+/// The path for `spec` on `table`, when it is a single column rename or only column drops;
+/// `grants` are the table's privileges (grantee, privilege) for the view to get the same.
+pub fn path(
+    spec: &AlterSpec,
+    table: &Table,
+    grants: &[(String, String)],
+) -> Option<ExpandContract> {
+    let t = table.qualified();
+    let schema = quote_ident(&table.schema);
+    let columns: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
+    if let [Part {
+        rename: Some((true, old, new)),
+        ..
+    }] = spec.parts.as_slice()
+    {
+        if !columns.contains(&old.as_str()) {
+            return None;
+        }
+        let version = version_name(&table.name, "old");
+        let v = quote_ident(&version);
+        let view = format!("{v}.{}", quote_ident(&table.name));
+        let list = columns
+            .iter()
+            .map(|c| {
+                if c == old {
+                    format!("{} AS {}", quote_ident(new), quote_ident(old))
+                } else {
+                    quote_ident(c)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut expand = vec![
+            format!(
+                "ALTER TABLE {t} RENAME COLUMN {} TO {}",
+                quote_ident(old),
+                quote_ident(new)
+            ),
+            format!("CREATE SCHEMA {v}"),
+            format!("CREATE VIEW {view} AS SELECT {list} FROM {t}"),
+        ];
+        expand.extend(grant_statements(&v, &view, grants));
+        return Some(ExpandContract {
+            version_schema: version.clone(),
+            version_for: "old",
+            expand,
+            old_code: format!("SET search_path = {v}, {schema} (code that names {old})"),
+            new_code: format!("the table itself (code that names {new})"),
+            contract: vec![format!("DROP SCHEMA {v} CASCADE")],
+            rollback: vec![
+                format!("DROP SCHEMA {v} CASCADE"),
+                format!(
+                    "ALTER TABLE {t} RENAME COLUMN {} TO {}",
+                    quote_ident(new),
+                    quote_ident(old)
+                ),
+            ],
+            verify: vec![(
+                "old code's name answers through the old version".into(),
+                format!("SELECT {} FROM {view} LIMIT 1", quote_ident(old)),
+            )],
+            notes: vec![format!(
+                "the view writes through to {t} (a simple view is updatable); old code that runs with \
+                 a search_path without {v} gets column \"{old}\" does not exist"
+            )],
+        });
+    }
+    let drops: Vec<&str> = spec
+        .parts
+        .iter()
+        .map(|p| (p.subtype == Some(A::AtDropColumn)).then(|| p.name()))
+        .collect::<Option<Vec<_>>>()?;
+    if drops.is_empty() || drops.iter().any(|d| !columns.contains(d)) {
+        return None;
+    }
+    let version = version_name(&table.name, "new");
+    let v = quote_ident(&version);
+    let view = format!("{v}.{}", quote_ident(&table.name));
+    let list = columns
+        .iter()
+        .filter(|c| !drops.contains(c))
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut expand: Vec<String> = table
+        .columns
+        .iter()
+        .filter(|c| drops.contains(&c.name.as_str()) && c.not_null)
+        .map(|c| {
+            format!(
+                "ALTER TABLE {t} ALTER COLUMN {} DROP NOT NULL",
+                quote_ident(&c.name)
+            )
+        })
+        .collect();
+    let restore: Vec<String> = table
+        .columns
+        .iter()
+        .filter(|c| drops.contains(&c.name.as_str()) && c.not_null)
+        .map(|c| {
+            format!(
+                "ALTER TABLE {t} ALTER COLUMN {} SET NOT NULL",
+                quote_ident(&c.name)
+            )
+        })
+        .collect();
+    expand.push(format!("CREATE SCHEMA {v}"));
+    expand.push(format!("CREATE VIEW {view} AS SELECT {list} FROM {t}"));
+    expand.extend(grant_statements(&v, &view, grants));
+    let dropped = drops
+        .iter()
+        .map(|d| format!("DROP COLUMN {}", quote_ident(d)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut rollback = vec![format!("DROP SCHEMA {v} CASCADE")];
+    rollback.extend(restore);
+    Some(ExpandContract {
+        version_schema: version.clone(),
+        version_for: "new",
+        expand,
+        old_code: format!("the table itself (code that names {})", drops.join(", ")),
+        new_code: format!("SET search_path = {v}, {schema} (code without {})", drops.join(", ")),
+        contract: vec![
+            format!("DROP SCHEMA {v} CASCADE"),
+            format!("ALTER TABLE {t} {dropped}"),
+        ],
+        notes: if rollback.len() > 1 {
+            vec!["the rollback's SET NOT NULL fails if new code left the column NULL: fill those rows first".into()]
+        } else {
+            vec![]
+        },
+        rollback,
+        verify: vec![(
+            "0: new code cannot see the dropped columns".into(),
+            format!(
+                "SELECT count(*) FROM information_schema.columns WHERE table_schema = {} AND column_name IN ({})",
+                quote_literal(&version),
+                drops.iter().map(|d| quote_literal(d)).collect::<Vec<_>>().join(", ")
+            ),
+        )],
+    })
+}
+
+/// `people_v_old`, cut to PostgreSQL's 63 bytes on a character boundary.
+fn version_name(table: &str, which: &str) -> String {
+    let suffix = format!("_v_{which}");
+    let mut base = table.to_string();
+    while base.len() + suffix.len() > 63 {
+        base.pop();
+    }
+    format!("{base}{suffix}")
+}
+
+/// The table's privileges, on the view (and USAGE on its schema for each grantee).
+fn grant_statements(schema: &str, view: &str, grants: &[(String, String)]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut roles: Vec<&str> = grants.iter().map(|(r, _)| r.as_str()).collect();
+    roles.dedup();
+    for role in roles {
+        let grantee = if role == "PUBLIC" {
+            role.to_string()
+        } else {
+            quote_ident(role)
+        };
+        let privs: Vec<&str> = grants
+            .iter()
+            .filter(|(r, _)| r == role)
+            .map(|(_, p)| p.as_str())
+            .collect();
+        out.push(format!("GRANT USAGE ON SCHEMA {schema} TO {grantee}"));
+        out.push(format!("GRANT {} ON {view} TO {grantee}", privs.join(", ")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Column;
+    use crate::plan::alter::parse_alter_for_plan;
+
+    fn table() -> Table {
+        let mut t = crate::catalog::Table::for_tests("public", "people");
+        t.columns = ["id", "full_name", "Legacy Col", "qty"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Column {
+                attnum: i as i16 + 1,
+                name: n.to_string(),
+                type_sql: "text".into(),
+                not_null: *n == "Legacy Col",
+                identity: None,
+                generated: false,
+            })
+            .collect();
+        t
+    }
+
+    fn path_for(alter: &str) -> Option<ExpandContract> {
+        let spec = parse_alter_for_plan(alter, "public", "people").expect(alter);
+        let grants = vec![
+            ("app".to_string(), "SELECT".to_string()),
+            ("app".to_string(), "INSERT".to_string()),
+        ];
+        path(&spec, &table(), &grants)
+    }
+
+    #[test]
+    fn a_rename_keeps_the_old_name_in_a_view_for_old_code() {
+        let p = path_for("RENAME COLUMN full_name TO name").expect("a path");
+        assert_eq!(p.version_schema, "people_v_old");
+        assert_eq!(
+            p.expand[2],
+            "CREATE VIEW \"people_v_old\".\"people\" AS SELECT \"id\", \"name\" AS \"full_name\", \"Legacy Col\", \"qty\" FROM \"public\".\"people\""
+        );
+        assert!(
+            p.expand.contains(
+                &"GRANT SELECT, INSERT ON \"people_v_old\".\"people\" TO \"app\"".to_string()
+            ),
+            "{p:?}"
+        );
+        assert_eq!(
+            p.contract,
+            vec!["DROP SCHEMA \"people_v_old\" CASCADE".to_string()]
+        );
+        assert!(
+            p.rollback[1].ends_with("RENAME COLUMN \"name\" TO \"full_name\""),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_drop_keeps_the_column_until_the_contract_and_hides_it_from_new_code() {
+        let p = path_for("DROP COLUMN \"Legacy Col\"").expect("a path");
+        assert_eq!(p.version_for, "new");
+        assert_eq!(
+            p.expand[0],
+            "ALTER TABLE \"public\".\"people\" ALTER COLUMN \"Legacy Col\" DROP NOT NULL"
+        );
+        assert!(
+            p.expand.iter().any(|s| s
+                .ends_with("AS SELECT \"id\", \"full_name\", \"qty\" FROM \"public\".\"people\"")),
+            "{p:?}"
+        );
+        assert_eq!(
+            p.contract[1],
+            "ALTER TABLE \"public\".\"people\" DROP COLUMN \"Legacy Col\""
+        );
+        assert!(p.rollback[1].contains("SET NOT NULL"), "{p:?}");
+    }
+
+    #[test]
+    fn other_changes_and_mixtures_get_no_generated_path() {
+        assert_eq!(path_for("ALTER COLUMN qty TYPE bigint"), None);
+        assert_eq!(path_for("DROP COLUMN qty, ADD COLUMN n int"), None);
+        assert_eq!(path_for("RENAME COLUMN gone TO x"), None);
+        assert_eq!(version_name(&"x".repeat(70), "old").len(), 63);
+    }
+}
