@@ -60,6 +60,12 @@ pub enum Command {
     Throttle(ThrottleArgs),
     /// Stop a migration and drop everything it created; the original table is untouched.
     Abort(AbortArgs),
+    /// Contract a change made with `run --expand-contract`, once no running code uses the old
+    /// shape: drop the version schema (and a dropped column), in one short-locked transaction.
+    Complete(VersionArgs),
+    /// Undo a change made with `run --expand-contract` before `complete`: the old shape comes
+    /// back with every write made through either shape.
+    Rollback(VersionArgs),
     /// Compare a running migration's shadow with its source now, repair differing chunks, and
     /// print the result.
     Verify(VerifyArgs),
@@ -80,6 +86,17 @@ pub struct VerifyArgs {
     /// How long to wait for the running process to answer.
     #[arg(long, value_parser = parse_duration, default_value = "10m")]
     pub wait: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VersionArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// The table changed with `run --expand-contract`.
+    pub table: String,
+    /// lock_timeout of each attempt (retried with backoff).
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub lock_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -258,6 +275,11 @@ pub struct RunArgs {
     /// before changing anything. Use it once no running code depends on the old shape.
     #[arg(long)]
     pub allow_breaking: bool,
+    /// Make a breaking column rename or drop with both shapes live: a schema of views keeps the
+    /// old shape for old code (a rename) or shows the new one to new code (a drop), until
+    /// `shadow-alter complete <table>` (or `rollback <table>`). See `plan` for the SQL.
+    #[arg(long, conflicts_with_all = ["strategy", "postpone_cutover", "cutover_window", "soak"])]
+    pub expand_contract: bool,
     /// Pause the copy (and hold the swap) while this file exists.
     #[arg(long, value_name = "PATH")]
     pub pause_file: Option<PathBuf>,
@@ -515,6 +537,7 @@ impl From<RunArgs> for RunConfig {
             verify_every: a.verify_every,
             strategy: a.strategy.into(),
             allow_breaking: a.allow_breaking,
+            expand_contract: a.expand_contract,
             pause_file: a.pause_file,
             max_replica_lag: a.max_replica_lag,
             throttle_retained_wal: a.throttle_retained_wal,

@@ -123,6 +123,24 @@ fn main() -> ExitCode {
             Command::Verify(a) => {
                 report(ops::verify(a.conn.database_url.as_deref(), &a.table, a.wait).await)
             }
+            Command::Complete(a) => report(
+                ops::finish_versions(
+                    a.conn.database_url.as_deref(),
+                    &a.table,
+                    shadow_alter::engine::expand::Finish::Complete,
+                    a.lock_timeout,
+                )
+                .await,
+            ),
+            Command::Rollback(a) => report(
+                ops::finish_versions(
+                    a.conn.database_url.as_deref(),
+                    &a.table,
+                    shadow_alter::engine::expand::Finish::Rollback,
+                    a.lock_timeout,
+                )
+                .await,
+            ),
             Command::Revert(a) => {
                 report(ops::revert(a.conn.database_url.as_deref(), &a.table, a.wait).await)
             }

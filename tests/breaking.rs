@@ -461,3 +461,139 @@ async fn the_expand_contract_runbook_keeps_old_and_new_code_working() {
         .get(0);
     assert_eq!(schemas, 0, "the contract leaves no version schema");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_expand_contract_keeps_old_code_working_until_complete_and_rollback_undoes_it() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    let url = fresh_db("runexpand").await;
+    let c = connect(&url).await;
+    c.batch_execute(SETUP).await.expect("setup");
+    c.batch_execute(
+        "DO $$ BEGIN CREATE ROLE breaking_app; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON people TO breaking_app;",
+    )
+    .await
+    .expect("the application's role");
+    let cli = |args: &'static [&'static str]| output(&url, args, &[]);
+
+    // old code writes and reads full_name the whole time
+    let stop = Arc::new(AtomicBool::new(false));
+    let ran = Arc::new(AtomicI64::new(0));
+    let old = keep_running(
+        &url,
+        "people_v_old, public",
+        |i| {
+            format!(
+                "INSERT INTO people (id, full_name) VALUES ({}, 'old {i}');
+                 SELECT full_name FROM people WHERE id = {}",
+                10_000 + i,
+                1 + i % 500
+            )
+        },
+        stop.clone(),
+        ran.clone(),
+    );
+    support::wait_until(
+        std::time::Duration::from_secs(30),
+        "old code to run",
+        || async { ran.load(Ordering::Relaxed) >= 20 },
+    )
+    .await;
+    let (code, out) = cli(&[
+        "run",
+        "--table",
+        "people",
+        "--alter",
+        "RENAME COLUMN full_name TO name",
+        "--expand-contract",
+        "--progress",
+        "none",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let after = ran.load(Ordering::Relaxed);
+    support::wait_until(
+        std::time::Duration::from_secs(30),
+        "old code to run on",
+        || async { ran.load(Ordering::Relaxed) >= after + 20 },
+    )
+    .await;
+    let (code, status) = cli(&["status"]).await;
+    assert_eq!(code, 0, "{status}");
+    assert!(
+        status.contains("[expanded]") && status.contains("people_v_old"),
+        "{status}"
+    );
+    // a second change waits for this one
+    let (code, out) = cli(&[
+        "run",
+        "--table",
+        "people",
+        "--alter",
+        "DROP COLUMN legacy",
+        "--expand-contract",
+        "--progress",
+        "none",
+    ])
+    .await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("shadow-alter complete people"), "{out}");
+    stop.store(true, Ordering::Relaxed);
+    let (n, errors) = old.await.expect("old code");
+    assert!(
+        errors.is_empty(),
+        "old code failed {} of {n} times: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+
+    let (code, out) = cli(&["complete", "people"]).await;
+    assert_eq!(code, 0, "{out}");
+    let names: Vec<String> = shape(&c).await.into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"name".to_string()), "{names:?}");
+    let (code, out) = cli(&["complete", "people"]).await;
+    assert_eq!(code, 2, "nothing left to complete: {out}");
+
+    // a drop, rolled back: the column and its NOT NULL-free shape stay, the version goes
+    let (code, out) = cli(&[
+        "run",
+        "--table",
+        "people",
+        "--alter",
+        "DROP COLUMN legacy",
+        "--expand-contract",
+        "--progress",
+        "none",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = cli(&["rollback", "people"]).await;
+    assert_eq!(code, 0, "{out}");
+    let names: Vec<String> = shape(&c).await.into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"legacy".to_string()), "{names:?}");
+    let schemas: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'people_v_%'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(schemas, 0, "no version schema is left");
+
+    // what it does not cover is refused, naming the way forward
+    let (code, out) = cli(&[
+        "run",
+        "--table",
+        "people",
+        "--alter",
+        "ALTER COLUMN qty TYPE smallint",
+        "--expand-contract",
+        "--progress",
+        "none",
+    ])
+    .await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("rename or column drops"), "{out}");
+}

@@ -13,4 +13,4 @@ mod session;
 
 pub use conninfo::ConnConfig;
 pub use error::{describe, is_lost_state, Ctx, DbError};
-pub use session::{connect, retry_lock, Canceller};
+pub use session::{connect, retry_lock, retry_lock_in_transaction, Canceller};

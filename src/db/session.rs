@@ -148,3 +148,38 @@ pub async fn retry_lock(
         last: last.map(|e| describe(&e)).unwrap_or_default(),
     })
 }
+
+/// Run `stmts` as one transaction under a short lock_timeout, retried with backoff when a lock
+/// is not granted in time: all of them take effect, or none.
+pub async fn retry_lock_in_transaction(
+    client: &Client,
+    stmts: &[String],
+    lock_timeout: Duration,
+    what: &str,
+) -> Result<(), DbError> {
+    let sql = format!(
+        "BEGIN; SET LOCAL lock_timeout = '{}ms'; {}; COMMIT",
+        lock_timeout.as_millis(),
+        stmts.join(";\n")
+    );
+    let mut last = None;
+    for attempt in 0..5u32 {
+        let r = client.batch_execute(&sql).await;
+        let Err(e) = r else { return Ok(()) };
+        // an error inside the block leaves it aborted: end it before anything else
+        let _ = client.batch_execute("ROLLBACK").await;
+        if e.code().map(|c| c.code()) != Some("55P03") {
+            return Err(DbError::Query {
+                context: what.into(),
+                source: e,
+            });
+        }
+        tracing::warn!("{what}: lock not granted within {lock_timeout:?}, retrying");
+        last = Some(e);
+        tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)).await;
+    }
+    Err(DbError::Locked {
+        what: what.into(),
+        last: last.map(|e| describe(&e)).unwrap_or_default(),
+    })
+}

@@ -19,6 +19,7 @@ pub mod copy;
 pub mod cutover;
 pub mod direct;
 pub mod error;
+pub mod expand;
 pub mod follow;
 pub mod indexes;
 mod pipeline;

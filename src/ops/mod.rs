@@ -18,7 +18,7 @@ pub use old_tables::cleanup_old_tables;
 pub use plan::{plan, PlanFormat};
 pub use stale::cleanup_stale;
 pub use status::status;
-pub use steer::{abort, cutover, cutover_now, end_soak, revert, verify};
+pub use steer::{abort, cutover, cutover_now, end_soak, finish_versions, revert, verify};
 pub use tune::{throttle, ThrottleRequest};
 
 use tokio_postgres::Client;

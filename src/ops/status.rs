@@ -12,18 +12,37 @@ const SILENT_AFTER_SECS: f64 = 30.0;
 pub async fn status(database_url: Option<&str>, as_json: bool) -> Result<(), EngineError> {
     let client = super::session(database_url, "status").await?;
     let records = operator::list(&client).await?;
+    let versions = crate::engine::expand::list(&client).await?;
     if as_json {
-        println!("{}", json!({ "migrations": records }));
+        println!("{}", json!({ "migrations": records, "versions": versions }));
         return Ok(());
     }
-    if records.is_empty() {
+    if records.is_empty() && versions.is_empty() {
         println!("no migrations recorded in this database");
         return Ok(());
     }
     for r in &records {
         print!("{}", render(r));
     }
+    for v in &versions {
+        print!("{}", render_version(v));
+    }
     Ok(())
+}
+
+/// A change made with `run --expand-contract`.
+fn render_version(v: &crate::engine::expand::Version) -> String {
+    let mut out = format!(
+        "{}  [{}]  {}  (expand/contract, since {})\n",
+        v.table, v.state, v.alter, v.expanded_at
+    );
+    if v.state == "expanded" {
+        out.push_str(&format!(
+            "    old code: {}\n    new code: {}\n    then: shadow-alter complete {} (or rollback)\n",
+            v.old_code, v.new_code, v.table
+        ));
+    }
+    out
 }
 
 /// One migration as text, a line per fact.

@@ -229,3 +229,14 @@ pub async fn end_soak(database_url: Option<&str>, table: &str) -> Result<(), Eng
     println!("{msg}");
     Ok(())
 }
+
+/// `complete <table>` / `rollback <table>`: finish a change made with `run --expand-contract`.
+pub async fn finish_versions(
+    database_url: Option<&str>,
+    table: &str,
+    how: crate::engine::expand::Finish,
+    lock_timeout: Duration,
+) -> Result<(), EngineError> {
+    let client = super::session(database_url, "expand/contract").await?;
+    crate::engine::expand::finish(&client, table, how, lock_timeout).await
+}

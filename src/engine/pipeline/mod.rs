@@ -82,6 +82,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
     if start::finish_swapped(&control, &cfg).await? {
         return Ok(());
     }
+    if cfg.expand_contract {
+        return crate::engine::expand::run(&control, &cfg).await;
+    }
     preflight::check_breaking(&control, &cfg).await?;
     // Most ALTERs need no copy: run direct and online-steps plans without one (a scheduled
     // cutover asks for the shadow copy, which honours the schedule).
