@@ -11,6 +11,7 @@ pub mod classify;
 mod error;
 pub mod inline;
 pub mod migration;
+pub mod partitions;
 pub mod precheck;
 pub mod runbook;
 pub mod strategy;
@@ -47,6 +48,9 @@ pub struct Plan {
     pub table_info: Table,
     #[serde(skip)]
     pub spec: AlterSpec,
+    /// A partitioned table's tree: every leaf with its size and the steps it gets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<partitions::TreePlan>,
     /// The table's relfilenode when planned.
     #[serde(skip)]
     pub relfilenode: u32,
@@ -73,13 +77,7 @@ pub async fn build_after(
     })?;
     let table = catalog::load(client, oid).await?;
     match (table.relkind, table.persistence) {
-        ('r', 'p') | ('r', 'u') => {}
-        ('p', _) => {
-            return Err(PlanError::Refused(format!(
-                "{} is a partitioned table; planning for partitioned tables is not supported yet",
-                table.qualified()
-            )))
-        }
+        ('r', 'p') | ('r', 'u') | ('p', 'p') => {}
         ('r', _) => {
             return Err(PlanError::Refused(format!(
                 "{} is a temporary table",
@@ -94,13 +92,25 @@ pub async fn build_after(
         }
     }
     let spec = parse_alter_for_plan(alter, &table.schema, &table.name)?;
+    if table.relkind == 'p' {
+        partitions::check_tree(&table, &spec).map_err(PlanError::BadInput)?;
+    }
+    if table.is_partition {
+        partitions::check_leaf(&table, &spec).map_err(PlanError::BadInput)?;
+    }
     let real = classify::read_real(client, &table).await?;
     let earlier = earlier
         .iter()
         .map(|e| parse_alter_for_plan(e, &table.schema, &table.name))
         .collect::<Result<Vec<_>, _>>()?;
     let mut analyses = classify::analyse(client, &table, &spec, &real, &earlier).await?;
-    let decision = strategy::decide(&table, &spec, &analyses, &real);
+    let (decision, tree) = if table.relkind == 'p' {
+        let d = strategy::tree::decide(&table, &spec, &analyses, &real);
+        let tree = partitions::summary(&table, &d.decision.steps, &d.touches);
+        (d.decision, Some(tree))
+    } else {
+        (strategy::decide(&table, &spec, &analyses, &real), None)
+    };
     let estimate = runbook::estimate(&table, &real, decision.strategy, &decision.steps, &analyses);
     let book = runbook::runbook(&table, &real, decision.strategy, &spec.parts, &analyses);
     let mut steps = decision.steps;
@@ -121,6 +131,7 @@ pub async fn build_after(
         subcommands: analyses,
         server_version: real.server_version.clone(),
         relfilenode: real.relfilenode,
+        partitions: tree,
         table_info: table,
         spec,
     })

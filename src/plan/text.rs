@@ -51,6 +51,32 @@ pub fn render(p: &Plan) -> String {
         }
     }
 
+    if let Some(tree) = &p.partitions {
+        let _ = writeln!(
+            o,
+            "\nPartitions: {} below the root ({} leaves, {} sub-partitioned); a change on the root locks them all:",
+            tree.partitions,
+            tree.leaves.len(),
+            tree.intermediate
+        );
+        for l in &tree.leaves {
+            let steps = l
+                .steps
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                o,
+                "  {:<32} {:>9}  ~{} rows  {}  steps: {}",
+                l.name,
+                l.size,
+                l.rows,
+                l.bound,
+                if steps.is_empty() { "none" } else { &steps }
+            );
+        }
+    }
     let _ = writeln!(o, "\nSteps:");
     for (i, s) in p.steps.iter().enumerate() {
         let secs = super::runbook::step_seconds(s.effect, e.table_bytes, e.total_bytes, p.strategy);

@@ -220,7 +220,10 @@ pub fn server_log_tail() -> String {
     let log = std::fs::read_to_string(s.data_dir.join("server.log")).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
     let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-    format!("last lines of the test server's log ({}):\n{tail}", s.data_dir.display())
+    format!(
+        "last lines of the test server's log ({}):\n{tail}",
+        s.data_dir.display()
+    )
 }
 
 /// Wait until `f` returns true, polling; panics with `what` after `limit`.

@@ -153,6 +153,9 @@ mod tests {
                 identity: false,
             }],
             dependents: Default::default(),
+            partitions: vec![],
+            partition_key: Default::default(),
+            partition_root: None,
         }
     }
 

@@ -170,6 +170,9 @@ mod tests {
             key_problem: None,
             sequences: vec![],
             dependents: Default::default(),
+            partitions: vec![],
+            partition_key: Default::default(),
+            partition_root: None,
         }
     }
 

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 mod column;
 mod steps;
+pub mod tree;
 
 use super::alter::{AlterSpec, Part};
 use super::classify::{Analysis, Effect, LockMode, RealCatalog};
@@ -46,8 +47,13 @@ impl Strategy {
 pub enum Exec {
     /// One statement in its own transaction, under the short lock_timeout, retried.
     Locked,
-    /// `CREATE INDEX CONCURRENTLY` (outside a transaction); on failure the index is dropped.
-    BuildIndex { index: String },
+    /// `CREATE INDEX CONCURRENTLY` (outside a transaction) of index `index` in `schema` on the
+    /// table with oid `relid`; on failure the index is dropped.
+    BuildIndex {
+        schema: String,
+        index: String,
+        relid: u32,
+    },
     /// Work the shadow-copy engine does (not run by the step executor).
     Engine,
 }
