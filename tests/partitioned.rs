@@ -276,7 +276,7 @@ async fn unique_on_a_range_tree_is_built_leaf_by_leaf_while_writes_go_on() {
 }
 
 #[tokio::test]
-async fn primary_key_on_list_and_hash_sub_partitions_sets_not_null_without_a_scan_under_lock() {
+async fn primary_key_on_list_and_hash_sub_partitions_sets_not_null_through_validated_checks() {
     let (url, c) = setup("pk_list_hash", LIST_HASH).await;
     let alter = "ADD PRIMARY KEY (region, id)";
     let (code, out) = output(
@@ -313,6 +313,20 @@ async fn primary_key_on_list_and_hash_sub_partitions_sets_not_null_without_a_sca
     assert!(
         steps.iter().any(|s| s.contains("SET NOT NULL")),
         "{steps:#?}"
+    );
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.contains("\"public\".\"acct_eu_h0\" VALIDATE CONSTRAINT")),
+        "the helper check is validated leaf by leaf: {steps:#?}"
+    );
+    assert!(
+        json["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .all(|s| s["blocking"] == false),
+        "no step blocks reads or writes: {out}"
     );
 
     run(run_args(&url, "acct", alter, &[]))
