@@ -81,12 +81,7 @@ pub fn render(p: &Plan) -> String {
     for (i, s) in p.steps.iter().enumerate() {
         let secs = super::runbook::step_seconds(s.effect, e.table_bytes, e.total_bytes, p.strategy);
         let _ = writeln!(o, "  {}. {}", i + 1, s.sql);
-        let locks = s
-            .locks
-            .iter()
-            .map(|(t, m)| format!("{m} on {t}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let locks = lock_list(&s.locks);
         let _ = writeln!(
             o,
             "     {} | {} | {}{} | {}",
@@ -148,4 +143,19 @@ pub fn render(p: &Plan) -> String {
         p.table
     );
     o
+}
+
+/// `MODE on t, MODE on u`; a long list (a step on the root of a partitioned table locks every
+/// partition) is cut after a few, with the count of the rest (the JSON has them all).
+fn lock_list(locks: &std::collections::BTreeMap<String, String>) -> String {
+    const SHOWN: usize = 4;
+    let mut out: Vec<String> = locks
+        .iter()
+        .take(SHOWN)
+        .map(|(t, m)| format!("{m} on {t}"))
+        .collect();
+    if locks.len() > SHOWN {
+        out.push(format!("and {} more tables", locks.len() - SHOWN));
+    }
+    out.join(", ")
 }
