@@ -453,7 +453,7 @@ async fn check_and_foreign_key_are_validated_leaf_by_leaf() {
 async fn refusals_name_the_cause_and_change_nothing() {
     let (url, c) = setup("refusals", RANGE).await;
     let before = tree_state(&c, "ev").await;
-    let cases: [(&str, &str, i32, &[&str]); 4] = [
+    let cases: [(&str, &str, i32, &[&str]); 5] = [
         (
             "ev",
             "ADD CONSTRAINT ev_id_key UNIQUE (id)",
@@ -481,6 +481,12 @@ async fn refusals_name_the_cause_and_change_nothing() {
             "ALTER COLUMN ref TYPE bigint",
             2,
             &["whole partitioned table"],
+        ),
+        (
+            "ev_p1",
+            "ALTER COLUMN id DROP NOT NULL",
+            2,
+            &["NOT NULL in its parent", "alter \"public\".\"ev\" instead"],
         ),
     ];
     for (table, alter, want, words) in cases {

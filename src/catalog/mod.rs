@@ -5,7 +5,7 @@
 
 mod tree;
 
-pub use tree::{partition_key, Partition};
+pub use tree::{partition_key, Inherited, Partition};
 
 use tokio_postgres::Client;
 
@@ -141,6 +141,8 @@ pub struct Table {
     pub partition_key: (Vec<String>, bool),
     /// For a partition: the partitioned table at the root of its tree (qualified).
     pub partition_root: Option<String>,
+    /// For a partition: what it takes from its parent and may not change alone.
+    pub inherited: Inherited,
 }
 
 impl Table {
@@ -202,6 +204,7 @@ pub async fn load(client: &Client, oid: u32) -> Result<Table, DbError> {
         partitions: Vec::new(),
         partition_key: Default::default(),
         partition_root: None,
+        inherited: Inherited::default(),
     };
     if t.relkind == 'p' {
         t.partitions = tree::load(client, oid).await?;
@@ -212,6 +215,7 @@ pub async fn load(client: &Client, oid: u32) -> Result<Table, DbError> {
     }
     if t.is_partition {
         t.partition_root = tree::root_of(client, oid).await?;
+        t.inherited = tree::inherited(client, oid).await?;
     }
 
     t.columns = client

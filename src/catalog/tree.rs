@@ -113,3 +113,41 @@ pub async fn root_of(client: &Client, oid: u32) -> Result<Option<String>, DbErro
         .ctx("finding the partitioned table of a partition")?;
     Ok(r.map(|r| crate::sql::qualified(r.get(0), r.get(1))))
 }
+
+/// What a partition takes from its parent and may not change alone: its columns that are
+/// NOT NULL in the parent, and its constraints inherited from (or attached to) the parent's.
+#[derive(Debug, Clone, Default)]
+pub struct Inherited {
+    pub not_null: Vec<String>,
+    pub constraints: Vec<String>,
+}
+
+pub async fn inherited(client: &Client, oid: u32) -> Result<Inherited, DbError> {
+    let not_null = client
+        .query(
+            "SELECT a.attname::text FROM pg_inherits i
+             JOIN pg_attribute a ON a.attrelid = i.inhparent
+             WHERE i.inhrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull",
+            &[&oid],
+        )
+        .await
+        .ctx("reading the parent's NOT NULL columns")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let constraints = client
+        .query(
+            "SELECT conname::text FROM pg_constraint
+             WHERE conrelid = $1 AND (coninhcount > 0 OR conparentid <> 0)",
+            &[&oid],
+        )
+        .await
+        .ctx("reading the constraints inherited from the parent")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Inherited {
+        not_null,
+        constraints,
+    })
+}

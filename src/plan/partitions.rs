@@ -170,6 +170,16 @@ pub fn check_leaf(table: &Table, spec: &AlterSpec) -> Result<(), String> {
                 Some("changing inheritance")
             }
             (Some(A::AtSetLogged), _) | (Some(A::AtSetUnLogged), _) => Some("changing persistence"),
+            (Some(A::AtDropNotNull), _)
+                if table.inherited.not_null.iter().any(|c| c == part.name()) =>
+            {
+                Some("dropping NOT NULL from a column that is NOT NULL in its parent")
+            }
+            (Some(A::AtDropConstraint), _) | (_, Some((false, ..)))
+                if table.inherited.constraints.iter().any(|c| c == part.name()) =>
+            {
+                Some("dropping or renaming a constraint it inherits from its parent")
+            }
             _ => None,
         };
         if let Some(what) = what {

@@ -156,6 +156,7 @@ mod tests {
             partitions: vec![],
             partition_key: Default::default(),
             partition_root: None,
+            inherited: Default::default(),
         }
     }
 

@@ -173,6 +173,7 @@ mod tests {
             partitions: vec![],
             partition_key: Default::default(),
             partition_root: None,
+            inherited: Default::default(),
         }
     }
 
