@@ -651,4 +651,27 @@ async fn killed_per_leaf_build_is_cleaned_up_by_a_rerun() {
         6,
         "one index on the root and one per leaf, nothing else"
     );
+    let names: Vec<String> = c
+        .query(
+            "SELECT x.relname::text FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
+             WHERE i.indrelid IN (SELECT relid FROM pg_partition_tree('ev')) ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "ev_day_id_key",
+            "ev_def_day_id_key",
+            "ev_p1_day_id_key",
+            "ev_p2_day_id_key",
+            "ev_p3_day_id_key",
+            "ev_p4_day_id_key"
+        ],
+        "the names a plain ALTER gives, even after the killed run's leftovers"
+    );
 }

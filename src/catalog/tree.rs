@@ -30,6 +30,9 @@ pub struct Partition {
     /// see `key_has_expression`).
     pub key_columns: Vec<String>,
     pub key_has_expression: bool,
+    /// Names a new index or constraint of this partition must not take: relations of its
+    /// schema that start with its name, and its constraints.
+    pub names_taken: Vec<String>,
 }
 
 impl Partition {
@@ -64,13 +67,24 @@ pub async fn load(client: &Client, root: u32) -> Result<Vec<Partition>, DbError>
             "SELECT t.relid::oid, n.nspname::text, c.relname::text,
                     pn.nspname::text, pc.relname::text, t.level, c.relkind::text,
                     coalesce(pg_get_expr(c.relpartbound, c.oid), ''),
-                    pg_total_relation_size(t.relid), greatest(c.reltuples, 0)::int8
+                    pg_total_relation_size(t.relid), greatest(c.reltuples, 0)::int8,
+                    array(SELECT o.relname::text FROM pg_class o WHERE o.relnamespace = c.relnamespace
+                          AND left(o.relname, length(c.relname)) = c.relname AND NOT (o.oid = ANY(ours.indexes))
+                          UNION SELECT k.conname::text FROM pg_constraint k WHERE k.conrelid = c.oid
+                          AND NOT (k.conindid = ANY(ours.indexes)))
              FROM pg_partition_tree($1::oid::regclass) t
              JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
              JOIN pg_class pc ON pc.oid = t.parentrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+             -- what a killed run left (indexes named *__sa_idx and every index attached to one)
+             -- is dropped before the steps run: its names are free
+             CROSS JOIN (SELECT coalesce(array_agg(i.indexrelid), '{}') AS indexes
+                         FROM pg_index i JOIN pg_partition_tree($1::oid::regclass) m ON m.relid = i.indrelid
+                         WHERE EXISTS (SELECT 1 FROM pg_partition_ancestors(i.indexrelid) a
+                                       JOIN pg_class ac ON ac.oid = a.relid
+                                       WHERE right(ac.relname, length($2)) = $2)) ours
              WHERE t.level > 0
              ORDER BY t.level, n.nspname, c.relname",
-            &[&root],
+            &[&root, &crate::names::INDEX_SUFFIX],
         )
         .await
         .ctx("reading the partition tree")?;
@@ -93,6 +107,7 @@ pub async fn load(client: &Client, root: u32) -> Result<Vec<Partition>, DbError>
             bound: r.get(7),
             size_bytes: r.get(8),
             row_estimate: r.get(9),
+            names_taken: r.get(10),
             key_columns,
             key_has_expression,
         });

@@ -335,13 +335,25 @@ fn validate_new(
     Ok(())
 }
 
-/// The name of a partition's own constraint, as PostgreSQL names the ones it creates.
+/// The name of a partition's own constraint, as PostgreSQL names the ones it creates (numbered
+/// past the names its schema and the partition already use).
 fn child_name(p: &Partition, keys: &[String], pk: bool) -> String {
-    if pk {
-        object_name(&p.name, None, "pkey")
+    let (columns, label) = if pk {
+        (None, "pkey")
     } else {
-        object_name(&p.name, Some(&keys.join("_")), "key")
-    }
+        (Some(keys.join("_")), "key")
+    };
+    (0..)
+        .map(|n| {
+            let l = if n == 0 {
+                label.to_string()
+            } else {
+                format!("{label}{n}")
+            };
+            object_name(&p.name, columns.as_deref(), &l)
+        })
+        .find(|name| !p.names_taken.contains(name))
+        .unwrap_or_default()
 }
 
 /// What the constraint looks like, written once for the root, every partition and every leaf.
