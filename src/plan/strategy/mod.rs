@@ -7,6 +7,8 @@
 //!   `CHECK (c IS NOT NULL) NOT VALID` -> `VALIDATE` -> `SET NOT NULL` -> drop the check);
 //! - `shadow-copy`: something rewrites the table (or blocks and cannot be split): the engine.
 //!
+//! A partitioned table gets the same strategies with steps of its own, per leaf (`tree`).
+//!
 //! Invariant: the steps, run in order, leave the table exactly as the user's ALTER would
 //! (helper constraints are dropped again; helper indexes become the constraint's index).
 
