@@ -190,6 +190,10 @@ async fn waiting_build(c: &Client, leaf: &str) -> Option<i32> {
 #[tokio::test]
 async fn unique_on_a_range_tree_is_built_leaf_by_leaf_while_writes_go_on() {
     let (url, c) = setup("unique_range", RANGE).await;
+    // the name PostgreSQL would give ev_p4's index is taken: it must get the next one
+    c.batch_execute("CREATE INDEX ev_p4_day_id_key ON refs (id)")
+        .await
+        .unwrap();
     let alter = "ADD CONSTRAINT ev_day_id_key UNIQUE (day, id)";
     let p = plan::build(&connect(&url).await, "ev", alter)
         .await
@@ -268,6 +272,11 @@ async fn unique_on_a_range_tree_is_built_leaf_by_leaf_while_writes_go_on() {
         .await
         .is_empty());
     assert!(leftovers(&c, "ev").await.is_empty());
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid WHERE x.relname = 'ev_p4_day_id_key1' AND i.indrelid = 'ev_p4'::regclass").await,
+        1,
+        "ev_p4's index takes the next free name"
+    );
     let dup = c
         .execute("INSERT INTO ev VALUES (7, 7, 1, 'dup')", &[])
         .await
