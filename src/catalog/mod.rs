@@ -3,6 +3,10 @@
 //! Invariant: read-only. Every other module asks this one instead of querying pg_catalog itself,
 //! so what the tool believes about a table has one source.
 
+mod tree;
+
+pub use tree::{partition_key, Inherited, Partition};
+
 use tokio_postgres::Client;
 
 use crate::db::{Ctx, DbError};
@@ -131,6 +135,14 @@ pub struct Table {
     pub key_problem: Option<String>,
     pub sequences: Vec<ColumnSequence>,
     pub dependents: Dependents,
+    /// For a partitioned table: every partition below it, parents before children.
+    pub partitions: Vec<Partition>,
+    /// For a partitioned table: its partition key's columns, and whether an expression is in it.
+    pub partition_key: (Vec<String>, bool),
+    /// For a partition: the partitioned table at the root of its tree (qualified).
+    pub partition_root: Option<String>,
+    /// For a partition: what it takes from its parent and may not change alone.
+    pub inherited: Inherited,
 }
 
 #[cfg(test)]
@@ -156,6 +168,10 @@ impl Table {
             key_problem: None,
             sequences: vec![],
             dependents: Dependents::default(),
+            partitions: vec![],
+            partition_key: Default::default(),
+            partition_root: None,
+            inherited: Default::default(),
         }
     }
 }
@@ -167,6 +183,11 @@ impl Table {
 
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// The leaves of a partitioned table's tree (tables that hold rows), in tree order.
+    pub fn leaves(&self) -> impl Iterator<Item = &Partition> {
+        self.partitions.iter().filter(|p| p.is_leaf())
     }
 }
 
@@ -211,7 +232,22 @@ pub async fn load(client: &Client, oid: u32) -> Result<Table, DbError> {
         key_problem: None,
         sequences: Vec::new(),
         dependents: Dependents::default(),
+        partitions: Vec::new(),
+        partition_key: Default::default(),
+        partition_root: None,
+        inherited: Inherited::default(),
     };
+    if t.relkind == 'p' {
+        t.partitions = tree::load(client, oid).await?;
+        t.partition_key = tree::partition_key(client, oid).await?;
+        // a partitioned table holds no rows itself: its size and rows are its leaves'
+        t.size_bytes += t.leaves().map(|p| p.size_bytes).sum::<i64>();
+        t.row_estimate = t.leaves().map(|p| p.row_estimate).sum();
+    }
+    if t.is_partition {
+        t.partition_root = tree::root_of(client, oid).await?;
+        t.inherited = tree::inherited(client, oid).await?;
+    }
 
     t.columns = client
         .query(
@@ -428,8 +464,11 @@ async fn dependents(client: &Client, oid: u32) -> Result<Dependents, DbError> {
         )
         .await?,
         inheritance: list(
-            String::from("SELECT inhrelid::regclass::text || ' inherits it' FROM pg_inherits WHERE inhparent = $1
-             UNION ALL SELECT 'it inherits ' || inhparent::regclass::text FROM pg_inherits WHERE inhrelid = $1"),
+            // partitions are not inheritance children here: `partitions` / `partition_root` say them
+            String::from("SELECT inhrelid::regclass::text || ' inherits it' FROM pg_inherits
+             WHERE inhparent = $1 AND NOT (SELECT relispartition FROM pg_class WHERE oid = inhrelid)
+             UNION ALL SELECT 'it inherits ' || inhparent::regclass::text FROM pg_inherits
+             WHERE inhrelid = $1 AND NOT (SELECT relispartition FROM pg_class WHERE oid = $1)"),
             "inheritance",
         )
         .await?,

@@ -85,7 +85,8 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
         'r' => {}
         'p' => {
             return Err(EngineError::Preflight(format!(
-                "{q} is a partitioned table; migrating partitioned tables is not supported yet: use a plain ALTER TABLE, or migrate a copy of the data"
+                "{q} is a partitioned table, and the shadow copy of a partitioned table is not supported yet (changes that need no copy run without `--strategy shadow-copy`, scheduling or `--postpone-cutover`); \
+                 for a change that rewrites it, run the plain ALTER TABLE in a maintenance window (it locks every partition for the rewrite), or make it in expand/contract steps. Nothing was changed"
             )))
         }
         other => {
@@ -104,7 +105,9 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
     }
     if t.is_partition {
         return Err(EngineError::Preflight(format!(
-            "{q} is a partition; migrating a single partition is not supported yet: alter the partitioned table with a plain ALTER TABLE"
+            "{q} is a partition{}, and the shadow copy of a single partition is not supported yet (changes that need no copy, such as storage parameters or an index of its own, run without `--strategy shadow-copy`); \
+             for a change that rewrites it, run the plain ALTER TABLE on it in a maintenance window. Nothing was changed",
+            t.partition_root.as_deref().map(|r| format!(" of {r}")).unwrap_or_default()
         )));
     }
     match t.persistence {
@@ -163,6 +166,16 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
         )));
     }
     Ok(t)
+}
+
+/// `run` on a partitioned table whose plan needs the shadow copy (a rewrite, or a scan that
+/// cannot be split): refused, with the planner's reasons, the cause and the workaround.
+pub fn partitioned_needs_copy(plan: &crate::plan::Plan) -> EngineError {
+    EngineError::Preflight(format!(
+        "{} is a partitioned table and this ALTER needs a copy of it: {}",
+        plan.table,
+        plan.reasons.join("; ")
+    ))
 }
 
 /// How long a run waits for the per-table lock of a run that was just killed.

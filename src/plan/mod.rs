@@ -13,6 +13,7 @@ mod error;
 pub mod expand;
 pub mod inline;
 pub mod migration;
+pub mod partitions;
 pub mod precheck;
 pub mod runbook;
 pub mod strategy;
@@ -51,6 +52,9 @@ pub struct Plan {
     pub table_info: Table,
     #[serde(skip)]
     pub spec: AlterSpec,
+    /// A partitioned table's tree: every leaf with its size and the steps it gets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<partitions::TreePlan>,
     /// The table's relfilenode when planned.
     #[serde(skip)]
     pub relfilenode: u32,
@@ -77,13 +81,7 @@ pub async fn build_after(
     })?;
     let table = catalog::load(client, oid).await?;
     match (table.relkind, table.persistence) {
-        ('r', 'p') | ('r', 'u') => {}
-        ('p', _) => {
-            return Err(PlanError::Refused(format!(
-                "{} is a partitioned table; planning for partitioned tables is not supported yet",
-                table.qualified()
-            )))
-        }
+        ('r', 'p') | ('r', 'u') | ('p', 'p') => {}
         ('r', _) => {
             return Err(PlanError::Refused(format!(
                 "{} is a temporary table",
@@ -98,6 +96,12 @@ pub async fn build_after(
         }
     }
     let spec = parse_alter_for_plan(alter, &table.schema, &table.name)?;
+    if table.relkind == 'p' {
+        partitions::check_tree(&table, &spec).map_err(PlanError::BadInput)?;
+    }
+    if table.is_partition {
+        partitions::check_leaf(&table, &spec).map_err(PlanError::BadInput)?;
+    }
     let real = classify::read_real(client, &table).await?;
     let earlier = earlier
         .iter()
@@ -118,7 +122,13 @@ pub async fn build_after(
     } else {
         None
     };
-    let mut decision = strategy::decide(&table, &spec, &analyses, &real);
+    let (mut decision, tree) = if table.relkind == 'p' {
+        let d = strategy::tree::decide(&table, &spec, &analyses, &real);
+        let tree = partitions::summary(&table, &d.decision.steps, &d.touches);
+        (d.decision, Some(tree))
+    } else {
+        (strategy::decide(&table, &spec, &analyses, &real), None)
+    };
     decision.reasons.extend(analyses.iter().filter_map(|a| {
         let b = a.breaking.as_ref()?;
         Some(format!(
@@ -153,6 +163,7 @@ pub async fn build_after(
         expand_contract,
         server_version: real.server_version.clone(),
         relfilenode: real.relfilenode,
+        partitions: tree,
         table_info: table,
         spec,
     })

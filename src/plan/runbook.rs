@@ -133,7 +133,7 @@ pub fn runbook(
         },
         Check {
             what: format!("Who holds or waits for locks on {t} right now"),
-            sql: format!("SELECT l.pid, l.mode, l.granted, a.state, left(a.query, 80) AS query FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.relation = {tl}::regclass"),
+            sql: tree_sql::lock_holders(table, &tl),
         },
         Check {
             what: "Replication lag on standbys (index builds and copies write WAL); expect small lags".into(),
@@ -151,7 +151,7 @@ pub fn runbook(
         },
         Check {
             what: "No invalid indexes (a failed concurrent build leaves one); expect no rows".into(),
-            sql: format!("SELECT indexrelid::regclass FROM pg_index WHERE indrelid = {tl}::regclass AND NOT indisvalid"),
+            sql: tree_sql::invalid_indexes(table, &tl),
         },
     ];
     match strategy {
@@ -204,7 +204,7 @@ pub fn runbook(
     if analyses.iter().any(|a| a.effect == Effect::IndexBuild) {
         preflight.push(Check {
             what: "Index builds sort in maintenance_work_mem and need free disk about the size of the new index".into(),
-            sql: format!("SELECT current_setting('maintenance_work_mem'), pg_size_pretty(pg_relation_size({tl}::regclass)) AS table_size"),
+            sql: tree_sql::index_build_size(table, &tl),
         });
     }
 
@@ -391,4 +391,38 @@ fn default_constraint_name(table: &str, c: &pg_query::protobuf::Constraint) -> S
         },
     };
     crate::names::object_name(table, columns.as_deref(), label)
+}
+
+/// Runbook queries that differ for a partitioned table, whose rows, indexes and locks are on its
+/// partitions (`tl`: the table as a SQL literal).
+mod tree_sql {
+    use crate::catalog::Table;
+
+    /// Who holds or waits for locks: on a partitioned table, anywhere in the tree (a
+    /// transaction on a partition also locks the root: PostgreSQL locks a partition's ancestors).
+    pub(super) fn lock_holders(table: &Table, tl: &str) -> String {
+        if table.relkind == 'p' {
+            format!("SELECT l.pid, l.relation::regclass, l.mode, l.granted, a.state, left(a.query, 80) AS query FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.relation IN (SELECT relid FROM pg_partition_tree({tl}::regclass))")
+        } else {
+            format!("SELECT l.pid, l.mode, l.granted, a.state, left(a.query, 80) AS query FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.relation = {tl}::regclass")
+        }
+    }
+
+    /// Invalid indexes: on a partitioned table, the partitions' too.
+    pub(super) fn invalid_indexes(table: &Table, tl: &str) -> String {
+        if table.relkind == 'p' {
+            format!("SELECT indexrelid::regclass FROM pg_index WHERE indrelid IN (SELECT relid FROM pg_partition_tree({tl}::regclass)) AND NOT indisvalid")
+        } else {
+            format!("SELECT indexrelid::regclass FROM pg_index WHERE indrelid = {tl}::regclass AND NOT indisvalid")
+        }
+    }
+
+    /// What an index build sorts: on a partitioned table, one leaf at a time (the largest).
+    pub(super) fn index_build_size(table: &Table, tl: &str) -> String {
+        if table.relkind == 'p' {
+            format!("SELECT current_setting('maintenance_work_mem'), pg_size_pretty(max(pg_relation_size(relid))) AS largest_leaf FROM pg_partition_tree({tl}::regclass)")
+        } else {
+            format!("SELECT current_setting('maintenance_work_mem'), pg_size_pretty(pg_relation_size({tl}::regclass)) AS table_size")
+        }
+    }
 }

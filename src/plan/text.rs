@@ -73,16 +73,37 @@ pub fn render(p: &Plan) -> String {
         }
     }
 
+    if let Some(tree) = &p.partitions {
+        let _ = writeln!(
+            o,
+            "\nPartitions: {} below the root ({} leaves, {} sub-partitioned); a change on the root locks them all:",
+            tree.partitions,
+            tree.leaves.len(),
+            tree.intermediate
+        );
+        for l in &tree.leaves {
+            let steps = l
+                .steps
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                o,
+                "  {:<32} {:>9}  ~{} rows  {}  steps: {}",
+                l.name,
+                l.size,
+                l.rows,
+                l.bound,
+                if steps.is_empty() { "none" } else { &steps }
+            );
+        }
+    }
     let _ = writeln!(o, "\nSteps:");
     for (i, s) in p.steps.iter().enumerate() {
         let secs = super::runbook::step_seconds(s.effect, e.table_bytes, e.total_bytes, p.strategy);
         let _ = writeln!(o, "  {}. {}", i + 1, s.sql);
-        let locks = s
-            .locks
-            .iter()
-            .map(|(t, m)| format!("{m} on {t}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let locks = lock_list(&s.locks);
         let _ = writeln!(
             o,
             "     {} | {} | {}{} | {}",
@@ -184,4 +205,19 @@ fn expand_contract(o: &mut String, x: &super::expand::ExpandContract) {
     for n in &x.notes {
         let _ = writeln!(o, "  note: {n}");
     }
+}
+
+/// `MODE on t, MODE on u`; a long list (a step on the root of a partitioned table locks every
+/// partition) is cut after a few, with the count of the rest (the JSON has them all).
+fn lock_list(locks: &std::collections::BTreeMap<String, String>) -> String {
+    const SHOWN: usize = 4;
+    let mut out: Vec<String> = locks
+        .iter()
+        .take(SHOWN)
+        .map(|(t, m)| format!("{m} on {t}"))
+        .collect();
+    if locks.len() > SHOWN {
+        out.push(format!("and {} more tables", locks.len() - SHOWN));
+    }
+    out.join(", ")
 }

@@ -7,6 +7,7 @@
 pub mod migration;
 pub mod process;
 pub mod proxy;
+pub mod tree;
 pub mod workload;
 
 use std::io::Write;

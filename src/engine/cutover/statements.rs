@@ -153,6 +153,10 @@ mod tests {
                 identity: false,
             }],
             dependents: Default::default(),
+            partitions: vec![],
+            partition_key: Default::default(),
+            partition_root: None,
+            inherited: Default::default(),
         }
     }
 

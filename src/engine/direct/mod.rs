@@ -53,6 +53,9 @@ pub async fn run_without_copy(
         .ctx("setting up the control session")?;
     let plan = crate::plan::build(&control, &args.table, &args.alter).await?;
     if plan.strategy == Strategy::ShadowCopy {
+        if plan.table_info.relkind == 'p' {
+            return Err(preflight::partitioned_needs_copy(&plan));
+        }
         tracing::info!("plan: shadow-copy ({})", plan.reasons.join("; "));
         return Ok(false);
     }
@@ -190,6 +193,11 @@ pub async fn execute(
             "dropped index {dropped}, left behind by an earlier run that did not finish"
         );
     }
+    for dropped in index::drop_leftover_constraints(&worker, table, opts.lock_timeout).await? {
+        tracing::warn!(
+            "dropped constraint {dropped} (and the partitions' indexes attached to it), left behind by an earlier run that did not finish"
+        );
+    }
     let mut longest_lock = Duration::ZERO;
     let n = plan.steps.len();
     let mut done: Vec<&Step> = Vec::new();
@@ -208,9 +216,17 @@ pub async fn execute(
                             }
                         })
                 }
-                Exec::BuildIndex { index } => {
-                    index::build_index(steer, &worker, &canceller, table, (step, index), &label)
-                        .await
+                Exec::BuildIndex {
+                    schema,
+                    index,
+                    relid,
+                } => {
+                    let target = index::Target {
+                        schema,
+                        index,
+                        relid: *relid,
+                    };
+                    index::build_index(steer, &worker, &canceller, (step, target), &label).await
                 }
                 Exec::Engine => Err(EngineError::Internal(
                     "a shadow-copy step reached the step executor".into(),

@@ -170,6 +170,10 @@ mod tests {
             key_problem: None,
             sequences: vec![],
             dependents: Default::default(),
+            partitions: vec![],
+            partition_key: Default::default(),
+            partition_root: None,
+            inherited: Default::default(),
         }
     }
 

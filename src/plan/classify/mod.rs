@@ -167,7 +167,7 @@ pub struct RealCatalog {
     pub constraint_defs: HashMap<String, String>,
     /// column -> its default expression (to restore a dropped default).
     pub defaults: HashMap<String, String>,
-    /// Size of the table's main fork, bytes.
+    /// Size of the table's main fork (a partitioned table's: its partitions'), bytes.
     pub heap_bytes: i64,
     /// Its relfilenode now (a plan that copies nothing leaves it unchanged).
     pub relfilenode: u32,
@@ -221,7 +221,9 @@ pub async fn read_real(client: &Client, t: &Table) -> Result<RealCatalog, PlanEr
     let defaults = read_defaults(client, t.oid).await?;
     let r = client
         .query_one(
-            "SELECT pg_relation_size($1::oid::regclass), relfilenode, current_setting('server_version')
+            "SELECT coalesce((SELECT sum(pg_relation_size(relid))::int8 FROM pg_partition_tree($1::oid::regclass)
+                              WHERE relid <> $1::oid::regclass), 0) + pg_relation_size($1::oid::regclass),
+                    relfilenode, current_setting('server_version')
              FROM pg_class WHERE oid = $1",
             &[&t.oid],
         )

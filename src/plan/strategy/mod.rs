@@ -7,6 +7,8 @@
 //!   `CHECK (c IS NOT NULL) NOT VALID` -> `VALIDATE` -> `SET NOT NULL` -> drop the check);
 //! - `shadow-copy`: something rewrites the table (or blocks and cannot be split): the engine.
 //!
+//! A partitioned table gets the same strategies with steps of its own, per leaf (`tree`).
+//!
 //! Invariant: the steps, run in order, leave the table exactly as the user's ALTER would
 //! (helper constraints are dropped again; helper indexes become the constraint's index).
 
@@ -15,6 +17,7 @@ use serde::Serialize;
 
 mod column;
 mod steps;
+pub mod tree;
 
 use super::alter::{AlterSpec, Part};
 use super::classify::{Analysis, Effect, LockMode, RealCatalog};
@@ -46,8 +49,13 @@ impl Strategy {
 pub enum Exec {
     /// One statement in its own transaction, under the short lock_timeout, retried.
     Locked,
-    /// `CREATE INDEX CONCURRENTLY` (outside a transaction); on failure the index is dropped.
-    BuildIndex { index: String },
+    /// `CREATE INDEX CONCURRENTLY` (outside a transaction) of index `index` in `schema` on the
+    /// table with oid `relid`; on failure the index is dropped.
+    BuildIndex {
+        schema: String,
+        index: String,
+        relid: u32,
+    },
     /// Work the shadow-copy engine does (not run by the step executor).
     Engine,
 }

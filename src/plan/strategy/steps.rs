@@ -195,31 +195,8 @@ pub(super) fn validate_new(
     a: &Analysis,
     names: &mut Names,
 ) -> Result<Vec<Step>, String> {
-    let Some(c) = part.constraint() else {
+    let Some((name, add)) = named_add(table, part, names) else {
         return Err("scans every row and cannot be split".into());
-    };
-    let fk = c.contype == ConstrType::ConstrForeign as i32;
-    let (name, add) = if c.conname.is_empty() {
-        let cols = if fk {
-            string_list(&c.fk_attrs)
-        } else {
-            expr_columns(c)
-        };
-        // PostgreSQL names a check after its column only when it reads exactly one
-        let joined = cols.join("_");
-        let columns = match cols.as_slice() {
-            [_, ..] if fk => Some(joined.as_str()),
-            [col] => Some(col.as_str()),
-            _ => None,
-        };
-        let name = names.pick(&table.name, columns, if fk { "fkey" } else { "check" });
-        let rest = part.sql.get(part.after_first_word..).unwrap_or("");
-        (
-            name.clone(),
-            format!("ADD CONSTRAINT {}{rest}", quote_ident(&name)),
-        )
-    } else {
-        (c.conname.clone(), part.sql.clone())
     };
     let mut validate_tables = on(t, LockMode::ShareUpdateExclusive);
     validate_tables.extend(
@@ -255,6 +232,35 @@ pub(super) fn validate_new(
         )
         .undone_by(String::new()),
     ])
+}
+
+/// The name of the CHECK or FOREIGN KEY constraint a subcommand adds (the user's, or the one
+/// PostgreSQL would choose) and the subcommand with that name written in.
+pub(super) fn named_add(table: &Table, part: &Part, names: &mut Names) -> Option<(String, String)> {
+    let c = part.constraint()?;
+    let fk = c.contype == ConstrType::ConstrForeign as i32;
+    Some(if c.conname.is_empty() {
+        let cols = if fk {
+            string_list(&c.fk_attrs)
+        } else {
+            expr_columns(c)
+        };
+        // PostgreSQL names a check after its column only when it reads exactly one
+        let joined = cols.join("_");
+        let columns = match cols.as_slice() {
+            [_, ..] if fk => Some(joined.as_str()),
+            [col] => Some(col.as_str()),
+            _ => None,
+        };
+        let name = names.pick(&table.name, columns, if fk { "fkey" } else { "check" });
+        let rest = part.sql.get(part.after_first_word..).unwrap_or("");
+        (
+            name.clone(),
+            format!("ADD CONSTRAINT {}{rest}", quote_ident(&name)),
+        )
+    } else {
+        (c.conname.clone(), part.sql.clone())
+    })
 }
 
 /// The distinct columns an expression reads, in order.
@@ -363,7 +369,11 @@ pub(super) fn unique_steps(
                 "DROP INDEX CONCURRENTLY IF EXISTS {}",
                 crate::sql::qualified(&table.schema, &index)
             )),
-            exec: Exec::BuildIndex { index },
+            exec: Exec::BuildIndex {
+                schema: table.schema.clone(),
+                index,
+                relid: table.oid,
+            },
             locks: Default::default(),
         },
         step(
