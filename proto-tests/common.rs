@@ -71,6 +71,7 @@ pub async fn proxy_with(o: Opts) -> TestProxy {
         client_login_timeout: o
             .login_timeout
             .unwrap_or(shadow_alter::proxy::DEFAULT_LOGIN_TIMEOUT),
+        routes: Vec::new(),
     };
     let running = shadow_alter::proxy::start(&args)
         .await

@@ -502,6 +502,12 @@ pub struct ProxyArgs {
     /// authentication) before the proxy closes it.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub client_login_timeout: Duration,
+    /// Put clients whose startup parameter matches on a schema version made by
+    /// `run --expand-contract` (PARAMETER=VALUE:SCHEMA, repeatable, first match wins), e.g.
+    /// `application_name=billing-v1:people_v_old`: their search_path starts with that schema. The
+    /// console's ROUTE / UNROUTE / SHOW ROUTES change and show them at run time.
+    #[arg(long = "route", value_name = "PARAM=VALUE:SCHEMA")]
+    pub routes: Vec<crate::proxy::VersionRoute>,
 }
 
 impl From<StrategyChoice> for Strategy {
@@ -584,6 +590,7 @@ impl From<ProxyArgs> for ProxyConfig {
             metrics_listen: a.metrics_listen,
             max_clients: a.max_clients,
             client_login_timeout: a.client_login_timeout,
+            routes: a.routes,
         }
     }
 }

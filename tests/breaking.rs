@@ -597,3 +597,157 @@ async fn run_expand_contract_keeps_old_code_working_until_complete_and_rollback_
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("rename or column drops"), "{out}");
 }
+
+/// `SHOW search_path` of a session.
+async fn search_path(url: &str) -> String {
+    connect(url)
+        .await
+        .query_one("SHOW search_path", &[])
+        .await
+        .expect("SHOW search_path")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_puts_old_code_on_the_old_version_by_its_application_name() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    let url = fresh_db("routes").await;
+    let c = connect(&url).await;
+    c.batch_execute(SETUP).await.expect("setup");
+    let mut config = shadow_alter::proxy::ProxyConfig::new(
+        "127.0.0.1:0",
+        format!("127.0.0.1:{}", support::server().port),
+    );
+    config.routes = vec!["application_name=billing-v1:people_v_old"
+        .parse()
+        .expect("a route")];
+    let proxy = support::proxy::start_with(config).await;
+    let app = support::proxy::via(&url, proxy.addr);
+    let old_url = format!("{app}?application_name=billing-v1");
+
+    // old code, through the proxy, never told about versions
+    let stop = Arc::new(AtomicBool::new(false));
+    let ran = Arc::new(AtomicI64::new(0));
+    let old = {
+        let (stop, ran, old_url) = (stop.clone(), ran.clone(), old_url.clone());
+        tokio::spawn(async move {
+            let c = connect(&old_url).await;
+            let (mut n, mut errors) = (0i64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let sql = format!(
+                    "INSERT INTO people (id, full_name) VALUES ({}, 'old {n}');
+                     SELECT full_name FROM people WHERE id = {}",
+                    10_000 + n,
+                    1 + n % 500
+                );
+                if let Err(e) = c.batch_execute(&sql).await {
+                    errors.push(e.to_string());
+                }
+                n += 1;
+                ran.store(n, Ordering::Relaxed);
+            }
+            (n, errors)
+        })
+    };
+    let ran_more = |more: i64| {
+        let ran = ran.clone();
+        async move {
+            let from = ran.load(Ordering::Relaxed);
+            support::wait_until(
+                std::time::Duration::from_secs(30),
+                "old code to run",
+                || async { ran.load(Ordering::Relaxed) >= from + more },
+            )
+            .await;
+        }
+    };
+    ran_more(20).await;
+    let (code, out) = output(
+        &url,
+        &[
+            "run",
+            "--table",
+            "people",
+            "--alter",
+            "RENAME COLUMN full_name TO name",
+            "--expand-contract",
+            "--progress",
+            "none",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    ran_more(20).await;
+    // SHOW CLIENTS says which version each client is on
+    let console = connect(&support::proxy::console(proxy.addr)).await;
+    let versions: Vec<Option<String>> = console
+        .simple_query("SHOW CLIENTS")
+        .await
+        .expect("SHOW CLIENTS")
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(r.get("version").map(str::to_string))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        versions.contains(&Some("people_v_old".into())),
+        "{versions:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (n, errors) = old.await.expect("old code");
+    assert!(
+        errors.is_empty(),
+        "old code failed {} of {n} times: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+
+    // new code through the same proxy uses the table's new name
+    let new = connect(&app).await;
+    new.batch_execute("INSERT INTO people (id, name) VALUES (20000, 'new')")
+        .await
+        .expect("new code");
+    assert!(
+        search_path(&app).await.starts_with("\"$user\""),
+        "unrouted clients keep the default"
+    );
+    // a client that sets its own search_path keeps it
+    let own = format!("{old_url}&options=-c%20search_path%3Dpublic");
+    assert_eq!(search_path(&own).await, "public");
+
+    // routes change at run time through the console, for new connections
+    console
+        .batch_execute("ROUTE application_name=reports:people_v_old")
+        .await
+        .expect("ROUTE");
+    assert!(search_path(&format!("{app}?application_name=reports"))
+        .await
+        .starts_with("\"people_v_old\""));
+    let routes = console
+        .simple_query("SHOW ROUTES")
+        .await
+        .expect("SHOW ROUTES");
+    assert_eq!(
+        routes
+            .iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count(),
+        2
+    );
+    console
+        .batch_execute("UNROUTE application_name=reports")
+        .await
+        .expect("UNROUTE");
+    assert!(search_path(&format!("{app}?application_name=reports"))
+        .await
+        .starts_with("\"$user\""));
+    assert!(
+        console.batch_execute("ROUTE nonsense").await.is_err(),
+        "a malformed route is refused"
+    );
+}

@@ -24,6 +24,9 @@ fn kind(c: &Command<'_>) -> u8 {
         Command::Resume => 6,
         Command::Swapped => 7,
         Command::Unknown(_) => 8,
+        Command::ShowRoutes => 9,
+        Command::Route(_) => 10,
+        Command::Unroute(_) => 11,
     }
 }
 
@@ -38,7 +41,9 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(t, t.trim());
             assert!(!t.is_empty());
         }
-        Command::Pause(Some(arg)) => assert!(within(text, arg)),
+        Command::Pause(Some(arg)) | Command::Route(arg) | Command::Unroute(arg) => {
+            assert!(within(text, arg))
+        }
         _ => {}
     }
     let upper = text.to_ascii_uppercase();

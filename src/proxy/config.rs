@@ -33,6 +33,8 @@ pub struct ProxyConfig {
     /// Longest a client may take from connecting to its first ReadyForQuery (TLS, startup
     /// packet, authentication).
     pub client_login_timeout: Duration,
+    /// Which clients get which schema version (`--route`, see `routes`).
+    pub routes: Vec<super::routes::VersionRoute>,
 }
 
 /// Default of [`ProxyConfig::max_clients`].
@@ -58,6 +60,7 @@ impl ProxyConfig {
             metrics_listen: None,
             max_clients: DEFAULT_MAX_CLIENTS,
             client_login_timeout: DEFAULT_LOGIN_TIMEOUT,
+            routes: Vec::new(),
         }
     }
 }

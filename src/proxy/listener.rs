@@ -90,6 +90,7 @@ pub async fn start(args: &ProxyConfig) -> Result<RunningProxy, ProxyError> {
         connections: AtomicUsize::new(0),
         max_clients: args.max_clients,
         login_timeout: args.client_login_timeout,
+        routes: crate::proxy::routes::Routes::new(args.routes.clone()),
     });
     let metrics = match &args.metrics_listen {
         Some(addr) => {

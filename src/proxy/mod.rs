@@ -77,6 +77,7 @@ mod listener;
 mod messages;
 mod metrics;
 mod reprepare;
+mod routes;
 mod scram;
 mod session;
 mod shared;
@@ -88,6 +89,7 @@ pub use config::{ProxyConfig, DEFAULT_LOGIN_TIMEOUT, DEFAULT_MAX_CLIENTS};
 pub use error::ProxyError;
 pub use hold::Gate;
 pub use listener::{run, start, RunningProxy};
+pub use routes::VersionRoute;
 
 // The pure decoders and state machines behind a session, public so that the fuzz targets and
 // property tests drive exactly the code the proxy runs.

@@ -38,6 +38,8 @@ pub struct Shared {
     pub connections: AtomicUsize,
     pub max_clients: usize,
     pub login_timeout: Duration,
+    /// Which clients get which schema version (changed by the console's ROUTE/UNROUTE).
+    pub routes: super::routes::Routes,
 }
 
 impl Shared {
@@ -62,6 +64,7 @@ impl Shared {
             connections: AtomicUsize::new(0),
             max_clients: super::config::DEFAULT_MAX_CLIENTS,
             login_timeout: super::config::DEFAULT_LOGIN_TIMEOUT,
+            routes: Default::default(),
         }
     }
 

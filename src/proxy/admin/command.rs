@@ -18,6 +18,11 @@ pub enum Command<'a> {
     Resume,
     /// A table was swapped outside a PAUSE/RESUME: sessions re-check their statements.
     Swapped,
+    ShowRoutes,
+    /// `ROUTE param=value:schema` (the argument as typed, quotes removed).
+    Route(&'a str),
+    /// `UNROUTE param=value`.
+    Unroute(&'a str),
     /// Anything else: the trimmed text.
     Unknown(&'a str),
 }
@@ -39,6 +44,9 @@ impl<'a> Command<'a> {
             (w, Some(arg), None) if is(w, "PAUSE") => Command::Pause(Some(arg.trim_matches('\''))),
             (w, None, _) if is(w, "RESUME") => Command::Resume,
             (w, None, _) if is(w, "SWAPPED") => Command::Swapped,
+            (w, s, None) if is(w, "SHOW") && is(s, "ROUTES") => Command::ShowRoutes,
+            (w, Some(arg), None) if is(w, "ROUTE") => Command::Route(arg.trim_matches('\'')),
+            (w, Some(arg), None) if is(w, "UNROUTE") => Command::Unroute(arg.trim_matches('\'')),
             _ => Command::Unknown(text),
         }
     }
@@ -58,6 +66,15 @@ mod tests {
         assert_eq!(Command::parse("\tPAUSE\n"), Command::Pause(None));
         assert_eq!(Command::parse("swapped;"), Command::Swapped);
         assert_eq!(Command::parse("show stats"), Command::ShowStats);
+        assert_eq!(Command::parse("show routes;"), Command::ShowRoutes);
+        assert_eq!(
+            Command::parse("ROUTE 'application_name=old:v1'"),
+            Command::Route("application_name=old:v1")
+        );
+        assert_eq!(
+            Command::parse("unroute user=batch"),
+            Command::Unroute("user=batch")
+        );
     }
 
     #[test]

@@ -28,6 +28,40 @@ pub async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) {
             }
             messages::command_complete(out, "RESUME");
         }
+        Command::ShowRoutes => {
+            messages::row_description(out, &["parameter", "value", "version"]);
+            let routes = shared.routes.snapshot();
+            for r in &routes {
+                messages::data_row(
+                    out,
+                    &[
+                        Some(r.param.clone()),
+                        Some(r.value.clone()),
+                        Some(r.schema.clone()),
+                    ],
+                );
+            }
+            messages::command_complete(out, &format!("SHOW {}", routes.len()));
+        }
+        Command::Route(arg) => match arg.parse::<crate::proxy::routes::VersionRoute>() {
+            Ok(r) => {
+                tracing::info!("route set by the console: {r}");
+                shared.routes.set(r);
+                messages::command_complete(out, "ROUTE");
+            }
+            Err(e) => messages::error(out, "ERROR", "22023", &e),
+        },
+        Command::Unroute(arg) => match arg.split_once('=') {
+            Some((p, v)) if shared.routes.remove(p.trim(), v.trim()) => {
+                messages::command_complete(out, "UNROUTE")
+            }
+            _ => messages::error(
+                out,
+                "ERROR",
+                "22023",
+                &format!("no route for {arg:?} (SHOW ROUTES lists them as PARAMETER=VALUE)"),
+            ),
+        },
         Command::Swapped => {
             shared.gate.swapped();
             tracing::info!("told of a swap: sessions re-check their prepared statements");
@@ -35,7 +69,7 @@ pub async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) {
         }
         Command::Unknown(text) => {
             let msg = format!(
-                "unknown admin console command \"{text}\": the console knows SHOW CLIENTS, SHOW STATUS, SHOW STATS, PAUSE [deadline], RESUME, SWAPPED"
+                "unknown admin console command \"{text}\": the console knows SHOW CLIENTS, SHOW STATUS, SHOW STATS, SHOW ROUTES, PAUSE [deadline], RESUME, SWAPPED, ROUTE param=value:schema, UNROUTE param=value"
             );
             messages::error(out, "ERROR", "42601", &msg);
         }
@@ -52,6 +86,7 @@ fn show_clients(shared: &Shared, out: &mut BytesMut) {
         "state",
         "held_since",
         "connected_since",
+        "version",
     ];
     messages::row_description(out, &cols);
     let clients = shared.clients.snapshot();
@@ -68,6 +103,7 @@ fn show_clients(shared: &Shared, out: &mut BytesMut) {
                 Some(c.state_name().to_string()),
                 held_since,
                 Some(utc_timestamp(c.connected)),
+                c.version.clone(),
             ],
         );
     }

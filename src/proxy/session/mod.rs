@@ -163,7 +163,14 @@ async fn proxied(
             return Err(e);
         }
     };
-    upstream.write_all(&startup.raw).await?;
+    // a client a route matches starts with the version's schema first on its search_path
+    let version = shared.routes.version_for(&startup.params);
+    let routed = version
+        .as_deref()
+        .and_then(|v| crate::proxy::routes::routed_startup(startup.version, &startup.params, v));
+    upstream
+        .write_all(routed.as_ref().unwrap_or(&startup.raw))
+        .await?;
     upstream.flush().await?;
     let mut ubuf = BytesMut::with_capacity(8192);
     let client_key = tokio::time::timeout_at(
@@ -173,14 +180,17 @@ async fn proxied(
     .await
     .map_err(|_| ProxyError::Timeout("authentication"))??;
 
-    let entry = Arc::new(ClientEntry::new(
+    let mut entry = ClientEntry::new(
         shared.next_id.fetch_add(1, Ordering::Relaxed),
         client.addr,
         client.user,
         client.database,
         stream.is_tls(),
         client.exempt,
-    ));
+    );
+    // the version it is on: the route's, unless the client chose its own search_path
+    entry.version = version.filter(|_| routed.is_some());
+    let entry = Arc::new(entry);
     shared.clients.insert(entry.clone());
     let _guard = SessionGuard {
         shared: shared.clone(),

@@ -22,6 +22,8 @@ pub struct ClientEntry {
     pub connected: SystemTime,
     /// Replication connections are never held and never counted as inside a transaction.
     pub exempt: bool,
+    /// The schema version a route put this client on (`routes`), if any.
+    pub version: Option<String>,
     state: Mutex<SessionState>,
     /// This session's counts for SHOW STATS (moved into the totals when it ends).
     pub counters: Counters,
@@ -44,6 +46,7 @@ impl ClientEntry {
             tls,
             connected: SystemTime::now(),
             exempt,
+            version: None,
             state: Mutex::new(SessionState::default()),
             counters: Counters::default(),
         }
