@@ -45,6 +45,36 @@ impl Partition {
     }
 }
 
+#[cfg(test)]
+impl Partition {
+    /// A member of a tree as `load` reads it: a leaf ('r'), a partitioned one ('p') or a
+    /// foreign table ('f'), under `parent` (schema-qualified, quoted), at `level`.
+    pub fn for_tests(
+        oid: u32,
+        schema: &str,
+        name: &str,
+        parent: &str,
+        level: i32,
+        relkind: char,
+        bound: &str,
+    ) -> Partition {
+        Partition {
+            oid,
+            schema: schema.into(),
+            name: name.into(),
+            parent: parent.into(),
+            level,
+            relkind,
+            bound: bound.into(),
+            size_bytes: 0,
+            row_estimate: 0,
+            key_columns: Vec::new(),
+            key_has_expression: false,
+            names_taken: Vec::new(),
+        }
+    }
+}
+
 /// A partitioned table's own partition key: (columns, whether an expression is part of it).
 pub async fn partition_key(client: &Client, oid: u32) -> Result<(Vec<String>, bool), DbError> {
     let r = client
@@ -165,4 +195,62 @@ pub async fn inherited(client: &Client, oid: u32) -> Result<Inherited, DbError> 
         not_null,
         constraints,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_is_a_leaf_unless_it_is_partitioned_itself() {
+        let p = |k| Partition::for_tests(2, "public", "ev_p1", "\"public\".\"ev\"", 1, k, "");
+        assert!(p('r').is_leaf());
+        assert!(p('f').is_leaf(), "a foreign table holds rows: a leaf");
+        assert!(!p('p').is_leaf());
+    }
+
+    #[test]
+    fn a_partition_is_named_with_its_own_schema_quoted() {
+        let p = Partition::for_tests(2, "Arch", "ev \"old\"", "\"public\".\"ev\"", 1, 'r', "");
+        assert_eq!(p.qualified(), "\"Arch\".\"ev \"\"old\"\"\"");
+    }
+
+    #[test]
+    fn leaves_of_a_tree_skip_its_partitioned_members_and_keep_tree_order() {
+        let mut t = crate::catalog::Table::for_tests("public", "acct");
+        t.relkind = 'p';
+        let root = t.qualified();
+        let eu = Partition::for_tests(
+            201,
+            "public",
+            "acct_eu",
+            &root,
+            1,
+            'p',
+            "FOR VALUES IN ('eu')",
+        );
+        let eu_q = eu.qualified();
+        t.partitions = vec![
+            eu,
+            Partition::for_tests(
+                202,
+                "public",
+                "acct_us",
+                &root,
+                1,
+                'r',
+                "FOR VALUES IN ('us')",
+            ),
+            Partition::for_tests(203, "public", "acct_eu_h0", &eu_q, 2, 'r', ""),
+            Partition::for_tests(204, "public", "acct_eu_ext", &eu_q, 2, 'f', ""),
+        ];
+        let leaves: Vec<u32> = t.leaves().map(|p| p.oid).collect();
+        assert_eq!(leaves, [202, 203, 204]);
+        assert_eq!(
+            crate::catalog::Table::for_tests("public", "plain")
+                .leaves()
+                .count(),
+            0
+        );
+    }
 }

@@ -181,6 +181,63 @@ pub struct RealCatalog {
     pub fk_targets: HashMap<String, String>,
 }
 
+#[cfg(test)]
+impl RealCatalog {
+    /// A table with no constraints, indexes or defaults, for unit tests of pure logic.
+    pub fn for_tests() -> RealCatalog {
+        RealCatalog {
+            constraints: HashMap::new(),
+            validated_not_null_checks: HashSet::new(),
+            index_columns: HashMap::new(),
+            constraint_defs: HashMap::new(),
+            defaults: HashMap::new(),
+            heap_bytes: 0,
+            relfilenode: 1,
+            server_version: "17.0".into(),
+            tablespace: "pg_default".into(),
+            access_method: "heap".into(),
+            default_access_method: "heap".into(),
+            fk_targets: HashMap::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Analysis {
+    /// The verdict on one subcommand as `analyse` would give it: `blocking` follows from the
+    /// effect and the strongest lock of `tables` (`"name: MODE"` entries), as there.
+    pub fn for_tests(
+        sql: &str,
+        effect: Effect,
+        lock: LockMode,
+        tables: &[(&str, LockMode)],
+        scan: Option<ScanReason>,
+    ) -> Analysis {
+        let strongest = tables
+            .iter()
+            .map(|(_, m)| *m)
+            .max()
+            .unwrap_or(lock)
+            .max(lock);
+        Analysis {
+            sql: sql.into(),
+            kind: String::new(),
+            effect,
+            lock,
+            tables: tables
+                .iter()
+                .map(|(t, m)| format!("{t}: {}", m.as_str()))
+                .collect(),
+            locks: Default::default(),
+            blocking: effect != Effect::Metadata && strongest.blocks_writes(),
+            verified: true,
+            notes: Vec::new(),
+            breaking: None,
+            scan,
+        }
+    }
+}
+
 /// The table's column defaults: column -> expression (generated columns are not defaults).
 pub async fn read_defaults(
     client: &Client,

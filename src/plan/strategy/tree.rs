@@ -555,3 +555,6 @@ fn leaf_unique(leaf: &Partition, parent: &str, u: &Shape, out: &mut Out) {
         vec![leaf.oid],
     );
 }
+
+#[cfg(test)]
+mod tests;
