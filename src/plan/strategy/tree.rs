@@ -80,14 +80,36 @@ pub fn decide(
     let mut names = Names::new(real);
     let mut cannot = Vec::new();
     let flush_root = |pending: &mut Vec<(&Part, &Analysis)>, out: &mut Out| {
+        // what the kept subcommands do: a VALIDATE on the root scans every partition
+        let effect = pending
+            .iter()
+            .map(|(_, a)| a.effect)
+            .max()
+            .unwrap_or(Effect::Metadata);
         let mut s = Vec::new();
         flush(&t, pending, &mut s);
         for mut step in s {
+            // the tree's locks, and those on other tables (a foreign key's referenced table)
+            let root = format!("{t}: ");
+            let others: Vec<String> = std::mem::take(&mut step.tables)
+                .into_iter()
+                .filter(|e| !e.starts_with(&root))
+                .collect();
             step.tables = tree_locks(table, step.lock);
-            step.purpose = format!(
-                "metadata-only on the root; PostgreSQL takes {} on the root and on all {n} partitions at once (instant once granted, retried under lock_timeout)",
-                step.lock.as_str()
-            );
+            step.tables.extend(others);
+            step.effect = effect;
+            step.purpose = if effect == Effect::Metadata {
+                format!(
+                    "metadata-only on the root; PostgreSQL takes {} on the root and on all {n} partitions at once (instant once granted, retried under lock_timeout)",
+                    step.lock.as_str()
+                )
+            } else {
+                format!(
+                    "{} of every partition, under {} on the root and on all {n} partitions (reads and writes go on)",
+                    super::describe_effect(effect),
+                    step.lock.as_str()
+                )
+            };
             out.push(step, all_leaves(table));
         }
     };

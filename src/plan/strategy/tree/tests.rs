@@ -753,7 +753,6 @@ fn work_that_does_not_block_runs_on_the_root_as_written() {
 }
 
 #[test]
-#[ignore = "bug: a kept non-blocking scan on the root (VALIDATE CONSTRAINT) is reported as a metadata-only, instant step, so the runbook estimates no time for scanning every partition"]
 fn validate_on_the_root_is_reported_as_a_scan() {
     let t = ev();
     let sql = "VALIDATE CONSTRAINT ev_ref_pos";
@@ -774,7 +773,6 @@ fn validate_on_the_root_is_reported_as_a_scan() {
 }
 
 #[test]
-#[ignore = "bug: a metadata-only step on the root lists only the tree's locks; another table the subcommand locks (the referenced table of a NOT VALID foreign key) is dropped from the plan"]
 fn metadata_step_on_the_root_keeps_the_locks_on_other_tables() {
     let t = ev();
     let sql = "ADD CONSTRAINT ev_ref_fkey FOREIGN KEY (ref) REFERENCES refs (id) NOT VALID";
