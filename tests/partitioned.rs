@@ -544,3 +544,67 @@ async fn killed_per_leaf_build_is_cleaned_up_by_a_rerun() {
         "the names a plain ALTER gives, even after the killed run's leftovers"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_detached_while_the_run_works_stops_it_and_nothing_is_left() {
+    let (url, c) = setup("detach_midway", RANGE).await;
+    let alter = "ADD CONSTRAINT ev_day_id_key UNIQUE (day, id)";
+    // ev_p2's build waits for this transaction, so the run is midway when ev_p4 goes
+    let blocker = connect(&url).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE ev_p2 IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let migration = tokio::spawn(run(run_args(
+        &url,
+        "ev",
+        alter,
+        &["--lock-timeout", "300ms"],
+    )));
+    wait_until(
+        Duration::from_secs(60),
+        "the build on ev_p2 to wait for the open transaction",
+        || async { waiting_build(&c, "ev_p2").await.is_some() },
+    )
+    .await;
+    c.batch_execute("ALTER TABLE ev DETACH PARTITION ev_p4")
+        .await
+        .expect("detach a partition the run has not reached");
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let err = migration
+        .await
+        .unwrap()
+        .expect_err("the run must stop: its plan is for another tree");
+    assert!(matches!(err, EngineError::Preflight(_)), "{err}");
+    assert!(err.to_string().contains("partitions of"), "{err}");
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_constraint WHERE conname LIKE 'ev_day_id_key%'"
+        )
+        .await,
+        0,
+        "no constraint is left on the tree"
+    );
+    assert!(
+        leftovers(&c, "ev").await.is_empty(),
+        "{:?}",
+        leftovers(&c, "ev").await
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid WHERE x.relname LIKE '%day_id_key%'"
+        )
+        .await,
+        0,
+        "no index of the run is left on any partition"
+    );
+    // run again: it plans for the tree as it is now, and finishes
+    run(run_args(&url, "ev", alter, &["--lock-timeout", "300ms"]))
+        .await
+        .expect("the rerun");
+    assert!(leaves_without_index(&c, "ev", "ev_day_id_key")
+        .await
+        .is_empty());
+}

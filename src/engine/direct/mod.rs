@@ -171,6 +171,30 @@ impl Steering<'_> {
     }
 }
 
+/// Every relation of a partitioned tree, by oid, with its parent and bound (what the plan's
+/// per-partition steps depend on, and what no step of ours changes).
+async fn tree_shape(client: &Client, root: u32) -> Result<Vec<(u32, String)>, EngineError> {
+    Ok(client
+        .query(
+            "SELECT c.oid, coalesce(t.parentrelid::text, '') || '|' || coalesce(pg_get_expr(c.relpartbound, c.oid), '')
+             FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid ORDER BY c.oid",
+            &[&root],
+        )
+        .await
+        .ctx("reading the partitioned table's tree")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+fn tree_changed(table: &crate::catalog::Table, step: usize, n: usize) -> EngineError {
+    EngineError::Preflight(format!(
+        "the partitions of {} changed while the run worked (a partition attached or detached, or its bound changed); \
+         it stopped before step {step}/{n} and undid the steps before it. Run it again: it plans for the tree as it is now",
+        table.qualified()
+    ))
+}
+
 /// Carry out the plan's steps in order on `config`'s database; `steer.control` holds the
 /// per-table advisory lock for the duration.
 pub async fn execute(
@@ -200,11 +224,33 @@ pub async fn execute(
     }
     let mut longest_lock = Duration::ZERO;
     let n = plan.steps.len();
+    // a partitioned table's steps are planned for its tree as it was: a partition attached or
+    // detached meanwhile stops the run, and what was done is undone
+    let tree = if table.relkind == 'p' {
+        let now = tree_shape(&worker, table.oid).await?;
+        let planned: Vec<u32> = table.partitions.iter().map(|p| p.oid).collect();
+        let mut found: Vec<u32> = now.iter().map(|(oid, _)| *oid).collect();
+        found.retain(|o| *o != table.oid);
+        let mut planned_sorted = planned.clone();
+        planned_sorted.sort_unstable();
+        if found != planned_sorted {
+            return Err(tree_changed(table, 0, n));
+        }
+        Some(now)
+    } else {
+        None
+    };
     let mut done: Vec<&Step> = Vec::new();
     for (i, step) in plan.steps.iter().enumerate() {
         let t0 = Instant::now();
         let label = format!("{}/{n}: {}", i + 1, step.sql);
-        let result = match steer.enter(&label).await {
+        let entered = match (steer.enter(&label).await, &tree) {
+            (Ok(()), Some(before)) if tree_shape(&worker, table.oid).await? != *before => {
+                Err(tree_changed(table, i + 1, n))
+            }
+            (r, _) => r,
+        };
+        let result = match entered {
             Err(e) => Err(e),
             Ok(()) => match &step.exec {
                 Exec::Locked => {
