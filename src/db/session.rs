@@ -118,30 +118,37 @@ pub async fn retry_lock(
     lock_timeout: Duration,
     what: &str,
 ) -> Result<(), DbError> {
+    let sql = format!(
+        "SET lock_timeout = '{}ms'; {sql}; RESET lock_timeout",
+        lock_timeout.as_millis()
+    );
+    retrying(client, &sql, "RESET lock_timeout", lock_timeout, what).await
+}
+
+/// Run `sql` until no lock wait times out (5 attempts, backoff from 200 ms); after any failure
+/// `cleanup` puts the session back (resets the setting, ends the aborted transaction).
+async fn retrying(
+    client: &Client,
+    sql: &str,
+    cleanup: &str,
+    lock_timeout: Duration,
+    what: &str,
+) -> Result<(), DbError> {
     let mut last = None;
     for attempt in 0..5u32 {
-        let r = client
-            .batch_execute(&format!(
-                "SET lock_timeout = '{}ms'; {sql}; RESET lock_timeout",
-                lock_timeout.as_millis()
-            ))
-            .await;
-        match r {
-            Ok(()) => return Ok(()),
-            Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
-                let _ = client.batch_execute("RESET lock_timeout").await;
-                tracing::warn!("{what}: lock not granted within {lock_timeout:?}, retrying");
-                last = Some(e);
-                tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)).await;
-            }
-            Err(e) => {
-                let _ = client.batch_execute("RESET lock_timeout").await;
-                return Err(DbError::Query {
-                    context: what.into(),
-                    source: e,
-                });
-            }
+        let Err(e) = client.batch_execute(sql).await else {
+            return Ok(());
+        };
+        let _ = client.batch_execute(cleanup).await;
+        if e.code().map(|c| c.code()) != Some("55P03") {
+            return Err(DbError::Query {
+                context: what.into(),
+                source: e,
+            });
         }
+        tracing::warn!("{what}: lock not granted within {lock_timeout:?}, retrying");
+        last = Some(e);
+        tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)).await;
     }
     Err(DbError::Locked {
         what: what.into(),
@@ -162,24 +169,6 @@ pub async fn retry_lock_in_transaction(
         lock_timeout.as_millis(),
         stmts.join(";\n")
     );
-    let mut last = None;
-    for attempt in 0..5u32 {
-        let r = client.batch_execute(&sql).await;
-        let Err(e) = r else { return Ok(()) };
-        // an error inside the block leaves it aborted: end it before anything else
-        let _ = client.batch_execute("ROLLBACK").await;
-        if e.code().map(|c| c.code()) != Some("55P03") {
-            return Err(DbError::Query {
-                context: what.into(),
-                source: e,
-            });
-        }
-        tracing::warn!("{what}: lock not granted within {lock_timeout:?}, retrying");
-        last = Some(e);
-        tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)).await;
-    }
-    Err(DbError::Locked {
-        what: what.into(),
-        last: last.map(|e| describe(&e)).unwrap_or_default(),
-    })
+    // an error inside the block leaves it aborted: ROLLBACK ends it
+    retrying(client, &sql, "ROLLBACK", lock_timeout, what).await
 }

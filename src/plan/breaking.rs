@@ -473,22 +473,28 @@ fn mods(m: &[i32]) -> String {
     m.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// Internal type names and how `format_type` writes them (both ways).
+const DISPLAY_NAMES: &[(&str, &str)] = &[
+    ("int2", "smallint"),
+    ("int4", "integer"),
+    ("int8", "bigint"),
+    ("float4", "real"),
+    ("float8", "double precision"),
+    ("varchar", "character varying"),
+    ("bpchar", "character"),
+    ("timestamptz", "timestamp with time zone"),
+    ("timestamp", "timestamp without time zone"),
+    ("bool", "boolean"),
+];
+
 /// How a plan shows a type (`bigint`, `character varying(20)`).
 fn shown(t: &Ty) -> String {
-    let base = match t.0.trim_end_matches("[]") {
-        "int2" => "smallint",
-        "int4" => "integer",
-        "int8" => "bigint",
-        "float4" => "real",
-        "float8" => "double precision",
-        "varchar" => "character varying",
-        "bpchar" => "character",
-        "timestamptz" => "timestamp with time zone",
-        "timestamp" => "timestamp without time zone",
-        "bool" => "boolean",
-        other => other,
-    };
-    let mut s = base.to_string();
+    let internal = t.0.trim_end_matches("[]");
+    let mut s = DISPLAY_NAMES
+        .iter()
+        .find(|(i, _)| *i == internal)
+        .map_or(internal, |(_, d)| d)
+        .to_string();
     if !t.1.is_empty() {
         s.push_str(&format!("({})", mods(&t.1)));
     }
@@ -561,20 +567,14 @@ fn format_type(s: &str) -> Ty {
         format!("{head} {tail}")
     };
     let mut base = match full.as_str() {
-        "smallint" => "int2",
-        "integer" => "int4",
-        "bigint" => "int8",
-        "real" => "float4",
-        "double precision" => "float8",
-        "character varying" => "varchar",
-        "character" => "bpchar",
-        "boolean" => "bool",
-        "timestamp without time zone" => "timestamp",
-        "timestamp with time zone" => "timestamptz",
+        // read by `format_type` but not shown back under another name
         "time without time zone" => "time",
         "time with time zone" => "timetz",
         "bit varying" => "varbit",
-        other => other,
+        other => DISPLAY_NAMES
+            .iter()
+            .find(|(_, d)| *d == other)
+            .map_or(other, |(i, _)| i),
     }
     .to_string();
     if array {
