@@ -226,6 +226,12 @@ pub struct RunArgs {
     /// else half its max_worker_processes; between 2 and 8).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// How the copy moves rows: `pipe` streams them as binary COPY out of the table and into
+    /// the shadow through this process (the server writes one WAL record per page, not per
+    /// row, and the slot has that much less to decode); `insert` runs `INSERT ... SELECT` on
+    /// the server. A column type without a binary form, and a resumed copy, use `insert`.
+    #[arg(long, value_enum, default_value = "insert")]
+    pub copy_via: CopyVia,
     /// lock_timeout for each attempt to take the swap lock.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub lock_timeout: Duration,
@@ -316,6 +322,13 @@ pub struct RunArgs {
     /// A hook still running after this long is killed (the run goes on).
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub hook_timeout: Duration,
+}
+
+/// How the copy moves rows (`run --copy-via`).
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CopyVia {
+    Pipe,
+    Insert,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
@@ -529,6 +542,7 @@ impl From<RunArgs> for RunConfig {
             chunk_pause: a.chunk_pause,
             chunk_time: a.chunk_time,
             workers: a.workers,
+            copy_pipe: a.copy_via == CopyVia::Pipe,
             lock_timeout: a.lock_timeout,
             swap_attempts: a.swap_attempts,
             drop_old: a.drop_old,

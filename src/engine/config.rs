@@ -29,6 +29,8 @@ pub struct RunConfig {
     pub chunk_time: Option<Duration>,
     /// Copy workers; None: from the server (`pipeline::default_workers`).
     pub workers: Option<usize>,
+    /// Copy through the binary COPY pipe where it can (`run --copy-via pipe`).
+    pub copy_pipe: bool,
     pub lock_timeout: Duration,
     pub swap_attempts: u32,
     pub drop_old: bool,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
+use super::pipe::{self, PipeSql};
 use super::sql::{begin_snapshot, params_ref, CopySql};
 use super::Chunk;
 use crate::db::{describe, Ctx, DbError};
@@ -34,43 +35,87 @@ where
     }
 }
 
+/// Copy one chunk: through the binary COPY pipe when `reader` is given (a session for the
+/// snapshot's side), else with `INSERT ... SELECT` on `client`. Ok(None): the server refused
+/// the pipe for a reason the INSERT path does not have; copy the chunk again without it.
 pub(super) async fn copy_chunk(
+    client: &Client,
+    reader: Option<(&Client, &PipeSql)>,
+    sql: &CopySql,
+    snapshot: &str,
+    chunk: &Chunk,
+) -> Result<Option<u64>, EngineError> {
+    let result = match reader {
+        Some((reader, pipe)) => {
+            let cond = sql.range_literal(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
+            let select = format!("{}{cond}", pipe.select);
+            let r = with_lock_retry("copying a chunk", || async {
+                begin_snapshot(reader, snapshot, true).await?;
+                let r = pipe::pump(reader, client, &select, &pipe.copy_in).await;
+                let _ = reader.batch_execute("ROLLBACK").await;
+                lock_timeout_or(r)
+            })
+            .await?;
+            match r {
+                Err(e) if pipe::unsupported(&e) => {
+                    tracing::warn!(
+                        "copy: the binary COPY pipe was refused ({}); copying with INSERT ... SELECT",
+                        describe(&e)
+                    );
+                    return Ok(None);
+                }
+                r => r,
+            }
+        }
+        None => {
+            let (cond, params) = sql.range(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
+            let stmt = format!("{}{cond}{}", sql.insert_select, sql.on_conflict);
+            with_lock_retry("copying a chunk", || async {
+                begin_snapshot(client, snapshot, false).await?;
+                match client.execute(&stmt, &params_ref(&params)).await {
+                    Ok(n) => client.batch_execute("COMMIT").await.map(|_| Ok(n)),
+                    Err(e) => {
+                        let _ = client.batch_execute("ROLLBACK").await;
+                        lock_timeout_or(Err(e))
+                    }
+                }
+            })
+            .await?
+        }
+    };
+    match result {
+        Ok(n) => Ok(Some(n)),
+        Err(e) => Err(copy_failed(client, sql, snapshot, chunk, e).await),
+    }
+}
+
+/// A lock timeout is the retry loop's error; any other outcome is the chunk's.
+fn lock_timeout_or(
+    r: Result<u64, tokio_postgres::Error>,
+) -> Result<Result<u64, tokio_postgres::Error>, tokio_postgres::Error> {
+    match r {
+        Err(e) if e.code().map(|c| c.code()) == Some("55P03") => Err(e),
+        r => Ok(r),
+    }
+}
+
+/// The chunk failed: name the row when the data is at fault.
+async fn copy_failed(
     client: &Client,
     sql: &CopySql,
     snapshot: &str,
     chunk: &Chunk,
-) -> Result<u64, EngineError> {
-    let (cond, params) = sql.range(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
-    let stmt = format!("{}{cond}{}", sql.insert_select, sql.on_conflict);
-    let result = with_lock_retry("copying a chunk", || async {
-        begin_snapshot(client, snapshot, false).await?;
-        match client.execute(&stmt, &params_ref(&params)).await {
-            Ok(n) => client.batch_execute("COMMIT").await.map(|_| Ok(n)),
-            Err(e) => {
-                let _ = client.batch_execute("ROLLBACK").await;
-                if e.code().map(|c| c.code()) == Some("55P03") {
-                    Err(e)
-                } else {
-                    Ok(Err(e))
-                }
-            }
-        }
-    })
-    .await?;
-    match result {
-        Ok(n) => Ok(n),
-        Err(e) => {
-            if is_data_error(&e) {
-                Err(find_bad_row(client, sql, snapshot, chunk)
-                    .await
-                    .unwrap_or_else(|| EngineError::Data(describe(&e))))
-            } else {
-                Err(EngineError::Db(DbError::Query {
-                    context: "copying a chunk".into(),
-                    source: e,
-                }))
-            }
-        }
+    e: tokio_postgres::Error,
+) -> EngineError {
+    if is_data_error(&e) {
+        find_bad_row(client, sql, snapshot, chunk)
+            .await
+            .unwrap_or_else(|| EngineError::Data(describe(&e)))
+    } else {
+        EngineError::Db(DbError::Query {
+            context: "copying a chunk".into(),
+            source: e,
+        })
     }
 }
 

@@ -7,12 +7,13 @@
 //! USING expressions as a plain ALTER would. A chunk that fails is bisected to name the row.
 
 mod chunk;
+mod pipe;
 mod split;
 mod sql;
 
 pub use sql::hold_snapshot;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,9 @@ pub struct CopyOptions {
     pub upsert: bool,
     /// Record the watermark in this table's checkpoint as chunks complete.
     pub checkpoint: Option<u32>,
+    /// Copy through the binary COPY pipe where the shadow's types allow it (else, and for a
+    /// resumed copy, `INSERT ... SELECT`).
+    pub pipe: bool,
     /// Mark the workers' writes with the run's origins (worker n: origin n + 1).
     pub origins: Option<crate::engine::follow::origin::Origins>,
 }
@@ -71,6 +75,22 @@ pub async fn copy_table(
     copied: Arc<AtomicU64>,
 ) -> Result<u64, EngineError> {
     let sql = Arc::new(CopySql::new(table, mapping, names, opts.upsert)?);
+    // The splitter's session, first asked whether the rows can go through the binary COPY pipe
+    // (a resumed copy upserts, which only INSERT ... SELECT does).
+    let client = connect(config, "the copy splitter", opts.lock_timeout).await?;
+    let pipe = if opts.upsert || !opts.pipe {
+        None
+    } else {
+        pipe::plan(&client, mapping, names, &table.qualified()).await?
+    };
+    tracing::info!(
+        "copy: {}",
+        if pipe.is_some() {
+            "binary COPY piped through this process"
+        } else {
+            "INSERT ... SELECT on the server"
+        }
+    );
     let (tuning, _fixed) = match opts.gate.tuning() {
         Some(rx) => (rx, None),
         None => {
@@ -98,6 +118,8 @@ pub async fn copy_table(
         config: config.clone(),
         opts: opts.clone(),
         sql: sql.clone(),
+        piping: AtomicBool::new(pipe.is_some()),
+        pipe,
         snapshot: snapshot.to_string(),
         rx: tokio::sync::Mutex::new(rx),
         copied,
@@ -108,7 +130,6 @@ pub async fn copy_table(
     // The splitter finds chunk boundaries under the same snapshot, one short transaction per
     // boundary: holding a lock on the source for the whole copy would queue any DDL (and then
     // every query) behind it. It stops when the workers have all stopped (its send fails).
-    let client = connect(config, "the copy splitter", opts.lock_timeout).await?;
     let splitter = tokio::spawn(split(
         client,
         sql,
@@ -180,6 +201,10 @@ struct Worker {
     config: crate::db::ConnConfig,
     opts: CopyOptions,
     sql: Arc<CopySql>,
+    /// The binary COPY pipe's statements, and whether it is still in use (the server can
+    /// refuse it mid-copy: every worker then goes on with INSERT ... SELECT).
+    pipe: Option<pipe::PipeSql>,
+    piping: AtomicBool,
     snapshot: String,
     rx: tokio::sync::Mutex<mpsc::Receiver<Chunk>>,
     copied: Arc<AtomicU64>,
@@ -202,6 +227,7 @@ impl Worker {
         if let Some(o) = &self.opts.origins {
             o.mark(&client, w + 1).await?;
         }
+        let mut reader = None;
         let mut gate = self.opts.gate.clone();
         let mut total = 0u64;
         loop {
@@ -215,7 +241,7 @@ impl Worker {
             let chunk = { self.rx.lock().await.recv().await };
             let Some(chunk) = chunk else { break };
             let started = Instant::now();
-            let n = copy_chunk(&client, &self.sql, &self.snapshot, &chunk).await?;
+            let n = self.copy(&client, &mut reader, &chunk).await?;
             if let Ok(mut s) = self.sizer.lock() {
                 s.observe(n, started.elapsed());
             }
@@ -229,6 +255,30 @@ impl Worker {
             }
         }
         Ok(total)
+    }
+
+    /// One chunk, through the pipe while it is in use (its reading session opened on first
+    /// use), else with INSERT ... SELECT.
+    async fn copy(
+        &self,
+        client: &tokio_postgres::Client,
+        reader: &mut Option<tokio_postgres::Client>,
+        chunk: &Chunk,
+    ) -> Result<u64, EngineError> {
+        if let (Some(pipe), true) = (&self.pipe, self.piping.load(Ordering::Relaxed)) {
+            if reader.is_none() {
+                let what = "a copy worker's reading session";
+                *reader = Some(connect(&self.config, what, self.opts.lock_timeout).await?);
+            }
+            let piped = reader.as_ref().map(|r| (r, pipe));
+            if let Some(n) = copy_chunk(client, piped, &self.sql, &self.snapshot, chunk).await? {
+                return Ok(n);
+            }
+            self.piping.store(false, Ordering::Relaxed);
+        }
+        copy_chunk(client, None, &self.sql, &self.snapshot, chunk)
+            .await?
+            .ok_or_else(|| EngineError::Internal("INSERT ... SELECT asked for a fallback".into()))
     }
 
     /// The splitter is done and every chunk was taken.

@@ -119,6 +119,36 @@ impl CopySql {
         }
     }
 
+    /// The same WHERE clause with the bounds written as literals (a COPY takes no parameters).
+    pub(super) fn range_literal(
+        &self,
+        lower: Option<&Vec<String>>,
+        lower_op: &str,
+        upper: Option<&Vec<String>>,
+    ) -> String {
+        let bound = |op: &str, values: &Vec<String>| {
+            let values = values
+                .iter()
+                .zip(&self.key_types)
+                .map(|(v, t)| format!("{}::text::{t}", quote_literal(v)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("({}) {op} ({values})", self.key_list)
+        };
+        let conds: Vec<String> = [
+            lower.map(|l| bound(lower_op, l)),
+            upper.map(|u| bound("<=", u)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        }
+    }
+
     pub(super) fn key_text_list(&self) -> String {
         self.key_cols
             .iter()
@@ -137,7 +167,8 @@ pub(super) async fn connect(
     // a crash loses the run anyway (the temporary slot goes with it): commits need not wait
     client
         .batch_execute(&format!(
-            "SET lock_timeout = '{}ms'; SET synchronous_commit = off",
+            "SET lock_timeout = '{}ms'; SET synchronous_commit = off; \
+             SET standard_conforming_strings = on",
             lock_timeout.as_millis().max(1)
         ))
         .await
@@ -214,5 +245,10 @@ mod tests {
         let (cond, params) = sql.range(None, ">", None);
         assert!(cond.is_empty() && params.is_empty(), "the whole table");
         assert_eq!(sql.key_text_list(), "s.\"a\"::text, s.\"b\"::text");
+        assert_eq!(
+            sql.range_literal(Some(&lower), ">", Some(&vec!["9".into(), "it's".into()])),
+            " WHERE (s.\"a\", s.\"b\") > ('1'::text::integer, 'x'::text::text) AND (s.\"a\", s.\"b\") <= ('9'::text::integer, 'it''s'::text::text)"
+        );
+        assert_eq!(sql.range_literal(None, ">", None), "");
     }
 }

@@ -217,6 +217,7 @@ async fn copy_rows(
         gate: gate.clone(),
         resume_after: s.after.clone(),
         upsert: s.upsert,
+        pipe: cfg.copy_pipe,
         checkpoint: Some(table.oid),
         origins: run.origins.clone(),
     };
