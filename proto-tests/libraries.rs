@@ -1,9 +1,11 @@
-//! Mainstream client libraries through the proxy while real migrations swap their table: psycopg,
-//! asyncpg, SQLAlchemy on psycopg and on asyncpg, node-postgres named queries, postgres.js and
-//! pgjdbc (prepareThreshold=1). Each runs transactions with a prepared `SELECT *`, an UPDATE
-//! and an INSERT in a loop while `shadow-alter run` changes `id` from int to bigint and then
-//! adds a column, holding the proxy at each swap. Zero errors for every library, and every
-//! committed insert is in the table afterwards.
+//! Mainstream client libraries through the proxy while real migrations swap their table:
+//! psycopg, asyncpg (with its statement cache, and without it: the unnamed statement described
+//! and run in two round trips), SQLAlchemy on psycopg and on asyncpg, node-postgres named
+//! queries, postgres.js and pgjdbc (prepareThreshold=1). Each runs transactions with a prepared
+//! `SELECT *`, an UPDATE and an INSERT in a loop while `shadow-alter run` changes `id` from int
+//! to bigint and then adds a column, holding the proxy at each swap. Zero errors for every
+//! library, and every committed insert is in the table afterwards. `PROTO_LIBS=a,b` runs only
+//! those libraries.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -119,17 +121,23 @@ async fn every_library_sees_zero_errors_while_migrations_swap_its_table() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let stop = dir.join("stop");
     let _ = std::fs::remove_file(&stop);
-    let names = [
+    let all = [
         "psycopg",
         "asyncpg",
+        "asyncpg-unnamed",
         "sqlalchemy-psycopg",
         "sqlalchemy-asyncpg",
         "pg",
         "postgres.js",
         "pgjdbc",
     ];
+    let only = std::env::var("PROTO_LIBS").unwrap_or_default();
+    let names: Vec<&str> = all
+        .into_iter()
+        .filter(|n| only.is_empty() || only.split(',').any(|o| o == *n))
+        .collect();
     let mut clients = Vec::new();
-    for (i, name) in names.into_iter().enumerate() {
+    for (i, name) in names.iter().copied().enumerate() {
         let base = (i as i64 + 1) * RANGE;
         let child = command(name, &purl, &stop, base)
             .spawn()
@@ -159,6 +167,8 @@ clients: {clients:?}"
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     std::fs::write(&stop, b"").expect("stop file");
+    // clients holding named statements (all but asyncpg-unnamed)
+    let named = names.iter().any(|n| *n != "asyncpg-unnamed");
     if failures.is_empty() {
         // the swaps happened, and the clients' statements were prepared again after them
         let id = support::column_type(&c, "t", "id").await;
@@ -169,7 +179,7 @@ clients: {clients:?}"
         let n: u64 = status(&adm).await["statements_reprepared"]
             .parse()
             .unwrap_or(0);
-        assert!(n > 0, "no statement was prepared again");
+        assert!(n > 0 || !named, "no statement was prepared again");
     }
     for r in clients {
         let (name, base) = (r.name, r.base);

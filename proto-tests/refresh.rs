@@ -156,3 +156,50 @@ async fn sessions_without_statements_pay_nothing_but_an_epoch_check() {
         .get(0);
     assert_eq!(n, 3);
 }
+
+/// asyncpg without its statement cache, pgx in describe-exec mode: the unnamed statement is
+/// prepared (Parse, Describe, Sync) and run (Bind, Execute, Sync) in two round trips, and a
+/// swap can land between them. (Inside a transaction block it cannot: the block's BEGIN, a
+/// simple Query, drops the unnamed statement, and no swap comes inside a block.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_prepared_before_a_swap_runs_after_it() {
+    let p = proxy().await;
+    let url = setup("rf_unnamed").await;
+    let mut c = RawConn::connect(p.addr, &db_name(&url)).await;
+    c.send(&cat(&[
+        parse("", SELECT_STAR, &[23]),
+        describe(b'S', ""),
+        sync(),
+    ]))
+    .await;
+    let described = c.until_ready(1).await;
+    assert!(described.iter().any(|m| m.tag == b'T'), "{described:?}");
+    cutover(
+        &p,
+        &url,
+        "id int PRIMARY KEY, v text, w text DEFAULT 'new'",
+        "SELECT id, v FROM t",
+    )
+    .await;
+    c.send(&cat(&[
+        bind("", "", &[Some(b"2".as_slice())]),
+        execute("", 0),
+        sync(),
+    ]))
+    .await;
+    let ran = c.until_ready(1).await;
+    let errors: Vec<String> = ran
+        .iter()
+        .filter(|m| m.tag == b'E')
+        .map(Msg::text)
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let row = ran.iter().find(|m| m.tag == b'D').expect("a row");
+    assert_eq!(
+        u16::from_be_bytes([row.body[0], row.body[1]]),
+        2,
+        "the client keeps the two columns it described"
+    );
+    let console = admin(p.addr).await;
+    assert_eq!(status(&console).await["statements_reprepared"], "1");
+}

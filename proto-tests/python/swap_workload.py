@@ -4,7 +4,7 @@ id range, in a loop until the stop file exists. Prints `ready` after the first r
 `done ops=N writes=W errors=E`; every error goes to stderr. Exits 1 on any error.
 
     swap_workload.py DRIVER URL STOPFILE BASE
-DRIVER: psycopg | asyncpg | sqlalchemy-psycopg | sqlalchemy-asyncpg
+DRIVER: psycopg | asyncpg | asyncpg-unnamed | sqlalchemy-psycopg | sqlalchemy-asyncpg
 """
 import asyncio
 import os
@@ -63,6 +63,28 @@ async def run_asyncpg():
                 assert row is not None and row["id"] == 1 + i % 50, row
                 await c.execute("UPDATE t SET n = n + 1 WHERE id = $1", 1 + i % 50)
                 await c.execute("INSERT INTO t (id, v, n) VALUES ($1, 'w', 0)", base + i)
+            state["writes"] += 1
+            ok_round()
+        except Exception as e:  # noqa: BLE001
+            failed(e)
+    await c.close()
+
+
+async def run_asyncpg_unnamed():
+    """asyncpg without its statement cache (as behind a pooler in transaction mode): every
+    query is the unnamed statement, prepared (Parse, Describe, Sync) and then run (Bind,
+    Execute, Sync) in two round trips, outside any transaction block."""
+    import asyncpg
+
+    c = await asyncpg.connect(url, statement_cache_size=0)
+    i = 0
+    while not os.path.exists(stop):
+        i += 1
+        try:
+            row = await c.fetchrow(SELECT.format("$1"), 1 + i % 50)
+            assert row is not None and row["id"] == 1 + i % 50, row
+            await c.execute("UPDATE t SET n = n + 1 WHERE id = $1", 1 + i % 50)
+            await c.execute("INSERT INTO t (id, v, n) VALUES ($1, 'w', 0)", base + i)
             state["writes"] += 1
             ok_round()
         except Exception as e:  # noqa: BLE001
@@ -130,6 +152,8 @@ if driver == "psycopg":
     run_psycopg()
 elif driver == "asyncpg":
     asyncio.run(run_asyncpg())
+elif driver == "asyncpg-unnamed":
+    asyncio.run(run_asyncpg_unnamed())
 elif driver == "sqlalchemy-psycopg":
     run_sqlalchemy_psycopg()
 elif driver == "sqlalchemy-asyncpg":

@@ -51,6 +51,11 @@ impl Tracker {
         }
         match tag {
             b'Q' => {
+                // a simple Query drops the unnamed statement
+                if self.unnamed_held() {
+                    self.ops
+                        .push_back((self.seq_sent + 1, Op::Close(Box::default())));
+                }
                 match frame.and_then(query_text) {
                     Some(text) => self.sql_text(text),
                     None => self.disable("a query too large to inspect"),
@@ -72,10 +77,8 @@ impl Tracker {
             }
             b'C' => {
                 if let Some((b'S', name)) = frame.and_then(target) {
-                    if !name.is_empty() {
-                        self.ops
-                            .push_back((self.seq_sent + 1, Op::Close(name.into())));
-                    }
+                    self.ops
+                        .push_back((self.seq_sent + 1, Op::Close(name.into())));
                 }
                 self.retain(frame);
             }
@@ -128,11 +131,11 @@ impl Tracker {
             None => self.disable("a Parse too large to inspect"),
             Some((_, text)) if mentions_prepare(text) => self.disable("SQL text mentions PREPARE"),
             Some((name, _)) => {
-                if !name.is_empty() {
-                    let f = frame.unwrap_or_default();
-                    self.ops
-                        .push_back((self.seq_sent + 1, Op::Parse(name.into(), f.into())));
-                }
+                // the unnamed statement too: a client may describe it in one round trip and
+                // run it in the next (asyncpg without its cache), and a swap can come between
+                let f = frame.unwrap_or_default();
+                self.ops
+                    .push_back((self.seq_sent + 1, Op::Parse(name.into(), f.into())));
                 self.retain(frame);
             }
         }
@@ -163,10 +166,8 @@ impl Tracker {
             _ => None,
         };
         if let (1, Some(name)) = (self.row_sources, described) {
-            if !name.is_empty() {
-                let op = Op::Shape(name.into(), super::Capture::Waiting);
-                self.ops.push_back((self.seq_sent + 1, op));
-            }
+            let op = Op::Shape(name.into(), super::Capture::Waiting);
+            self.ops.push_back((self.seq_sent + 1, op));
         }
         if let (
             Open::Candidate {
@@ -216,7 +217,7 @@ impl Tracker {
     /// The first message of a batch is a Bind: retain the batch if it binds a known statement.
     fn start_candidate(&mut self, frame: Option<&[u8]>) {
         let Some(f) = frame else { return };
-        let known = bind_names(f).is_some_and(|(_, s)| !s.is_empty() && self.stmts.contains_key(s));
+        let known = bind_names(f).is_some_and(|(_, s)| self.stmts.contains_key(s));
         if known && self.arena.len() + f.len() <= MAX_RETAINED {
             self.open = Open::Candidate {
                 start: self.arena.len(),
@@ -225,6 +226,15 @@ impl Tracker {
             };
             self.arena.extend_from_slice(f);
         }
+    }
+
+    /// The server holds (or is about to hold) an unnamed statement the registry knows.
+    fn unnamed_held(&self) -> bool {
+        self.stmts.contains_key(&b""[..])
+            || self
+                .ops
+                .iter()
+                .any(|(_, op)| matches!(op, Op::Parse(n, _) if n.is_empty()))
     }
 
     fn abort_candidate(&mut self) {

@@ -141,15 +141,50 @@ fn a_parse_whose_batch_failed_is_not_registered() {
 }
 
 #[test]
-fn the_unnamed_statement_is_never_registered() {
+fn the_unnamed_statement_is_registered_until_a_query_or_parse_replaces_it() {
     let mut t = Tracker::default();
+    send(&mut t, &[parse("", "SELECT 1"), describe(b'S', ""), sync()]);
+    answer(&mut t, &[tag(b'1'), tag(b'n'), IDLE.to_vec()]);
+    assert!(
+        t.stmts.contains_key(&b""[..]),
+        "described in one round trip"
+    );
+    // run in the next: a candidate for a replay
+    send(&mut t, &[bind(""), execute(), sync()]);
+    assert_eq!(t.candidates.len(), 1);
+    answer(&mut t, &[tag(b'2'), tag(b'C'), IDLE.to_vec()]);
+    // another Parse of the unnamed statement replaces it
     send(
         &mut t,
-        &[parse("", "SELECT 1"), bind(""), execute(), sync()],
+        &[parse("", "SELECT 2"), bind(""), execute(), sync()],
     );
-    answer(&mut t, &[tag(b'1'), tag(b'2'), IDLE.to_vec()]);
+    answer(&mut t, &[tag(b'1'), tag(b'2'), tag(b'C'), IDLE.to_vec()]);
+    let s = &t.stmts[&b""[..]];
+    assert!(s.parse.windows(8).any(|w| w == b"SELECT 2"));
+    // a simple Query drops it on the server, and so here
+    send(&mut t, &[query("SELECT 3")]);
+    answer(&mut t, &[tag(b'C'), IDLE.to_vec()]);
     assert!(t.stmts.is_empty());
-    assert!(t.ops.is_empty());
+    assert_eq!(t.stmt_bytes, 0);
+    t.check_invariants().expect("consistent");
+}
+
+#[test]
+fn a_failed_parse_of_the_unnamed_statement_forgets_the_old_one() {
+    let mut t = Tracker::default();
+    send(&mut t, &[parse("", "SELECT 1"), sync()]);
+    answer(&mut t, &[tag(b'1'), IDLE.to_vec()]);
+    assert!(t.stmts.contains_key(&b""[..]));
+    // the server drops the unnamed statement before it parses the new one
+    send(&mut t, &[parse("", "SELEC nothing"), sync()]);
+    answer(&mut t, &[other_error(), IDLE.to_vec()]);
+    assert!(t.stmts.is_empty());
+    // and Close of the unnamed statement forgets it too
+    send(&mut t, &[parse("", "SELECT 1"), sync()]);
+    answer(&mut t, &[tag(b'1'), IDLE.to_vec()]);
+    send(&mut t, &[close(b'S', ""), sync()]);
+    answer(&mut t, &[tag(b'3'), IDLE.to_vec()]);
+    assert!(t.stmts.is_empty());
 }
 
 #[test]
