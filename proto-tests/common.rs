@@ -13,8 +13,9 @@ use postgres_protocol::message::frontend;
 use shadow_alter::proxy::{ProxyConfig, RunningProxy};
 use shadow_alter::tls::{SslMode, TlsSettings};
 use shadow_alter::wire::{put_frame, split_frame, MAX_MESSAGE_LEN};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::process::Child;
 
 use crate::support;
 
@@ -450,4 +451,45 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Wait for a client program's first line, `ready` (its first round succeeded); panic with its
+/// stderr if it says anything else or nothing within a minute.
+pub async fn client_ready(name: &str, child: &mut Child) {
+    let out = child.stdout.as_mut().expect("stdout");
+    let mut lines = BufReader::new(out).lines();
+    let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
+    match first {
+        Ok(Ok(Some(l))) if l == "ready" => {}
+        other => {
+            let mut err = String::new();
+            if let Some(e) = child.stderr.as_mut() {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), e.read_to_string(&mut err)).await;
+            }
+            panic!("{name} did not start (run proto-tests/setup.sh): {other:?}\n{err}");
+        }
+    }
+}
+
+/// A client program's remaining stdout, its stderr, and whether it exited cleanly; panics if
+/// it has not ended within a minute.
+pub async fn client_output(name: &str, child: Child) -> (String, String, bool) {
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{name} did not stop"))
+        .expect("wait");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+/// The number after `key=` in a client's summary line (`done ops=N errors=E`).
+pub fn summary_count(summary: &str, key: &str) -> Option<i64> {
+    summary
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|n| n.parse().ok())
 }

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::common::*;
@@ -64,47 +63,6 @@ fn command(name: &str, url: &str, stop: &Path, base: i64) -> Command {
     c
 }
 
-/// Wait for the client's first committed round ("ready").
-async fn ready(r: &mut Running) {
-    let out = r.child.stdout.as_mut().expect("stdout");
-    let mut lines = BufReader::new(out).lines();
-    let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
-    match first {
-        Ok(Ok(Some(l))) if l == "ready" => {}
-        other => {
-            let mut err = String::new();
-            if let Some(e) = r.child.stderr.as_mut() {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), e.read_to_string(&mut err)).await;
-            }
-            panic!(
-                "{} did not start (run proto-tests/setup.sh): {other:?}\n{err}",
-                r.name
-            );
-        }
-    }
-}
-
-/// The client's summary line, stderr, and whether it exited cleanly.
-async fn finish(r: Running) -> (String, String, bool) {
-    let out = tokio::time::timeout(Duration::from_secs(60), r.child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{} did not stop", r.name))
-        .expect("wait");
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.success(),
-    )
-}
-
-fn writes(summary: &str) -> Option<i64> {
-    summary
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("writes="))
-        .and_then(|n| n.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_library_sees_zero_errors_while_migrations_swap_its_table() {
     let url = support::fresh_db("libs").await;
@@ -145,7 +103,7 @@ async fn every_library_sees_zero_errors_while_migrations_swap_its_table() {
         clients.push(Running { name, child, base });
     }
     for r in clients.iter_mut() {
-        ready(r).await;
+        client_ready(r.name, &mut r.child).await;
     }
     let mut failures = Vec::new();
     for alter in [
@@ -183,10 +141,10 @@ clients: {clients:?}"
     }
     for r in clients {
         let (name, base) = (r.name, r.base);
-        let (out, err, ok) = finish(r).await;
+        let (out, err, ok) = client_output(name, r.child).await;
         let summary = out.lines().last().unwrap_or_default().to_string();
         eprintln!("{name}: {summary}");
-        let committed = writes(&summary);
+        let committed = summary_count(&summary, "writes");
         if !ok || !summary.contains("errors=0") || committed.is_none() {
             failures.push(format!("{name}: {summary}\n{err}"));
             continue;

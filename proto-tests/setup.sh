@@ -16,7 +16,7 @@ echo "  PostgreSQL: $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | ta
 echo "  pgbouncer:  $( (pgbouncer --version 2>/dev/null || /usr/sbin/pgbouncer --version) | head -n1)"
 echo "  psycopg:    $(python3 -c 'import psycopg; print(psycopg.__version__)')"
 echo "  node-pg:    $(cd "$HERE/node" && node -p 'require("pg/package.json").version')"
-echo "  postgres.js: $(cd "$HERE/node" && node -p 'require("postgres/package.json").version')"
+echo "  postgres.js: $(cd "$HERE/node" && node -p 'require("./node_modules/postgres/package.json").version')"
 echo "  asyncpg:    $(python3 -c 'import asyncpg; print(asyncpg.__version__)')"
 echo "  SQLAlchemy: $(python3 -c 'import sqlalchemy; print(sqlalchemy.__version__)')"
 echo "  pgjdbc:     $(ls /usr/share/java/postgresql-[0-9]*.jar 2>/dev/null | head -n1)"

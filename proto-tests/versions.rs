@@ -1,33 +1,128 @@
 //! Old and new application code through the proxy while `run --expand-contract` renames a
-//! column: psycopg and pgbench, routed to the old version by their application_name alone,
-//! keep writing and reading the old name; new code uses the new one; both see each other's
+//! column. Old code is five client libraries that cache prepared statements and their row
+//! descriptions (psycopg, asyncpg, node-postgres named queries, postgres.js, pgjdbc with
+//! prepareThreshold=1) and pgbench -M prepared; each is routed to the old version by the
+//! application_name it connects with, passed the library's own way, and keeps writing and
+//! reading the old name with zero errors. New code uses the new name; both see each other's
 //! rows; `complete` then leaves only the new name.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
 use crate::common::*;
 use crate::support;
+
+/// The application_name the old code connects with, and the proxy routes to the old version.
+const OLD_APP: &str = "billing-v1";
+/// The libraries running the old code; each writes rows `NAME N` (N counts its rounds).
+const LIBRARIES: [&str; 5] = ["psycopg", "asyncpg", "pg", "postgres.js", "pgjdbc"];
 
 async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
-/// Wait until psycopg and pgbench have each written 20 more rows (column `col` names them).
-async fn both_write(c: &tokio_postgres::Client, col: &str, py0: i64, pgb0: i64) {
-    let py = format!("SELECT count(*) FROM people WHERE {col} LIKE 'py %'");
-    let pgb = format!("SELECT count(*) FROM people WHERE {col} = 'pgbench'");
-    support::wait_until(Duration::from_secs(30), "old code to write", || async {
-        count(c, &py).await >= py0 + 20 && count(c, &pgb).await >= pgb0 + 20
-    })
-    .await;
+/// Rows that `who` (a library, or pgbench) wrote, by the value in column `col`.
+async fn written(c: &tokio_postgres::Client, col: &str, who: &str) -> i64 {
+    count(
+        c,
+        &format!(
+            "SELECT count(*) FROM people WHERE {col} = '{who}' OR starts_with({col}, '{who} ')"
+        ),
+    )
+    .await
+}
+
+/// Wait until every one of `who` has written 20 more rows (column `col` names them); panics
+/// naming the ones that did not within a minute.
+async fn all_write(c: &tokio_postgres::Client, col: &str, who: &[&str]) {
+    let mut before = Vec::new();
+    for w in who {
+        before.push(written(c, col, w).await);
+    }
+    let start = Instant::now();
+    loop {
+        let mut behind = Vec::new();
+        for (w, n) in who.iter().zip(&before) {
+            if written(c, col, w).await < n + 20 {
+                behind.push(*w);
+            }
+        }
+        if behind.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "old code stopped writing {col}: {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Start `library` running the old code through the proxy at `url` (without an
+/// application_name: the client passes OLD_APP its own way) until `stop` exists, and wait for
+/// its first successful round.
+async fn start_old_code(library: &'static str, url: &str, stop: &Path) -> Child {
+    let root = support::repo_root().join("proto-tests");
+    let stop = stop.to_string_lossy().to_string();
+    let mut c = match library {
+        "pg" | "postgres.js" => {
+            let mut c = Command::new("node");
+            c.arg(root.join("node/versions_client.js"));
+            c.args([library, url, OLD_APP, &stop]);
+            c
+        }
+        "pgjdbc" => {
+            // jdbc:postgresql://host:port/db and the user of the URL
+            let rest = url.split_once("://").map_or(url, |(_, r)| r);
+            let (user, hostdb) = rest.split_once('@').unwrap_or(("postgres", rest));
+            let mut c = Command::new("java");
+            c.args(["-cp", "/usr/share/java/postgresql.jar"]);
+            c.arg(root.join("java/VersionsClient.java"));
+            c.args([&format!("jdbc:postgresql://{hostdb}"), user, OLD_APP, &stop]);
+            c
+        }
+        python_driver => {
+            let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+            let mut c = Command::new(python);
+            c.arg(root.join("python/versions_client.py"));
+            c.args([python_driver, url, OLD_APP, &stop]);
+            c
+        }
+    };
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {library} (run proto-tests/setup.sh): {e}"));
+    client_ready(library, &mut child).await;
+    child
+}
+
+/// Wait for `library` to stop (the stop file exists); what went wrong with it, if anything:
+/// an error it saw, or a row it wrote that is not in the table under the new name.
+async fn finish_old_code(
+    c: &tokio_postgres::Client,
+    library: &'static str,
+    child: Child,
+) -> Option<String> {
+    let (out, err, ok) = client_output(library, child).await;
+    let summary = out.lines().last().unwrap_or_default();
+    eprintln!("{library}: {summary}");
+    let ops = match summary_count(summary, "ops") {
+        Some(ops) if ok && summary.contains(" errors=0") => ops,
+        _ => return Some(format!("{library}: {summary}\n{err}")),
+    };
+    let stored = written(c, "name", library).await;
+    (stored != ops).then(|| format!("{library}: wrote {ops} rows, {stored} are stored"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn psycopg_and_pgbench_routed_to_the_old_version_see_no_error_through_a_rename() {
+async fn client_libraries_routed_to_the_old_version_see_no_error_through_a_rename() {
     let direct = support::fresh_db("versions").await;
     let c = support::connect(&direct).await;
     c.batch_execute(
@@ -38,7 +133,7 @@ async fn psycopg_and_pgbench_routed_to_the_old_version_see_no_error_through_a_re
     .expect("setup");
     let s = support::server();
     let p = shadow_alter::proxy::start(&shadow_alter::proxy::ProxyConfig {
-        routes: vec!["application_name=billing-v1:people_v_old"
+        routes: vec![format!("application_name={OLD_APP}:people_v_old")
             .parse()
             .expect("a route")],
         ..shadow_alter::proxy::ProxyConfig::new("127.0.0.1:0", format!("127.0.0.1:{}", s.port))
@@ -46,22 +141,15 @@ async fn psycopg_and_pgbench_routed_to_the_old_version_see_no_error_through_a_re
     .await
     .expect("a proxy");
     let app = via(&direct, p.local_addr());
-    let old_url = format!("{app}?application_name=billing-v1");
-    let stop: PathBuf = std::env::temp_dir().join(format!("versions-stop-{}", std::process::id()));
+    let old_url = format!("{app}?application_name={OLD_APP}");
+    let stop = std::env::temp_dir().join(format!("versions-stop-{}", std::process::id()));
     let _ = std::fs::remove_file(&stop);
 
-    // old code: psycopg until the stop file, pgbench for a fixed time, both by application_name
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let py = Command::new(python)
-        .arg(support::repo_root().join("proto-tests/python/versions_client.py"))
-        .arg(&old_url)
-        .arg(&stop)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3 (run proto-tests/setup.sh)");
+    // old code: every library until the stop file, then pgbench for a fixed time
+    let mut old_code = Vec::new();
+    for library in LIBRARIES {
+        old_code.push((library, start_old_code(library, &app, &stop).await));
+    }
     let script = std::env::temp_dir().join(format!("versions-{}.sql", std::process::id()));
     std::fs::write(
         &script,
@@ -84,14 +172,15 @@ async fn psycopg_and_pgbench_routed_to_the_old_version_see_no_error_through_a_re
             "postgres",
             &db_name(&direct),
         ])
-        .env("PGAPPNAME", "billing-v1")
+        .env("PGAPPNAME", OLD_APP)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("pgbench");
-    both_write(&c, "full_name", 0, 0).await;
+    let writers: Vec<&str> = LIBRARIES.into_iter().chain(["pgbench"]).collect();
+    all_write(&c, "full_name", &writers).await;
     let (code, out) = support::process::output(
         &direct,
         &[
@@ -108,9 +197,7 @@ async fn psycopg_and_pgbench_routed_to_the_old_version_see_no_error_through_a_re
     )
     .await;
     assert_eq!(code, 0, "{out}");
-    let py_after = count(&c, "SELECT count(*) FROM people WHERE name LIKE 'py %'").await;
-    let pgb_after = count(&c, "SELECT count(*) FROM people WHERE name = 'pgbench'").await;
-    both_write(&c, "name", py_after, pgb_after).await;
+    all_write(&c, "name", &writers).await;
 
     // new code, through the same proxy, not routed: the new name
     let new = support::connect(&app).await;
@@ -128,42 +215,26 @@ async fn psycopg_and_pgbench_routed_to_the_old_version_see_no_error_through_a_re
         .get(0);
     assert_eq!(old_reads, 1, "old code sees new code's row");
 
+    // every library saw no error, and every row it wrote is there under the new name
     std::fs::write(&stop, b"").expect("stop file");
-    let py = tokio::time::timeout(Duration::from_secs(60), py.wait_with_output())
-        .await
-        .expect("psycopg ends")
-        .expect("psycopg output");
+    let mut failures = Vec::new();
+    for (library, child) in old_code {
+        failures.extend(finish_old_code(&c, library, child).await);
+    }
     let pgb = tokio::time::timeout(Duration::from_secs(60), pgbench.wait_with_output())
         .await
         .expect("pgbench ends")
         .expect("pgbench output");
     let _ = std::fs::remove_file(&stop);
     let _ = std::fs::remove_file(&script);
-    let (py_out, py_err) = (
-        String::from_utf8_lossy(&py.stdout),
-        String::from_utf8_lossy(&py.stderr),
-    );
-    assert!(
-        py.status.success() && py_out.contains("errors=0"),
-        "psycopg: {py_out}\n{py_err}"
-    );
     let pgb_out = String::from_utf8_lossy(&pgb.stdout);
-    assert!(
-        pgb.status.success() && pgb_out.contains("number of failed transactions: 0 "),
-        "pgbench: {pgb_out}\n{}",
-        String::from_utf8_lossy(&pgb.stderr)
-    );
-    // every row old code wrote is there under the new name
-    let py_ops: i64 = py_out
-        .split("ops=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("ops=N");
-    assert_eq!(
-        count(&c, "SELECT count(*) FROM people WHERE name LIKE 'py %'").await,
-        py_ops
-    );
+    if !(pgb.status.success() && pgb_out.contains("number of failed transactions: 0 ")) {
+        failures.push(format!(
+            "pgbench: {pgb_out}\n{}",
+            String::from_utf8_lossy(&pgb.stderr)
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     let (code, out) = support::process::output(&direct, &["complete", "people"], &[]).await;
     assert_eq!(code, 0, "{out}");
