@@ -35,56 +35,78 @@ where
     }
 }
 
-/// Copy one chunk: through the binary COPY pipe when `reader` is given (a session for the
-/// snapshot's side), else with `INSERT ... SELECT` on `client`. Ok(None): the server refused
-/// the pipe for a reason the INSERT path does not have; copy the chunk again without it.
-pub(super) async fn copy_chunk(
+/// What a chunk sent through the pipe came to.
+pub(super) enum Piped {
+    Rows(u64),
+    /// The pipe failed where `INSERT ... SELECT` may not (a domain constraint added NOT VALID
+    /// that receive functions re-check, a function the read-only reading session may not run,
+    /// a type without binary output): copy this chunk with INSERT ... SELECT, whose error is
+    /// the one to report; `off`: and every later chunk too.
+    Redo {
+        off: bool,
+    },
+}
+
+/// Copy one chunk through the binary COPY pipe: `reader` reads it under the snapshot, `client`
+/// stores it. Nothing is stored unless the whole chunk is.
+pub(super) async fn pipe_chunk(
     client: &Client,
-    reader: Option<(&Client, &PipeSql)>,
+    (reader, pipe): (&Client, &PipeSql),
     sql: &CopySql,
     snapshot: &str,
     chunk: &Chunk,
-) -> Result<Option<u64>, EngineError> {
-    let result = match reader {
-        Some((reader, pipe)) => {
-            let cond = sql.range_literal(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
-            let select = format!("{}{cond}", pipe.select);
-            let r = with_lock_retry("copying a chunk", || async {
-                begin_snapshot(reader, snapshot, true).await?;
-                let r = pipe::pump(reader, client, &select, &pipe.copy_in).await;
-                let _ = reader.batch_execute("ROLLBACK").await;
-                lock_timeout_or(r)
-            })
-            .await?;
-            match r {
-                Err(e) if pipe::unsupported(&e) => {
-                    tracing::warn!(
-                        "copy: the binary COPY pipe was refused ({}); copying with INSERT ... SELECT",
-                        describe(&e)
-                    );
-                    return Ok(None);
-                }
-                r => r,
+) -> Result<Piped, EngineError> {
+    let cond = sql.range_literal(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
+    let select = format!("{}{cond}", pipe.select);
+    let r = with_lock_retry("copying a chunk", || async {
+        begin_snapshot(reader, snapshot, true).await?;
+        let r = pipe::pump(reader, client, &select, &pipe.copy_in).await;
+        let _ = reader.batch_execute("ROLLBACK").await;
+        lock_timeout_or(r)
+    })
+    .await?;
+    match r {
+        Ok(n) => Ok(Piped::Rows(n)),
+        Err(e) => {
+            let off = pipe::unsupported(&e) || e.code().is_none();
+            if off {
+                tracing::warn!(
+                    "copy: the binary COPY pipe was refused ({}); copying with INSERT ... SELECT",
+                    describe(&e)
+                );
+            } else {
+                tracing::info!(
+                    "copy: a chunk failed in the binary COPY pipe ({}); copying it with INSERT ... SELECT",
+                    describe(&e)
+                );
+            }
+            Ok(Piped::Redo { off })
+        }
+    }
+}
+
+/// Copy one chunk with `INSERT ... SELECT` on `client`, in a transaction under the snapshot.
+pub(super) async fn insert_chunk(
+    client: &Client,
+    sql: &CopySql,
+    snapshot: &str,
+    chunk: &Chunk,
+) -> Result<u64, EngineError> {
+    let (cond, params) = sql.range(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
+    let stmt = format!("{}{cond}{}", sql.insert_select, sql.on_conflict);
+    let result = with_lock_retry("copying a chunk", || async {
+        begin_snapshot(client, snapshot, false).await?;
+        match client.execute(&stmt, &params_ref(&params)).await {
+            Ok(n) => client.batch_execute("COMMIT").await.map(|_| Ok(n)),
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                lock_timeout_or(Err(e))
             }
         }
-        None => {
-            let (cond, params) = sql.range(chunk.lower.as_ref(), ">", chunk.upper.as_ref());
-            let stmt = format!("{}{cond}{}", sql.insert_select, sql.on_conflict);
-            with_lock_retry("copying a chunk", || async {
-                begin_snapshot(client, snapshot, false).await?;
-                match client.execute(&stmt, &params_ref(&params)).await {
-                    Ok(n) => client.batch_execute("COMMIT").await.map(|_| Ok(n)),
-                    Err(e) => {
-                        let _ = client.batch_execute("ROLLBACK").await;
-                        lock_timeout_or(Err(e))
-                    }
-                }
-            })
-            .await?
-        }
-    };
+    })
+    .await?;
     match result {
-        Ok(n) => Ok(Some(n)),
+        Ok(n) => Ok(n),
         Err(e) => Err(copy_failed(client, sql, snapshot, chunk, e).await),
     }
 }

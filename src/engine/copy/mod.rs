@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use chunk::copy_chunk;
+use chunk::{insert_chunk, pipe_chunk, Piped};
 use split::{split, track_watermark, Sizer};
 use sql::{connect, CopySql};
 
@@ -270,15 +270,15 @@ impl Worker {
                 let what = "a copy worker's reading session";
                 *reader = Some(connect(&self.config, what, self.opts.lock_timeout).await?);
             }
-            let piped = reader.as_ref().map(|r| (r, pipe));
-            if let Some(n) = copy_chunk(client, piped, &self.sql, &self.snapshot, chunk).await? {
-                return Ok(n);
+            if let Some(r) = reader.as_ref() {
+                match pipe_chunk(client, (r, pipe), &self.sql, &self.snapshot, chunk).await? {
+                    Piped::Rows(n) => return Ok(n),
+                    Piped::Redo { off: true } => self.piping.store(false, Ordering::Relaxed),
+                    Piped::Redo { off: false } => {}
+                }
             }
-            self.piping.store(false, Ordering::Relaxed);
         }
-        copy_chunk(client, None, &self.sql, &self.snapshot, chunk)
-            .await?
-            .ok_or_else(|| EngineError::Internal("INSERT ... SELECT asked for a fallback".into()))
+        insert_chunk(client, &self.sql, &self.snapshot, chunk).await
     }
 
     /// The splitter is done and every chunk was taken.

@@ -9,9 +9,9 @@
 //! would store. Each expression is cast to its column's type without modifier (a domain: to its
 //! base type), and the column's receive function applies the modifier and the domain's checks
 //! on the way in, as an assignment does (`varchar(n)` refuses a longer value, `numeric(p,s)`
-//! rounds, `char(n)` pads). Columns whose types have no binary I/O, and arrays of domains (an
-//! explicit cast to those truncates), keep the `INSERT ... SELECT` path; so does a resumed copy,
-//! which upserts.
+//! rounds, `char(n)` pads). Columns whose values the pipe could change (see `CASTS`) keep the
+//! `INSERT ... SELECT` path; so does a resumed copy, which upserts; and a chunk the pipe fails
+//! on is copied again with `INSERT ... SELECT`, whose outcome is the chunk's.
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{pin_mut, SinkExt, StreamExt};
@@ -33,9 +33,12 @@ pub(super) struct PipeSql {
     pub(super) copy_in: String,
 }
 
-/// Each shadow column's cast target (its base type, no modifier) and whether it has a binary
-/// form. `format_type(t, -1)` and not `(t, NULL)`: without a modifier given, `bpchar` prints
-/// as `character`, which means `character(1)` and would cut every value to one character.
+/// Each shadow column's cast target (its base type, no modifier) and whether the pipe keeps its
+/// values. `format_type(t, -1)` and not `(t, NULL)`: without a modifier given, `bpchar` prints
+/// as `character`, which means `character(1)` and would cut every value to one character. Not
+/// piped: types without binary I/O, composite types and arrays of them (an explicit cast to a
+/// composite applies its fields' modifiers as a cast, cutting what an assignment refuses),
+/// arrays of domains (likewise), and `xml` (its binary output rewrites the XML declaration).
 const CASTS: &str = "
 WITH RECURSIVE cols AS (
     SELECT a.attname, a.atttypid
@@ -50,9 +53,13 @@ WITH RECURSIVE cols AS (
 )
 SELECT b.attname::text,
        format_type(b.typ, -1),
-       t.typsend::oid <> 0 AND t.typreceive::oid <> 0
-       AND (t.typcategory <> 'A' OR (e.typtype <> 'd' AND e.typsend::oid <> 0
-                                      AND e.typreceive::oid <> 0))
+       coalesce(t.typsend::oid <> 0 AND t.typreceive::oid <> 0
+                AND t.typtype <> 'c' AND t.oid <> 'xml'::regtype
+                AND (t.typcategory <> 'A' OR (e.typtype NOT IN ('d', 'c')
+                                              AND e.oid <> 'xml'::regtype
+                                              AND e.typsend::oid <> 0
+                                              AND e.typreceive::oid <> 0)),
+                false)
   FROM base b
   JOIN pg_type t ON t.oid = b.typ AND t.typtype <> 'd'
   LEFT JOIN pg_type e ON e.oid = t.typelem";
@@ -80,7 +87,7 @@ pub(super) async fn plan(
         let (cast, binary): (String, bool) = (row.get(1), row.get(2));
         if !binary {
             tracing::info!(
-                "copy: column {} ({cast}) has no binary form to pipe; rows are copied with INSERT ... SELECT",
+                "copy: column {} ({cast}) cannot go through the binary COPY pipe unchanged; rows are copied with INSERT ... SELECT",
                 t.column
             );
             return Ok(None);
@@ -132,5 +139,10 @@ pub(super) async fn pump(
 /// A pipe that the server refuses for a reason the INSERT path does not have (a type without
 /// binary output found at run time, a feature the server lacks): fall back, do not fail.
 pub(super) fn unsupported(e: &tokio_postgres::Error) -> bool {
-    matches!(e.code().map(|c| c.code()), Some("42883") | Some("0A000"))
+    // undefined function (no binary output), feature not supported, read-only transaction (a
+    // USING expression that writes, such as nextval())
+    matches!(
+        e.code().map(|c| c.code()),
+        Some("42883") | Some("0A000") | Some("25006")
+    )
 }
