@@ -26,8 +26,9 @@
 //!    batches again. Their answers go to the client as if nothing happened.
 //!
 //! Safety rules (anything else gets the server's error unchanged):
-//! - Never inside a transaction block, never for the unnamed statement, at most one retry per
-//!   batch, only when no byte of a later request was sent upstream before the replay.
+//! - Never inside a transaction block, at most one retry per batch, only when no byte of a later
+//!   request was sent upstream before the replay. The unnamed statement counts like a named one
+//!   while the server holds it (until the next Parse of it, a simple Query or its Close).
 //! - The client must get a result shape it can read: either the replayed batch itself asks for a
 //!   description (Describe of the portal or the statement before Execute: libpq, psycopg,
 //!   pgbench, node-postgres), or the client decodes with the shape it got from its own

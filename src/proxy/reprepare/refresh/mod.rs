@@ -306,46 +306,71 @@ impl Refresh {
 
     fn swap(&mut self) -> Step {
         let mut out = BytesMut::new();
-        for (i, chosen) in self.chosen.iter().enumerate() {
-            let Some(parse) = chosen else { continue };
-            let seg = Seg {
-                item: i,
-                ..Seg::default()
-            };
-            match &self.items[i] {
-                Item::Parse { name, .. } => {
-                    // the chosen Parse under the client's name (its own bytes otherwise)
-                    let Some((_, rest)) = parse.get(Header::SIZE..).and_then(cstr) else {
-                        continue;
-                    };
-                    tracing::debug!(
-                        statement = %String::from_utf8_lossy(name),
-                        query = %String::from_utf8_lossy(cstr(rest).map_or(rest, |q| q.0)),
-                        "re-preparing after a swap"
-                    );
-                    put_frame(&mut out, b'C', |b| {
-                        b.put_u8(b'S');
-                        put_cstr(b, name);
-                    });
-                    put_frame(&mut out, b'P', |b| {
-                        put_cstr(b, name);
-                        b.put_slice(rest);
-                    });
-                    frontend::sync(&mut out);
-                    self.segs.push(seg);
-                }
-                Item::Sql { ident, text, .. } => {
-                    let mut dealloc = b"DEALLOCATE ".to_vec();
-                    dealloc.extend_from_slice(ident);
-                    query(&mut out, &dealloc);
-                    query(&mut out, text);
+        // SQL-level statements first: their simple Queries drop the unnamed statement on the
+        // server, so it is parsed after them
+        let mut queried = false;
+        for i in 0..self.items.len() {
+            if let (Some(_), Item::Sql { ident, text, .. }) = (&self.chosen[i], &self.items[i]) {
+                let mut dealloc = b"DEALLOCATE ".to_vec();
+                dealloc.extend_from_slice(ident);
+                query(&mut out, &dealloc);
+                query(&mut out, text);
+                for _ in 0..2 {
                     self.segs.push(Seg {
                         item: i,
                         ..Seg::default()
                     });
-                    self.segs.push(seg);
                 }
+                queried = true;
             }
+        }
+        for i in 0..self.items.len() {
+            let Item::Parse {
+                name,
+                parse: original,
+                ..
+            } = &self.items[i]
+            else {
+                continue;
+            };
+            let parse = match &self.chosen[i] {
+                Some(chosen) => chosen,
+                // an unnamed statement the Queries above dropped: as it was (unchanged, or the
+                // swap made it unreadable: then it is gone, as a failed replay would leave it)
+                None if queried && name.is_empty() => {
+                    if self.out.gone.contains(name) {
+                        continue;
+                    }
+                    if self.out.kept.contains(name) {
+                        self.out.gone.push(name.clone());
+                        continue;
+                    }
+                    original
+                }
+                None => continue,
+            };
+            // the chosen Parse under the client's name (its own bytes otherwise)
+            let Some((_, rest)) = parse.get(Header::SIZE..).and_then(cstr) else {
+                continue;
+            };
+            tracing::debug!(
+                statement = %String::from_utf8_lossy(name),
+                query = %String::from_utf8_lossy(cstr(rest).map_or(rest, |q| q.0)),
+                "re-preparing after a swap"
+            );
+            put_frame(&mut out, b'C', |b| {
+                b.put_u8(b'S');
+                put_cstr(b, name);
+            });
+            put_frame(&mut out, b'P', |b| {
+                put_cstr(b, name);
+                b.put_slice(rest);
+            });
+            frontend::sync(&mut out);
+            self.segs.push(Seg {
+                item: i,
+                ..Seg::default()
+            });
         }
         for t in 0..self.tmp_used {
             if frontend::close(b'S', &format!("{TMP_PREFIX}{t}"), &mut out).is_ok() {

@@ -198,3 +198,57 @@ fn wraps_only_what_keeps_its_meaning() {
     assert!(wrap_to(&p, &old, &rowdesc(&[("id", 23)])).is_none());
     assert!(wrap_to(&p, &old, &rowdesc(&[("id", 701), ("v", 1043)])).is_none());
 }
+
+/// The SQL-level swap runs simple Queries, which drop the unnamed statement on the server: it is
+/// parsed again after them, as it was.
+#[test]
+fn the_unnamed_statement_survives_the_queries_of_a_sql_level_swap() {
+    let sql = Item::Sql {
+        name: b"q".to_vec(),
+        ident: b"q".to_vec(),
+        text: b"PREPARE q AS SELECT * FROM t".to_vec(),
+    };
+    let unnamed = Item::Parse {
+        name: Vec::new(),
+        parse: frame(b'P', b"\0SELECT v FROM t WHERE id = $1\0\0\0"),
+        shape: Some(Shape::Rows(rowdesc(&[("v", 25)]).into())),
+        self_describing: false,
+        formats: 1,
+    };
+    let (mut r, step) = Refresh::start(vec![sql, unnamed]).unwrap();
+    assert_eq!(sent(&step).0, "DSDS");
+    // q is stale, the unnamed statement is not
+    let swap = feed(
+        &mut r,
+        &[
+            stale(),
+            Z.to_vec(),
+            frame(b't', b"\0\x01\0\0\0\x17"),
+            t(&[("v", 25)]),
+            Z.to_vec(),
+        ],
+    );
+    let (tags, parses) = sent(&swap);
+    assert_eq!(
+        tags, "QQCPS",
+        "the Queries first, then the unnamed statement again"
+    );
+    assert_eq!(parses, ["SELECT v FROM t WHERE id = $1"]);
+    let done = feed(
+        &mut r,
+        &[
+            frame(b'C', b"DEALLOCATE\0"),
+            Z.to_vec(),
+            frame(b'C', b"PREPARE\0"),
+            Z.to_vec(),
+            frame(b'3', b""),
+            frame(b'1', b""),
+            Z.to_vec(),
+        ],
+    );
+    let Step::Done(out) = done else {
+        panic!("{done:?}")
+    };
+    assert!(out.gone.is_empty(), "{out:?}");
+    assert!(out.refreshed.contains(&b"q".to_vec()));
+}
