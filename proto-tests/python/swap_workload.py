@@ -49,25 +49,37 @@ def run_psycopg():
                 failed(e)
 
 
-async def run_asyncpg():
-    import asyncpg
-
-    c = await asyncpg.connect(url)
-    sel = await c.prepare(SELECT.format("$1"))
+async def asyncpg_loop(c, fetchrow, in_transaction):
+    """Rounds on asyncpg connection `c` until the stop file exists; `fetchrow(id)` reads a row."""
     i = 0
     while not os.path.exists(stop):
         i += 1
         try:
-            async with c.transaction():
-                row = await sel.fetchrow(1 + i % 50)
-                assert row is not None and row["id"] == 1 + i % 50, row
-                await c.execute("UPDATE t SET n = n + 1 WHERE id = $1", 1 + i % 50)
-                await c.execute("INSERT INTO t (id, v, n) VALUES ($1, 'w', 0)", base + i)
+            if in_transaction:
+                async with c.transaction():
+                    await asyncpg_round(c, fetchrow, i)
+            else:
+                await asyncpg_round(c, fetchrow, i)
             state["writes"] += 1
             ok_round()
         except Exception as e:  # noqa: BLE001
             failed(e)
     await c.close()
+
+
+async def asyncpg_round(c, fetchrow, i):
+    row = await fetchrow(1 + i % 50)
+    assert row is not None and row["id"] == 1 + i % 50, row
+    await c.execute("UPDATE t SET n = n + 1 WHERE id = $1", 1 + i % 50)
+    await c.execute("INSERT INTO t (id, v, n) VALUES ($1, 'w', 0)", base + i)
+
+
+async def run_asyncpg():
+    import asyncpg
+
+    c = await asyncpg.connect(url)
+    sel = await c.prepare(SELECT.format("$1"))
+    await asyncpg_loop(c, sel.fetchrow, in_transaction=True)
 
 
 async def run_asyncpg_unnamed():
@@ -77,19 +89,7 @@ async def run_asyncpg_unnamed():
     import asyncpg
 
     c = await asyncpg.connect(url, statement_cache_size=0)
-    i = 0
-    while not os.path.exists(stop):
-        i += 1
-        try:
-            row = await c.fetchrow(SELECT.format("$1"), 1 + i % 50)
-            assert row is not None and row["id"] == 1 + i % 50, row
-            await c.execute("UPDATE t SET n = n + 1 WHERE id = $1", 1 + i % 50)
-            await c.execute("INSERT INTO t (id, v, n) VALUES ($1, 'w', 0)", base + i)
-            state["writes"] += 1
-            ok_round()
-        except Exception as e:  # noqa: BLE001
-            failed(e)
-    await c.close()
+    await asyncpg_loop(c, lambda k: c.fetchrow(SELECT.format("$1"), k), in_transaction=False)
 
 
 def sqlalchemy_url(dialect):

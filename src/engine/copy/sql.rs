@@ -83,16 +83,31 @@ impl CopySql {
         })
     }
 
-    /// `(s.k1, s.k2) > ($n::text::t1, ...)`, parameters numbered from `first`.
-    pub(super) fn bound(&self, op: &str, first: usize) -> String {
-        let params = self
-            .key_types
-            .iter()
-            .enumerate()
-            .map(|(i, t)| format!("${}::text::{t}", first + i))
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!("({}) {op} ({params})", self.key_list)
+    /// ` WHERE (s.k1, s.k2) > (v1::text::t1, ...) AND (...) <= (...)` for the bounds given,
+    /// each bound value written by `value` (a parameter placeholder or a literal).
+    fn where_clause(
+        &self,
+        lower: Option<&Vec<String>>,
+        lower_op: &str,
+        upper: Option<&Vec<String>>,
+        mut value: impl FnMut(&str) -> String,
+    ) -> String {
+        let mut conds = Vec::new();
+        for (op, values) in [(lower_op, lower), ("<=", upper)] {
+            let Some(values) = values else { continue };
+            let values = values
+                .iter()
+                .zip(&self.key_types)
+                .map(|(v, t)| format!("{}::text::{t}", value(v)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            conds.push(format!("({}) {op} ({values})", self.key_list));
+        }
+        if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        }
     }
 
     /// WHERE clause and parameters for a chunk (`lower_op` is `>` normally, `>=` when bisecting).
@@ -102,21 +117,12 @@ impl CopySql {
         lower_op: &str,
         upper: Option<&Vec<String>>,
     ) -> (String, Vec<String>) {
-        let mut conds = Vec::new();
         let mut params = Vec::new();
-        if let Some(l) = lower {
-            conds.push(self.bound(lower_op, params.len() + 1));
-            params.extend(l.iter().cloned());
-        }
-        if let Some(u) = upper {
-            conds.push(self.bound("<=", params.len() + 1));
-            params.extend(u.iter().cloned());
-        }
-        if conds.is_empty() {
-            (String::new(), params)
-        } else {
-            (format!(" WHERE {}", conds.join(" AND ")), params)
-        }
+        let cond = self.where_clause(lower, lower_op, upper, |v| {
+            params.push(v.to_string());
+            format!("${}", params.len())
+        });
+        (cond, params)
     }
 
     /// The same WHERE clause with the bounds written as literals (a COPY takes no parameters).
@@ -126,27 +132,7 @@ impl CopySql {
         lower_op: &str,
         upper: Option<&Vec<String>>,
     ) -> String {
-        let bound = |op: &str, values: &Vec<String>| {
-            let values = values
-                .iter()
-                .zip(&self.key_types)
-                .map(|(v, t)| format!("{}::text::{t}", quote_literal(v)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            format!("({}) {op} ({values})", self.key_list)
-        };
-        let conds: Vec<String> = [
-            lower.map(|l| bound(lower_op, l)),
-            upper.map(|u| bound("<=", u)),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if conds.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", conds.join(" AND "))
-        }
+        self.where_clause(lower, lower_op, upper, quote_literal)
     }
 
     pub(super) fn key_text_list(&self) -> String {
