@@ -504,8 +504,10 @@ async fn unique_constraint_is_added_online_while_writes_continue() {
                     .query_one(
                         // locks first, then the build, and only while the index is being built
                         // (not in the waits at its end): the ALTER ... USING INDEX that follows
-                        // the build takes a brief ACCESS EXCLUSIVE lock at the handover
-                        "SELECT (SELECT count(*) FROM pg_locks WHERE relation = 'w'::regclass AND granted
+                        // the build takes a brief ACCESS EXCLUSIVE lock at the handover. Table
+                        // locks only: the writer's INSERTs take the relation extension lock
+                        // (locktype 'extend', ExclusiveLock) for a moment whenever the table grows
+                        "SELECT (SELECT count(*) FROM pg_locks WHERE relation = 'w'::regclass AND granted AND locktype = 'relation'
                                    AND mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')),
                                 EXISTS (SELECT 1 FROM pg_stat_progress_create_index WHERE relid = 'w'::regclass AND phase LIKE 'building index%')",
                         &[],
