@@ -97,6 +97,44 @@ pub struct VersionArgs {
     /// lock_timeout of each attempt (retried with backoff).
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub lock_timeout: Duration,
+    /// Admin console of a proxy the applications use (repeatable), as for `run`: the rollback
+    /// of a type change is a shadow copy of the reverse change, whose swap holds them.
+    #[arg(long = "proxy", value_name = "URL")]
+    pub proxies: Vec<String>,
+}
+
+impl VersionArgs {
+    /// The run that rolls back a type change: the reverse ALTER by the shadow copy, with the
+    /// version schema dropped in its swap's transaction (run's defaults otherwise).
+    pub fn reverse_run(
+        &self,
+        r: &crate::engine::expand::ReverseRun,
+    ) -> Result<RunConfig, clap::Error> {
+        let lock = format!("{}ms", self.lock_timeout.as_millis());
+        let mut argv = vec![
+            "shadow-alter",
+            "run",
+            "--table",
+            &self.table,
+            "--alter",
+            &r.alter,
+            "--lock-timeout",
+            &lock,
+            "--strategy",
+            "shadow-copy",
+            "--allow-breaking",
+        ];
+        for p in &self.proxies {
+            argv.extend(["--proxy", p.as_str()]);
+        }
+        let Command::Run(mut run) = Cli::try_parse_from(argv)?.command else {
+            return Err(clap::Error::new(clap::error::ErrorKind::InvalidSubcommand));
+        };
+        run.conn = self.conn.clone();
+        let mut cfg: RunConfig = run.into();
+        cfg.swap_extra = r.swap_extra.clone();
+        Ok(cfg)
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -558,6 +596,7 @@ impl From<RunArgs> for RunConfig {
             strategy: a.strategy.into(),
             allow_breaking: a.allow_breaking,
             expand_contract: a.expand_contract,
+            swap_extra: Vec::new(),
             pause_file: a.pause_file,
             max_replica_lag: a.max_replica_lag,
             throttle_retained_wal: a.throttle_retained_wal,

@@ -130,16 +130,25 @@ fn main() -> ExitCode {
                     shadow_alter::engine::expand::Finish::Complete,
                     a.lock_timeout,
                 )
-                .await,
+                .await
+                .map(|_| ()),
             ),
             Command::Rollback(a) => report(
-                ops::finish_versions(
+                match ops::finish_versions(
                     a.conn.database_url.as_deref(),
                     &a.table,
                     shadow_alter::engine::expand::Finish::Rollback,
                     a.lock_timeout,
                 )
-                .await,
+                .await
+                {
+                    Ok(Some(reverse)) => match a.reverse_run(&reverse) {
+                        Ok(cfg) => shadow_alter::engine::run(cfg).await,
+                        Err(e) => Err(shadow_alter::engine::EngineError::BadInput(e.to_string())),
+                    },
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                },
             ),
             Command::Revert(a) => {
                 report(ops::revert(a.conn.database_url.as_deref(), &a.table, a.wait).await)

@@ -588,14 +588,192 @@ async fn run_expand_contract_keeps_old_code_working_until_complete_and_rollback_
         "--table",
         "people",
         "--alter",
-        "ALTER COLUMN qty TYPE smallint",
+        "ALTER COLUMN qty TYPE smallint USING qty % 100",
         "--expand-contract",
         "--progress",
         "none",
     ])
     .await;
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("rename or column drops"), "{out}");
+    assert!(out.contains("a type change without USING"), "{out}");
+}
+
+/// The type of `column` of `relation`.
+async fn type_of(c: &Client, relation: &str, column: &str) -> String {
+    c.query_one(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = $2",
+        &[&relation, &column],
+    )
+    .await
+    .expect("the column's type")
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_expand_contract_changes_a_type_while_old_code_reads_and_writes_the_old_one() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    let url = fresh_db("retype").await;
+    let c = connect(&url).await;
+    c.batch_execute(SETUP).await.expect("setup");
+    c.batch_execute(
+        "DO $$ BEGIN CREATE ROLE breaking_app; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON people TO breaking_app;",
+    )
+    .await
+    .expect("the application's role");
+    let cli = |args: &'static [&'static str]| output(&url, args, &[]);
+    let expand: &'static [&'static str] = &[
+        "run",
+        "--table",
+        "people",
+        "--alter",
+        "ALTER COLUMN qty TYPE bigint",
+        "--expand-contract",
+        "--chunk-size",
+        "100",
+        "--progress",
+        "none",
+    ];
+
+    // old code inserts, increments and deletes through whatever people is on its search_path,
+    // and fails (division by zero) the moment qty reads as anything but integer; new code
+    // inserts and updates another column of the same rows
+    let stop = Arc::new(AtomicBool::new(false));
+    let (old_ran, new_ran) = (Arc::new(AtomicI64::new(0)), Arc::new(AtomicI64::new(0)));
+    let old = keep_running(
+        &url,
+        "people_v_old, public",
+        |i| {
+            format!(
+                "INSERT INTO people (id, full_name, qty) VALUES ({}, 'old', {i});
+                 UPDATE people SET qty = qty + 1 WHERE id = {};
+                 DELETE FROM people WHERE id = {};
+                 SELECT 1 / (pg_typeof(qty) = 'integer'::regtype)::int FROM people WHERE id = {}",
+                100_000 + 2 * i,
+                1 + i % 500,
+                100_000 + 2 * i - 2,
+                1 + i % 500
+            )
+        },
+        stop.clone(),
+        old_ran.clone(),
+    );
+    let new = keep_running(
+        &url,
+        "public",
+        |i| {
+            format!(
+                "INSERT INTO people (id, full_name, qty) VALUES ({}, 'new', {i});
+                 UPDATE people SET full_name = 'new {i}' WHERE id = {}",
+                200_000 + i,
+                1 + (i * 7) % 500
+            )
+        },
+        stop.clone(),
+        new_ran.clone(),
+    );
+    let ran_more = |ran: Arc<AtomicI64>, more: i64| async move {
+        let from = ran.load(Ordering::Relaxed);
+        support::wait_until(
+            std::time::Duration::from_secs(30),
+            "the application to run",
+            || async { ran.load(Ordering::Relaxed) >= from + more },
+        )
+        .await;
+    };
+    ran_more(old_ran.clone(), 20).await;
+    let (code, out) = cli(expand).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(type_of(&c, "people", "qty").await, "bigint");
+    // the new type holds what the old one cannot; old code never reads that row
+    c.batch_execute("INSERT INTO people (id, full_name, qty) VALUES (300000, 'big', 3000000000)")
+        .await
+        .expect("a bigint value");
+    assert_eq!(type_of(&c, "people_v_old.people", "qty").await, "integer");
+    ran_more(old_ran.clone(), 50).await;
+    ran_more(new_ran.clone(), 50).await;
+    let (code, status) = cli(&["status"]).await;
+    assert_eq!(code, 0, "{status}");
+    assert!(
+        status.contains("[expanded]") && status.contains("people_v_old"),
+        "{status}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (n_old, old_errors) = old.await.expect("old code");
+    let (n_new, new_errors) = new.await.expect("new code");
+    for (who, n, errors) in [("old", n_old, &old_errors), ("new", n_new, &new_errors)] {
+        assert!(
+            errors.is_empty(),
+            "{who} code failed {} of {n} times: {:?}",
+            errors.len(),
+            &errors[..errors.len().min(3)]
+        );
+    }
+    // each sees the other's writes: every increment of old code landed (none lost to new
+    // code's concurrent updates of the same rows), its deletes too, and new code's rows show
+    // through the old version
+    let row = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.expect(sql) }
+    };
+    let sum: i64 = row("SELECT sum(qty)::bigint FROM public.people WHERE id <= 500")
+        .await
+        .get(0);
+    assert_eq!(
+        sum,
+        500 * 501 / 2 + n_old,
+        "every increment through either shape"
+    );
+    let kept: i64 =
+        row("SELECT count(*) FROM people_v_old.people WHERE id >= 100000 AND id < 200000")
+            .await
+            .get(0);
+    assert_eq!(kept, 1, "old code deletes all but its last row");
+    let news: i64 = row("SELECT count(*) FROM public.people WHERE id >= 200000")
+        .await
+        .get(0);
+    assert_eq!(news, n_new + 1);
+    let renamed: i64 = row("SELECT count(*) FROM people_v_old.people WHERE full_name LIKE 'new %'")
+        .await
+        .get(0);
+    assert!(
+        renamed > 0,
+        "new code's updates show through the old version"
+    );
+
+    // rollback: the old type back, every row kept
+    c.batch_execute("DELETE FROM people WHERE qty > 2147483647")
+        .await
+        .expect("new code's rows the old type cannot hold");
+    let before: i64 = row("SELECT count(*) FROM people").await.get(0);
+    let (code, out) = cli(&["rollback", "people"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(type_of(&c, "people", "qty").await, "integer");
+    let after: i64 = row("SELECT count(*) FROM people").await.get(0);
+    assert_eq!(after, before);
+    let sum_after: i64 = row("SELECT sum(qty)::bigint FROM people WHERE id <= 500")
+        .await
+        .get(0);
+    assert_eq!(sum_after, sum);
+    let schemas: i64 = row("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'people_v_%'")
+        .await
+        .get(0);
+    assert_eq!(schemas, 0, "the rollback leaves no version schema");
+    let (code, out) = cli(&["rollback", "people"]).await;
+    assert_eq!(code, 2, "nothing left to roll back: {out}");
+
+    // expand again, then contract: the new type stays, the old version goes
+    let (code, out) = cli(expand).await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = cli(&["complete", "people"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(type_of(&c, "people", "qty").await, "bigint");
+    let schemas: i64 = row("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'people_v_%'")
+        .await
+        .get(0);
+    assert_eq!(schemas, 0, "the contract leaves no version schema");
+    assert_nothing_left(&c).await;
 }
 
 /// `SHOW search_path` of a session.

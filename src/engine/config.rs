@@ -48,8 +48,11 @@ pub struct RunConfig {
     /// Run subcommands that break code written for the table's old shape (a rename, a drop, a
     /// narrowed type); without it `run` refuses them before changing anything.
     pub allow_breaking: bool,
-    /// Carry out a breaking rename or drop with both shapes live (`engine::expand`).
+    /// Carry out a breaking rename, drop or type change with both shapes live (`engine::expand`).
     pub expand_contract: bool,
+    /// Statements run in the swap's transaction once the new table has moved in: a type
+    /// change's version schema (`engine::expand`). Never from the command line.
+    pub swap_extra: Vec<String>,
     pub pause_file: Option<PathBuf>,
     pub max_replica_lag: Option<Duration>,
     pub throttle_retained_wal: Option<u64>,

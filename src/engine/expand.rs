@@ -1,8 +1,11 @@
 //! Breaking changes with both shapes live: `run --expand-contract` carries out the plan's
-//! expand/contract path (`plan::expand`) for a column rename or drops, `complete` contracts it
-//! once no code uses the old shape, and `rollback` gives the old shape back before that. Each is
-//! one transaction under `lock_timeout`, retried, and records itself in
-//! `shadow_alter.versions` in that same transaction.
+//! expand/contract path (`plan::expand`) for a column rename, drops or a type change,
+//! `complete` contracts it once no code uses the old shape, and `rollback` gives the old shape
+//! back before that. Each is one transaction under `lock_timeout`, retried, and records itself
+//! in `shadow_alter.versions` in that same transaction; a type change that rewrites the table
+//! is made by the shadow copy (and undone by a shadow copy of the reverse change), its version
+//! schema and record in that run's swap transaction. Until that swap the record says
+//! `expanding`: a rerun resumes the copy, `rollback` just closes it.
 //!
 //! Invariant: a table has at most one expanded (pending) change; the row says exactly what its
 //! contract and rollback run, so `complete` and `rollback` need nothing but the table's name.
@@ -30,44 +33,106 @@ CREATE TABLE IF NOT EXISTS shadow_alter.versions (
     expanded_at    timestamptz NOT NULL DEFAULT now(),
     expanded_by    text NOT NULL DEFAULT current_user,
     finished_at    timestamptz
-);";
+);
+ALTER TABLE shadow_alter.versions ADD COLUMN IF NOT EXISTS reverse_alter text;";
 
-/// `run --expand-contract`: plan, then expand in one transaction.
-pub async fn run(control: &Client, cfg: &RunConfig) -> Result<(), EngineError> {
+/// What `run --expand-contract` left to the rest of the run.
+#[derive(Debug)]
+pub enum Expanded {
+    /// The change and its version schema are made (one transaction).
+    Done,
+    /// A type change that rewrites the table: the run carries it out by the shadow copy, and
+    /// these statements (the version schema and its record) run in its swap's transaction.
+    ByCopy(Vec<String>),
+}
+
+/// `run --expand-contract`: plan, then expand: in one transaction, or (a type change that
+/// rewrites the table) recorded as expanding and finished by the shadow copy's swap.
+pub async fn run(control: &Client, cfg: &RunConfig) -> Result<Expanded, EngineError> {
     let plan = crate::plan::build(control, &cfg.table, &cfg.alter).await?;
-    let breaks = plan.subcommands.iter().any(|a| {
-        a.breaking
-            .as_ref()
-            .is_some_and(|b| b.level == crate::plan::breaking::Level::Breaks)
-    });
     let Some(x) = plan.expand_contract else {
-        return Err(EngineError::BadInput(if breaks {
-            format!(
-                "--expand-contract carries out a column rename or column drops (alone in the ALTER) so far; \
-                 `{}` is neither, so nothing was changed: follow the expand/contract steps `shadow-alter plan` \
-                 prints, or run it with --allow-breaking once no code uses the old shape",
+        return Err(EngineError::BadInput(
+            if plan.subcommands.iter().any(|a| a.breaking.is_some()) {
+                format!(
+                "--expand-contract carries out a column rename, column drops or a type change without USING \
+                 (alone in the ALTER, on a table with a primary key) so far; `{}` is none of these, so nothing was \
+                 changed: follow the expand/contract steps `shadow-alter plan` prints, or run it with \
+                 --allow-breaking once no code uses the old shape",
                 cfg.alter
             )
-        } else {
-            format!(
+            } else {
+                format!(
                 "`{}` breaks no code written for the table's current shape: run it without --expand-contract",
                 cfg.alter
             )
-        }));
+            },
+        ));
     };
+    if x.change.is_some() && cfg.soak.is_some() {
+        return Err(EngineError::BadInput(
+            "--soak does not go with --expand-contract: until `shadow-alter complete`, `shadow-alter rollback` \
+             gives the old type back with every write kept. Nothing was changed"
+                .into(),
+        ));
+    }
     let oid = plan.table_info.oid;
+    let t = plan.table_info.qualified();
     // one run per table at a time, as for any other run
     crate::engine::preflight::lock_table(control, &plan.table_info).await?;
     control
         .batch_execute(SCHEMA_SQL)
         .await
         .ctx("creating shadow_alter.versions")?;
-    if let Some(r) = pending(control, oid).await? {
-        return Err(EngineError::BadInput(format!(
-            "{} already has an expanded change (`{}`, version schema {}); run `shadow-alter complete {}` \
-             or `shadow-alter rollback {}` first. Nothing was changed",
-            plan.table, r.alter, r.schema, cfg.table, cfg.table
-        )));
+    let record = |state: &str| {
+        format!(
+            "INSERT INTO shadow_alter.versions AS v (table_oid, table_name, alter_sql, version_schema, version_for, \
+             old_code, new_code, contract, rollback, reverse_alter, state)
+             VALUES ({oid}, {}, {}, {}, {}, {}, {}, {}, {}, {}, '{state}')
+             ON CONFLICT (table_oid) DO UPDATE SET table_name = EXCLUDED.table_name, alter_sql = EXCLUDED.alter_sql,
+               version_schema = EXCLUDED.version_schema, version_for = EXCLUDED.version_for,
+               old_code = EXCLUDED.old_code, new_code = EXCLUDED.new_code, contract = EXCLUDED.contract,
+               rollback = EXCLUDED.rollback, reverse_alter = EXCLUDED.reverse_alter, state = EXCLUDED.state,
+               expanded_at = now(), expanded_by = current_user, finished_at = NULL",
+            quote_literal(&plan.table),
+            quote_literal(&cfg.alter),
+            quote_literal(&x.version_schema),
+            quote_literal(x.version_for),
+            quote_literal(&x.old_code),
+            quote_literal(&x.new_code),
+            text_array(&x.contract),
+            text_array(&x.rollback),
+            x.change
+                .as_ref()
+                .map_or("NULL".into(), |c| quote_literal(&c.reverse)),
+        )
+    };
+    let by_copy = x.change.is_some() && plan.strategy == crate::plan::Strategy::ShadowCopy;
+    match pending(control, oid).await? {
+        // the shadow copy of this very change, killed before its swap: carry on with it
+        Some(r) if r.state == "expanding" && r.alter == cfg.alter && by_copy => {
+            tracing::info!(
+                "{}: resuming the expand of `{}` (the version schema {} comes with the swap)",
+                plan.table,
+                r.alter,
+                r.schema
+            );
+            return Ok(Expanded::ByCopy(swap_statements(&x.expand, oid, &t)));
+        }
+        Some(r) => return Err(EngineError::BadInput(format!(
+            "{} already has {} change (`{}`, version schema {}); run `shadow-alter complete {}` \
+                 or `shadow-alter rollback {}` first. Nothing was changed",
+            plan.table,
+            if r.state == "expanding" {
+                "an unfinished expanding"
+            } else {
+                "an expanded"
+            },
+            r.alter,
+            r.schema,
+            cfg.table,
+            cfg.table
+        ))),
+        None => {}
     }
     let exists: bool = control
         .query_one(
@@ -83,34 +148,28 @@ pub async fn run(control: &Client, cfg: &RunConfig) -> Result<(), EngineError> {
             x.version_schema
         )));
     }
-    let array = |v: &[String]| {
-        format!(
-            "ARRAY[{}]::text[]",
-            v.iter()
-                .map(|s| quote_literal(s))
-                .collect::<Vec<_>>()
-                .join(", ")
+    if by_copy {
+        retry_lock_in_transaction(
+            control,
+            &[record("expanding")],
+            cfg.lock_timeout,
+            "expanding",
         )
-    };
-    let mut stmts = x.expand.clone();
-    stmts.push(format!(
-        "INSERT INTO shadow_alter.versions AS v (table_oid, table_name, alter_sql, version_schema, version_for, \
-         old_code, new_code, contract, rollback, state)
-         VALUES ({oid}, {}, {}, {}, {}, {}, {}, {}, {}, 'expanded')
-         ON CONFLICT (table_oid) DO UPDATE SET table_name = EXCLUDED.table_name, alter_sql = EXCLUDED.alter_sql,
-           version_schema = EXCLUDED.version_schema, version_for = EXCLUDED.version_for,
-           old_code = EXCLUDED.old_code, new_code = EXCLUDED.new_code, contract = EXCLUDED.contract,
-           rollback = EXCLUDED.rollback, state = 'expanded', expanded_at = now(),
-           expanded_by = current_user, finished_at = NULL",
-        quote_literal(&plan.table),
-        quote_literal(&cfg.alter),
-        quote_literal(&x.version_schema),
-        quote_literal(x.version_for),
-        quote_literal(&x.old_code),
-        quote_literal(&x.new_code),
-        array(&x.contract),
-        array(&x.rollback),
-    ));
+        .await?;
+        tracing::info!(
+            "expanding {}: `{}` runs as a shadow copy; the old version {} comes with its swap",
+            plan.table,
+            cfg.alter,
+            x.version_schema
+        );
+        return Ok(Expanded::ByCopy(swap_statements(&x.expand, oid, &t)));
+    }
+    let mut stmts = Vec::new();
+    if let Some(c) = &x.change {
+        stmts.push(format!("ALTER TABLE {t} {}", c.forward));
+    }
+    stmts.extend(x.expand.iter().cloned());
+    stmts.push(record("expanded"));
     retry_lock_in_transaction(control, &stmts, cfg.lock_timeout, "expanding").await?;
     tracing::info!(
         "expanded {}: old code: {}; new code: {}. Once no running code uses the old shape: \
@@ -121,7 +180,29 @@ pub async fn run(control: &Client, cfg: &RunConfig) -> Result<(), EngineError> {
         cfg.table,
         cfg.table
     );
-    Ok(())
+    Ok(Expanded::Done)
+}
+
+/// The version schema's statements, then its record moved to the new table (the swap gives
+/// the table a new oid) and marked expanded: all in the swap's transaction.
+fn swap_statements(expand: &[String], old_oid: u32, table: &str) -> Vec<String> {
+    let mut stmts = expand.to_vec();
+    stmts.push(format!(
+        "UPDATE shadow_alter.versions SET table_oid = {}::regclass::oid, state = 'expanded', expanded_at = now()
+         WHERE table_oid = {old_oid}",
+        quote_literal(table)
+    ));
+    stmts
+}
+
+fn text_array(v: &[String]) -> String {
+    format!(
+        "ARRAY[{}]::text[]",
+        v.iter()
+            .map(|s| quote_literal(s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// What `complete` or `rollback` does.
@@ -131,13 +212,22 @@ pub enum Finish {
     Rollback,
 }
 
-/// `complete <table>` / `rollback <table>`: run the recorded contract or rollback.
+/// A rollback that is a run of its own: the reverse type change, by the shadow copy, with
+/// `swap_extra` (the version schema dropped, the record closed) in its swap's transaction.
+#[derive(Debug, Clone)]
+pub struct ReverseRun {
+    pub alter: String,
+    pub swap_extra: Vec<String>,
+}
+
+/// `complete <table>` / `rollback <table>`: run the recorded contract or rollback; a type
+/// change's rollback is returned as the run that carries it out.
 pub async fn finish(
     control: &Client,
     table: &str,
     how: Finish,
     lock_timeout: std::time::Duration,
-) -> Result<(), EngineError> {
+) -> Result<Option<ReverseRun>, EngineError> {
     let oid = crate::catalog::resolve(control, table)
         .await?
         .ok_or_else(|| {
@@ -151,43 +241,69 @@ pub async fn finish(
         .batch_execute(SCHEMA_SQL)
         .await
         .ctx("creating shadow_alter.versions")?;
+    let what = match how {
+        Finish::Complete => "complete",
+        Finish::Rollback => "roll back",
+    };
     let Some(r) = pending(control, oid).await? else {
         return Err(EngineError::BadInput(format!(
-            "{table} has no expanded change to {} (`shadow-alter run --expand-contract` makes one)",
-            match how {
-                Finish::Complete => "complete",
-                Finish::Rollback => "roll back",
-            }
+            "{table} has no expanded change to {what} (`shadow-alter run --expand-contract` makes one)"
         )));
     };
-    let (mut stmts, state, what) = match how {
-        Finish::Complete => (r.contract, "completed", "contracting"),
-        Finish::Rollback => (r.rollback, "rolled back", "rolling back"),
+    let close = |state: &str| {
+        format!(
+            "UPDATE shadow_alter.versions SET state = '{state}', finished_at = now() WHERE table_oid = {oid}"
+        )
     };
-    stmts.push(format!(
-        "UPDATE shadow_alter.versions SET state = '{state}', finished_at = now() WHERE table_oid = {oid}"
-    ));
-    retry_lock_in_transaction(control, &stmts, lock_timeout, what).await?;
+    let (mut stmts, state, doing) = match (how, r.state.as_str()) {
+        // its shadow copy never swapped: the table and the schemas are as they were
+        (Finish::Rollback, "expanding") => (Vec::new(), "rolled back", "rolling back"),
+        (Finish::Complete, "expanding") => {
+            return Err(EngineError::BadInput(format!(
+                "`{}` on {table} has not been made yet (its shadow copy has not swapped): run `shadow-alter run \
+                 --expand-contract` with it again to finish it, or `shadow-alter rollback {table}`. Nothing was changed",
+                r.alter
+            )))
+        }
+        (Finish::Rollback, _) if r.reverse_alter.is_some() => {
+            let mut swap_extra = r.rollback;
+            swap_extra.push(format!(
+                "UPDATE shadow_alter.versions SET state = 'rolled back', finished_at = now(), \
+                 table_oid = {}::regclass::oid WHERE table_oid = {oid}",
+                quote_literal(&t.qualified())
+            ));
+            return Ok(Some(ReverseRun {
+                alter: r.reverse_alter.unwrap_or_default(),
+                swap_extra,
+            }));
+        }
+        (Finish::Complete, _) => (r.contract, "completed", "contracting"),
+        (Finish::Rollback, _) => (r.rollback, "rolled back", "rolling back"),
+    };
+    stmts.push(close(state));
+    retry_lock_in_transaction(control, &stmts, lock_timeout, doing).await?;
     tracing::info!(
         "{table}: `{}` {state}; schema {} is gone",
         r.alter,
         r.schema
     );
-    Ok(())
+    Ok(None)
 }
 
 struct Pending {
     alter: String,
     schema: String,
+    state: String,
     contract: Vec<String>,
     rollback: Vec<String>,
+    reverse_alter: Option<String>,
 }
 
 async fn pending(client: &Client, oid: u32) -> Result<Option<Pending>, EngineError> {
     Ok(client
         .query_opt(
-            "SELECT alter_sql, version_schema, contract, rollback FROM shadow_alter.versions
-             WHERE table_oid = $1 AND state = 'expanded'",
+            "SELECT alter_sql, version_schema, state, contract, rollback, reverse_alter FROM shadow_alter.versions
+             WHERE table_oid = $1 AND state IN ('expanded', 'expanding')",
             &[&oid],
         )
         .await
@@ -195,8 +311,10 @@ async fn pending(client: &Client, oid: u32) -> Result<Option<Pending>, EngineErr
         .map(|r| Pending {
             alter: r.get(0),
             schema: r.get(1),
-            contract: r.get(2),
-            rollback: r.get(3),
+            state: r.get(2),
+            contract: r.get(3),
+            rollback: r.get(4),
+            reverse_alter: r.get(5),
         }))
 }
 

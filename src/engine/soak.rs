@@ -406,6 +406,7 @@ async fn keep_in_sync(
         old_infix: REVERTED_INFIX,
         restore_names: renamed_away,
         metrics: Some(&run.metrics),
+        extra: &[],
     };
     let mut markers = Markers::new(&rev_names);
     let outcome = swap(

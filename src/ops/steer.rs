@@ -236,7 +236,7 @@ pub async fn finish_versions(
     table: &str,
     how: crate::engine::expand::Finish,
     lock_timeout: Duration,
-) -> Result<(), EngineError> {
+) -> Result<Option<crate::engine::expand::ReverseRun>, EngineError> {
     let client = super::session(database_url, "expand/contract").await?;
     crate::engine::expand::finish(&client, table, how, lock_timeout).await
 }

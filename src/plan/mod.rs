@@ -112,13 +112,11 @@ pub async fn build_after(
     for (a, v) in analyses.iter_mut().zip(verdicts) {
         a.breaking = v;
     }
-    let expand_contract = if analyses.iter().any(|a| {
-        a.breaking
-            .as_ref()
-            .is_some_and(|b| b.level == breaking::Level::Breaks)
-    }) {
+    // a type change that may break old code (a widening old code reads with a typed driver)
+    // gets the path too
+    let expand_contract = if analyses.iter().any(|a| a.breaking.is_some()) {
         let grants = table_grants(client, oid).await?;
-        expand::path(&spec, &table, &grants)
+        expand::path(&spec, &table, &grants, &real.defaults)
     } else {
         None
     };

@@ -181,8 +181,23 @@ fn expand_contract(o: &mut String, x: &super::expand::ExpandContract) {
         "\nExpand/contract runbook (both shapes live; schema {} is for {} code):",
         x.version_schema, x.version_for
     );
-    let _ = writeln!(o, "  1. Expand, one transaction:");
-    tx(o, &x.expand);
+    match &x.change {
+        Some(c) => {
+            let _ = writeln!(
+                o,
+                "  1. Expand (`shadow-alter run --expand-contract`): `{}` runs as planned above, and in its \
+                 swap's transaction (or its own, when it needs no copy):",
+                c.forward
+            );
+            for s in &x.expand {
+                let _ = writeln!(o, "       {s};");
+            }
+        }
+        None => {
+            let _ = writeln!(o, "  1. Expand, one transaction:");
+            tx(o, &x.expand);
+        }
+    }
     let _ = writeln!(
         o,
         "  2. Old code: {}\n     New code: {}",
@@ -197,11 +212,26 @@ fn expand_contract(o: &mut String, x: &super::expand::ExpandContract) {
         "  4. Deploy the new code; once no running code uses the old shape, contract:"
     );
     tx(o, &x.contract);
-    let _ = writeln!(
-        o,
-        "  Rollback before the contract (writes through either shape are kept):"
-    );
-    tx(o, &x.rollback);
+    match &x.change {
+        Some(c) => {
+            let _ = writeln!(
+                o,
+                "  Rollback before the contract (`shadow-alter rollback`; writes through either shape are kept): \
+                 `{}` by the shadow copy, and in its swap's transaction:",
+                c.reverse
+            );
+            for s in &x.rollback {
+                let _ = writeln!(o, "       {s};");
+            }
+        }
+        None => {
+            let _ = writeln!(
+                o,
+                "  Rollback before the contract (writes through either shape are kept):"
+            );
+            tx(o, &x.rollback);
+        }
+    }
     for n in &x.notes {
         let _ = writeln!(o, "  note: {n}");
     }

@@ -126,6 +126,7 @@ impl Attempt<'_> {
             .ctx("marking the swap in the WAL")?;
         }
         run_steps(&tx, &steps).await?;
+        run_steps(&tx, self.opts.extra).await?;
         tx.commit().await.ctx("committing the swap")?;
         Ok((
             locked_at.elapsed(),

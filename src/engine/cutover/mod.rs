@@ -47,6 +47,8 @@ pub struct SwapOptions<'a> {
     pub restore_names: &'a [RenamedAway],
     /// Where swap attempts and lock waits are counted.
     pub metrics: Option<&'a Metrics>,
+    /// Statements run last in the swap's transaction (`RunConfig::swap_extra`).
+    pub extra: &'a [String],
 }
 
 #[derive(Debug, Clone)]

@@ -29,6 +29,7 @@ use crate::engine::control::schedule::{Schedule, Window};
 use crate::engine::control::throttle::{self, Limits};
 use crate::engine::control::watch;
 use crate::engine::error::EngineError;
+use crate::engine::expand::Expanded;
 use crate::engine::follow::origin::Origins;
 use crate::engine::store::migrations::State;
 use crate::engine::store::tuning::Tuning;
@@ -82,10 +83,19 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
     if start::finish_swapped(&control, &cfg).await? {
         return Ok(());
     }
+    let mut cfg = cfg;
     if cfg.expand_contract {
-        return crate::engine::expand::run(&control, &cfg).await;
+        match crate::engine::expand::run(&control, &cfg).await? {
+            Expanded::Done => return Ok(()),
+            Expanded::ByCopy(statements) => {
+                cfg.swap_extra = statements;
+                cfg.strategy = Strategy::ShadowCopy;
+            }
+        }
+    } else {
+        preflight::check_breaking(&control, &cfg).await?;
     }
-    preflight::check_breaking(&control, &cfg).await?;
+    let cfg = cfg;
     // Most ALTERs need no copy: run direct and online-steps plans without one (a scheduled
     // cutover asks for the shadow copy, which honours the schedule).
     if cfg.strategy == Strategy::Auto

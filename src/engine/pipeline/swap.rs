@@ -50,6 +50,7 @@ pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Resul
         old_infix: OLD_INFIX,
         restore_names: &[],
         metrics: Some(&run.metrics),
+        extra: &run.cfg.swap_extra,
     };
     let outcome = match cutover::swap(
         run.control,

@@ -9,11 +9,19 @@
 //!   out); the *new* version is a schema holding a view without `c`. Old code uses the table;
 //!   new code runs with `search_path = <new version>, <schema>`.
 //!
+//! - `ALTER COLUMN c TYPE t` (no USING): the table gets the new type; the *old* version is a
+//!   schema holding a view that casts `c` back, written through by an INSTEAD OF trigger
+//!   (`retype`). Old code runs with `search_path = <old version>, <schema>`.
+//!
 //! Expand and contract are each one transaction under `lock_timeout` (retry on timeout), so no
 //! moment exists where either code sees a shape it does not know.
 //!
 //! Invariant: pure; the statements, run in order, leave the table as the plain ALTER would after
 //! the contract, and as it was before after the rollback.
+
+mod retype;
+
+use std::collections::HashMap;
 
 use serde::Serialize;
 
@@ -41,15 +49,32 @@ pub struct ExpandContract {
     pub verify: Vec<(String, String)>,
     /// What to know before running it.
     pub notes: Vec<String>,
+    /// A type change: it is made (and undone) by its own run, as its plan says, and `expand`
+    /// (`rollback`) run in the same transaction as that run's swap.
+    pub change: Option<TypeChange>,
 }
 
-/// The path for `spec` on `table`, when it is a single column rename or only column drops;
-/// `grants` are the table's privileges (grantee, privilege) for the view to get the same.
+/// The ALTER subcommands that make and undo a type change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TypeChange {
+    pub forward: String,
+    pub reverse: String,
+}
+
+/// The path for `spec` on `table`, when it is a single column rename, only column drops, or a
+/// single type change; `grants` are the table's privileges (grantee, privilege) for the view to
+/// get the same, `defaults` its column defaults (column -> expression).
 pub fn path(
     spec: &AlterSpec,
     table: &Table,
     grants: &[(String, String)],
+    defaults: &HashMap<String, String>,
 ) -> Option<ExpandContract> {
+    if let [part] = spec.parts.as_slice() {
+        if part.subtype == Some(A::AtAlterColumnType) {
+            return retype::path(part, spec, table, grants, defaults);
+        }
+    }
     let t = table.qualified();
     let schema = quote_ident(&table.schema);
     let columns: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
@@ -108,6 +133,7 @@ pub fn path(
                 "the view writes through to {t} (a simple view is updatable); old code that runs with \
                  a search_path without {v} gets column \"{old}\" does not exist"
             )],
+            change: None,
         });
     }
     let drops: Vec<&str> = spec
@@ -183,6 +209,7 @@ pub fn path(
                 drops.iter().map(|d| quote_literal(d)).collect::<Vec<_>>().join(", ")
             ),
         )],
+        change: None,
     })
 }
 
@@ -247,7 +274,7 @@ mod tests {
             ("app".to_string(), "SELECT".to_string()),
             ("app".to_string(), "INSERT".to_string()),
         ];
-        path(&spec, &table(), &grants)
+        path(&spec, &table(), &grants, &HashMap::new())
     }
 
     #[test]
@@ -295,8 +322,85 @@ mod tests {
     }
 
     #[test]
+    fn a_type_change_keeps_the_old_type_in_a_view_written_through_by_a_trigger() {
+        let spec = parse_alter_for_plan("ALTER COLUMN qty TYPE bigint", "public", "people")
+            .expect("parse");
+        let mut t = table();
+        t.columns[3].type_sql = "integer".into();
+        t.columns[0].identity = Some('d');
+        t.key = Some(crate::catalog::Key {
+            index_name: "people_pkey".into(),
+            columns: vec!["id".into()],
+            source: crate::catalog::KeySource::PrimaryKey,
+        });
+        let defaults = HashMap::from([("full_name".to_string(), "'x'::text".to_string())]);
+        let grants = vec![("app".to_string(), "SELECT".to_string())];
+        let p = path(&spec, &t, &grants, &defaults).expect("a path");
+        assert_eq!(p.version_for, "old");
+        assert_eq!(
+            p.change,
+            Some(TypeChange {
+                forward: "ALTER COLUMN qty TYPE bigint".into(),
+                reverse: "ALTER COLUMN \"qty\" TYPE integer".into(),
+            })
+        );
+        assert_eq!(
+            p.expand[1],
+            "CREATE VIEW \"people_v_old\".\"people\" AS SELECT b.\"id\", b.\"full_name\", b.\"Legacy Col\", \
+             CAST(b.\"qty\" AS integer) AS \"qty\" FROM \"public\".\"people\" AS b"
+        );
+        assert_eq!(
+            p.expand[2],
+            "ALTER VIEW \"people_v_old\".\"people\" ALTER COLUMN \"full_name\" SET DEFAULT 'x'::text"
+        );
+        let function = &p.expand[3];
+        // an identity left NULL is left out so its sequence fills it
+        assert!(
+            function.contains("IF NEW.\"id\" IS NULL THEN"),
+            "{function}"
+        );
+        assert!(
+            function.contains(
+                "INSERT INTO \"public\".\"people\" AS b (\"full_name\", \"Legacy Col\", \"qty\")"
+            ),
+            "{function}"
+        );
+        // the changed column is written only when old code changed it, the others kept
+        assert!(
+            function.contains("IF NEW.\"qty\" IS DISTINCT FROM OLD.\"qty\" THEN"),
+            "{function}"
+        );
+        assert!(
+            function.contains("\"full_name\" = CASE WHEN NEW.\"full_name\" IS DISTINCT FROM OLD.\"full_name\" THEN NEW.\"full_name\" ELSE b.\"full_name\" END"),
+            "{function}"
+        );
+        assert!(
+            function.contains("WHERE b.\"id\" = OLD.\"id\""),
+            "{function}"
+        );
+        assert!(p.expand[4]
+            .starts_with("CREATE TRIGGER \"write_through\" INSTEAD OF INSERT OR UPDATE OR DELETE"));
+        assert_eq!(p.contract, vec!["DROP SCHEMA \"people_v_old\" CASCADE"]);
+        assert_eq!(p.rollback, p.contract);
+
+        // no inverse for old code's reads, or no row identity: no generated path
+        let using = parse_alter_for_plan(
+            "ALTER COLUMN qty TYPE bigint USING qty * 100",
+            "public",
+            "people",
+        )
+        .expect("parse");
+        assert_eq!(path(&using, &t, &grants, &defaults), None);
+        t.key = None;
+        assert_eq!(path(&spec, &t, &grants, &defaults), None);
+    }
+
+    #[test]
     fn other_changes_and_mixtures_get_no_generated_path() {
-        assert_eq!(path_for("ALTER COLUMN qty TYPE bigint"), None);
+        assert_eq!(
+            path_for("ALTER COLUMN qty TYPE bigint, DROP COLUMN id"),
+            None
+        );
         assert_eq!(path_for("DROP COLUMN qty, ADD COLUMN n int"), None);
         assert_eq!(path_for("RENAME COLUMN gone TO x"), None);
         assert_eq!(version_name(&"x".repeat(70), "old").len(), 63);
