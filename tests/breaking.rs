@@ -776,6 +776,14 @@ async fn run_expand_contract_changes_a_type_while_old_code_reads_and_writes_the_
     assert_nothing_left(&c).await;
 }
 
+/// `SHOW search_path` on a connected client.
+async fn path(c: &Client) -> String {
+    c.query_one("SHOW search_path", &[])
+        .await
+        .expect("SHOW search_path")
+        .get(0)
+}
+
 /// `SHOW search_path` of a session.
 async fn search_path(url: &str) -> String {
     connect(url)
@@ -928,4 +936,97 @@ async fn the_proxy_puts_old_code_on_the_old_version_by_its_application_name() {
         console.batch_execute("ROUTE nonsense").await.is_err(),
         "a malformed route is refused"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connected_clients_move_to_a_version_at_their_next_transaction_boundary() {
+    let url = fresh_db("moveroutes").await;
+    let c = connect(&url).await;
+    c.batch_execute(SETUP).await.expect("setup");
+    let (code, out) = output(
+        &url,
+        &[
+            "run",
+            "--table",
+            "people",
+            "--alter",
+            "RENAME COLUMN full_name TO name",
+            "--expand-contract",
+            "--progress",
+            "none",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let proxy = support::proxy::start_with(shadow_alter::proxy::ProxyConfig::new(
+        "127.0.0.1:0",
+        format!("127.0.0.1:{}", support::server().port),
+    ))
+    .await;
+    let app = support::proxy::via(&url, proxy.addr);
+
+    // connected before any route: one by its startup parameter, one that names itself after
+    // logging in (as pgjdbc does), one another application
+    let early = connect(&format!("{app}?application_name=billing-v1")).await;
+    let late = connect(&app).await;
+    late.batch_execute("SET application_name = 'billing-v1'")
+        .await
+        .expect("SET application_name");
+    let other = connect(&format!("{app}?application_name=web")).await;
+    for client in [&early, &late, &other] {
+        assert!(path(client).await.starts_with("\"$user\""));
+    }
+    early.batch_execute("BEGIN").await.expect("BEGIN");
+
+    let console = connect(&support::proxy::console(proxy.addr)).await;
+    console
+        .simple_query("ROUTE 'application_name=billing-v1:people_v_old'")
+        .await
+        .expect("ROUTE");
+    // inside its transaction block a client is not moved
+    assert!(path(&early).await.starts_with("\"$user\""));
+    early.batch_execute("COMMIT").await.expect("COMMIT");
+    for client in [&early, &late] {
+        assert_eq!(path(client).await, "people_v_old, \"$user\", public");
+        // old code's name answers through the old version
+        client
+            .query_one("SELECT full_name FROM people WHERE id = 1", &[])
+            .await
+            .expect("old code through the old version");
+    }
+    assert!(path(&other).await.starts_with("\"$user\""), "not matched");
+    let versions: Vec<Option<String>> = console
+        .simple_query("SHOW CLIENTS")
+        .await
+        .expect("SHOW CLIENTS")
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(r.get("version").map(str::to_string))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        versions
+            .iter()
+            .filter(|v| v.as_deref() == Some("people_v_old"))
+            .count(),
+        2,
+        "{versions:?}"
+    );
+
+    // unrouted: back to the default at the next boundary
+    console
+        .simple_query("UNROUTE 'application_name=billing-v1'")
+        .await
+        .expect("UNROUTE");
+    for client in [&early, &late] {
+        assert!(path(client).await.starts_with("\"$user\""));
+    }
+    early
+        .query_one("SELECT name FROM people WHERE id = 1", &[])
+        .await
+        .expect("new code's name on the table");
 }

@@ -1,10 +1,10 @@
 // Code written for the old shape of table `people` (see proto-tests/python/versions_client.py
 // for the contract), on pgjdbc with prepareThreshold=1 so both statements are named
 // server-side statements from their first execution, connected with the ApplicationName given.
-// pgjdbc sends ApplicationName in the StartupMessage, where the proxy's route looks for it, only
-// when told the server is 9.0 or newer (assumeMinServerVersion); otherwise it sets it with
-// `SET application_name` after logging in, the connection is never routed, and the rename
-// breaks it (42703, column "full_name" of relation "people" does not exist).
+// Without assumeMinServerVersion, pgjdbc does not send ApplicationName in the StartupMessage,
+// where the proxy's route looks first: it runs `SET application_name` after logging in, and the
+// proxy moves the connection to the route's version at its next transaction boundary (the
+// server reports the new name in a ParameterStatus), before the first statement below.
 //   java -cp /usr/share/java/postgresql.jar VersionsClient.java JDBC_URL USER APPNAME STOPFILE
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -18,7 +18,6 @@ public class VersionsClient {
         Properties p = new Properties();
         p.setProperty("user", args[1]);
         p.setProperty("ApplicationName", args[2]);
-        p.setProperty("assumeMinServerVersion", "9.0");
         p.setProperty("prepareThreshold", "1");
         long ops = 0, errors = 0;
         try (Connection c = DriverManager.getConnection(url, p)) {

@@ -118,7 +118,8 @@ pub async fn run(control: &Client, cfg: &RunConfig) -> Result<Expanded, EngineEr
             );
             return Ok(Expanded::ByCopy(swap_statements(&x.expand, oid, &t)));
         }
-        Some(r) => return Err(EngineError::BadInput(format!(
+        Some(r) => {
+            return Err(EngineError::BadInput(format!(
             "{} already has {} change (`{}`, version schema {}); run `shadow-alter complete {}` \
                  or `shadow-alter rollback {}` first. Nothing was changed",
             plan.table,
@@ -131,7 +132,8 @@ pub async fn run(control: &Client, cfg: &RunConfig) -> Result<Expanded, EngineEr
             r.schema,
             cfg.table,
             cfg.table
-        ))),
+        )))
+        }
         None => {}
     }
     let exists: bool = control

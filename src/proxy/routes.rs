@@ -3,11 +3,17 @@
 //! and names a schema; a matching client's StartupMessage gets `search_path` set to that schema
 //! first, so its code finds the version's views before the tables, without a change to the
 //! application. Routes come from `--route` and change at run time through the console
-//! (`ROUTE`, `UNROUTE`, `SHOW ROUTES`); a change applies to connections made after it.
+//! (`ROUTE`, `UNROUTE`, `SHOW ROUTES`). A client already connected moves with them at its next
+//! transaction boundary ([`SessionRoute`]: the relay sends `SET search_path` upstream before its
+//! next request, while it would be held anyway), and so does a client whose `application_name`
+//! changes after it connected (the server reports it in a ParameterStatus; pgjdbc sets it that
+//! way).
 //!
-//! Invariant: a client that sets `search_path` itself (as a startup parameter or in `options`)
-//! keeps it; a client no route matches gets its StartupMessage forwarded byte for byte.
+//! Invariant: a client that sets `search_path` itself at connect (as a startup parameter or in
+//! `options`) keeps it and is never moved; a client no route matches gets its StartupMessage
+//! forwarded byte for byte.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
@@ -54,13 +60,26 @@ impl std::fmt::Display for VersionRoute {
 #[derive(Debug, Default)]
 pub struct Routes {
     list: Mutex<Vec<VersionRoute>>,
+    /// Bumped by every change, so sessions notice it with one atomic load.
+    generation: AtomicU64,
 }
 
 impl Routes {
     pub fn new(list: Vec<VersionRoute>) -> Routes {
         Routes {
             list: Mutex::new(list),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Changes so far (never `u64::MAX`, which [`SessionRoute`] uses for "check again").
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<VersionRoute>> {
@@ -72,6 +91,7 @@ impl Routes {
         let mut l = self.lock();
         l.retain(|r| !(r.param == route.param && r.value == route.value));
         l.push(route);
+        self.changed();
     }
 
     /// Remove the route for this parameter and value; whether there was one.
@@ -79,7 +99,11 @@ impl Routes {
         let mut l = self.lock();
         let before = l.len();
         l.retain(|r| !(r.param == param && r.value == value));
-        l.len() != before
+        let removed = l.len() != before;
+        if removed {
+            self.changed();
+        }
+        removed
     }
 
     pub fn snapshot(&self) -> Vec<VersionRoute> {
@@ -95,17 +119,102 @@ impl Routes {
     }
 }
 
+/// Where one session stands with the routes: what it matches, the version it is on, and the
+/// routes' generation it was last checked against.
+#[derive(Debug)]
+pub struct SessionRoute {
+    /// The startup parameters, with `application_name` as the server last reported it.
+    params: Vec<(String, String)>,
+    /// The client chose its own search_path at connect: it is never moved.
+    own: bool,
+    /// Its StartupMessage carried a routed search_path (so `RESET` would return to that).
+    startup_routed: bool,
+    version: Option<String>,
+}
+
+/// A move of one session to another version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    /// The statement that makes it (a simple Query's text).
+    pub sql: String,
+    pub to: Option<String>,
+}
+
+impl SessionRoute {
+    /// A session that connected with `params` and was put on `version` at startup.
+    pub fn new(params: Vec<(String, String)>, version: Option<String>) -> SessionRoute {
+        let own = chose_own_path(&params);
+        SessionRoute {
+            params,
+            own,
+            startup_routed: version.is_some(),
+            version,
+        }
+    }
+
+    pub fn version(&self) -> Option<&str> {
+        self.version.as_deref()
+    }
+
+    /// The server reported a new `application_name`.
+    pub fn set_application_name(&mut self, value: &str) {
+        match self
+            .params
+            .iter_mut()
+            .find(|(k, _)| k == "application_name")
+        {
+            Some((_, v)) => *v = value.to_string(),
+            None => self
+                .params
+                .push(("application_name".into(), value.to_string())),
+        }
+    }
+
+    /// The move `routes` ask of this session now, if any.
+    pub fn due(&self, routes: &Routes) -> Option<Move> {
+        if self.own {
+            return None;
+        }
+        let to = routes.version_for(&self.params);
+        if to == self.version {
+            return None;
+        }
+        let sql = match &to {
+            Some(v) => format!("SET search_path = {}", version_path(v)),
+            // back to what it connected with: the server's default, or (routed at connect,
+            // where RESET would return to the route) PostgreSQL's default
+            None if self.startup_routed => "SET search_path = \"$user\", public".to_string(),
+            None => "RESET search_path".to_string(),
+        };
+        Some(Move { sql, to })
+    }
+
+    /// The move was sent.
+    pub fn moved(&mut self, m: Move) {
+        self.version = m.to;
+    }
+}
+
+/// A client that names its own search_path at connect.
+fn chose_own_path(params: &[(String, String)]) -> bool {
+    params
+        .iter()
+        .any(|(k, v)| k == "search_path" || (k == "options" && v.contains("search_path")))
+}
+
+/// `"schema", "$user", public`: the version first, then PostgreSQL's default path.
+fn version_path(schema: &str) -> String {
+    format!("{}, \"$user\", public", quote_ident(schema))
+}
+
 /// The StartupMessage to send upstream for a client routed to `schema`: its parameters with
 /// `search_path` = the version first, then PostgreSQL's default path. None when the client chose
 /// its own search_path (it keeps it).
 pub fn routed_startup(version: i32, params: &[(String, String)], schema: &str) -> Option<Bytes> {
-    let own = params
-        .iter()
-        .any(|(k, v)| k == "search_path" || (k == "options" && v.contains("search_path")));
-    if own {
+    if chose_own_path(params) {
         return None;
     }
-    let path = format!("{}, \"$user\", public", quote_ident(schema));
+    let path = version_path(schema);
     let mut body = BytesMut::new();
     body.extend_from_slice(&version.to_be_bytes());
     for (k, v) in params
@@ -197,6 +306,59 @@ mod tests {
         assert_eq!(routed_startup(196608, &own, "v1"), None);
         let own = params_with(&p, ("options", "-c search_path=mine"));
         assert_eq!(routed_startup(196608, &own, "v1"), None);
+    }
+
+    #[test]
+    fn a_connected_session_moves_with_the_routes_and_its_application_name() {
+        let routes = Routes::default();
+        let g0 = routes.generation();
+        let mut s = SessionRoute::new(params(&[("user", "u")]), None);
+        assert_eq!(s.due(&routes), None, "no route, nowhere to go");
+        routes.set("application_name=billing-v1:app_v1".parse().expect("route"));
+        assert_ne!(
+            routes.generation(),
+            g0,
+            "a change is noticed by its generation"
+        );
+        assert_eq!(s.due(&routes), None, "not matched yet");
+        // pgjdbc: SET application_name after logging in
+        s.set_application_name("billing-v1");
+        let m = s.due(&routes).expect("a move");
+        assert_eq!(m.sql, "SET search_path = \"app_v1\", \"$user\", public");
+        s.moved(m);
+        assert_eq!(s.version(), Some("app_v1"));
+        assert_eq!(s.due(&routes), None, "moved once");
+        // unrouted: back to the server's default search_path
+        assert!(routes.remove("application_name", "billing-v1"));
+        let m = s.due(&routes).expect("a move back");
+        assert_eq!(m.sql, "RESET search_path");
+        s.moved(m);
+        assert_eq!(s.version(), None);
+
+        // routed at connect: RESET would return to the route, so the default is spelled out
+        routes.set("application_name=billing-v1:app_v1".parse().expect("route"));
+        let mut at_connect = SessionRoute::new(
+            params(&[("application_name", "billing-v1")]),
+            Some("app_v1".into()),
+        );
+        assert_eq!(at_connect.due(&routes), None);
+        routes.set("application_name=billing-v1:app_v2".parse().expect("route"));
+        let m = at_connect.due(&routes).expect("to v2");
+        assert_eq!(m.to.as_deref(), Some("app_v2"));
+        at_connect.moved(m);
+        assert!(routes.remove("application_name", "billing-v1"));
+        assert_eq!(
+            at_connect.due(&routes).map(|m| m.sql),
+            Some("SET search_path = \"$user\", public".to_string())
+        );
+
+        // a client that chose its own search_path is never moved
+        let own = SessionRoute::new(
+            params(&[("application_name", "billing-v1"), ("search_path", "mine")]),
+            None,
+        );
+        routes.set("application_name=billing-v1:app_v1".parse().expect("route"));
+        assert_eq!(own.due(&routes), None);
     }
 
     fn params_with(p: &[(String, String)], extra: (&str, &str)) -> Vec<(String, String)> {

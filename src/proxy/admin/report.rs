@@ -103,7 +103,7 @@ fn show_clients(shared: &Shared, out: &mut BytesMut) {
                 Some(c.state_name().to_string()),
                 held_since,
                 Some(utc_timestamp(c.connected)),
-                c.version.clone(),
+                c.version(),
             ],
         );
     }

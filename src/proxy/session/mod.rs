@@ -164,6 +164,7 @@ async fn proxied(
         }
     };
     // a client a route matches starts with the version's schema first on its search_path
+    let generation = shared.routes.generation();
     let version = shared.routes.version_for(&startup.params);
     let routed = version
         .as_deref()
@@ -189,7 +190,13 @@ async fn proxied(
         client.exempt,
     );
     // the version it is on: the route's, unless the client chose its own search_path
-    entry.version = version.filter(|_| routed.is_some());
+    entry.set_route(
+        crate::proxy::routes::SessionRoute::new(
+            startup.params.clone(),
+            version.filter(|_| routed.is_some()),
+        ),
+        generation,
+    );
     let entry = Arc::new(entry);
     shared.clients.insert(entry.clone());
     let _guard = SessionGuard {

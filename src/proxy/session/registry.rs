@@ -6,10 +6,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use super::boundary::SessionState;
+use crate::proxy::routes::{Move, Routes, SessionRoute};
 use crate::proxy::stats::Counters;
 
 /// A proxied client.
@@ -22,8 +24,10 @@ pub struct ClientEntry {
     pub connected: SystemTime,
     /// Replication connections are never held and never counted as inside a transaction.
     pub exempt: bool,
-    /// The schema version a route put this client on (`routes`), if any.
-    pub version: Option<String>,
+    /// The schema version routes put this client on, and what would move it.
+    route: Mutex<SessionRoute>,
+    /// The routes' generation `route` was last checked against (`u64::MAX`: check again).
+    route_checked: AtomicU64,
     state: Mutex<SessionState>,
     /// This session's counts for SHOW STATS (moved into the totals when it ends).
     pub counters: Counters,
@@ -46,10 +50,54 @@ impl ClientEntry {
             tls,
             connected: SystemTime::now(),
             exempt,
-            version: None,
+            route: Mutex::new(SessionRoute::new(Vec::new(), None)),
+            route_checked: AtomicU64::new(0),
             state: Mutex::new(SessionState::default()),
             counters: Counters::default(),
         }
+    }
+
+    /// Where this session stands with the routes (set once, at connect).
+    pub fn set_route(&mut self, route: SessionRoute, generation: u64) {
+        self.route = Mutex::new(route);
+        self.route_checked = AtomicU64::new(generation);
+    }
+
+    fn route(&self) -> MutexGuard<'_, SessionRoute> {
+        self.route.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The schema version this client is on, for SHOW CLIENTS.
+    pub fn version(&self) -> Option<String> {
+        self.route().version().map(str::to_string)
+    }
+
+    /// The move `routes` ask of this session now, with the generation it answers; one atomic
+    /// load when nothing changed since the last check.
+    #[inline]
+    pub fn route_due(&self, routes: &Routes) -> Option<(Move, u64)> {
+        let generation = routes.generation();
+        if self.route_checked.load(Ordering::Acquire) == generation {
+            return None;
+        }
+        let due = self.route().due(routes);
+        if due.is_none() {
+            self.route_checked.store(generation, Ordering::Release);
+        }
+        due.map(|m| (m, generation))
+    }
+
+    /// The move was sent upstream.
+    pub fn route_moved(&self, m: Move, generation: u64) {
+        tracing::info!(client = self.id, to = ?m.to, "moved to another schema version at a transaction boundary");
+        self.route().moved(m);
+        self.route_checked.store(generation, Ordering::Release);
+    }
+
+    /// The server reported this session's new `application_name`.
+    pub fn application_name_changed(&self, value: &str) {
+        self.route().set_application_name(value);
+        self.route_checked.store(u64::MAX, Ordering::Release);
     }
 
     pub fn state(&self) -> MutexGuard<'_, SessionState> {

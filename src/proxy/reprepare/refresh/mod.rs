@@ -16,6 +16,10 @@
 //!    client's own `PREPARE` text for SQL-level statements (EXECUTE always describes its rows);
 //!    then the private names are closed.
 //!
+//! A session that a version route moves (`proxy::routes`) sends its `SET search_path` first, in
+//! the probe, through a private named statement (a simple Query would drop the client's unnamed
+//! statement); its answers are consumed like the rest.
+//!
 //! Invariant: every message the proxy sends here is answered before the client's request goes
 //! up, and no answer reaches the client; a statement is replaced only after a trial described
 //! a shape the client can read.
@@ -121,11 +125,45 @@ pub struct Refresh {
 impl Refresh {
     /// Start with the probe; `None` when there is nothing to check.
     pub fn start(items: Vec<Item>) -> Option<(Refresh, Step)> {
-        if items.is_empty() {
+        Refresh::start_with(items, None)
+    }
+
+    /// Start with `prelude` (SQL without parameters or rows, run before the probe under a
+    /// private statement name), then the probe; `None` when there is nothing to send.
+    pub fn start_with(items: Vec<Item>, prelude: Option<&[u8]>) -> Option<(Refresh, Step)> {
+        if items.is_empty() && prelude.is_none() {
             return None;
         }
         let mut out = BytesMut::new();
-        let mut segs = Vec::with_capacity(items.len());
+        let mut segs = Vec::with_capacity(items.len() + 1);
+        if let Some(sql) = prelude {
+            let name = format!("{TMP_PREFIX}prelude");
+            put_frame(&mut out, b'P', |b| {
+                put_cstr(b, name.as_bytes());
+                put_cstr(b, sql);
+                b.put_i16(0);
+            });
+            put_frame(&mut out, b'B', |b| {
+                put_cstr(b, b"");
+                put_cstr(b, name.as_bytes());
+                b.put_i16(0);
+                b.put_i16(0);
+                b.put_i16(0);
+            });
+            put_frame(&mut out, b'E', |b| {
+                put_cstr(b, b"");
+                b.put_i32(0);
+            });
+            put_frame(&mut out, b'C', |b| {
+                b.put_u8(b'S');
+                put_cstr(b, name.as_bytes());
+            });
+            frontend::sync(&mut out);
+            segs.push(Seg {
+                item: usize::MAX,
+                ..Seg::default()
+            });
+        }
         for (i, it) in items.iter().enumerate() {
             put_frame(&mut out, b'D', |b| {
                 b.put_u8(b'S');
@@ -189,6 +227,13 @@ impl Refresh {
         let mut out = BytesMut::new();
         for s in segs {
             let Some(e) = s.error else { continue };
+            if s.item == usize::MAX {
+                tracing::warn!(
+                    error = %String::from_utf8_lossy(&e),
+                    "moving a session to another schema version failed"
+                );
+                continue;
+            }
             if !is_plan_changed(&e) {
                 // 26000: the client closed it in a way the tracker did not see
                 self.out.gone.push(self.items[s.item].name().to_vec());

@@ -252,3 +252,43 @@ fn the_unnamed_statement_survives_the_queries_of_a_sql_level_swap() {
     assert!(out.gone.is_empty(), "{out:?}");
     assert!(out.refreshed.contains(&b"q".to_vec()));
 }
+
+#[test]
+fn a_route_move_runs_first_under_a_private_name_and_its_answers_are_consumed() {
+    let prelude = b"SET search_path = \"v1\", \"$user\", public";
+    // alone (no swap since the last check): one segment, the unnamed statement untouched
+    let (mut r, step) = Refresh::start_with(Vec::new(), Some(prelude)).unwrap();
+    let (tags, parses) = sent(&step);
+    assert_eq!(tags, "PBECS", "extended protocol, never a simple Query");
+    assert_eq!(parses, vec![String::from_utf8_lossy(prelude).to_string()]);
+    let step = feed(
+        &mut r,
+        &[
+            frame(b'1', b""),
+            frame(b'2', b""),
+            frame(b'C', b"SET\0"),
+            frame(b'3', b""),
+            Z.to_vec(),
+        ],
+    );
+    assert_eq!(step, Step::Done(Outcome::default()));
+
+    // with a statement to check after a swap: the move first, then the probe; a failed move
+    // costs nothing else
+    let (mut r, step) = Refresh::start_with(vec![parse_item(None, true)], Some(prelude)).unwrap();
+    assert_eq!(sent(&step).0, "PBECSDS");
+    let failed = frame(b'E', b"SERROR\0C42501\0Mpermission denied\0\0");
+    let step = feed(
+        &mut r,
+        &[
+            frame(b'1', b""),
+            failed,
+            Z.to_vec(),
+            frame(b'1', b""),
+            frame(b'n', b""),
+            Z.to_vec(),
+        ],
+    );
+    assert_eq!(step, Step::Done(Outcome::default()));
+    assert!(Refresh::start_with(Vec::new(), None).is_none());
+}

@@ -17,9 +17,10 @@ impl Tracker {
         epoch != self.epoch
     }
 
-    /// Start checking the statements after swap `epoch`: true when a refresh now owns the
-    /// stream (the client side then writes [`Tracker::take_probe`] and parks).
-    pub fn begin_refresh(&mut self, epoch: u64) -> bool {
+    /// Start checking the statements after swap `epoch` (when it is new to this session), with
+    /// `prelude` sent first (a version route's `SET search_path`): true when a refresh now owns
+    /// the stream (the client side then writes [`Tracker::take_probe`] and parks).
+    pub fn begin_refresh(&mut self, epoch: u64, prelude: Option<&[u8]>) -> bool {
         let quiet = self.seq_sent == self.seq_done
             && self.open == Open::Empty
             && !self.mid_frame
@@ -28,27 +29,23 @@ impl Tracker {
         if !quiet {
             return false;
         }
-        self.epoch = epoch;
-        if self.disabled {
-            return false;
-        }
-        let mut items: Vec<Item> = self
-            .stmts
-            .iter()
-            .map(|(name, s)| Item::Parse {
+        let statements = std::mem::replace(&mut self.epoch, epoch) != epoch && !self.disabled;
+        let mut items: Vec<Item> = Vec::new();
+        if statements {
+            items.extend(self.stmts.iter().map(|(name, s)| Item::Parse {
                 name: name.to_vec(),
                 parse: s.parse.to_vec(),
                 shape: s.shape.clone(),
                 self_describing: s.self_describing,
                 formats: s.formats,
-            })
-            .collect();
-        items.extend(self.sql.iter().map(|(name, s)| Item::Sql {
-            name: name.to_vec(),
-            ident: s.ident.to_vec(),
-            text: s.text.to_vec(),
-        }));
-        let Some((machine, Step::Send(probe))) = Refresh::start(items) else {
+            }));
+            items.extend(self.sql.iter().map(|(name, s)| Item::Sql {
+                name: name.to_vec(),
+                ident: s.ident.to_vec(),
+                text: s.text.to_vec(),
+            }));
+        }
+        let Some((machine, Step::Send(probe))) = Refresh::start_with(items, prelude) else {
             return false;
         };
         self.refresh = Some(machine);

@@ -84,10 +84,19 @@ impl<'a, R, W> ClientSide<'a, R, W> {
                 // replication connections are never held nor counted
                 let s = st.get_or_insert_with(|| entry.state());
                 if s.starts_request(h.tag) {
-                    // after a swap, re-prepare before the first request at a boundary goes up
+                    // after a swap, re-prepare before the first request at a boundary goes up;
+                    // a session the version routes move gets its search_path set first
                     let epoch = shared.gate.epoch();
-                    if let Some(t) = tr.as_deref_mut().filter(|t| t.refresh_due(epoch)) {
-                        if t.begin_refresh(epoch) {
+                    let route = entry.route_due(&shared.routes);
+                    if let Some(t) = tr
+                        .as_deref_mut()
+                        .filter(|t| t.refresh_due(epoch) || route.is_some())
+                    {
+                        let sql = route.as_ref().map(|(m, _)| m.sql.as_bytes());
+                        if t.begin_refresh(epoch, sql) {
+                            if let Some((m, generation)) = route {
+                                entry.route_moved(m, generation);
+                            }
                             break Stop::Refresh;
                         }
                     }
