@@ -319,11 +319,21 @@ pub struct RunArgs {
     /// before changing anything. Use it once no running code depends on the old shape.
     #[arg(long)]
     pub allow_breaking: bool,
-    /// Make a breaking column rename or drop with both shapes live: a schema of views keeps the
-    /// old shape for old code (a rename) or shows the new one to new code (a drop), until
-    /// `shadow-alter complete <table>` (or `rollback <table>`). See `plan` for the SQL.
+    /// Make a breaking column rename, drop or type change with both shapes live: a schema of
+    /// views keeps the old shape for old code (a rename, a type change) or shows the new one to
+    /// new code (a drop), until `shadow-alter complete <table>` (or `rollback <table>`). See
+    /// `plan` for the SQL.
     #[arg(long, conflicts_with_all = ["strategy", "postpone_cutover", "cutover_window", "soak"])]
     pub expand_contract: bool,
+    /// With --expand-contract: the schema of the old shape (default `<table>_v_old`); for a
+    /// drop, where old code uses the table, it asks for such a schema too.
+    #[arg(long, value_name = "SCHEMA", requires = "expand_contract")]
+    pub old_version: Option<String>,
+    /// With --expand-contract: the schema of the new shape (default `<table>_v_new` for a
+    /// drop); for a rename or a type change, where new code uses the table, it asks for such a
+    /// schema too.
+    #[arg(long, value_name = "SCHEMA", requires = "expand_contract")]
+    pub new_version: Option<String>,
     /// Pause the copy (and hold the swap) while this file exists.
     #[arg(long, value_name = "PATH")]
     pub pause_file: Option<PathBuf>,
@@ -596,6 +606,10 @@ impl From<RunArgs> for RunConfig {
             strategy: a.strategy.into(),
             allow_breaking: a.allow_breaking,
             expand_contract: a.expand_contract,
+            versions: crate::plan::expand::Versions {
+                old: a.old_version,
+                new: a.new_version,
+            },
             swap_extra: Vec::new(),
             pause_file: a.pause_file,
             max_replica_lag: a.max_replica_lag,

@@ -582,6 +582,60 @@ async fn run_expand_contract_keeps_old_code_working_until_complete_and_rollback_
         .get(0);
     assert_eq!(schemas, 0, "no version schema is left");
 
+    // both shapes on schemas named by the user: old code on one, new code on the other
+    let (code, out) = cli(&[
+        "run",
+        "--table",
+        "people",
+        "--alter",
+        "RENAME COLUMN name TO display_name",
+        "--expand-contract",
+        "--old-version",
+        "billing_v1",
+        "--new-version",
+        "billing_v2",
+        "--progress",
+        "none",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let old_code = connect(&url).await;
+    old_code
+        .batch_execute(
+            "SET search_path = billing_v1, public;
+             INSERT INTO people (id, name) VALUES (30000, 'through v1')",
+        )
+        .await
+        .expect("old code on its named version");
+    let new_code = connect(&url).await;
+    new_code
+        .batch_execute(
+            "SET search_path = billing_v2, public;
+             INSERT INTO people (id, display_name) VALUES (30001, 'through v2')",
+        )
+        .await
+        .expect("new code on its named version");
+    let both: i64 = new_code
+        .query_one(
+            "SELECT count(*) FROM people WHERE id IN (30000, 30001) AND display_name LIKE 'through %'",
+            &[],
+        )
+        .await
+        .expect("each sees the other's row")
+        .get(0);
+    assert_eq!(both, 2);
+    let (code, out) = cli(&["complete", "people"]).await;
+    assert_eq!(code, 0, "{out}");
+    let schemas: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname IN ('billing_v1', 'billing_v2')",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(schemas, 0, "the contract drops both version schemas");
+
     // what it does not cover is refused, naming the way forward
     let (code, out) = cli(&[
         "run",

@@ -50,6 +50,8 @@ pub struct RunConfig {
     pub allow_breaking: bool,
     /// Carry out a breaking rename, drop or type change with both shapes live (`engine::expand`).
     pub expand_contract: bool,
+    /// The version schemas' names, when chosen (`--old-version`, `--new-version`).
+    pub versions: crate::plan::expand::Versions,
     /// Statements run in the swap's transaction once the new table has moved in: a type
     /// change's version schema (`engine::expand`). Never from the command line.
     pub swap_extra: Vec<String>,

@@ -49,7 +49,7 @@ pub enum Expanded {
 /// `run --expand-contract`: plan, then expand: in one transaction, or (a type change that
 /// rewrites the table) recorded as expanding and finished by the shadow copy's swap.
 pub async fn run(control: &Client, cfg: &RunConfig) -> Result<Expanded, EngineError> {
-    let plan = crate::plan::build(control, &cfg.table, &cfg.alter).await?;
+    let plan = crate::plan::build_versions(control, &cfg.table, &cfg.alter, &cfg.versions).await?;
     let Some(x) = plan.expand_contract else {
         return Err(EngineError::BadInput(
             if plan.subcommands.iter().any(|a| a.breaking.is_some()) {
@@ -136,17 +136,26 @@ pub async fn run(control: &Client, cfg: &RunConfig) -> Result<Expanded, EngineEr
         }
         None => {}
     }
-    let exists: bool = control
-        .query_one(
-            "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)",
-            &[&x.version_schema],
-        )
-        .await
-        .ctx("looking for the version schema")?
-        .get(0);
-    if exists {
+    for schema in std::iter::once(&x.version_schema).chain(&x.also) {
+        let exists: bool = control
+            .query_one(
+                "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)",
+                &[schema],
+            )
+            .await
+            .ctx("looking for the version schema")?
+            .get(0);
+        if exists {
+            return Err(EngineError::BadInput(format!(
+                "schema {schema} exists already: a version schema is created by the expand and dropped with \
+                 everything in it by `complete`, so it must be new; choose another name (--old-version, \
+                 --new-version) or drop it, then run again. Nothing was changed"
+            )));
+        }
+    }
+    if x.also.as_ref() == Some(&x.version_schema) {
         return Err(EngineError::BadInput(format!(
-            "schema {} exists already: drop or rename it, then run again. Nothing was changed",
+            "--old-version and --new-version both name {}: each shape needs a schema of its own. Nothing was changed",
             x.version_schema
         )));
     }

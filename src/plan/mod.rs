@@ -66,6 +66,16 @@ pub async fn build(client: &Client, table_name: &str, alter: &str) -> Result<Pla
     build_after(client, table_name, alter, &[]).await
 }
 
+/// Like `build`, with the expand/contract path's version schemas named by the user.
+pub async fn build_versions(
+    client: &Client,
+    table_name: &str,
+    alter: &str,
+    versions: &expand::Versions,
+) -> Result<Plan, PlanError> {
+    build_with(client, table_name, alter, &[], versions).await
+}
+
 /// Like `build`, for an ALTER that follows `earlier` ALTERs of the same table (a migration
 /// file): they are applied to the empty copy first, so a column or constraint they add is there.
 pub async fn build_after(
@@ -73,6 +83,23 @@ pub async fn build_after(
     table_name: &str,
     alter: &str,
     earlier: &[String],
+) -> Result<Plan, PlanError> {
+    build_with(
+        client,
+        table_name,
+        alter,
+        earlier,
+        &expand::Versions::default(),
+    )
+    .await
+}
+
+async fn build_with(
+    client: &Client,
+    table_name: &str,
+    alter: &str,
+    earlier: &[String],
+    versions: &expand::Versions,
 ) -> Result<Plan, PlanError> {
     let oid = catalog::resolve(client, table_name).await?.ok_or_else(|| {
         PlanError::BadInput(format!(
@@ -116,7 +143,7 @@ pub async fn build_after(
     // gets the path too
     let expand_contract = if analyses.iter().any(|a| a.breaking.is_some()) {
         let grants = table_grants(client, oid).await?;
-        expand::path(&spec, &table, &grants, &real.defaults)
+        expand::path(&spec, &table, &grants, &real.defaults, versions)
     } else {
         None
     };

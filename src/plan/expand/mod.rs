@@ -52,6 +52,17 @@ pub struct ExpandContract {
     /// A type change: it is made (and undone) by its own run, as its plan says, and `expand`
     /// (`rollback`) run in the same transaction as that run's swap.
     pub change: Option<TypeChange>,
+    /// The other shape's schema, when the user named it (`--old-version` for a drop,
+    /// `--new-version` for a rename or a type change): plain views of the table.
+    pub also: Option<String>,
+}
+
+/// Version schema names the user chose (`run --old-version`, `--new-version`); derived from
+/// the table's name otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Versions {
+    pub old: Option<String>,
+    pub new: Option<String>,
 }
 
 /// The ALTER subcommands that make and undo a type change.
@@ -63,16 +74,79 @@ pub struct TypeChange {
 
 /// The path for `spec` on `table`, when it is a single column rename, only column drops, or a
 /// single type change; `grants` are the table's privileges (grantee, privilege) for the view to
-/// get the same, `defaults` its column defaults (column -> expression).
+/// get the same, `defaults` its column defaults (column -> expression), `versions` the schema
+/// names the user chose.
 pub fn path(
     spec: &AlterSpec,
     table: &Table,
     grants: &[(String, String)],
     defaults: &HashMap<String, String>,
+    versions: &Versions,
+) -> Option<ExpandContract> {
+    let x = generated(spec, table, grants, defaults, versions)?;
+    // the other shape, when named: a plain view of every column the table has after the expand
+    let (other, code) = match x.version_for {
+        "old" => (versions.new.as_ref(), "new"),
+        _ => (versions.old.as_ref(), "old"),
+    };
+    let Some(other) = other else {
+        return Some(x);
+    };
+    let renamed = match spec.parts.as_slice() {
+        [Part {
+            rename: Some((true, old, new)),
+            ..
+        }] => Some((old.as_str(), new.as_str())),
+        _ => None,
+    };
+    let list = table
+        .columns
+        .iter()
+        .map(|c| match renamed {
+            Some((old, new)) if c.name == old => quote_ident(new),
+            _ => quote_ident(&c.name),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let o = quote_ident(other);
+    let view = format!("{o}.{}", quote_ident(&table.name));
+    let mut x = x;
+    x.expand.push(format!("CREATE SCHEMA {o}"));
+    x.expand.push(format!(
+        "CREATE VIEW {view} AS SELECT {list} FROM {}",
+        table.qualified()
+    ));
+    x.expand.extend(grant_statements(&o, &view, grants));
+    let drop = format!("DROP SCHEMA {o} CASCADE");
+    x.contract.insert(0, drop.clone());
+    x.rollback.insert(0, drop);
+    let path = format!(
+        "SET search_path = {o}, {} ({code} code, on a schema of its own)",
+        quote_ident(&table.schema)
+    );
+    match code {
+        "new" => x.new_code = path,
+        _ => x.old_code = path,
+    }
+    x.also = Some(other.clone());
+    Some(x)
+}
+
+/// The path's own version schema, for the change `spec` makes.
+fn generated(
+    spec: &AlterSpec,
+    table: &Table,
+    grants: &[(String, String)],
+    defaults: &HashMap<String, String>,
+    versions: &Versions,
 ) -> Option<ExpandContract> {
     if let [part] = spec.parts.as_slice() {
         if part.subtype == Some(A::AtAlterColumnType) {
-            return retype::path(part, spec, table, grants, defaults);
+            let version = versions
+                .old
+                .clone()
+                .unwrap_or_else(|| version_name(&table.name, "old"));
+            return retype::path(part, spec, table, grants, defaults, version);
         }
     }
     let t = table.qualified();
@@ -86,7 +160,10 @@ pub fn path(
         if !columns.contains(&old.as_str()) {
             return None;
         }
-        let version = version_name(&table.name, "old");
+        let version = versions
+            .old
+            .clone()
+            .unwrap_or_else(|| version_name(&table.name, "old"));
         let v = quote_ident(&version);
         let view = format!("{v}.{}", quote_ident(&table.name));
         let list = columns
@@ -134,6 +211,7 @@ pub fn path(
                  a search_path without {v} gets column \"{old}\" does not exist"
             )],
             change: None,
+            also: None,
         });
     }
     let drops: Vec<&str> = spec
@@ -144,7 +222,10 @@ pub fn path(
     if drops.is_empty() || drops.iter().any(|d| !columns.contains(d)) {
         return None;
     }
-    let version = version_name(&table.name, "new");
+    let version = versions
+        .new
+        .clone()
+        .unwrap_or_else(|| version_name(&table.name, "new"));
     let v = quote_ident(&version);
     let view = format!("{v}.{}", quote_ident(&table.name));
     let list = columns
@@ -210,6 +291,7 @@ pub fn path(
             ),
         )],
         change: None,
+        also: None,
     })
 }
 
@@ -274,7 +356,13 @@ mod tests {
             ("app".to_string(), "SELECT".to_string()),
             ("app".to_string(), "INSERT".to_string()),
         ];
-        path(&spec, &table(), &grants, &HashMap::new())
+        path(
+            &spec,
+            &table(),
+            &grants,
+            &HashMap::new(),
+            &Versions::default(),
+        )
     }
 
     #[test]
@@ -335,7 +423,7 @@ mod tests {
         });
         let defaults = HashMap::from([("full_name".to_string(), "'x'::text".to_string())]);
         let grants = vec![("app".to_string(), "SELECT".to_string())];
-        let p = path(&spec, &t, &grants, &defaults).expect("a path");
+        let p = path(&spec, &t, &grants, &defaults, &Versions::default()).expect("a path");
         assert_eq!(p.version_for, "old");
         assert_eq!(
             p.change,
@@ -390,9 +478,52 @@ mod tests {
             "people",
         )
         .expect("parse");
-        assert_eq!(path(&using, &t, &grants, &defaults), None);
+        assert_eq!(
+            path(&using, &t, &grants, &defaults, &Versions::default()),
+            None
+        );
         t.key = None;
-        assert_eq!(path(&spec, &t, &grants, &defaults), None);
+        assert_eq!(
+            path(&spec, &t, &grants, &defaults, &Versions::default()),
+            None
+        );
+    }
+
+    #[test]
+    fn named_versions_give_each_shape_a_schema_of_its_own() {
+        let spec = parse_alter_for_plan("RENAME COLUMN full_name TO name", "public", "people")
+            .expect("parse");
+        let versions = Versions {
+            old: Some("app_v1".into()),
+            new: Some("app_v2".into()),
+        };
+        let p = path(&spec, &table(), &[], &HashMap::new(), &versions).expect("a path");
+        assert_eq!(p.version_schema, "app_v1");
+        assert_eq!(p.also.as_deref(), Some("app_v2"));
+        assert!(p.expand.contains(
+            &"CREATE VIEW \"app_v2\".\"people\" AS SELECT \"id\", \"name\", \"Legacy Col\", \"qty\" FROM \"public\".\"people\"".to_string()
+        ), "{:?}", p.expand);
+        assert!(
+            p.new_code.starts_with("SET search_path = \"app_v2\""),
+            "{}",
+            p.new_code
+        );
+        for stmts in [&p.contract, &p.rollback] {
+            assert!(stmts.contains(&"DROP SCHEMA \"app_v1\" CASCADE".to_string()));
+            assert!(stmts.contains(&"DROP SCHEMA \"app_v2\" CASCADE".to_string()));
+        }
+        // a drop: the new shape's schema is the generated one, the old one asked for
+        let spec = parse_alter_for_plan("DROP COLUMN qty", "public", "people").expect("parse");
+        let p = path(&spec, &table(), &[], &HashMap::new(), &versions).expect("a path");
+        assert_eq!(
+            (p.version_schema.as_str(), p.also.as_deref()),
+            ("app_v2", Some("app_v1"))
+        );
+        assert!(
+            p.old_code.starts_with("SET search_path = \"app_v1\""),
+            "{}",
+            p.old_code
+        );
     }
 
     #[test]

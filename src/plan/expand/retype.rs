@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use super::{grant_statements, version_name, ExpandContract, TypeChange};
+use super::{grant_statements, ExpandContract, TypeChange};
 use crate::catalog::Table;
 use crate::plan::alter::{AlterSpec, Part};
 use crate::sql::{quote_ident, quote_literal};
@@ -29,6 +29,7 @@ pub(super) fn path(
     table: &Table,
     grants: &[(String, String)],
     defaults: &HashMap<String, String>,
+    version: String,
 ) -> Option<ExpandContract> {
     let name = part.name();
     if spec.using.contains_key(name) {
@@ -47,7 +48,6 @@ pub(super) fn path(
     }
     let t = table.qualified();
     let schema = quote_ident(&table.schema);
-    let version = version_name(&table.name, "old");
     let v = quote_ident(&version);
     let view = format!("{v}.{}", quote_ident(&table.name));
     let function = format!("{v}.\"write_through\"");
@@ -224,5 +224,6 @@ END"
                  (a shadow copy when that rewrites the table), keeping every row written through either shape"
             ),
         ],
+        also: None,
     })
 }
