@@ -1084,3 +1084,99 @@ async fn connected_clients_move_to_a_version_at_their_next_transaction_boundary(
         .await
         .expect("new code's name on the table");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typed_client_routed_to_the_old_version_keeps_its_prepared_statements_through_a_type_change(
+) {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    let url = fresh_db("retyperoute").await;
+    let c = connect(&url).await;
+    c.batch_execute(SETUP).await.expect("setup");
+    let mut config = shadow_alter::proxy::ProxyConfig::new(
+        "127.0.0.1:0",
+        format!("127.0.0.1:{}", support::server().port),
+    );
+    config.routes = vec!["application_name=billing-v1:people_v_old"
+        .parse()
+        .expect("a route")];
+    let proxy = support::proxy::start_with(config).await;
+    let app = support::proxy::via(&url, proxy.addr);
+
+    // old code decodes qty as a 4-byte integer (tokio-postgres checks the type it was told at
+    // prepare time) with statements prepared before the change
+    let stop = Arc::new(AtomicBool::new(false));
+    let ran = Arc::new(AtomicI64::new(0));
+    let old = {
+        let (stop, ran, url) = (
+            stop.clone(),
+            ran.clone(),
+            format!("{app}?application_name=billing-v1"),
+        );
+        tokio::spawn(async move {
+            let c = connect(&url).await;
+            let read = c
+                .prepare("SELECT qty FROM people WHERE id = $1")
+                .await
+                .expect("prepare the read");
+            let write = c
+                .prepare("INSERT INTO people (id, full_name, qty) VALUES ($1, 'old', $2)")
+                .await
+                .expect("prepare the write");
+            let (mut n, mut errors) = (0i32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let done = async {
+                    c.execute(&write, &[&(50_000 + n), &n]).await?;
+                    let row = c.query_one(&read, &[&(50_000 + n)]).await?;
+                    row.try_get::<_, i32>(0)
+                };
+                match done.await {
+                    Ok(v) if v == n => {}
+                    Ok(v) => errors.push(format!("read {v}, wrote {n}")),
+                    Err(e) => errors.push(e.to_string()),
+                }
+                n += 1;
+                ran.store(i64::from(n), Ordering::Relaxed);
+            }
+            (n, errors)
+        })
+    };
+    let (code, out) = output(
+        &url,
+        &[
+            "run",
+            "--table",
+            "people",
+            "--alter",
+            "ALTER COLUMN qty TYPE bigint",
+            "--expand-contract",
+            "--progress",
+            "none",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(type_of(&c, "people", "qty").await, "bigint");
+    let after = ran.load(Ordering::Relaxed);
+    support::wait_until(
+        std::time::Duration::from_secs(30),
+        "old code to run on after the swap",
+        || async { ran.load(Ordering::Relaxed) >= after + 50 },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (n, errors) = old.await.expect("old code");
+    assert!(
+        errors.is_empty(),
+        "old code failed {} of {n} times: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+    let stored: i64 = c
+        .query_one("SELECT count(*) FROM people WHERE id >= 50000", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(stored, i64::from(n));
+}
