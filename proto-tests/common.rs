@@ -312,11 +312,22 @@ pub fn parse(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
 
 /// Bind with text parameters and text results.
 pub fn bind(portal: &str, stmt: &str, params: &[Option<&[u8]>]) -> Vec<u8> {
+    bind_formats(portal, stmt, &[], params)
+}
+
+/// Bind with these parameter formats (0 text, 1 binary; one for all, or one each) and text
+/// results.
+pub fn bind_formats(
+    portal: &str,
+    stmt: &str,
+    formats: &[i16],
+    params: &[Option<&[u8]>],
+) -> Vec<u8> {
     encode(|b| {
         frontend::bind(
             portal,
             stmt,
-            std::iter::empty::<i16>(),
+            formats.iter().copied(),
             params.iter(),
             |p, buf| match p {
                 Some(v) => {

@@ -443,3 +443,43 @@ async fn held_prepared_statement_runs_after_the_swap_without_error() {
     let (r, _c) = timed(held).await.expect("join");
     assert_eq!(r.expect("no error after the cutover"), "two");
 }
+
+/// A client that lets the server infer a parameter's type and binds it in binary (as drivers
+/// do with the type they were told at prepare time): after a swap that widens the column the
+/// parameter is compared with, re-parsing the statement as it was sent would infer int8, and the
+/// client's 4-byte int4 would fail with 22P03. The replay pins the types the statement had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_parameter_keeps_the_type_the_client_was_told() {
+    let p = proxy().await;
+    let url = setup("rp_binparam").await;
+    let mut c = RawConn::connect(p.addr, &db_name(&url)).await;
+    c.send(&cat(&[
+        parse("s1", SELECT_STAR, &[]),
+        describe(b'S', "s1"),
+        sync(),
+    ]))
+    .await;
+    let described = timed(c.until_ready(1)).await;
+    let params = described
+        .iter()
+        .find(|m| m.tag == b't')
+        .expect("a ParameterDescription");
+    assert_eq!(&params.body[..], b"\0\x01\0\0\0\x17", "one int4 parameter");
+    // the proxy is not told: the replay after the error re-prepares
+    swap(&url, "id bigint PRIMARY KEY, v text", "SELECT id, v FROM t").await;
+    let two = 2i32.to_be_bytes();
+    c.send(&cat(&[
+        bind_formats("", "s1", &[1], &[Some(two.as_slice())]),
+        describe(b'P', ""),
+        execute("", 0),
+        sync(),
+    ]))
+    .await;
+    let ran = timed(c.until_ready(1)).await;
+    assert_no_error(&ran);
+    let row = ran
+        .iter()
+        .find(|m| m.tag == b'D')
+        .expect("the row with id 2");
+    assert_eq!(u16::from_be_bytes([row.body[0], row.body[1]]), 2);
+}

@@ -5,7 +5,9 @@
 //! Invariant: pure and total: a truncated or malformed frame decodes to `None` (or `false`),
 //! never a panic; names and SQL text stay bytes (the client's encoding need not be UTF-8).
 
-use crate::wire::frame::{Header, Reader};
+use bytes::{BufMut, BytesMut};
+
+use crate::wire::frame::{put_cstr, put_frame, Header, Reader};
 
 /// The error the server raises in RevalidateCachedQuery.
 const PLAN_CHANGED_CODE: &[u8] = b"0A000";
@@ -21,6 +23,20 @@ fn body<'a>(frame: &'a [u8], what: &'static str) -> Option<Reader<'a>> {
 pub fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = b.iter().position(|&c| c == 0)?;
     Some((&b[..end], &b[end + 1..]))
+}
+
+/// `parse` (a whole Parse frame) with its parameter types replaced by `params` (a
+/// ParameterDescription body: count and type oids, the same layout).
+pub fn with_params(parse: &[u8], params: &[u8]) -> Option<Vec<u8>> {
+    let (name, rest) = cstr(parse.get(Header::SIZE..)?)?;
+    let (query, _) = cstr(rest)?;
+    let mut b = BytesMut::with_capacity(parse.len() + params.len());
+    put_frame(&mut b, b'P', |b| {
+        put_cstr(b, name);
+        put_cstr(b, query);
+        b.put_slice(params);
+    });
+    Some(b.to_vec())
 }
 
 /// Portal and statement names of a Bind frame.

@@ -30,7 +30,7 @@ mod tests;
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::message::frontend;
 
-use super::message::{cstr, fields, is_plan_changed, Shape};
+use super::message::{cstr, fields, is_plan_changed, with_params, Shape};
 use crate::wire::frame::{put_cstr, put_frame, Header};
 
 /// Prefix of the private names the trials use.
@@ -451,20 +451,6 @@ impl Refresh {
         self.phase = Phase::Done;
         Step::Done(std::mem::take(&mut self.out))
     }
-}
-
-/// `parse` (a whole Parse frame) with its parameter types replaced by `params` (a
-/// ParameterDescription body: count and type oids, the same layout).
-fn with_params(parse: &[u8], params: &[u8]) -> Option<Vec<u8>> {
-    let (name, rest) = cstr(parse.get(Header::SIZE..)?)?;
-    let (query, _) = cstr(rest)?;
-    let mut b = BytesMut::with_capacity(parse.len() + params.len());
-    put_frame(&mut b, b'P', |b| {
-        put_cstr(b, name);
-        put_cstr(b, query);
-        b.put_slice(params);
-    });
-    Some(b.to_vec())
 }
 
 /// A simple Query carrying the client's bytes.

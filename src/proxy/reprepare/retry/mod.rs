@@ -1,6 +1,11 @@
 //! The retry as a pure state machine: given the [`Plan`] the tracker hands over once the stream
 //! is claimed, it says what to send upstream and, answer by answer, what to do next ([`Step`]):
 //!
+//! 0. probe: `Describe S name`, `Sync`: the statement still exists on the server, and its
+//!    ParameterDescription (sent before the revalidation fails again) gives the parameter types
+//!    the client binds with; the trials and the replay parse with those types pinned, so a
+//!    parameter the server would now infer differently (`id = $1` after int -> bigint) keeps
+//!    the type the client encodes (no 22P03 for a binary int4);
 //! 1. trial: `Close S tmp`, the client's Parse under the private name, `Describe S tmp`, `Sync`;
 //!    the described shape decides: it fits (replay the client's Parse), or the client decodes
 //!    with the shape it learned at prepare time and columns were only appended (a second trial
@@ -21,7 +26,7 @@
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::message::frontend;
 
-use super::message::{cstr, fields, Shape};
+use super::message::{cstr, fields, with_params, Shape};
 use crate::wire::frame::{put_cstr, put_frame, Header};
 
 /// Name under which the proxy test-parses a statement; clients never see it.
@@ -93,6 +98,8 @@ pub enum Step {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Waiting for the description of the client's statement (its parameter types).
+    Probe,
     /// Waiting for the answers of a trial (of the wrapped query when `wrapped`).
     Trial {
         wrapped: bool,
@@ -116,26 +123,48 @@ pub struct Retry {
     failed: bool,
     /// Whether the client's own statement parsed in the first trial (for the log).
     parsed: bool,
-    /// The Parse the replay sends under the client's name.
+    /// The Parse the replay sends under the client's name (the client's, with the parameter
+    /// types it binds with pinned once the probe told them).
     parse: Vec<u8>,
+    /// The probe's ParameterDescription body.
+    params: Option<Vec<u8>>,
 }
 
 impl Retry {
-    /// Start with a trial of the client's statement.
+    /// Start with the probe of the client's statement.
     pub fn start(plan: Plan) -> (Retry, Step) {
-        let mut r = Retry {
+        let r = Retry {
             parse: plan.parse.clone(),
             plan,
-            phase: Phase::Trial { wrapped: false },
+            phase: Phase::Probe,
             shape: None,
             failed: false,
             parsed: false,
+            params: None,
         };
-        let step = match trial(&r.plan.parse) {
+        let mut out = BytesMut::with_capacity(32);
+        put_frame(&mut out, b'D', |b| {
+            b.put_u8(b'S');
+            put_cstr(b, &r.plan.stmt);
+        });
+        frontend::sync(&mut out);
+        (r, Step::Send(out))
+    }
+
+    /// The probe is answered: try the client's statement, its parameter types pinned.
+    fn after_probe(&mut self) -> Step {
+        if let Some(pinned) = self
+            .params
+            .take()
+            .and_then(|p| with_params(&self.plan.parse, &p))
+        {
+            self.parse = pinned;
+        }
+        self.phase = Phase::Trial { wrapped: false };
+        match trial(&self.parse) {
             Some(bytes) => Step::Send(bytes),
-            None => r.decide(None),
-        };
-        (r, step)
+            None => self.decide(None),
+        }
     }
 
     pub fn statement(&self) -> &[u8] {
@@ -146,6 +175,14 @@ impl Retry {
     /// parameter status).
     pub fn on_answer(&mut self, tag: u8, frame: &[u8]) -> Step {
         match self.phase {
+            Phase::Probe => match tag {
+                b't' => {
+                    self.params = frame.get(Header::SIZE..).map(<[u8]>::to_vec);
+                    Step::Read
+                }
+                b'Z' => self.after_probe(),
+                _ => Step::Read,
+            },
             Phase::Trial { .. } => match tag {
                 b'E' => {
                     self.failed = true;
@@ -207,7 +244,7 @@ impl Retry {
             {
                 // columns were added, and the client decodes with the columns it was told at
                 // prepare time: re-prepare the statement so that it keeps exactly those
-                if let Some(w) = wrap_parse(&self.plan.parse, old) {
+                if let Some(w) = wrap_parse(&self.parse, old) {
                     if let Some(bytes) = trial(&w) {
                         self.parse = w;
                         self.phase = Phase::Trial { wrapped: true };

@@ -95,9 +95,56 @@ fn s1(tag: char) -> (char, String) {
     (tag, "s1".to_string())
 }
 
+/// A retry past its probe, whose statement described one int4 parameter before it failed.
+fn started(plan: Plan) -> (Retry, Step) {
+    let (mut r, step) = Retry::start(plan);
+    assert_eq!(expect_send(step), [s1('D'), ('S', String::new())]);
+    assert_eq!(
+        r.on_answer(b't', &frame(b't', b"\0\x01\0\0\0\x17")),
+        Step::Read
+    );
+    assert_eq!(
+        r.on_answer(
+            b'E',
+            &frame(
+                b'E',
+                b"SERROR\0C0A000\0Mcached plan must not change result type\0\0"
+            )
+        ),
+        Step::Read
+    );
+    let step = r.on_answer(b'Z', Z);
+    (r, step)
+}
+
+#[test]
+fn parameter_types_the_client_binds_with_are_pinned_from_the_probe() {
+    // the client let the server infer the type (no types in its Parse): after int -> bigint
+    // the server would infer int8, while the client encodes the int4 it was told
+    let mut p = plan(None, true, 0);
+    p.parse = frame(b'P', b"s1\0SELECT * FROM t WHERE id = $1\0\0\0");
+    let (_, step) = started(p);
+    let Step::Send(bytes) = step else {
+        panic!("expected the trial, got {step:?}")
+    };
+    let mut b = bytes.clone();
+    let mut parse = None;
+    while let Some(f) = split_frame(&mut b, MAX_MESSAGE_LEN).unwrap() {
+        if f.tag == b'P' {
+            parse = Some(f.body().to_vec());
+        }
+    }
+    let parse = parse.expect("the trial's Parse");
+    assert!(
+        parse.ends_with(b"id = $1\0\0\x01\0\0\0\x17"),
+        "one parameter, int4: {:?}",
+        String::from_utf8_lossy(&parse)
+    );
+}
+
 #[test]
 fn the_trial_prepares_under_the_private_name() {
-    let (_, step) = Retry::start(plan(None, true, 0));
+    let (_, step) = started(plan(None, true, 0));
     assert_eq!(
         expect_send(step),
         [tmp('C'), tmp('P'), tmp('D'), ('S', String::new())]
@@ -107,7 +154,7 @@ fn the_trial_prepares_under_the_private_name() {
 #[test]
 fn an_unchanged_shape_replays_the_clients_own_statement() {
     let old = rows(&[("id", 23), ("v", 25)]);
-    let (mut r, _) = Retry::start(plan(Some(old), false, 0));
+    let (mut r, _) = started(plan(Some(old), false, 0));
     let (msgs, bytes) = expect_replay(trial_ok(
         &mut r,
         &frame(b'T', &rowdesc(&[("id", 23), ("v", 25)])),
@@ -137,19 +184,19 @@ fn an_unchanged_shape_replays_the_clients_own_statement() {
 #[test]
 fn a_self_describing_client_gets_the_new_shape() {
     let old = rows(&[("id", 23), ("v", 25)]);
-    let (mut r, _) = Retry::start(plan(Some(old), true, 0));
+    let (mut r, _) = started(plan(Some(old), true, 0));
     let wider = frame(b'T', &rowdesc(&[("id", 23), ("v", 25), ("w", 25)]));
     let (msgs, _) = expect_replay(trial_ok(&mut r, &wider));
     assert_eq!(msgs[1], s1('P'));
     // even a retyped column: the client reads the description the replay asks for
-    let (mut r, _) = Retry::start(plan(Some(rows(&[("id", 23)])), true, 0));
+    let (mut r, _) = started(plan(Some(rows(&[("id", 23)])), true, 0));
     expect_replay(trial_ok(&mut r, &frame(b'T', &rowdesc(&[("id", 20)]))));
 }
 
 #[test]
 fn appended_columns_are_hidden_from_a_client_that_knows_the_old_shape() {
     let old = rows(&[("id", 23), ("v", 25)]);
-    let (mut r, _) = Retry::start(plan(Some(old), false, 0));
+    let (mut r, _) = started(plan(Some(old), false, 0));
     let wider = frame(b'T', &rowdesc(&[("id", 23), ("v", 25), ("w", 25)]));
     // the first trial sees the wider shape: try the wrapped statement
     let msgs = expect_send(trial_ok(&mut r, &wider));
@@ -169,7 +216,7 @@ fn appended_columns_are_hidden_from_a_client_that_knows_the_old_shape() {
 #[test]
 fn the_wrapped_statement_must_describe_exactly_the_old_columns() {
     let old = rows(&[("id", 23), ("v", 25)]);
-    let (mut r, _) = Retry::start(plan(Some(old), false, 0));
+    let (mut r, _) = started(plan(Some(old), false, 0));
     let wider = frame(b'T', &rowdesc(&[("id", 23), ("v", 25), ("w", 25)]));
     expect_send(trial_ok(&mut r, &wider));
     // the wrapped query somehow describes something else: clean up and give up
@@ -182,7 +229,7 @@ fn the_wrapped_statement_must_describe_exactly_the_old_columns() {
 #[test]
 fn a_retyped_column_is_never_hidden() {
     let old = rows(&[("id", 23), ("v", 25)]);
-    let (mut r, _) = Retry::start(plan(Some(old), false, 0));
+    let (mut r, _) = started(plan(Some(old), false, 0));
     let retyped = frame(b'T', &rowdesc(&[("id", 20), ("v", 25), ("w", 25)]));
     let msgs = expect_send(trial_ok(&mut r, &retyped));
     assert_eq!(msgs, [tmp('C'), ('S', String::new())], "clean-up only");
@@ -191,7 +238,7 @@ fn a_retyped_column_is_never_hidden() {
 
 #[test]
 fn a_statement_that_no_longer_parses_gives_up() {
-    let (mut r, _) = Retry::start(plan(Some(rows(&[("id", 23)])), true, 0));
+    let (mut r, _) = started(plan(Some(rows(&[("id", 23)])), true, 0));
     assert_eq!(r.on_answer(b'3', b"3\0\0\0\x04"), Step::Read);
     let err = frame(b'E', b"SERROR\0C42P01\0Mrelation \"t\" does not exist\0\0");
     assert_eq!(r.on_answer(b'E', &err), Step::Read);
@@ -205,12 +252,12 @@ fn a_statement_that_no_longer_parses_gives_up() {
 fn binary_result_formats_must_match_the_new_column_count() {
     let old = rows(&[("id", 23), ("v", 25)]);
     // two format codes for two columns: a third column cannot be decoded
-    let (mut r, _) = Retry::start(plan(Some(old.clone()), true, 2));
+    let (mut r, _) = started(plan(Some(old.clone()), true, 2));
     let wider = frame(b'T', &rowdesc(&[("id", 23), ("v", 25), ("w", 25)]));
     let msgs = expect_send(trial_ok(&mut r, &wider));
     assert_eq!(msgs, [tmp('C'), ('S', String::new())]);
     // same columns: fine
-    let (mut r, _) = Retry::start(plan(Some(old), true, 2));
+    let (mut r, _) = started(plan(Some(old), true, 2));
     expect_replay(trial_ok(
         &mut r,
         &frame(b'T', &rowdesc(&[("id", 23), ("v", 25)])),
@@ -219,7 +266,7 @@ fn binary_result_formats_must_match_the_new_column_count() {
 
 #[test]
 fn a_parse_failing_in_the_replay_reaches_the_client() {
-    let (mut r, _) = Retry::start(plan(Some(Shape::NoData), true, 0));
+    let (mut r, _) = started(plan(Some(Shape::NoData), true, 0));
     expect_replay(trial_ok(&mut r, b"n\0\0\0\x04"));
     assert_eq!(r.on_answer(b'3', b"3\0\0\0\x04"), Step::Read);
     let err = frame(b'E', b"SERROR\0C42703\0Mcolumn does not exist\0\0");
@@ -230,7 +277,7 @@ fn a_parse_failing_in_the_replay_reaches_the_client() {
 fn a_parse_that_does_not_decode_only_cleans_up() {
     let mut p = plan(None, true, 0);
     p.parse = b"P\0\0\0\x06s1".to_vec();
-    let (mut r, step) = Retry::start(p);
+    let (mut r, step) = started(p);
     assert_eq!(expect_send(step), [tmp('C'), ('S', String::new())]);
     assert_eq!(r.statement(), b"s1");
     assert_eq!(r.on_answer(b'Z', Z), Step::GiveUp);
