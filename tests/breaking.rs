@@ -830,6 +830,42 @@ async fn run_expand_contract_changes_a_type_while_old_code_reads_and_writes_the_
     assert_nothing_left(&c).await;
 }
 
+/// `run --expand-contract` of the rename `full_name` -> `name` on `people`.
+async fn expand_rename(url: &str) {
+    let (code, out) = output(
+        url,
+        &[
+            "run",
+            "--table",
+            "people",
+            "--alter",
+            "RENAME COLUMN full_name TO name",
+            "--expand-contract",
+            "--progress",
+            "none",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+}
+
+/// The version of each client, as the proxy's SHOW CLIENTS says.
+async fn versions_shown(console: &Client) -> Vec<Option<String>> {
+    console
+        .simple_query("SHOW CLIENTS")
+        .await
+        .expect("SHOW CLIENTS")
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(r.get("version").map(str::to_string))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// `SHOW search_path` on a connected client.
 async fn path(c: &Client) -> String {
     c.query_one("SHOW search_path", &[])
@@ -903,37 +939,11 @@ async fn the_proxy_puts_old_code_on_the_old_version_by_its_application_name() {
         }
     };
     ran_more(20).await;
-    let (code, out) = output(
-        &url,
-        &[
-            "run",
-            "--table",
-            "people",
-            "--alter",
-            "RENAME COLUMN full_name TO name",
-            "--expand-contract",
-            "--progress",
-            "none",
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}");
+    expand_rename(&url).await;
     ran_more(20).await;
     // SHOW CLIENTS says which version each client is on
     let console = connect(&support::proxy::console(proxy.addr)).await;
-    let versions: Vec<Option<String>> = console
-        .simple_query("SHOW CLIENTS")
-        .await
-        .expect("SHOW CLIENTS")
-        .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some(r.get("version").map(str::to_string))
-            }
-            _ => None,
-        })
-        .collect();
+    let versions = versions_shown(&console).await;
     assert!(
         versions.contains(&Some("people_v_old".into())),
         "{versions:?}"
@@ -997,22 +1007,7 @@ async fn connected_clients_move_to_a_version_at_their_next_transaction_boundary(
     let url = fresh_db("moveroutes").await;
     let c = connect(&url).await;
     c.batch_execute(SETUP).await.expect("setup");
-    let (code, out) = output(
-        &url,
-        &[
-            "run",
-            "--table",
-            "people",
-            "--alter",
-            "RENAME COLUMN full_name TO name",
-            "--expand-contract",
-            "--progress",
-            "none",
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}");
+    expand_rename(&url).await;
     let proxy = support::proxy::start_with(shadow_alter::proxy::ProxyConfig::new(
         "127.0.0.1:0",
         format!("127.0.0.1:{}", support::server().port),
@@ -1050,18 +1045,7 @@ async fn connected_clients_move_to_a_version_at_their_next_transaction_boundary(
             .expect("old code through the old version");
     }
     assert!(path(&other).await.starts_with("\"$user\""), "not matched");
-    let versions: Vec<Option<String>> = console
-        .simple_query("SHOW CLIENTS")
-        .await
-        .expect("SHOW CLIENTS")
-        .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some(r.get("version").map(str::to_string))
-            }
-            _ => None,
-        })
-        .collect();
+    let versions = versions_shown(&console).await;
     assert_eq!(
         versions
             .iter()

@@ -142,10 +142,7 @@ fn generated(
 ) -> Option<ExpandContract> {
     if let [part] = spec.parts.as_slice() {
         if part.subtype == Some(A::AtAlterColumnType) {
-            let version = versions
-                .old
-                .clone()
-                .unwrap_or_else(|| version_name(&table.name, "old"));
+            let version = chosen(&versions.old, &table.name, "old");
             return retype::path(part, spec, table, grants, defaults, version);
         }
     }
@@ -160,10 +157,7 @@ fn generated(
         if !columns.contains(&old.as_str()) {
             return None;
         }
-        let version = versions
-            .old
-            .clone()
-            .unwrap_or_else(|| version_name(&table.name, "old"));
+        let version = chosen(&versions.old, &table.name, "old");
         let v = quote_ident(&version);
         let view = format!("{v}.{}", quote_ident(&table.name));
         let list = columns
@@ -222,10 +216,7 @@ fn generated(
     if drops.is_empty() || drops.iter().any(|d| !columns.contains(d)) {
         return None;
     }
-    let version = versions
-        .new
-        .clone()
-        .unwrap_or_else(|| version_name(&table.name, "new"));
+    let version = chosen(&versions.new, &table.name, "new");
     let v = quote_ident(&version);
     let view = format!("{v}.{}", quote_ident(&table.name));
     let list = columns
@@ -293,6 +284,11 @@ fn generated(
         change: None,
         also: None,
     })
+}
+
+/// The version schema the user named, or the one derived from the table's name.
+fn chosen(named: &Option<String>, table: &str, which: &str) -> String {
+    named.clone().unwrap_or_else(|| version_name(table, which))
 }
 
 /// `people_v_old`, cut to PostgreSQL's 63 bytes on a character boundary.
