@@ -314,14 +314,7 @@ async fn the_expand_contract_runbook_keeps_old_and_new_code_working() {
         .await;
     }
     let url = fresh_db("expandcontract").await;
-    let c = connect(&url).await;
-    c.batch_execute(SETUP).await.expect("setup");
-    c.batch_execute(
-        "DO $$ BEGIN CREATE ROLE breaking_app; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-         GRANT SELECT, INSERT, UPDATE, DELETE ON people TO breaking_app;",
-    )
-    .await
-    .expect("the application's role");
+    let c = people_for_the_app(&url).await;
 
     // a rename: old code keeps naming full_name through the old version
     let p = plan_json(&url, "RENAME COLUMN full_name TO name").await;
@@ -451,14 +444,7 @@ async fn the_expand_contract_runbook_keeps_old_and_new_code_working() {
     in_one_transaction(&c, &x["contract"]).await;
     let names: Vec<String> = shape(&c).await.into_iter().map(|(n, _)| n).collect();
     assert!(!names.contains(&"legacy".to_string()), "{names:?}");
-    let schemas: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'people_v_%'",
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0);
+    let schemas = version_schemas(&c).await;
     assert_eq!(schemas, 0, "the contract leaves no version schema");
 }
 
@@ -467,14 +453,7 @@ async fn run_expand_contract_keeps_old_code_working_until_complete_and_rollback_
     use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
     use std::sync::Arc;
     let url = fresh_db("runexpand").await;
-    let c = connect(&url).await;
-    c.batch_execute(SETUP).await.expect("setup");
-    c.batch_execute(
-        "DO $$ BEGIN CREATE ROLE breaking_app; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-         GRANT SELECT, INSERT, UPDATE, DELETE ON people TO breaking_app;",
-    )
-    .await
-    .expect("the application's role");
+    let c = people_for_the_app(&url).await;
     let cli = |args: &'static [&'static str]| output(&url, args, &[]);
 
     // old code writes and reads full_name the whole time
@@ -572,14 +551,7 @@ async fn run_expand_contract_keeps_old_code_working_until_complete_and_rollback_
     assert_eq!(code, 0, "{out}");
     let names: Vec<String> = shape(&c).await.into_iter().map(|(n, _)| n).collect();
     assert!(names.contains(&"legacy".to_string()), "{names:?}");
-    let schemas: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'people_v_%'",
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0);
+    let schemas = version_schemas(&c).await;
     assert_eq!(schemas, 0, "no version schema is left");
 
     // both shapes on schemas named by the user: old code on one, new code on the other
@@ -668,14 +640,7 @@ async fn run_expand_contract_changes_a_type_while_old_code_reads_and_writes_the_
     use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
     use std::sync::Arc;
     let url = fresh_db("retype").await;
-    let c = connect(&url).await;
-    c.batch_execute(SETUP).await.expect("setup");
-    c.batch_execute(
-        "DO $$ BEGIN CREATE ROLE breaking_app; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-         GRANT SELECT, INSERT, UPDATE, DELETE ON people TO breaking_app;",
-    )
-    .await
-    .expect("the application's role");
+    let c = people_for_the_app(&url).await;
     let cli = |args: &'static [&'static str]| output(&url, args, &[]);
     let expand: &'static [&'static str] = &[
         "run",
@@ -810,9 +775,7 @@ async fn run_expand_contract_changes_a_type_while_old_code_reads_and_writes_the_
         .await
         .get(0);
     assert_eq!(sum_after, sum);
-    let schemas: i64 = row("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'people_v_%'")
-        .await
-        .get(0);
+    let schemas = version_schemas(&c).await;
     assert_eq!(schemas, 0, "the rollback leaves no version schema");
     let (code, out) = cli(&["rollback", "people"]).await;
     assert_eq!(code, 2, "nothing left to roll back: {out}");
@@ -823,11 +786,43 @@ async fn run_expand_contract_changes_a_type_while_old_code_reads_and_writes_the_
     let (code, out) = cli(&["complete", "people"]).await;
     assert_eq!(code, 0, "{out}");
     assert_eq!(type_of(&c, "people", "qty").await, "bigint");
-    let schemas: i64 = row("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'people_v_%'")
-        .await
-        .get(0);
+    let schemas = version_schemas(&c).await;
     assert_eq!(schemas, 0, "the contract leaves no version schema");
     assert_nothing_left(&c).await;
+}
+
+/// `people` from SETUP, and the role `breaking_app` that old and new code run as.
+async fn people_for_the_app(url: &str) -> Client {
+    let c = connect(url).await;
+    c.batch_execute(SETUP).await.expect("setup");
+    c.batch_execute(
+        "DO $$ BEGIN CREATE ROLE breaking_app; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON people TO breaking_app;",
+    )
+    .await
+    .expect("the application's role");
+    c
+}
+
+/// A proxy in front of the test server with these version routes.
+async fn proxy_routing(routes: &[&str]) -> support::proxy::Proxy {
+    let mut config = shadow_alter::proxy::ProxyConfig::new(
+        "127.0.0.1:0",
+        format!("127.0.0.1:{}", support::server().port),
+    );
+    config.routes = routes.iter().map(|r| r.parse().expect("a route")).collect();
+    support::proxy::start_with(config).await
+}
+
+/// How many version schemas of `people` (`people_v_*`) exist.
+async fn version_schemas(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'people_v_%'",
+        &[],
+    )
+    .await
+    .expect("count the version schemas")
+    .get(0)
 }
 
 /// `run --expand-contract` of the rename `full_name` -> `name` on `people`.
@@ -876,12 +871,7 @@ async fn path(c: &Client) -> String {
 
 /// `SHOW search_path` of a session.
 async fn search_path(url: &str) -> String {
-    connect(url)
-        .await
-        .query_one("SHOW search_path", &[])
-        .await
-        .expect("SHOW search_path")
-        .get(0)
+    path(&connect(url).await).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -891,14 +881,7 @@ async fn the_proxy_puts_old_code_on_the_old_version_by_its_application_name() {
     let url = fresh_db("routes").await;
     let c = connect(&url).await;
     c.batch_execute(SETUP).await.expect("setup");
-    let mut config = shadow_alter::proxy::ProxyConfig::new(
-        "127.0.0.1:0",
-        format!("127.0.0.1:{}", support::server().port),
-    );
-    config.routes = vec!["application_name=billing-v1:people_v_old"
-        .parse()
-        .expect("a route")];
-    let proxy = support::proxy::start_with(config).await;
+    let proxy = proxy_routing(&["application_name=billing-v1:people_v_old"]).await;
     let app = support::proxy::via(&url, proxy.addr);
     let old_url = format!("{app}?application_name=billing-v1");
 
@@ -1008,11 +991,7 @@ async fn connected_clients_move_to_a_version_at_their_next_transaction_boundary(
     let c = connect(&url).await;
     c.batch_execute(SETUP).await.expect("setup");
     expand_rename(&url).await;
-    let proxy = support::proxy::start_with(shadow_alter::proxy::ProxyConfig::new(
-        "127.0.0.1:0",
-        format!("127.0.0.1:{}", support::server().port),
-    ))
-    .await;
+    let proxy = proxy_routing(&[]).await;
     let app = support::proxy::via(&url, proxy.addr);
 
     // connected before any route: one by its startup parameter, one that names itself after
@@ -1077,14 +1056,7 @@ async fn a_typed_client_routed_to_the_old_version_keeps_its_prepared_statements_
     let url = fresh_db("retyperoute").await;
     let c = connect(&url).await;
     c.batch_execute(SETUP).await.expect("setup");
-    let mut config = shadow_alter::proxy::ProxyConfig::new(
-        "127.0.0.1:0",
-        format!("127.0.0.1:{}", support::server().port),
-    );
-    config.routes = vec!["application_name=billing-v1:people_v_old"
-        .parse()
-        .expect("a route")];
-    let proxy = support::proxy::start_with(config).await;
+    let proxy = proxy_routing(&["application_name=billing-v1:people_v_old"]).await;
     let app = support::proxy::via(&url, proxy.addr);
 
     // old code decodes qty as a 4-byte integer (tokio-postgres checks the type it was told at
