@@ -1136,3 +1136,75 @@ async fn a_typed_client_routed_to_the_old_version_keeps_its_prepared_statements_
         .get(0);
     assert_eq!(stored, i64::from(n));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_change_killed_during_its_copy_resumes_and_its_version_comes_with_the_swap() {
+    let url = fresh_db("retypekill").await;
+    let c = people_for_the_app(&url).await;
+    c.batch_execute("INSERT INTO people (id, full_name, qty) SELECT g, 'more', g FROM generate_series(1000, 60000) g")
+        .await
+        .expect("more rows");
+    let alter = "ALTER COLUMN qty TYPE bigint";
+    let child = support::process::spawn(
+        &url,
+        &[
+            "run",
+            "--table",
+            "people",
+            "--alter",
+            alter,
+            "--expand-contract",
+            "--chunk-size",
+            "500",
+            "--chunk-pause",
+            "50ms",
+            "--progress",
+            "none",
+        ],
+    );
+    support::process::wait_for_watermark(&c).await;
+    support::process::kill(child);
+    // killed before its swap: the table as it was, no version yet, the change recorded as
+    // expanding, which `complete` refuses and a rerun finishes
+    assert_eq!(type_of(&c, "people", "qty").await, "integer");
+    assert_eq!(version_schemas(&c).await, 0);
+    let state: String = c
+        .query_one("SELECT state FROM shadow_alter.versions", &[])
+        .await
+        .expect("the record")
+        .get(0);
+    assert_eq!(state, "expanding");
+    let (code, out) = output(&url, &["complete", "people"], &[]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("has not been made yet"), "{out}");
+
+    let (code, out) = output(
+        &url,
+        &[
+            "run",
+            "--table",
+            "people",
+            "--alter",
+            alter,
+            "--expand-contract",
+            "--progress",
+            "none",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("resuming the expand"), "{out}");
+    assert_eq!(type_of(&c, "people", "qty").await, "bigint");
+    assert_eq!(type_of(&c, "people_v_old.people", "qty").await, "integer");
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM people_v_old.people", &[])
+        .await
+        .expect("rows through the old version")
+        .get(0);
+    assert_eq!(rows, 500 + 59_001);
+    let (code, out) = output(&url, &["complete", "people"], &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(version_schemas(&c).await, 0);
+    assert_nothing_left(&c).await;
+}
