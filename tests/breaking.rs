@@ -668,7 +668,8 @@ async fn run_expand_contract_changes_a_type_while_old_code_reads_and_writes_the_
                 "INSERT INTO people (id, full_name, qty) VALUES ({}, 'old', {i});
                  UPDATE people SET qty = qty + 1 WHERE id = {};
                  DELETE FROM people WHERE id = {};
-                 SELECT 1 / (pg_typeof(qty) = 'integer'::regtype)::int FROM people WHERE id = {}",
+                 SELECT 1 / (pg_typeof(qty) = 'integer'::regtype)::int FROM people WHERE id = {};
+                 SELECT pg_sleep(0.001)",
                 100_000 + 2 * i,
                 1 + i % 500,
                 100_000 + 2 * i - 2,
@@ -684,7 +685,8 @@ async fn run_expand_contract_changes_a_type_while_old_code_reads_and_writes_the_
         |i| {
             format!(
                 "INSERT INTO people (id, full_name, qty) VALUES ({}, 'new', {i});
-                 UPDATE people SET full_name = 'new {i}' WHERE id = {}",
+                 UPDATE people SET full_name = 'new {i}' WHERE id = {};
+                 SELECT pg_sleep(0.001)",
                 200_000 + i,
                 1 + (i * 7) % 500
             )
@@ -705,8 +707,9 @@ async fn run_expand_contract_changes_a_type_while_old_code_reads_and_writes_the_
     let (code, out) = cli(expand).await;
     assert_eq!(code, 0, "{out}");
     assert_eq!(type_of(&c, "people", "qty").await, "bigint");
-    // the new type holds what the old one cannot; old code never reads that row
-    c.batch_execute("INSERT INTO people (id, full_name, qty) VALUES (300000, 'big', 3000000000)")
+    // the new type holds what the old one cannot; old code never reads that row (its own ids
+    // are 100000 + 2n, new code's 200000 + n: far below it)
+    c.batch_execute("INSERT INTO people (id, full_name, qty) VALUES (1000000000, 'big', 3000000000)")
         .await
         .expect("a bigint value");
     assert_eq!(type_of(&c, "people_v_old.people", "qty").await, "integer");

@@ -93,85 +93,86 @@ pub async fn swap(
         // get close first, so the drain under the lock (and the clients' pause) is short: wait
         // for a marker round trip well inside the pause budget, a few tries at most
         let target = (opts.max_pause / 4).max(Duration::from_millis(20));
-        let mut fastest: Option<Duration> = None;
-        for _ in 0..20 {
-            match markers
-                .round_trip(control, follower, Duration::from_secs(60))
-                .await?
-            {
-                Some(rt) => {
-                    fastest = Some(fastest.map_or(rt, |f| f.min(rt)));
-                    if rt <= target {
-                        break;
-                    }
-                }
-                None => break,
-            }
-        }
-        let Some(fastest) = fastest else {
+        let Some(fastest) = approach(control, follower, markers, target).await? else {
             last_reason = "the change stream did not catch up within 60s".into();
             continue;
         };
         tracing::debug!("marker round trip before the swap: {fastest:?} (target {target:?})");
-        // hold the proxies' clients at a transaction boundary for at most max_pause
-        let pause_started = Instant::now();
-        let held = if opts.proxies.is_empty() {
-            None
+        // the drain under the lock takes about as long as the last round trip: while the
+        // writes outpace the apply, taking the lock would stop them for that long
+        let budget = if opts.proxies.is_empty() {
+            opts.lock_timeout
         } else {
-            match opts.proxies.pause(opts.max_pause).await {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    last_reason = format!("the proxies could not hold their clients: {e}");
-                    None
-                }
-            }
+            opts.max_pause
         };
-        if opts.proxies.is_empty() || held.is_some() {
-            // inside a hold, the lock may only wait for what is left of the pause
-            let lock_timeout = if held.is_some() {
-                opts.lock_timeout
-                    .min(opts.max_pause.saturating_sub(pause_started.elapsed()))
-                    .max(Duration::from_millis(20))
+        if !close_enough(fastest, target, budget) {
+            last_reason = format!(
+                "the change stream stayed {} ms behind the table (a swap waits until it is within {} ms, \
+                 so that the drain under the lock is short): the writes outpace the apply; the lock was not taken",
+                fastest.as_millis(),
+                (budget / 2).max(target).as_millis()
+            );
+        } else {
+            // hold the proxies' clients at a transaction boundary for at most max_pause
+            let pause_started = Instant::now();
+            let held = if opts.proxies.is_empty() {
+                None
             } else {
-                opts.lock_timeout
+                match opts.proxies.pause(opts.max_pause).await {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        last_reason = format!("the proxies could not hold their clients: {e}");
+                        None
+                    }
+                }
             };
-            let result = Attempt {
-                control,
-                table,
-                mapping,
-                names,
-                opts,
-                old_name: &old_name,
-                old_suffix: &old_suffix,
-            }
-            .run(swapper, follower, markers, lock_timeout)
-            .await;
-            if let Some(m) = opts.metrics {
-                m.swap_attempt();
-                if matches!(result, Err(AttemptError::LockWait(_))) {
-                    m.lock_wait();
+            if opts.proxies.is_empty() || held.is_some() {
+                // inside a hold, the lock may only wait for what is left of the pause
+                let lock_timeout = if held.is_some() {
+                    opts.lock_timeout
+                        .min(opts.max_pause.saturating_sub(pause_started.elapsed()))
+                        .max(Duration::from_millis(20))
+                } else {
+                    opts.lock_timeout
+                };
+                let result = Attempt {
+                    control,
+                    table,
+                    mapping,
+                    names,
+                    opts,
+                    old_name: &old_name,
+                    old_suffix: &old_suffix,
                 }
-            }
-            let held_for = held.as_ref().map(|_| pause_started.elapsed());
-            if let Some(h) = held {
-                h.resume().await;
-            }
-            match result {
-                Ok((lock_held, carried)) => {
-                    return Ok(SwapOutcome {
-                        old_name,
-                        lock_held,
-                        attempts: attempt,
-                        held: held_for,
-                        carried: carried.summary,
-                        validate: carried.validate,
-                        renamed_away: carried.renamed_away,
-                    })
+                .run(swapper, follower, markers, lock_timeout)
+                .await;
+                if let Some(m) = opts.metrics {
+                    m.swap_attempt();
+                    if matches!(result, Err(AttemptError::LockWait(_))) {
+                        m.lock_wait();
+                    }
                 }
-                Err(AttemptError::Retry(reason) | AttemptError::LockWait(reason)) => {
-                    last_reason = reason
+                let held_for = held.as_ref().map(|_| pause_started.elapsed());
+                if let Some(h) = held {
+                    h.resume().await;
                 }
-                Err(AttemptError::Fatal(e)) => return Err(e),
+                match result {
+                    Ok((lock_held, carried)) => {
+                        return Ok(SwapOutcome {
+                            old_name,
+                            lock_held,
+                            attempts: attempt,
+                            held: held_for,
+                            carried: carried.summary,
+                            validate: carried.validate,
+                            renamed_away: carried.renamed_away,
+                        })
+                    }
+                    Err(AttemptError::Retry(reason) | AttemptError::LockWait(reason)) => {
+                        last_reason = reason
+                    }
+                    Err(AttemptError::Fatal(e)) => return Err(e),
+                }
             }
         }
         if attempt == opts.attempts {
@@ -190,6 +191,39 @@ pub async fn swap(
     })
 }
 
+/// Marker round trips until one comes within `target` (20 at most): the fastest, or None when
+/// the stream did not answer within 60 s.
+async fn approach(
+    control: &Client,
+    follower: &mut Follower,
+    markers: &mut Markers,
+    target: Duration,
+) -> Result<Option<Duration>, EngineError> {
+    let mut fastest: Option<Duration> = None;
+    for _ in 0..20 {
+        match markers
+            .round_trip(control, follower, Duration::from_secs(60))
+            .await?
+        {
+            Some(rt) => {
+                fastest = Some(fastest.map_or(rt, |f| f.min(rt)));
+                if rt <= target {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    Ok(fastest)
+}
+
+/// Is the stream close enough to take the lock: its fastest marker round trip within the
+/// target, or within half of what a write may wait (`budget`: the lock timeout, or the
+/// proxies' pause)?
+fn close_enough(fastest: Duration, target: Duration, budget: Duration) -> bool {
+    fastest <= target.max(budget / 2)
+}
+
 fn backoff(attempt: u32) -> Duration {
     let base = Duration::from_millis(250) * 2u32.saturating_pow(attempt.min(6));
     let base = base.min(Duration::from_secs(10));
@@ -200,6 +234,17 @@ fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lock_is_taken_only_when_the_stream_is_close() {
+        let ms = Duration::from_millis;
+        // without proxies: within half the lock timeout
+        assert!(close_enough(ms(400), ms(125), ms(1000)));
+        assert!(!close_enough(ms(4000), ms(125), ms(1000)));
+        // with proxies holding clients for 500 ms: within the target
+        assert!(close_enough(ms(120), ms(125), ms(500)));
+        assert!(!close_enough(ms(300), ms(125), ms(500)));
+    }
 
     #[test]
     fn backoff_grows_to_a_cap_with_jitter() {
