@@ -709,9 +709,11 @@ async fn run_expand_contract_changes_a_type_while_old_code_reads_and_writes_the_
     assert_eq!(type_of(&c, "people", "qty").await, "bigint");
     // the new type holds what the old one cannot; old code never reads that row (its own ids
     // are 100000 + 2n, new code's 200000 + n: far below it)
-    c.batch_execute("INSERT INTO people (id, full_name, qty) VALUES (1000000000, 'big', 3000000000)")
-        .await
-        .expect("a bigint value");
+    c.batch_execute(
+        "INSERT INTO people (id, full_name, qty) VALUES (1000000000, 'big', 3000000000)",
+    )
+    .await
+    .expect("a bigint value");
     assert_eq!(type_of(&c, "people_v_old.people", "qty").await, "integer");
     ran_more(old_ran.clone(), 50).await;
     ran_more(new_ran.clone(), 50).await;

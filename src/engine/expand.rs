@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 use crate::db::{retry_lock_in_transaction, Ctx};
 use crate::engine::config::RunConfig;
 use crate::engine::error::EngineError;
+use crate::plan::expand::ExpandContract;
 use crate::sql::quote_literal;
 
 const SCHEMA_SQL: &str = "
@@ -50,23 +51,8 @@ pub enum Expanded {
 /// rewrites the table) recorded as expanding and finished by the shadow copy's swap.
 pub async fn run(control: &Client, cfg: &RunConfig) -> Result<Expanded, EngineError> {
     let plan = crate::plan::build_versions(control, &cfg.table, &cfg.alter, &cfg.versions).await?;
-    let Some(x) = plan.expand_contract else {
-        return Err(EngineError::BadInput(
-            if plan.subcommands.iter().any(|a| a.breaking.is_some()) {
-                format!(
-                "--expand-contract carries out a column rename, column drops or a type change without USING \
-                 (alone in the ALTER, on a table with a primary key) so far; `{}` is none of these, so nothing was \
-                 changed: follow the expand/contract steps `shadow-alter plan` prints, or run it with \
-                 --allow-breaking once no code uses the old shape",
-                cfg.alter
-            )
-            } else {
-                format!(
-                "`{}` breaks no code written for the table's current shape: run it without --expand-contract",
-                cfg.alter
-            )
-            },
-        ));
+    let Some(x) = plan.expand_contract.clone() else {
+        return Err(no_path(&plan, &cfg.alter));
     };
     if x.change.is_some() && cfg.soak.is_some() {
         return Err(EngineError::BadInput(
@@ -83,29 +69,7 @@ pub async fn run(control: &Client, cfg: &RunConfig) -> Result<Expanded, EngineEr
         .batch_execute(SCHEMA_SQL)
         .await
         .ctx("creating shadow_alter.versions")?;
-    let record = |state: &str| {
-        format!(
-            "INSERT INTO shadow_alter.versions AS v (table_oid, table_name, alter_sql, version_schema, version_for, \
-             old_code, new_code, contract, rollback, reverse_alter, state)
-             VALUES ({oid}, {}, {}, {}, {}, {}, {}, {}, {}, {}, '{state}')
-             ON CONFLICT (table_oid) DO UPDATE SET table_name = EXCLUDED.table_name, alter_sql = EXCLUDED.alter_sql,
-               version_schema = EXCLUDED.version_schema, version_for = EXCLUDED.version_for,
-               old_code = EXCLUDED.old_code, new_code = EXCLUDED.new_code, contract = EXCLUDED.contract,
-               rollback = EXCLUDED.rollback, reverse_alter = EXCLUDED.reverse_alter, state = EXCLUDED.state,
-               expanded_at = now(), expanded_by = current_user, finished_at = NULL",
-            quote_literal(&plan.table),
-            quote_literal(&cfg.alter),
-            quote_literal(&x.version_schema),
-            quote_literal(x.version_for),
-            quote_literal(&x.old_code),
-            quote_literal(&x.new_code),
-            text_array(&x.contract),
-            text_array(&x.rollback),
-            x.change
-                .as_ref()
-                .map_or("NULL".into(), |c| quote_literal(&c.reverse)),
-        )
-    };
+    let record = |state: &str| record(oid, &plan.table, &cfg.alter, &x, state);
     let by_copy = x.change.is_some() && plan.strategy == crate::plan::Strategy::ShadowCopy;
     match pending(control, oid).await? {
         // the shadow copy of this very change, killed before its swap: carry on with it
@@ -136,29 +100,7 @@ pub async fn run(control: &Client, cfg: &RunConfig) -> Result<Expanded, EngineEr
         }
         None => {}
     }
-    for schema in std::iter::once(&x.version_schema).chain(&x.also) {
-        let exists: bool = control
-            .query_one(
-                "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)",
-                &[schema],
-            )
-            .await
-            .ctx("looking for the version schema")?
-            .get(0);
-        if exists {
-            return Err(EngineError::BadInput(format!(
-                "schema {schema} exists already: a version schema is created by the expand and dropped with \
-                 everything in it by `complete`, so it must be new; choose another name (--old-version, \
-                 --new-version) or drop it, then run again. Nothing was changed"
-            )));
-        }
-    }
-    if x.also.as_ref() == Some(&x.version_schema) {
-        return Err(EngineError::BadInput(format!(
-            "--old-version and --new-version both name {}: each shape needs a schema of its own. Nothing was changed",
-            x.version_schema
-        )));
-    }
+    schemas_free(control, &x).await?;
     if by_copy {
         retry_lock_in_transaction(
             control,
@@ -192,6 +134,75 @@ pub async fn run(control: &Client, cfg: &RunConfig) -> Result<Expanded, EngineEr
         cfg.table
     );
     Ok(Expanded::Done)
+}
+
+/// Why `--expand-contract` has nothing to carry out for this ALTER.
+fn no_path(plan: &crate::plan::Plan, alter: &str) -> EngineError {
+    EngineError::BadInput(if plan.subcommands.iter().any(|a| a.breaking.is_some()) {
+        format!(
+            "--expand-contract carries out a column rename, column drops or a type change without USING \
+             (alone in the ALTER, on a table with a primary key) so far; `{alter}` is none of these, so nothing was \
+             changed: follow the expand/contract steps `shadow-alter plan` prints, or run it with \
+             --allow-breaking once no code uses the old shape"
+        )
+    } else {
+        format!(
+            "`{alter}` breaks no code written for the table's current shape: run it without --expand-contract"
+        )
+    })
+}
+
+/// The version schemas must be new: `complete` drops them with everything in them.
+async fn schemas_free(control: &Client, x: &ExpandContract) -> Result<(), EngineError> {
+    for schema in std::iter::once(&x.version_schema).chain(&x.also) {
+        let exists: bool = control
+            .query_one(
+                "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)",
+                &[schema],
+            )
+            .await
+            .ctx("looking for the version schema")?
+            .get(0);
+        if exists {
+            return Err(EngineError::BadInput(format!(
+                "schema {schema} exists already: a version schema is created by the expand and dropped with \
+                 everything in it by `complete`, so it must be new; choose another name (--old-version, \
+                 --new-version) or drop it, then run again. Nothing was changed"
+            )));
+        }
+    }
+    if x.also.as_ref() == Some(&x.version_schema) {
+        return Err(EngineError::BadInput(format!(
+            "--old-version and --new-version both name {}: each shape needs a schema of its own. Nothing was changed",
+            x.version_schema
+        )));
+    }
+    Ok(())
+}
+
+/// The statement that records the change in `shadow_alter.versions` as `state`.
+fn record(oid: u32, table: &str, alter: &str, x: &ExpandContract, state: &str) -> String {
+    format!(
+        "INSERT INTO shadow_alter.versions AS v (table_oid, table_name, alter_sql, version_schema, version_for, \
+         old_code, new_code, contract, rollback, reverse_alter, state)
+         VALUES ({oid}, {}, {}, {}, {}, {}, {}, {}, {}, {}, '{state}')
+         ON CONFLICT (table_oid) DO UPDATE SET table_name = EXCLUDED.table_name, alter_sql = EXCLUDED.alter_sql,
+           version_schema = EXCLUDED.version_schema, version_for = EXCLUDED.version_for,
+           old_code = EXCLUDED.old_code, new_code = EXCLUDED.new_code, contract = EXCLUDED.contract,
+           rollback = EXCLUDED.rollback, reverse_alter = EXCLUDED.reverse_alter, state = EXCLUDED.state,
+           expanded_at = now(), expanded_by = current_user, finished_at = NULL",
+        quote_literal(table),
+        quote_literal(alter),
+        quote_literal(&x.version_schema),
+        quote_literal(x.version_for),
+        quote_literal(&x.old_code),
+        quote_literal(&x.new_code),
+        text_array(&x.contract),
+        text_array(&x.rollback),
+        x.change
+            .as_ref()
+            .map_or("NULL".into(), |c| quote_literal(&c.reverse)),
+    )
 }
 
 /// The version schema's statements, then its record moved to the new table (the swap gives

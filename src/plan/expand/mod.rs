@@ -146,68 +146,97 @@ fn generated(
             return retype::path(part, spec, table, grants, defaults, version);
         }
     }
-    let t = table.qualified();
-    let schema = quote_ident(&table.schema);
-    let columns: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
     if let [Part {
         rename: Some((true, old, new)),
         ..
     }] = spec.parts.as_slice()
     {
-        if !columns.contains(&old.as_str()) {
-            return None;
-        }
         let version = chosen(&versions.old, &table.name, "old");
-        let v = quote_ident(&version);
-        let view = format!("{v}.{}", quote_ident(&table.name));
-        let list = columns
-            .iter()
-            .map(|c| {
-                if c == old {
-                    format!("{} AS {}", quote_ident(new), quote_ident(old))
-                } else {
-                    quote_ident(c)
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut expand = vec![
+        return rename_path(table, old, new, grants, version);
+    }
+    drop_path(
+        spec,
+        table,
+        grants,
+        chosen(&versions.new, &table.name, "new"),
+    )
+}
+
+/// `RENAME COLUMN old TO new`: the old name in a view of the old version.
+fn rename_path(
+    table: &Table,
+    old: &str,
+    new: &str,
+    grants: &[(String, String)],
+    version: String,
+) -> Option<ExpandContract> {
+    let t = table.qualified();
+    let schema = quote_ident(&table.schema);
+    let columns: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
+    if !columns.contains(&old) {
+        return None;
+    }
+    let v = quote_ident(&version);
+    let view = format!("{v}.{}", quote_ident(&table.name));
+    let list = columns
+        .iter()
+        .map(|c| {
+            if *c == old {
+                format!("{} AS {}", quote_ident(new), quote_ident(old))
+            } else {
+                quote_ident(c)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut expand = vec![
+        format!(
+            "ALTER TABLE {t} RENAME COLUMN {} TO {}",
+            quote_ident(old),
+            quote_ident(new)
+        ),
+        format!("CREATE SCHEMA {v}"),
+        format!("CREATE VIEW {view} AS SELECT {list} FROM {t}"),
+    ];
+    expand.extend(grant_statements(&v, &view, grants));
+    Some(ExpandContract {
+        version_schema: version.clone(),
+        version_for: "old",
+        expand,
+        old_code: format!("SET search_path = {v}, {schema} (code that names {old})"),
+        new_code: format!("the table itself (code that names {new})"),
+        contract: vec![format!("DROP SCHEMA {v} CASCADE")],
+        rollback: vec![
+            format!("DROP SCHEMA {v} CASCADE"),
             format!(
                 "ALTER TABLE {t} RENAME COLUMN {} TO {}",
-                quote_ident(old),
-                quote_ident(new)
+                quote_ident(new),
+                quote_ident(old)
             ),
-            format!("CREATE SCHEMA {v}"),
-            format!("CREATE VIEW {view} AS SELECT {list} FROM {t}"),
-        ];
-        expand.extend(grant_statements(&v, &view, grants));
-        return Some(ExpandContract {
-            version_schema: version.clone(),
-            version_for: "old",
-            expand,
-            old_code: format!("SET search_path = {v}, {schema} (code that names {old})"),
-            new_code: format!("the table itself (code that names {new})"),
-            contract: vec![format!("DROP SCHEMA {v} CASCADE")],
-            rollback: vec![
-                format!("DROP SCHEMA {v} CASCADE"),
-                format!(
-                    "ALTER TABLE {t} RENAME COLUMN {} TO {}",
-                    quote_ident(new),
-                    quote_ident(old)
-                ),
-            ],
-            verify: vec![(
-                "old code's name answers through the old version".into(),
-                format!("SELECT {} FROM {view} LIMIT 1", quote_ident(old)),
-            )],
-            notes: vec![format!(
-                "the view writes through to {t} (a simple view is updatable); old code that runs with \
-                 a search_path without {v} gets column \"{old}\" does not exist"
-            )],
-            change: None,
-            also: None,
-        });
-    }
+        ],
+        verify: vec![(
+            "old code's name answers through the old version".into(),
+            format!("SELECT {} FROM {view} LIMIT 1", quote_ident(old)),
+        )],
+        notes: vec![format!(
+            "the view writes through to {t} (a simple view is updatable); old code that runs with \
+             a search_path without {v} gets column \"{old}\" does not exist"
+        )],
+        change: None,
+        also: None,
+    })
+}
+
+/// `DROP COLUMN` only: the columns stay until the contract, hidden from the new version.
+fn drop_path(
+    spec: &AlterSpec,
+    table: &Table,
+    grants: &[(String, String)],
+    version: String,
+) -> Option<ExpandContract> {
+    let t = table.qualified();
+    let schema = quote_ident(&table.schema);
+    let columns: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
     let drops: Vec<&str> = spec
         .parts
         .iter()
@@ -216,7 +245,6 @@ fn generated(
     if drops.is_empty() || drops.iter().any(|d| !columns.contains(d)) {
         return None;
     }
-    let version = chosen(&versions.new, &table.name, "new");
     let v = quote_ident(&version);
     let view = format!("{v}.{}", quote_ident(&table.name));
     let list = columns
