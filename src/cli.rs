@@ -409,6 +409,12 @@ pub struct PlanArgs {
     /// Write the migration's rollback (its down migration, as SQL) to this file.
     #[arg(long, value_name = "PATH", requires = "files")]
     pub rollback_out: Option<PathBuf>,
+    /// The expand/contract runbook's schema for the old shape, as `run --old-version` names it.
+    #[arg(long, value_name = "SCHEMA", requires = "table")]
+    pub old_version: Option<String>,
+    /// The expand/contract runbook's schema for the new shape, as `run --new-version` names it.
+    #[arg(long, value_name = "SCHEMA", requires = "table")]
+    pub new_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

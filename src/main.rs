@@ -58,6 +58,10 @@ fn main() -> ExitCode {
                     a.table.as_deref().unwrap_or_default(),
                     a.alter.as_deref().unwrap_or_default(),
                     a.format.into(),
+                    &shadow_alter::plan::expand::Versions {
+                        old: a.old_version.clone(),
+                        new: a.new_version.clone(),
+                    },
                 )
                 .await,
             ),

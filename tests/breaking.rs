@@ -1213,3 +1213,43 @@ async fn a_type_change_killed_during_its_copy_resumes_and_its_version_comes_with
     assert_eq!(version_schemas(&c).await, 0);
     assert_nothing_left(&c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_names_the_version_schemas_run_would_create() {
+    let url = fresh_db("planversions").await;
+    let c = connect(&url).await;
+    c.batch_execute(SETUP).await.expect("setup");
+    let (code, out) = output(
+        &url,
+        &[
+            "plan",
+            "--table",
+            "people",
+            "--alter",
+            "RENAME COLUMN full_name TO name",
+            "--old-version",
+            "app_v1",
+            "--new-version",
+            "app_v2",
+            "--format",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let start = out.find('{').unwrap_or_else(|| panic!("no JSON in: {out}"));
+    let p: Value = serde_json::from_str(&out[start..]).expect("the plan as JSON");
+    let x = &p["expand_contract"];
+    assert_eq!(x["version_schema"], "app_v1", "{x}");
+    assert_eq!(x["also"], "app_v2", "{x}");
+    let created: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname IN ('app_v1', 'app_v2')",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(created, 0, "plan changes nothing");
+}

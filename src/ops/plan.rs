@@ -18,6 +18,7 @@ pub async fn plan(
     table: &str,
     alter: &str,
     format: PlanFormat,
+    versions: &crate::plan::expand::Versions,
 ) -> Result<(), EngineError> {
     let client = super::session(database_url, "planning").await?;
     client
@@ -27,7 +28,7 @@ pub async fn plan(
             context: "setting up the planner session".into(),
             source: e,
         })?;
-    let mut plan = crate::plan::build(&client, table, alter).await?;
+    let mut plan = crate::plan::build_versions(&client, table, alter, versions).await?;
     // an ALTER that would fail on the rows the table has is refused here (exit 6)
     let checks = crate::plan::precheck::run(&client, &plan.table_info, &plan.spec, None).await?;
     plan.runbook.preflight.extend(checks);
