@@ -41,6 +41,13 @@ fn render_version(v: &crate::engine::expand::Version) -> String {
             "    old code: {}\n    new code: {}\n    then: shadow-alter complete {} (or rollback)\n",
             v.old_code, v.new_code, v.table
         ));
+    } else if v.state == "expanding" {
+        out.push_str(&format!(
+            "    its shadow copy has not swapped yet (the migration above, if it runs); the version schema comes with the swap
+                 a killed run: run it again with --expand-contract to resume, or shadow-alter rollback {} to give it up
+",
+            v.table
+        ));
     }
     out
 }
@@ -161,6 +168,32 @@ mod tests {
             text.contains("no update for 45s (is process 42 still running?)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_expand_says_what_old_and_new_code_use_or_what_it_waits_for() {
+        let mut v = crate::engine::expand::Version {
+            table: "public.people".into(),
+            alter: "ALTER COLUMN qty TYPE bigint".into(),
+            state: "expanding".into(),
+            version_schema: "people_v_old".into(),
+            old_code: "SET search_path = people_v_old, public".into(),
+            new_code: "the table itself".into(),
+            expanded_at: "2026-01-01 00:00:00+00".into(),
+        };
+        let text = render_version(&v);
+        assert!(text.contains("[expanding]"), "{text}");
+        assert!(
+            text.contains("shadow-alter rollback public.people"),
+            "{text}"
+        );
+        v.state = "expanded".into();
+        let text = render_version(&v);
+        assert!(
+            text.contains("old code: SET search_path = people_v_old"),
+            "{text}"
+        );
+        assert!(!text.contains("has not swapped"), "{text}");
     }
 
     #[test]
