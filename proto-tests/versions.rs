@@ -181,22 +181,7 @@ async fn client_libraries_routed_to_the_old_version_see_no_error_through_a_renam
         .expect("pgbench");
     let writers: Vec<&str> = LIBRARIES.into_iter().chain(["pgbench"]).collect();
     all_write(&c, "full_name", &writers).await;
-    let (code, out) = support::process::output(
-        &direct,
-        &[
-            "run",
-            "--table",
-            "people",
-            "--alter",
-            "RENAME COLUMN full_name TO name",
-            "--expand-contract",
-            "--progress",
-            "none",
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}");
+    support::migration::expand_contract(&direct, "people", "RENAME COLUMN full_name TO name").await;
     all_write(&c, "name", &writers).await;
 
     // new code, through the same proxy, not routed: the new name

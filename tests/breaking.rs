@@ -832,22 +832,7 @@ async fn version_schemas(c: &Client) -> i64 {
 
 /// `run --expand-contract` of the rename `full_name` -> `name` on `people`.
 async fn expand_rename(url: &str) {
-    let (code, out) = output(
-        url,
-        &[
-            "run",
-            "--table",
-            "people",
-            "--alter",
-            "RENAME COLUMN full_name TO name",
-            "--expand-contract",
-            "--progress",
-            "none",
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}");
+    support::migration::expand_contract(url, "people", "RENAME COLUMN full_name TO name").await;
 }
 
 /// The version of each client, as the proxy's SHOW CLIENTS says.

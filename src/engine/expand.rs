@@ -209,12 +209,21 @@ fn record(oid: u32, table: &str, alter: &str, x: &ExpandContract, state: &str) -
 /// the table a new oid) and marked expanded: all in the swap's transaction.
 fn swap_statements(expand: &[String], old_oid: u32, table: &str) -> Vec<String> {
     let mut stmts = expand.to_vec();
-    stmts.push(format!(
-        "UPDATE shadow_alter.versions SET table_oid = {}::regclass::oid, state = 'expanded', expanded_at = now()
-         WHERE table_oid = {old_oid}",
-        quote_literal(table)
+    stmts.push(follow_swap(
+        old_oid,
+        table,
+        "state = 'expanded', expanded_at = now()",
     ));
     stmts
+}
+
+/// In a swap's transaction: the record of the table that had `old_oid` moves to the table now
+/// named `table` (the swap gave it a new oid), with `set` applied.
+fn follow_swap(old_oid: u32, table: &str, set: &str) -> String {
+    format!(
+        "UPDATE shadow_alter.versions SET table_oid = {}::regclass::oid, {set} WHERE table_oid = {old_oid}",
+        quote_literal(table)
+    )
 }
 
 fn text_array(v: &[String]) -> String {
@@ -289,10 +298,10 @@ pub async fn finish(
         }
         (Finish::Rollback, _) if r.reverse_alter.is_some() => {
             let mut swap_extra = r.rollback;
-            swap_extra.push(format!(
-                "UPDATE shadow_alter.versions SET state = 'rolled back', finished_at = now(), \
-                 table_oid = {}::regclass::oid WHERE table_oid = {oid}",
-                quote_literal(&t.qualified())
+            swap_extra.push(follow_swap(
+                oid,
+                &t.qualified(),
+                "state = 'rolled back', finished_at = now()",
             ));
             return Ok(Some(ReverseRun {
                 alter: r.reverse_alter.unwrap_or_default(),

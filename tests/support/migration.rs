@@ -67,3 +67,23 @@ pub async fn refused(url: &str, table: &str, alter: &str) -> EngineError {
         .await
         .expect_err("the run must refuse")
 }
+
+/// `shadow-alter run --expand-contract` of `alter` on `table`, to its end: it must succeed.
+pub async fn expand_contract(url: &str, table: &str, alter: &str) {
+    let (code, out) = super::process::output_as_is(
+        url,
+        &[
+            "run",
+            "--table",
+            table,
+            "--alter",
+            alter,
+            "--expand-contract",
+            "--progress",
+            "none",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+}
