@@ -11,13 +11,29 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use shadow_alter::proxy::{ScramExchange, ScramSecret};
 
 const PASSWORD: &str = "console-pw";
+/// A console password SASLprep changes: a no-break space becomes a space, a soft hyphen goes.
+const PREPARED_BY_SASLPREP: &str = "con\u{a0}sole\u{ad}-pw";
+
+/// What both sides hash: SASLprep of the password, or the bytes as they are where it is not
+/// UTF-8 or SASLprep refuses it.
+fn prepared(p: &[u8]) -> Vec<u8> {
+    match std::str::from_utf8(p).map(stringprep::saslprep) {
+        Ok(Ok(p)) => p.into_owned().into_bytes(),
+        _ => p.to_vec(),
+    }
+}
 
 fuzz_target!(|input: &[u8]| {
     let [flip, at, ref data @ ..] = *input else {
         return;
     };
     // one PBKDF2 round keeps the target fast; the iteration count is not what is tested here
-    let secret = ScramSecret::with_salt(PASSWORD, [7; 16], 1);
+    let console = if flip & 4 == 0 {
+        PASSWORD
+    } else {
+        PREPARED_BY_SASLPREP
+    };
+    let secret = ScramSecret::with_salt(console, [7; 16], 1);
 
     let cut = data.iter().position(|&b| b == 0xff).unwrap_or(data.len());
     let (first, last) = (&data[..cut], data.get(cut + 1..).unwrap_or(&[]));
@@ -30,7 +46,7 @@ fuzz_target!(|input: &[u8]| {
     }
 
     let password = if flip & 1 == 0 {
-        PASSWORD.as_bytes()
+        console.as_bytes()
     } else {
         first
     };
@@ -39,12 +55,10 @@ fuzz_target!(|input: &[u8]| {
         // password never holds a NUL (found by this target: not a flaw of the exchange)
         return;
     }
-    // the client prepares its password with SASLprep, as PostgreSQL's clients do: a soft hyphen
-    // (U+00AD) maps to nothing, so "console-pw\u{ad}" is the right password (found by this target)
-    let right = match std::str::from_utf8(password) {
-        Ok(p) => stringprep::saslprep(p).is_ok_and(|p| p == PASSWORD),
-        Err(_) => password == PASSWORD.as_bytes(),
-    };
+    // both sides prepare the password with SASLprep, as PostgreSQL and its clients do: a soft
+    // hyphen (U+00AD) maps to nothing, so "console-pw\u{ad}" is the right password (found by
+    // this target)
+    let right = prepared(password) == prepared(console.as_bytes());
     let mut client = ScramSha256::new(password, ChannelBinding::unsupported());
     let ex = ScramExchange::start(&secret, client.message()).expect("a real client-first");
     client

@@ -4,7 +4,9 @@
 //! user name inside the SCRAM messages is ignored (the startup packet's user counts).
 //!
 //! Invariant: the password itself is dropped after the stored and server keys are derived; the
-//! proof is compared in constant time.
+//! proof is compared in constant time. The password is prepared with SASLprep first, as
+//! PostgreSQL does when it stores a SCRAM verifier and as its clients do before the exchange,
+//! so a password that SASLprep changes (a no-break space, a soft hyphen) works from libpq.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -49,6 +51,7 @@ impl Secret {
     }
 
     pub fn with_salt(password: &str, salt: [u8; 16], iterations: u32) -> Secret {
+        let password = prepare(password);
         let mut salted = [0u8; 32];
         pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), &salt, iterations, &mut salted);
         let client_key = hmac(&salted, b"Client Key");
@@ -61,6 +64,13 @@ impl Secret {
             server_key,
         }
     }
+}
+
+/// SASLprep (RFC 4013) of a password, or the password unchanged where SASLprep refuses it
+/// (prohibited or unassigned characters): what PostgreSQL's `pg_saslprep` callers and its
+/// clients do, so both sides derive the same key.
+fn prepare(password: &str) -> std::borrow::Cow<'_, str> {
+    stringprep::saslprep(password).unwrap_or(std::borrow::Cow::Borrowed(password))
 }
 
 /// A login the proxy checks itself (the admin console's): the user name and the verifier of
@@ -228,6 +238,18 @@ mod tests {
     fn interoperates_with_the_postgres_client_implementation() {
         assert_eq!(run("s3cret", "s3cret"), Ok(()));
         assert_eq!(run("s3cret", "wrong"), Err(ScramError::BadProof));
+    }
+
+    #[test]
+    fn a_password_saslprep_changes_is_prepared_like_the_client_does() {
+        // a no-break space maps to a space and a soft hyphen to nothing; libpq and
+        // postgres-protocol send the prepared form, so the console must derive its key from it
+        let console = "con\u{a0}sole\u{ad}-pw";
+        assert_eq!(run(console, console), Ok(()));
+        assert_eq!(run(console, "con sole-pw"), Ok(()));
+        assert_eq!(run(console, "console-pw"), Err(ScramError::BadProof));
+        // SASLprep refuses a control character: both sides keep the password as it is
+        assert_eq!(run("pw\u{7}", "pw\u{7}"), Ok(()));
     }
 
     #[test]
