@@ -345,3 +345,80 @@ async fn abort_after_a_kill_gives_up_the_resume_and_leaves_nothing() {
         .get(0);
     assert_eq!(qty, "integer", "the original table is untouched");
 }
+
+/// Issue 21: a message of the replication stream that cannot be decoded (here an Insert cut in
+/// half by a relay in front of the server, on a real stream) stops the run with the position and
+/// the cause, applies nothing of its transaction, keeps the slot and the shadow, and the same
+/// command, run again without the relay, resumes and ends equal to the mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_undecodable_stream_message_stops_the_run_and_its_transaction_is_resumed_whole() {
+    let url = fresh_db("undecodable").await;
+    let c = connect(&url).await;
+    create_orders(&c, 50_000).await;
+    let server_port = support::server().port;
+    let mitm = support::mitm::start(server_port, b"POISONED ROW").await;
+    let mut a = support::migration::shadow_copy_args(&mitm.url(&url, server_port), "orders", ALTER);
+    a.chunk_size = 1_000;
+    a.chunk_pause = Duration::from_millis(20);
+    let run = tokio::spawn(support::migration::run(a));
+    wait_for_watermark(&c).await;
+    // one source transaction: a row the stream decodes, then the one the relay cuts short
+    let writes = "INSERT INTO orders (id, qty, legacy, at) VALUES (900001, 1, 'decodable', now());
+         INSERT INTO orders (id, qty, legacy, at) VALUES (900002, 2, 'POISONED ROW', now());
+         UPDATE orders SET qty = qty + 1000 WHERE id = 7;";
+    let mirrored = writes.replace("orders", "orders_mirror");
+    c.batch_execute(&format!("BEGIN; {writes} {mirrored} COMMIT;"))
+        .await
+        .expect("the poisoned transaction");
+    let err = run
+        .await
+        .expect("join")
+        .expect_err("an undecodable message stops the run");
+    assert!(mitm.cut(), "the relay cut the marked Insert");
+    assert!(
+        matches!(err, shadow_alter::engine::EngineError::Undecodable { .. }),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("could not be decoded") && text.contains("slot keeps it"),
+        "{text}"
+    );
+    // the table is untouched and serves; the slot, the checkpoint and the shadow are kept
+    assert_eq!(
+        support::column_type(&c, "orders", "qty").await.as_deref(),
+        Some("integer")
+    );
+    let kept: i64 = support::count(
+        &c,
+        "SELECT count(*) FROM shadow_alter.checkpoints k JOIN pg_replication_slots s ON s.slot_name = k.slot",
+    )
+    .await;
+    assert_eq!(kept, 1, "the checkpoint and its slot are kept for a resume");
+    let shadow = support::shadow_of(&c, "orders").await;
+    let applied = support::count(
+        &c,
+        &format!("SELECT count(*) FROM {shadow} WHERE id IN (900001, 900002) OR (id = 7 AND qty >= 1000)"),
+    )
+    .await;
+    assert_eq!(
+        applied, 0,
+        "nothing of the undecodable transaction was applied"
+    );
+    // the same command straight to the server: the slot sends the transaction again, whole
+    let mut again = support::migration::shadow_copy_args(&url, "orders", ALTER);
+    again.chunk_size = 1_000;
+    support::migration::run(again)
+        .await
+        .expect("the resumed run");
+    assert_eq!(
+        support::count(
+            &c,
+            "SELECT count(*) FROM orders WHERE id IN (900001, 900002)"
+        )
+        .await,
+        2
+    );
+    assert_equals_oracle(&c).await;
+    assert_nothing_left(&c).await;
+}

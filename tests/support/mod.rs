@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod migration;
+pub mod mitm;
 pub mod process;
 pub mod proxy;
 pub mod tree;
