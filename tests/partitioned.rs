@@ -545,6 +545,106 @@ async fn killed_per_leaf_build_is_cleaned_up_by_a_rerun() {
     );
 }
 
+/// Issue 15, item 4: another session's DDL on the tree while a copy-free run works on it. A
+/// constraint added to a partition the run has not reached stops it before its next step; an
+/// index that takes the name of the run's next build makes that step fail, and the run says the
+/// tree changed (with the server's error) rather than leaving the user with a bare 42P07. Either
+/// way the run undoes what it did, leaves the other session's DDL alone, and a rerun finishes.
+#[tokio::test]
+async fn other_ddl_on_the_tree_while_the_run_works_stops_it_and_nothing_is_left() {
+    let (url, c) = setup("ddl_midway", RANGE).await;
+    let alter = "ADD CONSTRAINT ev_day_id_key UNIQUE (day, id)";
+    let args = || run_args(&url, "ev", alter, &["--lock-timeout", "300ms"]);
+    let ours = "SELECT count(*) FROM pg_class WHERE relname LIKE '%day_id_key%'";
+    let (blocker, other) = (connect(&url).await, connect(&url).await);
+
+    // 1. between two steps: a CHECK constraint on ev_p4 while ev_p2's build waits
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE ev_p2 IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let migration = tokio::spawn(run(args()));
+    wait_until(
+        Duration::from_secs(60),
+        "the build on ev_p2 to wait",
+        || async { waiting_build(&c, "ev_p2").await.is_some() },
+    )
+    .await;
+    other
+        .batch_execute("ALTER TABLE ev_p4 ADD CONSTRAINT ev_p4_id_positive CHECK (id > 0)")
+        .await
+        .expect("DDL on a partition the run has not reached");
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let err = migration.await.unwrap().expect_err("the run must stop");
+    let text = err.to_string();
+    assert!(matches!(err, EngineError::Preflight(_)), "{err}");
+    assert!(
+        text.contains("changed while the run worked") && text.contains("stopped before step"),
+        "{text}"
+    );
+    assert_eq!(count(&c, ours).await, 0, "nothing of the run is left");
+    assert!(leftovers(&c, "ev").await.is_empty());
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_constraint WHERE conname = 'ev_p4_id_positive'"
+        )
+        .await,
+        1,
+        "the other session's constraint stays"
+    );
+
+    // 2. during a step: ev_p4's build waits for a transaction that creates an index under the
+    // name the build is about to use
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE ev_p2 IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    other
+        .batch_execute("BEGIN; CREATE INDEX ev_p4_day_id_key__sa_idx ON ev_p4 (id)")
+        .await
+        .unwrap();
+    let migration = tokio::spawn(run(args()));
+    wait_until(
+        Duration::from_secs(60),
+        "the build on ev_p2 to wait",
+        || async { waiting_build(&c, "ev_p2").await.is_some() },
+    )
+    .await;
+    blocker.batch_execute("COMMIT").await.unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "the build on ev_p4 to wait",
+        || async { waiting_build(&c, "ev_p4").await.is_some() },
+    )
+    .await;
+    other.batch_execute("COMMIT").await.unwrap();
+    let err = migration.await.unwrap().expect_err("the run must stop");
+    let text = err.to_string();
+    assert!(
+        text.contains("changed while the run worked")
+            && text.contains("failed (")
+            && text.contains("already exists"),
+        "{text}"
+    );
+    assert_eq!(
+        count(&c, ours).await,
+        1,
+        "only the other session's index is left"
+    );
+    other
+        .batch_execute("DROP INDEX ev_p4_day_id_key__sa_idx")
+        .await
+        .unwrap();
+    assert!(leftovers(&c, "ev").await.is_empty());
+
+    // run again: it plans for the tree as it is now, and finishes
+    run(args()).await.expect("the rerun");
+    assert!(leaves_without_index(&c, "ev", "ev_day_id_key")
+        .await
+        .is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_detached_while_the_run_works_stops_it_and_nothing_is_left() {
     let (url, c) = setup("detach_midway", RANGE).await;
@@ -576,7 +676,10 @@ async fn a_partition_detached_while_the_run_works_stops_it_and_nothing_is_left()
         .unwrap()
         .expect_err("the run must stop: its plan is for another tree");
     assert!(matches!(err, EngineError::Preflight(_)), "{err}");
-    assert!(err.to_string().contains("partitions of"), "{err}");
+    assert!(
+        err.to_string().contains("changed while the run worked"),
+        "{err}"
+    );
     assert_eq!(
         count(
             &c,

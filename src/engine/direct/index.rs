@@ -62,7 +62,13 @@ pub(super) async fn build_index(
             }
         }
     };
-    if result.is_err() {
+    // a name already taken means the build created nothing: the index of that name is
+    // somebody else's and stays
+    let created = result
+        .as_ref()
+        .err()
+        .is_some_and(|e| e.sqlstate().as_deref() != Some("42P07"));
+    if created {
         let name = qualified(target.schema, target.index);
         let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {name}");
         let mut r = client.batch_execute(&drop).await;

@@ -171,12 +171,23 @@ impl Steering<'_> {
     }
 }
 
-/// Every relation of a partitioned tree, by oid, with its parent and bound (what the plan's
-/// per-partition steps depend on, and what no step of ours changes).
+/// Every relation of a partitioned tree, by oid, with its name, parent and bound (what the
+/// plan's per-partition steps depend on) and its columns, constraints and indexes (what another
+/// session's DDL changes). Our own steps change the last three: the shape is read again after
+/// each of them, so a difference before the next one is somebody else's.
 async fn tree_shape(client: &Client, root: u32) -> Result<Vec<(u32, String)>, EngineError> {
     Ok(client
         .query(
-            "SELECT c.oid, coalesce(t.parentrelid::text, '') || '|' || coalesce(pg_get_expr(c.relpartbound, c.oid), '')
+            "SELECT c.oid, concat_ws(' | ', c.oid::regclass::text, t.parentrelid::text,
+                        pg_get_expr(c.relpartbound, c.oid),
+                        (SELECT string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod)
+                                           || CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END, ', ' ORDER BY a.attnum)
+                         FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+                        (SELECT string_agg(quote_ident(k.conname) || ' ' || pg_get_constraintdef(k.oid), ', ' ORDER BY k.conname)
+                         FROM pg_constraint k WHERE k.conrelid = c.oid),
+                        (SELECT string_agg(pg_get_indexdef(i.indexrelid) || CASE WHEN i.indisvalid THEN '' ELSE ' (invalid)' END,
+                                           ', ' ORDER BY i.indexrelid)
+                         FROM pg_index i WHERE i.indrelid = c.oid))
              FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid ORDER BY c.oid",
             &[&root],
         )
@@ -187,10 +198,32 @@ async fn tree_shape(client: &Client, root: u32) -> Result<Vec<(u32, String)>, En
         .collect())
 }
 
-fn tree_changed(table: &crate::catalog::Table, step: usize, n: usize) -> EngineError {
+/// Take `now`'s entry for the relation `relid` into `shape`, leaving the others as they were.
+fn accept_changes_of(shape: &mut [(u32, String)], now: &[(u32, String)], relid: u32) {
+    if let (Some(old), Some((_, new))) = (
+        shape.iter_mut().find(|(oid, _)| *oid == relid),
+        now.iter().find(|(oid, _)| *oid == relid),
+    ) {
+        old.1.clone_from(new);
+    }
+}
+
+/// The run stops because the tree is not the one its steps were planned for; `failed` is the
+/// error of the step that met the change, if one did.
+fn tree_changed(
+    table: &crate::catalog::Table,
+    step: usize,
+    n: usize,
+    failed: Option<&EngineError>,
+) -> EngineError {
+    let at = match failed {
+        Some(e) => format!("step {step}/{n} failed ({e}) and the run undid the steps before it"),
+        None => format!("it stopped before step {step}/{n} and undid the steps before it"),
+    };
     EngineError::Preflight(format!(
-        "the partitions of {} changed while the run worked (a partition attached or detached, or its bound changed); \
-         it stopped before step {step}/{n} and undid the steps before it. Run it again: it plans for the tree as it is now",
+        "the partitioned table {} changed while the run worked (a partition attached or detached, a bound changed, \
+         or another session's DDL changed a column, constraint or index of the tree); {at}. \
+         Run it again: it plans for the tree as it is now",
         table.qualified()
     ))
 }
@@ -226,7 +259,7 @@ pub async fn execute(
     let n = plan.steps.len();
     // a partitioned table's steps are planned for its tree as it was: a partition attached or
     // detached meanwhile stops the run, and what was done is undone
-    let tree = if table.relkind == 'p' {
+    let mut tree = if table.relkind == 'p' {
         let now = tree_shape(&worker, table.oid).await?;
         let planned: Vec<u32> = table.partitions.iter().map(|p| p.oid).collect();
         let mut found: Vec<u32> = now.iter().map(|(oid, _)| *oid).collect();
@@ -234,7 +267,7 @@ pub async fn execute(
         let mut planned_sorted = planned.clone();
         planned_sorted.sort_unstable();
         if found != planned_sorted {
-            return Err(tree_changed(table, 0, n));
+            return Err(tree_changed(table, 0, n, None));
         }
         Some(now)
     } else {
@@ -246,7 +279,7 @@ pub async fn execute(
         let label = format!("{}/{n}: {}", i + 1, step.sql);
         let entered = match (steer.enter(&label).await, &tree) {
             (Ok(()), Some(before)) if tree_shape(&worker, table.oid).await? != *before => {
-                Err(tree_changed(table, i + 1, n))
+                Err(tree_changed(table, i + 1, n, None))
             }
             (r, _) => r,
         };
@@ -279,6 +312,14 @@ pub async fn execute(
                 )),
             },
         };
+        // a step that failed because another session changed the tree meanwhile (a column it
+        // uses dropped, a name taken) is reported as that, with the server's error in the log
+        let result = match (result, &tree) {
+            (Err(e), Some(before)) if tree_shape(&worker, table.oid).await? != *before => {
+                Err(tree_changed(table, i + 1, n, Some(&e)))
+            }
+            (r, _) => r,
+        };
         if let Err(e) = result {
             // a plain ALTER that fails changes nothing: undo the steps already done
             let left = locked::undo(&worker, &done, opts.lock_timeout).await;
@@ -293,6 +334,17 @@ pub async fn execute(
             return Err(e);
         }
         done.push(step);
+        if let Some(shape) = tree.as_mut() {
+            let now = tree_shape(&worker, table.oid).await?;
+            match &step.exec {
+                // a build can take hours: of what changed meanwhile, only its own partition's
+                // new index is ours, and the check before the next step sees the rest
+                Exec::BuildIndex { relid, .. } => accept_changes_of(shape, &now, *relid),
+                // a locked step holds its locks for milliseconds (its retries wait unlocked,
+                // and what another session changes then is taken as the run's)
+                _ => *shape = now,
+            }
+        }
         progress.println(&format!(
             "step {}/{n} done in {} ms: {}",
             i + 1,
