@@ -545,6 +545,28 @@ async fn killed_per_leaf_build_is_cleaned_up_by_a_rerun() {
     );
 }
 
+/// Start a run while `blocker` holds a lock on `ev_p2` in an open transaction: the run's build
+/// on that partition waits for it. Returns once it waits, so the run is midway through its
+/// steps until `blocker` commits.
+async fn held_at_ev_p2(
+    c: &Client,
+    blocker: &Client,
+    a: shadow_alter::engine::RunConfig,
+) -> tokio::task::JoinHandle<Result<(), EngineError>> {
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE ev_p2 IN ROW EXCLUSIVE MODE")
+        .await
+        .expect("lock ev_p2");
+    let migration = tokio::spawn(run(a));
+    wait_until(
+        Duration::from_secs(60),
+        "the build on ev_p2 to wait for the open transaction",
+        || async { waiting_build(c, "ev_p2").await.is_some() },
+    )
+    .await;
+    migration
+}
+
 /// Issue 15, item 4: another session's DDL on the tree while a copy-free run works on it. A
 /// constraint added to a partition the run has not reached stops it before its next step; an
 /// index that takes the name of the run's next build makes that step fail, and the run says the
@@ -559,17 +581,7 @@ async fn other_ddl_on_the_tree_while_the_run_works_stops_it_and_nothing_is_left(
     let (blocker, other) = (connect(&url).await, connect(&url).await);
 
     // 1. between two steps: a CHECK constraint on ev_p4 while ev_p2's build waits
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE ev_p2 IN ROW EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    let migration = tokio::spawn(run(args()));
-    wait_until(
-        Duration::from_secs(60),
-        "the build on ev_p2 to wait",
-        || async { waiting_build(&c, "ev_p2").await.is_some() },
-    )
-    .await;
+    let migration = held_at_ev_p2(&c, &blocker, args()).await;
     other
         .batch_execute("ALTER TABLE ev_p4 ADD CONSTRAINT ev_p4_id_positive CHECK (id > 0)")
         .await
@@ -596,21 +608,11 @@ async fn other_ddl_on_the_tree_while_the_run_works_stops_it_and_nothing_is_left(
 
     // 2. during a step: ev_p4's build waits for a transaction that creates an index under the
     // name the build is about to use
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE ev_p2 IN ROW EXCLUSIVE MODE")
-        .await
-        .unwrap();
     other
         .batch_execute("BEGIN; CREATE INDEX ev_p4_day_id_key__sa_idx ON ev_p4 (id)")
         .await
         .unwrap();
-    let migration = tokio::spawn(run(args()));
-    wait_until(
-        Duration::from_secs(60),
-        "the build on ev_p2 to wait",
-        || async { waiting_build(&c, "ev_p2").await.is_some() },
-    )
-    .await;
+    let migration = held_at_ev_p2(&c, &blocker, args()).await;
     blocker.batch_execute("COMMIT").await.unwrap();
     wait_until(
         Duration::from_secs(60),
@@ -651,20 +653,10 @@ async fn a_partition_detached_while_the_run_works_stops_it_and_nothing_is_left()
     let alter = "ADD CONSTRAINT ev_day_id_key UNIQUE (day, id)";
     // ev_p2's build waits for this transaction, so the run is midway when ev_p4 goes
     let blocker = connect(&url).await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE ev_p2 IN ROW EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    let migration = tokio::spawn(run(run_args(
-        &url,
-        "ev",
-        alter,
-        &["--lock-timeout", "300ms"],
-    )));
-    wait_until(
-        Duration::from_secs(60),
-        "the build on ev_p2 to wait for the open transaction",
-        || async { waiting_build(&c, "ev_p2").await.is_some() },
+    let migration = held_at_ev_p2(
+        &c,
+        &blocker,
+        run_args(&url, "ev", alter, &["--lock-timeout", "300ms"]),
     )
     .await;
     c.batch_execute("ALTER TABLE ev DETACH PARTITION ev_p4")
