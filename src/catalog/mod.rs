@@ -181,6 +181,21 @@ impl Table {
         crate::sql::qualified(&self.schema, &self.name)
     }
 
+    /// How a query reads the table's rows: `ONLY t` for a table (never an inheritance child's
+    /// rows), `t` for a partitioned table (its partitions hold them).
+    pub fn scan(&self) -> String {
+        if self.relkind == 'p' {
+            self.qualified()
+        } else {
+            format!("ONLY {}", self.qualified())
+        }
+    }
+
+    /// Whether it is a partitioned table (its rows live in its partitions).
+    pub fn is_partitioned(&self) -> bool {
+        self.relkind == 'p'
+    }
+
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)
     }

@@ -166,7 +166,7 @@ async fn find_bad_row(
         let keys: Vec<Vec<String>> = client
             .query(
                 &format!(
-                    "SELECT {} FROM ONLY {} AS s{cond} ORDER BY {}",
+                    "SELECT {} FROM {} AS s{cond} ORDER BY {}",
                     sql.key_text_list(),
                     sql.source,
                     sql.key_list

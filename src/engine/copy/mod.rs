@@ -81,7 +81,7 @@ pub async fn copy_table(
     let pipe = if opts.upsert || !opts.pipe {
         None
     } else {
-        pipe::plan(&client, mapping, names, &table.qualified()).await?
+        pipe::plan(&client, mapping, names, &table.scan()).await?
     };
     tracing::info!(
         "copy: {}",

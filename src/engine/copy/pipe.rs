@@ -95,7 +95,7 @@ pub(super) async fn plan(
         exprs.push(format!("({})::{cast}", t.expr));
     }
     Ok(Some(PipeSql {
-        select: format!("SELECT {} FROM ONLY {source} AS s", exprs.join(", ")),
+        select: format!("SELECT {} FROM {source} AS s", exprs.join(", ")),
         copy_in: format!(
             "COPY {shadow} ({}) FROM STDIN (FORMAT binary)",
             mapping

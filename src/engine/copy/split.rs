@@ -70,7 +70,7 @@ pub(super) async fn split(
         let size = sizer.lock().map(|mut s| s.next(&t)).unwrap_or(t.chunk_size);
         let (cond, params) = sql.range(lower.as_ref(), ">", None);
         let q = format!(
-            "SELECT {} FROM ONLY {} AS s{cond} ORDER BY {} OFFSET {} LIMIT 1",
+            "SELECT {} FROM {} AS s{cond} ORDER BY {} OFFSET {} LIMIT 1",
             sql.key_text_list(),
             sql.source,
             sql.key_list,

@@ -63,14 +63,14 @@ impl CopySql {
         };
         Ok(CopySql {
             on_conflict,
-            source: table.qualified(),
+            source: table.scan(),
             insert_select: format!(
-                "INSERT INTO {} ({}){} SELECT {} FROM ONLY {} AS s",
+                "INSERT INTO {} ({}){} SELECT {} FROM {} AS s",
                 names.shadow_qualified(),
                 mapping.column_list(),
                 mapping.overriding_clause(),
                 mapping.expr_list(),
-                table.qualified()
+                table.scan()
             ),
             key_list: mapping
                 .source_key

@@ -90,7 +90,7 @@ pub(super) async fn load(
         })
         .collect();
     Ok(build(&Shape {
-        source: &table.qualified(),
+        source: &table.scan(),
         shadow: &shadow,
         mapping,
         types: &types,
@@ -195,7 +195,7 @@ impl Shape<'_> {
 
     fn boundary(&self, p: &Parts) -> String {
         format!(
-            "SELECT {} FROM ONLY {} AS s WHERE ($1::text IS NULL OR ({}) > ({})) ORDER BY {} OFFSET {} LIMIT 1",
+            "SELECT {} FROM {} AS s WHERE ($1::text IS NULL OR ({}) > ({})) ORDER BY {} OFFSET {} LIMIT 1",
             self.mapping
                 .source_key
                 .iter()
@@ -212,7 +212,7 @@ impl Shape<'_> {
 
     fn insert(&self, p: &Parts) -> String {
         format!(
-            "INSERT INTO {} AS t ({}){} SELECT {} FROM ONLY {} AS s WHERE {}",
+            "INSERT INTO {} AS t ({}){} SELECT {} FROM {} AS s WHERE {}",
             self.shadow,
             self.mapping.column_list(),
             self.mapping.overriding_clause(),
@@ -238,7 +238,7 @@ pub(super) fn build(shape: &Shape) -> Sql {
     let p = shape.parts();
     if shape.keeps_order() {
         let from_source = format!(
-            "FROM ONLY {} AS s WHERE {}",
+            "FROM {} AS s WHERE {}",
             shape.source,
             shape.range(&p.src_key)
         );
@@ -278,7 +278,7 @@ fn by_mapping(shape: &Shape, p: &Parts) -> Sql {
         .map(|(i, e)| format!("{e} AS __sa_z{i}"))
         .collect();
     let in_range = format!(
-        "(SELECT s.*, {} FROM ONLY {} AS s WHERE {}) AS s",
+        "(SELECT s.*, {} FROM {} AS s WHERE {}) AS s",
         mapped_as.join(", "),
         shape.source,
         shape.range(&p.src_key)
@@ -290,7 +290,7 @@ fn by_mapping(shape: &Shape, p: &Parts) -> Sql {
         z.join(", ")
     );
     let no_source = format!(
-        "NOT EXISTS (SELECT 1 FROM ONLY {} AS s WHERE ({}) = ({}))",
+        "NOT EXISTS (SELECT 1 FROM {} AS s WHERE ({}) = ({}))",
         shape.source,
         p.mapped_key.join(", "),
         p.shadow_key.join(", ")
@@ -299,7 +299,7 @@ fn by_mapping(shape: &Shape, p: &Parts) -> Sql {
     let key_text: Vec<String> = p.shadow_key.iter().map(|c| format!("{c}::text")).collect();
     let by_text: Vec<String> = (1..=k).map(|i| format!("${i}")).collect();
     let from_source = format!(
-        "FROM ONLY {} AS s WHERE {}",
+        "FROM {} AS s WHERE {}",
         shape.source,
         shape.range(&p.src_key)
     );
@@ -316,7 +316,7 @@ fn by_mapping(shape: &Shape, p: &Parts) -> Sql {
         ),
         insert: shape.insert(p),
         extras: Some(Extras {
-            count_source: format!("SELECT count(*) FROM ONLY {}", shape.source),
+            count_source: format!("SELECT count(*) FROM {}", shape.source),
             count_shadow: format!("SELECT count(*) FROM {}", shape.shadow),
             find: format!(
                 "SELECT {} FROM {} AS t WHERE {no_source} LIMIT 1000",

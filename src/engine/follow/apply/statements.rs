@@ -213,7 +213,7 @@ impl Shape<'_> {
                     })
                     .collect();
                 format!(
-                    "(SELECT x.{} FROM ONLY {} AS x WHERE {})",
+                    "(SELECT x.{} FROM {} AS x WHERE {})",
                     quote_ident(name),
                     self.source,
                     cond.join(" AND ")
@@ -300,7 +300,7 @@ mod tests {
         let cols = columns();
         let shape = Shape {
             shadow: "s.t",
-            source: "p.t",
+            source: "ONLY p.t",
             mapping: &m,
             columns: &cols,
             key_pos: &[0],
@@ -328,7 +328,7 @@ mod tests {
         let cols = columns();
         let shape = Shape {
             shadow: "s.t",
-            source: "p.t",
+            source: "ONLY p.t",
             mapping: &m,
             columns: &cols,
             key_pos: &[0],
@@ -355,7 +355,7 @@ mod tests {
         let cols = columns();
         let shape = Shape {
             shadow: "s.t",
-            source: "p.t",
+            source: "ONLY p.t",
             mapping: &m,
             columns: &cols,
             key_pos: &[0],
@@ -381,7 +381,7 @@ mod tests {
         ];
         let shape = Shape {
             shadow: "s.t",
-            source: "p.t",
+            source: "ONLY p.t",
             mapping: &m,
             columns: &cols,
             key_pos: &[0],
@@ -391,7 +391,7 @@ mod tests {
         let only_big = mapping(vec![target("big", "\"big\"", &["big"], true)]);
         let shape = Shape {
             shadow: "s.t",
-            source: "p.t",
+            source: "ONLY p.t",
             mapping: &only_big,
             columns: &cols,
             key_pos: &[0],
@@ -411,7 +411,7 @@ mod tests {
         ];
         let shape = Shape {
             shadow: "s.t",
-            source: "p.t",
+            source: "ONLY p.t",
             mapping: &m,
             columns: &cols,
             key_pos: &[0],
