@@ -83,12 +83,7 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
     let q = t.qualified();
     match t.relkind {
         'r' => {}
-        'p' => {
-            return Err(EngineError::Preflight(format!(
-                "{q} is a partitioned table, and the shadow copy of a partitioned table is not supported yet (changes that need no copy run without `--strategy shadow-copy`, scheduling or `--postpone-cutover`); \
-                 for a change that rewrites it, run the plain ALTER TABLE in a maintenance window (it locks every partition for the rewrite), or make it in expand/contract steps. Nothing was changed"
-            )))
-        }
+        'p' => check_tree(client, &t).await?,
         other => {
             let kind = match other {
                 'v' => "a view",
@@ -98,9 +93,7 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
                 'i' | 'I' => "an index",
                 _ => "not a table",
             };
-            return Err(EngineError::BadInput(format!(
-                "{q} is {kind}, not a table"
-            )));
+            return Err(EngineError::BadInput(format!("{q} is {kind}, not a table")));
         }
     }
     if t.is_partition {
@@ -168,14 +161,68 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
     Ok(t)
 }
 
-/// `run` on a partitioned table whose plan needs the shadow copy (a rewrite, or a scan that
-/// cannot be split): refused, with the planner's reasons, the cause and the workaround.
-pub fn partitioned_needs_copy(plan: &crate::plan::Plan) -> EngineError {
-    EngineError::Preflight(format!(
-        "{} is a partitioned table and this ALTER needs a copy of it: {}",
-        plan.table,
-        plan.reasons.join("; ")
-    ))
+/// What the shadow copy of a partitioned tree does not carry yet, partition by partition: a
+/// partition's own foreign keys and NOT VALID constraints, triggers, policies, grants or row
+/// security (what the root gives it, and a partition's own indexes and valid constraints, are
+/// re-created with the shadow tree), foreign-table and unlogged partitions, and two partitions
+/// of one name (the shadow tree lives in one schema).
+async fn check_tree(client: &Client, t: &Table) -> Result<(), EngineError> {
+    let problems: Vec<String> = client
+        .query(
+            "SELECT c.oid::regclass::text || ': ' || x.problem
+             FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid
+             CROSS JOIN LATERAL (
+               SELECT 'a foreign table' WHERE c.relkind = 'f'
+               UNION ALL SELECT 'UNLOGGED' WHERE c.relpersistence = 'u'
+               UNION ALL SELECT 'row level security of its own' WHERE c.relrowsecurity
+               UNION ALL SELECT 'grants of its own' WHERE c.relacl IS NOT NULL
+               UNION ALL SELECT 'constraint ' || quote_ident(k.conname) || ' of its own'
+                 || CASE WHEN k.contype = 'f' THEN ' (a foreign key)' ELSE ' (NOT VALID)' END
+                 FROM pg_constraint k WHERE k.conrelid = c.oid AND k.conislocal AND k.conparentid = 0
+                   AND (k.contype = 'f' OR (k.contype <> 'n' AND NOT k.convalidated))
+               UNION ALL SELECT 'trigger ' || quote_ident(g.tgname) || ' of its own'
+                 FROM pg_trigger g WHERE g.tgrelid = c.oid AND NOT g.tgisinternal AND g.tgparentid = 0
+               UNION ALL SELECT 'policy ' || quote_ident(p.polname) FROM pg_policy p WHERE p.polrelid = c.oid
+               UNION ALL SELECT 'another partition of the tree has the same name'
+                 WHERE (SELECT count(*) FROM pg_partition_tree($1::oid::regclass) o JOIN pg_class oc ON oc.oid = o.relid
+                        WHERE oc.relname = c.relname) > 1
+             ) x(problem)
+             WHERE t.level > 0 ORDER BY t.level, c.oid",
+            &[&t.oid],
+        )
+        .await
+        .ctx("checking the partitions of the tree")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // the swap adds the root's foreign keys NOT VALID (validated after it): before 18,
+    // PostgreSQL refuses a NOT VALID foreign key on a partitioned table
+    let problems: Vec<String> = problems
+        .into_iter()
+        .chain(
+            client
+                .query(
+                    "SELECT 'foreign key ' || quote_ident(conname) || ' (the swap cannot add it NOT VALID to a partitioned table before PostgreSQL 18)'
+                     FROM pg_constraint WHERE conrelid = $1::oid AND contype = 'f'
+                       AND current_setting('server_version_num')::int < 180000",
+                    &[&t.oid],
+                )
+                .await
+                .ctx("checking the tree's foreign keys")?
+                .iter()
+                .map(|r| format!("{}: {}", t.qualified(), r.get::<_, String>(0))),
+        )
+        .collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(EngineError::Preflight(format!(
+        "the shadow copy of the partitioned table {} does not carry what a partition has on its own yet: {}; \
+         move it to the root (what the root has, every partition gets), drop it for the migration, \
+         or run the plain ALTER TABLE in a maintenance window. Nothing was changed",
+        t.qualified(),
+        problems.join("; ")
+    )))
 }
 
 /// How long a run waits for the per-table lock of a run that was just killed.

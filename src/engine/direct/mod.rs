@@ -53,9 +53,6 @@ pub async fn run_without_copy(
         .ctx("setting up the control session")?;
     let plan = crate::plan::build(&control, &args.table, &args.alter).await?;
     if plan.strategy == Strategy::ShadowCopy {
-        if plan.table_info.relkind == 'p' {
-            return Err(preflight::partitioned_needs_copy(&plan));
-        }
         tracing::info!("plan: shadow-copy ({})", plan.reasons.join("; "));
         return Ok(false);
     }

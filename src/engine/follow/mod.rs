@@ -6,6 +6,7 @@
 //! once a batch is large or old enough, or the stream has nothing more to give right now; only
 //! then does the applied position (and the flush position reported to the server) advance.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,6 +77,7 @@ impl Follower {
         let (marker_tx, marker) = watch::channel(0u64);
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(FollowStats::default());
+        let parts = shadow_partitions(&table, &names);
         let task = Task {
             repl,
             applier,
@@ -91,6 +93,7 @@ impl Follower {
             replaying: false,
             replayed: (0, None),
             skip_until_message,
+            parts,
         };
         let handle = tokio::spawn(task.run(stop_rx));
         Follower {
@@ -253,6 +256,9 @@ struct Task {
     /// Changes before a logical message with this prefix are not applied (the reverse stream
     /// of a soak window: before the swap's message, the new table was written by us only).
     skip_until_message: Option<String>,
+    /// For a partitioned table: its leaf partitions (the relations whose changes the stream
+    /// carries), by oid, with their shadow partitions.
+    parts: HashMap<u32, String>,
 }
 
 impl Task {
@@ -412,6 +418,7 @@ impl Task {
         m: LogicalMessage,
     ) -> Result<Option<XLogMessage>, EngineError> {
         let ours = self.table.oid;
+        let mine = |id: u32| id == ours || self.parts.contains_key(&id);
         let change = match m {
             LogicalMessage::Begin { final_lsn, xid, .. } => {
                 at.in_source_tx = true;
@@ -422,21 +429,38 @@ impl Task {
                 None
             }
             LogicalMessage::Commit { end_lsn, .. } => return self.commit(at, end_lsn).await,
-            LogicalMessage::Relation { id, columns, .. } if id == ours => {
+            LogicalMessage::Relation { id, columns, .. } if mine(id) => {
                 self.applier.set_relation(&self.table, &columns)?;
                 None
             }
-            LogicalMessage::Insert { relation, new } if relation == ours => {
-                Some(Change::Insert(new))
+            LogicalMessage::Relation {
+                namespace, name, ..
+            } if !self.parts.is_empty() => {
+                // the publication holds the tree only: a relation not in it was attached since
+                return Err(EngineError::Preflight(format!(
+                    "{}.{name} was attached to {} while the run worked (its rows are not in the shadow); \
+                     nothing was swapped. Run it again: it copies the tree as it is then",
+                    crate::sql::quote_ident(&namespace),
+                    self.table.qualified()
+                )));
             }
-            LogicalMessage::Update { relation, old, new } if relation == ours => {
+            LogicalMessage::Insert { relation, new } if mine(relation) => Some(Change::Insert(new)),
+            LogicalMessage::Update { relation, old, new } if mine(relation) => {
                 Some(Change::Update { old, new })
             }
-            LogicalMessage::Delete { relation, old } if relation == ours => {
-                Some(Change::Delete(old))
-            }
+            LogicalMessage::Delete { relation, old } if mine(relation) => Some(Change::Delete(old)),
             LogicalMessage::Truncate { relations, .. } if relations.contains(&ours) => {
-                Some(Change::Truncate)
+                Some(Change::Truncate(self.names.shadow_qualified()))
+            }
+            LogicalMessage::Truncate { relations, .. }
+                if relations.iter().any(|r| self.parts.contains_key(r)) =>
+            {
+                // partitions truncated on their own: the same partitions of the shadow
+                let parts: Vec<&str> = relations
+                    .iter()
+                    .filter_map(|r| self.parts.get(r).map(String::as_str))
+                    .collect();
+                Some(Change::Truncate(parts.join(", ")))
             }
             LogicalMessage::Message { prefix, .. }
                 if self.skip_until_message.as_deref() == Some(prefix.as_str()) =>
@@ -490,6 +514,20 @@ impl Task {
         self.applied.send_replace(at.last_commit_end);
         Ok(None)
     }
+}
+
+/// The leaf partitions of a partitioned `table` by oid, with the qualified name of their shadow
+/// partitions (same name, in the run's work schema); empty for a table.
+fn shadow_partitions(table: &Table, names: &Names) -> HashMap<u32, String> {
+    let Some(work) = names.work_schema.as_deref() else {
+        return HashMap::new();
+    };
+    table
+        .partitions
+        .iter()
+        .filter(|p| p.relkind == 'r')
+        .map(|p| (p.oid, crate::sql::qualified(work, &p.name)))
+        .collect()
 }
 
 /// A message we cannot decode, after the last commit `at` (nothing after it was applied).

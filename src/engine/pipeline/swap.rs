@@ -22,6 +22,10 @@ use crate::names::OLD_INFIX;
 use crate::sql::quote_ident;
 
 pub async fn swap(run: &mut Run<'_>, mut f: Following, gate: &mut Gate) -> Result<(), EngineError> {
+    if run.table.is_partitioned() {
+        // before the comparison, which would read an attached partition's rows as missing
+        crate::engine::shadow::tree::check_unchanged(run.control, run.table).await?;
+    }
     if run.cfg.verify {
         run.set_phase("verify", None).await;
         verify::check(run, &mut f.follower, &mut f.markers, &f.mapping).await?;

@@ -18,6 +18,7 @@
 
 mod adjust;
 mod mapping;
+pub mod tree;
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -246,6 +247,9 @@ pub async fn create(
             describe(&e)
         ))
     })?;
+    if table.is_partitioned() {
+        tree::take_partition_index_names(&tx, table.oid, &shadow).await?;
+    }
     let reattach = adjust::detach_constraints(
         &tx,
         &shadow,
@@ -327,9 +331,19 @@ async fn like_source(
         .work_schema
         .as_deref()
         .ok_or_else(|| EngineError::Internal("a shadow table needs a work schema".into()))?;
+    let partition_by = if table.is_partitioned() {
+        let key: String = tx
+            .query_one("SELECT pg_get_partkeydef($1::oid)", &[&table.oid])
+            .await
+            .ctx("reading the partition key")?
+            .get(0);
+        format!(" PARTITION BY {key}")
+    } else {
+        String::new()
+    };
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = '{}ms'; CREATE SCHEMA {w}; COMMENT ON SCHEMA {w} IS {c};
-         CREATE TABLE {shadow} (LIKE {} INCLUDING ALL); COMMENT ON TABLE {shadow} IS {c}",
+         CREATE TABLE {shadow} (LIKE {} INCLUDING ALL){partition_by}; COMMENT ON TABLE {shadow} IS {c}",
         lock_timeout.as_millis(),
         table.qualified(),
         w = quote_ident(work),
@@ -349,6 +363,10 @@ async fn like_source(
         ))
         .await
         .ctx("copying storage parameters to the shadow table")?;
+    }
+    if table.is_partitioned() {
+        tree::create_partitions(tx, table.oid, &shadow, work).await?;
+        tree::own_objects(tx, table.oid, work).await?;
     }
     Ok(())
 }

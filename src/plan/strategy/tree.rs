@@ -175,9 +175,8 @@ pub fn decide(
     if !cannot.is_empty() {
         reasons.extend(cannot);
         reasons.push(format!(
-            "`run` refuses this: it needs a shadow copy of the whole partitioned table ({n} partitions), which is not supported yet; \
-             run the plain ALTER TABLE in a maintenance window (it locks every partition for the whole rewrite), \
-             or make the change in expand/contract steps (add a new column, backfill it in batches, switch the application over, drop the old column)"
+            "a shadow copy of the whole partitioned table ({n} partitions): a shadow tree with the same partitions and bounds, \
+             filled under one snapshot while every partition's changes are followed, then one swap of the root and all partitions under a short lock"
         ));
         return TreeDecision {
             decision: Decision {

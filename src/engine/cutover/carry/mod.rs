@@ -16,6 +16,7 @@
 
 mod names;
 mod table;
+mod tree;
 mod views;
 
 use std::collections::BTreeSet;
@@ -270,6 +271,9 @@ pub async fn prepare(
         &mut c,
     )
     .await?;
+    if table.is_partitioned() {
+        tree::partitions(tx, table, names, old_suffix, &mut aside, &mut c).await?;
+    }
     for (from, to) in renames.iter().rev() {
         tx.batch_execute(&format!(
             "ALTER TABLE {src} RENAME COLUMN {} TO {}",

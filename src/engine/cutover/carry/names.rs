@@ -37,7 +37,11 @@ impl<'a> Aside<'a> {
     }
 
     /// A free name for the relation (index, sequence) `name` of the old table.
-    async fn relation(&mut self, tx: &Transaction<'_>, name: &str) -> Result<String, EngineError> {
+    pub(super) async fn relation(
+        &mut self,
+        tx: &Transaction<'_>,
+        name: &str,
+    ) -> Result<String, EngineError> {
         self.pick(tx, name, false).await
     }
 

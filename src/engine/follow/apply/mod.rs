@@ -45,7 +45,8 @@ pub enum Change {
         new: Vec<TupleValue>,
     },
     Delete(Vec<TupleValue>),
-    Truncate,
+    /// A TRUNCATE of these shadow relations (the shadow, or partitions of it).
+    Truncate(String),
 }
 
 /// Statements sent but not yet checked, at most.
@@ -110,7 +111,7 @@ impl Applier {
             window: Window::default(),
             reorder_ok: !mapping.other_unique,
             shadow: names.shadow_qualified(),
-            source: table.qualified(),
+            source: table.scan(),
             mapping: mapping.clone(),
             columns: Vec::new(),
             key_pos: Vec::new(),
@@ -308,7 +309,7 @@ impl Applier {
 
     /// Apply one change inside the current target transaction (batched with other rows).
     pub async fn apply(&mut self, change: &Change) -> Result<(), EngineError> {
-        if self.columns.is_empty() && !matches!(change, Change::Truncate) {
+        if self.columns.is_empty() && !matches!(change, Change::Truncate(_)) {
             return Err(EngineError::Stream(
                 "a change arrived before its Relation message".into(),
             ));
@@ -316,10 +317,10 @@ impl Applier {
         self.begin_if_needed().await?;
         self.pending += 1;
         let (key, params, touched) = match change {
-            Change::Truncate => {
+            Change::Truncate(target) => {
                 self.flush_window().await?;
                 self.settle_all().await?;
-                let sql = format!("TRUNCATE {}", self.shadow);
+                let sql = format!("TRUNCATE {target}");
                 self.client
                     .batch_execute(&sql)
                     .await

@@ -91,7 +91,7 @@ impl SnapshotReader {
             .collect();
         let sql = format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
-             SELECT {} FROM ONLY {source} WHERE {}; COMMIT",
+             SELECT {} FROM {source} WHERE {}; COMMIT",
             quote_literal(&self.snapshot),
             select.join(", "),
             cond.join(" AND ")
@@ -132,13 +132,18 @@ impl SnapshotReader {
     }
 }
 
-/// The table's current relfilenode.
+/// The storage the table's rows are in, as one number: its relfilenode, or for a partitioned
+/// table a hash of its partitions' (a TRUNCATE of any of them changes it).
+const STORAGE: &str = "coalesce((SELECT CASE WHEN c.relkind = 'p' THEN
+        (SELECT (hashtext(string_agg(coalesce(pg_relation_filenode(t.relid), 0)::text, ',' ORDER BY t.relid))::bigint
+                 & 4294967295)::text::oid
+         FROM pg_partition_tree(c.oid::regclass) t WHERE t.isleaf)
+      ELSE pg_relation_filenode(c.oid) END FROM pg_class c WHERE c.oid = $1::oid), 0)::oid";
+
+/// The table's current storage ([`STORAGE`]).
 pub async fn filenode(client: &Client, oid: u32) -> Result<u32, EngineError> {
     Ok(client
-        .query_one(
-            "SELECT coalesce(pg_relation_filenode($1::oid), 0)::oid",
-            &[&oid],
-        )
+        .query_one(&format!("SELECT {STORAGE}"), &[&oid])
         .await
         .ctx("reading the table's relfilenode")?
         .get(0))
@@ -152,7 +157,7 @@ pub async fn truncated_since(
 ) -> Result<Option<Lsn>, EngineError> {
     let r = client
         .query_one(
-            "SELECT coalesce(pg_relation_filenode($1::oid), 0)::oid, pg_current_wal_insert_lsn()::text",
+            &format!("SELECT {STORAGE}, pg_current_wal_insert_lsn()::text"),
             &[&oid],
         )
         .await
@@ -207,7 +212,7 @@ impl Applier {
     /// rows gather in the window as whole-row upserts and deletes, and a key seen again sends
     /// the window first, so the changes to one key keep their order.
     pub async fn apply_idempotent(&mut self, change: &Change) -> Result<(), EngineError> {
-        if self.columns.is_empty() && !matches!(change, Change::Truncate) {
+        if self.columns.is_empty() && !matches!(change, Change::Truncate(_)) {
             return Err(EngineError::Stream(
                 "a change arrived before its Relation message".into(),
             ));
@@ -215,11 +220,11 @@ impl Applier {
         self.begin_if_needed().await?;
         self.pending += 1;
         match change {
-            Change::Truncate => {
+            Change::Truncate(target) => {
                 self.flush_window().await?;
                 self.settle_all().await?;
                 self.client
-                    .batch_execute(&format!("TRUNCATE {}", self.shadow))
+                    .batch_execute(&format!("TRUNCATE {target}"))
                     .await
                     .ctx("replaying a TRUNCATE")?;
             }

@@ -620,21 +620,21 @@ fn metadata_subcommands_around_a_split_one_keep_their_order() {
     assert_eq!(d.touches.len(), 11);
 }
 
-fn assert_refused(d: &TreeDecision, why: &str) {
+fn assert_copied(d: &TreeDecision, why: &str) {
     assert_eq!(d.decision.strategy, Strategy::ShadowCopy);
     assert!(d.decision.steps.is_empty() && d.touches.is_empty());
     let r = &d.decision.reasons;
     assert!(r.iter().any(|r| r.contains(why)), "{why:?} not in {r:?}");
     assert!(
         r.last().unwrap().starts_with(
-            "`run` refuses this: it needs a shadow copy of the whole partitioned table (5 partitions), which is not supported yet"
+            "a shadow copy of the whole partitioned table (5 partitions): a shadow tree with the same partitions and bounds"
         ),
         "{r:?}"
     );
 }
 
 #[test]
-fn rewrite_of_every_partition_is_refused_even_next_to_a_change_that_splits() {
+fn rewrite_of_every_partition_takes_the_shadow_copy_even_next_to_a_change_that_splits() {
     let t = ev();
     let d = plan(
         &t,
@@ -647,7 +647,7 @@ fn rewrite_of_every_partition_is_refused_even_next_to_a_change_that_splits() {
             None,
         )],
     );
-    assert_refused(
+    assert_copied(
         &d,
         "`ALTER COLUMN ref TYPE bigint` rewrites every partition",
     );
@@ -672,14 +672,14 @@ fn rewrite_of_every_partition_is_refused_even_next_to_a_change_that_splits() {
             ),
         ],
     );
-    assert_refused(
+    assert_copied(
         &d,
         "`ALTER COLUMN note TYPE varchar(10)` rewrites every partition",
     );
 }
 
 #[test]
-fn blocking_work_that_cannot_be_split_per_leaf_is_refused_with_the_reason() {
+fn blocking_work_that_cannot_be_split_per_leaf_takes_the_shadow_copy_with_the_reason() {
     let t = ev();
     let cases = [
         (
@@ -715,17 +715,17 @@ fn blocking_work_that_cannot_be_split_per_leaf_is_refused_with_the_reason() {
     ];
     for (sql, effect, scan, why) in cases {
         let d = plan(&t, sql, &[on_root(&t, sql, effect, AE, scan)]);
-        assert_refused(&d, &format!("`{sql}` {why}"));
+        assert_copied(&d, &format!("`{sql}` {why}"));
     }
 }
 
 #[test]
-fn unique_on_a_tree_whose_partition_has_an_unknown_parent_is_refused() {
+fn unique_on_a_tree_whose_partition_has_an_unknown_parent_takes_the_shadow_copy() {
     let mut t = ev();
     t.partitions[2].parent = "\"public\".\"elsewhere\"".into();
     let sql = "ADD UNIQUE (day, id)";
     let d = plan(&t, sql, &[unique_analysis(&t, sql)]);
-    assert_refused(&d, "has a partition whose parent is not in the tree");
+    assert_copied(&d, "has a partition whose parent is not in the tree");
 }
 
 #[test]

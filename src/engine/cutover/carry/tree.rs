@@ -1,0 +1,113 @@
+//! A partitioned table's partitions at the swap. The old tree's partitions and their indexes
+//! step aside (the suffix the old root takes), and the shadow's partitions, which already have
+//! their names and bounds and whose indexes have the names the source's had, move from the
+//! run's work schema into each partition's schema with its owner and comment. Nothing of a
+//! partition needs re-creating: what a partition has comes from the root (the preflight refuses
+//! a tree whose partitions have objects of their own).
+//!
+//! Invariant: the swap only happens for the tree the shadow was built from; a partition
+//! attached, detached or renamed since the run started fails the swap (nothing is swapped, and
+//! the run says to start again).
+
+use std::collections::{BTreeSet, HashMap};
+
+use tokio_postgres::Transaction;
+
+use super::names::Aside;
+use super::Carry;
+use crate::catalog::Table;
+use crate::db::Ctx;
+use crate::engine::error::EngineError;
+use crate::names::Names;
+use crate::sql::{qualified, quote_ident, quote_literal};
+
+/// Add the partitions' renames and moves to `c`; `aside` picks free names in the root's schema.
+pub(super) async fn partitions(
+    tx: &Transaction<'_>,
+    table: &Table,
+    names: &Names,
+    suffix: &str,
+    aside: &mut Aside<'_>,
+    c: &mut Carry,
+) -> Result<(), EngineError> {
+    let work = names
+        .work_schema
+        .as_deref()
+        .ok_or_else(|| EngineError::Internal("a shadow tree needs a work schema".into()))?;
+    let rows = tx
+        .query(
+            "SELECT c.oid, n.nspname::text, c.relname::text, pg_get_userbyid(c.relowner)::text,
+                    obj_description(c.oid, 'pg_class')
+             FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE t.level > 0 ORDER BY t.level, c.oid",
+            &[&table.oid],
+        )
+        .await
+        .ctx("reading the partitions to swap")?;
+    crate::engine::shadow::tree::check_unchanged(tx, table).await?;
+    // other schemas than the root's get their own free-name checks
+    let schemas: BTreeSet<String> = rows
+        .iter()
+        .map(|r| r.get::<_, String>(1))
+        .filter(|s| *s != table.schema)
+        .collect();
+    let mut others: HashMap<&str, Aside<'_>> = schemas
+        .iter()
+        .map(|s| (s.as_str(), Aside::new(s, suffix, "")))
+        .collect();
+    for r in &rows {
+        let (schema, name, owner, comment): (String, String, String, Option<String>) =
+            (r.get(1), r.get(2), r.get(3), r.get(4));
+        let oid: u32 = r.get(0);
+        let away = match others.get_mut(schema.as_str()) {
+            None => aside.relation(tx, &name).await?,
+            Some(other) => other.relation(tx, &name).await?,
+        };
+        c.make_room.push(format!(
+            "ALTER TABLE {} RENAME TO {}",
+            qualified(&schema, &name),
+            quote_ident(&away)
+        ));
+        for ix in tx
+            .query(
+                "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                 WHERE i.indrelid = $1 ORDER BY c.relname",
+                &[&oid],
+            )
+            .await
+            .ctx("reading a partition's indexes")?
+        {
+            let ix: String = ix.get(0);
+            let ix_away = match others.get_mut(schema.as_str()) {
+                None => aside.relation(tx, &ix).await?,
+                Some(other) => other.relation(tx, &ix).await?,
+            };
+            c.make_room.push(format!(
+                "ALTER INDEX {} RENAME TO {}",
+                qualified(&schema, &ix),
+                quote_ident(&ix_away)
+            ));
+        }
+        let new = qualified(&schema, &name);
+        if schema != work {
+            c.move_in.push(format!(
+                "ALTER TABLE {} SET SCHEMA {}",
+                qualified(work, &name),
+                quote_ident(&schema)
+            ));
+        }
+        c.move_in.push(format!(
+            "ALTER TABLE {new} OWNER TO {}",
+            quote_ident(&owner)
+        ));
+        if let Some(text) = comment {
+            c.move_in.push(format!(
+                "COMMENT ON TABLE {new} IS {}",
+                quote_literal(&text)
+            ));
+        }
+    }
+    c.summary.push(format!("{} partitions", rows.len()));
+    Ok(())
+}

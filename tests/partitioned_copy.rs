@@ -1,0 +1,521 @@
+//! The shadow copy of a whole partitioned tree for rewriting ALTERs: a range tree (four
+//! partitions and a default one, out-of-line TOASTed values, a leaf's own index, CHECK and
+//! storage parameter) altered under writes mirrored on a twin tree (inserts, updates, rows moving
+//! between partitions, deletes, a truncate of one partition) ends equal row for row to the twin
+//! altered with plain DDL, shaped as a plain ALTER leaves it, with nothing left behind; a run
+//! killed with SIGKILL during the copy resumes; a partition attached meanwhile stops the run.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio_postgres::Client;
+
+use shadow_alter::engine::{EngineError, RunConfig};
+use support::migration::{run, shadow_copy_args};
+use support::process::{exited, spawn};
+use support::tree::tree_state;
+use support::workload::{assert_nothing_left, diff};
+use support::{connect, count, fresh_db, wait_until};
+
+const ALTER: &str = "ALTER COLUMN qty TYPE bigint";
+/// Rows get days 0..460: four ranges of 100 days, and from 400 on the default partition.
+const DAYS: i32 = 460;
+const LEAVES: [&str; 5] = ["ev_def", "ev_p1", "ev_p2", "ev_p3", "ev_p4"];
+
+/// The tree `t` (`ev` or its twin `ev_mirror`, whose objects are named alike).
+fn tree_ddl(t: &str) -> String {
+    let mut sql = format!(
+        "CREATE TABLE {t} (id bigint NOT NULL, day int NOT NULL, qty int NOT NULL, note text, big text,
+                          PRIMARY KEY (day, id)) PARTITION BY RANGE (day);"
+    );
+    for p in 1..=4 {
+        sql += &format!(
+            "CREATE TABLE {t}_p{p} PARTITION OF {t} FOR VALUES FROM ({}) TO ({});",
+            (p - 1) * 100,
+            p * 100
+        );
+    }
+    // out of line, so that updates leaving `big` alone stream it as 'unchanged'
+    sql + &format!(
+        "CREATE TABLE {t}_def PARTITION OF {t} DEFAULT;
+         ALTER TABLE {t} ALTER COLUMN big SET STORAGE EXTERNAL;
+         CREATE INDEX {t}_qty_idx ON {t} (qty);
+         CREATE INDEX {t}_p2_note_idx ON {t}_p2 (note);
+         ALTER TABLE {t}_p1 ADD CONSTRAINT {t}_p1_qty_check CHECK (qty >= 0);
+         ALTER TABLE {t}_p4 SET (fillfactor = 80);"
+    )
+}
+
+async fn create_trees(c: &Client, rows: i64) {
+    c.batch_execute(&format!(
+        "{}{}
+         INSERT INTO ev SELECT i, i % {DAYS}, i % 1000, 'n' || i,
+                               CASE WHEN i % 50 = 0 THEN repeat(md5(i::text), 400) END
+         FROM generate_series(1, {rows}) i;
+         INSERT INTO ev_mirror SELECT * FROM ev;
+         ANALYZE ev; ANALYZE ev_mirror;",
+        tree_ddl("ev"),
+        tree_ddl("ev_mirror")
+    ))
+    .await
+    .expect("create the tree and its mirror");
+}
+
+/// `sql` on ev and on ev_mirror, in one transaction.
+fn both(sql: impl Fn(&str) -> String) -> String {
+    format!("BEGIN; {}; {}; COMMIT", sql("ev"), sql("ev_mirror"))
+}
+
+/// A random day in range partition `part` (0..=3), or in the default one (4).
+fn day_in(rng: &mut StdRng, part: i32) -> i32 {
+    if part == 4 {
+        rng.gen_range(400..DAYS)
+    } else {
+        part * 100 + rng.gen_range(0..100)
+    }
+}
+
+/// A value for `big` (out of line) with probability `p`, else NULL.
+fn big(rng: &mut StdRng, p: f64) -> String {
+    match rng.gen_bool(p) {
+        true => format!("repeat('{:016x}', 300)", rng.gen::<u64>()),
+        false => "NULL".into(),
+    }
+}
+
+/// One write on a writer's own rows (`mine`: id and day), new ids from `next`.
+fn random_write(rng: &mut StdRng, mine: &mut Vec<(i64, i32)>, next: &mut i64) -> String {
+    let op = rng.gen_range(0..100);
+    if op < 25 || mine.is_empty() {
+        *next += 1;
+        let (id, day, qty) = (*next, rng.gen_range(0..DAYS), rng.gen_range(0..1000));
+        let big = big(rng, 0.2);
+        mine.push((id, day));
+        return both(|t| format!("INSERT INTO {t} VALUES ({id}, {day}, {qty}, 'w{id}', {big})"));
+    }
+    let at = rng.gen_range(0..mine.len());
+    let (id, day) = mine[at];
+    let row = format!("day = {day} AND id = {id}");
+    match op {
+        25..=49 => both(|t| format!("UPDATE {t} SET qty = qty + 1, note = 'u' || qty WHERE {row}")),
+        50..=57 => {
+            let big = big(rng, 0.75);
+            both(|t| format!("UPDATE {t} SET big = {big} WHERE {row}"))
+        }
+        // the key changes: mostly across a bound, the row moving to another partition (into or
+        // out of the default one too), else within its partition
+        58..=79 => {
+            let part = ((day / 100).min(4) + rng.gen_range(0..6)) % 5;
+            let to = day_in(rng, part);
+            mine[at].1 = to;
+            both(|t| format!("UPDATE {t} SET day = {to}, qty = qty + 1 WHERE {row}"))
+        }
+        _ => {
+            mine.swap_remove(at);
+            both(|t| format!("DELETE FROM {t} WHERE {row}"))
+        }
+    }
+}
+
+/// Writers on ev and ev_mirror; writer `w` of `n` owns the rows whose id is `w` modulo `n` and
+/// the ids it inserts, so no two write the same row. Rows a truncate removed stay in its list:
+/// writing them changes no row, on either tree.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Writers {
+    async fn start(url: &str, n: i64, rows: i64) -> Writers {
+        let (stop, done) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let tasks = (0..n)
+            .map(|w| {
+                let (url, stop, done) = (url.to_string(), stop.clone(), done.clone());
+                tokio::spawn(async move {
+                    let c = connect(&url).await;
+                    let mut rng = StdRng::seed_from_u64(w as u64 + 11);
+                    let mut mine: Vec<(i64, i32)> = (1..=rows)
+                        .filter(|i| i % n == w)
+                        .map(|i| (i, (i % DAYS as i64) as i32))
+                        .collect();
+                    let (mut next, mut errors) = (10_000_000 * (w + 1), Vec::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        let sql = random_write(&mut rng, &mut mine, &mut next);
+                        if let Err(e) = c.batch_execute(&sql).await {
+                            errors.push(format!("{e:?} in {sql}"));
+                            let _ = c.batch_execute("ROLLBACK").await;
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    errors
+                })
+            })
+            .collect();
+        let w = Writers { stop, done, tasks };
+        w.wait_for_more(50).await;
+        w
+    }
+
+    async fn wait_for_more(&self, n: u64) {
+        let from = self.done.load(Ordering::Relaxed);
+        wait_until(Duration::from_secs(60), "the writers to write", || async {
+            self.done.load(Ordering::Relaxed) >= from + n
+        })
+        .await;
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for t in self.tasks {
+            errors.extend(t.await.expect("a writer"));
+        }
+        assert!(errors.is_empty(), "writers saw errors: {errors:#?}");
+    }
+}
+
+/// TRUNCATE ev_p3 and its twin in one transaction, then refill the range.
+async fn truncate_p3(c: &Client) {
+    let refill = |t: &str| {
+        format!(
+            "INSERT INTO {t} SELECT 50000000 + i, 200 + i % 100, i, 'refill',
+               CASE WHEN i % 10 = 0 THEN repeat(md5(i::text), 400) END FROM generate_series(1, 500) i"
+        )
+    };
+    c.batch_execute(&format!(
+        "BEGIN; TRUNCATE ev_p3; TRUNCATE ev_mirror_p3; COMMIT; {}",
+        both(refill)
+    ))
+    .await
+    .expect("truncate ev_p3 and its twin, then refill the range");
+}
+
+/// Wait until the copy has checkpointed a chunk (true), or `ended` says the run is over (false).
+async fn copy_under_way(c: &Client, mut ended: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if ended() {
+            return false;
+        }
+        let sql = "SELECT 1 FROM shadow_alter.checkpoints WHERE watermark IS NOT NULL";
+        if c.query_opt(sql, &[]).await.is_ok_and(|r| r.is_some()) {
+            return true;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no copy chunk checkpointed in 60s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Start a run in-process; return once its copy is under way (or fail with how the run ended).
+async fn start_run(c: &Client, a: RunConfig) -> tokio::task::JoinHandle<Result<(), EngineError>> {
+    let migration = tokio::spawn(run(a));
+    if !copy_under_way(c, || migration.is_finished()).await {
+        panic!(
+            "the run ended before its copy got under way: {:?}",
+            migration.await
+        );
+    }
+    migration
+}
+
+/// `sql` (one text column) as a sorted list.
+async fn lines(c: &Client, sql: &str) -> Vec<String> {
+    let rows = c.query(sql, &[]).await.expect(sql);
+    let mut v: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    v.sort();
+    v
+}
+
+/// The partitions of ev are `leaves`, attached to it, and qty is of type `ty` in all of them.
+async fn assert_tree(c: &Client, ty: &str, leaves: &[&str]) {
+    let sql = "SELECT format('%s of %s: qty %s', t.relid::regclass, t.parentrelid::regclass, format_type(a.atttypid, a.atttypmod))
+               FROM pg_partition_tree('ev') t JOIN pg_attribute a ON a.attrelid = t.relid AND a.attname = 'qty'";
+    let leaves = leaves.iter().map(|l| format!("{l} of ev: qty {ty}"));
+    let mut want: Vec<String> = leaves.chain([format!("ev of : qty {ty}")]).collect();
+    want.sort();
+    assert_eq!(
+        lines(c, sql).await,
+        want,
+        "the partitions of ev and their qty"
+    );
+}
+
+/// The tree `root` as a plain ALTER leaves it, with the twin's names made ev's: partitions,
+/// bounds, kinds and storage parameters; columns; each index (validity, definition, the root
+/// index it is attached to); constraints (NOT NULL ones show as the columns' notnull).
+async fn shape(c: &Client, root: &str) -> Vec<String> {
+    let sql = format!(
+        "WITH t AS (SELECT * FROM pg_partition_tree('{root}'))
+         SELECT replace(x, 'ev_mirror', 'ev') FROM (SELECT format('rel %s of %s leaf=%s kind=%s bound=%s options=%s', t.relid::regclass, t.parentrelid::regclass,
+                       t.isleaf, c.relkind, pg_get_expr(c.relpartbound, c.oid), c.reloptions)
+           FROM t JOIN pg_class c ON c.oid = t.relid
+         UNION ALL SELECT format('col %s %s %s %s notnull=%s storage=%s', a.attrelid::regclass, a.attnum, a.attname,
+                       format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attstorage)
+           FROM t JOIN pg_attribute a ON a.attrelid = t.relid WHERE a.attnum > 0 AND NOT a.attisdropped
+         UNION ALL SELECT format('idx %s valid=%s %s', i.indexrelid::regclass, i.indisvalid, pg_get_indexdef(i.indexrelid))
+           FROM t JOIN pg_index i ON i.indrelid = t.relid
+         UNION ALL SELECT format('idx %s of %s', x.relid::regclass, x.parentrelid::regclass)
+           FROM t JOIN pg_index i ON i.indrelid = t.relid CROSS JOIN LATERAL pg_partition_tree(i.indexrelid) x
+          WHERE t.level = 0 AND x.level > 0
+         UNION ALL SELECT format('con %s %s %s validated=%s %s', k.conrelid::regclass, k.conname, k.contype,
+                       k.convalidated, pg_get_constraintdef(k.oid))
+           FROM t JOIN pg_constraint k ON k.conrelid = t.relid WHERE k.contype <> 'n') s(x)"
+    );
+    lines(c, &sql).await
+}
+
+async fn assert_same_shape(c: &Client, when: &str) {
+    let (ev, mirror) = (shape(c, "ev").await, shape(c, "ev_mirror").await);
+    let only = |a: &[String], b: &[String]| {
+        a.iter()
+            .filter(|l| !b.contains(l))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        ev == mirror,
+        "{when}: the tree is not shaped as the mirror\nonly on ev: {:#?}\nonly on the mirror (names mapped to ev's): {:#?}",
+        only(&ev, &mirror),
+        only(&mirror, &ev)
+    );
+}
+
+/// Rows of `a` that `b` lacks (EXCEPT ALL on every column and the partition of the row): how
+/// many, and the first few.
+async fn only_in(c: &Client, a: &str, b: &str) -> (i64, String) {
+    let rows = |t: &str| {
+        format!("SELECT replace(tableoid::regclass::text, 'ev_mirror', 'ev') AS leaf, id, day, qty::bigint AS qty, note, big FROM {t}")
+    };
+    let r = c
+        .query_one(
+            &format!(
+                "WITH d AS ({} EXCEPT ALL {}) SELECT (SELECT count(*) FROM d),
+                   (SELECT string_agg(format('  %s: day %s, id %s, qty %s, note %s, big %s', leaf, day, id, qty, note,
+                                             coalesce(length(big) || ' chars md5 ' || md5(big), 'NULL')), E'\\n')
+                      FROM (SELECT * FROM d ORDER BY id, day LIMIT 5) f)",
+                rows(a),
+                rows(b)
+            ),
+            &[],
+        )
+        .await
+        .expect("compare the rows");
+    (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default())
+}
+
+/// The plain ALTER on the mirror, then: the tree equals it row for row, and in shape.
+async fn assert_equals_mirror(c: &Client) {
+    c.batch_execute(&format!("ALTER TABLE ev_mirror {ALTER}"))
+        .await
+        .expect("the plain ALTER on the mirror");
+    assert_tree(c, "bigint", &LEAVES).await;
+    let ((n_ev, ev), (n_mirror, mirror)) = (
+        only_in(c, "ev", "ev_mirror").await,
+        only_in(c, "ev_mirror", "ev").await,
+    );
+    let total = count(c, "SELECT count(*) FROM ev").await;
+    assert!(
+        n_ev == 0 && n_mirror == 0,
+        "ev ({total} rows) differs from the mirror: {n_ev} rows only in ev, the first:\n{ev}\n\
+         {n_mirror} rows only in the mirror, the first:\n{mirror}"
+    );
+    assert!(total > 10_000, "{total} rows");
+    assert_same_shape(c, "after the run").await;
+}
+
+/// What `assert_nothing_left` checks (slots, publications, shadow tables, work schemas, origins),
+/// and no relation or constraint named like ours, no invalid index, no checkpoint.
+async fn assert_nothing_left_behind(c: &Client) {
+    assert_nothing_left(c).await;
+    let ours = lines(
+        c,
+        "SELECT format('relation %s', c.oid::regclass) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+            AND (c.relname LIKE '%\\_\\_sa%' OR c.relname LIKE '%sa\\_old%')
+         UNION ALL SELECT format('constraint %s on %s', conname, conrelid::regclass) FROM pg_constraint
+          WHERE conname LIKE '%\\_\\_sa%'
+         UNION ALL SELECT format('invalid index %s', indexrelid::regclass) FROM pg_index WHERE NOT indisvalid",
+    )
+    .await;
+    assert!(ours.is_empty(), "left behind: {ours:#?}");
+    if count(c, "SELECT count(to_regclass('shadow_alter.checkpoints'))").await > 0 {
+        let n = count(c, "SELECT count(*) FROM shadow_alter.checkpoints").await;
+        assert_eq!(n, 0, "a checkpoint was left behind");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rewriting_alter_on_a_range_tree_under_writes_equals_the_mirror() {
+    let url = fresh_db("tree_copy").await;
+    let c = connect(&url).await;
+    create_trees(&c, 200_000).await;
+    assert_same_shape(&c, "before the run (the test's own setup)").await;
+    let writers = Writers::start(&url, 3, 200_000).await;
+    let mut a = shadow_copy_args(&url, "ev", ALTER);
+    // postponed: the truncate reaches the run before its swap
+    (a.chunk_size, a.drop_old, a.postpone_cutover) = (2_000, true, true);
+    let migration = start_run(&c, a).await;
+    truncate_p3(&c).await;
+    writers.wait_for_more(200).await;
+    if migration.is_finished() {
+        panic!(
+            "the run ended before its cutover was requested: {:?}",
+            migration.await
+        );
+    }
+    shadow_alter::ops::cutover(Some(&url), "ev", None)
+        .await
+        .expect("request the cutover");
+    migration.await.expect("join").expect("the run");
+    writers.wait_for_more(100).await;
+    writers.stop().await;
+    assert_equals_mirror(&c).await;
+    assert_nothing_left_behind(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tree_copy_killed_with_sigkill_resumes_and_equals_the_mirror() {
+    let url = fresh_db("tree_kill").await;
+    let c = connect(&url).await;
+    create_trees(&c, 120_000).await;
+    let before = shape(&c, "ev").await;
+    let writers = Writers::start(&url, 2, 120_000).await;
+    let flags = "--strategy shadow-copy --chunk-size 1000 --chunk-pause 20ms --lock-timeout 500ms";
+    let mut args = vec![
+        "run",
+        "--table",
+        "ev",
+        "--alter",
+        ALTER,
+        "--progress",
+        "none",
+    ];
+    args.extend(flags.split(' ').chain(["--drop-old"]));
+    let mut child = spawn(&url, &args);
+    if !copy_under_way(&c, || child.try_wait().expect("the run").is_some()).await {
+        panic!(
+            "the run ended before its copy got under way: {:?}",
+            child.wait()
+        );
+    }
+    let phase = support::process::phase(&c, "public.ev").await;
+    support::process::kill(child);
+    assert_eq!(phase, "copy", "killed during the copy of the tree");
+    // the original tree serves, as it was; the run's progress is kept for the rerun
+    assert!(count(&c, "SELECT count(*) FROM ev").await > 0);
+    assert_tree(&c, "integer", &LEAVES).await;
+    assert_eq!(
+        shape(&c, "ev").await,
+        before,
+        "the killed run changed the tree"
+    );
+    let kept = count(&c, "SELECT count(*) FROM pg_replication_slots WHERE NOT temporary AND database = current_database()").await;
+    assert!(kept >= 1, "the persistent slot survives the kill");
+    assert!(count(&c, "SELECT count(*) FROM shadow_alter.checkpoints").await >= 1);
+    writers.wait_for_more(100).await;
+
+    let rows = count(&c, "SELECT count(*) FROM ev").await;
+    let mut child = spawn(&url, &args);
+    let status = exited(&mut child, Duration::from_secs(180)).await;
+    if status.is_none() {
+        support::process::kill(child);
+    }
+    assert!(status.is_some_and(|s| s.success()), "the rerun: {status:?}");
+    // what the killed run copied (a chunk at least) is not copied again
+    let sql = "SELECT rows_copied FROM shadow_alter.migrations WHERE table_name = 'public.ev'";
+    let copied = count(&c, sql).await;
+    assert!(
+        copied < rows - 500,
+        "the rerun copied {copied} rows of {rows}: it started over"
+    );
+    writers.wait_for_more(100).await;
+    writers.stop().await;
+    assert_equals_mirror(&c).await;
+    assert_nothing_left_behind(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_attached_during_a_tree_copy_stops_it_before_the_swap() {
+    let url = fresh_db("tree_attach").await;
+    let c = connect(&url).await;
+    create_trees(&c, 60_000).await;
+    let without_p5 = |s: String| {
+        s.lines()
+            .filter(|l| !l.contains("ev_p5"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let before = tree_state(&c, "ev").await;
+    let mut a = shadow_copy_args(&url, "ev", ALTER);
+    (a.chunk_size, a.chunk_pause, a.drop_old) = (1_000, Duration::from_millis(20), true);
+    let mut postponed = a.clone();
+    postponed.postpone_cutover = true;
+    let migration = start_run(&c, postponed).await;
+    c.batch_execute(
+        "CREATE TABLE ev_p5 (LIKE ev INCLUDING DEFAULTS);
+         INSERT INTO ev_p5 SELECT 900000 + i, 1000 + i % 100, i, 'p5', NULL FROM generate_series(1, 50) i;
+         ALTER TABLE ev ATTACH PARTITION ev_p5 FOR VALUES FROM (1000) TO (1100)",
+    )
+    .await
+    .expect("attach a partition during the copy");
+    // let a run that has not stopped yet go for its swap
+    wait_until(
+        Duration::from_secs(120),
+        "the run to stop or wait for its cutover",
+        || async {
+            migration.is_finished() || support::process::phase(&c, "public.ev").await == "waiting"
+        },
+    )
+    .await;
+    if !migration.is_finished() {
+        let _ = shadow_alter::ops::cutover(Some(&url), "ev", None).await;
+    }
+    let err = migration
+        .await
+        .expect("join")
+        .expect_err("the run must stop: the tree changed");
+    let text = err.to_string();
+    let low = text.to_lowercase();
+    let changed =
+        (low.contains("partition") && low.contains("changed")) || low.contains("attached");
+    assert!(
+        changed && (low.contains("run it again") || low.contains("run again")),
+        "the error must say the partitions changed and to run it again: {text}"
+    );
+    let leaves = ["ev_def", "ev_p1", "ev_p2", "ev_p3", "ev_p4", "ev_p5"];
+    assert_tree(&c, "integer", &leaves).await;
+    assert_eq!(
+        without_p5(tree_state(&c, "ev").await),
+        without_p5(before),
+        "the tree changed"
+    );
+    let (old_rows, ev_mirror) = ("(SELECT * FROM ev WHERE day < 1000) e", "ev_mirror");
+    assert_eq!(
+        diff(&c, old_rows, ev_mirror).await,
+        (0, 0, 60_000),
+        "the rows of the tree changed"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM ev WHERE day >= 1000").await,
+        50
+    );
+    assert_nothing_left_behind(&c).await;
+
+    // as the error says: run again, for the tree as it is now
+    run(a).await.expect("the rerun");
+    assert_tree(&c, "bigint", &leaves).await;
+    assert_eq!(count(&c, "SELECT count(*) FROM ev_p5").await, 50);
+    assert_nothing_left_behind(&c).await;
+}
