@@ -11,7 +11,9 @@
 //! naming the constraint; the caller's cleanup drops the shadow as for every other failure.
 //!
 //! Left in place during the copy: indexes a foreign key depends on (another module owns foreign
-//! keys) and indexes in a non-default tablespace (`pg_get_indexdef` does not carry it).
+//! keys), indexes in a non-default tablespace (`pg_get_indexdef` does not carry it), and a
+//! partitioned shadow's constraint indexes (PostgreSQL refuses `USING INDEX` on a partitioned
+//! table); its other indexes are built again on the root, which builds them on every partition.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -125,6 +127,7 @@ pub async fn defer(
     client: &mut Client,
     names: &Names,
     source_oid: u32,
+    partitioned: bool,
 ) -> Result<Deferred, EngineError> {
     let shadow = names.shadow_qualified();
     let tx = client
@@ -164,13 +167,17 @@ pub async fn defer(
     let mut indexes = Vec::new();
     let mut drops = Vec::new();
     for r in &rows {
-        let keep: bool = r.get(8);
+        // a partitioned shadow keeps its PRIMARY KEY / UNIQUE / EXCLUDE constraints: they
+        // could not be attached back with USING INDEX
+        let keep: bool = r.get(8) || (partitioned && r.get::<_, Option<String>>(2).is_some());
         let name: String = r.get(0);
         if keep {
             tracing::debug!("index {name} stays on the shadow during the copy");
             continue;
         }
-        let indexdef: String = r.get(1);
+        // a partitioned index is defined `ON ONLY` the root: built again on the root, it is
+        // built on every partition
+        let indexdef = r.get::<_, String>(1).replacen(" ON ONLY ", " ON ", 1);
         let contype: Option<String> = r.get(2);
         let condef: Option<String> = r.get(3);
         let backs = match (contype.as_deref(), &condef) {

@@ -321,6 +321,15 @@ async fn build_indexes(
         }
     }
     run.progress.finish_phase();
+    if run.table.is_partitioned() {
+        let mut c = connect(run.config, "naming the shadow partitions' indexes").await?;
+        crate::engine::shadow::tree::name_built_indexes(
+            &mut c,
+            run.table.oid,
+            &run.names.shadow_qualified(),
+        )
+        .await?;
+    }
     tracing::info!(
         "{} indexes built in {:.1}s",
         missing.len(),

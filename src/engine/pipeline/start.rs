@@ -244,13 +244,8 @@ async fn prepare(
     );
     // an object using a column the ALTER drops could not be re-created at the swap
     carry::check(run.control, table, &mapping).await?;
-    // indexes are built after the bulk copy, like a rewrite does (a partitioned shadow keeps
-    // them: a primary key cannot be attached to a partitioned table with USING INDEX)
-    let deferred = if table.is_partitioned() {
-        Deferred::default()
-    } else {
-        indexes::defer(&mut ddl, names, table.oid).await?
-    };
+    // indexes are built after the bulk copy, like a rewrite does
+    let deferred = indexes::defer(&mut ddl, names, table.oid, table.is_partitioned()).await?;
 
     // 2. publication for the source, before the slot so the slot sees it from the start
     run.ledger.record(Created::Publication);

@@ -181,6 +181,25 @@ pub(super) async fn take_partition_index_names(
     Ok(())
 }
 
+/// Once the deferred indexes are built again on the shadow root (which builds them on every
+/// partition under names of PostgreSQL's choosing): the partitions' indexes take the names the
+/// source's have.
+pub async fn name_built_indexes(
+    client: &mut tokio_postgres::Client,
+    root: u32,
+    shadow: &str,
+) -> Result<(), EngineError> {
+    let tx = client
+        .transaction()
+        .await
+        .ctx("starting to name the shadow partitions' indexes")?;
+    take_partition_index_names(&tx, root, shadow).await?;
+    tx.commit()
+        .await
+        .ctx("committing the shadow partitions' index names")?;
+    Ok(())
+}
+
 /// Fails when the partitions under `table` are no longer those the run started with (attached,
 /// detached or dropped since): the shadow tree was built for the tree as it was.
 pub async fn check_unchanged<C: GenericClient>(c: &C, table: &Table) -> Result<(), EngineError> {
