@@ -11,9 +11,10 @@
 //! naming the constraint; the caller's cleanup drops the shadow as for every other failure.
 //!
 //! Left in place during the copy: indexes a foreign key depends on (another module owns foreign
-//! keys), indexes in a non-default tablespace (`pg_get_indexdef` does not carry it), and a
-//! partitioned shadow's constraint indexes (PostgreSQL refuses `USING INDEX` on a partitioned
-//! table); its other indexes are built again on the root, which builds them on every partition.
+//! keys) and indexes in a non-default tablespace (`pg_get_indexdef` does not carry it). A
+//! partitioned shadow's indexes are built again on its root, which builds them on every
+//! partition; its PRIMARY KEY and UNIQUE constraints are added back whole (PostgreSQL refuses
+//! `USING INDEX` on a partitioned table).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -45,7 +46,8 @@ enum Backs {
         deferrable: bool,
         deferred: bool,
     },
-    /// EXCLUDE: re-created by `ADD CONSTRAINT name <pg_get_constraintdef>`.
+    /// EXCLUDE (and a partitioned shadow's PRIMARY KEY or UNIQUE): re-created by
+    /// `ADD CONSTRAINT name <pg_get_constraintdef>`.
     Exclude { def: String },
 }
 
@@ -167,9 +169,7 @@ pub async fn defer(
     let mut indexes = Vec::new();
     let mut drops = Vec::new();
     for r in &rows {
-        // a partitioned shadow keeps its PRIMARY KEY / UNIQUE / EXCLUDE constraints: they
-        // could not be attached back with USING INDEX
-        let keep: bool = r.get(8) || (partitioned && r.get::<_, Option<String>>(2).is_some());
+        let keep: bool = r.get(8);
         let name: String = r.get(0);
         if keep {
             tracing::debug!("index {name} stays on the shadow during the copy");
@@ -181,6 +181,9 @@ pub async fn defer(
         let contype: Option<String> = r.get(2);
         let condef: Option<String> = r.get(3);
         let backs = match (contype.as_deref(), &condef) {
+            // USING INDEX cannot attach a constraint to a partitioned table: it is added back
+            // whole, which builds its index on every partition
+            (Some("p" | "u"), Some(def)) if partitioned => Backs::Exclude { def: def.clone() },
             (Some("p"), _) => Backs::KeyOrUnique {
                 kind: "PRIMARY KEY".into(),
                 deferrable: r.get(4),
