@@ -64,15 +64,19 @@ pub(super) async fn create_partitions(
             "CREATE TABLE {} PARTITION OF {parent} {bound}{key}{with}{space}",
             qualified(work, &name)
         );
-        tx.batch_execute(&sql).await.map_err(|e| {
-            EngineError::Preflight(format!(
-                "cannot create the shadow partition {}: {} (statement: {sql})",
-                qualified(work, &name),
-                crate::db::describe(&e)
-            ))
-        })?;
+        execute(tx, &sql, "cannot create a shadow partition").await?;
     }
     Ok(())
+}
+
+/// Run one statement that builds the shadow tree; its failure refuses the run, naming it.
+async fn execute(tx: &Transaction<'_>, sql: &str, what: &str) -> Result<(), EngineError> {
+    tx.batch_execute(sql).await.map_err(|e| {
+        EngineError::Preflight(format!(
+            "{what}: {} (statement: {sql})",
+            crate::db::describe(&e)
+        ))
+    })
 }
 
 /// What a partition has of its own (not from the root): its indexes and its CHECK, UNIQUE,
@@ -116,12 +120,12 @@ pub(super) async fn own_objects(
                 r.get::<_, String>(4)
             ),
         };
-        tx.batch_execute(&sql).await.map_err(|e| {
-            EngineError::Preflight(format!(
-                "cannot re-create a partition's own index or constraint on {target}: {} (statement: {sql})",
-                crate::db::describe(&e)
-            ))
-        })?;
+        execute(
+            tx,
+            &sql,
+            "cannot re-create a partition's own index or constraint on its shadow",
+        )
+        .await?;
     }
     Ok(())
 }

@@ -60,10 +60,7 @@ pub(super) async fn partitions(
         let (schema, name, owner, comment): (String, String, String, Option<String>) =
             (r.get(1), r.get(2), r.get(3), r.get(4));
         let oid: u32 = r.get(0);
-        let away = match others.get_mut(schema.as_str()) {
-            None => aside.relation(tx, &name).await?,
-            Some(other) => other.relation(tx, &name).await?,
-        };
+        let away = aside_name(tx, aside, &mut others, &schema, &name).await?;
         c.make_room.push(format!(
             "ALTER TABLE {} RENAME TO {}",
             qualified(&schema, &name),
@@ -79,10 +76,7 @@ pub(super) async fn partitions(
             .ctx("reading a partition's indexes")?
         {
             let ix: String = ix.get(0);
-            let ix_away = match others.get_mut(schema.as_str()) {
-                None => aside.relation(tx, &ix).await?,
-                Some(other) => other.relation(tx, &ix).await?,
-            };
+            let ix_away = aside_name(tx, aside, &mut others, &schema, &ix).await?;
             c.make_room.push(format!(
                 "ALTER INDEX {} RENAME TO {}",
                 qualified(&schema, &ix),
@@ -110,4 +104,19 @@ pub(super) async fn partitions(
     }
     c.summary.push(format!("{} partitions", rows.len()));
     Ok(())
+}
+
+/// A free name for the old tree's relation `name` in `schema`: picked by `root` (the root's
+/// schema, which the root's own objects share) or by that schema's own picker.
+async fn aside_name(
+    tx: &Transaction<'_>,
+    root: &mut Aside<'_>,
+    others: &mut HashMap<&str, Aside<'_>>,
+    schema: &str,
+    name: &str,
+) -> Result<String, EngineError> {
+    match others.get_mut(schema) {
+        None => root.relation(tx, name).await,
+        Some(other) => other.relation(tx, name).await,
+    }
 }
