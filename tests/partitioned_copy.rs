@@ -519,3 +519,56 @@ async fn a_partition_attached_during_a_tree_copy_stops_it_before_the_swap() {
     assert_eq!(count(&c, "SELECT count(*) FROM ev_p5").await, 50);
     assert_nothing_left_behind(&c).await;
 }
+
+/// A partition attached between a killed run and its rerun: the killed run's shadow tree has
+/// no twin for it, so the rerun says its progress cannot be used, copies the tree again, and
+/// ends with every partition altered and the rows of the mirror (which got the same partition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_attached_after_a_kill_makes_the_rerun_start_over() {
+    let url = fresh_db("tree_kill_attach").await;
+    let c = connect(&url).await;
+    create_trees(&c, 60_000).await;
+    let args = [
+        "run",
+        "--table",
+        "ev",
+        "--alter",
+        ALTER,
+        "--progress",
+        "none",
+        "--strategy",
+        "shadow-copy",
+        "--chunk-size",
+        "1000",
+        "--chunk-pause",
+        "20ms",
+        "--drop-old",
+    ];
+    let mut child = spawn(&url, &args);
+    if !copy_under_way(&c, || child.try_wait().expect("the run").is_some()).await {
+        panic!(
+            "the run ended before its copy got under way: {:?}",
+            child.wait()
+        );
+    }
+    support::process::kill(child);
+    c.batch_execute(&both(|t| {
+        format!(
+            "CREATE TABLE {t}_p5 (LIKE {t} INCLUDING DEFAULTS);
+             INSERT INTO {t}_p5 SELECT 900000 + i, 1000 + i % 100, i, 'p5', NULL FROM generate_series(1, 50) i;
+             ALTER TABLE {t} ATTACH PARTITION {t}_p5 FOR VALUES FROM (1000) TO (1100)"
+        )
+    }))
+    .await
+    .expect("attach a partition to both trees after the kill");
+    let (code, out) = support::process::output(&url, &args, &[]).await;
+    assert_eq!(code, 0, "the rerun: {out}");
+    assert!(out.contains("the copy starts over"), "{out}");
+    c.batch_execute(&format!("ALTER TABLE ev_mirror {ALTER}"))
+        .await
+        .expect("the plain ALTER on the mirror");
+    let leaves = ["ev_def", "ev_p1", "ev_p2", "ev_p3", "ev_p4", "ev_p5"];
+    assert_tree(&c, "bigint", &leaves).await;
+    assert_eq!(diff(&c, "ev", "ev_mirror").await, (0, 0, 60_050));
+    assert_nothing_left_behind(&c).await;
+}

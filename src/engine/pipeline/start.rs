@@ -167,7 +167,17 @@ pub async fn resumable_or_cleared(
     names: &Names,
     alter: &str,
 ) -> Result<Option<Checkpoint>, EngineError> {
-    let resume = checkpoints::resumable(control, table, names, alter).await?;
+    let mut resume = checkpoints::resumable(control, table, names, alter).await?;
+    if resume.is_some()
+        && table.is_partitioned()
+        && !shadow::tree::matches(control, table, &names.shadow_qualified()).await?
+    {
+        tracing::warn!(
+            "the partitions of {} changed since the run that was killed: its progress cannot be used, the copy starts over",
+            table.qualified()
+        );
+        resume = None;
+    }
     if resume.is_none() {
         for what in shadow::clear_leftovers(control, names, table).await? {
             tracing::warn!("removed {what} left behind by an earlier run that did not finish");

@@ -204,6 +204,28 @@ pub async fn name_built_indexes(
     Ok(())
 }
 
+/// Whether the shadow tree a killed run left still has the source's partitions (names and
+/// bounds): a partition attached or detached between the runs makes its progress useless.
+pub async fn matches<C: GenericClient>(
+    c: &C,
+    table: &Table,
+    shadow: &str,
+) -> Result<bool, EngineError> {
+    let r = c
+        .query_one(
+            "WITH p(tree, oid) AS (VALUES ('source', $1::oid), ('shadow', to_regclass($2)::oid))
+             SELECT array_agg(x ORDER BY x) FILTER (WHERE tree = 'source') IS NOT DISTINCT FROM
+                    array_agg(x ORDER BY x) FILTER (WHERE tree = 'shadow')
+             FROM (SELECT p.tree, c.relname || ' ' || pg_get_expr(c.relpartbound, c.oid) AS x
+                   FROM p CROSS JOIN LATERAL pg_partition_tree(p.oid::regclass) t
+                   JOIN pg_class c ON c.oid = t.relid WHERE t.level > 0) s",
+            &[&table.oid, &shadow],
+        )
+        .await
+        .ctx("comparing the shadow tree with the source's")?;
+    Ok(r.get::<_, Option<bool>>(0).unwrap_or(false))
+}
+
 /// Fails when the partitions under `table` are no longer those the run started with (attached,
 /// detached or dropped since): the shadow tree was built for the tree as it was.
 pub async fn check_unchanged<C: GenericClient>(c: &C, table: &Table) -> Result<(), EngineError> {
