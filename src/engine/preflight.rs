@@ -162,9 +162,9 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
 }
 
 /// What the shadow copy of a partitioned tree does not carry yet, partition by partition: a
-/// partition's own foreign keys and NOT VALID constraints, triggers, policies, grants or row
-/// security (what the root gives it, and a partition's own indexes and valid constraints, are
-/// re-created with the shadow tree), foreign-table and unlogged partitions, and two partitions
+/// partition's own foreign keys and NOT VALID constraints, triggers, policies or row security
+/// (what the root gives it, a partition's own indexes and valid constraints, and its grants
+/// are carried), foreign-table and unlogged partitions, and two partitions
 /// of one name (the shadow tree lives in one schema).
 async fn check_tree(client: &Client, t: &Table) -> Result<(), EngineError> {
     let problems: Vec<String> = client
@@ -175,7 +175,6 @@ async fn check_tree(client: &Client, t: &Table) -> Result<(), EngineError> {
                SELECT 'a foreign table' WHERE c.relkind = 'f'
                UNION ALL SELECT 'UNLOGGED' WHERE c.relpersistence = 'u'
                UNION ALL SELECT 'row level security of its own' WHERE c.relrowsecurity
-               UNION ALL SELECT 'grants of its own' WHERE c.relacl IS NOT NULL
                UNION ALL SELECT 'constraint ' || quote_ident(k.conname) || ' of its own'
                  || CASE WHEN k.contype = 'f' THEN ' (a foreign key)' ELSE ' (NOT VALID)' END
                  FROM pg_constraint k WHERE k.conrelid = c.oid AND k.conislocal AND k.conparentid = 0

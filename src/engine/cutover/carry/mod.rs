@@ -272,7 +272,7 @@ pub async fn prepare(
     )
     .await?;
     if table.is_partitioned() {
-        tree::partitions(tx, table, names, old_suffix, &mut aside, &mut c).await?;
+        tree::partitions(tx, table, names, (old_suffix, &gone), &mut aside, &mut c).await?;
     }
     for (from, to) in renames.iter().rev() {
         tx.batch_execute(&format!(

@@ -1,9 +1,9 @@
 //! A partitioned table's partitions at the swap. The old tree's partitions and their indexes
 //! step aside (the suffix the old root takes), and the shadow's partitions, which already have
 //! their names and bounds and whose indexes have the names the source's had, move from the
-//! run's work schema into each partition's schema with its owner and comment. Nothing of a
-//! partition needs re-creating: what a partition has comes from the root (the preflight refuses
-//! a tree whose partitions have objects of their own).
+//! run's work schema into each partition's schema with its owner, comment and grants. Nothing
+//! else of a partition needs re-creating: what a partition has comes from the root or was
+//! created on its twin with the shadow (the preflight refuses what neither covers).
 //!
 //! Invariant: the swap only happens for the tree the shadow was built from; a partition
 //! attached, detached or renamed since the run started fails the swap (nothing is swapped, and
@@ -26,7 +26,7 @@ pub(super) async fn partitions(
     tx: &Transaction<'_>,
     table: &Table,
     names: &Names,
-    suffix: &str,
+    (suffix, gone): (&str, &BTreeSet<&str>),
     aside: &mut Aside<'_>,
     c: &mut Carry,
 ) -> Result<(), EngineError> {
@@ -95,6 +95,13 @@ pub(super) async fn partitions(
             "ALTER TABLE {new} OWNER TO {}",
             quote_ident(&owner)
         ));
+        // a partition's own grants (GRANT ... ON ALL TABLES IN SCHEMA reaches partitions too)
+        let twin: u32 = tx
+            .query_one("SELECT $1::text::regclass::oid", &[&qualified(work, &name)])
+            .await
+            .ctx("finding a shadow partition")?
+            .get(0);
+        super::table::grants(tx, oid, twin, &new, gone, c).await?;
         if let Some(text) = comment {
             c.move_in.push(format!(
                 "COMMENT ON TABLE {new} IS {}",
