@@ -48,7 +48,8 @@ fn tree_ddl(t: &str) -> String {
          CREATE INDEX {t}_p2_note_idx ON {t}_p2 (note);
          ALTER TABLE {t}_p1 ADD CONSTRAINT {t}_p1_qty_check CHECK (qty >= 0);
          ALTER TABLE {t}_p4 SET (fillfactor = 80);
-         GRANT SELECT ON {t}_p2 TO PUBLIC;"
+         GRANT SELECT ON {t}_p2 TO PUBLIC;
+         ALTER TABLE {t}_p3 REPLICA IDENTITY FULL;"
     )
 }
 
@@ -259,8 +260,8 @@ async fn assert_tree(c: &Client, ty: &str, leaves: &[&str]) {
 async fn shape(c: &Client, root: &str) -> Vec<String> {
     let sql = format!(
         "WITH t AS (SELECT * FROM pg_partition_tree('{root}'))
-         SELECT replace(x, 'ev_mirror', 'ev') FROM (SELECT format('rel %s of %s leaf=%s kind=%s bound=%s options=%s acl=%s', t.relid::regclass, t.parentrelid::regclass,
-                       t.isleaf, c.relkind, pg_get_expr(c.relpartbound, c.oid), c.reloptions, c.relacl)
+         SELECT replace(x, 'ev_mirror', 'ev') FROM (SELECT format('rel %s of %s leaf=%s kind=%s bound=%s options=%s acl=%s identity=%s', t.relid::regclass, t.parentrelid::regclass,
+                       t.isleaf, c.relkind, pg_get_expr(c.relpartbound, c.oid), c.reloptions, c.relacl, c.relreplident)
            FROM t JOIN pg_class c ON c.oid = t.relid
          UNION ALL SELECT format('col %s %s %s %s notnull=%s storage=%s', a.attrelid::regclass, a.attnum, a.attname,
                        format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attstorage)

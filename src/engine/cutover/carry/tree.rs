@@ -1,9 +1,10 @@
 //! A partitioned table's partitions at the swap. The old tree's partitions and their indexes
 //! step aside (the suffix the old root takes), and the shadow's partitions, which already have
 //! their names and bounds and whose indexes have the names the source's had, move from the
-//! run's work schema into each partition's schema with its owner, comment and grants. Nothing
-//! else of a partition needs re-creating: what a partition has comes from the root or was
-//! created on its twin with the shadow (the preflight refuses what neither covers).
+//! run's work schema into each partition's schema with its owner, comment, replica identity
+//! and grants. Nothing else of a partition needs re-creating: what a partition has comes from
+//! the root or was created on its twin with the shadow (the preflight refuses what neither
+//! covers).
 //!
 //! Invariant: the swap only happens for the tree the shadow was built from; a partition
 //! attached, detached or renamed since the run started fails the swap (nothing is swapped, and
@@ -37,7 +38,11 @@ pub(super) async fn partitions(
     let rows = tx
         .query(
             "SELECT c.oid, n.nspname::text, c.relname::text, pg_get_userbyid(c.relowner)::text,
-                    obj_description(c.oid, 'pg_class')
+                    obj_description(c.oid, 'pg_class'),
+                    CASE c.relreplident WHEN 'f' THEN 'FULL' WHEN 'n' THEN 'NOTHING'
+                      WHEN 'i' THEN (SELECT 'USING INDEX ' || quote_ident(x.relname) FROM pg_index i
+                                     JOIN pg_class x ON x.oid = i.indexrelid
+                                     WHERE i.indrelid = c.oid AND i.indisreplident) END
              FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid
              JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE t.level > 0 ORDER BY t.level, c.oid",
@@ -102,6 +107,11 @@ pub(super) async fn partitions(
             .ctx("finding a shadow partition")?
             .get(0);
         super::table::grants(tx, oid, twin, &new, gone, c).await?;
+        // a partition's own replica identity (its twin has the default, the key)
+        if let Some(identity) = r.get::<_, Option<String>>(5) {
+            c.move_in
+                .push(format!("ALTER TABLE {new} REPLICA IDENTITY {identity}"));
+        }
         if let Some(text) = comment {
             c.move_in.push(format!(
                 "COMMENT ON TABLE {new} IS {}",
