@@ -1168,22 +1168,7 @@ async fn a_type_change_killed_during_its_copy_resumes_and_its_version_comes_with
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("has not been made yet"), "{out}");
 
-    let (code, out) = output(
-        &url,
-        &[
-            "run",
-            "--table",
-            "people",
-            "--alter",
-            alter,
-            "--expand-contract",
-            "--progress",
-            "none",
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}");
+    let out = support::migration::expand_contract(&url, "people", alter).await;
     assert!(out.contains("resuming the expand"), "{out}");
     assert_eq!(type_of(&c, "people", "qty").await, "bigint");
     assert_eq!(type_of(&c, "people_v_old.people", "qty").await, "integer");

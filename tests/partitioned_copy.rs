@@ -220,6 +220,41 @@ async fn copy_under_way(c: &Client, mut ended: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// `shadow-alter run` of ALTER on ev as a process, in small paced chunks so it can be killed
+/// during its copy.
+const SLOW_RUN: &[&str] = &[
+    "run",
+    "--table",
+    "ev",
+    "--alter",
+    ALTER,
+    "--progress",
+    "none",
+    "--strategy",
+    "shadow-copy",
+    "--chunk-size",
+    "1000",
+    "--chunk-pause",
+    "20ms",
+    "--lock-timeout",
+    "500ms",
+    "--drop-old",
+];
+
+/// Start [`SLOW_RUN`], SIGKILL it once its copy is under way; its phase when killed.
+async fn killed_during_the_copy(url: &str, c: &Client) -> String {
+    let mut child = spawn(url, SLOW_RUN);
+    if !copy_under_way(c, || child.try_wait().expect("the run").is_some()).await {
+        panic!(
+            "the run ended before its copy got under way: {:?}",
+            child.wait()
+        );
+    }
+    let phase = support::process::phase(c, "public.ev").await;
+    support::process::kill(child);
+    phase
+}
+
 /// Start a run in-process; return once its copy is under way (or fail with how the run ended).
 async fn start_run(c: &Client, a: RunConfig) -> tokio::task::JoinHandle<Result<(), EngineError>> {
     let migration = tokio::spawn(run(a));
@@ -394,26 +429,8 @@ async fn a_tree_copy_killed_with_sigkill_resumes_and_equals_the_mirror() {
     create_trees(&c, 120_000).await;
     let before = shape(&c, "ev").await;
     let writers = Writers::start(&url, 2, 120_000).await;
-    let flags = "--strategy shadow-copy --chunk-size 1000 --chunk-pause 20ms --lock-timeout 500ms";
-    let mut args = vec![
-        "run",
-        "--table",
-        "ev",
-        "--alter",
-        ALTER,
-        "--progress",
-        "none",
-    ];
-    args.extend(flags.split(' ').chain(["--drop-old"]));
-    let mut child = spawn(&url, &args);
-    if !copy_under_way(&c, || child.try_wait().expect("the run").is_some()).await {
-        panic!(
-            "the run ended before its copy got under way: {:?}",
-            child.wait()
-        );
-    }
-    let phase = support::process::phase(&c, "public.ev").await;
-    support::process::kill(child);
+    let args = SLOW_RUN;
+    let phase = killed_during_the_copy(&url, &c).await;
     assert_eq!(phase, "copy", "killed during the copy of the tree");
     // the original tree serves, as it was; the run's progress is kept for the rerun
     assert!(count(&c, "SELECT count(*) FROM ev").await > 0);
@@ -429,7 +446,7 @@ async fn a_tree_copy_killed_with_sigkill_resumes_and_equals_the_mirror() {
     writers.wait_for_more(100).await;
 
     let rows = count(&c, "SELECT count(*) FROM ev").await;
-    let mut child = spawn(&url, &args);
+    let mut child = spawn(&url, args);
     let status = exited(&mut child, Duration::from_secs(180)).await;
     if status.is_none() {
         support::process::kill(child);
@@ -530,30 +547,8 @@ async fn a_partition_attached_after_a_kill_makes_the_rerun_start_over() {
     let url = fresh_db("tree_kill_attach").await;
     let c = connect(&url).await;
     create_trees(&c, 60_000).await;
-    let args = [
-        "run",
-        "--table",
-        "ev",
-        "--alter",
-        ALTER,
-        "--progress",
-        "none",
-        "--strategy",
-        "shadow-copy",
-        "--chunk-size",
-        "1000",
-        "--chunk-pause",
-        "20ms",
-        "--drop-old",
-    ];
-    let mut child = spawn(&url, &args);
-    if !copy_under_way(&c, || child.try_wait().expect("the run").is_some()).await {
-        panic!(
-            "the run ended before its copy got under way: {:?}",
-            child.wait()
-        );
-    }
-    support::process::kill(child);
+    let args = SLOW_RUN;
+    killed_during_the_copy(&url, &c).await;
     c.batch_execute(&both(|t| {
         format!(
             "CREATE TABLE {t}_p5 (LIKE {t} INCLUDING DEFAULTS);
@@ -563,7 +558,7 @@ async fn a_partition_attached_after_a_kill_makes_the_rerun_start_over() {
     }))
     .await
     .expect("attach a partition to both trees after the kill");
-    let (code, out) = support::process::output(&url, &args, &[]).await;
+    let (code, out) = support::process::output(&url, args, &[]).await;
     assert_eq!(code, 0, "the rerun: {out}");
     assert!(out.contains("the copy starts over"), "{out}");
     c.batch_execute(&format!("ALTER TABLE ev_mirror {ALTER}"))

@@ -69,7 +69,8 @@ pub async fn refused(url: &str, table: &str, alter: &str) -> EngineError {
 }
 
 /// `shadow-alter run --expand-contract` of `alter` on `table`, to its end: it must succeed.
-pub async fn expand_contract(url: &str, table: &str, alter: &str) {
+/// What it printed.
+pub async fn expand_contract(url: &str, table: &str, alter: &str) -> String {
     let (code, out) = super::process::output_as_is(
         url,
         &[
@@ -86,4 +87,5 @@ pub async fn expand_contract(url: &str, table: &str, alter: &str) {
     )
     .await;
     assert_eq!(code, 0, "{out}");
+    out
 }
