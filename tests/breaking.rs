@@ -1087,22 +1087,7 @@ async fn a_typed_client_routed_to_the_old_version_keeps_its_prepared_statements_
             (n, errors)
         })
     };
-    let (code, out) = output(
-        &url,
-        &[
-            "run",
-            "--table",
-            "people",
-            "--alter",
-            "ALTER COLUMN qty TYPE bigint",
-            "--expand-contract",
-            "--progress",
-            "none",
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}");
+    support::migration::expand_contract(&url, "people", "ALTER COLUMN qty TYPE bigint").await;
     assert_eq!(type_of(&c, "people", "qty").await, "bigint");
     let after = ran.load(Ordering::Relaxed);
     support::wait_until(

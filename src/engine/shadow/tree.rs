@@ -229,16 +229,19 @@ pub async fn matches<C: GenericClient>(
 /// Fails when the partitions under `table` are no longer those the run started with (attached,
 /// detached or dropped since): the shadow tree was built for the tree as it was.
 pub async fn check_unchanged<C: GenericClient>(c: &C, table: &Table) -> Result<(), EngineError> {
-    let mut now: Vec<u32> = c
+    let now = c
         .query(
             "SELECT relid::oid FROM pg_partition_tree($1::oid::regclass) WHERE level > 0",
             &[&table.oid],
         )
         .await
-        .ctx("reading the partitions of the tree")?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .ctx("reading the partitions of the tree")?;
+    unchanged(table, now.iter().map(|r| r.get(0)))
+}
+
+/// [`check_unchanged`] on partitions already read (`now`: their oids, every level).
+pub fn unchanged(table: &Table, now: impl Iterator<Item = u32>) -> Result<(), EngineError> {
+    let mut now: Vec<u32> = now.collect();
     let mut planned: Vec<u32> = table.partitions.iter().map(|p| p.oid).collect();
     now.sort_unstable();
     planned.sort_unstable();

@@ -50,7 +50,7 @@ pub(super) async fn partitions(
         )
         .await
         .ctx("reading the partitions to swap")?;
-    crate::engine::shadow::tree::check_unchanged(tx, table).await?;
+    crate::engine::shadow::tree::unchanged(table, rows.iter().map(|r| r.get(0)))?;
     // other schemas than the root's get their own free-name checks
     let schemas: BTreeSet<String> = rows
         .iter()
