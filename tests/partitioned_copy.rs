@@ -4,222 +4,27 @@
 //! between partitions, deletes, a truncate of one partition) ends equal row for row to the twin
 //! altered with plain DDL, shaped as a plain ALTER leaves it, with nothing left behind; a run
 //! killed with SIGKILL during the copy resumes; a partition attached meanwhile stops the run.
+//! One partition moved to another tablespace by copy under the same writes ends equal to the
+//! twin's partition moved by plain DDL, attached as it was; what a partition cannot do by copy
+//! is refused and changes nothing.
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
 
-use shadow_alter::engine::{EngineError, RunConfig};
 use support::migration::{run, shadow_copy_args};
 use support::process::{exited, spawn};
+use support::range_tree::{
+    both, copy_under_way, create_trees, lines, only_in, start_run, truncate_p3, Writers, LEAVES,
+};
 use support::tree::tree_state;
 use support::workload::{assert_nothing_left, diff};
 use support::{connect, count, fresh_db, wait_until};
 
 const ALTER: &str = "ALTER COLUMN qty TYPE bigint";
-/// Rows get days 0..460: four ranges of 100 days, and from 400 on the default partition.
-const DAYS: i32 = 460;
-const LEAVES: [&str; 5] = ["ev_def", "ev_p1", "ev_p2", "ev_p3", "ev_p4"];
-
-/// The tree `t` (`ev` or its twin `ev_mirror`, whose objects are named alike).
-fn tree_ddl(t: &str) -> String {
-    let mut sql = format!(
-        "CREATE TABLE {t} (id bigint NOT NULL, day int NOT NULL, qty int NOT NULL, note text, big text,
-                          PRIMARY KEY (day, id)) PARTITION BY RANGE (day);"
-    );
-    for p in 1..=4 {
-        sql += &format!(
-            "CREATE TABLE {t}_p{p} PARTITION OF {t} FOR VALUES FROM ({}) TO ({});",
-            (p - 1) * 100,
-            p * 100
-        );
-    }
-    // out of line, so that updates leaving `big` alone stream it as 'unchanged'
-    sql + &format!(
-        "CREATE TABLE {t}_def PARTITION OF {t} DEFAULT;
-         ALTER TABLE {t} ALTER COLUMN big SET STORAGE EXTERNAL;
-         CREATE INDEX {t}_qty_idx ON {t} (qty);
-         CREATE INDEX {t}_p2_note_idx ON {t}_p2 (note);
-         ALTER TABLE {t}_p1 ADD CONSTRAINT {t}_p1_qty_check CHECK (qty >= 0);
-         ALTER TABLE {t}_p4 SET (fillfactor = 80);
-         GRANT SELECT ON {t}_p2 TO PUBLIC;
-         ALTER TABLE {t}_p3 REPLICA IDENTITY FULL;"
-    )
-}
-
-async fn create_trees(c: &Client, rows: i64) {
-    c.batch_execute(&format!(
-        "{}{}
-         INSERT INTO ev SELECT i, i % {DAYS}, i % 1000, 'n' || i,
-                               CASE WHEN i % 50 = 0 THEN repeat(md5(i::text), 400) END
-         FROM generate_series(1, {rows}) i;
-         INSERT INTO ev_mirror SELECT * FROM ev;
-         ANALYZE ev; ANALYZE ev_mirror;",
-        tree_ddl("ev"),
-        tree_ddl("ev_mirror")
-    ))
-    .await
-    .expect("create the tree and its mirror");
-}
-
-/// `sql` on ev and on ev_mirror, in one transaction.
-fn both(sql: impl Fn(&str) -> String) -> String {
-    format!("BEGIN; {}; {}; COMMIT", sql("ev"), sql("ev_mirror"))
-}
-
-/// A random day in range partition `part` (0..=3), or in the default one (4).
-fn day_in(rng: &mut StdRng, part: i32) -> i32 {
-    if part == 4 {
-        rng.gen_range(400..DAYS)
-    } else {
-        part * 100 + rng.gen_range(0..100)
-    }
-}
-
-/// A value for `big` (out of line) with probability `p`, else NULL.
-fn big(rng: &mut StdRng, p: f64) -> String {
-    match rng.gen_bool(p) {
-        true => format!("repeat('{:016x}', 300)", rng.gen::<u64>()),
-        false => "NULL".into(),
-    }
-}
-
-/// One write on a writer's own rows (`mine`: id and day), new ids from `next`.
-fn random_write(rng: &mut StdRng, mine: &mut Vec<(i64, i32)>, next: &mut i64) -> String {
-    let op = rng.gen_range(0..100);
-    if op < 25 || mine.is_empty() {
-        *next += 1;
-        let (id, day, qty) = (*next, rng.gen_range(0..DAYS), rng.gen_range(0..1000));
-        let big = big(rng, 0.2);
-        mine.push((id, day));
-        return both(|t| format!("INSERT INTO {t} VALUES ({id}, {day}, {qty}, 'w{id}', {big})"));
-    }
-    let at = rng.gen_range(0..mine.len());
-    let (id, day) = mine[at];
-    let row = format!("day = {day} AND id = {id}");
-    match op {
-        25..=49 => both(|t| format!("UPDATE {t} SET qty = qty + 1, note = 'u' || qty WHERE {row}")),
-        50..=57 => {
-            let big = big(rng, 0.75);
-            both(|t| format!("UPDATE {t} SET big = {big} WHERE {row}"))
-        }
-        // the key changes: mostly across a bound, the row moving to another partition (into or
-        // out of the default one too), else within its partition
-        58..=79 => {
-            let part = ((day / 100).min(4) + rng.gen_range(0..6)) % 5;
-            let to = day_in(rng, part);
-            mine[at].1 = to;
-            both(|t| format!("UPDATE {t} SET day = {to}, qty = qty + 1 WHERE {row}"))
-        }
-        _ => {
-            mine.swap_remove(at);
-            both(|t| format!("DELETE FROM {t} WHERE {row}"))
-        }
-    }
-}
-
-/// Writers on ev and ev_mirror; writer `w` of `n` owns the rows whose id is `w` modulo `n` and
-/// the ids it inserts, so no two write the same row. Rows a truncate removed stay in its list:
-/// writing them changes no row, on either tree.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
-}
-
-impl Writers {
-    async fn start(url: &str, n: i64, rows: i64) -> Writers {
-        let (stop, done) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU64::new(0)),
-        );
-        let tasks = (0..n)
-            .map(|w| {
-                let (url, stop, done) = (url.to_string(), stop.clone(), done.clone());
-                tokio::spawn(async move {
-                    let c = connect(&url).await;
-                    let mut rng = StdRng::seed_from_u64(w as u64 + 11);
-                    let mut mine: Vec<(i64, i32)> = (1..=rows)
-                        .filter(|i| i % n == w)
-                        .map(|i| (i, (i % DAYS as i64) as i32))
-                        .collect();
-                    let (mut next, mut errors) = (10_000_000 * (w + 1), Vec::new());
-                    while !stop.load(Ordering::Relaxed) {
-                        let sql = random_write(&mut rng, &mut mine, &mut next);
-                        if let Err(e) = c.batch_execute(&sql).await {
-                            errors.push(format!("{e:?} in {sql}"));
-                            let _ = c.batch_execute("ROLLBACK").await;
-                        }
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    errors
-                })
-            })
-            .collect();
-        let w = Writers { stop, done, tasks };
-        w.wait_for_more(50).await;
-        w
-    }
-
-    async fn wait_for_more(&self, n: u64) {
-        let from = self.done.load(Ordering::Relaxed);
-        wait_until(Duration::from_secs(60), "the writers to write", || async {
-            self.done.load(Ordering::Relaxed) >= from + n
-        })
-        .await;
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut errors = Vec::new();
-        for t in self.tasks {
-            errors.extend(t.await.expect("a writer"));
-        }
-        assert!(errors.is_empty(), "writers saw errors: {errors:#?}");
-    }
-}
-
-/// TRUNCATE ev_p3 and its twin in one transaction, then refill the range.
-async fn truncate_p3(c: &Client) {
-    let refill = |t: &str| {
-        format!(
-            "INSERT INTO {t} SELECT 50000000 + i, 200 + i % 100, i, 'refill',
-               CASE WHEN i % 10 = 0 THEN repeat(md5(i::text), 400) END FROM generate_series(1, 500) i"
-        )
-    };
-    c.batch_execute(&format!(
-        "BEGIN; TRUNCATE ev_p3; TRUNCATE ev_mirror_p3; COMMIT; {}",
-        both(refill)
-    ))
-    .await
-    .expect("truncate ev_p3 and its twin, then refill the range");
-}
-
-/// Wait until the copy has checkpointed a chunk (true), or `ended` says the run is over (false).
-async fn copy_under_way(c: &Client, mut ended: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if ended() {
-            return false;
-        }
-        let sql = "SELECT 1 FROM shadow_alter.checkpoints WHERE watermark IS NOT NULL";
-        if c.query_opt(sql, &[]).await.is_ok_and(|r| r.is_some()) {
-            return true;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no copy chunk checkpointed in 60s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `shadow-alter run` of ALTER on ev as a process, in small paced chunks so it can be killed
 /// during its copy.
 const SLOW_RUN: &[&str] = &[
@@ -253,26 +58,6 @@ async fn killed_during_the_copy(url: &str, c: &Client) -> String {
     let phase = support::process::phase(c, "public.ev").await;
     support::process::kill(child);
     phase
-}
-
-/// Start a run in-process; return once its copy is under way (or fail with how the run ended).
-async fn start_run(c: &Client, a: RunConfig) -> tokio::task::JoinHandle<Result<(), EngineError>> {
-    let migration = tokio::spawn(run(a));
-    if !copy_under_way(c, || migration.is_finished()).await {
-        panic!(
-            "the run ended before its copy got under way: {:?}",
-            migration.await
-        );
-    }
-    migration
-}
-
-/// `sql` (one text column) as a sorted list.
-async fn lines(c: &Client, sql: &str) -> Vec<String> {
-    let rows = c.query(sql, &[]).await.expect(sql);
-    let mut v: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    v.sort();
-    v
 }
 
 /// The partitions of ev are `leaves`, attached to it, and qty is of type `ty` in all of them.
@@ -327,29 +112,6 @@ async fn assert_same_shape(c: &Client, when: &str) {
         only(&ev, &mirror),
         only(&mirror, &ev)
     );
-}
-
-/// Rows of `a` that `b` lacks (EXCEPT ALL on every column and the partition of the row): how
-/// many, and the first few.
-async fn only_in(c: &Client, a: &str, b: &str) -> (i64, String) {
-    let rows = |t: &str| {
-        format!("SELECT replace(tableoid::regclass::text, 'ev_mirror', 'ev') AS leaf, id, day, qty::bigint AS qty, note, big FROM {t}")
-    };
-    let r = c
-        .query_one(
-            &format!(
-                "WITH d AS ({} EXCEPT ALL {}) SELECT (SELECT count(*) FROM d),
-                   (SELECT string_agg(format('  %s: day %s, id %s, qty %s, note %s, big %s', leaf, day, id, qty, note,
-                                             coalesce(length(big) || ' chars md5 ' || md5(big), 'NULL')), E'\\n')
-                      FROM (SELECT * FROM d ORDER BY id, day LIMIT 5) f)",
-                rows(a),
-                rows(b)
-            ),
-            &[],
-        )
-        .await
-        .expect("compare the rows");
-    (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default())
 }
 
 /// The plain ALTER on the mirror, then: the tree equals it row for row, and in shape.
@@ -568,4 +330,159 @@ async fn a_partition_attached_after_a_kill_makes_the_rerun_start_over() {
     assert_tree(&c, "bigint", &leaves).await;
     assert_eq!(diff(&c, "ev", "ev_mirror").await, (0, 0, 60_050));
     assert_nothing_left_behind(&c).await;
+}
+
+/// A tablespace `name` in a new directory owned by the server's user (the server may run as
+/// another user than the test: initdb refuses root); the directory, to remove at the end.
+async fn create_tablespace(c: &Client, name: &str) -> std::path::PathBuf {
+    let data: String = c
+        .query_one("SHOW data_directory", &[])
+        .await
+        .expect("the data directory")
+        .get(0);
+    let owner = std::fs::metadata(&data).expect("the data directory's owner");
+    let dir = std::env::temp_dir().join(format!("sa-ts-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("the tablespace directory");
+    std::os::unix::fs::chown(&dir, Some(owner.uid()), Some(owner.gid())).expect("chown");
+    c.batch_execute(&format!(
+        "CREATE TABLESPACE {name} LOCATION '{}'",
+        dir.display()
+    ))
+    .await
+    .expect("create the tablespace");
+    dir
+}
+
+/// Where `root`'s relations and their indexes are stored, and its triggers (whether cloned from
+/// the parent), with the twin's names made ev's.
+async fn storage_and_triggers(c: &Client, root: &str) -> Vec<String> {
+    let sql = format!(
+        "WITH t AS (SELECT relid FROM pg_partition_tree('{root}'))
+         SELECT replace(x, 'ev_mirror', 'ev') FROM (
+           SELECT format('%s in %s', c.oid::regclass, coalesce(s.spcname, 'default'))
+             FROM pg_class c LEFT JOIN pg_tablespace s ON s.oid = c.reltablespace
+            WHERE c.oid IN (SELECT relid FROM t) OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid IN (SELECT relid FROM t))
+           UNION ALL SELECT format('trigger %s on %s cloned=%s enabled=%s', g.tgname, g.tgrelid::regclass, g.tgparentid <> 0, g.tgenabled)
+             FROM pg_trigger g WHERE g.tgrelid IN (SELECT relid FROM t) AND NOT g.tgisinternal) s(x)"
+    );
+    lines(c, &sql).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_partition_moved_to_another_tablespace_by_copy_under_writes_equals_the_mirror() {
+    let url = fresh_db("leaf_copy").await;
+    let c = connect(&url).await;
+    create_trees(&c, 150_000).await;
+    // a row trigger on the root (every partition has a clone of it) and one of ev_p2's own
+    c.batch_execute(&format!(
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN NEW.note := coalesce(NEW.note, 't'); RETURN NEW; END$$; {}",
+        both(|t| format!(
+            "CREATE TRIGGER {t}_touch BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION touch();
+             CREATE TRIGGER {t}_p2_own BEFORE UPDATE ON {t}_p2 FOR EACH ROW EXECUTE FUNCTION touch();
+             ALTER TABLE {t}_p2 DISABLE TRIGGER {t}_p2_own"
+        ))
+    ))
+    .await
+    .expect("the triggers");
+    let dir = create_tablespace(&c, "leaf_ts").await;
+    let writers = Writers::start(&url, 3, 150_000).await;
+    let mut a = shadow_copy_args(&url, "ev_p2", "SET TABLESPACE leaf_ts");
+    (a.chunk_size, a.drop_old, a.postpone_cutover) = (1_000, true, true);
+    let migration = start_run(&c, a).await;
+    writers.wait_for_more(300).await;
+    if migration.is_finished() {
+        panic!(
+            "the run ended before its cutover was requested: {:?}",
+            migration.await
+        );
+    }
+    shadow_alter::ops::cutover(Some(&url), "ev_p2", None)
+        .await
+        .expect("request the cutover");
+    migration.await.expect("join").expect("the run");
+    writers.wait_for_more(100).await;
+    writers.stop().await;
+
+    c.batch_execute("ALTER TABLE ev_mirror_p2 SET TABLESPACE leaf_ts")
+        .await
+        .expect("the plain ALTER on the mirror's partition");
+    assert_tree(&c, "integer", &LEAVES).await;
+    let ((n_ev, ev), (n_mirror, mirror)) = (
+        only_in(&c, "ev", "ev_mirror").await,
+        only_in(&c, "ev_mirror", "ev").await,
+    );
+    assert!(
+        n_ev == 0 && n_mirror == 0,
+        "ev differs from the mirror: {n_ev} rows only in ev, the first:\n{ev}\n\
+         {n_mirror} rows only in the mirror, the first:\n{mirror}"
+    );
+    assert!(count(&c, "SELECT count(*) FROM ev_p2").await > 10_000);
+    assert_same_shape(&c, "after the run").await;
+    let (ev, mirror) = (
+        storage_and_triggers(&c, "ev").await,
+        storage_and_triggers(&c, "ev_mirror").await,
+    );
+    assert_eq!(
+        ev, mirror,
+        "tablespaces and triggers differ from the mirror's"
+    );
+    assert!(ev.iter().any(|l| l == "ev_p2 in leaf_ts"), "{ev:#?}");
+    assert_nothing_left_behind(&c).await;
+    c.batch_execute("DROP TABLE ev, ev_mirror")
+        .await
+        .expect("drop the trees");
+    c.batch_execute("DROP TABLESPACE leaf_ts")
+        .await
+        .expect("drop the tablespace");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A partition with foreign keys from its tree (DETACH would check them by a scan under the
+/// lock), a partition that is partitioned itself, and `--soak` on a partition: each refused
+/// with its cause, and nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_one_partition_cannot_do_by_copy_is_refused_and_changes_nothing() {
+    let url = fresh_db("leaf_refused").await;
+    let c = connect(&url).await;
+    create_trees(&c, 2_000).await;
+    c.batch_execute(
+        "CREATE TABLE ev_ref (day int NOT NULL, id bigint NOT NULL, FOREIGN KEY (day, id) REFERENCES ev);
+         INSERT INTO ev_ref SELECT day, id FROM ev WHERE day BETWEEN 100 AND 110;
+         CREATE TABLE ev_p5 PARTITION OF ev FOR VALUES FROM (1000) TO (2000) PARTITION BY RANGE (day);
+         CREATE TABLE ev_p5a PARTITION OF ev_p5 FOR VALUES FROM (1000) TO (1500)",
+    )
+    .await
+    .expect("a referencing table and a sub-partitioned partition");
+    let before = tree_state(&c, "ev").await;
+    let alter = "ALTER COLUMN note SET STATISTICS 200, SET (fillfactor = 70)";
+    let refused = |table: &'static str, soak: Option<Duration>, says: &'static str| {
+        let (url, c, before) = (&url, &c, &before);
+        async move {
+            let mut a = shadow_copy_args(url, table, alter);
+            a.soak = soak;
+            let err = run(a).await.expect_err(table).to_string();
+            assert!(
+                err.contains(says) && err.contains(table),
+                "{table}: the refusal must name {says:?} and the partition: {err}"
+            );
+            assert_eq!(
+                &tree_state(c, "ev").await,
+                before,
+                "{table}: the tree changed"
+            );
+            assert_nothing_left_behind(c).await;
+        }
+    };
+    refused("ev_p2", None, "foreign key").await;
+    refused("ev_p5", None, "partitioned itself").await;
+    c.batch_execute("DROP TABLE ev_ref")
+        .await
+        .expect("drop the referencing table");
+    refused("ev_p3", Some(Duration::from_secs(60)), "--soak").await;
+    let a = shadow_copy_args(&url, "ev_p2", alter);
+    run(a)
+        .await
+        .expect("without the foreign key, the copy of ev_p2 runs");
+    let sql = "SELECT count(*) FROM pg_class WHERE relname = 'ev_p2' AND reloptions = '{fillfactor=70}' AND relispartition";
+    assert_eq!(count(&c, sql).await, 1, "ev_p2 copied and attached");
 }

@@ -423,7 +423,7 @@ async fn dependents(client: &Client, oid: u32) -> Result<Dependents, DbError> {
             "foreign keys",
         )
         .await?,
-        triggers: list(String::from("SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1 AND NOT tgisinternal"), "triggers").await?,
+        triggers: list(String::from("SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1 AND NOT tgisinternal AND tgparentid = 0"), "triggers").await?,
         policies: list(String::from("SELECT polname::text FROM pg_policy WHERE polrelid = $1"), "policies").await?,
         rules: list(
             String::from(

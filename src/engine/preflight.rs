@@ -97,11 +97,7 @@ pub async fn load_table(client: &Client, name: &str) -> Result<Table, EngineErro
         }
     }
     if t.is_partition {
-        return Err(EngineError::Preflight(format!(
-            "{q} is a partition{}, and the shadow copy of a single partition is not supported yet (changes that need no copy, such as storage parameters or an index of its own, run without `--strategy shadow-copy`); \
-             for a change that rewrites it, run the plain ALTER TABLE on it in a maintenance window. Nothing was changed",
-            t.partition_root.as_deref().map(|r| format!(" of {r}")).unwrap_or_default()
-        )));
+        check_leaf(client, &t).await?;
     }
     match t.persistence {
         'u' => {
@@ -222,6 +218,78 @@ async fn check_tree(client: &Client, t: &Table) -> Result<(), EngineError> {
         t.qualified(),
         problems.join("; ")
     )))
+}
+
+/// What the shadow copy of one partition cannot do: a partitioned partition (a sub-tree), and
+/// foreign keys the partition has from its tree, out of it or into it. The swap detaches the
+/// partition, and PostgreSQL checks on DETACH that no row references it through a key on the
+/// partitioned table (a scan under the lock), and re-creates the tree's outbound keys on ATTACH
+/// with a scan of the new partition.
+async fn check_leaf(client: &Client, t: &Table) -> Result<(), EngineError> {
+    let q = t.qualified();
+    let root = t
+        .partition_root
+        .as_deref()
+        .unwrap_or("its partitioned table");
+    if t.is_partitioned() {
+        return Err(EngineError::Preflight(format!(
+            "{q} is a partition of {root} that is partitioned itself: the shadow copy takes the whole tree or one leaf; \
+             run it on {root}, or on each leaf of {q}. Nothing was changed"
+        )));
+    }
+    let keys: Vec<String> = client
+        .query(
+            "SELECT format('foreign key %I of %s %s', p.conname, p.conrelid::regclass,
+                           CASE WHEN k.conrelid = $1 THEN 'points out of the partition' ELSE 'points into the partition' END)
+             FROM pg_constraint k JOIN pg_constraint p ON p.oid = k.conparentid
+             WHERE k.contype = 'f' AND (k.conrelid = $1 OR k.confrelid = $1) ORDER BY 1",
+            &[&t.oid],
+        )
+        .await
+        .ctx("checking the partition's foreign keys")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if keys.is_empty() {
+        default_partition_scan(client, t).await?;
+        return Ok(());
+    }
+    Err(EngineError::Preflight(format!(
+        "{q} is a partition of {root}, and the shadow copy of one partition swaps it by DETACH and ATTACH, which would scan \
+         under the lock for the foreign keys it has from its partitioned table ({}); run the plain ALTER TABLE on {q} \
+         in a maintenance window, or drop the keys for the migration. Nothing was changed",
+        keys.join("; ")
+    )))
+}
+
+/// Warn when ATTACH at the swap must scan the parent's default partition under the lock (for
+/// rows that belong to the partition), with its size and the constraint that spares the scan.
+async fn default_partition_scan(client: &Client, t: &Table) -> Result<(), EngineError> {
+    let leaf = crate::engine::shadow::leaf::read(client, t.oid).await?;
+    let (Some(default), Some(constraint)) = (&leaf.default_partition, &leaf.constraint) else {
+        return Ok(());
+    };
+    let r = client
+        .query_one(
+            "SELECT pg_relation_size($1::text::regclass), pg_size_pretty(pg_relation_size($1::text::regclass))",
+            &[default],
+        )
+        .await
+        .ctx("reading the size of the default partition")?;
+    let (bytes, size): (i64, String) = (r.get(0), r.get(1));
+    if bytes == 0 {
+        return Ok(());
+    }
+    let check = crate::sql::quote_ident(&crate::names::fit(&t.name, "_not_in_default"));
+    tracing::warn!(
+        "the swap re-attaches {q} to {parent}, and PostgreSQL then scans its default partition {default} ({size}) while the swap holds \
+         {parent} and {default} locked, unless a CHECK constraint of {default} proves it holds no row of {q}: to spare the scan, run \
+         `ALTER TABLE {default} ADD CONSTRAINT {check} CHECK (NOT ({constraint})) NOT VALID` and then \
+         `ALTER TABLE {default} VALIDATE CONSTRAINT {check}` (which does not block writes) before the migration",
+        q = t.qualified(),
+        parent = leaf.parent,
+    );
+    Ok(())
 }
 
 /// How long a run waits for the per-table lock of a run that was just killed.

@@ -8,6 +8,7 @@ pub mod migration;
 pub mod mitm;
 pub mod process;
 pub mod proxy;
+pub mod range_tree;
 pub mod tree;
 pub mod workload;
 

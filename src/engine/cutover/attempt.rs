@@ -16,7 +16,7 @@ use crate::catalog::Table;
 use crate::db::{describe, Ctx, DbError};
 use crate::engine::error::EngineError;
 use crate::engine::follow::Follower;
-use crate::engine::shadow::Mapping;
+use crate::engine::shadow::{leaf, Mapping};
 use crate::names::Names;
 use crate::sql::{qualified, quote_ident};
 
@@ -142,10 +142,15 @@ impl Attempt<'_> {
     async fn lock(&self, tx: &Transaction<'_>, lock_timeout: Duration) -> Result<(), AttemptError> {
         let src = self.table.qualified();
         let (exclusive, share) = carry::tables_to_lock(tx, self.table.oid).await?;
+        // a partition's parent first (DETACH needs it), as queries through the parent lock them
+        let parent = match self.table.is_partition {
+            true => Some(leaf::read(tx, self.table.oid).await?.parent),
+            false => None,
+        };
         // With other tables in play an application transaction could hold one of them and wait
         // for the source: keep every lock wait well under deadlock_timeout, so the swap gives up
         // (and retries) before the server could pick the application as a deadlock victim.
-        let lock_timeout = if exclusive.is_empty() && share.is_empty() {
+        let lock_timeout = if exclusive.is_empty() && share.is_empty() && parent.is_none() {
             lock_timeout
         } else {
             let deadlock_ms: f64 = tx
@@ -164,7 +169,11 @@ impl Attempt<'_> {
         ))
         .await
         .ctx("setting lock_timeout")?;
-        let mut locks = format!(
+        let mut locks = parent
+            .as_ref()
+            .map(|p| format!("LOCK TABLE ONLY {p} IN ACCESS EXCLUSIVE MODE; "))
+            .unwrap_or_default();
+        locks += &format!(
             "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
             std::iter::once(src.clone())
                 .chain(exclusive.iter().cloned())
@@ -187,7 +196,12 @@ impl Attempt<'_> {
                 source: e,
             })));
         }
-        let others: Vec<String> = exclusive.iter().chain(share.iter()).cloned().collect();
+        let others: Vec<String> = parent
+            .iter()
+            .chain(exclusive.iter())
+            .chain(share.iter())
+            .cloned()
+            .collect();
         let others = if others.is_empty() {
             String::new()
         } else {

@@ -17,6 +17,7 @@
 //! swap, so they come out exactly as the plain ALTER leaves them.
 
 mod adjust;
+pub mod leaf;
 mod mapping;
 pub mod tree;
 
@@ -258,6 +259,14 @@ pub async fn create(
         &spec.validated_constraints(),
     )
     .await?;
+    if table.is_partition {
+        // ATTACH at the swap proves the bound from this instead of scanning the new leaf
+        if let Some(sql) = leaf::bound_check_sql(&leaf::read(&tx, table.oid).await?, &shadow) {
+            tx.batch_execute(&sql)
+                .await
+                .ctx("giving the shadow of a partition its partition constraint")?;
+        }
+    }
     let after: Vec<mapping::After> = tx
         .query(
             "SELECT attnum, attname::text AS name, attgenerated <> '' AS generated, attidentity::text AS identity

@@ -433,15 +433,32 @@ pub(super) fn engine_steps(table: &Table, spec: &AlterSpec) -> Vec<Step> {
             Effect::Rewrite,
             "copy the rows in keyset chunks under the exported snapshot, while changes stream in",
         ),
-        e(
-            format!(
-                "LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; ALTER TABLE {t} RENAME TO {}; ALTER TABLE {shadow} SET SCHEMA {}",
-                quote_ident(&fit(&table.name, "__sa_old_<timestamp>")),
-                quote_ident(&table.schema)
+        match &table.partition_root {
+            Some(root) if table.is_partition => e(
+                format!(
+                    "LOCK TABLE ONLY <parent>, {t} IN ACCESS EXCLUSIVE MODE; ALTER TABLE <parent> DETACH PARTITION {t}; \
+                     ALTER TABLE {t} RENAME TO {}; ALTER TABLE {shadow} SET SCHEMA {}; ALTER TABLE <parent> ATTACH PARTITION {t} <its bound>",
+                    quote_ident(&fit(&table.name, "__sa_old_<timestamp>")),
+                    quote_ident(&table.schema)
+                ),
+                LockMode::AccessExclusive,
+                Effect::Metadata,
+                &format!(
+                    "the swap of one partition: its parent in {root} is locked with it for milliseconds (DETACH needs that, so queries on {root} wait as long), \
+                     the last changes drained, the old partition detached and the copy attached with the same bound; the copy carries the partition \
+                     constraint as a CHECK, so ATTACH scans nothing of it (only a default partition of the parent is scanned, under the lock)"
+                ),
             ),
-            LockMode::AccessExclusive,
-            Effect::Metadata,
-            "the swap: lock for milliseconds, drain the last changes, rename",
-        ),
+            _ => e(
+                format!(
+                    "LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; ALTER TABLE {t} RENAME TO {}; ALTER TABLE {shadow} SET SCHEMA {}",
+                    quote_ident(&fit(&table.name, "__sa_old_<timestamp>")),
+                    quote_ident(&table.schema)
+                ),
+                LockMode::AccessExclusive,
+                Effect::Metadata,
+                "the swap: lock for milliseconds, drain the last changes, rename",
+            ),
+        },
     ]
 }

@@ -14,6 +14,7 @@
 //! Invariant: nothing here commits; a failure rolls the whole swap back and the original table
 //! keeps serving with everything attached to it.
 
+mod leaf;
 mod names;
 mod table;
 mod tree;
@@ -271,6 +272,9 @@ pub async fn prepare(
         &mut c,
     )
     .await?;
+    if table.is_partition {
+        leaf::detach_attach(tx, table, &mut c).await?;
+    }
     if table.is_partitioned() {
         tree::partitions(tx, table, names, (old_suffix, &gone), &mut aside, &mut c).await?;
     }

@@ -251,7 +251,7 @@ pub(super) async fn trigger_sql(
     for t in tx
         .query(
             "SELECT tgname::text, pg_get_triggerdef(oid), tgenabled::text, obj_description(oid, 'pg_trigger')
-             FROM pg_trigger WHERE tgrelid = $1 AND NOT tgisinternal ORDER BY tgname",
+             FROM pg_trigger WHERE tgrelid = $1 AND NOT tgisinternal AND tgparentid = 0 ORDER BY tgname",
             &[&oid],
         )
         .await

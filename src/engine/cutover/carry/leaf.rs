@@ -1,0 +1,52 @@
+//! One partition swapped by copy (a leaf of a partitioned table, for a change PostgreSQL allows
+//! on one partition, such as `SET TABLESPACE`). Inside the swap transaction the old leaf is
+//! detached from its parent before it steps aside, and the new table is attached in its place
+//! with the same bound. The shadow carries a CHECK constraint equal to the partition constraint
+//! (`shadow::leaf`, added when it was created and true of every row it got), so ATTACH proves
+//! the bound from it and scans nothing of the new leaf; the helper is dropped right after, in
+//! the same transaction. ATTACH adopts the new leaf's indexes into the parent's partitioned
+//! indexes (they have the same definitions and constraints) and clones the parent's row
+//! triggers, so neither is carried: `table::triggers` skips cloned triggers.
+//!
+//! Invariant: nothing here commits; a failure rolls the swap back, and the old leaf stays
+//! attached and serving. The parent is locked first (ACCESS EXCLUSIVE, which DETACH needs), in
+//! the order queries through the parent take their locks.
+
+use tokio_postgres::Transaction;
+
+use super::Carry;
+use crate::catalog::Table;
+use crate::engine::error::EngineError;
+use crate::engine::shadow::leaf::{read, BOUND_CHECK};
+use crate::sql::quote_ident;
+
+/// Add the detach (before the source steps aside) and the attach with the helper's drop
+/// (first thing once the new table is in place) to `c`.
+pub(super) async fn detach_attach(
+    tx: &Transaction<'_>,
+    table: &Table,
+    c: &mut Carry,
+) -> Result<(), EngineError> {
+    let leaf = read(tx, table.oid).await?;
+    let (src, parent) = (table.qualified(), &leaf.parent);
+    c.before
+        .push(format!("ALTER TABLE {parent} DETACH PARTITION {src}"));
+    let mut attach = vec![format!(
+        "ALTER TABLE {parent} ATTACH PARTITION {src} {}",
+        leaf.bound
+    )];
+    if leaf.constraint.is_some() {
+        attach.push(format!(
+            "ALTER TABLE {src} DROP CONSTRAINT {}",
+            quote_ident(BOUND_CHECK)
+        ));
+    }
+    c.after.splice(0..0, attach);
+    c.summary.push(match &leaf.default_partition {
+        Some(d) => format!(
+            "partition of {parent} re-attached (its default partition {d} checked under the lock)"
+        ),
+        None => format!("partition of {parent} re-attached"),
+    });
+    Ok(())
+}
