@@ -11,10 +11,15 @@
 //! naming the constraint; the caller's cleanup drops the shadow as for every other failure.
 //!
 //! Left in place during the copy: indexes a foreign key depends on (another module owns foreign
-//! keys) and indexes in a non-default tablespace (`pg_get_indexdef` does not carry it). A
-//! partitioned shadow's indexes are built again on its root, which builds them on every
-//! partition; its PRIMARY KEY and UNIQUE constraints are added back whole (PostgreSQL refuses
-//! `USING INDEX` on a partitioned table).
+//! keys) and indexes in a non-default tablespace (`pg_get_indexdef` does not carry it).
+//!
+//! A partitioned shadow's indexes are built on each leaf, in parallel like a table's, under
+//! names of ours; a PRIMARY KEY or UNIQUE one then becomes that leaf's constraint (`USING
+//! INDEX`). The root's own statement (`CREATE INDEX` on it, or `ADD CONSTRAINT` for a key, since
+//! PostgreSQL refuses `USING INDEX` on a partitioned table) then finds a matching index on every
+//! leaf and adopts it instead of building; the leaves' indexes take the source's names later
+//! (`shadow::tree`). A leaf index the root did not adopt is dropped, so the result is the same
+//! either way. Deferrable keys are added back whole, one leaf after another.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -63,6 +68,22 @@ pub struct DeferredIndex {
     what: String,
     index_comment: Option<String>,
     constraint_comment: Option<String>,
+    /// On a partitioned shadow: how to build it on each leaf, in parallel, before the root's
+    /// statement adopts those (None: built by the root's statement, one leaf after another).
+    #[serde(default)]
+    leaves: Option<LeafBuild>,
+}
+
+/// The per-leaf form of a partitioned shadow's index: `CREATE [UNIQUE] INDEX <name> ON <leaf>
+/// <tail>`, and for a PRIMARY KEY or UNIQUE constraint, that constraint on each leaf (`USING
+/// INDEX`), which the root's `ADD CONSTRAINT` adopts instead of building.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct LeafBuild {
+    unique: bool,
+    /// `USING btree (...) [INCLUDE ...] [WITH ...] [WHERE ...]`, as `pg_get_indexdef` ends.
+    tail: String,
+    /// "PRIMARY KEY" or "UNIQUE" when the index backs that constraint.
+    constraint: Option<String>,
 }
 
 /// Indexes dropped from the shadow, to be built after the copy (kept in the checkpoint, so a
@@ -152,8 +173,15 @@ pub async fn defer(
                     obj_description(i.indexrelid, 'pg_class'), obj_description(con.oid, 'pg_constraint'),
                     c.reltablespace <> 0
                       OR EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.conindid = i.indexrelid),
-                    m.name, m.concomment
+                    m.name, m.concomment,
+                    -- what follows `CREATE [UNIQUE] INDEX name ON [ONLY] table `, for per-leaf builds
+                    CASE WHEN starts_with(pg_get_indexdef(i.indexrelid), x.prefix)
+                         THEN substr(pg_get_indexdef(i.indexrelid), length(x.prefix) + 1) END,
+                    i.indisunique
              FROM pg_index i
+             CROSS JOIN LATERAL (SELECT format('CREATE %sINDEX %s ON ONLY %s ', CASE WHEN i.indisunique THEN 'UNIQUE ' END,
+                                               quote_ident(ci.relname), i.indrelid::regclass) AS prefix
+                                 FROM pg_class ci WHERE ci.oid = i.indexrelid) x
              LEFT JOIN LATERAL (SELECT src.name, src.concomment FROM src
                                 WHERE src.def = regexp_replace(pg_get_indexdef(i.indexrelid), '^CREATE (UNIQUE )?INDEX \\S+ ON \\S+ ', 'CREATE \\1INDEX ON ')
                                 ORDER BY src.name LIMIT 1) m ON true
@@ -180,6 +208,22 @@ pub async fn defer(
         let indexdef = r.get::<_, String>(1).replacen(" ON ONLY ", " ON ", 1);
         let contype: Option<String> = r.get(2);
         let condef: Option<String> = r.get(3);
+        let deferrable: bool = r.get(4);
+        let leaves = match (r.get::<_, Option<String>>(11), contype.as_deref()) {
+            (Some(tail), None) if partitioned => Some(LeafBuild {
+                unique: r.get(12),
+                tail,
+                constraint: None,
+            }),
+            (Some(tail), Some(kind @ ("p" | "u"))) if partitioned && !deferrable => {
+                Some(LeafBuild {
+                    unique: true,
+                    tail,
+                    constraint: Some(if kind == "p" { "PRIMARY KEY" } else { "UNIQUE" }.into()),
+                })
+            }
+            _ => None,
+        };
         let backs = match (contype.as_deref(), &condef) {
             // USING INDEX cannot attach a constraint to a partitioned table: it is added back
             // whole, which builds its index on every partition
@@ -222,6 +266,7 @@ pub async fn defer(
             constraint_comment: r
                 .get::<_, Option<String>>(7)
                 .or_else(|| r.get::<_, Option<String>>(10).filter(|_| contype.is_some())),
+            leaves,
         });
     }
     for sql in &drops {
@@ -303,15 +348,15 @@ pub async fn build(
         return Ok(());
     }
     let started = Instant::now();
+    let mut clients = vec![builder(config).await?];
+    let leaves = match deferred.indexes.iter().any(|ix| ix.leaves.is_some()) {
+        true => shadow_leaves(&clients[0], &deferred.shadow).await?,
+        false => Vec::new(),
+    };
     // index builds first: CREATE INDEX takes SHARE, so several run on the table at once
-    let parallel: Vec<&DeferredIndex> = deferred
-        .indexes
-        .iter()
-        .filter(|ix| !matches!(ix.backs, Backs::Exclude { .. }))
-        .collect();
+    let (parallel, leaf_constraints) = jobs(deferred, &leaves);
     let sessions = BUILDERS.min(parallel.len()).max(1);
-    let mut clients = Vec::with_capacity(sessions);
-    for _ in 0..sessions {
+    for _ in 1..sessions {
         clients.push(builder(config).await?);
     }
     // an error, or the run dropping this future (abort), stops the other builds at once, so the
@@ -323,14 +368,22 @@ pub async fn build(
         async move {
             loop {
                 let next = queue.lock().ok().and_then(|mut q| q.next());
-                let Some(ix) = next else { return Ok(()) };
+                let Some(Job { ix, sql, whole }) = next else {
+                    return Ok(());
+                };
                 let t = Instant::now();
                 client
-                    .batch_execute(&ix.indexdef)
+                    .batch_execute(&sql)
                     .await
                     .map_err(|e| build_error(ix, e))?;
-                tracing::debug!("built {} in {:.2}s", ix.what, t.elapsed().as_secs_f64());
-                built.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    "built {} in {:.2}s ({sql})",
+                    ix.what,
+                    t.elapsed().as_secs_f64()
+                );
+                if whole {
+                    built.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     });
@@ -351,9 +404,16 @@ pub async fn build(
         .await
         .ctx("starting to attach the shadow table's constraints")?;
     let shadow = &deferred.shadow;
+    for (ix, sql) in &leaf_constraints {
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| build_error(ix, e))?;
+    }
     for ix in &deferred.indexes {
         let name = quote_ident(&ix.name);
         let sql = match &ix.backs {
+            // the root's statement adopts the leaves' indexes: nothing is built now
+            Backs::Nothing if ix.leaves.is_some() => Some(ix.indexdef.clone()),
             Backs::Nothing => None,
             Backs::KeyOrUnique {
                 kind,
@@ -372,7 +432,7 @@ pub async fn build(
             tx.batch_execute(&sql)
                 .await
                 .map_err(|e| build_error(ix, e))?;
-            if matches!(ix.backs, Backs::Exclude { .. }) {
+            if matches!(ix.backs, Backs::Exclude { .. }) || ix.leaves.is_some() {
                 built.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -391,6 +451,9 @@ pub async fn build(
             .ctx(format!("restoring the comment of constraint {}", ix.name))?;
         }
     }
+    if !leaves.is_empty() {
+        drop_unadopted(&tx, &deferred.schema).await?;
+    }
     tx.commit()
         .await
         .ctx("committing the shadow table's constraints")?;
@@ -400,6 +463,111 @@ pub async fn build(
         deferred.len(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// One build on a builder session: `whole` when it builds the deferred index itself (not one
+/// leaf's part of it).
+struct Job<'a> {
+    ix: &'a DeferredIndex,
+    sql: String,
+    whole: bool,
+}
+
+/// Per-leaf index names: short, and free in the work schema (nothing else there starts so).
+fn leaf_index_name(index: usize, leaf: usize) -> String {
+    format!("__sa_b{index}_{leaf}")
+}
+
+/// The builds to run in parallel, largest first (each deferred index, or each leaf's part of
+/// it), and the per-leaf constraints to add before the root's statements adopt them.
+fn jobs<'a>(
+    deferred: &'a Deferred,
+    leaves: &[String],
+) -> (Vec<Job<'a>>, Vec<(&'a DeferredIndex, String)>) {
+    let (mut parallel, mut constraints) = (Vec::new(), Vec::new());
+    for (i, ix) in deferred.indexes.iter().enumerate() {
+        let Some(b) = &ix.leaves else {
+            if !matches!(ix.backs, Backs::Exclude { .. }) {
+                parallel.push(Job {
+                    ix,
+                    sql: ix.indexdef.clone(),
+                    whole: true,
+                });
+            }
+            continue;
+        };
+        for (j, leaf) in leaves.iter().enumerate() {
+            let name = leaf_index_name(i, j);
+            // a killed run's build of it may be there (built, its constraint not added)
+            parallel.push(Job {
+                ix,
+                sql: format!(
+                    "DROP INDEX IF EXISTS {}; CREATE {}INDEX {} ON {leaf} {}",
+                    crate::sql::qualified(&deferred.schema, &name),
+                    if b.unique { "UNIQUE " } else { "" },
+                    quote_ident(&name),
+                    b.tail
+                ),
+                whole: false,
+            });
+            if let Some(kind) = &b.constraint {
+                let name = quote_ident(&name);
+                constraints.push((
+                    ix,
+                    format!("ALTER TABLE {leaf} ADD CONSTRAINT {name} {kind} USING INDEX {name}"),
+                ));
+            }
+        }
+    }
+    (parallel, constraints)
+}
+
+/// The shadow tree's leaves (qualified), largest first.
+async fn shadow_leaves(client: &Client, shadow: &str) -> Result<Vec<String>, EngineError> {
+    Ok(client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_partition_tree($1::text::regclass) t
+             JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE t.isleaf ORDER BY c.relpages DESC, c.oid",
+            &[&shadow],
+        )
+        .await
+        .ctx("listing the shadow tree's partitions")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// A leaf's index that the root's statement did not adopt (it built its own instead: the
+/// definitions differ in some way the per-leaf form did not keep) must not stay on the new
+/// table: dropped, with its constraint.
+async fn drop_unadopted(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+) -> Result<(), EngineError> {
+    let rows = tx
+        .query(
+            "SELECT format('%I.%I', n.nspname, t.relname), quote_ident(c.relname), k.oid IS NOT NULL
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_index i ON i.indexrelid = c.oid JOIN pg_class t ON t.oid = i.indrelid
+             LEFT JOIN pg_constraint k ON k.conindid = c.oid AND k.conrelid = t.oid
+             WHERE n.nspname = $1 AND c.relname LIKE '\\_\\_sa\\_b%' AND NOT c.relispartition",
+            &[&schema],
+        )
+        .await
+        .ctx("looking for leaf indexes the root did not adopt")?;
+    for r in &rows {
+        let (table, index, constraint): (String, String, bool) = (r.get(0), r.get(1), r.get(2));
+        tracing::warn!("{table}: index {index} was built twice (the root's statement did not adopt it); the extra one is dropped");
+        let sql = match constraint {
+            true => format!("ALTER TABLE {table} DROP CONSTRAINT {index}"),
+            false => format!("DROP INDEX {}.{index}", quote_ident(schema)),
+        };
+        tx.batch_execute(&sql)
+            .await
+            .ctx("dropping a leaf index the root did not adopt")?;
+    }
     Ok(())
 }
 
@@ -421,5 +589,104 @@ impl Drop for CancelOnDrop {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(name: &str, backs: Backs, leaves: Option<LeafBuild>) -> DeferredIndex {
+        DeferredIndex {
+            name: name.into(),
+            indexdef: format!("CREATE INDEX {name} ON w.t USING btree (a)"),
+            backs,
+            what: format!("index {name}"),
+            index_comment: None,
+            constraint_comment: None,
+            leaves,
+        }
+    }
+
+    #[test]
+    fn a_partitioned_shadow_builds_each_index_on_every_leaf_and_keys_become_leaf_constraints() {
+        let key = LeafBuild {
+            unique: true,
+            tail: "USING btree (id)".into(),
+            constraint: Some("PRIMARY KEY".into()),
+        };
+        let plain = LeafBuild {
+            unique: false,
+            tail: "USING btree (a)".into(),
+            constraint: None,
+        };
+        let d = Deferred {
+            schema: "w".into(),
+            shadow: "w.t".into(),
+            indexes: vec![
+                index(
+                    "t_pkey",
+                    Backs::Exclude {
+                        def: "PRIMARY KEY (id)".into(),
+                    },
+                    Some(key),
+                ),
+                index("t_a_idx", Backs::Nothing, Some(plain)),
+                // deferrable: added back whole by the root's statement, not built in parallel
+                index(
+                    "t_b_key",
+                    Backs::Exclude {
+                        def: "UNIQUE (b) DEFERRABLE".into(),
+                    },
+                    None,
+                ),
+            ],
+        };
+        let leaves = ["w.t_p1".to_string(), "w.t_p2".to_string()];
+        let (jobs, constraints) = jobs(&d, &leaves);
+        let sql: Vec<&str> = jobs.iter().map(|j| j.sql.as_str()).collect();
+        assert_eq!(
+            sql,
+            [
+                "DROP INDEX IF EXISTS \"w\".\"__sa_b0_0\"; CREATE UNIQUE INDEX \"__sa_b0_0\" ON w.t_p1 USING btree (id)",
+                "DROP INDEX IF EXISTS \"w\".\"__sa_b0_1\"; CREATE UNIQUE INDEX \"__sa_b0_1\" ON w.t_p2 USING btree (id)",
+                "DROP INDEX IF EXISTS \"w\".\"__sa_b1_0\"; CREATE INDEX \"__sa_b1_0\" ON w.t_p1 USING btree (a)",
+                "DROP INDEX IF EXISTS \"w\".\"__sa_b1_1\"; CREATE INDEX \"__sa_b1_1\" ON w.t_p2 USING btree (a)",
+            ]
+        );
+        assert!(
+            jobs.iter().all(|j| !j.whole),
+            "a leaf's part is not the index"
+        );
+        let constraints: Vec<&str> = constraints.iter().map(|(_, s)| s.as_str()).collect();
+        assert_eq!(
+            constraints,
+            [
+                "ALTER TABLE w.t_p1 ADD CONSTRAINT \"__sa_b0_0\" PRIMARY KEY USING INDEX \"__sa_b0_0\"",
+                "ALTER TABLE w.t_p2 ADD CONSTRAINT \"__sa_b0_1\" PRIMARY KEY USING INDEX \"__sa_b0_1\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_table_builds_each_index_whole() {
+        let d = Deferred {
+            schema: "w".into(),
+            shadow: "w.t".into(),
+            indexes: vec![
+                index("t_a_idx", Backs::Nothing, None),
+                index(
+                    "t_x",
+                    Backs::Exclude {
+                        def: "EXCLUDE USING gist (a WITH &&)".into(),
+                    },
+                    None,
+                ),
+            ],
+        };
+        let (jobs, constraints) = jobs(&d, &[]);
+        assert_eq!(jobs.len(), 1);
+        assert!(jobs[0].whole && jobs[0].sql == d.indexes[0].indexdef);
+        assert!(constraints.is_empty());
     }
 }
