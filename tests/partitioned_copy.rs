@@ -181,6 +181,21 @@ async fn a_rewriting_alter_on_a_range_tree_under_writes_equals_the_mirror() {
     writers.wait_for_more(100).await;
     writers.stop().await;
     assert_equals_mirror(&c).await;
+    // the source's root had statistics of its own (ANALYZE ev), so the new one has them too,
+    // and so has every new partition
+    let sql = "SELECT format('%s inherited=%s', starelid::regclass, stainherit::text) FROM pg_statistic
+               WHERE starelid IN (SELECT relid FROM pg_partition_tree('ev')) GROUP BY 1";
+    let with_stats = lines(&c, sql).await;
+    let mut want: Vec<String> = LEAVES
+        .iter()
+        .map(|l| format!("{l} inherited=false"))
+        .collect();
+    want.push("ev inherited=true".into());
+    want.sort();
+    assert_eq!(
+        with_stats, want,
+        "relations of the new tree with statistics"
+    );
     assert_nothing_left_behind(&c).await;
 }
 
