@@ -183,7 +183,8 @@ async fn a_rewriting_alter_on_a_range_tree_under_writes_equals_the_mirror() {
     assert_equals_mirror(&c).await;
     // the source's root had statistics of its own (ANALYZE ev), so the new one has them too,
     // and so has every new partition
-    let sql = "SELECT format('%s inherited=%s', starelid::regclass, stainherit::text) FROM pg_statistic
+    let sql =
+        "SELECT format('%s inherited=%s', starelid::regclass, stainherit::text) FROM pg_statistic
                WHERE starelid IN (SELECT relid FROM pg_partition_tree('ev')) GROUP BY 1";
     let with_stats = lines(&c, sql).await;
     let mut want: Vec<String> = LEAVES
@@ -500,4 +501,62 @@ async fn what_one_partition_cannot_do_by_copy_is_refused_and_changes_nothing() {
         .expect("without the foreign key, the copy of ev_p2 runs");
     let sql = "SELECT count(*) FROM pg_class WHERE relname = 'ev_p2' AND reloptions = '{fillfactor=70}' AND relispartition";
     assert_eq!(count(&c, sql).await, 1, "ev_p2 copied and attached");
+}
+
+/// A partition detached, or detached and attached again elsewhere, while its copy runs: the swap
+/// finds out under its lock, swaps nothing, says to run it again, and leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_detached_or_moved_during_its_copy_is_not_swapped() {
+    let url = fresh_db("leaf_moved").await;
+    let c = connect(&url).await;
+    let cases = [
+        ("t", "ALTER TABLE t DETACH PARTITION t_p2", "no longer a partition"),
+        (
+            "u",
+            "ALTER TABLE u DETACH PARTITION u_p2; ALTER TABLE u ATTACH PARTITION u_p2 FOR VALUES FROM (100) TO (150)",
+            "attached again",
+        ),
+    ];
+    for (t, ddl, says) in cases {
+        c.batch_execute(&format!(
+            "CREATE TABLE {t} (id bigint NOT NULL, k int NOT NULL, v text, PRIMARY KEY (k, id)) PARTITION BY RANGE (k);
+             CREATE TABLE {t}_p1 PARTITION OF {t} FOR VALUES FROM (0) TO (100);
+             CREATE TABLE {t}_p2 PARTITION OF {t} FOR VALUES FROM (100) TO (200);
+             INSERT INTO {t} SELECT i, 100 + i % 50, 'v' || i FROM generate_series(1, 20000) i;
+             INSERT INTO {t} SELECT i, i % 100, 'w' || i FROM generate_series(1, 1000) i"
+        ))
+        .await
+        .expect("the tree");
+        let leaf = format!("{t}_p2");
+        let mut a = shadow_copy_args(&url, &leaf, "SET (fillfactor = 70)");
+        (a.chunk_size, a.postpone_cutover) = (1_000, true);
+        let migration = start_run(&c, a).await;
+        let recorded = format!("public.{leaf}");
+        wait_until(
+            Duration::from_secs(60),
+            "the run to wait for its cutover",
+            || async {
+                migration.is_finished() || support::process::phase(&c, &recorded).await == "waiting"
+            },
+        )
+        .await;
+        c.batch_execute(ddl).await.expect(ddl);
+        let _ = shadow_alter::ops::cutover(Some(&url), &leaf, None).await;
+        let err = migration
+            .await
+            .expect("join")
+            .expect_err("the swap must not happen")
+            .to_string();
+        assert!(
+            err.contains(says) && err.contains("run it again") && err.contains("nothing was swapped"),
+            "{ddl}: the error must say {says:?}, that nothing was swapped and to run it again: {err}"
+        );
+        let rows = format!("SELECT count(*) FROM {leaf} WHERE v LIKE 'v%'");
+        assert_eq!(count(&c, &rows).await, 20_000, "{ddl}: the rows of {leaf}");
+        let sql = format!(
+            "SELECT count(*) FROM pg_class WHERE relname = '{leaf}' AND reloptions IS NULL"
+        );
+        assert_eq!(count(&c, &sql).await, 1, "{ddl}: {leaf} is as it was");
+        assert_nothing_left_behind(&c).await;
+    }
 }

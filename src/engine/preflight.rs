@@ -265,7 +265,9 @@ async fn check_leaf(client: &Client, t: &Table) -> Result<(), EngineError> {
 /// Warn when ATTACH at the swap must scan the parent's default partition under the lock (for
 /// rows that belong to the partition), with its size and the constraint that spares the scan.
 async fn default_partition_scan(client: &Client, t: &Table) -> Result<(), EngineError> {
-    let leaf = crate::engine::shadow::leaf::read(client, t.oid).await?;
+    let Some(leaf) = crate::engine::shadow::leaf::read(client, t.oid).await? else {
+        return Ok(());
+    };
     let (Some(default), Some(constraint)) = (&leaf.default_partition, &leaf.constraint) else {
         return Ok(());
     };

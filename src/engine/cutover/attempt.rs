@@ -144,7 +144,16 @@ impl Attempt<'_> {
         let (exclusive, share) = carry::tables_to_lock(tx, self.table.oid).await?;
         // a partition's parent first (DETACH needs it), as queries through the parent lock them
         let parent = match self.table.is_partition {
-            true => Some(leaf::read(tx, self.table.oid).await?.parent),
+            true => Some(
+                leaf::expect(
+                    tx,
+                    self.table.oid,
+                    &self.table.qualified(),
+                    "the run started",
+                )
+                .await?
+                .parent,
+            ),
             false => None,
         };
         // With other tables in play an application transaction could hold one of them and wait

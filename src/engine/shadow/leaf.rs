@@ -25,10 +25,17 @@ pub struct Leaf {
     pub default_partition: Option<String>,
 }
 
-/// Read where partition `oid` hangs now.
-pub async fn read(client: &impl GenericClient, oid: u32) -> Result<Leaf, EngineError> {
+impl Leaf {
+    /// Its parent and bound, as the shadow's helper records them (the comment on it).
+    pub fn place(&self) -> String {
+        format!("{} {}", self.parent, self.bound)
+    }
+}
+
+/// Read where partition `oid` hangs now (None: it is no longer a partition).
+pub async fn read(client: &impl GenericClient, oid: u32) -> Result<Option<Leaf>, EngineError> {
     let r = client
-        .query_one(
+        .query_opt(
             "SELECT format('%I.%I', pn.nspname, p.relname), pg_get_expr(c.relpartbound, c.oid),
                     pg_get_partition_constraintdef(c.oid),
                     (SELECT format('%I.%I', dn.nspname, d.relname) FROM pg_partitioned_table pt
@@ -41,17 +48,75 @@ pub async fn read(client: &impl GenericClient, oid: u32) -> Result<Leaf, EngineE
         )
         .await
         .ctx("reading the partition's parent and bound")?;
-    Ok(Leaf {
+    Ok(r.map(|r| Leaf {
         parent: r.get(0),
         bound: r.get(1),
         constraint: r.get(2),
         default_partition: r.get(3),
+    }))
+}
+
+/// Where partition `oid` hangs, or the error of a partition detached since `what` started.
+pub async fn expect(
+    client: &impl GenericClient,
+    oid: u32,
+    name: &str,
+    what: &str,
+) -> Result<Leaf, EngineError> {
+    read(client, oid).await?.ok_or_else(|| {
+        EngineError::Preflight(format!(
+            "{name} is no longer a partition (detached since {what}): nothing was swapped; \
+             run it again, and it is altered as the table it is now"
+        ))
     })
+}
+
+/// The statements that give the shadow the partition constraint as a CHECK, with the parent and
+/// bound it stands for recorded in its comment (none when the leaf has no constraint to prove).
+pub fn bound_check(leaf: &Leaf, shadow: &str) -> Vec<String> {
+    let Some(sql) = bound_check_sql(leaf, shadow) else {
+        return Vec::new();
+    };
+    vec![
+        sql,
+        format!(
+            "COMMENT ON CONSTRAINT {} ON {shadow} IS {}",
+            quote_ident(BOUND_CHECK),
+            crate::sql::quote_literal(&leaf.place())
+        ),
+    ]
+}
+
+/// Fails when the partition hangs elsewhere than when the shadow was made (its parent or bound
+/// changed): the shadow's rows and helper were made for that place.
+pub async fn check_place(
+    client: &impl GenericClient,
+    leaf: &Leaf,
+    shadow: &str,
+    name: &str,
+) -> Result<(), EngineError> {
+    let made_for: Option<String> = client
+        .query_opt(
+            "SELECT obj_description(oid, 'pg_constraint') FROM pg_constraint
+             WHERE conrelid = $1::text::regclass AND conname = $2",
+            &[&shadow, &BOUND_CHECK],
+        )
+        .await
+        .ctx("reading the place the shadow of the partition was made for")?
+        .and_then(|r| r.get(0));
+    match made_for {
+        Some(was) if was != leaf.place() => Err(EngineError::Preflight(format!(
+            "{name} was detached and attached again since the run started (it was {was}, it is {} now): \
+             nothing was swapped; run it again",
+            leaf.place()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The statement that gives the shadow the partition constraint as a CHECK (None when the leaf
 /// has no constraint to prove).
-pub fn bound_check_sql(leaf: &Leaf, shadow: &str) -> Option<String> {
+fn bound_check_sql(leaf: &Leaf, shadow: &str) -> Option<String> {
     leaf.constraint.as_ref().map(|c| {
         format!(
             "ALTER TABLE {shadow} ADD CONSTRAINT {} CHECK ({c})",
@@ -65,21 +130,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_helper_check_is_the_partition_constraint() {
+    fn the_helper_check_is_the_partition_constraint_and_records_the_place() {
         let leaf = Leaf {
-            parent: "\"public\".\"ev\"".into(),
+            parent: "public.ev".into(),
             bound: "FOR VALUES FROM (0) TO (100)".into(),
             constraint: Some("((day IS NOT NULL) AND (day >= 0) AND (day < 100))".into()),
             default_partition: None,
         };
         assert_eq!(
-            bound_check_sql(&leaf, "w.ev_p1").as_deref(),
-            Some("ALTER TABLE w.ev_p1 ADD CONSTRAINT \"__sa_partition_bound\" CHECK (((day IS NOT NULL) AND (day >= 0) AND (day < 100)))")
+            bound_check(&leaf, "w.ev_p1"),
+            [
+                "ALTER TABLE w.ev_p1 ADD CONSTRAINT \"__sa_partition_bound\" CHECK (((day IS NOT NULL) AND (day >= 0) AND (day < 100)))",
+                "COMMENT ON CONSTRAINT \"__sa_partition_bound\" ON w.ev_p1 IS 'public.ev FOR VALUES FROM (0) TO (100)'",
+            ]
         );
+        // the only partition of its parent, a default one, has no constraint to prove
         let lone_default = Leaf {
             constraint: None,
             ..leaf
         };
-        assert_eq!(bound_check_sql(&lone_default, "w.ev_p1"), None);
+        assert!(bound_check(&lone_default, "w.ev_p1").is_empty());
     }
 }

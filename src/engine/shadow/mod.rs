@@ -261,7 +261,8 @@ pub async fn create(
     .await?;
     if table.is_partition {
         // ATTACH at the swap proves the bound from this instead of scanning the new leaf
-        if let Some(sql) = leaf::bound_check_sql(&leaf::read(&tx, table.oid).await?, &shadow) {
+        let place = leaf::expect(&tx, table.oid, &table.qualified(), "the run started").await?;
+        for sql in leaf::bound_check(&place, &shadow) {
             tx.batch_execute(&sql)
                 .await
                 .ctx("giving the shadow of a partition its partition constraint")?;

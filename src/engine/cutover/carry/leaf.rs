@@ -17,7 +17,7 @@ use tokio_postgres::Transaction;
 use super::Carry;
 use crate::catalog::Table;
 use crate::engine::error::EngineError;
-use crate::engine::shadow::leaf::{read, BOUND_CHECK};
+use crate::engine::shadow::leaf::{check_place, expect, BOUND_CHECK};
 use crate::sql::quote_ident;
 
 /// Add the detach (before the source steps aside) and the attach with the helper's drop
@@ -25,10 +25,13 @@ use crate::sql::quote_ident;
 pub(super) async fn detach_attach(
     tx: &Transaction<'_>,
     table: &Table,
+    shadow: &str,
     c: &mut Carry,
 ) -> Result<(), EngineError> {
-    let leaf = read(tx, table.oid).await?;
-    let (src, parent) = (table.qualified(), &leaf.parent);
+    let src = table.qualified();
+    let leaf = expect(tx, table.oid, &src, "the run started").await?;
+    check_place(tx, &leaf, shadow, &src).await?;
+    let parent = &leaf.parent;
     c.before
         .push(format!("ALTER TABLE {parent} DETACH PARTITION {src}"));
     let mut attach = vec![format!(

@@ -273,7 +273,7 @@ pub async fn prepare(
     )
     .await?;
     if table.is_partition {
-        leaf::detach_attach(tx, table, &mut c).await?;
+        leaf::detach_attach(tx, table, &shadow, &mut c).await?;
     }
     if table.is_partitioned() {
         tree::partitions(tx, table, names, (old_suffix, &gone), &mut aside, &mut c).await?;
