@@ -28,7 +28,7 @@ use crate::engine::cutover::{swap, Markers, SwapOptions};
 use crate::engine::error::{EngineError, WireCtx};
 use crate::engine::follow::apply::Applier;
 use crate::engine::follow::{slot, Follower};
-use crate::engine::shadow::{Mapping, Target};
+use crate::engine::shadow::{leaf, Mapping, Target};
 use crate::engine::teardown::validate_foreign_keys;
 use crate::names::{Names, REVERTED_INFIX};
 use crate::replication::{Lsn, ReplicationConn};
@@ -409,6 +409,12 @@ async fn keep_in_sync(
         extra: &[],
     };
     let mut markers = Markers::new(&rev_names);
+    // a partition: the old table gets the helper that spares the ATTACH a scan under the lock
+    let old = qualified(&table.schema, old_name);
+    if new_table.is_partition {
+        let leaf = leaf::expect(run.control, new_oid, &table.qualified(), "the swap").await?;
+        leaf::prove_bound(run.control, &leaf, &old).await?;
+    }
     let outcome = swap(
         run.control,
         &mut swapper,
@@ -419,7 +425,11 @@ async fn keep_in_sync(
         &rev_names,
         &opts,
     )
-    .await?;
+    .await;
+    if outcome.is_err() && new_table.is_partition {
+        leaf::drop_bound(run.control, &old).await;
+    }
+    let outcome = outcome?;
     if let Err(e) = follower.stop().await {
         tracing::warn!("stopping the reverse stream after the revert: {e}");
     }

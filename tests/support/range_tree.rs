@@ -13,7 +13,8 @@ use tokio_postgres::Client;
 use shadow_alter::engine::{EngineError, RunConfig};
 
 use super::migration::run;
-use super::{connect, wait_until};
+use super::workload::assert_nothing_left;
+use super::{connect, count, wait_until};
 
 /// Rows get days 0..460: four ranges of 100 days, and from 400 on the default partition.
 pub const DAYS: i32 = 460;
@@ -256,4 +257,79 @@ pub async fn only_in(c: &Client, a: &str, b: &str) -> (i64, String) {
         .await
         .expect("compare the rows");
     (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default())
+}
+
+/// The partitions of ev are `leaves`, attached to it, and qty is of type `ty` in all of them.
+pub async fn assert_tree(c: &Client, ty: &str, leaves: &[&str]) {
+    let sql = "SELECT format('%s of %s: qty %s', t.relid::regclass, t.parentrelid::regclass, format_type(a.atttypid, a.atttypmod))
+               FROM pg_partition_tree('ev') t JOIN pg_attribute a ON a.attrelid = t.relid AND a.attname = 'qty'";
+    let leaves = leaves.iter().map(|l| format!("{l} of ev: qty {ty}"));
+    let mut want: Vec<String> = leaves.chain([format!("ev of : qty {ty}")]).collect();
+    want.sort();
+    assert_eq!(
+        lines(c, sql).await,
+        want,
+        "the partitions of ev and their qty"
+    );
+}
+
+/// The tree `root` as a plain ALTER leaves it, with the twin's names made ev's: partitions,
+/// bounds, kinds and storage parameters; columns; each index (validity, definition, the root
+/// index it is attached to); constraints (NOT NULL ones show as the columns' notnull).
+pub async fn shape(c: &Client, root: &str) -> Vec<String> {
+    let sql = format!(
+        "WITH t AS (SELECT * FROM pg_partition_tree('{root}'))
+         SELECT replace(x, 'ev_mirror', 'ev') FROM (SELECT format('rel %s of %s leaf=%s kind=%s bound=%s options=%s acl=%s identity=%s', t.relid::regclass, t.parentrelid::regclass,
+                       t.isleaf, c.relkind, pg_get_expr(c.relpartbound, c.oid), c.reloptions, c.relacl, c.relreplident)
+           FROM t JOIN pg_class c ON c.oid = t.relid
+         UNION ALL SELECT format('col %s %s %s %s notnull=%s storage=%s', a.attrelid::regclass, a.attnum, a.attname,
+                       format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attstorage)
+           FROM t JOIN pg_attribute a ON a.attrelid = t.relid WHERE a.attnum > 0 AND NOT a.attisdropped
+         UNION ALL SELECT format('idx %s valid=%s %s', i.indexrelid::regclass, i.indisvalid, pg_get_indexdef(i.indexrelid))
+           FROM t JOIN pg_index i ON i.indrelid = t.relid
+         UNION ALL SELECT format('idx %s of %s', x.relid::regclass, x.parentrelid::regclass)
+           FROM t JOIN pg_index i ON i.indrelid = t.relid CROSS JOIN LATERAL pg_partition_tree(i.indexrelid) x
+          WHERE t.level = 0 AND x.level > 0
+         UNION ALL SELECT format('con %s %s %s validated=%s %s', k.conrelid::regclass, k.conname, k.contype,
+                       k.convalidated, pg_get_constraintdef(k.oid))
+           FROM t JOIN pg_constraint k ON k.conrelid = t.relid WHERE k.contype <> 'n') s(x)"
+    );
+    lines(c, &sql).await
+}
+
+pub async fn assert_same_shape(c: &Client, when: &str) {
+    let (ev, mirror) = (shape(c, "ev").await, shape(c, "ev_mirror").await);
+    let only = |a: &[String], b: &[String]| {
+        a.iter()
+            .filter(|l| !b.contains(l))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        ev == mirror,
+        "{when}: the tree is not shaped as the mirror\nonly on ev: {:#?}\nonly on the mirror (names mapped to ev's): {:#?}",
+        only(&ev, &mirror),
+        only(&mirror, &ev)
+    );
+}
+
+/// What `assert_nothing_left` checks (slots, publications, shadow tables, work schemas, origins),
+/// and no relation or constraint named like ours, no invalid index, no checkpoint.
+pub async fn assert_nothing_left_behind(c: &Client) {
+    assert_nothing_left(c).await;
+    let ours = lines(
+        c,
+        "SELECT format('relation %s', c.oid::regclass) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+            AND (c.relname LIKE '%\\_\\_sa%' OR c.relname LIKE '%sa\\_old%')
+         UNION ALL SELECT format('constraint %s on %s', conname, conrelid::regclass) FROM pg_constraint
+          WHERE conname LIKE '%\\_\\_sa%'
+         UNION ALL SELECT format('invalid index %s', indexrelid::regclass) FROM pg_index WHERE NOT indisvalid",
+    )
+    .await;
+    assert!(ours.is_empty(), "left behind: {ours:#?}");
+    if count(c, "SELECT count(to_regclass('shadow_alter.checkpoints'))").await > 0 {
+        let n = count(c, "SELECT count(*) FROM shadow_alter.checkpoints").await;
+        assert_eq!(n, 0, "a checkpoint was left behind");
+    }
 }

@@ -109,9 +109,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
     preflight::check_server(&control).await?;
     let table = preflight::load_table(&control, &cfg.table).await?;
     if cfg.soak.is_some() {
-        if table.is_partitioned() || table.is_partition {
+        if table.is_partitioned() {
             return Err(EngineError::BadInput(format!(
-                "--soak: the soak window and revert of a partitioned table or a partition are not supported yet; run it without --soak ({} stays as it is)",
+                "--soak: the soak window and revert of a whole partitioned table are not supported yet (those of one partition are); run it without --soak ({} stays as it is)",
                 table.qualified()
             )));
         }

@@ -6,7 +6,7 @@
 //! Invariant: the helper constraint exists only on the shadow; the swap drops it in the
 //! transaction that attaches the shadow, and a failed run drops it with the shadow.
 
-use tokio_postgres::GenericClient;
+use tokio_postgres::{Client, GenericClient};
 
 use crate::db::Ctx;
 use crate::engine::error::EngineError;
@@ -88,29 +88,64 @@ pub fn bound_check(leaf: &Leaf, shadow: &str) -> Vec<String> {
 }
 
 /// Fails when the partition hangs elsewhere than when the shadow was made (its parent or bound
-/// changed): the shadow's rows and helper were made for that place.
+/// changed): the shadow's rows and helper were made for that place. Whether `shadow` has the
+/// helper (the old table a revert attaches again may not).
 pub async fn check_place(
     client: &impl GenericClient,
     leaf: &Leaf,
     shadow: &str,
     name: &str,
-) -> Result<(), EngineError> {
-    let made_for: Option<String> = client
+) -> Result<bool, EngineError> {
+    let helper = client
         .query_opt(
             "SELECT obj_description(oid, 'pg_constraint') FROM pg_constraint
              WHERE conrelid = $1::text::regclass AND conname = $2",
             &[&shadow, &BOUND_CHECK],
         )
         .await
-        .ctx("reading the place the shadow of the partition was made for")?
-        .and_then(|r| r.get(0));
+        .ctx("reading the place the shadow of the partition was made for")?;
+    let made_for: Option<String> = helper.as_ref().and_then(|r| r.get(0));
     match made_for {
         Some(was) if was != leaf.place() => Err(EngineError::Preflight(format!(
             "{name} was detached and attached again since the run started (it was {was}, it is {} now): \
              nothing was swapped; run it again",
             leaf.place()
         ))),
-        _ => Ok(()),
+        _ => Ok(helper.is_some()),
+    }
+}
+
+/// Give `table` (a former partition, about to be attached again where `leaf` hangs) the helper
+/// CHECK, validated without blocking writes, so the ATTACH scans nothing under the lock.
+pub async fn prove_bound(client: &Client, leaf: &Leaf, table: &str) -> Result<(), EngineError> {
+    let mut steps = bound_check(leaf, table);
+    if let Some(add) = steps.first_mut() {
+        add.push_str(" NOT VALID");
+        steps.push(format!(
+            "ALTER TABLE {table} VALIDATE CONSTRAINT {}",
+            quote_ident(BOUND_CHECK)
+        ));
+    }
+    for sql in &steps {
+        client
+            .batch_execute(sql)
+            .await
+            .ctx("giving the table to attach again its partition constraint")?;
+    }
+    Ok(())
+}
+
+/// Take the helper off `table` again (a revert that did not happen), best effort.
+pub async fn drop_bound(client: &Client, table: &str) {
+    let sql = format!(
+        "ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {}",
+        quote_ident(BOUND_CHECK)
+    );
+    if let Err(e) = client.batch_execute(&sql).await {
+        tracing::warn!(
+            "{table} keeps the constraint {BOUND_CHECK} ({}): drop it with `{sql}`",
+            crate::db::describe(&e)
+        );
     }
 }
 

@@ -30,7 +30,7 @@ pub(super) async fn detach_attach(
 ) -> Result<(), EngineError> {
     let src = table.qualified();
     let leaf = expect(tx, table.oid, &src, "the run started").await?;
-    check_place(tx, &leaf, shadow, &src).await?;
+    let helper = check_place(tx, &leaf, shadow, &src).await?;
     let parent = &leaf.parent;
     c.before
         .push(format!("ALTER TABLE {parent} DETACH PARTITION {src}"));
@@ -38,7 +38,7 @@ pub(super) async fn detach_attach(
         "ALTER TABLE {parent} ATTACH PARTITION {src} {}",
         leaf.bound
     )];
-    if leaf.constraint.is_some() {
+    if helper {
         attach.push(format!(
             "ALTER TABLE {src} DROP CONSTRAINT {}",
             quote_ident(BOUND_CHECK)
