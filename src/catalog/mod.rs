@@ -413,13 +413,13 @@ async fn dependents(client: &Client, oid: u32) -> Result<Dependents, DbError> {
         .await?,
         inbound_foreign_keys: list(
             String::from("SELECT conname || ' on ' || conrelid::regclass::text FROM pg_constraint
-             WHERE contype = 'f' AND confrelid = $1 AND conrelid <> $1"),
+             WHERE contype = 'f' AND confrelid = $1 AND conrelid <> $1 AND conparentid = 0"),
             "foreign keys",
         )
         .await?,
         outbound_foreign_keys: list(
             String::from("SELECT conname || ' -> ' || confrelid::regclass::text FROM pg_constraint
-             WHERE contype = 'f' AND conrelid = $1"),
+             WHERE contype = 'f' AND conrelid = $1 AND conparentid = 0"),
             "foreign keys",
         )
         .await?,

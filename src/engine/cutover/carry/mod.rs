@@ -84,7 +84,7 @@ pub async fn tables_to_lock(
             &format!(
                 "SELECT format('%I.%I', n.nspname, c.relname) FROM (
                    SELECT v AS oid FROM ({DEPENDENT_VIEWS}) x
-                   UNION SELECT conrelid FROM pg_constraint WHERE contype = 'f' AND confrelid = $1 AND conrelid <> $1
+                   UNION SELECT conrelid FROM pg_constraint WHERE contype = 'f' AND confrelid = $1 AND conrelid <> $1 AND conparentid = 0
                  ) d JOIN pg_class c ON c.oid = d.oid JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE c.relkind <> 'm' -- LOCK does not take materialized views; DROP locks them
                  ORDER BY 1"
@@ -100,7 +100,7 @@ pub async fn tables_to_lock(
         .query(
             "SELECT DISTINCT format('%I.%I', n.nspname, c.relname) FROM pg_constraint k
              JOIN pg_class c ON c.oid = k.confrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE k.contype = 'f' AND k.conrelid = $1 AND k.confrelid <> $1 ORDER BY 1",
+             WHERE k.contype = 'f' AND k.conrelid = $1 AND k.confrelid <> $1 AND k.conparentid = 0 ORDER BY 1",
             &[&oid],
         )
         .await
@@ -120,6 +120,29 @@ pub async fn check(
     mapping: &Mapping,
 ) -> Result<(), EngineError> {
     permissions(client, table).await?;
+    // the swap re-creates the keys that point in NOT VALID (validated after it)
+    let partitioned_in: Vec<String> = client
+        .query(
+            "SELECT format('foreign key %I of %s', k.conname, k.conrelid::regclass) FROM pg_constraint k
+             JOIN pg_class c ON c.oid = k.conrelid
+             WHERE k.contype = 'f' AND k.confrelid = $1 AND k.conrelid <> $1 AND k.conparentid = 0
+               AND c.relkind = 'p' AND current_setting('server_version_num')::int < 180000 ORDER BY 1",
+            &[&table.oid],
+        )
+        .await
+        .ctx("looking for partitioned tables whose foreign keys point in")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !partitioned_in.is_empty() {
+        return Err(EngineError::Preflight(format!(
+            "partitioned tables have foreign keys that point at {} ({}); the swap re-creates such a key NOT VALID on its table, \
+             and PostgreSQL before 18 refuses a NOT VALID foreign key on a partitioned table. Drop the keys for the migration \
+             and add them back after it, or run the plain ALTER TABLE. Nothing was changed",
+            table.qualified(),
+            partitioned_in.join("; ")
+        )));
+    }
     if mapping.dropped.is_empty() {
         return Ok(());
     }
@@ -133,7 +156,7 @@ pub async fn check(
              UNION
              SELECT format('foreign key %s on %s', k.conname, k.conrelid::regclass), a.attname::text
              FROM pg_constraint k JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = ANY(k.confkey)
-             WHERE k.contype = 'f' AND k.confrelid = $1 AND a.attname = ANY($2)
+             WHERE k.contype = 'f' AND k.confrelid = $1 AND k.conparentid = 0 AND a.attname = ANY($2)
              ORDER BY 1",
             &[&table.oid, &mapping.dropped],
         )
@@ -173,7 +196,7 @@ async fn permissions(client: &tokio_postgres::Client, table: &Table) -> Result<(
                    UNION ALL
                    SELECT format('table %s, whose foreign key %s points in (owner %s)', c.oid::regclass, k.conname, pg_get_userbyid(c.relowner)), c.relowner
                    FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
-                   WHERE k.contype = 'f' AND k.confrelid = $1 AND k.conrelid <> $1
+                   WHERE k.contype = 'f' AND k.confrelid = $1 AND k.conrelid <> $1 AND k.conparentid = 0
                    UNION ALL
                    SELECT format('publication %s (owner %s)', p.pubname, pg_get_userbyid(p.pubowner)), p.pubowner
                    FROM pg_publication p JOIN pg_publication_rel r ON r.prpubid = p.oid
@@ -181,7 +204,7 @@ async fn permissions(client: &tokio_postgres::Client, table: &Table) -> Result<(
                  ) o WHERE NOT pg_has_role(current_user, o.owner, 'USAGE')
                  UNION ALL
                  SELECT format('table %s, which foreign key %s references (needs the REFERENCES privilege)', k.confrelid::regclass, k.conname)
-                 FROM pg_constraint k WHERE k.contype = 'f' AND k.conrelid = $1 AND k.confrelid <> $1
+                 FROM pg_constraint k WHERE k.contype = 'f' AND k.conrelid = $1 AND k.confrelid <> $1 AND k.conparentid = 0
                    AND NOT has_table_privilege(k.confrelid, 'REFERENCES')"
             ),
             &[&table.oid],

@@ -30,7 +30,7 @@ pub(super) async fn foreign_keys(
                     array(SELECT attname::text FROM pg_attribute WHERE attrelid = k.conrelid AND attnum = ANY(k.conkey)),
                     obj_description(k.oid, 'pg_constraint')
              FROM pg_constraint k JOIN pg_class t ON t.oid = k.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
-             WHERE k.contype = 'f' AND (k.conrelid = $1 OR k.confrelid = $1) ORDER BY 1, 2",
+             WHERE k.contype = 'f' AND (k.conrelid = $1 OR k.confrelid = $1) AND k.conparentid = 0 ORDER BY 1, 2",
             &[&table.oid],
         )
         .await
