@@ -268,6 +268,17 @@ async fn default_partition_scan(client: &Client, t: &Table) -> Result<(), Engine
     let Some(leaf) = crate::engine::shadow::leaf::read(client, t.oid).await? else {
         return Ok(());
     };
+    if leaf.hash_parent {
+        tracing::warn!(
+            "{} is a partition of the hash-partitioned {}: the swap's ATTACH checks every row of the new partition \
+             ({}) while it holds {} locked, because a CHECK proving a hash bound would need that lock itself",
+            t.qualified(),
+            leaf.parent,
+            crate::progress::fmt_bytes(t.size_bytes),
+            leaf.parent
+        );
+        return Ok(());
+    }
     let (Some(default), Some(constraint)) = (&leaf.default_partition, &leaf.constraint) else {
         return Ok(());
     };

@@ -1,7 +1,8 @@
 //! The shadow of one partition (a leaf of a partitioned table, copied for a change PostgreSQL
 //! allows on one partition, such as `SET TABLESPACE`): where the leaf hangs, and the CHECK
 //! constraint the shadow carries until the swap, equal to the partition constraint, so that
-//! ATTACH PARTITION proves the bound from it instead of scanning the new leaf under the lock.
+//! ATTACH PARTITION proves the bound from it instead of scanning the new leaf under the lock
+//! (not under a hash-partitioned parent: see `bound_check`).
 //!
 //! Invariant: the helper constraint exists only on the shadow; the swap drops it in the
 //! transaction that attaches the shadow, and a failed run drops it with the shadow.
@@ -23,6 +24,9 @@ pub struct Leaf {
     pub bound: String,
     pub constraint: Option<String>,
     pub default_partition: Option<String>,
+    /// Whether the parent is hash partitioned: the constraint then calls
+    /// `satisfies_hash_partition(<parent>, ...)`, which opens the parent.
+    pub hash_parent: bool,
 }
 
 impl Leaf {
@@ -40,7 +44,8 @@ pub async fn read(client: &impl GenericClient, oid: u32) -> Result<Option<Leaf>,
                     pg_get_partition_constraintdef(c.oid),
                     (SELECT format('%I.%I', dn.nspname, d.relname) FROM pg_partitioned_table pt
                      JOIN pg_class d ON d.oid = pt.partdefid JOIN pg_namespace dn ON dn.oid = d.relnamespace
-                     WHERE pt.partrelid = p.oid AND d.oid <> c.oid)
+                     WHERE pt.partrelid = p.oid AND d.oid <> c.oid),
+                    (SELECT pt.partstrat = 'h' FROM pg_partitioned_table pt WHERE pt.partrelid = p.oid)
              FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid
              JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
              WHERE c.oid = $1",
@@ -53,6 +58,7 @@ pub async fn read(client: &impl GenericClient, oid: u32) -> Result<Option<Leaf>,
         bound: r.get(1),
         constraint: r.get(2),
         default_partition: r.get(3),
+        hash_parent: r.get::<_, Option<bool>>(4).unwrap_or(false),
     }))
 }
 
@@ -72,8 +78,14 @@ pub async fn expect(
 }
 
 /// The statements that give the shadow the partition constraint as a CHECK, with the parent and
-/// bound it stands for recorded in its comment (none when the leaf has no constraint to prove).
+/// bound it stands for recorded in its comment. None when the leaf has no constraint to prove,
+/// and none under a hash-partitioned parent: that CHECK opens the parent for every row, and the
+/// swap applies the last changes while it holds the parent, so each would wait for the swap
+/// itself (ATTACH then scans the copy under the lock instead).
 pub fn bound_check(leaf: &Leaf, shadow: &str) -> Vec<String> {
+    if leaf.hash_parent {
+        return Vec::new();
+    }
     let Some(sql) = bound_check_sql(leaf, shadow) else {
         return Vec::new();
     };
@@ -171,6 +183,7 @@ mod tests {
             bound: "FOR VALUES FROM (0) TO (100)".into(),
             constraint: Some("((day IS NOT NULL) AND (day >= 0) AND (day < 100))".into()),
             default_partition: None,
+            hash_parent: false,
         };
         assert_eq!(
             bound_check(&leaf, "w.ev_p1"),
@@ -185,5 +198,12 @@ mod tests {
             ..leaf
         };
         assert!(bound_check(&lone_default, "w.ev_p1").is_empty());
+        // under a hash-partitioned parent the CHECK would open the parent the swap holds
+        let hash = Leaf {
+            constraint: Some("satisfies_hash_partition('16385'::oid, 2, 0, id)".into()),
+            hash_parent: true,
+            ..lone_default
+        };
+        assert!(bound_check(&hash, "w.h0").is_empty());
     }
 }
