@@ -99,6 +99,36 @@ pub fn bound_check(leaf: &Leaf, shadow: &str) -> Vec<String> {
     ]
 }
 
+/// Take off the shadow the identities the partition has from its parent (PostgreSQL 17 on gives
+/// a partition its parent's identity, and refuses to attach a table with one of its own): the
+/// copy and the stream set those columns like any other, and ATTACH gives them back.
+pub async fn drop_inherited_identities(
+    client: &impl GenericClient,
+    oid: u32,
+    shadow: &str,
+) -> Result<(), EngineError> {
+    let columns = client
+        .query(
+            "SELECT quote_ident(a.attname) FROM pg_attribute a
+             JOIN pg_inherits i ON i.inhrelid = $1
+             JOIN pg_attribute pa ON pa.attrelid = i.inhparent AND pa.attname = a.attname AND pa.attidentity <> ''
+             WHERE a.attrelid = $2::text::regclass AND a.attidentity <> '' AND NOT a.attisdropped",
+            &[&oid, &shadow],
+        )
+        .await
+        .ctx("reading the identities the partition has from its parent")?;
+    for c in &columns {
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE {shadow} ALTER COLUMN {} DROP IDENTITY",
+                c.get::<_, String>(0)
+            ))
+            .await
+            .ctx("taking an inherited identity off the shadow of a partition")?;
+    }
+    Ok(())
+}
+
 /// Fails when the partition hangs elsewhere than when the shadow was made (its parent or bound
 /// changed): the shadow's rows and helper were made for that place. Whether `shadow` has the
 /// helper (the old table a revert attaches again may not).

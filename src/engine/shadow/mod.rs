@@ -267,6 +267,7 @@ pub async fn create(
                 .await
                 .ctx("giving the shadow of a partition its partition constraint")?;
         }
+        leaf::drop_inherited_identities(&tx, table.oid, &shadow).await?;
     }
     let after: Vec<mapping::After> = tx
         .query(
