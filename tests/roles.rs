@@ -278,3 +278,68 @@ async fn a_missing_privilege_is_named_with_the_statement_that_grants_it() {
         assert_nothing_left(&c).await;
     }
 }
+
+/// The same role owns a partitioned table: the shadow copy of the whole tree gives the new tree
+/// its statistics (the root's too, as the source's root had them: read from `pg_stats`, since
+/// only superusers may read `pg_statistic`), and the copy of one partition swaps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_role_migrates_a_partitioned_table_and_one_partition() {
+    let (c, url) = with_role("sa_tree_role", "REPLICATION").await;
+    let owner = connect(&url).await;
+    owner
+        .batch_execute(
+            "CREATE TABLE ev (id bigint NOT NULL, day int NOT NULL, qty int, PRIMARY KEY (day, id)) PARTITION BY RANGE (day);
+             CREATE TABLE ev_p1 PARTITION OF ev FOR VALUES FROM (0) TO (100);
+             CREATE TABLE ev_p2 PARTITION OF ev FOR VALUES FROM (100) TO (200);
+             INSERT INTO ev SELECT i, i % 200, i FROM generate_series(1, 20000) i;
+             ANALYZE ev",
+        )
+        .await
+        .expect("the role's tree");
+    let tree = [
+        "run",
+        "--table",
+        "ev",
+        "--alter",
+        "ALTER COLUMN qty TYPE bigint",
+        "--strategy",
+        "shadow-copy",
+        "--progress",
+        "none",
+        "--drop-old",
+    ];
+    let (code, out) = output(&url, &tree, &[]).await;
+    assert_eq!(code, 0, "the tree run: {out}");
+    assert!(!out.contains("analyzing the new table failed"), "{out}");
+    let stats: Vec<String> = c
+        .query(
+            "SELECT DISTINCT format('%s %s', tablename, inherited::text) FROM pg_stats
+             WHERE schemaname = 'public' AND tablename LIKE 'ev%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("the statistics")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stats, ["ev true", "ev_p1 false", "ev_p2 false"], "{out}");
+    let leaf = [
+        "run",
+        "--table",
+        "ev_p2",
+        "--alter",
+        "SET (fillfactor = 70)",
+        "--strategy",
+        "shadow-copy",
+        "--progress",
+        "none",
+        "--drop-old",
+    ];
+    let (code, out) = output(&url, &leaf, &[]).await;
+    assert_eq!(code, 0, "the partition's run: {out}");
+    assert_eq!(
+        column_type(&c, "ev_p2", "qty").await.as_deref(),
+        Some("bigint")
+    );
+    assert_nothing_left(&c).await;
+}

@@ -211,12 +211,13 @@ async fn analyze_tree(run: &Run<'_>, shadow: &str) -> Result<(), String> {
     let r = run
         .control
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_statistic WHERE starelid = $1),
+            // pg_stats, not pg_statistic: only superusers may read that
+            "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = $1 AND tablename = $3 AND inherited),
                     current_setting('server_version_num')::int >= 180000,
                     array(SELECT format('%I.%I', n.nspname, c.relname) FROM pg_partition_tree($2::text::regclass) t
                           JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
                           WHERE t.isleaf ORDER BY c.relpages DESC)",
-            &[&run.table.oid, &shadow],
+            &[&run.table.schema, &shadow, &run.table.name],
         )
         .await
         .map_err(|e| describe(&e))?;
