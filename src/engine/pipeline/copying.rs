@@ -286,7 +286,8 @@ async fn build_indexes(
 ) -> Result<(), EngineError> {
     let missing = deferred.missing(run.control).await?;
     if missing.is_empty() {
-        return Ok(());
+        // a run killed between the build and the naming left the names to give
+        return name_partition_indexes(run).await;
     }
     run.set_phase("indexes", None).await;
     run.progress.start_phase("indexes", None);
@@ -321,19 +322,25 @@ async fn build_indexes(
         }
     }
     run.progress.finish_phase();
-    if run.table.is_partitioned() {
-        let mut c = connect(run.config, "naming the shadow partitions' indexes").await?;
-        crate::engine::shadow::tree::name_built_indexes(
-            &mut c,
-            run.table.oid,
-            &run.names.shadow_qualified(),
-        )
-        .await?;
-    }
+    name_partition_indexes(run).await?;
     tracing::info!(
         "{} indexes built in {:.1}s",
         missing.len(),
         build_started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// A shadow tree's partition indexes take the source's names (idempotent).
+async fn name_partition_indexes(run: &Run<'_>) -> Result<(), EngineError> {
+    if !run.table.is_partitioned() {
+        return Ok(());
+    }
+    let mut c = connect(run.config, "naming the shadow partitions' indexes").await?;
+    crate::engine::shadow::tree::name_built_indexes(
+        &mut c,
+        run.table.oid,
+        &run.names.shadow_qualified(),
+    )
+    .await
 }
