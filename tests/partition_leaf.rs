@@ -182,6 +182,32 @@ async fn what_one_partition_cannot_do_by_copy_is_refused_and_changes_nothing() {
         .expect("without the foreign key, the copy of ev_p2 runs");
     let sql = "SELECT count(*) FROM pg_class WHERE relname = 'ev_p2' AND reloptions = '{fillfactor=70}' AND relispartition";
     assert_eq!(count(&c, sql).await, 1, "ev_p2 copied and attached");
+    // a partition's own key to a partitioned table (a row of it per partition pointed at) is
+    // not one from its tree: carried
+    c.batch_execute(
+        "CREATE TABLE qtys (q int PRIMARY KEY) PARTITION BY RANGE (q);
+         CREATE TABLE qtys1 PARTITION OF qtys FOR VALUES FROM (0) TO (500);
+         CREATE TABLE qtys2 PARTITION OF qtys FOR VALUES FROM (500) TO (1000);
+         INSERT INTO qtys SELECT generate_series(0, 999);
+         ALTER TABLE ev_p3 ADD CONSTRAINT ev_p3_qty_fkey FOREIGN KEY (qty) REFERENCES qtys",
+    )
+    .await
+    .expect("a key of ev_p3's own to a partitioned table");
+    let mut a = shadow_copy_args(&url, "ev_p3", alter);
+    a.drop_old = true;
+    run(a).await.expect("the copy of ev_p3 with its own key");
+    let sql = "SELECT count(*) FROM pg_constraint WHERE conname = 'ev_p3_qty_fkey' AND conrelid = 'ev_p3'::regclass
+               AND confrelid = 'qtys'::regclass AND convalidated";
+    assert_eq!(
+        count(&c, sql).await,
+        1,
+        "ev_p3's key, carried and validated"
+    );
+    let err = c
+        .batch_execute("INSERT INTO ev_p3 VALUES (99999999, 250, 5000, 'x', NULL)")
+        .await
+        .expect_err("the key is enforced");
+    assert_eq!(err.code().map(|s| s.code()), Some("23503"), "{err}");
 }
 
 /// A partition detached, or detached and attached again elsewhere, while its copy runs: the swap

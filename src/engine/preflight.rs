@@ -237,12 +237,30 @@ async fn check_leaf(client: &Client, t: &Table) -> Result<(), EngineError> {
              run it on {root}, or on each leaf of {q}. Nothing was changed"
         )));
     }
+    let parent: (String, bool) = client
+        .query_one(
+            "SELECT p.oid::regclass::text, pg_has_role(current_user, p.relowner, 'USAGE')
+             FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent WHERE i.inhrelid = $1",
+            &[&t.oid],
+        )
+        .await
+        .ctx("reading the partition's parent")
+        .map(|r| (r.get(0), r.get(1)))?;
+    if !parent.1 {
+        return Err(EngineError::Preflight(format!(
+            "the swap of {q} detaches it from {p} and attaches the new table to {p}, which takes the owner of {p}: \
+             run as a role that owns it (or is a member of its owner's role). Nothing was changed",
+            p = parent.0
+        )));
+    }
+    // the partition's rows of keys its tree has (not those of its own keys to a partitioned table)
     let keys: Vec<String> = client
         .query(
             "SELECT format('foreign key %I of %s %s', p.conname, p.conrelid::regclass,
                            CASE WHEN k.conrelid = $1 THEN 'points out of the partition' ELSE 'points into the partition' END)
              FROM pg_constraint k JOIN pg_constraint p ON p.oid = k.conparentid
-             WHERE k.contype = 'f' AND (k.conrelid = $1 OR k.confrelid = $1) ORDER BY 1",
+             WHERE k.contype = 'f' AND ((k.conrelid = $1 AND p.conrelid <> $1) OR (k.confrelid = $1 AND p.confrelid <> $1))
+             ORDER BY 1",
             &[&t.oid],
         )
         .await

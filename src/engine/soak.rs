@@ -413,7 +413,10 @@ async fn keep_in_sync(
     let old = qualified(&table.schema, old_name);
     if new_table.is_partition {
         let leaf = leaf::expect(run.control, new_oid, &table.qualified(), "the swap").await?;
-        leaf::prove_bound(run.control, &leaf, &old).await?;
+        if let Err(e) = leaf::prove_bound(run.control, &leaf, &old).await {
+            leaf::drop_bound(run.control, &old).await;
+            return Err(e);
+        }
     }
     let outcome = swap(
         run.control,

@@ -143,19 +143,21 @@ impl Attempt<'_> {
         let src = self.table.qualified();
         let (exclusive, share) = carry::tables_to_lock(tx, self.table.oid).await?;
         // a partition's parent first (DETACH needs it), as queries through the parent lock them
-        let parent = match self.table.is_partition {
-            true => Some(
-                leaf::expect(
+        let (parent, default) = match self.table.is_partition {
+            true => {
+                let at = leaf::expect(
                     tx,
                     self.table.oid,
                     &self.table.qualified(),
                     "the run started",
                 )
-                .await?
-                .parent,
-            ),
-            false => None,
+                .await?;
+                (Some(at.parent), at.default_partition)
+            }
+            false => (None, None),
         };
+        // DETACH and ATTACH lock the parent's default partition too
+        let exclusive: Vec<String> = default.into_iter().chain(exclusive).collect();
         // With other tables in play an application transaction could hold one of them and wait
         // for the source: keep every lock wait well under deadlock_timeout, so the swap gives up
         // (and retries) before the server could pick the application as a deadlock victim.

@@ -163,6 +163,14 @@ pub async fn prove_bound(client: &Client, leaf: &Leaf, table: &str) -> Result<()
     let mut steps = bound_check(leaf, table);
     if let Some(add) = steps.first_mut() {
         add.push_str(" NOT VALID");
+        // what a revert that did not finish may have left
+        steps.insert(
+            0,
+            format!(
+                "ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {}",
+                quote_ident(BOUND_CHECK)
+            ),
+        );
         steps.push(format!(
             "ALTER TABLE {table} VALIDATE CONSTRAINT {}",
             quote_ident(BOUND_CHECK)
