@@ -60,13 +60,15 @@ async fn one_partition_moved_to_another_tablespace_by_copy_under_writes_equals_t
     let url = fresh_db("leaf_copy").await;
     let c = connect(&url).await;
     create_trees(&c, 150_000).await;
-    // a row trigger on the root (every partition has a clone of it) and one of ev_p2's own
+    // a row trigger on the root (every partition has a clone of it, ev_p2's enabled otherwise)
+    // and one of ev_p2's own
     c.batch_execute(&format!(
         "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN NEW.note := coalesce(NEW.note, 't'); RETURN NEW; END$$; {}",
         both(|t| format!(
             "CREATE TRIGGER {t}_touch BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION touch();
              CREATE TRIGGER {t}_p2_own BEFORE UPDATE ON {t}_p2 FOR EACH ROW EXECUTE FUNCTION touch();
-             ALTER TABLE {t}_p2 DISABLE TRIGGER {t}_p2_own"
+             ALTER TABLE {t}_p2 DISABLE TRIGGER {t}_p2_own;
+             ALTER TABLE {t}_p2 ENABLE REPLICA TRIGGER {t}_touch"
         ))
     ))
     .await

@@ -6,7 +6,8 @@
 //! the bound from it and scans nothing of the new leaf; the helper is dropped right after, in
 //! the same transaction. ATTACH adopts the new leaf's indexes into the parent's partitioned
 //! indexes (they have the same definitions and constraints) and clones the parent's row
-//! triggers, so neither is carried: `table::triggers` skips cloned triggers.
+//! triggers, so neither is carried (`table::triggers` skips cloned triggers); a clone the
+//! partition had enabled otherwise than its parent's trigger gets that state back.
 //!
 //! Invariant: nothing here commits; a failure rolls the swap back, and the old leaf stays
 //! attached and serving. The parent is locked first (ACCESS EXCLUSIVE, which DETACH needs), in
@@ -16,6 +17,7 @@ use tokio_postgres::Transaction;
 
 use super::Carry;
 use crate::catalog::Table;
+use crate::db::Ctx;
 use crate::engine::error::EngineError;
 use crate::engine::shadow::leaf::{check_place, expect, BOUND_CHECK};
 use crate::sql::quote_ident;
@@ -43,6 +45,27 @@ pub(super) async fn detach_attach(
             "ALTER TABLE {src} DROP CONSTRAINT {}",
             quote_ident(BOUND_CHECK)
         ));
+    }
+    // ATTACH clones the parent's row triggers with the parent's enabled state: a clone the
+    // partition had enabled otherwise gets its state back
+    for r in tx
+        .query(
+            "SELECT quote_ident(t.tgname), t.tgenabled::text FROM pg_trigger t
+             JOIN pg_trigger p ON p.oid = t.tgparentid
+             WHERE t.tgrelid = $1 AND t.tgenabled <> p.tgenabled",
+            &[&table.oid],
+        )
+        .await
+        .ctx("reading the partition's cloned triggers")?
+    {
+        let (name, enabled): (String, String) = (r.get(0), r.get(1));
+        let state = match enabled.as_str() {
+            "D" => "DISABLE",
+            "R" => "ENABLE REPLICA",
+            "A" => "ENABLE ALWAYS",
+            _ => "ENABLE",
+        };
+        attach.push(format!("ALTER TABLE {src} {state} TRIGGER {name}"));
     }
     c.after.splice(0..0, attach);
     c.summary.push(match &leaf.default_partition {
