@@ -13,8 +13,8 @@ use tokio_postgres::Client;
 
 use support::migration::{run, shadow_copy_args};
 use support::range_tree::{
-    assert_nothing_left_behind, assert_same_shape, assert_tree, both, create_trees, lines, only_in,
-    start_run, Writers, LEAVES,
+    assert_nothing_left_behind, assert_same_shape, assert_tree, both, create_trees, cut_over,
+    lines, only_in, start_run, Writers, LEAVES,
 };
 use support::tree::tree_state;
 use support::{connect, count, fresh_db, wait_until};
@@ -38,6 +38,17 @@ async fn create_tablespace(c: &Client, name: &str) -> std::path::PathBuf {
     .await
     .expect("create the tablespace");
     dir
+}
+
+/// Drop the trees and then the tablespace `name` with its directory.
+async fn drop_trees_and_tablespace(c: &Client, name: &str, dir: std::path::PathBuf) {
+    c.batch_execute("DROP TABLE ev, ev_mirror")
+        .await
+        .expect("drop the trees");
+    c.batch_execute(&format!("DROP TABLESPACE {name}"))
+        .await
+        .expect("drop the tablespace");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Where `root`'s relations and their indexes are stored, and its triggers (whether cloned from
@@ -79,16 +90,7 @@ async fn one_partition_moved_to_another_tablespace_by_copy_under_writes_equals_t
     (a.chunk_size, a.drop_old, a.postpone_cutover) = (1_000, true, true);
     let migration = start_run(&c, a).await;
     writers.wait_for_more(300).await;
-    if migration.is_finished() {
-        panic!(
-            "the run ended before its cutover was requested: {:?}",
-            migration.await
-        );
-    }
-    shadow_alter::ops::cutover(Some(&url), "ev_p2", None)
-        .await
-        .expect("request the cutover");
-    migration.await.expect("join").expect("the run");
+    cut_over(&url, "ev_p2", migration).await;
     writers.wait_for_more(100).await;
     writers.stop().await;
 
@@ -117,13 +119,7 @@ async fn one_partition_moved_to_another_tablespace_by_copy_under_writes_equals_t
     );
     assert!(ev.iter().any(|l| l == "ev_p2 in leaf_ts"), "{ev:#?}");
     assert_nothing_left_behind(&c).await;
-    c.batch_execute("DROP TABLE ev, ev_mirror")
-        .await
-        .expect("drop the trees");
-    c.batch_execute("DROP TABLESPACE leaf_ts")
-        .await
-        .expect("drop the tablespace");
-    let _ = std::fs::remove_dir_all(dir);
+    drop_trees_and_tablespace(&c, "leaf_ts", dir).await;
 }
 
 /// A partition with foreign keys from its tree (DETACH would check them by a scan under the
@@ -329,21 +325,15 @@ async fn a_soak_window_on_one_partition_and_its_revert_bring_every_write_back() 
         .await
         .expect("drop the kept partition");
     assert_nothing_left_behind(&c).await;
-    c.batch_execute("DROP TABLE ev, ev_mirror")
-        .await
-        .expect("drop the trees");
-    c.batch_execute("DROP TABLESPACE revert_ts")
-        .await
-        .expect("drop the tablespace");
-    let _ = std::fs::remove_dir_all(dir);
+    drop_trees_and_tablespace(&c, "revert_ts", dir).await;
 }
 
-/// A partition of a hash-partitioned table with an identity column under steady writes into it
-/// (from PostgreSQL 17 on the partition has the identity from its parent, and ATTACH refuses a
-/// table with one of its own). Its swap drains the
-/// stream while it holds the parent, so nothing applied to the copy may need the parent: a
-/// CHECK proving a hash bound would (`satisfies_hash_partition` opens the parent), and every
-/// drain would wait for the swap's own lock until the attempts ran out.
+/// A partition of a hash-partitioned table with an identity column, under steady writes into
+/// it. From PostgreSQL 17 on the partition has the identity from its parent, and ATTACH refuses
+/// a table with one of its own. Its swap drains the stream while it holds the parent, so nothing
+/// applied to the copy may need the parent: a CHECK proving a hash bound would
+/// (`satisfies_hash_partition` opens the parent), and every drain would wait for the swap's own
+/// lock until the attempts ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hash_partition_under_steady_writes_is_swapped() {
     let url = fresh_db("leaf_hash").await;

@@ -16,7 +16,7 @@ use support::migration::{run, shadow_copy_args};
 use support::process::{exited, spawn};
 use support::range_tree::{
     assert_nothing_left_behind, assert_same_shape, assert_tree, both, copy_under_way, create_trees,
-    lines, only_in, shape, start_run, truncate_p3, Writers, LEAVES,
+    cut_over, lines, only_in, shape, start_run, truncate_p3, Writers, LEAVES,
 };
 use support::tree::tree_state;
 use support::workload::diff;
@@ -91,16 +91,7 @@ async fn a_rewriting_alter_on_a_range_tree_under_writes_equals_the_mirror() {
     let migration = start_run(&c, a).await;
     truncate_p3(&c).await;
     writers.wait_for_more(200).await;
-    if migration.is_finished() {
-        panic!(
-            "the run ended before its cutover was requested: {:?}",
-            migration.await
-        );
-    }
-    shadow_alter::ops::cutover(Some(&url), "ev", None)
-        .await
-        .expect("request the cutover");
-    migration.await.expect("join").expect("the run");
+    cut_over(&url, "ev", migration).await;
     writers.wait_for_more(100).await;
     writers.stop().await;
     assert_equals_mirror(&c).await;

@@ -333,3 +333,22 @@ pub async fn assert_nothing_left_behind(c: &Client) {
         assert_eq!(n, 0, "a checkpoint was left behind");
     }
 }
+
+/// Request the cutover of a postponed run that is still going (it must not have ended before),
+/// and wait for it to succeed.
+pub async fn cut_over(
+    url: &str,
+    table: &str,
+    migration: tokio::task::JoinHandle<Result<(), EngineError>>,
+) {
+    if migration.is_finished() {
+        panic!(
+            "the run ended before its cutover was requested: {:?}",
+            migration.await
+        );
+    }
+    shadow_alter::ops::cutover(Some(url), table, None)
+        .await
+        .expect("request the cutover");
+    migration.await.expect("join").expect("the run");
+}
