@@ -237,20 +237,20 @@ async fn check_leaf(client: &Client, t: &Table) -> Result<(), EngineError> {
              run it on {root}, or on each leaf of {q}. Nothing was changed"
         )));
     }
-    let parent: (String, bool) = client
+    let leaf = crate::engine::shadow::leaf::expect(client, t.oid, &q, "it was read").await?;
+    let owns_parent: bool = client
         .query_one(
-            "SELECT p.oid::regclass::text, pg_has_role(current_user, p.relowner, 'USAGE')
-             FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent WHERE i.inhrelid = $1",
-            &[&t.oid],
+            "SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class WHERE oid = $1::text::regclass",
+            &[&leaf.parent],
         )
         .await
-        .ctx("reading the partition's parent")
-        .map(|r| (r.get(0), r.get(1)))?;
-    if !parent.1 {
+        .ctx("reading the owner of the partition's parent")?
+        .get(0);
+    if !owns_parent {
         return Err(EngineError::Preflight(format!(
             "the swap of {q} detaches it from {p} and attaches the new table to {p}, which takes the owner of {p}: \
              run as a role that owns it (or is a member of its owner's role). Nothing was changed",
-            p = parent.0
+            p = leaf.parent
         )));
     }
     // the partition's rows of keys its tree has (not those of its own keys to a partitioned table)
@@ -269,8 +269,7 @@ async fn check_leaf(client: &Client, t: &Table) -> Result<(), EngineError> {
         .map(|r| r.get(0))
         .collect();
     if keys.is_empty() {
-        default_partition_scan(client, t).await?;
-        return Ok(());
+        return default_partition_scan(client, t, &leaf).await;
     }
     Err(EngineError::Preflight(format!(
         "{q} is a partition of {root}, and the shadow copy of one partition swaps it by DETACH and ATTACH, which would scan \
@@ -282,10 +281,11 @@ async fn check_leaf(client: &Client, t: &Table) -> Result<(), EngineError> {
 
 /// Warn when ATTACH at the swap must scan the parent's default partition under the lock (for
 /// rows that belong to the partition), with its size and the constraint that spares the scan.
-async fn default_partition_scan(client: &Client, t: &Table) -> Result<(), EngineError> {
-    let Some(leaf) = crate::engine::shadow::leaf::read(client, t.oid).await? else {
-        return Ok(());
-    };
+async fn default_partition_scan(
+    client: &Client,
+    t: &Table,
+    leaf: &crate::engine::shadow::leaf::Leaf,
+) -> Result<(), EngineError> {
     if leaf.hash_parent {
         tracing::warn!(
             "{} is a partition of the hash-partitioned {}: the swap's ATTACH checks every row of the new partition \

@@ -5,8 +5,6 @@
 //! Invariant: a per-leaf index is named `__sa_b<index>_<leaf>` in the work schema until the
 //! root adopts it; nothing of ours keeps such a name once `build` has committed.
 
-use tokio_postgres::Client;
-
 use super::{Backs, Deferred, DeferredIndex};
 use crate::db::Ctx;
 use crate::engine::error::EngineError;
@@ -79,25 +77,6 @@ pub(super) fn jobs<'a>(
         }
     }
     (parallel, constraints)
-}
-
-/// The shadow tree's leaves (qualified), largest first.
-pub(super) async fn shadow_leaves(
-    client: &Client,
-    shadow: &str,
-) -> Result<Vec<String>, EngineError> {
-    Ok(client
-        .query(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_partition_tree($1::text::regclass) t
-             JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE t.isleaf ORDER BY c.relpages DESC, c.oid",
-            &[&shadow],
-        )
-        .await
-        .ctx("listing the shadow tree's partitions")?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
 }
 
 /// A leaf's index that the root's statement did not adopt (it built its own instead: the

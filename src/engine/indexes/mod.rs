@@ -33,7 +33,7 @@ use crate::db::{describe, Canceller, Ctx};
 use crate::engine::error::EngineError;
 use crate::names::Names;
 use crate::sql::{quote_ident, quote_literal};
-use leaves::{drop_unadopted, jobs, shadow_leaves, Job, LeafBuild};
+use leaves::{drop_unadopted, jobs, Job, LeafBuild};
 
 /// Sessions building indexes at the same time.
 const BUILDERS: usize = 2;
@@ -341,7 +341,7 @@ pub async fn build(
     let started = Instant::now();
     let mut clients = vec![builder(config).await?];
     let leaves = match deferred.indexes.iter().any(|ix| ix.leaves.is_some()) {
-        true => shadow_leaves(&clients[0], &deferred.shadow).await?,
+        true => crate::engine::shadow::tree::leaves(&clients[0], &deferred.shadow).await?,
         false => Vec::new(),
     };
     // index builds first: CREATE INDEX takes SHARE, so several run on the table at once

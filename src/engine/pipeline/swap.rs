@@ -212,16 +212,16 @@ async fn analyze_tree(run: &Run<'_>, shadow: &str) -> Result<(), String> {
         .control
         .query_one(
             // pg_stats, not pg_statistic: only superusers may read that
-            "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = $1 AND tablename = $3 AND inherited),
-                    current_setting('server_version_num')::int >= 180000,
-                    array(SELECT format('%I.%I', n.nspname, c.relname) FROM pg_partition_tree($2::text::regclass) t
-                          JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-                          WHERE t.isleaf ORDER BY c.relpages DESC)",
-            &[&run.table.schema, &shadow, &run.table.name],
+            "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = $1 AND tablename = $2 AND inherited),
+                    current_setting('server_version_num')::int >= 180000",
+            &[&run.table.schema, &run.table.name],
         )
         .await
         .map_err(|e| describe(&e))?;
-    let (root_stats, only, mut targets): (bool, bool, Vec<String>) = (r.get(0), r.get(1), r.get(2));
+    let (root_stats, only): (bool, bool) = (r.get(0), r.get(1));
+    let mut targets = crate::engine::shadow::tree::leaves(run.control, shadow)
+        .await
+        .map_err(|e| e.to_string())?;
     if root_stats && only {
         targets.insert(0, format!("ONLY {shadow}"));
     } else if root_stats {

@@ -86,11 +86,14 @@ pub fn bound_check(leaf: &Leaf, shadow: &str) -> Vec<String> {
     if leaf.hash_parent {
         return Vec::new();
     }
-    let Some(sql) = bound_check_sql(leaf, shadow) else {
+    let Some(constraint) = &leaf.constraint else {
         return Vec::new();
     };
     vec![
-        sql,
+        format!(
+            "ALTER TABLE {shadow} ADD CONSTRAINT {} CHECK ({constraint})",
+            quote_ident(BOUND_CHECK)
+        ),
         format!(
             "COMMENT ON CONSTRAINT {} ON {shadow} IS {}",
             quote_ident(BOUND_CHECK),
@@ -197,17 +200,6 @@ pub async fn drop_bound(client: &Client, table: &str) {
             crate::db::describe(&e)
         );
     }
-}
-
-/// The statement that gives the shadow the partition constraint as a CHECK (None when the leaf
-/// has no constraint to prove).
-fn bound_check_sql(leaf: &Leaf, shadow: &str) -> Option<String> {
-    leaf.constraint.as_ref().map(|c| {
-        format!(
-            "ALTER TABLE {shadow} ADD CONSTRAINT {} CHECK ({c})",
-            quote_ident(BOUND_CHECK)
-        )
-    })
 }
 
 #[cfg(test)]

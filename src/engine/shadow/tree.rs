@@ -254,3 +254,22 @@ pub fn unchanged(table: &Table, now: impl Iterator<Item = u32>) -> Result<(), En
         table.qualified()
     )))
 }
+
+/// The shadow tree's leaves (qualified), largest first.
+pub async fn leaves<C: GenericClient>(
+    client: &C,
+    shadow: &str,
+) -> Result<Vec<String>, EngineError> {
+    Ok(client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_partition_tree($1::text::regclass) t
+             JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE t.isleaf ORDER BY c.relpages DESC, c.oid",
+            &[&shadow],
+        )
+        .await
+        .ctx("listing the shadow tree's partitions")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
