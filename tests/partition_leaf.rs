@@ -123,8 +123,8 @@ async fn one_partition_moved_to_another_tablespace_by_copy_under_writes_equals_t
 }
 
 /// A partition with foreign keys from its tree (DETACH would check them by a scan under the
-/// lock), a partition that is partitioned itself, and `--soak` on a whole tree: each refused
-/// with its cause, and nothing changed.
+/// lock), a partition that is partitioned itself: each refused with its cause, and nothing
+/// changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn what_one_partition_cannot_do_by_copy_is_refused_and_changes_nothing() {
     let url = fresh_db("leaf_refused").await;
@@ -162,18 +162,6 @@ async fn what_one_partition_cannot_do_by_copy_is_refused_and_changes_nothing() {
     c.batch_execute("DROP TABLE ev_ref")
         .await
         .expect("drop the referencing table");
-    // the soak window of one partition is supported, that of a whole tree not yet
-    let before = tree_state(&c, "ev").await;
-    let mut a = shadow_copy_args(&url, "ev", "ALTER COLUMN qty TYPE bigint");
-    a.soak = Some(Duration::from_secs(60));
-    let err = run(a).await.expect_err("--soak on a tree").to_string();
-    assert!(err.contains("--soak") && err.contains("\"ev\""), "{err}");
-    assert_eq!(
-        tree_state(&c, "ev").await,
-        before,
-        "--soak: the tree changed"
-    );
-    assert_nothing_left_behind(&c).await;
     let a = shadow_copy_args(&url, "ev_p2", alter);
     run(a)
         .await

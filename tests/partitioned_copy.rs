@@ -3,7 +3,8 @@
 //! storage parameter) altered under writes mirrored on a twin tree (inserts, updates, rows moving
 //! between partitions, deletes, a truncate of one partition) ends equal row for row to the twin
 //! altered with plain DDL, shaped as a plain ALTER leaves it, with nothing left behind; a run
-//! killed with SIGKILL during the copy resumes; a partition attached meanwhile stops the run. A
+//! killed with SIGKILL during the copy resumes; a partition attached meanwhile stops the run; a
+//! soak window on the tree and its revert bring every write back. A
 //! foreign key to or from a partitioned table is carried as the one key it is.
 
 mod support;
@@ -337,5 +338,70 @@ async fn foreign_keys_to_and_from_partitioned_tables_are_carried_as_one_key() {
             "tgt is unchanged"
         );
     }
+    assert_nothing_left_behind(&c).await;
+}
+
+/// A soak window on the whole tree: after the swap the old tree follows the new one (writes
+/// into every partition, rows moving between partitions, a truncate of one partition);
+/// `revert` swaps the root and every partition back with every write made since, the old
+/// partitions and their indexes under their own names again, and the tree equals the mirror,
+/// which was never altered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_soak_window_on_a_tree_and_its_revert_bring_every_write_back() {
+    let url = fresh_db("tree_revert").await;
+    let c = connect(&url).await;
+    create_trees(&c, 60_000).await;
+    let before = shape(&c, "ev").await;
+    let writers = Writers::start(&url, 3, 60_000).await;
+    let mut a = shadow_copy_args(&url, "ev", ALTER);
+    a.soak = Some(Duration::from_secs(600));
+    let migration = tokio::spawn(run(a));
+    wait_until(Duration::from_secs(120), "the soak window", || async {
+        migration.is_finished() || support::process::phase(&c, "public.ev").await == "soak"
+    })
+    .await;
+    assert_tree(&c, "bigint", &LEAVES).await;
+    // writes land on the new tree during the window, some moving rows between partitions
+    writers.wait_for_more(300).await;
+    truncate_p3(&c).await;
+    writers.wait_for_more(200).await;
+    let (code, out) = support::process::output(&url, &["revert", "ev"], &[]).await;
+    assert_eq!(code, 0, "revert: {out}");
+    assert!(out.contains("reverted"), "{out}");
+    migration
+        .await
+        .expect("join")
+        .expect("the migration and its revert");
+    writers.wait_for_more(100).await;
+    writers.stop().await;
+    assert_tree(&c, "integer", &LEAVES).await;
+    let ((n_ev, ev), (n_mirror, mirror)) = (
+        only_in(&c, "ev", "ev_mirror").await,
+        only_in(&c, "ev_mirror", "ev").await,
+    );
+    assert!(
+        n_ev == 0 && n_mirror == 0,
+        "ev differs from the mirror after the revert: {n_ev} rows only in ev, the first:\n{ev}\n\
+         {n_mirror} rows only in the mirror, the first:\n{mirror}"
+    );
+    assert_same_shape(&c, "after the revert").await;
+    assert_eq!(
+        shape(&c, "ev").await,
+        before,
+        "after the revert, the tree has its partitions and indexes under their own names"
+    );
+    // the migrated tree is kept, whole, as the old table of the revert
+    let kept = lines(
+        &c,
+        "SELECT format('%s %s', relname, (SELECT count(*) FROM pg_partition_tree(c.oid) WHERE isleaf))
+           FROM pg_class c WHERE relname LIKE 'ev\\_\\_sa\\_rev\\_%' AND relkind = 'p'",
+    )
+    .await;
+    assert_eq!(kept.len(), 1, "the migrated tree is kept: {kept:?}");
+    assert!(kept[0].ends_with(" 5"), "with its partitions: {kept:?}");
+    let root = kept[0].split(' ').next().unwrap_or_default().to_string();
+    c.batch_execute(&format!("DROP TABLE \"{root}\""))
+        .await
+        .expect("drop the kept tree");
     assert_nothing_left_behind(&c).await;
 }

@@ -14,8 +14,15 @@
 //! A revert is the same swap as the migration's, run the other way: the table lock, a drain of
 //! the reverse stream to a marker, the renames, and everything that belongs to the table carried
 //! back (`carry.rs`). The migrated table is kept as `<t>__sa_rev_<stamp>`.
+//!
+//! A partitioned table: the reverse publication holds the whole shadow tree; each partition's
+//! changes are applied through the old root (a row that moved between partitions lands where
+//! the old tree's bounds put it), a truncate of one partition goes to the old partition in its
+//! place. The revert swaps the root and every partition back in one transaction: the old
+//! partitions, which the migration's swap renamed away, get their names back with their
+//! indexes'. One partition (`--table` naming it) is detached and attached instead (`leaf.rs`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -23,11 +30,11 @@ use tokio_postgres::Client;
 use crate::catalog::Table;
 use crate::db::{connect, retry_lock, Ctx};
 use crate::engine::context::Run;
-use crate::engine::cutover::carry::RenamedAway;
+use crate::engine::cutover::carry::{Renamed, RenamedAway};
 use crate::engine::cutover::{swap, Markers, SwapOptions};
 use crate::engine::error::{EngineError, WireCtx};
 use crate::engine::follow::apply::Applier;
-use crate::engine::follow::{slot, Follower};
+use crate::engine::follow::{slot, Follower, Reverse};
 use crate::engine::shadow::{leaf, Mapping, Target};
 use crate::engine::teardown::validate_foreign_keys;
 use crate::names::{Names, REVERTED_INFIX};
@@ -261,8 +268,9 @@ pub async fn check_privileges(control: &Client, table: &Table) -> Result<(), Eng
     let r = control
         .query_one(
             "SELECT quote_ident(current_user), current_setting('server_version_num')::int >= 150000,
-                    string_agg(quote_ident(tgname), ', ' ORDER BY tgname)
-             FROM pg_trigger WHERE tgrelid = $1 AND NOT tgisinternal AND tgenabled = 'O'",
+                    string_agg(DISTINCT quote_ident(tgname), ', ' ORDER BY quote_ident(tgname))
+             FROM pg_trigger WHERE NOT tgisinternal AND tgenabled = 'O'
+               AND tgrelid IN (SELECT $1::oid UNION SELECT relid FROM pg_partition_tree($1::oid::regclass))",
             &[&table.oid],
         )
         .await
@@ -379,6 +387,10 @@ async fn keep_in_sync(
         .ctx("setting up the reverse apply session")?;
     replica_role(&client).await?;
     let applier = Applier::new(client, &new_table, reverse, &rev_names);
+    let reverse_stream = Reverse {
+        message: soak.message.clone(),
+        partitions: old_partitions(run.control, &new_table, renamed_away).await?,
+    };
     let mut follower = Follower::start(
         repl,
         applier,
@@ -386,7 +398,7 @@ async fn keep_in_sync(
         rev_names.clone(),
         soak.consistent_point,
         Default::default(),
-        Some(soak.message.clone()),
+        Some(reverse_stream),
     );
     if !until_revert(run, &mut follower, old_name).await? {
         follower.stop().await?;
@@ -443,6 +455,38 @@ async fn keep_in_sync(
         outcome.lock_held.as_millis(),
         crate::sql::qualified(&table.schema, &outcome.old_name)
     )))
+}
+
+/// For a partitioned table: the new tree's partitions by oid, with the old tree's partition
+/// that has its place (the swap renamed it away in its schema), schema-qualified.
+async fn old_partitions(
+    control: &Client,
+    new_table: &Table,
+    renamed_away: &[RenamedAway],
+) -> Result<HashMap<u32, String>, EngineError> {
+    let mut out = HashMap::new();
+    for r in renamed_away.iter().filter(|r| r.kind == Renamed::Partition) {
+        let Some(row) = control
+            .query_opt(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+                &[&r.oid],
+            )
+            .await
+            .ctx("finding the old tree's partitions")?
+        else {
+            continue;
+        };
+        let (schema, name): (String, String) = (row.get(0), row.get(1));
+        if let Some(p) = new_table
+            .partitions
+            .iter()
+            .find(|p| p.schema == schema && p.name == r.name)
+        {
+            out.insert(p.oid, qualified(&schema, &name));
+        }
+    }
+    Ok(out)
 }
 
 /// Keep following until `revert` is asked for (true) or the window ends (false: the window's

@@ -63,6 +63,16 @@ impl Drop for Follower {
     }
 }
 
+/// What the reverse stream of a soak window follows differently: the new table into the old one.
+pub struct Reverse {
+    /// Changes before a logical message with this prefix are not applied (before the swap's
+    /// message, the new table was written by our applier only).
+    pub message: String,
+    /// For a partitioned table: its partitions by oid, with the old tree's partition each one's
+    /// rows go back to (by name, for a truncate of that partition alone).
+    pub partitions: HashMap<u32, String>,
+}
+
 impl Follower {
     pub fn start(
         repl: ReplicationConn,
@@ -71,13 +81,16 @@ impl Follower {
         names: Names,
         from: Lsn,
         windows: Windows,
-        skip_until_message: Option<String>,
+        reverse: Option<Reverse>,
     ) -> Follower {
         let (applied_tx, applied) = watch::channel(from);
         let (marker_tx, marker) = watch::channel(0u64);
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(FollowStats::default());
-        let parts = shadow_partitions(&table, &names);
+        let (skip_until_message, parts) = match reverse {
+            Some(r) => (Some(r.message), r.partitions),
+            None => (None, shadow_partitions(&table, &names)),
+        };
         let task = Task {
             repl,
             applier,

@@ -109,12 +109,6 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
     preflight::check_server(&control).await?;
     let table = preflight::load_table(&control, &cfg.table).await?;
     if cfg.soak.is_some() {
-        if table.is_partitioned() {
-            return Err(EngineError::BadInput(format!(
-                "--soak: the soak window and revert of a whole partitioned table are not supported yet (those of one partition are); run it without --soak ({} stays as it is)",
-                table.qualified()
-            )));
-        }
         crate::engine::soak::check_privileges(&control, &table).await?;
     }
     let spec = parse_alter(&cfg.alter, &table.schema, &table.name)

@@ -30,7 +30,7 @@ use crate::engine::error::EngineError;
 use crate::engine::shadow::Mapping;
 use crate::names::Names;
 use crate::sql::quote_ident;
-pub use names::RenamedAway;
+pub use names::{Renamed, RenamedAway};
 
 /// A foreign key added NOT VALID at the swap, to validate once the swap has committed (kept in
 /// the checkpoint, so a run killed right after the swap validates it when rerun).
@@ -285,22 +285,20 @@ pub async fn prepare(
     table::column_settings(tx, oid, &src, &gone, &mut c).await?;
     let mut aside = names::Aside::new(&table.schema, old_suffix, old_name);
     names::sequence_names(tx, mapping, &shadow, &mut aside, &mut c).await?;
-    names::object_names(
-        tx,
-        oid,
-        shadow_oid,
-        &table.schema,
-        &mut aside,
-        restore,
-        &mut c,
-    )
-    .await?;
+    names::object_names(tx, oid, shadow_oid, &table.schema, &mut aside, &mut c).await?;
     if table.is_partition {
         leaf::detach_attach(tx, table, &shadow, &mut c).await?;
     }
     if table.is_partitioned() {
-        tree::partitions(tx, table, names, (old_suffix, &gone), &mut aside, &mut c).await?;
+        let twins = tree::Twins {
+            shadow_oid,
+            work: names.work_schema.as_deref(),
+            restore,
+        };
+        tree::partitions(tx, table, &twins, (old_suffix, &gone), &mut aside, &mut c).await?;
     }
+    // at a revert, the old table's names come back once the outgoing ones made room
+    names::restore(tx, shadow_oid, restore, &mut c).await?;
     for (from, to) in renames.iter().rev() {
         tx.batch_execute(&format!(
             "ALTER TABLE {src} RENAME COLUMN {} TO {}",

@@ -133,25 +133,44 @@ pub(super) async fn sequence_names(
     Ok(())
 }
 
-/// An index or extended statistics object renamed out of the way at a swap, with the name it
-/// had: a revert gives it back.
+/// What kind of object a swap renamed out of the way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renamed {
+    Index,
+    Statistics,
+    /// A partition of a partitioned table (a leaf or one partitioned itself).
+    Partition,
+}
+
+impl Renamed {
+    fn keyword(self) -> &'static str {
+        match self {
+            Renamed::Index => "INDEX",
+            Renamed::Statistics => "STATISTICS",
+            Renamed::Partition => "TABLE",
+        }
+    }
+}
+
+/// An object of the old table renamed out of the way at a swap, with the name it had: a revert
+/// gives it back.
 #[derive(Debug, Clone)]
 pub struct RenamedAway {
-    pub statistics: bool,
+    pub kind: Renamed,
     pub oid: u32,
     pub name: String,
 }
 
 /// Index and extended statistics names: the outgoing table's take a suffix (they are in the
 /// same schema as the incoming table's, which already carry the names a plain ALTER gives,
-/// or, at a revert, get back the names they had), and statistics move with the table.
+/// or, at a revert, get back the names they had: [`restore`]), and statistics move with the
+/// table.
 pub(super) async fn object_names(
     tx: &Transaction<'_>,
     oid: u32,
     shadow_oid: u32,
     schema: &str,
     aside: &mut Aside<'_>,
-    restore: &[RenamedAway],
     c: &mut Carry,
 ) -> Result<(), EngineError> {
     for r in tx
@@ -177,33 +196,13 @@ pub(super) async fn object_names(
             quote_ident(&away)
         ));
         c.renamed_away.push(RenamedAway {
-            statistics,
+            kind: match statistics {
+                true => Renamed::Statistics,
+                false => Renamed::Index,
+            },
             oid: id,
             name,
         });
-    }
-    for r in restore {
-        let q: Option<String> = tx
-            .query_opt(
-                if r.statistics {
-                    "SELECT format('%I.%I', n.nspname, s.stxname) FROM pg_statistic_ext s
-                     JOIN pg_namespace n ON n.oid = s.stxnamespace WHERE s.oid = $1 AND s.stxrelid = $2"
-                } else {
-                    "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid
-                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1 AND i.indrelid = $2"
-                },
-                &[&r.oid, &shadow_oid],
-            )
-            .await
-            .ctx("reading the names to give back")?
-            .map(|row| row.get(0));
-        if let Some(q) = q {
-            c.make_room.push(format!(
-                "ALTER {} {q} RENAME TO {}",
-                if r.statistics { "STATISTICS" } else { "INDEX" },
-                quote_ident(&r.name)
-            ));
-        }
     }
     // statistics objects do not move with ALTER TABLE ... SET SCHEMA
     for r in tx
@@ -220,6 +219,48 @@ pub(super) async fn object_names(
             r.get::<_, String>(0),
             quote_ident(schema)
         ));
+    }
+    Ok(())
+}
+
+/// At a revert: the incoming (old) table's objects that the migration's swap renamed out of the
+/// way get their names back: its indexes and statistics, and for a partitioned table its
+/// partitions and their indexes. Run after everything outgoing has made room.
+pub(super) async fn restore(
+    tx: &Transaction<'_>,
+    shadow_oid: u32,
+    restore: &[RenamedAway],
+    c: &mut Carry,
+) -> Result<(), EngineError> {
+    for r in restore {
+        let sql = match r.kind {
+            Renamed::Statistics => {
+                "SELECT format('%I.%I', n.nspname, s.stxname) FROM pg_statistic_ext s
+                 JOIN pg_namespace n ON n.oid = s.stxnamespace WHERE s.oid = $1 AND s.stxrelid = $2"
+            }
+            Renamed::Index => {
+                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = $1 AND i.indrelid IN (SELECT $2::oid UNION SELECT relid FROM pg_partition_tree($2::oid::regclass))"
+            }
+            Renamed::Partition => {
+                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = $1 AND c.oid IN (SELECT relid FROM pg_partition_tree($2::oid::regclass))"
+            }
+        };
+        let q: Option<String> = tx
+            .query_opt(sql, &[&r.oid, &shadow_oid])
+            .await
+            .ctx("reading the names to give back")?
+            .map(|row| row.get(0));
+        if let Some(q) = q {
+            c.make_room.push(format!(
+                "ALTER {} {q} RENAME TO {}",
+                r.kind.keyword(),
+                quote_ident(&r.name)
+            ));
+        }
     }
     Ok(())
 }

@@ -14,27 +14,38 @@ use std::collections::{BTreeSet, HashMap};
 
 use tokio_postgres::Transaction;
 
-use super::names::Aside;
+use super::names::{Aside, Renamed, RenamedAway};
 use super::Carry;
 use crate::catalog::Table;
 use crate::db::Ctx;
 use crate::engine::error::EngineError;
-use crate::names::Names;
 use crate::sql::{qualified, quote_ident, quote_literal};
+
+/// Where the twin of each partition (the incoming tree's partition that takes its place) is.
+pub(super) struct Twins<'a> {
+    /// The incoming root.
+    pub shadow_oid: u32,
+    /// A migration's: the shadow tree's partitions have the partitions' names, in the run's work
+    /// schema.
+    pub work: Option<&'a str>,
+    /// A revert's (no work schema): the old tree's partitions, which the migration's swap renamed
+    /// out of the way in their schemas, with the names they had.
+    pub restore: &'a [RenamedAway],
+}
 
 /// Add the partitions' renames and moves to `c`; `aside` picks free names in the root's schema.
 pub(super) async fn partitions(
     tx: &Transaction<'_>,
     table: &Table,
-    names: &Names,
+    twins: &Twins<'_>,
     (suffix, gone): (&str, &BTreeSet<&str>),
     aside: &mut Aside<'_>,
     c: &mut Carry,
 ) -> Result<(), EngineError> {
-    let work = names
-        .work_schema
-        .as_deref()
-        .ok_or_else(|| EngineError::Internal("a shadow tree needs a work schema".into()))?;
+    let reverted = match twins.work {
+        Some(_) => HashMap::new(),
+        None => renamed_partitions(tx, twins).await?,
+    };
     let rows = tx
         .query(
             "SELECT c.oid, n.nspname::text, c.relname::text, pg_get_userbyid(c.relowner)::text,
@@ -71,41 +82,63 @@ pub(super) async fn partitions(
             qualified(&schema, &name),
             quote_ident(&away)
         ));
+        c.renamed_away.push(RenamedAway {
+            kind: Renamed::Partition,
+            oid,
+            name: name.clone(),
+        });
         for ix in tx
             .query(
-                "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                "SELECT c.oid, c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
                  WHERE i.indrelid = $1 ORDER BY c.relname",
                 &[&oid],
             )
             .await
             .ctx("reading a partition's indexes")?
         {
-            let ix: String = ix.get(0);
+            let (ix_oid, ix): (u32, String) = (ix.get(0), ix.get(1));
             let ix_away = aside_name(tx, aside, &mut others, &schema, &ix).await?;
             c.make_room.push(format!(
                 "ALTER INDEX {} RENAME TO {}",
                 qualified(&schema, &ix),
                 quote_ident(&ix_away)
             ));
+            c.renamed_away.push(RenamedAway {
+                kind: Renamed::Index,
+                oid: ix_oid,
+                name: ix,
+            });
         }
         let new = qualified(&schema, &name);
-        if schema != work {
-            c.move_in.push(format!(
-                "ALTER TABLE {} SET SCHEMA {}",
-                qualified(work, &name),
-                quote_ident(&schema)
-            ));
-        }
+        let twin: u32 = match twins.work {
+            Some(work) => {
+                if schema != work {
+                    c.move_in.push(format!(
+                        "ALTER TABLE {} SET SCHEMA {}",
+                        qualified(work, &name),
+                        quote_ident(&schema)
+                    ));
+                }
+                tx.query_one("SELECT $1::text::regclass::oid", &[&qualified(work, &name)])
+                    .await
+                    .ctx("finding a shadow partition")?
+                    .get(0)
+            }
+            // the old partition, in this schema already, gets its name back (names::restore)
+            None => *reverted
+                .get(&(schema.clone(), name.clone()))
+                .ok_or_else(|| {
+                    EngineError::Preflight(format!(
+                    "the old tree has no partition that was {new} any more (detached, dropped or \
+                     moved since the swap): nothing was swapped back"
+                ))
+                })?,
+        };
         c.move_in.push(format!(
             "ALTER TABLE {new} OWNER TO {}",
             quote_ident(&owner)
         ));
         // a partition's own grants (GRANT ... ON ALL TABLES IN SCHEMA reaches partitions too)
-        let twin: u32 = tx
-            .query_one("SELECT $1::text::regclass::oid", &[&qualified(work, &name)])
-            .await
-            .ctx("finding a shadow partition")?
-            .get(0);
         super::table::grants(tx, oid, twin, &new, gone, c).await?;
         // a partition's own replica identity (its twin has the default, the key)
         if let Some(identity) = r.get::<_, Option<String>>(5) {
@@ -121,6 +154,33 @@ pub(super) async fn partitions(
     }
     c.summary.push(format!("{} partitions", rows.len()));
     Ok(())
+}
+
+/// At a revert: the old tree's partitions that the migration's swap renamed away, by their
+/// schema and the name they had (only those still in the incoming tree).
+async fn renamed_partitions(
+    tx: &Transaction<'_>,
+    twins: &Twins<'_>,
+) -> Result<HashMap<(String, String), u32>, EngineError> {
+    let mut out = HashMap::new();
+    for r in twins
+        .restore
+        .iter()
+        .filter(|r| r.kind == Renamed::Partition)
+    {
+        let row = tx
+            .query_opt(
+                "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = $1 AND c.oid IN (SELECT relid FROM pg_partition_tree($2::oid::regclass))",
+                &[&r.oid, &twins.shadow_oid],
+            )
+            .await
+            .ctx("finding the old tree's partitions")?;
+        if let Some(row) = row {
+            out.insert((row.get::<_, String>(0), r.name.clone()), r.oid);
+        }
+    }
+    Ok(out)
 }
 
 /// A free name for the old tree's relation `name` in `schema`: picked by `root` (the root's
