@@ -87,6 +87,7 @@ impl Follower {
         let (marker_tx, marker) = watch::channel(0u64);
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(FollowStats::default());
+        let is_reverse = reverse.is_some();
         let (skip_until_message, parts) = match reverse {
             Some(r) => (Some(r.message), r.partitions),
             None => (None, shadow_partitions(&table, &names)),
@@ -107,6 +108,7 @@ impl Follower {
             replayed: (0, None),
             skip_until_message,
             parts,
+            reverse: is_reverse,
         };
         let handle = tokio::spawn(task.run(stop_rx));
         Follower {
@@ -272,6 +274,8 @@ struct Task {
     /// For a partitioned table: its leaf partitions (the relations whose changes the stream
     /// carries), by oid, with their shadow partitions.
     parts: HashMap<u32, String>,
+    /// The reverse stream of a soak window (the swap has happened).
+    reverse: bool,
 }
 
 impl Task {
@@ -450,12 +454,20 @@ impl Task {
                 namespace, name, ..
             } if !self.parts.is_empty() => {
                 // the publication holds the tree only: a relation not in it was attached since
-                return Err(EngineError::Preflight(format!(
-                    "{}.{name} was attached to {} while the run worked (its rows are not in the shadow); \
-                     nothing was swapped. Run it again: it copies the tree as it is then",
+                let attached = format!(
+                    "{}.{name} was attached to {}",
                     crate::sql::quote_ident(&namespace),
                     self.table.qualified()
-                )));
+                );
+                return Err(EngineError::Preflight(match self.reverse {
+                    false => format!(
+                        "{attached} while the run worked (its rows are not in the shadow); \
+                         nothing was swapped. Run it again: it copies the tree as it is then"
+                    ),
+                    true => format!(
+                        "{attached} during the soak window: the old tree has no partition for its rows"
+                    ),
+                }));
             }
             LogicalMessage::Insert { relation, new } if mine(relation) => Some(Change::Insert(new)),
             LogicalMessage::Update { relation, old, new } if mine(relation) => {
