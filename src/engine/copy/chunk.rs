@@ -129,6 +129,9 @@ async fn copy_failed(
     chunk: &Chunk,
     e: tokio_postgres::Error,
 ) -> EngineError {
+    if let Some(moved) = crate::engine::shadow::leaf::outside_bound(&e, "a row it copied") {
+        return moved;
+    }
     if is_data_error(&e) {
         find_bad_row(client, sql, snapshot, chunk)
             .await

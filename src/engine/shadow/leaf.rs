@@ -16,6 +16,26 @@ use crate::sql::quote_ident;
 /// The CHECK constraint the shadow of a leaf carries until the swap: the partition constraint.
 pub const BOUND_CHECK: &str = "__sa_partition_bound";
 
+/// A row the copy of a partition cannot hold because it is outside the bound the helper
+/// constraint proves: the partition's bound changed while the run worked (a default partition's
+/// is what its siblings leave, and a detached sibling's rows now land in it). None for any
+/// other error.
+pub fn outside_bound(e: &tokio_postgres::Error, row: &str) -> Option<EngineError> {
+    let db = e.as_db_error()?;
+    if db.code() != &tokio_postgres::error::SqlState::CHECK_VIOLATION
+        || db.constraint() != Some(BOUND_CHECK)
+    {
+        return None;
+    }
+    Some(EngineError::Preflight(format!(
+        "the partition bound of {} changed while the run worked: {row} is outside the bound its \
+         copy was made for (a partition of its parent was detached, and the default partition \
+         now takes its rows); nothing was swapped, run it again: it copies the partition as it \
+         is then",
+        quote_ident(db.table().unwrap_or("the partition"))
+    )))
+}
+
 /// Where a leaf hangs: its parent (qualified), its bound (`FOR VALUES ...` or `DEFAULT`), its
 /// partition constraint (None for the only partition of a parent, a default one), and the
 /// parent's default partition when that is another one.

@@ -438,6 +438,10 @@ impl Applier {
     }
 
     fn apply_error(&self, what: &str, keys: &str, e: tokio_postgres::Error) -> EngineError {
+        let row = format!("a concurrent {what} (rows with keys {keys})");
+        if let Some(moved) = crate::engine::shadow::leaf::outside_bound(&e, &row) {
+            return moved;
+        }
         if e.code()
             .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
         {
