@@ -103,6 +103,12 @@ pub async fn copy(
     let rows = match source {
         Some(s) => {
             let rows = copy_rows(run, &p.mapping, &s, gate, (&mut p.repl, p.from)).await?;
+            // a tree whose partitions changed meanwhile cannot be swapped: say so now, not at a
+            // postponed cutover (and before its storage, which then changed too, reads as a
+            // truncate)
+            if run.table.is_partitioned() {
+                crate::engine::shadow::tree::check_unchanged(run.control, run.table).await?;
+            }
             // a TRUNCATE while the copy read left later chunks empty (its older snapshot sees an
             // empty table after it): changes before now may reach rows it did not copy, also
             // those of transactions the resumed copy's snapshot did not see, which are applied,
