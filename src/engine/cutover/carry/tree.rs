@@ -4,7 +4,9 @@
 //! run's work schema into each partition's schema with its owner, comment, replica identity
 //! and grants. Nothing else of a partition needs re-creating: what a partition has comes from
 //! the root or was created on its twin with the shadow (the preflight refuses what neither
-//! covers).
+//! covers). The partitions and indexes renamed away are recorded: at a revert, the twin of each
+//! partition is the old partition the migration's swap renamed away, which gets its name back
+//! where it is (`names::restore`).
 //!
 //! Invariant: the swap only happens for the tree the shadow was built from; a partition
 //! attached, detached or renamed since the run started fails the swap (nothing is swapped, and
