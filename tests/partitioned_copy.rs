@@ -355,7 +355,8 @@ async fn a_soak_window_on_a_tree_and_its_revert_bring_every_write_back() {
     let before = shape(&c, "ev").await;
     let writers = Writers::start(&url, 3, 60_000).await;
     let mut a = shadow_copy_args(&url, "ev", ALTER);
-    a.soak = Some(Duration::from_secs(600));
+    // compared with the source before the swap, as for a table
+    (a.soak, a.verify) = (Some(Duration::from_secs(600)), true);
     let migration = tokio::spawn(run(a));
     wait_until(Duration::from_secs(120), "the soak window", || async {
         migration.is_finished() || support::process::phase(&c, "public.ev").await == "soak"
