@@ -407,3 +407,44 @@ async fn a_soak_window_on_a_tree_and_its_revert_bring_every_write_back() {
         .expect("drop the kept tree");
     assert_nothing_left_behind(&c).await;
 }
+
+/// A partition detached from the new tree during the soak window: the old tree has no twin for
+/// the tree as it is, so `revert` swaps nothing back and says why; the migration stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_after_a_partition_was_detached_during_the_window_says_why() {
+    let url = fresh_db("tree_revert_detached").await;
+    let c = connect(&url).await;
+    create_trees(&c, 20_000).await;
+    let mut a = shadow_copy_args(&url, "ev", ALTER);
+    (a.soak, a.drop_old) = (Some(Duration::from_secs(600)), true);
+    let migration = tokio::spawn(run(a));
+    wait_until(Duration::from_secs(120), "the soak window", || async {
+        migration.is_finished() || support::process::phase(&c, "public.ev").await == "soak"
+    })
+    .await;
+    c.batch_execute("ALTER TABLE ev DETACH PARTITION ev_p4")
+        .await
+        .expect("detach a partition of the new tree");
+    let (code, out) = support::process::output(&url, &["revert", "ev"], &[]).await;
+    assert_ne!(code, 0, "the revert must not happen: {out}");
+    assert!(
+        out.contains("changed during the soak window") && out.contains("nothing was swapped back"),
+        "the revert must say the partitions changed in the window: {out}"
+    );
+    migration
+        .await
+        .expect("join")
+        .expect("the migration stands");
+    assert_tree(&c, "bigint", &["ev_def", "ev_p1", "ev_p2", "ev_p3"]).await;
+    // the old tree is kept for a revert by hand, even with --drop-old
+    let kept = lines(
+        &c,
+        "SELECT relname::text FROM pg_class WHERE relname LIKE 'ev\\_\\_sa\\_old\\_%' AND relkind = 'p'",
+    )
+    .await;
+    assert_eq!(kept.len(), 1, "the old tree is kept: {kept:?}");
+    c.batch_execute(&format!("DROP TABLE ev_p4, \"{}\"", kept[0]))
+        .await
+        .expect("drop the detached partition and the old tree");
+    assert_nothing_left_behind(&c).await;
+}

@@ -63,7 +63,16 @@ pub(super) async fn partitions(
         )
         .await
         .ctx("reading the partitions to swap")?;
-    crate::engine::shadow::tree::unchanged(table, rows.iter().map(|r| r.get(0)))?;
+    let unchanged = crate::engine::shadow::tree::unchanged(table, rows.iter().map(|r| r.get(0)));
+    if let (Err(e), None) = (&unchanged, twins.work) {
+        tracing::debug!("{e}");
+        return Err(EngineError::Preflight(format!(
+            "the partitions of {} changed during the soak window (a partition attached, detached \
+             or dropped): the old tree has no twin for each of them, so nothing was swapped back",
+            table.qualified()
+        )));
+    }
+    unchanged?;
     // other schemas than the root's get their own free-name checks
     let schemas: BTreeSet<String> = rows
         .iter()
