@@ -448,3 +448,61 @@ async fn a_revert_after_a_partition_was_detached_during_the_window_says_why() {
         .expect("drop the detached partition and the old tree");
     assert_nothing_left_behind(&c).await;
 }
+
+/// The swap of a tree through a proxy: writers on the tree and a client holding statements
+/// prepared on the root and on one partition, all through the proxy, see no error while a
+/// column is added to every partition; the rows equal the mirror given the same column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tree_swapped_through_a_proxy_costs_its_clients_no_error() {
+    let url = fresh_db("tree_proxy").await;
+    let c = connect(&url).await;
+    create_trees(&c, 30_000).await;
+    // a row of ev_p2 that no writer touches
+    c.batch_execute(&both(|t| {
+        format!("INSERT INTO {t} VALUES (99000000, 150, 7, 'kept', NULL)")
+    }))
+    .await
+    .expect("a row of ev_p2");
+    let p = support::proxy::start().await;
+    let through = support::proxy::via(&url, p.addr);
+    let writers = Writers::start(&through, 3, 30_000).await;
+    let app = connect(&through).await;
+    let sql = |t: &str| format!("SELECT * FROM {t} WHERE day = $1 AND id = $2");
+    let (on_root, on_leaf) = (
+        app.prepare(&sql("ev")).await.expect("prepare on the root"),
+        app.prepare(&sql("ev_p2"))
+            .await
+            .expect("prepare on a partition"),
+    );
+    let alter = "ADD COLUMN extra text DEFAULT 'x'";
+    let mut a = shadow_copy_args(&url, "ev", alter);
+    (a.proxies, a.drop_old) = (vec![support::proxy::console(p.addr)], true);
+    run(a).await.expect("the migration through the proxy");
+    writers.wait_for_more(100).await;
+    for stmt in [&on_root, &on_leaf] {
+        let row = app
+            .query_one(stmt, &[&150i32, &99_000_000i64])
+            .await
+            .expect("a statement prepared before the swap, through the proxy");
+        assert_eq!((row.len(), row.get::<_, i32>(2)), (5, 7));
+    }
+    writers.stop().await;
+    let status = support::proxy::status(p.addr).await;
+    assert!(
+        status["holds_total"].parse::<u64>().unwrap_or(0) >= 1,
+        "the swap did not hold the proxy's clients: {status:?}"
+    );
+    c.batch_execute(&format!("ALTER TABLE ev_mirror {alter}"))
+        .await
+        .expect("the plain ALTER on the mirror");
+    let ((n_ev, ev), (n_mirror, mirror)) = (
+        only_in(&c, "ev", "ev_mirror").await,
+        only_in(&c, "ev_mirror", "ev").await,
+    );
+    assert!(
+        n_ev == 0 && n_mirror == 0,
+        "ev differs from the mirror: {n_ev} rows only in ev, the first:\n{ev}\n\
+         {n_mirror} rows only in the mirror, the first:\n{mirror}"
+    );
+    assert_nothing_left_behind(&c).await;
+}
