@@ -13,8 +13,8 @@ use tokio_postgres::Client;
 
 use support::migration::{run, shadow_copy_args};
 use support::range_tree::{
-    assert_nothing_left_behind, assert_same_shape, assert_tree, both, create_trees, cut_over,
-    lines, only_in, start_run, Writers, LEAVES,
+    assert_nothing_left_behind, assert_rows_as_mirror, assert_same_shape, assert_tree, both,
+    create_trees, cut_over, in_soak_window, lines, revert, start_run, Writers, LEAVES,
 };
 use support::tree::tree_state;
 use support::{connect, count, fresh_db, wait_until};
@@ -98,15 +98,7 @@ async fn one_partition_moved_to_another_tablespace_by_copy_under_writes_equals_t
         .await
         .expect("the plain ALTER on the mirror's partition");
     assert_tree(&c, "integer", &LEAVES).await;
-    let ((n_ev, ev), (n_mirror, mirror)) = (
-        only_in(&c, "ev", "ev_mirror").await,
-        only_in(&c, "ev_mirror", "ev").await,
-    );
-    assert!(
-        n_ev == 0 && n_mirror == 0,
-        "ev differs from the mirror: {n_ev} rows only in ev, the first:\n{ev}\n\
-         {n_mirror} rows only in the mirror, the first:\n{mirror}"
-    );
+    assert_rows_as_mirror(&c, "after the run").await;
     assert!(count(&c, "SELECT count(*) FROM ev_p2").await > 10_000);
     assert_same_shape(&c, "after the run").await;
     let (ev, mirror) = (
@@ -281,34 +273,17 @@ async fn a_soak_window_on_one_partition_and_its_revert_bring_every_write_back() 
     let mut a = shadow_copy_args(&url, "ev_p2", "SET TABLESPACE revert_ts");
     a.soak = Some(Duration::from_secs(600));
     let migration = tokio::spawn(run(a));
-    wait_until(Duration::from_secs(120), "the soak window", || async {
-        migration.is_finished() || support::process::phase(&c, "public.ev_p2").await == "soak"
-    })
-    .await;
+    in_soak_window(&c, &migration, "public.ev_p2").await;
     let sql = "SELECT count(*) FROM pg_class c JOIN pg_tablespace t ON t.oid = c.reltablespace
                WHERE c.relname = 'ev_p2' AND t.spcname = 'revert_ts' AND c.relispartition";
     assert_eq!(count(&c, sql).await, 1, "ev_p2 was moved and attached");
     // writes land on the new partition during the window, some moving rows in and out of it
     writers.wait_for_more(400).await;
-    let (code, out) = support::process::output(&url, &["revert", "ev_p2"], &[]).await;
-    assert_eq!(code, 0, "revert: {out}");
-    assert!(out.contains("reverted"), "{out}");
-    migration
-        .await
-        .expect("join")
-        .expect("the migration and its revert");
+    revert(&url, "ev_p2", migration).await;
     writers.wait_for_more(100).await;
     writers.stop().await;
     assert_tree(&c, "integer", &LEAVES).await;
-    let ((n_ev, ev), (n_mirror, mirror)) = (
-        only_in(&c, "ev", "ev_mirror").await,
-        only_in(&c, "ev_mirror", "ev").await,
-    );
-    assert!(
-        n_ev == 0 && n_mirror == 0,
-        "ev differs from the mirror after the revert: {n_ev} rows only in ev, the first:\n{ev}\n\
-         {n_mirror} rows only in the mirror, the first:\n{mirror}"
-    );
+    assert_rows_as_mirror(&c, "after the revert").await;
     assert_same_shape(&c, "after the revert").await;
     assert_eq!(
         storage_and_triggers(&c, "ev").await,

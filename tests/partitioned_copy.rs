@@ -16,8 +16,9 @@ use tokio_postgres::Client;
 use support::migration::{run, shadow_copy_args};
 use support::process::{exited, spawn};
 use support::range_tree::{
-    assert_nothing_left_behind, assert_same_shape, assert_tree, both, copy_under_way, create_trees,
-    cut_over, lines, only_in, shape, start_run, truncate_p3, Writers, LEAVES,
+    assert_nothing_left_behind, assert_rows_as_mirror, assert_same_shape, assert_tree, both,
+    copy_under_way, create_trees, cut_over, in_soak_window, lines, revert, shape, start_run,
+    truncate_p3, Writers, LEAVES,
 };
 use support::tree::tree_state;
 use support::workload::diff;
@@ -65,16 +66,8 @@ async fn assert_equals_mirror(c: &Client) {
         .await
         .expect("the plain ALTER on the mirror");
     assert_tree(c, "bigint", &LEAVES).await;
-    let ((n_ev, ev), (n_mirror, mirror)) = (
-        only_in(c, "ev", "ev_mirror").await,
-        only_in(c, "ev_mirror", "ev").await,
-    );
+    assert_rows_as_mirror(c, "after the run").await;
     let total = count(c, "SELECT count(*) FROM ev").await;
-    assert!(
-        n_ev == 0 && n_mirror == 0,
-        "ev ({total} rows) differs from the mirror: {n_ev} rows only in ev, the first:\n{ev}\n\
-         {n_mirror} rows only in the mirror, the first:\n{mirror}"
-    );
     assert!(total > 10_000, "{total} rows");
     assert_same_shape(c, "after the run").await;
 }
@@ -358,34 +351,17 @@ async fn a_soak_window_on_a_tree_and_its_revert_bring_every_write_back() {
     // compared with the source before the swap, as for a table
     (a.soak, a.verify) = (Some(Duration::from_secs(600)), true);
     let migration = tokio::spawn(run(a));
-    wait_until(Duration::from_secs(120), "the soak window", || async {
-        migration.is_finished() || support::process::phase(&c, "public.ev").await == "soak"
-    })
-    .await;
+    in_soak_window(&c, &migration, "public.ev").await;
     assert_tree(&c, "bigint", &LEAVES).await;
     // writes land on the new tree during the window, some moving rows between partitions
     writers.wait_for_more(300).await;
     truncate_p3(&c).await;
     writers.wait_for_more(200).await;
-    let (code, out) = support::process::output(&url, &["revert", "ev"], &[]).await;
-    assert_eq!(code, 0, "revert: {out}");
-    assert!(out.contains("reverted"), "{out}");
-    migration
-        .await
-        .expect("join")
-        .expect("the migration and its revert");
+    revert(&url, "ev", migration).await;
     writers.wait_for_more(100).await;
     writers.stop().await;
     assert_tree(&c, "integer", &LEAVES).await;
-    let ((n_ev, ev), (n_mirror, mirror)) = (
-        only_in(&c, "ev", "ev_mirror").await,
-        only_in(&c, "ev_mirror", "ev").await,
-    );
-    assert!(
-        n_ev == 0 && n_mirror == 0,
-        "ev differs from the mirror after the revert: {n_ev} rows only in ev, the first:\n{ev}\n\
-         {n_mirror} rows only in the mirror, the first:\n{mirror}"
-    );
+    assert_rows_as_mirror(&c, "after the revert").await;
     assert_same_shape(&c, "after the revert").await;
     assert_eq!(
         shape(&c, "ev").await,
@@ -418,10 +394,7 @@ async fn a_revert_after_a_partition_was_detached_during_the_window_says_why() {
     let mut a = shadow_copy_args(&url, "ev", ALTER);
     (a.soak, a.drop_old) = (Some(Duration::from_secs(600)), true);
     let migration = tokio::spawn(run(a));
-    wait_until(Duration::from_secs(120), "the soak window", || async {
-        migration.is_finished() || support::process::phase(&c, "public.ev").await == "soak"
-    })
-    .await;
+    in_soak_window(&c, &migration, "public.ev").await;
     c.batch_execute("ALTER TABLE ev DETACH PARTITION ev_p4")
         .await
         .expect("detach a partition of the new tree");
@@ -495,14 +468,6 @@ async fn a_tree_swapped_through_a_proxy_costs_its_clients_no_error() {
     c.batch_execute(&format!("ALTER TABLE ev_mirror {alter}"))
         .await
         .expect("the plain ALTER on the mirror");
-    let ((n_ev, ev), (n_mirror, mirror)) = (
-        only_in(&c, "ev", "ev_mirror").await,
-        only_in(&c, "ev_mirror", "ev").await,
-    );
-    assert!(
-        n_ev == 0 && n_mirror == 0,
-        "ev differs from the mirror: {n_ev} rows only in ev, the first:\n{ev}\n\
-         {n_mirror} rows only in the mirror, the first:\n{mirror}"
-    );
+    assert_rows_as_mirror(&c, "after the run").await;
     assert_nothing_left_behind(&c).await;
 }

@@ -228,6 +228,35 @@ pub async fn start_run(
     migration
 }
 
+/// Wait until the run `migration` on `recorded` (`schema.table`) keeps its old table in sync in
+/// a soak window (or has ended).
+pub async fn in_soak_window(
+    c: &Client,
+    migration: &tokio::task::JoinHandle<Result<(), EngineError>>,
+    recorded: &str,
+) {
+    wait_until(Duration::from_secs(120), "the soak window", || async {
+        migration.is_finished() || super::process::phase(c, recorded).await == "soak"
+    })
+    .await;
+}
+
+/// `shadow-alter revert <table>` as a process: it must say it reverted, and the run then ends
+/// with success.
+pub async fn revert(
+    url: &str,
+    table: &str,
+    migration: tokio::task::JoinHandle<Result<(), EngineError>>,
+) {
+    let (code, out) = super::process::output(url, &["revert", table], &[]).await;
+    assert_eq!(code, 0, "revert: {out}");
+    assert!(out.contains("reverted"), "{out}");
+    migration
+        .await
+        .expect("join")
+        .expect("the migration and its revert");
+}
+
 /// `sql` (one text column) as a sorted list.
 pub async fn lines(c: &Client, sql: &str) -> Vec<String> {
     let rows = c.query(sql, &[]).await.expect(sql);
@@ -257,6 +286,20 @@ pub async fn only_in(c: &Client, a: &str, b: &str) -> (i64, String) {
         .await
         .expect("compare the rows");
     (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default())
+}
+
+/// ev and ev_mirror hold the same rows, each in the same partition; `when` names the moment.
+pub async fn assert_rows_as_mirror(c: &Client, when: &str) {
+    let ((n_ev, ev), (n_mirror, mirror)) = (
+        only_in(c, "ev", "ev_mirror").await,
+        only_in(c, "ev_mirror", "ev").await,
+    );
+    let total = count(c, "SELECT count(*) FROM ev").await;
+    assert!(
+        n_ev == 0 && n_mirror == 0,
+        "{when}: ev ({total} rows) differs from the mirror: {n_ev} rows only in ev, the first:\n{ev}\n\
+         {n_mirror} rows only in the mirror, the first:\n{mirror}"
+    );
 }
 
 /// The partitions of ev are `leaves`, attached to it, and qty is of type `ty` in all of them.
