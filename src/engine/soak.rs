@@ -30,7 +30,7 @@ use tokio_postgres::Client;
 use crate::catalog::Table;
 use crate::db::{connect, retry_lock, Ctx};
 use crate::engine::context::Run;
-use crate::engine::cutover::carry::{Renamed, RenamedAway};
+use crate::engine::cutover::carry::{where_now, Renamed, RenamedAway};
 use crate::engine::cutover::{swap, Markers, SwapOptions};
 use crate::engine::error::{EngineError, WireCtx};
 use crate::engine::follow::apply::Applier;
@@ -389,7 +389,13 @@ async fn keep_in_sync(
     let applier = Applier::new(client, &new_table, reverse, &rev_names);
     let reverse_stream = Reverse {
         message: soak.message.clone(),
-        partitions: old_partitions(run.control, &new_table, renamed_away).await?,
+        partitions: old_partitions(
+            run.control,
+            &new_table,
+            &qualified(&table.schema, old_name),
+            renamed_away,
+        )
+        .await?,
     };
     let mut follower = Follower::start(
         repl,
@@ -462,28 +468,27 @@ async fn keep_in_sync(
 async fn old_partitions(
     control: &Client,
     new_table: &Table,
+    old_root: &str,
     renamed_away: &[RenamedAway],
 ) -> Result<HashMap<u32, String>, EngineError> {
+    if !new_table.is_partitioned() {
+        return Ok(HashMap::new());
+    }
+    let old_oid = crate::catalog::resolve(control, old_root)
+        .await?
+        .ok_or_else(|| EngineError::Internal(format!("the old table {old_root} is gone")))?;
+    let now = where_now(control, old_oid, renamed_away).await?;
     let mut out = HashMap::new();
-    for r in renamed_away.iter().filter(|r| r.kind == Renamed::Partition) {
-        let Some(row) = control
-            .query_opt(
-                "SELECT n.nspname::text, c.relname::text FROM pg_class c
-                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
-                &[&r.oid],
-            )
-            .await
-            .ctx("finding the old tree's partitions")?
-        else {
+    for (r, now) in renamed_away.iter().zip(now) {
+        let Some((schema, qualified_now)) = now.filter(|_| r.kind == Renamed::Partition) else {
             continue;
         };
-        let (schema, name): (String, String) = (row.get(0), row.get(1));
         if let Some(p) = new_table
             .partitions
             .iter()
             .find(|p| p.schema == schema && p.name == r.name)
         {
-            out.insert(p.oid, qualified(&schema, &name));
+            out.insert(p.oid, qualified_now);
         }
     }
     Ok(out)

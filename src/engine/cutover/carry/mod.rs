@@ -30,7 +30,7 @@ use crate::engine::error::EngineError;
 use crate::engine::shadow::Mapping;
 use crate::names::Names;
 use crate::sql::quote_ident;
-pub use names::{Renamed, RenamedAway};
+pub use names::{where_now, Renamed, RenamedAway};
 
 /// A foreign key added NOT VALID at the swap, to validate once the swap has committed (kept in
 /// the checkpoint, so a run killed right after the swap validates it when rerun).

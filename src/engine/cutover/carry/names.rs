@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use tokio_postgres::Transaction;
+use tokio_postgres::{GenericClient, Transaction};
 
 use super::Carry;
 use crate::db::Ctx;
@@ -223,6 +223,43 @@ pub(super) async fn object_names(
     Ok(())
 }
 
+/// Where each of the objects a swap renamed away is now, in one query: its schema and its
+/// qualified name, or None when it is gone or no longer belongs to `root` (the old table, or
+/// the old tree: a partition in it, an index of one of its relations).
+pub async fn where_now(
+    client: &impl GenericClient,
+    root: u32,
+    renamed: &[RenamedAway],
+) -> Result<Vec<Option<(String, String)>>, EngineError> {
+    if renamed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let oids: Vec<u32> = renamed.iter().map(|r| r.oid).collect();
+    let kinds: Vec<&str> = renamed.iter().map(|r| r.kind.keyword()).collect();
+    let rows = client
+        .query(
+            "WITH tree AS (SELECT $3::oid AS relid UNION SELECT relid FROM pg_partition_tree($3::oid::regclass))
+             SELECT o.i, n.nspname::text, format('%I.%I', n.nspname, coalesce(s.stxname, c.relname))
+             FROM unnest($1::oid[], $2::text[]) WITH ORDINALITY o(oid, kind, i)
+             LEFT JOIN pg_statistic_ext s ON o.kind = 'STATISTICS' AND s.oid = o.oid AND s.stxrelid = $3
+             LEFT JOIN pg_class c ON o.kind <> 'STATISTICS' AND c.oid = o.oid
+               AND CASE o.kind WHEN 'INDEX' THEN (SELECT indrelid FROM pg_index WHERE indexrelid = c.oid)
+                               ELSE c.oid END IN (SELECT relid FROM tree)
+             JOIN pg_namespace n ON n.oid = coalesce(s.stxnamespace, c.relnamespace)",
+            &[&oids, &kinds, &root],
+        )
+        .await
+        .ctx("finding the objects renamed away at the swap")?;
+    let mut out = vec![None; renamed.len()];
+    for r in rows {
+        let i: i64 = r.get(0);
+        if let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i)) {
+            *slot = Some((r.get(1), r.get(2)));
+        }
+    }
+    Ok(out)
+}
+
 /// At a revert: the incoming (old) table's objects that the migration's swap renamed out of the
 /// way get their names back: its indexes and statistics, and for a partitioned table its
 /// partitions and their indexes. Run after everything outgoing has made room.
@@ -232,29 +269,9 @@ pub(super) async fn restore(
     restore: &[RenamedAway],
     c: &mut Carry,
 ) -> Result<(), EngineError> {
-    for r in restore {
-        let sql = match r.kind {
-            Renamed::Statistics => {
-                "SELECT format('%I.%I', n.nspname, s.stxname) FROM pg_statistic_ext s
-                 JOIN pg_namespace n ON n.oid = s.stxnamespace WHERE s.oid = $1 AND s.stxrelid = $2"
-            }
-            Renamed::Index => {
-                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid
-                 JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE c.oid = $1 AND i.indrelid IN (SELECT $2::oid UNION SELECT relid FROM pg_partition_tree($2::oid::regclass))"
-            }
-            Renamed::Partition => {
-                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
-                 JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE c.oid = $1 AND c.oid IN (SELECT relid FROM pg_partition_tree($2::oid::regclass))"
-            }
-        };
-        let q: Option<String> = tx
-            .query_opt(sql, &[&r.oid, &shadow_oid])
-            .await
-            .ctx("reading the names to give back")?
-            .map(|row| row.get(0));
-        if let Some(q) = q {
+    let now = where_now(tx, shadow_oid, restore).await?;
+    for (r, now) in restore.iter().zip(now) {
+        if let Some((_, q)) = now {
             c.make_room.push(format!(
                 "ALTER {} {q} RENAME TO {}",
                 r.kind.keyword(),

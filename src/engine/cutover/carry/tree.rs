@@ -173,25 +173,14 @@ async fn renamed_partitions(
     tx: &Transaction<'_>,
     twins: &Twins<'_>,
 ) -> Result<HashMap<(String, String), u32>, EngineError> {
-    let mut out = HashMap::new();
-    for r in twins
+    let now = super::names::where_now(tx, twins.shadow_oid, twins.restore).await?;
+    Ok(twins
         .restore
         .iter()
-        .filter(|r| r.kind == Renamed::Partition)
-    {
-        let row = tx
-            .query_opt(
-                "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE c.oid = $1 AND c.oid IN (SELECT relid FROM pg_partition_tree($2::oid::regclass))",
-                &[&r.oid, &twins.shadow_oid],
-            )
-            .await
-            .ctx("finding the old tree's partitions")?;
-        if let Some(row) = row {
-            out.insert((row.get::<_, String>(0), r.name.clone()), r.oid);
-        }
-    }
-    Ok(out)
+        .zip(now)
+        .filter(|(r, _)| r.kind == Renamed::Partition)
+        .filter_map(|(r, now)| now.map(|(schema, _)| ((schema, r.name.clone()), r.oid)))
+        .collect())
 }
 
 /// A free name for the old tree's relation `name` in `schema`: picked by `root` (the root's
