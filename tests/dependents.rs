@@ -638,3 +638,115 @@ async fn objects_the_role_may_not_change_are_refused_before_the_copy() {
     );
     assert_no_helpers(&c).await;
 }
+
+/// Storage parameters of a table and of its TOAST table, sorted: (heap, toast).
+async fn storage_parameters(c: &Client, table: &str) -> (Vec<String>, Vec<String>) {
+    let r = c
+        .query_one(
+            "SELECT coalesce(c.reloptions, '{}'), coalesce(t.reloptions, '{}')
+             FROM pg_class c LEFT JOIN pg_class t ON t.oid = c.reltoastrelid
+             WHERE c.oid = $1::text::regclass",
+            &[&table],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("storage parameters of {table}: {e:?}"));
+    let (mut heap, mut toast): (Vec<String>, Vec<String>) = (r.get(0), r.get(1));
+    heap.sort();
+    toast.sort();
+    (heap, toast)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_parameters_survive_and_autovacuum_keeps_off_the_shadow_until_the_swap() {
+    let url = fresh_db("storage").await;
+    let c = connect(&url).await;
+    // the same tables twice: `mirror` gets the plain ALTER
+    c.batch_execute(
+        "CREATE SCHEMA mirror;
+         CREATE TABLE docs (id bigint PRIMARY KEY, body text, n int)
+           WITH (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.05,
+                 toast.autovacuum_vacuum_cost_delay = 1);
+         CREATE TABLE tuned (id int PRIMARY KEY, body text)
+           WITH (autovacuum_enabled = true, toast.autovacuum_enabled = false);
+         CREATE TABLE mirror.docs (LIKE docs INCLUDING ALL)
+           WITH (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.05,
+                 toast.autovacuum_vacuum_cost_delay = 1);
+         CREATE TABLE mirror.tuned (LIKE tuned INCLUDING ALL)
+           WITH (autovacuum_enabled = true, toast.autovacuum_enabled = false);
+         INSERT INTO docs SELECT i, repeat('x', 100), i FROM generate_series(1, 20000) i;
+         INSERT INTO tuned SELECT i, 'y' FROM generate_series(1, 5000) i;
+         ALTER TABLE mirror.docs ALTER COLUMN n TYPE bigint;
+         ALTER TABLE mirror.tuned ALTER COLUMN id TYPE bigint",
+    )
+    .await
+    .expect("tables");
+
+    // while the shadow is filled and followed, autovacuum is off on it and on its TOAST table,
+    // next to the source's own parameters
+    let mut child = support::process::spawn(
+        &url,
+        &[
+            "run",
+            "--table",
+            "docs",
+            "--alter",
+            "ALTER COLUMN n TYPE bigint",
+            "--strategy",
+            "shadow-copy",
+            "--postpone-cutover",
+        ],
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the run to wait for its cutover",
+        || async { support::process::phase(&c, "public.docs").await == "waiting" },
+    )
+    .await;
+    let shadow = support::shadow_of(&c, "docs").await;
+    let (heap, toast) = storage_parameters(&c, &shadow).await;
+    support::process::kill(child);
+    assert_eq!(
+        heap,
+        [
+            "autovacuum_enabled=false",
+            "autovacuum_vacuum_scale_factor=0.05",
+            "fillfactor=90"
+        ]
+    );
+    assert_eq!(
+        toast,
+        ["autovacuum_enabled=false", "autovacuum_vacuum_cost_delay=1"]
+    );
+
+    // resumed (the paused options are remembered) and swapped: as the plain ALTER leaves them
+    child = support::process::spawn(
+        &url,
+        &[
+            "run",
+            "--table",
+            "docs",
+            "--alter",
+            "ALTER COLUMN n TYPE bigint",
+            "--strategy",
+            "shadow-copy",
+        ],
+    );
+    let status = support::process::exited(&mut child, Duration::from_secs(120)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(
+        storage_parameters(&c, "docs").await,
+        storage_parameters(&c, "mirror.docs").await
+    );
+    // a table's own autovacuum settings are its own, both ways
+    migrate(&url, "tuned", "ALTER COLUMN id TYPE bigint").await;
+    let tuned = storage_parameters(&c, "tuned").await;
+    assert_eq!(tuned, storage_parameters(&c, "mirror.tuned").await);
+    assert_eq!(
+        tuned,
+        (
+            vec!["autovacuum_enabled=true".to_string()],
+            vec!["autovacuum_enabled=false".to_string()]
+        )
+    );
+    assert_no_helpers(&c).await;
+}

@@ -158,7 +158,7 @@ async fn what_one_partition_cannot_do_by_copy_is_refused_and_changes_nothing() {
     run(a)
         .await
         .expect("without the foreign key, the copy of ev_p2 runs");
-    let sql = "SELECT count(*) FROM pg_class WHERE relname = 'ev_p2' AND reloptions = '{fillfactor=70}' AND relispartition";
+    let sql = "SELECT count(*) FROM pg_class WHERE relname = 'ev_p2' AND reloptions = '{autovacuum_enabled=true,fillfactor=70}' AND relispartition";
     assert_eq!(count(&c, sql).await, 1, "ev_p2 copied and attached");
     // a partition's own key to a partitioned table (a row of it per partition pointed at) is
     // not one from its tree: carried

@@ -127,6 +127,8 @@ pub struct Table {
     pub row_estimate: i64,
     pub size_bytes: i64,
     pub reloptions: Vec<String>,
+    /// The storage parameters of its TOAST table (without the `toast.` prefix).
+    pub toast_reloptions: Vec<String>,
     pub comment: Option<String>,
     pub rls_enabled: bool,
     pub columns: Vec<Column>,
@@ -161,6 +163,7 @@ impl Table {
             row_estimate: 0,
             size_bytes: 0,
             reloptions: vec![],
+            toast_reloptions: vec![],
             comment: None,
             rls_enabled: false,
             columns: vec![],
@@ -222,7 +225,8 @@ pub async fn load(client: &Client, oid: u32) -> Result<Table, DbError> {
             "SELECT n.nspname, c.relname, c.relkind::text, c.relpersistence::text, c.relispartition,
                     pg_get_userbyid(c.relowner), c.relreplident::text, c.reltuples::int8,
                     pg_total_relation_size(c.oid), coalesce(c.reloptions, '{}'),
-                    obj_description(c.oid, 'pg_class'), c.relrowsecurity
+                    obj_description(c.oid, 'pg_class'), c.relrowsecurity,
+                    coalesce((SELECT t.reloptions FROM pg_class t WHERE t.oid = c.reltoastrelid), '{}')
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
             &[&oid],
         )
@@ -240,6 +244,7 @@ pub async fn load(client: &Client, oid: u32) -> Result<Table, DbError> {
         row_estimate: r.get::<_, i64>(7).max(0),
         size_bytes: r.get(8),
         reloptions: r.get(9),
+        toast_reloptions: r.get(12),
         comment: r.get(10),
         rls_enabled: r.get(11),
         columns: Vec::new(),

@@ -89,6 +89,7 @@ pub fn reverse_mapping(forward: &Mapping) -> Result<Mapping, String> {
             .iter()
             .map(|(a, b)| (b.clone(), a.clone()))
             .collect(),
+        autovacuum_paused: Vec::new(),
     })
 }
 

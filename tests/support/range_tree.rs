@@ -41,6 +41,8 @@ pub fn tree_ddl(t: &str) -> String {
          CREATE INDEX {t}_p2_note_idx ON {t}_p2 (note);
          ALTER TABLE {t}_p1 ADD CONSTRAINT {t}_p1_qty_check CHECK (qty >= 0);
          ALTER TABLE {t}_p4 SET (fillfactor = 80);
+         ALTER TABLE {t}_p3 SET (toast.autovacuum_vacuum_cost_delay = 2);
+         ALTER TABLE {t}_p2 SET (autovacuum_enabled = true);
          GRANT SELECT ON {t}_p2 TO PUBLIC;
          ALTER TABLE {t}_p3 REPLICA IDENTITY FULL;"
     )
@@ -317,13 +319,15 @@ pub async fn assert_tree(c: &Client, ty: &str, leaves: &[&str]) {
 }
 
 /// The tree `root` as a plain ALTER leaves it, with the twin's names made ev's: partitions,
-/// bounds, kinds and storage parameters; columns; each index (validity, definition, the root
-/// index it is attached to); constraints (NOT NULL ones show as the columns' notnull).
+/// bounds, kinds and storage parameters (the TOAST tables' too); columns; each index
+/// (validity, definition, the root index it is attached to); constraints (NOT NULL ones show
+/// as the columns' notnull).
 pub async fn shape(c: &Client, root: &str) -> Vec<String> {
     let sql = format!(
         "WITH t AS (SELECT * FROM pg_partition_tree('{root}'))
-         SELECT replace(x, 'ev_mirror', 'ev') FROM (SELECT format('rel %s of %s leaf=%s kind=%s bound=%s options=%s acl=%s identity=%s', t.relid::regclass, t.parentrelid::regclass,
-                       t.isleaf, c.relkind, pg_get_expr(c.relpartbound, c.oid), c.reloptions, c.relacl, c.relreplident)
+         SELECT replace(x, 'ev_mirror', 'ev') FROM (SELECT format('rel %s of %s leaf=%s kind=%s bound=%s options=%s toast=%s acl=%s identity=%s', t.relid::regclass, t.parentrelid::regclass,
+                       t.isleaf, c.relkind, pg_get_expr(c.relpartbound, c.oid), c.reloptions,
+                       (SELECT o.reloptions FROM pg_class o WHERE o.oid = c.reltoastrelid), c.relacl, c.relreplident)
            FROM t JOIN pg_class c ON c.oid = t.relid
          UNION ALL SELECT format('col %s %s %s %s notnull=%s storage=%s', a.attrelid::regclass, a.attnum, a.attname,
                        format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attstorage)

@@ -1,9 +1,10 @@
 //! The swap's statements, in the order they run inside its transaction. Pure: built from the
 //! table, the mapping and what `carry` read, no database needed.
 //!
-//! 1. The source steps aside: views and incoming foreign keys are dropped (carry), identity
-//!    sequences continue from the source's, the replica identity is set, the source takes its
-//!    old name, and its indexes, statistics and sequences rename out of the way.
+//! 1. The source steps aside: the shadow's heaps get their autovacuum settings back, views and
+//!    incoming foreign keys are dropped (carry), identity sequences continue from the source's,
+//!    the replica identity is set, the source takes its old name, and its indexes, statistics
+//!    and sequences rename out of the way.
 //! 2. The new table takes its place: moved into the table's schema (or renamed, for a revert),
 //!    owner, serial sequences, comment, identity columns ALWAYS again, the constraints taken off
 //!    while it was filled added back NOT VALID, and everything carry re-creates.
@@ -24,7 +25,13 @@ pub(super) fn step_aside(
     old_name: &str,
 ) -> Vec<String> {
     let shadow = names.shadow_qualified();
-    let mut steps = carried.before.clone();
+    // first, while the shadow's heaps still have the names they were filled under
+    let mut steps: Vec<String> = mapping
+        .autovacuum_paused
+        .iter()
+        .map(|p| p.reset_sql())
+        .collect();
+    steps.extend(carried.before.iter().cloned());
     for (src_seq, col) in &mapping.identity_sync {
         steps.push(format!(
             "SELECT setval(pg_get_serial_sequence({}, {}), s.last_value, s.is_called) FROM {src_seq} AS s",
@@ -142,6 +149,7 @@ mod tests {
             row_estimate: 0,
             size_bytes: 0,
             reloptions: vec![],
+            toast_reloptions: vec![],
             comment: Some("the orders".into()),
             rls_enabled: false,
             columns: vec![],
@@ -187,6 +195,7 @@ mod tests {
             added: vec![],
             dropped: vec![],
             renamed: vec![],
+            autovacuum_paused: vec![],
         }
     }
 
@@ -216,6 +225,28 @@ mod tests {
             "ALTER TABLE \"app\".\"orders\" RENAME TO \"orders__sa_old_1\""
         );
         assert_eq!(s[3], "ALTER INDEX app.orders_pkey RENAME TO x");
+    }
+
+    #[test]
+    fn autovacuum_comes_back_first_under_the_names_the_shadow_was_filled_under() {
+        let names = Names::for_oid(7, "app", "orders");
+        let mut m = mapping();
+        m.autovacuum_paused = vec![crate::engine::shadow::Paused {
+            relation: "shadow_alter_7.orders".into(),
+            options: vec!["autovacuum_enabled".into()],
+        }];
+        let carried = Carry {
+            before: vec!["DROP VIEW app.v".into()],
+            ..Default::default()
+        };
+        let s = step_aside(&table(), &m, &names, &carried, "orders_pkey", "old");
+        assert_eq!(
+            s[..2],
+            [
+                "ALTER TABLE shadow_alter_7.orders RESET (autovacuum_enabled)".to_string(),
+                "DROP VIEW app.v".to_string()
+            ]
+        );
     }
 
     #[test]

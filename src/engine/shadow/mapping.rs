@@ -148,6 +148,7 @@ mod tests {
             row_estimate: 0,
             size_bytes: 0,
             reloptions: vec![],
+            toast_reloptions: vec![],
             comment: None,
             rls_enabled: false,
             columns: cols

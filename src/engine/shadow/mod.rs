@@ -17,6 +17,7 @@
 //! swap, so they come out exactly as the plain ALTER leaves them.
 
 mod adjust;
+mod autovacuum;
 pub mod leaf;
 mod mapping;
 pub mod tree;
@@ -32,6 +33,8 @@ use crate::engine::error::EngineError;
 use crate::names::Names;
 use crate::plan::AlterSpec;
 use crate::sql::{quote_ident, quote_literal};
+
+pub use autovacuum::Paused;
 
 /// One column of the shadow table that is filled from the source.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -106,6 +109,9 @@ pub struct Mapping {
     pub dropped: Vec<String>,
     /// (source name, new name) of every kept column the ALTER renames.
     pub renamed: Vec<(String, String)>,
+    /// The shadow's heaps whose autovacuum is off while they are filled; the swap resets them.
+    #[serde(default)]
+    pub autovacuum_paused: Vec<Paused>,
 }
 
 impl Mapping {
@@ -310,6 +316,7 @@ pub async fn create(
                 .then(|| (seq.sequence.clone(), col.clone()))
         })
         .collect();
+    let autovacuum_paused = autovacuum::pause(&tx, &shadow).await?;
     tx.commit().await.ctx("committing the shadow table")?;
     Ok(Mapping {
         targets: cols.targets,
@@ -326,6 +333,7 @@ pub async fn create(
         added: cols.added,
         dropped: cols.dropped,
         renamed: cols.renamed,
+        autovacuum_paused,
     })
 }
 
@@ -367,19 +375,28 @@ async fn like_source(
             describe(&e)
         ))
     })?;
-    if !table.reloptions.is_empty() {
-        tx.batch_execute(&format!(
-            "ALTER TABLE {shadow} SET ({})",
-            table.reloptions.join(", ")
-        ))
-        .await
-        .ctx("copying storage parameters to the shadow table")?;
+    // LIKE copies neither the table's storage parameters nor its TOAST table's
+    let options = storage_parameters(&table.reloptions, &table.toast_reloptions);
+    if !options.is_empty() {
+        tx.batch_execute(&format!("ALTER TABLE {shadow} SET ({options})"))
+            .await
+            .ctx("copying storage parameters to the shadow table")?;
     }
     if table.is_partitioned() {
         tree::create_partitions(tx, table.oid, &shadow, work).await?;
         tree::own_objects(tx, table.oid, work).await?;
     }
     Ok(())
+}
+
+/// A table's storage parameters and its TOAST table's (`toast.` prefixed), as a `WITH` or
+/// `SET` list.
+pub(crate) fn storage_parameters(heap: &[String], toast: &[String]) -> String {
+    heap.iter()
+        .cloned()
+        .chain(toast.iter().map(|o| format!("toast.{o}")))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The shadow's unique index on the key (it must still have one after the ALTER), the key

@@ -1,13 +1,13 @@
 //! The shadow of a partitioned table: a partitioned shadow with the root's partition key, and
 //! under it one partition for each of the source's, with the same name (in the run's work
-//! schema), bound, partition key, storage parameters and tablespace. The partitions' indexes
-//! come from the root's (PostgreSQL creates them with each partition) and take the names the
-//! source's partitions give them, paired through the root index they are attached to, so the
-//! swap leaves every name as a plain ALTER would.
+//! schema), bound, partition key, storage parameters (its TOAST table's too) and tablespace.
+//! The partitions' indexes come from the root's (PostgreSQL creates them with each partition)
+//! and take the names the source's partitions give them, paired through the root index they
+//! are attached to, so the swap leaves every name as a plain ALTER would.
 //!
 //! Invariant: the shadow tree has the source tree's shape (checked again before the swap and
-//! inside it, see [`check_unchanged`]); rows inserted into the shadow root land in the partition of the same name as the
-//! source partition they came from.
+//! inside it, see [`check_unchanged`]); rows inserted into the shadow root land in the
+//! partition of the same name as the source partition they came from.
 
 use tokio_postgres::{GenericClient, Transaction};
 
@@ -30,10 +30,11 @@ pub(super) async fn create_partitions(
             "SELECT c.relname::text, t.parentrelid = $1::oid, p.relname::text,
                     pg_get_expr(c.relpartbound, c.oid),
                     CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END,
-                    array_to_string(c.reloptions, ', '), ts.spcname::text
+                    coalesce(c.reloptions, '{}'), ts.spcname::text, coalesce(toast.reloptions, '{}')
              FROM pg_partition_tree($1::oid::regclass) t
              JOIN pg_class c ON c.oid = t.relid JOIN pg_class p ON p.oid = t.parentrelid
              LEFT JOIN pg_tablespace ts ON ts.oid = c.reltablespace
+             LEFT JOIN pg_class toast ON toast.oid = c.reltoastrelid
              WHERE t.level > 0 ORDER BY t.level, c.oid",
             &[&root],
         )
@@ -51,11 +52,12 @@ pub(super) async fn create_partitions(
             .get::<_, Option<String>>(4)
             .map(|k| format!(" PARTITION BY {k}"))
             .unwrap_or_default();
-        let with = r
-            .get::<_, Option<String>>(5)
-            .filter(|o| !o.is_empty())
-            .map(|o| format!(" WITH ({o})"))
-            .unwrap_or_default();
+        let options =
+            super::storage_parameters(&r.get::<_, Vec<String>>(5), &r.get::<_, Vec<String>>(7));
+        let with = match options.is_empty() {
+            true => String::new(),
+            false => format!(" WITH ({options})"),
+        };
         let space = r
             .get::<_, Option<String>>(6)
             .map(|s| format!(" TABLESPACE {}", quote_ident(&s)))

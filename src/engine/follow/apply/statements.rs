@@ -279,6 +279,7 @@ mod tests {
             added: vec![],
             dropped: vec![],
             renamed: vec![],
+            autovacuum_paused: vec![],
         }
     }
 
