@@ -535,3 +535,94 @@ async fn throttle_changes_a_running_copy_from_another_process() {
     assert_eq!(code, 2, "a finished migration is not throttled: {out}");
     assert_nothing_left(&c).await;
 }
+
+/// The table's constraints (name, validated) and whether `v` is NOT NULL.
+async fn constraints_and_not_null(c: &Client, table: &str) -> (Vec<(String, bool)>, bool) {
+    let rows = c
+        .query(
+            "SELECT conname::text, convalidated FROM pg_constraint
+             WHERE conrelid = $1::text::regclass AND contype = 'c' ORDER BY conname",
+            &[&table],
+        )
+        .await
+        .expect("constraints");
+    let not_null: bool = c
+        .query_one(
+            "SELECT attnotnull FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = 'v'",
+            &[&table],
+        )
+        .await
+        .expect("not null")
+        .get(0);
+    (
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        not_null,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_free_run_killed_between_its_steps_is_undone_by_the_rerun() {
+    let url = fresh_db("interrupted").await;
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE acct (id int PRIMARY KEY, v int);
+         INSERT INTO acct SELECT i, i FROM generate_series(1, 5000) i;
+         CREATE TABLE acct_mirror (LIKE acct INCLUDING ALL);",
+    )
+    .await
+    .expect("table");
+    // (ALTER, the step after which the run dies: its steps are split into 2 and 4)
+    for (alter, die_after) in [
+        ("ADD CHECK (v >= 0)", "1"),
+        ("ALTER COLUMN v SET NOT NULL", "3"),
+    ] {
+        c.batch_execute(&format!("ALTER TABLE acct_mirror {alter}"))
+            .await
+            .expect("the plain ALTER");
+        let args = ["run", "--table", "acct", "--alter", alter];
+        let (code, out) = support::process::output(
+            &url,
+            &args,
+            &[("SHADOW_ALTER_TEST_DIE_AFTER_STEP", die_after)],
+        )
+        .await;
+        assert_ne!(code, 0, "{alter}: the run must have died: {out}");
+        assert!(
+            state_matches(&c, "phase = 'steps' AND cardinality(undo) > 0").await,
+            "{alter}: what undoes the steps is recorded"
+        );
+        // the same command again: the half-done steps are undone, then it runs to its end
+        let (code, out) =
+            support::process::output(&url, &["run", "--table", "acct", "--alter", alter], &[])
+                .await;
+        assert_eq!(code, 0, "{alter}: {out}");
+        assert!(
+            out.contains("interrupted between its steps"),
+            "{alter}: {out}"
+        );
+        let mirror = constraints_and_not_null(&c, "acct_mirror").await;
+        let ours = constraints_and_not_null(&c, "acct").await;
+        assert_eq!(
+            (
+                ours.0
+                    .iter()
+                    .map(|(n, v)| (n.replace("acct_", ""), *v))
+                    .collect::<Vec<_>>(),
+                ours.1
+            ),
+            (
+                mirror
+                    .0
+                    .iter()
+                    .map(|(n, v)| (n.replace("acct_mirror_", ""), *v))
+                    .collect::<Vec<_>>(),
+                mirror.1
+            ),
+            "{alter}: as the plain ALTER leaves it"
+        );
+    }
+    assert!(
+        state_matches(&c, "phase = 'done' AND undo IS NULL").await,
+        "the rerun's outcome is recorded"
+    );
+}

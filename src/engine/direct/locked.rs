@@ -131,34 +131,7 @@ pub(super) async fn undo(client: &Client, done: &[&Step], lock_timeout: Duration
         if sql.is_empty() {
             continue; // nothing to undo
         }
-        let mut result = Err(String::new());
-        for attempt in 1..=10u32 {
-            let setup = if sql.contains(" CONCURRENTLY ") {
-                "SET lock_timeout = 0".to_string()
-            } else {
-                format!("SET lock_timeout = '{}ms'", lock_timeout.as_millis().max(1))
-            };
-            let r = match client.batch_execute(&setup).await {
-                Ok(()) => client.batch_execute(sql).await,
-                Err(e) => Err(e),
-            };
-            match r {
-                Ok(()) => {
-                    result = Ok(());
-                    break;
-                }
-                Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
-                    result = Err(describe(&e));
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-                Err(e) => {
-                    result = Err(describe(&e));
-                    break;
-                }
-            }
-        }
-        let _ = client.batch_execute("RESET lock_timeout").await;
-        match result {
+        match undo_one(client, sql, lock_timeout).await {
             Ok(()) => tracing::info!("undone: {}", step.sql),
             Err(e) => {
                 tracing::error!("could not undo `{}` ({e}); run `{sql}`", step.sql);
@@ -167,6 +140,43 @@ pub(super) async fn undo(client: &Client, done: &[&Step], lock_timeout: Duration
         }
     }
     left
+}
+
+/// Run one undo statement under `lock_timeout` (none for a `CONCURRENTLY` one), retried with
+/// backoff while the lock is not granted.
+pub(super) async fn undo_one(
+    client: &Client,
+    sql: &str,
+    lock_timeout: Duration,
+) -> Result<(), String> {
+    let mut result = Err(String::new());
+    for attempt in 1..=10u32 {
+        let setup = if sql.contains(" CONCURRENTLY ") {
+            "SET lock_timeout = 0".to_string()
+        } else {
+            format!("SET lock_timeout = '{}ms'", lock_timeout.as_millis().max(1))
+        };
+        let r = match client.batch_execute(&setup).await {
+            Ok(()) => client.batch_execute(sql).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => {
+                result = Ok(());
+                break;
+            }
+            Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
+                result = Err(describe(&e));
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            Err(e) => {
+                result = Err(describe(&e));
+                break;
+            }
+        }
+    }
+    let _ = client.batch_execute("RESET lock_timeout").await;
+    result
 }
 
 /// Exponential backoff with jitter, capped.

@@ -10,12 +10,17 @@
 //! the guardrails (pause file, replica lag, throttle query) are waited for before each step,
 //! and its metrics and hooks are those of a shadow-copy run.
 //!
+//! A run killed between its steps is undone by the next run on the table (`interrupted`).
+//!
 //! Invariant: no invalid index of ours survives. A failed or interrupted concurrent build is
 //! dropped (`DROP INDEX CONCURRENTLY`) on the way out, and a rerun first drops leftovers of a
 //! killed run (indexes named `*__sa_idx` that no constraint uses).
 
 mod index;
+mod interrupted;
 mod locked;
+
+pub use interrupted::undo_interrupted;
 
 use std::time::{Duration, Instant};
 
@@ -280,6 +285,13 @@ pub async fn execute(
             }
             (r, _) => r,
         };
+        // what undoes the step is recorded before it runs: a rerun after a kill undoes it
+        let entered = match (entered, step.undo.as_deref()) {
+            (Ok(()), Some(undo)) if !undo.is_empty() => {
+                steer.state.will_undo(steer.control, undo).await
+            }
+            (r, _) => r,
+        };
         let result = match entered {
             Err(e) => Err(e),
             Ok(()) => match &step.exec {
@@ -331,6 +343,11 @@ pub async fn execute(
             return Err(e);
         }
         done.push(step);
+        // test hook: die like a kill -9 right after this step (tests/ops.rs)
+        if std::env::var("SHADOW_ALTER_TEST_DIE_AFTER_STEP").is_ok_and(|k| k == (i + 1).to_string())
+        {
+            std::process::abort();
+        }
         if let Some(shape) = tree.as_mut() {
             let now = tree_shape(&worker, table.oid).await?;
             match &step.exec {

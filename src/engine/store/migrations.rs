@@ -47,6 +47,7 @@ ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS tuning jsonb;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS new_oid oid;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS step text;
 ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS cutover_now boolean NOT NULL DEFAULT false;
+ALTER TABLE shadow_alter.migrations ADD COLUMN IF NOT EXISTS undo text[];
 CREATE TABLE IF NOT EXISTS shadow_alter.checkpoints (
     table_oid        oid PRIMARY KEY,
     alter_sql        text NOT NULL,
@@ -135,7 +136,7 @@ impl State {
                     host = EXCLUDED.host, started_at = now(), updated_at = now(), finished_at = NULL, message = NULL,
                     throttled = NULL, verify_requested_at = NULL, verify_finished_at = NULL, verify_ok = NULL,
                     verify_result = NULL, revert_requested_at = NULL, soak_end_requested_at = NULL, step = NULL,
-                    cutover_now = false, tuning = NULL, new_oid = NULL",
+                    cutover_now = false, tuning = NULL, new_oid = NULL, undo = NULL",
                 &[&table.oid, &format!("{}.{}", table.schema, table.name), &alter, &rows_total, &(std::process::id() as i32), &host],
             )
             .await
@@ -168,6 +169,21 @@ impl State {
             )
             .await;
         Self::log("the step", r);
+    }
+
+    /// Before a copy-free run's step: what undoes it, appended to the row's `undo` (newest
+    /// last), so that a rerun after a kill can take the table back to where it was. Refuses the
+    /// step when it cannot be recorded.
+    pub async fn will_undo(&self, client: &Client, sql: &str) -> Result<(), EngineError> {
+        client
+            .execute(
+                "UPDATE shadow_alter.migrations SET undo = array_append(coalesce(undo, '{}'), $2), updated_at = now()
+                 WHERE table_oid = $1",
+                &[&self.oid, &sql],
+            )
+            .await
+            .ctx("recording how to undo the next step in shadow_alter.migrations")?;
+        Ok(())
     }
 
     pub async fn message(&self, client: &Client, message: &str) {
@@ -237,7 +253,7 @@ impl State {
         let r = client
             .execute(
                 "UPDATE shadow_alter.migrations SET phase = $2, message = coalesce($3, message), postponed = NULL,
-                        throttled = NULL, finished_at = now(), updated_at = now() WHERE table_oid = $1",
+                        throttled = NULL, undo = NULL, finished_at = now(), updated_at = now() WHERE table_oid = $1",
                 &[&self.oid, &phase, &message],
             )
             .await;
