@@ -625,4 +625,25 @@ async fn a_copy_free_run_killed_between_its_steps_is_undone_by_the_rerun() {
         state_matches(&c, "phase = 'done' AND undo IS NULL").await,
         "the rerun's outcome is recorded"
     );
+    // not run again: `cleanup --stale` and `abort` undo the half-done steps too
+    let before = constraints_and_not_null(&c, "acct").await;
+    for cleanup in [&["cleanup", "--stale"][..], &["abort", "acct"][..]] {
+        let alter = "ADD CONSTRAINT acct_small CHECK (v < 100000)";
+        let args = ["run", "--table", "acct", "--alter", alter];
+        let env = [("SHADOW_ALTER_TEST_DIE_AFTER_STEP", "1")];
+        let (code, out) = support::process::output(&url, &args, &env).await;
+        assert_ne!(code, 0, "the run must have died: {out}");
+        assert_ne!(constraints_and_not_null(&c, "acct").await, before);
+        let (ok, out) = cli(&url, cleanup).await;
+        assert!(ok, "{cleanup:?}: {out}");
+        assert_eq!(
+            constraints_and_not_null(&c, "acct").await,
+            before,
+            "{cleanup:?} undid the step: {out}"
+        );
+        assert!(
+            state_matches(&c, "phase IN ('failed', 'aborted')").await,
+            "{cleanup:?}: the run is recorded as ended"
+        );
+    }
 }

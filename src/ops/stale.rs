@@ -1,7 +1,8 @@
 //! `shadow-alter cleanup --stale`: find what runs that are no longer alive left in this database
 //! (replication slots `shadow_alter_<oid>`, publications `shadow_alter_<oid>`, shadow tables
-//! and work schemas `shadow_alter_<oid>` marked by their comment, half-built `*__sa_idx` indexes, unfinished rows in
-//! `shadow_alter.migrations`) and drop them, printing each; `--dry-run` only lists.
+//! and work schemas `shadow_alter_<oid>` marked by their comment, half-built `*__sa_idx` indexes,
+//! the steps a copy-free run killed between them left done, unfinished rows in
+//! `shadow_alter.migrations`) and drop (or undo) them, printing each; `--dry-run` only lists.
 //!
 //! Invariant: nothing of a live run is touched. Every run holds the per-table advisory lock
 //! (preflight.rs) from before it creates anything until it has cleaned up, so for each table we
@@ -33,6 +34,9 @@ enum Leftover {
     Schema(String),
     /// A replication origin of a run's writing session.
     Origin(String),
+    /// The steps a copy-free run killed between them left done (table name, what undoes them,
+    /// oldest first): undone, newest first, before its row is marked.
+    Steps(String, Vec<String>),
     /// An unfinished migration row (table name).
     StateRow(String),
 }
@@ -46,6 +50,10 @@ impl Leftover {
             Leftover::Index(s, i) => format!("index {}", qualified(s, i)),
             Leftover::Schema(s) => format!("work schema {}", quote_ident(s)),
             Leftover::Origin(o) => format!("replication origin {o}"),
+            Leftover::Steps(t, undo) => format!(
+                "the half-done steps of an interrupted run on {t} (undone: {})",
+                undo.iter().rev().cloned().collect::<Vec<_>>().join("; ")
+            ),
             Leftover::StateRow(t) => format!("unfinished migration record of {t}"),
         }
     }
@@ -167,11 +175,12 @@ async fn find(client: &Client) -> Result<BTreeMap<u32, Vec<Leftover>>, EngineErr
             .or_default()
             .push(Leftover::Index(r.get(0), r.get(1)));
     }
-    for (oid, name) in operator::unfinished(client).await? {
-        by_table
-            .entry(oid)
-            .or_default()
-            .push(Leftover::StateRow(name));
+    for u in operator::unfinished(client).await? {
+        let entry = by_table.entry(u.oid).or_default();
+        if !u.undo.is_empty() {
+            entry.push(Leftover::Steps(u.table.clone(), u.undo));
+        }
+        entry.push(Leftover::StateRow(u.table));
     }
     Ok(by_table)
 }
@@ -211,6 +220,17 @@ async fn drop_one(client: &Client, l: &Leftover, oid: u32) -> Result<(), tokio_p
                     quote_ident(s)
                 ))
                 .await
+        }
+        Leftover::Steps(_, undo) => {
+            for sql in undo.iter().rev() {
+                let wait = match sql.contains(" CONCURRENTLY ") {
+                    true => "SET lock_timeout = 0",
+                    false => "SET lock_timeout = '5s'",
+                };
+                client.batch_execute(wait).await?;
+                client.batch_execute(sql).await?;
+            }
+            client.batch_execute("RESET lock_timeout").await
         }
         Leftover::StateRow(_) => operator::mark_stale(client, oid).await,
         Leftover::Origin(o) => client

@@ -121,12 +121,20 @@ async fn take_lock(client: &Client, oid: u32) -> Result<bool, EngineError> {
         .get(0))
 }
 
-/// What a killed run left (shadow, publication, slot, checkpoint): removed, and the run marked
-/// aborted. Aborting gives up the resume.
+/// What a killed run left (shadow, publication, slot, checkpoint, a copy-free run's half-done
+/// steps): removed or undone, and the run marked aborted. Aborting gives up the resume.
 async fn remove_leftovers(client: &Client, oid: u32) -> Result<Vec<String>, EngineError> {
     let table = catalog::load(client, oid).await?;
     let names = Names::for_oid(table.oid, &table.schema, &table.name);
-    let mut removed = shadow::clear_leftovers(client, &names, &table).await?;
+    // a copy-free run's half-done steps go first, while its record still says what they are
+    let undone = crate::engine::direct::undo_interrupted(
+        client,
+        &table.qualified(),
+        std::time::Duration::from_secs(5),
+    )
+    .await?;
+    let mut removed: Vec<String> = undone.into_iter().map(|s| format!("undone: {s}")).collect();
+    removed.extend(shadow::clear_leftovers(client, &names, &table).await?);
     if checkpoints::drop_slot(client, &names.slot).await? {
         removed.push(format!("replication slot {}", names.slot));
     }

@@ -288,21 +288,38 @@ pub async fn mark_aborted(client: &Client, oid: u32) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Unfinished migrations as (table oid, table name), for `cleanup --stale`.
-pub async fn unfinished(client: &Client) -> Result<Vec<(u32, String)>, DbError> {
+/// Unfinished migrations, for `cleanup --stale`.
+pub async fn unfinished(client: &Client) -> Result<Vec<Unfinished>, DbError> {
     if !has_state(client).await? {
         return Ok(Vec::new());
     }
     Ok(client
         .query(
-            "SELECT table_oid, table_name FROM shadow_alter.migrations WHERE phase <> ALL($1)",
+            // `undo` through the row's JSON: a state table from before the column has none
+            "SELECT table_oid, table_name,
+                    CASE WHEN jsonb_typeof(to_jsonb(m) -> 'undo') = 'array'
+                         THEN ARRAY(SELECT jsonb_array_elements_text(to_jsonb(m) -> 'undo'))
+                         ELSE '{}' END AS undo
+             FROM shadow_alter.migrations m WHERE phase <> ALL($1)",
             &[&FINAL_PHASES.to_vec()],
         )
         .await
         .ctx("reading shadow_alter.migrations")?
         .iter()
-        .map(|r| (r.get("table_oid"), r.get("table_name")))
+        .map(|r| Unfinished {
+            oid: r.get("table_oid"),
+            table: r.get("table_name"),
+            undo: r.get("undo"),
+        })
         .collect())
+}
+
+/// A run whose state row is not final.
+pub struct Unfinished {
+    pub oid: u32,
+    pub table: String,
+    /// What undoes the steps a copy-free run started, oldest first (`State::will_undo`).
+    pub undo: Vec<String>,
 }
 
 /// A run that stopped without finishing and whose leftovers `cleanup --stale` removed: failed,
