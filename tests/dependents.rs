@@ -683,19 +683,16 @@ async fn storage_parameters_survive_and_autovacuum_keeps_off_the_shadow_until_th
 
     // while the shadow is filled and followed, autovacuum is off on it and on its TOAST table,
     // next to the source's own parameters
-    let mut child = support::process::spawn(
-        &url,
-        &[
-            "run",
-            "--table",
-            "docs",
-            "--alter",
-            "ALTER COLUMN n TYPE bigint",
-            "--strategy",
-            "shadow-copy",
-            "--postpone-cutover",
-        ],
-    );
+    let args = [
+        "run",
+        "--table",
+        "docs",
+        "--alter",
+        "ALTER COLUMN n TYPE bigint",
+        "--strategy",
+        "shadow-copy",
+    ];
+    let mut child = support::process::spawn(&url, &[&args[..], &["--postpone-cutover"]].concat());
     wait_until(
         Duration::from_secs(60),
         "the run to wait for its cutover",
@@ -719,18 +716,7 @@ async fn storage_parameters_survive_and_autovacuum_keeps_off_the_shadow_until_th
     );
 
     // resumed (the paused options are remembered) and swapped: as the plain ALTER leaves them
-    child = support::process::spawn(
-        &url,
-        &[
-            "run",
-            "--table",
-            "docs",
-            "--alter",
-            "ALTER COLUMN n TYPE bigint",
-            "--strategy",
-            "shadow-copy",
-        ],
-    );
+    child = support::process::spawn(&url, &args);
     let status = support::process::exited(&mut child, Duration::from_secs(120)).await;
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     assert_eq!(

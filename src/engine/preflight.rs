@@ -344,6 +344,29 @@ fn process_gone(pid: i32) -> bool {
         && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The per-table advisory lock (see [`lock_table`]) without waiting: true when it was free and
+/// this session now holds it.
+pub async fn try_lock(client: &Client, oid: u32) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, $2::oid::int)",
+            &[&crate::names::LOCK_CLASS, &oid],
+        )
+        .await?
+        .get(0))
+}
+
+/// Release one hold of this session on the per-table advisory lock.
+pub async fn unlock(client: &Client, oid: u32) -> Result<(), tokio_postgres::Error> {
+    client
+        .query_one(
+            "SELECT pg_advisory_unlock($1, $2::oid::int)",
+            &[&crate::names::LOCK_CLASS, &oid],
+        )
+        .await
+        .map(|_| ())
+}
+
 /// Advisory lock that makes a second run on the same table refuse. Held by the control session.
 /// A run killed a moment ago may still hold it until its server session notices: we wait a few
 /// seconds for it, and end that session at once when the run recorded this machine and a
@@ -352,15 +375,10 @@ pub async fn lock_table(client: &Client, t: &Table) -> Result<(), EngineError> {
     let started = std::time::Instant::now();
     let mut terminated = false;
     loop {
-        // classid 0x5a5a5a5a marks our locks; objid is the table oid
-        let got: bool = client
-            .query_one(
-                "SELECT pg_try_advisory_lock(1515870810, $1::oid::int)",
-                &[&t.oid],
-            )
+        // classid 0x5a5a5a5a (LOCK_CLASS) marks our locks; objid is the table oid
+        let got = try_lock(client, t.oid)
             .await
-            .ctx("taking the per-table advisory lock")?
-            .get(0);
+            .ctx("taking the per-table advisory lock")?;
         if got {
             return Ok(());
         }

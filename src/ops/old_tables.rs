@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use crate::db::{describe, Ctx};
+use crate::engine::preflight::{try_lock, unlock};
 use crate::engine::EngineError;
-use crate::names::LOCK_CLASS;
 use crate::sql::qualified;
 
 /// One kept table: schema, name, oid, and its age in seconds.
@@ -102,14 +102,7 @@ pub async fn cleanup_old_tables(
 
 /// Drop one kept table unless a live run holds its lock; false when one does.
 async fn drop_kept(client: &Client, name: &str, oid: u32) -> Result<bool, String> {
-    let free: bool = client
-        .query_one(
-            "SELECT pg_try_advisory_lock($1, $2::oid::int)",
-            &[&LOCK_CLASS, &oid],
-        )
-        .await
-        .map_err(|e| describe(&e))?
-        .get(0);
+    let free = try_lock(client, oid).await.map_err(|e| describe(&e))?;
     if !free {
         return Ok(false);
     }
@@ -120,11 +113,6 @@ async fn drop_kept(client: &Client, name: &str, oid: u32) -> Result<bool, String
         .await
         .map_err(|e| describe(&e));
     let _ = client.batch_execute("RESET lock_timeout").await;
-    let _ = client
-        .query_one(
-            "SELECT pg_advisory_unlock($1, $2::oid::int)",
-            &[&LOCK_CLASS, &oid],
-        )
-        .await;
+    let _ = unlock(client, oid).await;
     r.map(|()| true)
 }

@@ -16,9 +16,10 @@ use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
 use crate::db::{describe, Ctx};
+use crate::engine::preflight::{try_lock, unlock};
 use crate::engine::store::operator;
 use crate::engine::EngineError;
-use crate::names::{oid_of, LOCK_CLASS, SHADOW_COMMENT};
+use crate::names::{oid_of, SHADOW_COMMENT};
 use crate::sql::{qualified, quote_ident};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -250,14 +251,9 @@ pub async fn cleanup_stale(database_url: Option<&str>, dry_run: bool) -> Result<
     for (oid, mut leftovers) in found {
         leftovers.sort();
         // the lock a live run holds; holding it ourselves keeps a new run off the table meanwhile
-        let free: bool = client
-            .query_one(
-                "SELECT pg_try_advisory_lock($1, $2::oid::int)",
-                &[&LOCK_CLASS, &oid],
-            )
+        let free = try_lock(&client, oid)
             .await
-            .ctx("checking whether a run is alive")?
-            .get(0);
+            .ctx("checking whether a run is alive")?;
         if !free {
             for l in &leftovers {
                 println!("kept {} (its run is alive)", l.describe());
@@ -286,11 +282,7 @@ pub async fn cleanup_stale(database_url: Option<&str>, dry_run: bool) -> Result<
                 }
             }
         }
-        client
-            .query_one(
-                "SELECT pg_advisory_unlock($1, $2::oid::int)",
-                &[&LOCK_CLASS, &oid],
-            )
+        unlock(&client, oid)
             .await
             .ctx("releasing the per-table advisory lock")?;
     }

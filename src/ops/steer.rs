@@ -9,11 +9,12 @@ use tokio_postgres::Client;
 
 use crate::catalog;
 use crate::db::Ctx;
+use crate::engine::preflight::{try_lock, unlock};
 use crate::engine::shadow;
 use crate::engine::store::checkpoints;
 use crate::engine::store::operator::{self, SoakRequest};
 use crate::engine::EngineError;
-use crate::names::{Names, LOCK_CLASS};
+use crate::names::Names;
 
 /// How often a command looks at the run's answer.
 const POLL: Duration = Duration::from_millis(200);
@@ -83,12 +84,7 @@ pub async fn abort(
         // nobody holds the per-table lock: the run is gone, clean up for it
         if take_lock(&client, oid).await? {
             let removed = remove_leftovers(&client, oid).await;
-            let _ = client
-                .query_one(
-                    "SELECT pg_advisory_unlock($1, $2::oid::int)",
-                    &[&LOCK_CLASS, &oid],
-                )
-                .await;
+            let _ = unlock(&client, oid).await;
             let removed = removed?;
             println!(
                 "no process was running the migration of {table}; removed: {}",
@@ -111,14 +107,9 @@ pub async fn abort(
 
 /// Take the per-table advisory lock of the table with `oid`: true when no run holds it.
 async fn take_lock(client: &Client, oid: u32) -> Result<bool, EngineError> {
-    Ok(client
-        .query_one(
-            "SELECT pg_try_advisory_lock($1, $2::oid::int)",
-            &[&LOCK_CLASS, &oid],
-        )
+    Ok(try_lock(client, oid)
         .await
-        .ctx("checking whether the run is alive")?
-        .get(0))
+        .ctx("checking whether the run is alive")?)
 }
 
 /// What a killed run left (shadow, publication, slot, checkpoint, a copy-free run's half-done

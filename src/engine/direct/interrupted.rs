@@ -16,8 +16,8 @@ use tokio_postgres::Client;
 
 use crate::db::{Ctx, DbError};
 use crate::engine::error::EngineError;
+use crate::engine::preflight::{try_lock, unlock};
 use crate::engine::store::migrations::FINAL_PHASES;
-use crate::names::LOCK_CLASS;
 
 /// Undo the steps of an interrupted copy-free run on `table` (as the user named it), if one
 /// left any; returns what was undone.
@@ -56,25 +56,15 @@ pub async fn undo_interrupted(
         }
     };
     let (name, undo): (String, Vec<String>) = (row.get(0), row.get(1));
-    let free: bool = control
-        .query_one(
-            "SELECT pg_try_advisory_lock($1, $2::oid::int)",
-            &[&LOCK_CLASS, &oid],
-        )
+    let free = try_lock(control, oid)
         .await
-        .ctx("taking the per-table advisory lock")?
-        .get(0);
+        .ctx("taking the per-table advisory lock")?;
     if !free {
         // a live run: its record is its own, and this run is refused later
         return Ok(Vec::new());
     }
     let result = undo_all(control, oid, &name, &undo, lock_timeout).await;
-    let _ = control
-        .query_one(
-            "SELECT pg_advisory_unlock($1, $2::oid::int)",
-            &[&LOCK_CLASS, &oid],
-        )
-        .await;
+    let _ = unlock(control, oid).await;
     result
 }
 

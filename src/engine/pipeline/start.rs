@@ -15,12 +15,13 @@ use crate::engine::cutover::carry;
 use crate::engine::error::{EngineError, WireCtx};
 use crate::engine::follow::{apply, slot};
 use crate::engine::indexes::{self, Deferred};
+use crate::engine::preflight;
 use crate::engine::shadow::{self, Mapping};
 use crate::engine::soak;
 use crate::engine::store::checkpoints::{self, Checkpoint};
 use crate::engine::store::migrations::State;
 use crate::engine::teardown::{self, AfterSwap, Created};
-use crate::names::{Names, LOCK_CLASS};
+use crate::names::Names;
 use crate::plan::AlterSpec;
 use crate::replication::{Lsn, ReplicationConn};
 use crate::sql::quote_ident;
@@ -56,14 +57,9 @@ pub async fn finish_swapped(control: &Client, cfg: &RunConfig) -> Result<bool, E
     };
     let table = crate::catalog::load(control, oid).await?;
     // the killed run's lock (and that of any other process finishing it) is per old table
-    let free: bool = control
-        .query_one(
-            "SELECT pg_try_advisory_lock($1, $2::oid::int)",
-            &[&LOCK_CLASS, &done.old_oid],
-        )
+    let free = preflight::try_lock(control, done.old_oid)
         .await
-        .ctx("taking the finished run's advisory lock")?
-        .get(0);
+        .ctx("taking the finished run's advisory lock")?;
     if !free {
         return Err(EngineError::Preflight(format!(
             "another process is finishing the swapped run on {}; retry in a moment",
@@ -96,12 +92,7 @@ pub async fn finish_swapped(control: &Client, cfg: &RunConfig) -> Result<bool, E
             Some("the swap had committed; its cleanup was finished by a rerun"),
         )
         .await;
-    let _ = control
-        .query_one(
-            "SELECT pg_advisory_unlock($1, $2::oid::int)",
-            &[&LOCK_CLASS, &done.old_oid],
-        )
-        .await;
+    let _ = preflight::unlock(control, done.old_oid).await;
     if done.alter_sql == cfg.alter {
         println!("done: the migration had already swapped; nothing else to do");
         return Ok(true);
