@@ -20,6 +20,7 @@ use crate::engine::preflight::{try_lock, unlock};
 use crate::engine::store::operator;
 use crate::engine::EngineError;
 use crate::names::{oid_of, SHADOW_COMMENT};
+use crate::ops::steer::UNDO_LOCK_TIMEOUT;
 use crate::sql::{qualified, quote_ident};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -186,8 +187,8 @@ async fn find(client: &Client) -> Result<BTreeMap<u32, Vec<Leftover>>, EngineErr
     Ok(by_table)
 }
 
-async fn drop_one(client: &Client, l: &Leftover, oid: u32) -> Result<(), tokio_postgres::Error> {
-    match l {
+async fn drop_one(client: &Client, l: &Leftover, oid: u32) -> Result<(), String> {
+    let r = match l {
         Leftover::Slot(name, _) => client
             .execute("SELECT pg_drop_replication_slot($1)", &[name])
             .await
@@ -222,23 +223,20 @@ async fn drop_one(client: &Client, l: &Leftover, oid: u32) -> Result<(), tokio_p
                 ))
                 .await
         }
-        Leftover::Steps(_, undo) => {
-            for sql in undo.iter().rev() {
-                let wait = match sql.contains(" CONCURRENTLY ") {
-                    true => "SET lock_timeout = 0",
-                    false => "SET lock_timeout = '5s'",
-                };
-                client.batch_execute(wait).await?;
-                client.batch_execute(sql).await?;
-            }
-            client.batch_execute("RESET lock_timeout").await
+        // the same undo as a rerun's, which also records the run as ended
+        Leftover::Steps(..) => {
+            return crate::engine::direct::undo_interrupted(client, oid, UNDO_LOCK_TIMEOUT)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         }
         Leftover::StateRow(_) => operator::mark_stale(client, oid).await,
         Leftover::Origin(o) => client
             .execute("SELECT pg_replication_origin_drop($1)", &[o])
             .await
             .map(|_| ()),
-    }
+    };
+    r.map_err(|e| describe(&e))
 }
 
 /// `shadow-alter cleanup --stale [--dry-run]`
@@ -276,7 +274,7 @@ pub async fn cleanup_stale(database_url: Option<&str>, dry_run: bool) -> Result<
                     println!("{verb} {}", l.describe());
                 }
                 Err(e) => {
-                    let msg = format!("{}: {}", l.describe(), describe(&e));
+                    let msg = format!("{}: {e}", l.describe());
                     eprintln!("could not drop {msg}");
                     failures.push(msg);
                 }

@@ -105,6 +105,9 @@ pub async fn abort(
     }
 }
 
+/// `lock_timeout` of each statement that undoes a killed copy-free run's step.
+pub(crate) const UNDO_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Take the per-table advisory lock of the table with `oid`: true when no run holds it.
 async fn take_lock(client: &Client, oid: u32) -> Result<bool, EngineError> {
     Ok(try_lock(client, oid)
@@ -118,12 +121,7 @@ async fn remove_leftovers(client: &Client, oid: u32) -> Result<Vec<String>, Engi
     let table = catalog::load(client, oid).await?;
     let names = Names::for_oid(table.oid, &table.schema, &table.name);
     // a copy-free run's half-done steps go first, while its record still says what they are
-    let undone = crate::engine::direct::undo_interrupted(
-        client,
-        &table.qualified(),
-        std::time::Duration::from_secs(5),
-    )
-    .await?;
+    let undone = crate::engine::direct::undo_interrupted(client, oid, UNDO_LOCK_TIMEOUT).await?;
     let mut removed: Vec<String> = undone.into_iter().map(|s| format!("undone: {s}")).collect();
     removed.extend(shadow::clear_leftovers(client, &names, &table).await?);
     if checkpoints::drop_slot(client, &names.slot).await? {

@@ -25,12 +25,17 @@ pub(super) fn step_aside(
     old_name: &str,
 ) -> Vec<String> {
     let shadow = names.shadow_qualified();
-    // first, while the shadow's heaps still have the names they were filled under
-    let mut steps: Vec<String> = mapping
+    // first, while the shadow's heaps still have the names they were filled under; one
+    // statement for all of them (a tree's partitions), one round trip under the lock
+    let resets: Vec<String> = mapping
         .autovacuum_paused
         .iter()
         .map(|p| p.reset_sql())
         .collect();
+    let mut steps: Vec<String> = match resets.is_empty() {
+        true => Vec::new(),
+        false => vec![resets.join("; ")],
+    };
     steps.extend(carried.before.iter().cloned());
     for (src_seq, col) in &mapping.identity_sync {
         steps.push(format!(

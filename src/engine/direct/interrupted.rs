@@ -19,16 +19,13 @@ use crate::engine::error::EngineError;
 use crate::engine::preflight::{try_lock, unlock};
 use crate::engine::store::migrations::FINAL_PHASES;
 
-/// Undo the steps of an interrupted copy-free run on `table` (as the user named it), if one
-/// left any; returns what was undone.
+/// Undo the steps of an interrupted copy-free run on the table with `oid`, if one left any;
+/// returns what was undone.
 pub async fn undo_interrupted(
     control: &Client,
-    table: &str,
+    oid: u32,
     lock_timeout: Duration,
 ) -> Result<Vec<String>, EngineError> {
-    let Some(oid) = crate::catalog::resolve(control, table).await? else {
-        return Ok(Vec::new());
-    };
     let row = control
         .query_opt(
             "SELECT table_name, undo FROM shadow_alter.migrations

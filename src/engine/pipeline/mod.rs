@@ -85,7 +85,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), EngineError> {
     }
     // a copy-free run killed between its steps left the table half changed: undone first, so
     // that the plan sees the table as it was
-    direct::undo_interrupted(&control, &cfg.table, cfg.lock_timeout).await?;
+    if let Some(oid) = crate::catalog::resolve(&control, &cfg.table).await? {
+        direct::undo_interrupted(&control, oid, cfg.lock_timeout).await?;
+    }
     let mut cfg = cfg;
     if cfg.expand_contract {
         match crate::engine::expand::run(&control, &cfg).await? {
