@@ -69,13 +69,7 @@ pub(super) async fn split(
         let t = tuning.borrow().clone();
         let size = sizer.lock().map(|mut s| s.next(&t)).unwrap_or(t.chunk_size);
         let (cond, params) = sql.range(lower.as_ref(), ">", None);
-        let q = format!(
-            "SELECT {} FROM {} AS s{cond} ORDER BY {} OFFSET {} LIMIT 1",
-            sql.key_text_list(),
-            sql.source,
-            sql.key_list,
-            size - 1
-        );
+        let q = sql.boundary_query(&cond, size - 1);
         let upper = with_lock_retry("finding the next chunk boundary", || async {
             begin_snapshot(&client, &snapshot, true).await?;
             let r = client.query_opt(&q, &params_ref(&params)).await;

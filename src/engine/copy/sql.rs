@@ -135,6 +135,24 @@ impl CopySql {
         self.where_clause(lower, lower_op, upper, quote_literal)
     }
 
+    /// The key of the row `offset` rows past the start of the range `cond`, as text. The text is
+    /// made outside the scan: written in the scan's own target list, every row the `OFFSET` skips
+    /// would be converted too (a quarter of a second of server CPU per million rows of an
+    /// `integer` key, taken from the copy it runs beside).
+    pub(super) fn boundary_query(&self, cond: &str, offset: u64) -> String {
+        format!(
+            "SELECT {} FROM (SELECT {} FROM {} AS s{cond} ORDER BY {} OFFSET {offset} LIMIT 1) AS b",
+            self.key_cols
+                .iter()
+                .map(|k| format!("b.{}::text", quote_ident(k)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.key_list,
+            self.source,
+            self.key_list,
+        )
+    }
+
     pub(super) fn key_text_list(&self) -> String {
         self.key_cols
             .iter()
@@ -231,6 +249,12 @@ mod tests {
         let (cond, params) = sql.range(None, ">", None);
         assert!(cond.is_empty() && params.is_empty(), "the whole table");
         assert_eq!(sql.key_text_list(), "s.\"a\"::text, s.\"b\"::text");
+        assert_eq!(
+            sql.boundary_query(&cond, 19_999),
+            "SELECT b.\"a\"::text, b.\"b\"::text FROM (SELECT s.\"a\", s.\"b\" FROM \"public\".\"t\" AS s \
+             ORDER BY s.\"a\", s.\"b\" OFFSET 19999 LIMIT 1) AS b",
+            "the keys the OFFSET skips are not turned into text"
+        );
         assert_eq!(
             sql.range_literal(Some(&lower), ">", Some(&vec!["9".into(), "it's".into()])),
             " WHERE (s.\"a\", s.\"b\") > ('1'::text::integer, 'x'::text::text) AND (s.\"a\", s.\"b\") <= ('9'::text::integer, 'it''s'::text::text)"
