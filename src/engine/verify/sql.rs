@@ -193,13 +193,21 @@ impl Shape<'_> {
         )
     }
 
+    /// The key `chunk` rows on, as text made outside the scan (in the scan's target list, every
+    /// row the `OFFSET` skips would be converted too).
     fn boundary(&self, p: &Parts) -> String {
         format!(
-            "SELECT {} FROM {} AS s WHERE ($1::text IS NULL OR ({}) > ({})) ORDER BY {} OFFSET {} LIMIT 1",
+            "SELECT {} FROM (SELECT {} FROM {} AS s WHERE ($1::text IS NULL OR ({}) > ({})) ORDER BY {} OFFSET {} LIMIT 1) AS b",
             self.mapping
                 .source_key
                 .iter()
-                .map(|k| format!("s.{}::text", quote_ident(k)))
+                .map(|k| format!("b.{}::text", quote_ident(k)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.mapping
+                .source_key
+                .iter()
+                .map(|k| format!("s.{}", quote_ident(k)))
                 .collect::<Vec<_>>()
                 .join(", "),
             self.source,
@@ -401,7 +409,10 @@ mod tests {
         assert!(s.shadow_hash.contains(
             "FROM \"w\".\"t\" AS t WHERE ($1::text IS NULL OR (t.\"id\") > ($1::text::integer))"
         ));
-        assert!(s.boundary.ends_with("OFFSET 999 LIMIT 1"));
+        assert!(s
+            .boundary
+            .starts_with("SELECT b.\"id\"::text FROM (SELECT s.\"id\" FROM"));
+        assert!(s.boundary.ends_with("OFFSET 999 LIMIT 1) AS b"));
     }
 
     #[test]
