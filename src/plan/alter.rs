@@ -39,7 +39,11 @@ pub struct AlterSpec {
     pub using: HashMap<String, UsingExpr>,
     /// Whether this is `RENAME COLUMN`.
     pub is_rename: bool,
-    /// Each subcommand with its text and parse tree, in the order written.
+    /// Each subcommand with its text and parse tree, in the order PostgreSQL carries them out:
+    /// it runs an ALTER TABLE in passes (drops, then type changes, then new columns, then the
+    /// rest), each pass in the order written. Planned or run one by one in the order written,
+    /// `ADD COLUMN g ... GENERATED ALWAYS AS (a + 1) STORED, ALTER COLUMN a TYPE bigint` fails,
+    /// and PostgreSQL takes it.
     pub parts: Vec<Part>,
 }
 
@@ -60,6 +64,8 @@ pub struct Part {
     pub after_first_word: usize,
     /// `ADD COLUMN`: the constraints written in the column definition, with their text.
     pub inline: Vec<super::inline::Inline>,
+    /// Where it stands among the subcommands as written (0 for the first).
+    pub written: usize,
 }
 
 impl Part {
@@ -263,6 +269,7 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
                 references: Vec::new(),
                 after_first_word,
                 inline: Vec::new(),
+                written: 0,
             });
         }
         return Ok(spec);
@@ -283,7 +290,9 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
         if strict {
             check_supported(subtype, &cmd.name)?;
         }
-        spec.parts.push(make_part(&stmt, &tokens, seg.clone(), cmd));
+        let mut part = make_part(&stmt, &tokens, seg.clone(), cmd);
+        part.written = spec.parts.len();
+        spec.parts.push(part);
         spec.subcommands.push(
             format!("{} {}", subtype.as_str_name(), cmd.name)
                 .trim()
@@ -305,7 +314,29 @@ fn parse(input: &str, schema: &str, name: &str, strict: bool) -> Result<AlterSpe
             }
         }
     }
+    // stable: within a pass, the order written
+    spec.parts.sort_by_key(pass);
     Ok(spec)
+}
+
+/// The pass of PostgreSQL's ALTER TABLE a subcommand runs in (`AlterTablePass` in
+/// `tablecmds.c`), as far as the order matters to a plan made one subcommand at a time: drops
+/// first, then type changes, then new columns, then everything else in the order written.
+fn pass(part: &Part) -> u8 {
+    use AlterTableType as A;
+    match part.subtype {
+        Some(
+            A::AtDropColumn
+            | A::AtDropConstraint
+            | A::AtDropNotNull
+            | A::AtDropExpression
+            | A::AtDropIdentity
+            | A::AtDropOids,
+        ) => 0,
+        Some(A::AtAlterColumnType) => 1,
+        Some(A::AtAddColumn) => 2,
+        _ => 3,
+    }
 }
 
 /// The text, tree and `REFERENCES` targets of one subcommand.
@@ -368,6 +399,7 @@ fn make_part(
         references,
         after_first_word,
         inline,
+        written: 0,
     }
 }
 
@@ -580,6 +612,35 @@ mod tests {
         let s = parse_alter("RENAME COLUMN a TO b", "public", "t").unwrap();
         assert!(s.is_rename);
         assert_eq!(s.statement_for("x"), "ALTER TABLE x RENAME COLUMN a TO b");
+    }
+
+    #[test]
+    fn parts_come_in_the_order_postgresql_runs_them() {
+        let s = parse_alter_for_plan(
+            "ADD COLUMN g bigint GENERATED ALWAYS AS (a + 1) STORED, SET (fillfactor = 70), \
+             ALTER COLUMN a TYPE bigint, DROP COLUMN z, ADD COLUMN h int, ALTER COLUMN b TYPE text",
+            "public",
+            "t",
+        )
+        .unwrap();
+        let order: Vec<(&str, usize)> = s.parts.iter().map(|p| (&p.sql[..8], p.written)).collect();
+        assert_eq!(
+            order,
+            [
+                ("DROP COL", 3),
+                ("ALTER CO", 2),
+                ("ALTER CO", 5),
+                ("ADD COLU", 0),
+                ("ADD COLU", 4),
+                ("SET (fil", 1)
+            ],
+            "drops, type changes, new columns, the rest; each group as written"
+        );
+        assert!(
+            s.statement_for("x")
+                .starts_with("ALTER TABLE x ADD COLUMN g"),
+            "the statement itself is run as written"
+        );
     }
 
     #[test]

@@ -176,6 +176,11 @@ async fn build_with(
     for a in &mut analyses {
         a.locks = strategy::split_locks(&mut a.tables);
     }
+    // planned in the order PostgreSQL runs them, listed in the order written
+    let mut listed: Vec<(usize, Analysis)> =
+        spec.parts.iter().map(|p| p.written).zip(analyses).collect();
+    listed.sort_by_key(|(written, _)| *written);
+    let analyses: Vec<Analysis> = listed.into_iter().map(|(_, a)| a).collect();
     Ok(Plan {
         table: table.qualified(),
         strategy: decision.strategy,

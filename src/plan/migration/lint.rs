@@ -251,7 +251,8 @@ fn alter_findings(s: &Statement, table: &Rel, major: u32) -> Vec<PartFinding> {
     let online = format!(
         "shadow-alter run --table {t} --alter '...' (or apply this file with shadow-alter apply)"
     );
-    for (i, part) in spec.parts.iter().enumerate() {
+    for part in &spec.parts {
+        let i = part.written;
         let find = &mut |rule, severity, message, fix| out.push((i, rule, severity, message, fix));
         if let Some((_, old, new)) = &part.rename {
             find("renaming-column", Severity::Warning,
@@ -277,6 +278,8 @@ fn alter_findings(s: &Statement, table: &Rel, major: u32) -> Vec<PartFinding> {
             _ => {}
         }
     }
+    // in the order written, as the file reads
+    out.sort_by_key(|f| f.0);
     out
 }
 
